@@ -1,0 +1,55 @@
+"""Perplexity of a model or an artifact on a text file:
+`python -m jobs.eval --model out/smollm2-w4 --text wiki.test.raw --seq-len 2048 [--max-windows 16]`.
+
+Join and windows are stated in `wq_ops.evaluate.perplexity`: lines joined by a blank line (--join
+wikitext, the HF-rows convention) or the file as is (--join raw); non-overlapping windows of seq-len.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from wq_ops.errors import WqError
+from wq_ops.evaluate.perplexity import Join, join_text, perplexity
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wq-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint or artifact directory (or Hub repo id)")
+    p.add_argument("--text", required=True, help="text file, e.g. wikitext-2 raw/wiki.test.raw")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--join", choices=[j.value for j in Join], default=Join.WIKITEXT.value)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", help="also write the result here as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        text = join_text(Path(args.text).read_text(encoding="utf-8"), Join(args.join))
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+        model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
+        result = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows, device=args.device)
+    except (WqError, OSError) as e:
+        print(f"wq-eval: error: {e}", file=sys.stderr)
+        return 2
+    line = {"model": args.model, "ppl": round(result.ppl, 4), "windows": result.n_windows, "tokens": result.n_tokens,
+            "seq_len": result.seq_len, "join": args.join}
+    print(" ".join(f"{k}={v}" for k, v in line.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Quantize a Hugging Face checkpoint: `python -m jobs.quantize --model DIR_OR_REPO --out DIR [...]`,
+`wq [...]`, or `ray job submit --working-dir . -- python -m jobs.quantize [...]` against a cluster.
+
+With no --model, quantizes wq's bundled tiny random-weight Llama on its bundled public-domain text.
+Every flag can also come from `--config job.yaml` (keys: the flag names with '_'); flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from wq_ops.config import JobConfig, default_options
+from wq_ops.dist.driver import run_job
+from wq_ops.dist.plan import check_fits
+from wq_ops.errors import WqError
+
+S = argparse.SUPPRESS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=S)
+    p.add_argument("--config", help="YAML file of options (flag names, '-' as '_'); flags override it")
+    p.add_argument("--model", help="local checkpoint directory or Hub repo id (default: the bundled tiny model)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--out", help="output directory (default: out/<model>-<method>-w<bits>)")
+    p.add_argument("--format", choices=["compressed-tensors", "gptq"], help="artifact format (compressed-tensors)")
+    p.add_argument("--method", choices=["gptq", "awq", "rtn"], help="algorithm (gptq)")
+    p.add_argument("--bits", type=int, help="2, 3, 4 or 8 (4)")
+    p.add_argument("--group-size", dest="group_size", help="columns per scale: a multiple of 32, or 'channel' (128)")
+    p.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (default)")
+    p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points (vLLM loads "
+                   "it; transformers cannot yet, llm-compressor#1618)")
+    p.add_argument("--damp", type=float, help="GPTQ damping, fraction of mean diag(H) (0.01)")
+    p.add_argument("--act-order", dest="act_order", action="store_true", help="GPTQ: activation order, static "
+                   "groups (default for gptq)")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ: natural column order")
+    p.add_argument("--block-size", dest="block_size", type=int, help="GPTQ columns per lazy-update block (128)")
+    p.add_argument("--awq-grid", dest="awq_grid", type=int, help="AWQ scale-search grid points (20)")
+    p.add_argument("--awq-search-samples", dest="awq_search_samples", type=int, help="AWQ samples replayed (32)")
+    p.add_argument("--ignore", action="append", help="module-name pattern to leave unquantized (repeatable)")
+    p.add_argument("--backend", choices=["reference", "cuda"], help="kernel backend (reference)")
+    p.add_argument("--calib", help="text file, folder of text files, parquet, jsonl or datasets folder")
+    p.add_argument("--text-column", dest="text_column", help="column/field holding the text (text)")
+    p.add_argument("--samples", type=int, help="calibration samples (128)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sample (2048)")
+    p.add_argument("--seed", type=int, help="calibration sampling seed (0)")
+    p.add_argument("--actors", type=int, help="block actors, one per GPU (1)")
+    p.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, help="0 runs on CPU (0)")
+    p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=int, help="CPUs and torch threads per actor (1)")
+    p.add_argument("--micro-batch-samples", dest="micro_batch_samples", type=int, help="samples per forward (8)")
+    p.add_argument("--actor-memory-gib", dest="actor_memory_gib", type=float, help="memory per actor (measured)")
+    p.add_argument("--propagation", choices=["quantized", "float"], help="block inputs from the quantized model "
+                   "(quantized, GPTQ's scheme) or the float one (float)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete artifact in --out")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the plan and its memory, then exit")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    p.add_argument("--log-level", dest="log_level", default="INFO", help="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = yaml.safe_load(Path(args.pop("config")).read_text()) or {} if "config" in args else {}
+        if "ignore" in args:
+            args["ignore"] = [p for item in args["ignore"] for p in item.split(",") if p]
+        options.update(args)
+        if "address" not in options and os.environ.get("RAY_ADDRESS"):
+            options["address"] = os.environ["RAY_ADDRESS"]
+        job = JobConfig.from_dict(default_options(options))
+        cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        cache = Path(os.environ.get("WQ_CACHE_DIR") or cache_root / "wq")
+        command = shlex.join(["wq", *(argv if argv is not None else sys.argv[1:])])
+        result = run_job(job, cache_dir=cache, command=command)
+    except (WqError, OSError, yaml.YAMLError) as e:
+        print(f"wq: error: {e}", file=sys.stderr)
+        return 2
+    if result.report is None:
+        print(result.plan.describe())
+        try:
+            check_fits(result.plan)
+            print("dry run: the plan fits; nothing written")
+        except WqError as e:
+            print(f"dry run: the plan does not fit: {e}")
+            return 2
+    else:
+        t = result.report["totals"]
+        print(f"wrote {result.out_dir}: {t['layers_quantized']} layers quantized, mean output error "
+              f"{t['mean_output_error']:.3e}, {t['wall_seconds']:.1f} s; report in {result.out_dir / 'wq_report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""GPTQ block solve: quantize a block of columns and propagate each column's error through the block."""

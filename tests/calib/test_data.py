@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+from wq_ops.calib.data import load_texts, sample_windows, tokenize_corpus
+from wq_ops.errors import ConfigError
+
+
+def test_bundled_text_is_used_by_default():
+    texts = load_texts(None)
+    assert len(texts) >= 4 and any("Four score and seven years ago" in t for t in texts)
+
+
+def test_text_file_and_directory(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.md").write_text("first")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert load_texts(str(tmp_path)) == ["first", "second"]
+    assert load_texts(str(tmp_path / "b.txt")) == ["second"]
+
+
+def test_parquet_and_datasets_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["alpha", "", "beta"], "id": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    assert load_texts(str(tmp_path / "data.parquet")) == ["alpha", "beta"]
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    with pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (ds / "dataset_info.json").write_text("{}")
+    assert load_texts(str(ds)) == ["alpha", "beta"]
+    with pytest.raises(ConfigError, match="no column 'body'"):
+        load_texts(str(tmp_path / "data.parquet"), text_column="body")
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t}) for t in ["x y", "z"]) + "\n")
+    assert load_texts(str(p)) == ["x y", "z"]
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_texts(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(ConfigError, match="holds no text"):
+        load_texts(str(tmp_path / "empty.txt"))
+
+
+def test_windows_are_seeded_and_in_range(seed):
+    ids = torch.arange(1000)
+    a = sample_windows(ids, n_samples=16, seq_len=64, seed=seed)
+    b = sample_windows(ids, n_samples=16, seq_len=64, seed=seed)
+    assert torch.equal(a, b) and a.shape == (16, 64)
+    assert bool(((a[:, 1:] - a[:, :-1]) == 1).all())          # contiguous windows of the stream
+    with pytest.raises(ConfigError, match="fewer than seq_len=2000"):
+        sample_windows(ids, n_samples=1, seq_len=2000, seed=0)
+
+
+def test_tokenize_corpus_joins_with_blank_lines():
+    from wq_ops.bundled.tiny_model import _byte_level_tokenizer
+
+    ids = tokenize_corpus(["ab", "c"], _byte_level_tokenizer())
+    assert ids.tolist() == [97, 98, 10, 10, 99]

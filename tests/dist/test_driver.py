@@ -1,0 +1,184 @@
+"""The whole job on Ray with tiny checkpoints: the artifact, identity across actor counts, and every
+refusal that must happen before any work."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from wq_ops.config import JobConfig, default_options
+from wq_ops.dist.driver import run_job
+from wq_ops.errors import ArtifactError, CheckpointError, ConfigError, ResourceError
+from tests.factory import write_checkpoint, write_text
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def job(tmp_path: Path, **options) -> JobConfig:
+    base = {"out": str(tmp_path / "out"), "samples": 6, "seq_len": 64, "micro_batch_samples": 4}
+    return JobConfig.from_dict(default_options({**base, **options}))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    return write_checkpoint(d / "m", "llama", num_hidden_layers=4), write_text(d / "calib.txt")
+
+
+def shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("model-*.safetensors"))}
+
+
+def test_bundled_default_job(tmp_path):
+    """No --model: the bundled tiny model and text, written into a cache, then a complete artifact."""
+    import ray
+
+    if not ray.is_initialized():
+        pytest.skip("needs the session's Ray")
+    result = run_job(job(tmp_path), cache_dir=tmp_path / "cache", command="wq")
+    out = result.out_dir
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards(out)) and len(shards(out)) == 6
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    for name in ("tokenizer.json", "README.md", "wq_report.json", "wq_report.html"):
+        assert (out / name).is_file(), name
+    assert not (out / ".wq-staging").exists()
+    report = json.loads((out / "wq_report.json").read_text())
+    assert report["totals"]["layers_quantized"] == 28 and len(report["layers"]) == 28
+    layer = report["layers"][0]
+    assert {"output_error", "damp_frac", "seconds", "outliers"} <= set(layer)
+    assert 0 < layer["output_error"] < 0.1 and layer["damp_frac"] == 0.01
+    assert "<svg" in (out / "wq_report.html").read_text()
+
+
+def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, calib = llama
+    result = run_job(job(tmp_path, model=str(model_dir), calib=str(calib), group_size=64), cache_dir=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir).eval()
+    ids = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, 32, 258) and bool(torch.isfinite(logits).all())
+    from safetensors import safe_open
+
+    from wq_ops.formats.compressed_tensors import decode_linear
+    from wq_ops.quant.result import dequantize
+
+    name = "model.layers.2.mlp.down_proj"
+    shard = json.loads((result.out_dir / "model.safetensors.index.json").read_text())["weight_map"][name + ".weight_packed"]
+    with safe_open(str(result.out_dir / shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
+    ours = dequantize(decode_linear(name, tensors, bits=4, group_size=64), torch.bfloat16)
+    module = model.get_submodule(name)
+    if hasattr(module, "weight"):
+        assert torch.equal(module.weight, ours)
+
+
+def test_same_bytes_with_one_and_three_actors(tmp_path, llama):
+    model_dir, calib = llama
+    one = run_job(job(tmp_path / "a", model=str(model_dir), calib=str(calib), group_size=64), cache_dir=tmp_path)
+    three = run_job(job(tmp_path / "b", model=str(model_dir), calib=str(calib), group_size=64, actors=3),
+                    cache_dir=tmp_path)
+    assert [len(a.blocks) for a in three.plan.actors] == [2, 1, 1]
+    assert shards(one.out_dir) == shards(three.out_dir)
+    assert (one.out_dir / "model.safetensors.index.json").read_bytes() == \
+        (three.out_dir / "model.safetensors.index.json").read_bytes()
+
+
+@pytest.mark.parametrize("arch,method", [("mistral", "rtn"), ("qwen2", "awq"), ("qwen3", "gptq"), ("llama", "awq")])
+def test_each_architecture_and_method(tmp_path, arch, method):
+    model_dir = write_checkpoint(tmp_path / "m", arch, num_key_value_heads=4 if method == "awq" else 2)
+    result = run_job(job(tmp_path, model=str(model_dir), calib=str(write_text(tmp_path / "c.txt")), method=method,
+                         group_size=32, awq_search_samples=2), cache_dir=tmp_path)
+    report = result.report
+    assert report is not None and report["totals"]["layers_quantized"] == 21
+    errors = [x["output_error"] for x in report["layers"]]
+    assert max(errors) < 0.2 and min(errors) > 0
+    if method == "awq":
+        assert any(x["awq_ratio"] is not None for x in report["layers"])
+
+
+def test_ignored_layers_stay_dense(tmp_path, llama):
+    model_dir, calib = llama
+    result = run_job(job(tmp_path, model=str(model_dir), calib=str(calib), group_size=64,
+                         ignore=["*.mlp.down_proj"]), cache_dir=tmp_path)
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["ignore"]
+    index = json.loads((result.out_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.3.mlp.down_proj.weight" in index and "model.layers.3.mlp.up_proj.weight_packed" in index
+
+
+def nothing_written(out: Path) -> bool:
+    return not out.exists() or not any(out.iterdir())
+
+
+def test_unsupported_architecture_refused_before_work(tmp_path, llama):
+    import shutil
+
+    model_dir, calib = llama
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    config["model_type"] = "falcon"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unsupported architecture FalconForCausalLM"):
+        run_job(job(tmp_path, model=str(d), calib=str(calib)), cache_dir=tmp_path)
+    assert nothing_written(tmp_path / "out")
+
+
+def test_corrupt_shard_refused_before_work(tmp_path, llama):
+    import shutil
+
+    model_dir, calib = llama
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    victim = sorted(d.glob("model-*.safetensors"))[-1]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=victim.name):
+        run_job(job(tmp_path, model=str(d), calib=str(calib)), cache_dir=tmp_path)
+    assert nothing_written(tmp_path / "out")
+
+
+def test_group_size_that_does_not_divide_names_layers_and_options(tmp_path, llama):
+    model_dir, calib = llama
+    with pytest.raises(ConfigError) as e:
+        run_job(job(tmp_path, model=str(model_dir), calib=str(calib), group_size=96), cache_dir=tmp_path)
+    message = str(e.value)
+    assert "group_size=96" in message and "self_attn.q_proj (in=128)" in message and "--group-size 128" in message
+    assert "--ignore" in message
+    assert nothing_written(tmp_path / "out")
+
+
+def test_plan_that_does_not_fit_is_refused_with_numbers(tmp_path, llama):
+    model_dir, calib = llama
+    with pytest.raises(ResourceError, match=r"needs .* GiB of cpu memory .* but may use"):
+        run_job(job(tmp_path, model=str(model_dir), calib=str(calib), actor_memory_gib=0.0001), cache_dir=tmp_path)
+    assert nothing_written(tmp_path / "out")
+
+
+def test_complete_artifact_is_not_overwritten_without_asking(tmp_path, llama):
+    model_dir, calib = llama
+    options = dict(model=str(model_dir), calib=str(calib), method="rtn", group_size=64)
+    first = run_job(job(tmp_path, **options), cache_dir=tmp_path)
+    before = shards(first.out_dir)
+    with pytest.raises(ArtifactError, match="already holds a complete artifact"):
+        run_job(job(tmp_path, **{**options, "bits": 8}), cache_dir=tmp_path)
+    assert shards(first.out_dir) == before
+    second = run_job(job(tmp_path, **{**options, "bits": 8, "overwrite": True}), cache_dir=tmp_path)
+    assert shards(second.out_dir) != before
+    assert json.loads((second.out_dir / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]["num_bits"] == 8
+
+
+def test_dry_run_writes_nothing(tmp_path, llama):
+    model_dir, calib = llama
+    result = run_job(job(tmp_path, model=str(model_dir), calib=str(calib), dry_run=True, actors=2), cache_dir=tmp_path)
+    assert result.report is None and len(result.plan.actors) == 2
+    assert "weights" in result.plan.describe()
+    assert nothing_written(tmp_path / "out")

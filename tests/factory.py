@@ -1,0 +1,62 @@
+"""Tiny random checkpoints of every supported architecture, written like real ones (sharded safetensors,
+index, tokenizer), for tests that need a model but not a trained one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wq_ops.bundled.tiny_model import _byte_level_tokenizer
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=257, dtype="bfloat16")
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    if arch == "mistral":
+        common["sliding_window"] = None
+    config = cls(**{**common, **overrides})
+    config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                             "qwen3": "Qwen3ForCausalLM"}[arch]]
+    return config
+
+
+def write_checkpoint(directory: Path, arch: str = "llama", *, seed: int = 0, max_shard_size: str = "200KB",
+                     **overrides: Any) -> Path:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    config = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+    hf_logging.disable_progress_bar()
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size=max_shard_size)
+    _byte_level_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_text(path: Path, n_chars: int = 20000, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "model", "quantize", "block", "weight", "of", "and", "a", "to", "in", "is", "data", "layer",
+             "scale", "error", "group", "token", "every", "with", "for"]
+    out = []
+    while sum(len(w) + 1 for w in out) < n_chars:
+        out.append(rng.choice(words) + ("." if rng.random() < 0.1 else ""))
+    path.write_text(" ".join(out))
+    return path

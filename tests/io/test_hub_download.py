@@ -1,0 +1,69 @@
+"""A Hub checkpoint through the real huggingface_hub client, served by tests/hub_server.py."""
+
+import json
+
+import pytest
+import torch
+
+from tests.factory import write_checkpoint, write_text
+from tests.hub_server import start_hub
+from wq_ops.errors import CheckpointError
+from wq_ops.io.checkpoint import open_checkpoint, read_tensors
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    server = start_hub()
+    # What setting HF_ENDPOINT before import does: both the endpoint and the file-URL template.
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield server
+    server.server.shutdown()
+
+
+def test_driver_reads_metadata_only_and_actors_fetch_their_shards(hub, tmp_path):
+    src = write_checkpoint(tmp_path / "src", num_hidden_layers=4)
+    sha = hub.add_repo_from_dir("org/tiny", src)
+    ckpt = open_checkpoint("org/tiny", cache_dir=str(tmp_path / "cache"))
+    assert ckpt.repo_id == "org/tiny" and ckpt.revision == sha and ckpt.endpoint == hub.endpoint
+    fetched = {p.rsplit("/", 1)[-1] for p in hub.fetched()}
+    assert "config.json" in fetched and "model.safetensors.index.json" in fetched
+    assert not any(f.startswith("model-") for f in fetched)          # no weights read by the driver
+    name = "model.layers.3.mlp.up_proj.weight"
+    t = read_tensors(ckpt, [name])[name]
+    shard = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+    assert {p.rsplit("/", 1)[-1] for p in hub.fetched()} - fetched == {shard}
+    from safetensors import safe_open
+
+    with safe_open(str(src / shard), "pt") as f:
+        assert torch.equal(f.get_tensor(name), t)
+
+
+def test_missing_repo_and_revision(hub, tmp_path):
+    with pytest.raises(CheckpointError, match="no such Hub repo"):
+        open_checkpoint("org/absent", cache_dir=str(tmp_path))
+    hub.add_repo_from_dir("org/tiny", write_checkpoint(tmp_path / "src"))
+    with pytest.raises(CheckpointError, match="no revision 'v9'"):
+        open_checkpoint("org/tiny", revision="v9", cache_dir=str(tmp_path))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_job_from_the_hub_equals_the_job_from_disk(hub, tmp_path):
+    from wq_ops.config import JobConfig, default_options
+    from wq_ops.dist.driver import run_job
+
+    src = write_checkpoint(tmp_path / "src", num_hidden_layers=2)
+    hub.add_repo_from_dir("org/tiny", src)
+    calib = str(write_text(tmp_path / "c.txt"))
+    common = {"samples": 4, "seq_len": 64, "group_size": 64, "calib": calib, "actors": 2}
+    local = run_job(JobConfig.from_dict(default_options({**common, "model": str(src), "out": str(tmp_path / "a")})),
+                    cache_dir=tmp_path / "cache")
+    remote = run_job(JobConfig.from_dict(default_options({**common, "model": "org/tiny", "out": str(tmp_path / "b")})),
+                     cache_dir=tmp_path / "cache")
+    for shard in sorted(local.out_dir.glob("model-*.safetensors")):
+        assert shard.read_bytes() == (remote.out_dir / shard.name).read_bytes()
+    assert remote.report is not None and remote.report["source"]["revision"] == hub.repos["org/tiny"].sha

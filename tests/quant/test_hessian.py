@@ -1,0 +1,35 @@
+import torch
+
+from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats, output_error, summarize_outliers
+
+
+def test_accumulated_hessian_matches_float64(gen):
+    x = torch.randn(5, 37, 48, generator=gen, dtype=torch.float64)
+    stats = new_input_stats(48, "cpu")
+    for chunk in x.split(2):                       # micro-batches of 2, 2, 1 samples
+        accumulate_input_stats_(stats, chunk.to(torch.bfloat16))
+    xb = x.to(torch.bfloat16).double().reshape(-1, 48)
+    ref = xb.T @ xb / xb.shape[0]
+    # bf16 inputs are exact in float32; the float32 sums over 185 tokens lose ~1e-7 relative.
+    assert torch.allclose(hessian_of(stats).double(), ref, rtol=1e-5, atol=1e-6)
+    assert stats.n_tokens == 185
+    assert torch.allclose(stats.abs_max.double(), xb.abs().amax(0))
+    assert torch.allclose((stats.abs_sum / 185).double(), xb.abs().mean(0), rtol=1e-5)
+
+
+def test_output_error_is_the_relative_output_mse(gen):
+    x = torch.randn(300, 32, generator=gen, dtype=torch.float64)
+    w = torch.randn(8, 32, generator=gen, dtype=torch.float64)
+    w_hat = w + 0.1 * torch.randn(8, 32, generator=gen, dtype=torch.float64)
+    h = x.T @ x / 300
+    direct = ((x @ (w - w_hat).T) ** 2).sum() / ((x @ w.T) ** 2).sum()
+    assert abs(output_error(w, w_hat, h) - float(direct)) < 1e-12
+
+
+def test_outlier_summary_finds_the_outlier_channel(gen):
+    x = torch.randn(64, 16, generator=gen) * 0.1
+    x[5, 11] = 20.0
+    stats = new_input_stats(16, "cpu")
+    accumulate_input_stats_(stats, x)
+    s = summarize_outliers(stats, top_k=3)
+    assert s.top_channels[0] == 11 and s.n_outlier_channels == 1 and s.absmax == 20.0

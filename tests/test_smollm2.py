@@ -1,0 +1,87 @@
+"""End to end on a real model: SmolLM2-135M (LlamaForCausalLM, 30 blocks, hidden 576) from the shared
+assets, quantized by 2 CPU actors, loaded back with plain transformers, scored on WikiText-2.
+
+Calibration: 16 random windows of 512 tokens from the tokenized WikiText-2 validation split (disjoint
+from test). Evaluation: the first 8 non-overlapping windows of 512 tokens of raw/wiki.test.raw, lines
+joined by a blank line (4,096 tokens: a small slice, but every model sees the same tokens, so the order
+of the methods is what the test checks, not the absolute numbers; benchmarks/quality.md has the full table).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SHARED
+from wq_ops.config import JobConfig, default_options
+from wq_ops.dist.driver import run_job
+from wq_ops.errors import ConfigError
+from wq_ops.evaluate.perplexity import Join, join_text, perplexity
+
+pytestmark = [pytest.mark.checkpoint, pytest.mark.usefixtures("ray_session")]
+
+CALIB = SHARED / "assets" / "wikitext-2" / "tokenized" / "valid.txt"
+TEST_TEXT = SHARED / "assets" / "wikitext-2" / "raw" / "wiki.test.raw"
+
+
+def quantize(model: Path, out: Path, **options) -> JobConfig:
+    base = {"model": str(model), "out": str(out), "calib": str(CALIB), "samples": 16, "seq_len": 512, "bits": 4,
+            "group_size": 64, "actors": 2, "cpus_per_actor": 2, "awq_search_samples": 4}
+    job = JobConfig.from_dict(default_options({**base, **options}))
+    run_job(job, cache_dir=out.parent / "cache")
+    return job
+
+
+def ppl(model_dir: Path) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(join_text(TEST_TEXT.read_text(encoding="utf-8"), Join.WIKITEXT), return_tensors="pt",
+                    verbose=False)["input_ids"][0]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return perplexity(model, ids, seq_len=512, max_windows=8).ppl
+
+
+@pytest.fixture(scope="module")
+def artifacts(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-runs")
+    for method in ("rtn", "gptq", "awq"):
+        quantize(smollm2_dir, root / method, method=method)
+    return root
+
+
+def test_artifacts_load_and_methods_rank(smollm2_dir, artifacts):
+    scores = {"bf16": ppl(smollm2_dir), **{m: ppl(artifacts / m) for m in ("rtn", "gptq", "awq")}}
+    print("SmolLM2-135M w4g64 WikiText-2 ppl (8 x 512 tokens):",
+          json.dumps({k: round(v, 3) for k, v in scores.items()}))
+    assert scores["bf16"] < scores["gptq"] < scores["rtn"], scores
+    assert scores["awq"] < scores["rtn"], scores
+    report = json.loads((artifacts / "gptq" / "wq_report.json").read_text())
+    assert report["totals"]["layers_quantized"] == 210
+    assert {a["rank"] for a in report["actors"]} == {0, 1}
+
+
+def test_group_size_128_stops_before_work_naming_layers(smollm2_dir, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        quantize(smollm2_dir, tmp_path / "out", group_size=128)
+    message = str(e.value)
+    for layer in ("self_attn.q_proj (in=576)", "mlp.gate_proj (in=576)"):
+        assert layer in message
+    assert "mlp.down_proj" not in message            # 1536 = 12 x 128: that one divides
+    assert "--group-size 64" in message and "--ignore" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_and_three_actors_give_the_same_tensors(smollm2_dir, tmp_path):
+    small = {"samples": 4, "seq_len": 128, "method": "gptq", "cpus_per_actor": 1}
+    quantize(smollm2_dir, tmp_path / "one", actors=1, **small)
+    quantize(smollm2_dir, tmp_path / "three", actors=3, **small)
+    one = sorted((tmp_path / "one").glob("model-*.safetensors"))
+    three = sorted((tmp_path / "three").glob("model-*.safetensors"))
+    assert [p.name for p in one] == [p.name for p in three] and len(one) == 32
+    for a, b in zip(one, three):
+        assert a.read_bytes() == b.read_bytes(), a.name

@@ -1,0 +1,7 @@
+"""wq: quantize Hugging Face checkpoints block by block on Ray (GPTQ, AWQ, RTN).
+
+Packages, each one concern; imports point one way:
+jobs -> dist -> (io, calib, formats, model, report, evaluate, bundled) -> quant, pack -> kernels.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""Block-input capture: run a stage of a block over the calibration micro-batches and accumulate, for
+each linear group, the statistics of its input (Hessian, |x| mean and max), optionally keeping the first
+samples' inputs for searches that must replay the module (AWQ).
+
+Only the first linear of a group is hooked: the others read the same tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from wq_ops.model.block import DecoderBlock, LinearGroup
+from wq_ops.quant.hessian import InputStats, accumulate_input_stats_, new_input_stats
+
+__all__ = ["GroupCapture", "capture_stage"]
+
+
+@dataclass
+class GroupCapture:
+    """stats: the group's input statistics over all samples; kept: its input for the first `keep_samples`
+    samples, as (B, T, in) micro-batches (empty unless asked for)."""
+
+    stats: InputStats
+    kept: list[Tensor]
+
+
+def capture_stage(
+    block: DecoderBlock,
+    groups: Sequence[LinearGroup],
+    run: Callable[[Tensor], Tensor],
+    batches: Sequence[Tensor],
+    *,
+    keep_samples: int = 0,
+) -> tuple[dict[str, GroupCapture], list[Tensor]]:
+    """Run `run(x)` on every micro-batch x: (B, T, hidden), capturing the input of each group's first
+    linear. Returns (group first name -> GroupCapture, the outputs of `run` per micro-batch)."""
+    captures: dict[str, GroupCapture] = {}
+    seen_samples = [0]
+
+    def on_input(name: str, x: Tensor) -> None:
+        cap = captures.get(name)
+        if cap is None:
+            cap = captures[name] = GroupCapture(new_input_stats(x.shape[-1], x.device), [])
+        accumulate_input_stats_(cap.stats, x)
+        room = keep_samples - seen_samples[0]
+        if room > 0:
+            cap.kept.append(x[:room].detach().clone())
+
+    outputs = []
+    first_names = tuple(g.names[0] for g in groups)
+    with torch.no_grad(), block.capturing(first_names, on_input):
+        for x in batches:
+            outputs.append(run(x))
+            seen_samples[0] += x.shape[0]
+    return captures, outputs

@@ -1,0 +1,293 @@
+"""Job configuration: frozen dataclasses, validated on construction, built from one flat options dict.
+
+The option names are the command line's long flags with `-` turned into `_`, so a YAML job file and the
+flags share one vocabulary. `JobConfig.from_dict` rejects unknown keys. Nothing below `jobs/` reads the
+environment or the command line: every function gets its config as an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping
+
+from wq_ops.errors import ConfigError
+
+__all__ = [
+    "Method",
+    "Format",
+    "Backend",
+    "Propagation",
+    "QuantConfig",
+    "CalibConfig",
+    "RunConfig",
+    "JobConfig",
+    "OPTION_FIELDS",
+    "default_options",
+]
+
+
+class Method(str, Enum):
+    GPTQ = "gptq"
+    AWQ = "awq"
+    RTN = "rtn"
+
+
+class Format(str, Enum):
+    COMPRESSED_TENSORS = "compressed-tensors"   # pack-quantized, as vLLM and llm-compressor read it
+    GPTQ = "gptq"                               # GPTQ v1 layout (qweight/qzeros/scales/g_idx)
+
+
+class Backend(str, Enum):
+    REFERENCE = "reference"   # plain PyTorch, any device
+    CUDA = "cuda"             # our CUDA kernels; an error if they are not built
+
+
+class Propagation(str, Enum):
+    """Where a block's calibration inputs come from."""
+
+    QUANTIZED = "quantized"   # outputs of the already-quantized blocks before it (the GPTQ paper's scheme)
+    FLOAT = "float"           # outputs of the unquantized model: every block's statistics in one forward pass
+
+
+def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+        raise ConfigError(f"{name}={value!r}: expected one of {allowed}") from None
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to do to each linear layer of each decoder block."""
+
+    method: Method = Method.GPTQ
+    bits: int = 4
+    group_size: int | None = 128       # None: one group spans the whole input dim (per-channel scales)
+    sym: bool = True                   # symmetric grid (zero point fixed at 2**(bits-1)); False stores zero points
+    damp_frac: float = 0.01            # GPTQ: fraction of mean(diag(H)) added before Cholesky
+    act_order: bool = False            # GPTQ: columns in order of decreasing diag(H), groups kept static
+                                       # (the command line turns it on for GPTQ)
+    block_size: int = 128              # GPTQ: columns solved together before the lazy trailing update
+    awq_grid: int = 20                 # AWQ: points on the alpha grid of the scale search
+    awq_clip_grid: int = 20            # AWQ: steps of the clipping search
+    awq_max_shrink: float = 0.5        # AWQ: clip the range down to at most (1 - this) of max|w|
+    awq_search_samples: int = 32       # AWQ: calibration samples replayed per scale candidate (statistics use all)
+    ignore: tuple[str, ...] = ()       # module-name patterns (fnmatch) left unquantized
+    backend: Backend = Backend.REFERENCE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _enum(Method, self.method, "method"))
+        object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"bits={self.bits!r}: expected one of 2, 3, 4, 8")
+        if self.group_size is not None:
+            _positive_int(self.group_size, "group_size")
+            if self.group_size % 32:
+                raise ConfigError(
+                    f"group_size={self.group_size}: must be a multiple of 32 (engines' kernels read whole "
+                    "32-value words per group), or 'channel' for one group per row"
+                )
+        if not (0.0 < self.damp_frac <= 1.0):
+            raise ConfigError(f"damp_frac={self.damp_frac!r}: expected a fraction in (0, 1]; the usual value is 0.01")
+        _positive_int(self.block_size, "block_size")
+        if self.act_order and self.method is not Method.GPTQ:
+            raise ConfigError(f"act_order=True: only GPTQ orders columns by activation; method is {self.method.value}")
+        if _positive_int(self.awq_grid, "awq_grid") < 2:
+            raise ConfigError(f"awq_grid={self.awq_grid}: expected at least 2 points")
+        _positive_int(self.awq_clip_grid, "awq_clip_grid")
+        _positive_int(self.awq_search_samples, "awq_search_samples")
+        if not (0.0 <= self.awq_max_shrink < 1.0):
+            raise ConfigError(f"awq_max_shrink={self.awq_max_shrink!r}: expected a fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: where it comes from and how much of it."""
+
+    source: str | None = None          # file or directory; None: the small public-domain text bundled with wq
+    n_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    text_column: str = "text"          # column read from parquet files and datasets directories
+
+    def __post_init__(self) -> None:
+        _positive_int(self.n_samples, "samples")
+        _positive_int(self.seq_len, "seq_len")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r}: expected a non-negative integer")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the job runs: Ray cluster, actors, resources."""
+
+    actors: int = 1
+    gpus_per_actor: float = 0.0        # 0: actors run on CPU
+    cpus_per_actor: int = 1            # also the actor's torch thread count
+    micro_batch_samples: int = 8       # calibration samples per forward call inside an actor
+    actor_memory_gib: float | None = None   # None: measured from the actor's device (GPU memory or host RAM)
+    address: str | None = None         # Ray cluster address; None: start a local Ray
+    propagation: Propagation = Propagation.QUANTIZED
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "propagation", _enum(Propagation, self.propagation, "propagation"))
+        _positive_int(self.actors, "actors")
+        _positive_int(self.cpus_per_actor, "cpus_per_actor")
+        _positive_int(self.micro_batch_samples, "micro_batch_samples")
+        if isinstance(self.gpus_per_actor, bool) or not isinstance(self.gpus_per_actor, (int, float)) \
+                or self.gpus_per_actor < 0:
+            raise ConfigError(f"gpus_per_actor={self.gpus_per_actor!r}: expected a number >= 0 (0 runs on CPU)")
+        if self.actor_memory_gib is not None and not (self.actor_memory_gib > 0):
+            raise ConfigError(f"actor_memory_gib={self.actor_memory_gib!r}: expected a positive number of GiB")
+
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One quantization job: input checkpoint, output directory, and the three sections above."""
+
+    out: str
+    model: str | None = None           # local directory or Hub repo id; None: wq's bundled tiny model
+    revision: str | None = None        # Hub revision (branch, tag or commit); None: the default branch
+    format: Format = Format.COMPRESSED_TENSORS
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    overwrite: bool = False
+    dry_run: bool = False
+    trust_remote_code: bool = False
+    fail_after_blocks: int | None = None   # testing hook: crash an actor after this many finished blocks
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError(f"out={self.out!r}: expected an output directory path")
+        object.__setattr__(self, "format", _enum(Format, self.format, "format"))
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "JobConfig":
+        """Build from flat options named like the CLI flags (`group_size`, `samples`, ...).
+        Unknown keys are an error that lists the known ones."""
+        unknown = sorted(set(options) - set(OPTION_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; "
+                              f"known options: {', '.join(sorted(OPTION_FIELDS))}")
+        sections: dict[str, dict[str, Any]] = {"job": {}, "quant": {}, "calib": {}, "run": {}}
+        for key, value in options.items():
+            section, name = OPTION_FIELDS[key]
+            sections[section][name] = _convert(key, value)
+        if "out" not in sections["job"]:
+            raise ConfigError("out: missing; give the output directory (--out DIR)")
+        return cls(
+            **sections["job"],
+            quant=QuantConfig(**sections["quant"]),
+            calib=CalibConfig(**sections["calib"]),
+            run=RunConfig(**sections["run"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat options that rebuild this config (for reports and fingerprints)."""
+        out: dict[str, Any] = {}
+        for key, (section, name) in OPTION_FIELDS.items():
+            holder: Any = self if section == "job" else getattr(self, section)
+            value = getattr(holder, name)
+            out[key] = value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
+        return out
+
+
+# option name (CLI long flag, YAML key) -> (section, dataclass field)
+OPTION_FIELDS: dict[str, tuple[str, str]] = {
+    "out": ("job", "out"),
+    "model": ("job", "model"),
+    "revision": ("job", "revision"),
+    "format": ("job", "format"),
+    "overwrite": ("job", "overwrite"),
+    "dry_run": ("job", "dry_run"),
+    "trust_remote_code": ("job", "trust_remote_code"),
+    "fail_after_blocks": ("job", "fail_after_blocks"),
+    "method": ("quant", "method"),
+    "bits": ("quant", "bits"),
+    "group_size": ("quant", "group_size"),
+    "sym": ("quant", "sym"),
+    "damp": ("quant", "damp_frac"),
+    "act_order": ("quant", "act_order"),
+    "block_size": ("quant", "block_size"),
+    "awq_grid": ("quant", "awq_grid"),
+    "awq_clip_grid": ("quant", "awq_clip_grid"),
+    "awq_max_shrink": ("quant", "awq_max_shrink"),
+    "awq_search_samples": ("quant", "awq_search_samples"),
+    "ignore": ("quant", "ignore"),
+    "backend": ("quant", "backend"),
+    "calib": ("calib", "source"),
+    "samples": ("calib", "n_samples"),
+    "seq_len": ("calib", "seq_len"),
+    "seed": ("calib", "seed"),
+    "text_column": ("calib", "text_column"),
+    "actors": ("run", "actors"),
+    "gpus_per_actor": ("run", "gpus_per_actor"),
+    "cpus_per_actor": ("run", "cpus_per_actor"),
+    "micro_batch_samples": ("run", "micro_batch_samples"),
+    "actor_memory_gib": ("run", "actor_memory_gib"),
+    "address": ("run", "address"),
+    "propagation": ("run", "propagation"),
+}
+
+_BOOL_OPTIONS = {"overwrite", "dry_run", "trust_remote_code", "sym", "act_order"}
+_FLOAT_OPTIONS = {"damp", "awq_max_shrink", "gpus_per_actor", "actor_memory_gib"}
+
+
+def _convert(key: str, value: Any) -> Any:
+    """Normalise YAML/CLI spellings: 'channel' group size, comma lists, ints given where floats are fine."""
+    if key == "group_size" and isinstance(value, str):
+        if value.strip().lower() in ("channel", "per-channel", "none"):
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"group_size={value!r}: expected an integer or 'channel'") from None
+    if key == "ignore" and isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if key == "ignore" and isinstance(value, (list, tuple)):
+        return tuple(str(p) for p in value)
+    if key in _BOOL_OPTIONS and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if key in _FLOAT_OPTIONS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if key in _FLOAT_OPTIONS and value is not None and not isinstance(value, float):
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    return value
+
+
+
+def default_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The command line's defaults that depend on other options: `act_order` (on for GPTQ), `sym` (on:
+    transformers cannot load asymmetric pack-quantized checkpoints yet, llm-compressor#1618),
+    `out` (out/<model>-<method>-w<bits>), and, for the bundled tiny model, 32 samples of 512 tokens
+    (its bundled text is small)."""
+    filled = dict(options)
+    if not filled.get("model"):
+        # The bundled tiny model and text: a calibration set sized for a demo that takes seconds on a laptop.
+        filled.setdefault("samples", 32)
+        filled.setdefault("seq_len", 512)
+    method = str(filled.get("method", Method.GPTQ.value))
+    filled.setdefault("sym", True)
+    # GPTQ: activation order with static groups is llm-compressor's default too; it costs nothing at
+    # inference and matters on layers whose inputs carry massive outlier channels.
+    filled.setdefault("act_order", method == Method.GPTQ.value)
+    if "out" not in filled:
+        model = str(filled.get("model") or "tiny-llama").rstrip("/").split("/")[-1]
+        filled["out"] = f"out/{model}-{method}-w{filled.get('bits', 4)}"
+    return filled

@@ -1,0 +1,330 @@
+"""Quantize one decoder block, given its tensors and its input activations: the sequential scheme.
+
+1. attention stage: run x -> x + attn(norm(x)) over all micro-batches with the original weights,
+   capturing the inputs of q/k/v and o; quantize them;
+2. MLP stage: recompute h with the quantized attention, capture the MLP's inputs; quantize the MLP;
+3. outputs: y = h + mlp(norm(h)) with every weight quantized, the next block's input.
+So statistics always see the quantized layers upstream (GPTQ's true-sequential order at stage
+granularity), at the cost of two forward passes per block. No Ray here: actors call `quantize_block`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from wq_ops.calib.capture import GroupCapture, capture_stage
+from wq_ops.config import Format, Method, QuantConfig
+from wq_ops.formats import encode_linear
+from wq_ops.model.architecture import LinearSpec
+from wq_ops.model.block import BlockAnatomy, DecoderBlock, LinearGroup
+from wq_ops.quant import awq
+from wq_ops.quant.gptq import quantize_gptq
+from wq_ops.quant.hessian import OutlierSummary, hessian_of, output_error, summarize_outliers
+from wq_ops.quant.result import QuantResult, dequantize
+from wq_ops.quant.rtn import quantize_rtn
+
+__all__ = ["LayerRecord", "BlockOutcome", "quantize_block_", "is_ignored"]
+
+# AWQ leaves q and k unclipped: their errors act through the softmax of q.k, where a per-group output
+# error is a poor proxy (the AWQ reference implementation skips them for the same reason).
+_AWQ_NO_CLIP = ("*q_proj", "*k_proj")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """Per-layer metrics for the report. output_error: ||(W - Q) X||^2 / ||W X||^2 over this block's
+    calibration inputs (0 for a layer left unquantized); proxy_loss: the method's own objective."""
+
+    name: str
+    block: int
+    group: str
+    quantized: bool
+    output_error: float
+    proxy_loss: float | None
+    damp_frac: float | None
+    seconds: float
+    outliers: OutlierSummary
+    awq_ratio: float | None = None
+    awq_loss_unscaled: float | None = None
+    awq_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """tensors: this block's artifact tensors, named as the format names them; seconds: time per phase."""
+
+    block: int
+    tensors: dict[str, Tensor]
+    layers: tuple[LayerRecord, ...]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def is_ignored(full_name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(full_name, p) for p in patterns)
+
+
+class _Timer:
+    """Wall time per phase; synchronises the GPU at phase ends so that queued kernels are counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - start
+        return now
+
+
+def quantize_block_(
+    block: DecoderBlock,
+    params: Mapping[str, Tensor],
+    anatomy: BlockAnatomy,
+    batches: list[Tensor],
+    *,
+    quant: QuantConfig,
+    fmt: Format,
+    block_index: int,
+    prefix: str,
+    linears: tuple[LinearSpec, ...],
+) -> tuple[BlockOutcome, list[Tensor]]:
+    """params: block-local name -> tensor (model dtype, on the compute device); batches: the block's input
+    micro-batches (B, T, hidden). Returns the outcome and the block's output micro-batches, computed with
+    the quantized weights. Consumes `batches` (the list is emptied as the inputs are replaced, so about one
+    activation buffer lives at a time, not three); `params` is not modified."""
+    dtype = next(iter(params.values())).dtype
+    device = next(iter(params.values())).device
+    timer = _Timer(device)
+    work = dict(params)
+    results: dict[str, QuantResult] = {}
+    records: list[LayerRecord] = []
+    full = {s.name: f"{prefix}.{block_index}.{s.name}" for s in linears}
+    keep = quant.awq_search_samples if quant.method is Method.AWQ else 0
+
+    def quantize_stage(stage: str, captures: dict[str, GroupCapture]) -> None:
+        groups = anatomy.stage_groups(stage)
+        t = time.perf_counter()
+        if quant.method is Method.AWQ:
+            _awq_stage(block, stage, groups, captures, work, results, records, quant=quant, full=full,
+                       block_index=block_index, dtype=dtype)
+        else:
+            _hessian_stage(groups, captures, work, results, records, quant=quant, full=full,
+                           block_index=block_index, dtype=dtype)
+        timer.add("solve", t)
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        attn_groups = anatomy.stage_groups("self_attn")
+        trimmed = _without_last_output(work, attn_groups)
+        captures, _ = capture_stage(block, attn_groups,
+                                    lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
+                                    batches, keep_samples=keep)
+        timer.add("forward", t)
+        quantize_stage("self_attn", captures)
+
+        t = time.perf_counter()
+        hs = []
+        while batches:                                   # x -> h, dropping each input once it is used
+            hs.append(block.attention_stage(work, batches.pop(0)))
+        mlp_groups = anatomy.stage_groups("mlp")
+        trimmed = _without_last_output(work, mlp_groups)
+        captures, _ = capture_stage(block, mlp_groups,
+                                    lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
+                                    hs, keep_samples=keep)
+        timer.add("forward", t)
+        del trimmed
+        quantize_stage("mlp", captures)
+        del captures
+
+        t = time.perf_counter()
+        for h in hs:                                     # y = h + mlp(norm(h)), written over h
+            h.add_(block.mlp(work, block.norm(work, "post_attention_layernorm", h)))
+        timer.add("forward", t)
+
+        t = time.perf_counter()
+        tensors = _artifact_tensors(work, results, linears, quant=quant, fmt=fmt, full=full,
+                                    prefix=f"{prefix}.{block_index}", dtype=dtype)
+        timer.add("pack", t)
+    return BlockOutcome(block=block_index, tensors=tensors, layers=tuple(records), seconds=timer.seconds), hs
+
+
+def _without_last_output(work: Mapping[str, Tensor], groups: Sequence[LinearGroup]) -> dict[str, Tensor]:
+    """The stage's tensors with its last linear given zero output rows, when that linear is alone in its
+    group: a capture pass needs that layer's input but never its output, and an empty (0, in) weight
+    makes its matmul free (the stage then returns a (..., 0) tensor, which the pass ignores)."""
+    trimmed = dict(work)
+    if groups and len(groups[-1].names) == 1:
+        name = groups[-1].names[0]
+        trimmed[name + ".weight"] = work[name + ".weight"][:0]
+        if name + ".bias" in work:
+            trimmed[name + ".bias"] = work[name + ".bias"][:0]
+    return trimmed
+
+
+def _record(name: str, block_index: int, group: LinearGroup, cap: GroupCapture, *, quantized: bool,
+            error: float, result: QuantResult | None, seconds: float, **awq_info: float | None) -> LayerRecord:
+    return LayerRecord(name=name, block=block_index, group=group.names[0], quantized=quantized,
+                       output_error=error, proxy_loss=result.loss if result is not None else None,
+                       damp_frac=result.damp_frac if result is not None else None, seconds=seconds,
+                       outliers=summarize_outliers(cap.stats), **awq_info)  # type: ignore[arg-type]
+
+
+def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCapture], work: dict[str, Tensor],
+                   results: dict[str, QuantResult], records: list[LayerRecord], *, quant: QuantConfig,
+                   full: dict[str, str], block_index: int, dtype: torch.dtype) -> None:
+    """GPTQ or RTN per group. GPTQ rows are independent given H, so the layers that share an input are
+    stacked and solved at once: one factorisation of H, larger matmuls. The Hessian also measures RTN."""
+    for group in groups:
+        cap = captures[group.names[0]]
+        h = hessian_of(cap.stats)
+        names = [n for n in group.names if not is_ignored(full[n], quant.ignore)]
+        for name in group.names:
+            if name not in names:
+                records.append(_record(full[name], block_index, group, cap, quantized=False, error=0.0,
+                                       result=None, seconds=0.0))
+        if not names:
+            continue
+        t = time.perf_counter()
+        weights = [work[n + ".weight"] for n in names]
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if quant.method is Method.GPTQ:
+            result = quantize_gptq(stacked, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                   damp_frac=quant.damp_frac, act_order=quant.act_order, block_size=quant.block_size,
+                                   scale_dtype=dtype, backend=quant.backend)
+        else:
+            result = quantize_rtn(stacked, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                  scale_dtype=dtype)
+        parts = result.split_rows([w.shape[0] for w in weights])
+        seconds = (time.perf_counter() - t) / len(names)
+        for name, w, part in zip(names, weights, parts):
+            w_hat = dequantize(part, dtype)
+            results[name] = part
+            work[name + ".weight"] = w_hat
+            records.append(_record(full[name], block_index, group, cap, quantized=True,
+                                   error=output_error(w, w_hat, h), result=part, seconds=seconds))
+
+
+def _scale_producer(work: dict[str, Tensor], producer: str, s: Tensor, dtype: torch.dtype) -> None:
+    """Divide the producer's output channels by s: a norm's weight (and bias), or a linear's rows (and bias)."""
+    w = work[producer + ".weight"].to(torch.float32)
+    work[producer + ".weight"] = (w / (s if w.dim() == 1 else s.unsqueeze(1))).to(dtype)
+    if producer + ".bias" in work:
+        work[producer + ".bias"] = (work[producer + ".bias"].to(torch.float32) / s).to(dtype)
+
+
+def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], captures: dict[str, GroupCapture],
+               work: dict[str, Tensor], results: dict[str, QuantResult], records: list[LayerRecord], *,
+               quant: QuantConfig, full: dict[str, str], block_index: int, dtype: torch.dtype) -> None:
+    """Search and fold every group's scales first (the weights still unquantized), then clip-search and
+    quantize every layer of the stage, as AWQ does."""
+    inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor] = block.self_attn if stage == "self_attn" else block.mlp
+    scales: dict[str, Tensor] = {}
+    searches: dict[str, awq.ScaleSearch] = {}
+    for group in groups:
+        if group.producer is None:
+            continue
+        cap = captures[group.names[0]]
+        x_mean = cap.stats.abs_sum / max(cap.stats.n_tokens, 1)
+        weights = {n: work[n + ".weight"] for n in group.names}
+        if len(group.names) == 1:
+            loss_of = _linear_loss(weights, hessian_of(cap.stats))
+        else:
+            loss_of = _module_loss(inspect, work, cap.kept, dtype)
+        search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
+                                   sym=quant.sym, scale_dtype=dtype, n_grid=quant.awq_grid, backend=quant.backend)
+        searches[group.names[0]] = search
+        if search.ratio is not None:
+            s = search.scales.to(x_mean.device)
+            scales[group.names[0]] = s
+            _scale_producer(work, group.producer, s, dtype)
+            for n in group.names:
+                work[n + ".weight"] = (work[n + ".weight"].to(torch.float32) * s).to(dtype)
+        cap.kept.clear()
+
+    for group in groups:
+        cap = captures[group.names[0]]
+        h = hessian_of(cap.stats)
+        group_scale = scales.get(group.names[0])
+        if group_scale is not None:
+            h = h / torch.outer(group_scale, group_scale)          # the Hessian of the scaled input x / s
+        found = searches.get(group.names[0])
+        for name in group.names:
+            t = time.perf_counter()
+            w = work[name + ".weight"].to(torch.float32)
+            if is_ignored(full[name], quant.ignore):
+                records.append(_record(full[name], block_index, group, cap, quantized=False, error=0.0,
+                                       result=None, seconds=0.0))
+                continue
+            clip = None
+            if not is_ignored(name, _AWQ_NO_CLIP):
+                clip = awq.search_clip(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                       scale_dtype=dtype, n_grid=quant.awq_clip_grid, max_shrink=quant.awq_max_shrink,
+                                       backend=quant.backend)
+            result = quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym, scale_dtype=dtype,
+                                  clip=clip)
+            w_hat = dequantize(result, dtype)
+            results[name] = result
+            work[name + ".weight"] = w_hat
+            records.append(_record(
+                full[name], block_index, group, cap, quantized=True, error=output_error(w, w_hat, h), result=result,
+                seconds=time.perf_counter() - t,
+                awq_ratio=found.ratio if found else None,
+                awq_loss_unscaled=found.loss_unscaled if found else None,
+                awq_loss=found.loss if found else None,
+            ))
+
+
+def _linear_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """AWQ loss of a lone linear: its output error tr(D H D^T) over all calibration tokens, from H."""
+    (name, w0), = weights.items()
+    w32 = w0.to(torch.float32)
+
+    def loss_of(cand: Mapping[str, Tensor]) -> Tensor:
+        d = cand[name] - w32
+        return (d @ h * d).sum()
+
+    return loss_of
+
+
+def _module_loss(inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor], work: Mapping[str, Tensor],
+                 inputs: list[Tensor], dtype: torch.dtype) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """AWQ loss of a group read by a whole module (attention, MLP): the MSE of that module's output on the
+    kept samples, the other weights unchanged."""
+    refs = [inspect(work, x) for x in inputs]
+    count = sum(ref.numel() for ref in refs)
+
+    def loss_of(cand: Mapping[str, Tensor]) -> Tensor:
+        trial = dict(work)
+        trial.update({n + ".weight": v.to(dtype) for n, v in cand.items()})
+        total = torch.zeros((), dtype=torch.float32, device=refs[0].device)
+        for x, ref in zip(inputs, refs):
+            total = total + ((inspect(trial, x).float() - ref.float()) ** 2).sum()
+        return total / max(count, 1)
+
+    return loss_of
+
+
+def _artifact_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult], linears: tuple[LinearSpec, ...],
+                      *, quant: QuantConfig, fmt: Format, full: dict[str, str], prefix: str,
+                      dtype: torch.dtype) -> dict[str, Tensor]:
+    """Quantized linears in the format's layout; everything else (norms, biases, ignored layers, AWQ's
+    rescaled norms) in the model dtype."""
+    tensors: dict[str, Tensor] = {}
+    quantized_weights = set()
+    for spec in linears:
+        result = results.get(spec.name)
+        if result is not None:
+            tensors.update(encode_linear(fmt, full[spec.name], result, quant=quant, scale_dtype=dtype))
+            quantized_weights.add(spec.name + ".weight")
+    for local, value in work.items():
+        if local not in quantized_weights:
+            tensors[f"{prefix}.{local}"] = value.to(dtype)
+    return tensors

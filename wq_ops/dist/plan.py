@@ -1,0 +1,166 @@
+"""The plan: which actor owns which contiguous span of blocks, and the memory each actor will need,
+stated before any work and checked against what the actor has. A plan that does not fit is refused
+with the numbers.
+
+An actor holds one block at a time (plus the next one's tensors), so its memory grows with the size of
+a block and the calibration set, not with the model: weights, Hessians, activations and workspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wq_ops.config import JobConfig, Method
+from wq_ops.errors import ConfigError, ResourceError
+from wq_ops.io.checkpoint import Checkpoint
+from wq_ops.model.architecture import ModelLayout
+
+__all__ = ["BlockPlan", "MemoryEstimate", "ActorPlan", "JobPlan", "make_plan", "check_fits", "split_spans",
+           "HEADROOM"]
+
+GIB = 2**30
+# Fraction of an actor's memory the plan may use: the allocator, CUDA context and fragmentation take the rest.
+HEADROOM = 0.9
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    shard_files: tuple[str, ...]
+    tensor_names: tuple[str, ...]
+    est_bytes: int                 # the block's tensors in the checkpoint's dtype
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes on the actor's compute device, by kind."""
+
+    weights: int
+    hessians: int
+    activations: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.hessians + self.activations + self.workspace
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    rank: int
+    blocks: tuple[int, ...]
+    memory: MemoryEstimate
+    capacity_bytes: int
+    host_staging_bytes: int        # activations it hands to the next actor, in the object store
+
+    @property
+    def first(self) -> bool:
+        return 0 in self.blocks
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    blocks: tuple[BlockPlan, ...]
+    actors: tuple[ActorPlan, ...]
+    device_kind: str
+    artifact_bytes_estimate: int
+
+    def describe(self) -> str:
+        """A human-readable table of the plan."""
+        lines = [f"plan: {len(self.blocks)} blocks on {len(self.actors)} {self.device_kind} actor(s); "
+                 f"artifact about {_gib(self.artifact_bytes_estimate)}"]
+        lines.append("actor  blocks        weights  hessians  activations  workspace  total     capacity")
+        for a in self.actors:
+            m = a.memory
+            span = f"{a.blocks[0]}-{a.blocks[-1]}" if a.blocks else "-"
+            lines.append(
+                f"{a.rank:<6} {span:<13} {_gib(m.weights):>7}  {_gib(m.hessians):>8}  {_gib(m.activations):>11}  "
+                f"{_gib(m.workspace):>9}  {_gib(m.total):>8}  {_gib(a.capacity_bytes):>8}"
+            )
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}G" if n >= GIB // 10 else f"{n / 2**20:.1f}M"
+
+
+def split_spans(n_blocks: int, n_actors: int) -> list[tuple[int, ...]]:
+    """Contiguous spans of equal size (the first ones one longer when it does not divide)."""
+    if n_actors > n_blocks:
+        raise ConfigError(f"actors={n_actors}: the model has only {n_blocks} decoder blocks; use at most {n_blocks}")
+    base, extra = divmod(n_blocks, n_actors)
+    spans, start = [], 0
+    for rank in range(n_actors):
+        size = base + (1 if rank < extra else 0)
+        spans.append(tuple(range(start, start + size)))
+        start += size
+    return spans
+
+
+def _memory(layout: ModelLayout, job: JobConfig, *, first: bool) -> MemoryEstimate:
+    elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
+    n, t = job.calib.n_samples, job.calib.seq_len
+    mb = min(job.run.micro_batch_samples, n)
+    max_in = max(s.in_features for s in layout.linears)
+    max_linear = max(s.in_features * s.out_features for s in layout.linears)
+    # Tensors of this block and the next (prefetch), plus float32 copies of the largest linear while it is
+    # solved (weights, dequantized weights, codes).
+    weights = 2 * layout.block_nbytes() + max_linear * (4 + 4 + 1)
+    if first:      # the embedding table runs on the device; the head tensors are only copied, through the host
+        weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
+    # Statistics of one stage (float32; at most one Hessian per linear, fewer where inputs are shared),
+    # plus GPTQ's working Hessian and inverse factor.
+    per_stage_bytes: dict[str, int] = {}
+    for s in layout.linears:
+        per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
+    per_stage = max(per_stage_bytes.values())
+    hessians = per_stage + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
+    # Block inputs, attention-stage outputs h, block outputs.
+    activations = 3 * n * t * layout.hidden_size * elt
+    # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
+    widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
+    workspace = 2 * mb * t * widest * elt
+    if job.quant.method is Method.AWQ:
+        kept = min(n, job.quant.awq_search_samples)
+        workspace += 3 * kept * t * max_in * elt
+    return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
+
+
+def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, capacity_bytes: int) -> JobPlan:
+    """Blocks and their tensors, actor spans and per-actor memory. Does not check the fit (`check_fits`)."""
+    blocks = []
+    for i in range(layout.n_blocks):
+        names = tuple(layout.block_tensor_name(i, local) for local in layout.block_params)
+        files = tuple(sorted(set(checkpoint.files_for(names))))
+        blocks.append(BlockPlan(index=i, shard_files=files, tensor_names=names, est_bytes=layout.block_nbytes()))
+    spans = split_spans(layout.n_blocks, job.run.actors)
+    elt = layout.dtype.itemsize
+    staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * elt
+    actors = tuple(
+        ActorPlan(rank=r, blocks=span,
+                  memory=_memory(layout, job, first=0 in span),
+                  capacity_bytes=capacity_bytes,
+                  host_staging_bytes=0 if layout.n_blocks - 1 in span else staging)
+        for r, span in enumerate(spans)
+    )
+    quantized = sum(s.in_features * s.out_features for s in layout.linears) * layout.n_blocks
+    rest = layout.n_blocks * layout.block_nbytes() - quantized * elt
+    group = job.quant.group_size or max(s.in_features for s in layout.linears)
+    artifact = int(quantized * job.quant.bits / 8 + quantized / group * (elt + (0 if job.quant.sym else 1))
+                   + rest + layout.outer_nbytes())
+    return JobPlan(blocks=tuple(blocks), actors=actors, device_kind=job.run.device_kind, artifact_bytes_estimate=artifact)
+
+
+def check_fits(plan: JobPlan) -> None:
+    """Refuse, with the numbers, a plan in which some actor needs more than HEADROOM of its memory."""
+    for a in plan.actors:
+        budget = int(a.capacity_bytes * HEADROOM)
+        if a.memory.total > budget:
+            m = a.memory
+            raise ResourceError(
+                f"actor {a.rank} (blocks {a.blocks[0]}-{a.blocks[-1]}) needs {m.total / GIB:.2f} GiB of "
+                f"{plan.device_kind} memory (weights {m.weights / GIB:.2f}, Hessians {m.hessians / GIB:.2f}, "
+                f"activations {m.activations / GIB:.2f}, workspace {m.workspace / GIB:.2f}) but may use "
+                f"{budget / GIB:.2f} GiB ({HEADROOM:.0%} of {a.capacity_bytes / GIB:.2f}); activations grow with "
+                "--samples x --seq-len: lower them, lower --micro-batch-samples, or use actors with more memory"
+            )

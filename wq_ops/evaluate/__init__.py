@@ -1,0 +1,1 @@
+"""Evaluation of a model or an artifact: WikiText-style perplexity."""

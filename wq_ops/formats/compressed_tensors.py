@@ -1,0 +1,85 @@
+"""The compressed-tensors `pack-quantized` format, as vLLM, transformers and llm-compressor read it.
+
+Per quantized linear `L` (spec: compressed-tensors' PackedQuantizationCompressor):
+- `L.weight_packed`  int32 (out, ceil(in * bits / 32)): each row a little-endian bit stream of codes
+  q_s + 2**(bits-1), q_s the signed code in [-2**(bits-1), 2**(bits-1) - 1];
+- `L.weight_scale`   model dtype (out, n_groups);
+- `L.weight_zero_point` (asymmetric only) int32 (ceil(out * bits / 32), n_groups): signed zero points,
+  offset and packed the same way but along the output dim;
+- `L.weight_shape`   int64 [out, in].
+Dequantization: (q_s - z_s) * scale, which equals our (q - z) * scale since both are offset by 2**(bits-1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wq_ops.config import QuantConfig
+from wq_ops.errors import ArtifactError
+from wq_ops.pack import pack_rows, unpack_rows
+from wq_ops.quant.result import QuantResult
+
+__all__ = ["encode_linear", "decode_linear", "quantization_config", "tensor_names"]
+
+FORMAT = "pack-quantized"
+
+
+def tensor_names(module: str, *, sym: bool) -> tuple[str, ...]:
+    names = (f"{module}.weight_packed", f"{module}.weight_scale", f"{module}.weight_shape")
+    return names if sym else names + (f"{module}.weight_zero_point",)
+
+
+def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype) -> dict[str, Tensor]:
+    """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj")."""
+    out_features, in_features = result.shape
+    tensors = {
+        f"{module}.weight_packed": pack_rows(result.codes, result.bits),
+        f"{module}.weight_scale": result.scale.to(scale_dtype),
+        f"{module}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+    }
+    if not sym:
+        tensors[f"{module}.weight_zero_point"] = pack_rows(result.zero.T, result.bits).T.contiguous()
+    elif not bool((result.zero == 2 ** (result.bits - 1)).all()):
+        raise ArtifactError(f"{module}: a symmetric scheme needs every zero point at {2 ** (result.bits - 1)}")
+    return tensors
+
+
+def decode_linear(module: str, tensors: dict[str, Tensor], *, bits: int, group_size: int | None) -> QuantResult:
+    """Inverse of `encode_linear` (for tests and format checks)."""
+    out_features, in_features = (int(x) for x in tensors[f"{module}.weight_shape"])
+    codes = unpack_rows(tensors[f"{module}.weight_packed"], bits, in_features)
+    scale = tensors[f"{module}.weight_scale"].to(torch.float32)
+    zp = tensors.get(f"{module}.weight_zero_point")
+    if zp is None:
+        zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
+    else:
+        zero = unpack_rows(zp.T.contiguous(), bits, out_features).T.contiguous()
+    return QuantResult(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group_size)
+
+
+def quantization_config(quant: QuantConfig, *, ignore: list[str]) -> dict[str, Any]:
+    """config.json's `quantization_config`. ignore: full names of every Linear left unquantized (lm_head
+    included even when tied: engines apply the scheme to every Linear not listed here)."""
+    weights: dict[str, Any] = {
+        "num_bits": quant.bits,
+        "type": "int",
+        "symmetric": quant.sym,
+        "group_size": quant.group_size,
+        "strategy": "group" if quant.group_size is not None else "channel",
+        "dynamic": False,
+        # Static groups: act-order changes the solve, not the layout, so no g_idx is stored.
+        "actorder": "weight" if quant.act_order else None,
+    }
+    return {
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": None}},
+        "quant_method": "compressed-tensors",
+        "kv_cache_scheme": None,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "ignore": sorted(ignore),
+    }

@@ -1,0 +1,223 @@
+"""Read a Hugging Face safetensors checkpoint, local or on the Hub, one block's tensors at a time.
+
+The driver opens a `Checkpoint` (config, index, tokenizer files: small) and checks every shard's header
+before any work; actors call `read_tensors` with the shard files and names of their own blocks only.
+Hub checkpoints are pinned to one commit, and each shard is downloaded only where it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from wq_ops.errors import CheckpointError
+
+__all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "TOKENIZER_FILES"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files a tokenizer may need, copied into the artifact when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint. For the Hub, `revision` is the commit sha every actor reads, and
+    `local_dir` the snapshot folder that holds what the driver downloaded (config, index, tokenizer)."""
+
+    local_dir: Path
+    weight_map: Mapping[str, str]                # tensor name -> shard file name
+    repo_id: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+    endpoint: str | None = None                  # the Hub the driver resolved against; actors use the same
+    shards: tuple[str, ...] = field(default=())
+
+    @property
+    def source(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.local_dir)
+
+    def shard_path(self, filename: str) -> Path:
+        """The local path of one shard, downloading it (this shard only) for a Hub checkpoint."""
+        if self.repo_id is None:
+            return self.local_dir / filename
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=self.cache_dir,
+                                    endpoint=self.endpoint))
+
+    def files_for(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Group tensor names by the shard file that holds them."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"tensor {name} is not in {self.source}'s index")
+            by_shard[self.weight_map[name]].append(name)
+        return dict(by_shard)
+
+
+def shard_header(path: Path) -> dict[str, dict]:
+    """Parse and check a safetensors header: every tensor's byte range lies inside the file and matches
+    its dtype and shape. Returns name -> {"dtype", "shape", "data_offsets"} (the metadata entry dropped)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        want = numel * _DTYPE_BYTES.get(entry["dtype"], 0)
+        if end > data_bytes or end - start != want:
+            raise CheckpointError(
+                f"{path}: tensor {name} ({entry['dtype']} {entry['shape']}) should span {want} bytes at "
+                f"[{start}, {end}) of {data_bytes} data bytes: the shard is truncated or corrupt; re-download it"
+            )
+    return header
+
+
+def _looks_like_repo_id(model: str) -> bool:
+    return bool(_REPO_ID.match(model)) and not model.startswith((".", "/")) and not Path(model).exists()
+
+
+def open_checkpoint(model: str, *, revision: str | None = None, cache_dir: str | None = None,
+                    verify: bool = True) -> Checkpoint:
+    """Resolve `model` (a local directory, or a Hub repo id) and read its index. With `verify`, check that
+    every shard exists and its header covers the tensors the index puts there (no tensor data is read)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _open_local(path, verify=verify)
+    if path.exists():
+        raise CheckpointError(f"--model {model}: a file; expected a checkpoint directory or a Hub repo id")
+    if not _looks_like_repo_id(model):
+        raise CheckpointError(f"--model {model}: no such directory, and not a Hub repo id (org/name)")
+    return _open_hub(model, revision=revision, cache_dir=cache_dir)
+
+
+def _weight_map_of(directory: Path, read_index: bool = True) -> tuple[dict[str, str], bool]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        return dict(weight_map), True
+    single = directory / SINGLE_NAME
+    if single.is_file():
+        return {name: SINGLE_NAME for name in shard_header(single)}, False
+    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    hint = f" (it holds {', '.join(others[:3])}: convert to safetensors first)" if others else ""
+    raise CheckpointError(f"{directory}: no {INDEX_NAME} and no {SINGLE_NAME}{hint}")
+
+
+def _open_local(directory: Path, *, verify: bool) -> Checkpoint:
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face checkpoint directory")
+    weight_map, _ = _weight_map_of(directory)
+    shards = tuple(sorted(set(weight_map.values())))
+    if verify:
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name, shard in weight_map.items():
+            by_shard[shard].append(name)
+        for shard in shards:
+            p = directory / shard
+            if not p.is_file():
+                example = sorted(by_shard[shard])[0]
+                raise CheckpointError(f"{p}: missing; the index puts {len(by_shard[shard])} tensors there "
+                                      f"(e.g. {example}); restore the file or re-download the checkpoint")
+            header = shard_header(p)
+            absent = sorted(set(by_shard[shard]) - set(header))
+            if absent:
+                raise CheckpointError(f"{p}: the index lists {absent[0]} (and {len(absent) - 1} more) here, "
+                                      "but the shard does not hold it")
+    return Checkpoint(local_dir=directory, weight_map=weight_map, shards=shards)
+
+
+def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> Checkpoint:
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = constants.ENDPOINT            # honours HF_ENDPOINT; pinned here so every actor uses the same Hub
+    api = HfApi(endpoint=endpoint)
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=False)
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"--model {repo_id}: no such Hub repo, or no access with this token") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"--model {repo_id}: no revision {revision!r}") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"--model {repo_id}: the Hub answered {e}") from None
+    sha = info.sha
+    siblings = {s.rfilename for s in (info.siblings or [])}
+
+    def fetch(name: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=sha, cache_dir=cache_dir, endpoint=endpoint))
+        except EntryNotFoundError:
+            raise CheckpointError(f"{repo_id}@{sha}: no file {name}") from None
+
+    config = fetch("config.json")
+    for name in TOKENIZER_FILES:
+        if name in siblings:
+            fetch(name)
+    if INDEX_NAME in siblings:
+        weight_map = json.loads(fetch(INDEX_NAME).read_text())["weight_map"]
+    elif SINGLE_NAME in siblings:
+        weight_map = {n: SINGLE_NAME for n in shard_header(fetch(SINGLE_NAME))}
+    else:
+        raise CheckpointError(f"{repo_id}@{sha}: no {INDEX_NAME} and no {SINGLE_NAME}")
+    missing = sorted(set(weight_map.values()) - siblings) if siblings else []
+    if missing:
+        raise CheckpointError(f"{repo_id}@{sha}: the index names {missing[0]}, which the repo does not hold")
+    return Checkpoint(local_dir=config.parent, weight_map=dict(weight_map), repo_id=repo_id, revision=sha,
+                      cache_dir=cache_dir, endpoint=endpoint, shards=tuple(sorted(set(weight_map.values()))))
+
+
+def read_tensors(checkpoint: Checkpoint, names: Iterable[str], *,
+                 device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Load the named tensors (only those) from their shards onto `device`."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, Tensor] = {}
+    for shard, shard_names in checkpoint.files_for(names).items():
+        path = checkpoint.shard_path(shard)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in shard_names:
+                    if name not in present:
+                        raise CheckpointError(f"{path}: tensor {name} is not in this shard, though the index says so")
+                    out[name] = f.get_tensor(name).to(device)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read ({e})") from None
+    return out
+

@@ -1,0 +1,161 @@
+"""Describe a checkpoint's model from its config alone: decoder blocks, their linear layers, and the
+tensors outside the blocks. The model class is instantiated on the meta device (no memory, no weights).
+
+Entry point: `describe_model(config)`. Dense Llama, Mistral, Qwen2 and Qwen3 are supported; any other
+architecture is refused before work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from wq_ops.errors import CheckpointError
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "LinearSpec", "ModelLayout", "describe_model", "instantiate_on_meta",
+           "storage_dtype_of"]
+
+# Architectures whose decoder layers we have checked against the model's own forward (tests/model).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# The pre-norm residual layout the block runner composes: x + attn(norm1(x)), then h + mlp(norm2(h)).
+BLOCK_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One linear layer of a block. name: block-local ("self_attn.q_proj"); stage: "self_attn" or "mlp"."""
+
+    name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+    @property
+    def stage(self) -> str:
+        return self.name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the driver plans with. Tensor names are the checkpoint's; block-local names drop
+    `{block_prefix}.{i}.`. param_shapes hold every block-local tensor (linears, norms, biases)."""
+
+    architecture: str
+    model_type: str
+    n_blocks: int
+    block_prefix: str                                  # "model.layers"
+    linears: tuple[LinearSpec, ...]                    # the same in every block
+    block_params: dict[str, tuple[int, ...]]           # block-local name -> shape
+    outer_params: dict[str, tuple[int, ...]]           # tensors outside the blocks: embeddings, final norm, lm_head
+    outer_linears: tuple[str, ...]                     # Linear modules outside the blocks (lm_head, even when tied)
+    embed_name: str                                    # "model.embed_tokens.weight"
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    dtype: torch.dtype
+
+    def block_tensor_name(self, block: int, local: str) -> str:
+        return f"{self.block_prefix}.{block}.{local}"
+
+    def block_nbytes(self) -> int:
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(_numel(s) for s in self.block_params.values()) * elt
+
+    def outer_nbytes(self) -> int:
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(_numel(s) for s in self.outer_params.values()) * elt
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def storage_dtype_of(config: Any) -> torch.dtype:
+    """The checkpoint's floating dtype from config (`dtype`, or the older `torch_dtype`); bf16 if unset."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+    dtype = getattr(torch, str(value).replace("torch.", "")) if not isinstance(value, torch.dtype) else value
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise CheckpointError(f"config dtype {value}: expected bfloat16, float16 or float32")
+    return dtype
+
+
+def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
+    """The causal-LM class for `config`, built on the meta device with SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    name = architectures[0] if architectures else f"<none; model_type={getattr(config, 'model_type', '?')}>"
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"unsupported architecture {name}: wq quantizes dense {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
+        )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                attn_implementation="sdpa")
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the one whose items are the class's `_no_split_modules`."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in layer_classes:
+            return name, module
+    raise CheckpointError(f"{type(model).__name__}: found no list of decoder layers ({sorted(layer_classes)})")
+
+
+def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayout:
+    """Layout of the model `config` describes (a transformers PretrainedConfig)."""
+    model = instantiate_on_meta(config, trust_remote_code=trust_remote_code)
+    prefix, blocks = _find_blocks(model)
+    first = blocks[0]
+    children = {name for name, _ in first.named_children()}
+    missing = [c for c in BLOCK_CHILDREN if c not in children]
+    if missing:
+        raise CheckpointError(f"{type(first).__name__} lacks {missing}: wq runs pre-norm decoder layers "
+                              f"with children {list(BLOCK_CHILDREN)}")
+    linears = tuple(
+        LinearSpec(name=n, in_features=m.in_features, out_features=m.out_features, has_bias=m.bias is not None)
+        for n, m in first.named_modules() if isinstance(m, nn.Linear)
+    )
+    if any(spec.stage not in ("self_attn", "mlp") for spec in linears):
+        raise CheckpointError(f"{type(first).__name__}: linear layers outside self_attn and mlp: "
+                              f"{[s.name for s in linears if s.stage not in ('self_attn', 'mlp')]}")
+    for i, block in enumerate(blocks):
+        shapes = {n: tuple(p.shape) for n, p in block.named_parameters()}
+        if i == 0:
+            block_params = shapes
+        elif shapes != block_params:
+            raise CheckpointError(f"decoder block {i} differs in shape from block 0: wq needs identical blocks")
+    outer: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(prefix + ".") or id(p) in seen:
+            continue
+        seen.add(id(p))
+        outer[name] = tuple(p.shape)
+    embed: Any = model.get_input_embeddings()  # type: ignore[operator]
+    embed_name = next(n + ".weight" for n, m in model.named_modules() if m is embed)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return ModelLayout(
+        architecture=type(model).__name__,
+        model_type=str(getattr(config, "model_type", "")),
+        n_blocks=len(blocks),
+        block_prefix=prefix,
+        linears=linears,
+        block_params=block_params,
+        outer_params=outer,
+        outer_linears=tuple(n for n, m in model.named_modules()
+                            if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")),
+        embed_name=embed_name,
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        tied_embeddings=tied,
+        dtype=storage_dtype_of(config),
+    )

@@ -1,0 +1,234 @@
+"""Run one decoder block functionally over an explicit dict of its tensors, in two stages:
+h = x + self_attn(input_layernorm(x)) and y = h + mlp(post_attention_layernorm(h)).
+
+The layer module stays on the meta device: `torch.func.functional_call` binds the tensors for each call,
+so quantized or rescaled weights are swapped in without touching any module. `discover_anatomy` finds,
+by probing the real block, which linears share an input, which module produces that input and can
+absorb a per-channel scale (AWQ), and checks that the two stages reproduce the layer's own forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from wq_ops.errors import CheckpointError
+from wq_ops.model.architecture import LinearSpec
+
+__all__ = ["SequenceContext", "make_sequence_context", "LinearGroup", "BlockAnatomy", "DecoderBlock",
+           "discover_anatomy"]
+
+Params = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SequenceContext:
+    """Per-sequence-length inputs every block needs: rotary (cos, sin), each (1, T, head_dim), and the
+    attention mask: None for plain causal attention (SDPA's is_causal path), else (1, 1, T, T) bool."""
+
+    position_embeddings: tuple[Tensor, Tensor]
+    attention_mask: Tensor | None
+
+
+def make_sequence_context(rotary: nn.Module, *, seq_len: int, hidden_size: int, window: int | None,
+                          device: torch.device | str, dtype: torch.dtype) -> SequenceContext:
+    """rotary: the model's rotary-embedding module, materialised on `device`. window: the layer's sliding
+    attention window, None for full attention."""
+    position_ids = torch.arange(seq_len, device=device).unsqueeze(0)                  # (1, T)
+    probe = torch.zeros(1, seq_len, hidden_size, device=device, dtype=dtype)
+    cos, sin = rotary(probe, position_ids)
+    mask = None
+    if window is not None and window < seq_len:
+        i = torch.arange(seq_len, device=device).unsqueeze(1)
+        j = torch.arange(seq_len, device=device).unsqueeze(0)
+        mask = ((j <= i) & (i - j < window)).reshape(1, 1, seq_len, seq_len)          # True: may attend
+    return SequenceContext(position_embeddings=(cos, sin), attention_mask=mask)
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read the same input tensor, in call order. producer: the block-local module whose
+    output is that input and which can absorb a per-channel 1/s (a norm's weight, or a linear's output
+    rows), or None when nothing upstream can (then AWQ only clips this group)."""
+
+    stage: str
+    names: tuple[str, ...]
+    producer: str | None
+
+
+@dataclass(frozen=True)
+class BlockAnatomy:
+    groups: tuple[LinearGroup, ...]
+
+    def stage_groups(self, stage: str) -> tuple[LinearGroup, ...]:
+        return tuple(g for g in self.groups if g.stage == stage)
+
+
+def _sub(params: Params, prefix: str) -> dict[str, Tensor]:
+    """The tensors under `prefix.`, with the prefix dropped."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+
+class DecoderBlock:
+    """Functional two-stage forward of one decoder layer. layer: the layer module (meta device is fine);
+    ctx: from `make_sequence_context` for this layer and the calibration sequence length."""
+
+    def __init__(self, layer: nn.Module, ctx: SequenceContext) -> None:
+        self.layer = layer
+        self.ctx = ctx
+
+    def _child(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    def norm(self, params: Params, which: str, x: Tensor) -> Tensor:
+        return functional_call(self._child(which), _sub(params, which), (x,))
+
+    def self_attn(self, params: Params, normed: Tensor) -> Tensor:
+        """normed: (B, T, hidden) -> attention output (B, T, hidden), before the residual add."""
+        kwargs: dict[str, Any] = dict(hidden_states=normed, position_embeddings=self.ctx.position_embeddings,
+                                      attention_mask=self.ctx.attention_mask)
+        out = functional_call(self._child("self_attn"), _sub(params, "self_attn"), (), kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def mlp(self, params: Params, normed: Tensor) -> Tensor:
+        return functional_call(self._child("mlp"), _sub(params, "mlp"), (normed,))
+
+    def attention_stage(self, params: Params, x: Tensor) -> Tensor:
+        """x: (B, T, hidden) block input -> h = x + self_attn(input_layernorm(x))."""
+        return x + self.self_attn(params, self.norm(params, "input_layernorm", x))
+
+    def mlp_stage(self, params: Params, h: Tensor) -> Tensor:
+        """h -> y = h + mlp(post_attention_layernorm(h)): the block output."""
+        return h + self.mlp(params, self.norm(params, "post_attention_layernorm", h))
+
+    def forward(self, params: Params, x: Tensor) -> Tensor:
+        return self.mlp_stage(params, self.attention_stage(params, x))
+
+    def layer_forward(self, params: Params, x: Tensor) -> Tensor:
+        """The layer's own forward, to check that the two stages compose to it."""
+        out = functional_call(self.layer, dict(params), (x,),
+                              dict(position_embeddings=self.ctx.position_embeddings,
+                                   attention_mask=self.ctx.attention_mask))
+        return out[0] if isinstance(out, tuple) else out
+
+    @contextmanager
+    def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
+        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear."""
+        handles = []
+        for name in names:
+            module = self.layer.get_submodule(name)
+
+            def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
+                on_input(name, args[0])
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _stage_output(block: DecoderBlock, stage: str, params: Params, x: Tensor) -> Tensor:
+    return block.attention_stage(params, x) if stage == "self_attn" else block.mlp_stage(params, x)
+
+
+def _absorbs(block: DecoderBlock, stage: str, params: Params, x: Tensor, producer: str, kind: str,
+             consumers: tuple[str, ...], gen: torch.Generator) -> bool:
+    """Does dividing the producer's output channels by s and multiplying the consumers' input columns
+    by s leave the stage output unchanged (float32, random s)? That is exactly what AWQ relies on."""
+    in_features = params[consumers[0] + ".weight"].shape[1]
+    s = torch.rand(in_features, generator=gen).to(x.device) * 1.5 + 0.5
+    changed = dict(params)
+    if kind == "norm":
+        if producer + ".weight" not in params or params[producer + ".weight"].shape != (in_features,):
+            return False
+        changed[producer + ".weight"] = params[producer + ".weight"] / s
+        if producer + ".bias" in params:
+            changed[producer + ".bias"] = params[producer + ".bias"] / s
+    else:
+        changed[producer + ".weight"] = params[producer + ".weight"] / s.unsqueeze(1)
+        if producer + ".bias" in params:
+            changed[producer + ".bias"] = params[producer + ".bias"] / s
+    for name in consumers:
+        changed[name + ".weight"] = params[name + ".weight"] * s
+    ref = _stage_output(block, stage, params, x)
+    got = _stage_output(block, stage, changed, x)
+    return bool(((got - ref).norm() / ref.norm().clamp(min=1e-30)) < 1e-4)
+
+
+def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearSpec, ...], *,
+                     hidden_size: int, seed: int = 0) -> BlockAnatomy:
+    """Probe one block (its real tensors, cast to float32, 1 x T random tokens from `block.ctx`) to find
+    the linear groups and their scale-absorbing producers, and check the two stages against the layer's
+    own forward. Raises CheckpointError if the layer is not the pre-norm residual layout."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(iter(params.values())).device
+    p32 = {k: v.to(torch.float32) for k, v in params.items()}
+    ctx32 = SequenceContext(tuple(t.to(torch.float32) for t in block.ctx.position_embeddings),  # type: ignore[arg-type]
+                            block.ctx.attention_mask)
+    probe_block = DecoderBlock(block.layer, ctx32)
+    seq_len = ctx32.position_embeddings[0].shape[1]
+    x = torch.randn(1, seq_len, hidden_size, generator=gen).to(device)
+
+    staged = probe_block.forward(p32, x)
+    own = probe_block.layer_forward(p32, x)
+    if not torch.allclose(staged, own, rtol=1e-4, atol=1e-5):
+        raise CheckpointError(f"{type(block.layer).__name__}: its forward is not x + attn(norm(x)) then "
+                              "h + mlp(norm(h)); wq cannot run this layer in stages")
+
+    # Which linears read the same tensor, and which norm produced it.
+    seen: list[tuple[str, int]] = []
+    norm_out: dict[int, str] = {}
+    handles = []
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        handles.append(block.layer.get_submodule(norm).register_forward_hook(
+            lambda _m, _a, out, norm=norm: norm_out.__setitem__(id(out), norm)))
+    keep: list[Tensor] = []     # hold the inputs alive so their ids stay unique during the probe
+
+    def record(name: str, t: Tensor) -> None:
+        seen.append((name, id(t)))
+        keep.append(t)
+
+    with probe_block.capturing(tuple(s.name for s in linears), record):
+        probe_block.forward(p32, x)
+    for h in handles:
+        h.remove()
+
+    spec = {s.name: s for s in linears}
+    runs: list[tuple[str, int, list[str]]] = []          # (stage, input id, names) in call order
+    for name, tensor_id in seen:
+        stage = spec[name].stage
+        if runs and runs[-1][0] == stage and runs[-1][1] == tensor_id:
+            runs[-1][2].append(name)
+        else:
+            runs.append((stage, tensor_id, [name]))
+    # Producers: the norm whose output is the group's input, else an earlier linear of the same stage whose
+    # output rows map one to one onto the group's input columns; either only if the scale truly cancels.
+    order = [name for name, _ in seen]
+    result = []
+    for stage, tensor_id, run_names in runs:
+        group = tuple(run_names)
+        stage_in = _stage_input(probe_block, stage, p32, x)
+        candidates: list[tuple[str, str]] = []
+        if tensor_id in norm_out:
+            candidates.append((norm_out[tensor_id], "norm"))
+        else:
+            width = spec[group[0]].in_features
+            earlier = order[: order.index(group[0])]
+            candidates += [(n, "linear") for n in reversed(earlier)
+                           if spec[n].stage == stage and spec[n].out_features == width]
+        producer = next((c for c, kind in candidates
+                         if _absorbs(probe_block, stage, p32, stage_in, c, kind, group, gen)), None)
+        result.append(LinearGroup(stage, group, producer))
+    return BlockAnatomy(groups=tuple(result))
+
+
+def _stage_input(block: DecoderBlock, stage: str, params: Params, x: Tensor) -> Tensor:
+    return x if stage == "self_attn" else block.attention_stage(params, x)

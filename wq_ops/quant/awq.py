@@ -1,0 +1,134 @@
+"""AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"): scale up the input channels that carry large activations before quantizing, folding
+the inverse scale into the operation that produces the input, then clip each group's range.
+
+Scale search (Sec. 3.2): s = x_mean^a / w_mean^(1-a), normalised to geometric mean 1, for a on a grid;
+the caller measures each candidate's output error (through the module that consumes the scaled layers)
+and the best one wins; s = 1 (plain RTN) is always a candidate, so AWQ never does worse than RTN on the
+measured loss. Clip search: per row and group, the clip ratio that minimises that group's share of the
+output error, d_g^T H_gg d_g, using the diagonal blocks of the layer's Hessian (all calibration tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from kernels.awq import reference as awq_reference
+from wq_ops.config import Backend
+from wq_ops.quant.rtn import n_groups_of
+
+__all__ = ["ScaleSearch", "weight_profile", "candidate_scales", "search_scales", "search_clip", "grouped_error"]
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """scales: (in,) float32: multiply the layers' input columns by it, divide the producer's outputs by it.
+    ratio: the winning grid exponent a, or None when no scaling (s = 1) won. loss: its measured loss;
+    loss_unscaled: the loss of plain RTN, for the report."""
+
+    scales: Tensor
+    ratio: float | None
+    loss: float
+    loss_unscaled: float
+
+
+def weight_profile(weights: Sequence[Tensor], group_size: int | None) -> Tensor:
+    """Mean over output rows of |w| normalised by its group's max: (in,) float32.
+    weights: the (out_i, in) matrices that share one input."""
+    w = torch.cat([x.to(torch.float32) for x in weights], dim=0).abs()     # (rows, in)
+    rows, in_features = w.shape
+    n_groups = n_groups_of(in_features, group_size)
+    wg = w.reshape(rows, n_groups, in_features // n_groups)                # (rows, g, gs)
+    wg = wg / wg.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return wg.reshape(rows, in_features).mean(dim=0)
+
+
+def candidate_scales(x_mean: Tensor, w_mean: Tensor, ratio: float, *, duo: bool = True) -> Tensor:
+    """s = x_mean^a / w_mean^(1-a) (or x_mean^a without the weight term), floored at 1e-4 so that
+    dead channels keep a finite scale, normalised so that max(s) * min(s) = 1. (in,) float32."""
+    x_mean = x_mean.to(torch.float32).clamp(min=1e-4)
+    s = x_mean.pow(ratio)
+    if duo:
+        s = s / w_mean.to(torch.float32).clamp(min=1e-4).pow(1.0 - ratio)
+    s = s.clamp(min=1e-4)
+    return s / torch.sqrt(s.max() * s.min())
+
+
+def _primitives(backend: Backend) -> ModuleType:
+    if backend is Backend.CUDA:
+        from kernels.awq import cuda  # lazy: the extension is built on first use, only where CUDA exists
+
+        return cuda
+    return awq_reference
+
+
+def search_scales(
+    weights: Mapping[str, Tensor],
+    x_mean: Tensor,
+    loss_of: Callable[[Mapping[str, Tensor]], Tensor],
+    *,
+    bits: int,
+    group_size: int | None,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    n_grid: int,
+    duo: bool = True,
+    backend: Backend = Backend.REFERENCE,
+) -> ScaleSearch:
+    """weights: name -> (out_i, in) layers that share one input; x_mean: (in,) mean |x| of that input.
+    loss_of(candidate): the output error (a 0-dim tensor) when each layer's weight is replaced by
+    candidate[name] ((out_i, in) float32); the caller decides what output it measures. The losses stay
+    on the device until the end, so the search queues its work without waiting on the GPU."""
+    fake_quant = _primitives(backend).fake_quant
+    w_mean = weight_profile(list(weights.values()), group_size)
+
+    def quantized_with(s: Tensor) -> dict[str, Tensor]:
+        return {name: fake_quant(w, s, bits=bits, group_size=group_size or w.shape[1], sym=sym,
+                                 scale_dtype=scale_dtype) for name, w in weights.items()}
+
+    ones = torch.ones_like(x_mean, dtype=torch.float32)
+    candidates = [ones] + [candidate_scales(x_mean, w_mean, i / n_grid, duo=duo) for i in range(n_grid)]
+    losses = torch.stack([loss_of(quantized_with(s)).to(torch.float32) for s in candidates]).cpu()
+    best = int(torch.argmin(losses))            # ties keep the earliest: no scaling, then small exponents
+    return ScaleSearch(scales=candidates[best], ratio=None if best == 0 else (best - 1) / n_grid,
+                       loss=float(losses[best]), loss_unscaled=float(losses[0]))
+
+
+def grouped_error(d: Tensor, h: Tensor, group_size: int | None) -> Tensor:
+    """Each group's share of the output error: d_g^T H_gg d_g for d: (out, in), h: (in, in).
+    Returns (out, n_groups) float32 (cross-group terms of H are left out, as AWQ does)."""
+    out_features, in_features = d.shape
+    n_groups = n_groups_of(in_features, group_size)
+    gs = in_features // n_groups
+    blocks = torch.stack([h[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)])   # (g, gs, gs)
+    dg = d.reshape(out_features, n_groups, gs)                              # (out, g, gs)
+    return torch.einsum("ogi,gij,ogj->og", dg, blocks, dg)
+
+
+def search_clip(
+    w: Tensor,
+    h: Tensor,
+    *,
+    bits: int,
+    group_size: int | None,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    n_grid: int,
+    max_shrink: float,
+    backend: Backend = Backend.REFERENCE,
+) -> Tensor:
+    """Per (row, group) clip ratio in (1 - max_shrink, 1] that minimises d_g^T H_gg d_g.
+    w: (out, in) weights (already scaled); h: (in, in) Hessian of the (scaled) input. Returns (out, n_groups)."""
+    w = w.to(torch.float32)
+    out_features, in_features = w.shape
+    gs = in_features // n_groups_of(in_features, group_size)
+    ratios = torch.tensor([1.0 - k / n_grid for k in range(max(1, int(max_shrink * n_grid)))],
+                          dtype=torch.float32, device=w.device)
+    errors = _primitives(backend).clip_error(w, h.to(torch.float32), group_size=gs, bits=bits, sym=sym,
+                                             scale_dtype=scale_dtype, ratios=ratios)   # (out, g, n_ratios)
+    return ratios[torch.argmin(errors, dim=-1)]                                # ties keep the mildest clip

@@ -1,0 +1,103 @@
+"""Calibration statistics of a linear layer's input: the Hessian proxy X^T X, per-channel |x| mean and
+max (AWQ's activation profile and the LLM.int8 outlier view), and the output error they imply.
+
+`accumulate_input_stats_` updates an `InputStats` in place (one matmul per call, no per-sample loop);
+everything else is pure. H = X^T X / n_tokens, so ||(W - Q) X||^2 / n = tr((W - Q) H (W - Q)^T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "InputStats",
+    "new_input_stats",
+    "accumulate_input_stats_",
+    "hessian_of",
+    "output_error",
+    "OutlierSummary",
+    "summarize_outliers",
+]
+
+# LLM.int8's outlier threshold: features with |x| >= 6 are the ones it keeps in 16 bit.
+OUTLIER_THRESHOLD = 6.0
+
+
+@dataclass
+class InputStats:
+    """Running sums over the tokens seen so far. xtx: (in, in) float32 sum of x x^T;
+    abs_sum, abs_max: (in,) float32; n_tokens: tokens accumulated."""
+
+    xtx: Tensor
+    abs_sum: Tensor
+    abs_max: Tensor
+    n_tokens: int = 0
+
+
+def new_input_stats(in_features: int, device: torch.device | str) -> InputStats:
+    return InputStats(
+        xtx=torch.zeros(in_features, in_features, dtype=torch.float32, device=device),
+        abs_sum=torch.zeros(in_features, dtype=torch.float32, device=device),
+        abs_max=torch.zeros(in_features, dtype=torch.float32, device=device),
+    )
+
+
+def accumulate_input_stats_(stats: InputStats, x: Tensor) -> None:
+    """Add the tokens of x: (..., in), any float dtype, to `stats` in place (the accumulator is the
+    point: a block's calibration set passes through in micro-batches). Sums run in float32."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)                     # (tokens, in)
+    stats.xtx.addmm_(x2.T, x2)
+    a = x2.abs()
+    stats.abs_sum.add_(a.sum(dim=0))
+    torch.maximum(stats.abs_max, a.amax(dim=0), out=stats.abs_max)
+    stats.n_tokens += x2.shape[0]
+
+
+def hessian_of(stats: InputStats) -> Tensor:
+    """H = X^T X / n_tokens: (in, in) float32 (a new tensor)."""
+    return stats.xtx / max(stats.n_tokens, 1)
+
+
+def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+    """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - W_hat.
+    w, w_hat: (out, in); h: (in, in). float32 math (float64 if given); 0.0 when the layer's output is identically 0."""
+    dtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
+    w, h = w.to(dtype), h.to(dtype)
+    d = w - w_hat.to(dtype)
+    num = (d @ h * d).sum()
+    den = (w @ h * w).sum()
+    return float(num / den) if float(den) > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class OutlierSummary:
+    """The LLM.int8 view of one layer input: absmax over all channels and tokens, mean |x|, the ratio of the
+    largest channel max to the median channel max, how many channels reach |x| >= 6, and the top channels."""
+
+    absmax: float
+    mean_abs: float
+    max_over_median: float
+    n_outlier_channels: int
+    n_channels: int
+    top_channels: tuple[int, ...]
+    top_channel_max: tuple[float, ...]
+
+
+def summarize_outliers(stats: InputStats, *, top_k: int = 8) -> OutlierSummary:
+    channel_max = stats.abs_max.float().cpu()
+    channel_mean = (stats.abs_sum / max(stats.n_tokens, 1)).float().cpu()
+    k = min(top_k, channel_max.numel())
+    top = torch.topk(channel_max, k)
+    median = float(channel_max.median())
+    return OutlierSummary(
+        absmax=float(channel_max.max()),
+        mean_abs=float(channel_mean.mean()),
+        max_over_median=float(channel_max.max()) / median if median > 0 else float("inf"),
+        n_outlier_channels=int((channel_max >= OUTLIER_THRESHOLD).sum()),
+        n_channels=int(channel_max.numel()),
+        top_channels=tuple(int(i) for i in top.indices),
+        top_channel_max=tuple(float(v) for v in top.values),
+    )

@@ -1,0 +1,108 @@
+"""Render `wq_report.html`: one self-contained page (inline SVG and CSS, no scripts, no network) with
+two heatmaps over block x projection: the relative output error of each quantized layer, and the
+largest input activation each layer sees (the LLM.int8 outlier view); then the worst layers as a table.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["render_html"]
+
+_CELL_W, _CELL_H, _LEFT, _TOP = 64, 14, 48, 96
+
+
+def _color(t: float) -> str:
+    """t in [0, 1] -> a perceptually ordered ramp from pale yellow through orange to dark red."""
+    stops = [(255, 255, 204), (254, 217, 118), (253, 141, 60), (227, 26, 28), (128, 0, 38)]
+    t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(t), len(stops) - 2)
+    f = t - i
+    r, g, b = (round(a + (c - a) * f) for a, c in zip(stops[i], stops[i + 1]))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _heatmap(title: str, layers: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None],
+             fmt: Callable[[float], str]) -> str:
+    """Rows: blocks; columns: projections (block-local linear names). Log colour scale over the values."""
+    projections: list[str] = []
+    for layer in layers:
+        local = layer["name"].split(f".{layer['block']}.", 1)[-1]
+        if local not in projections:
+            projections.append(local)
+    blocks = sorted({layer["block"] for layer in layers})
+    cells = {}
+    for layer in layers:
+        v = value(layer)
+        if v is not None and v > 0:
+            cells[(layer["block"], layer["name"].split(f".{layer['block']}.", 1)[-1])] = (v, layer["name"])
+    if not cells:
+        return f"<h2>{html.escape(title)}</h2><p>no values</p>"
+    logs = [math.log10(v) for v, _ in cells.values()]
+    lo, hi = min(logs), max(logs)
+    width = _LEFT + _CELL_W * len(projections) + 140
+    height = _TOP + _CELL_H * len(blocks) + 20
+    out = [f'<h2>{html.escape(title)}</h2>',
+           f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           'font-family="monospace" font-size="10">']
+    for j, p in enumerate(projections):
+        x = _LEFT + j * _CELL_W + _CELL_W // 2
+        out.append(f'<text x="{x}" y="{_TOP - 6}" transform="rotate(-40 {x} {_TOP - 6})">{html.escape(p)}</text>')
+    for i, b in enumerate(blocks):
+        y = _TOP + i * _CELL_H
+        out.append(f'<text x="{_LEFT - 6}" y="{y + 11}" text-anchor="end">{b}</text>')
+        for j, p in enumerate(projections):
+            x = _LEFT + j * _CELL_W
+            cell = cells.get((b, p))
+            if cell is None:
+                out.append(f'<rect x="{x}" y="{y}" width="{_CELL_W - 1}" height="{_CELL_H - 1}" fill="#eeeeee"/>')
+                continue
+            v, name = cell
+            t = 0.5 if hi == lo else (math.log10(v) - lo) / (hi - lo)
+            out.append(f'<rect x="{x}" y="{y}" width="{_CELL_W - 1}" height="{_CELL_H - 1}" fill="{_color(t)}">'
+                       f'<title>{html.escape(name)}: {fmt(v)}</title></rect>')
+    lx = _LEFT + _CELL_W * len(projections) + 16
+    for k in range(11):
+        t = 1 - k / 10
+        out.append(f'<rect x="{lx}" y="{_TOP + k * 12}" width="14" height="12" fill="{_color(t)}"/>')
+    out.append(f'<text x="{lx + 18}" y="{_TOP + 10}">{fmt(10 ** hi)}</text>')
+    out.append(f'<text x="{lx + 18}" y="{_TOP + 130}">{fmt(10 ** lo)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    layers = report["layers"]
+    job, totals, source = report["job"], report["totals"], report["source"]
+    worst = sorted((x for x in layers if x["quantized"]), key=lambda x: -x["output_error"])[:12]
+    rows = "\n".join(
+        f"<tr><td>{html.escape(x['name'])}</td><td>{x['output_error']:.3e}</td>"
+        f"<td>{x['outliers']['absmax']:.3g}</td><td>{x['outliers']['n_outlier_channels']}</td>"
+        f"<td>{'' if x['damp_frac'] is None else x['damp_frac']}</td></tr>" for x in worst)
+    phases = ", ".join(f"{k} {v:.2f} s" for k, v in totals["phase_seconds"].items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>wq report: {html.escape(str(source.get('model')))}</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;font-family:monospace;font-size:12px}} h2{{margin-top:28px}}</style>
+</head><body>
+<h1>wq quantization report</h1>
+<p><b>model</b> {html.escape(str(source.get('model')))} ({html.escape(str(source.get('architecture')))},
+{source.get('n_blocks')} blocks) &middot; <b>method</b> {html.escape(str(job.get('method')))}
+w{job.get('bits')} g{job.get('group_size') or 'channel'} {'sym' if job.get('sym') else 'asym'} &middot;
+<b>calibration</b> {job.get('samples')} x {job.get('seq_len')} tokens from
+{html.escape(str(job.get('calib') or 'bundled text'))}</p>
+<p><b>wall time</b> {totals['wall_seconds']:.1f} s ({html.escape(phases)}) &middot; <b>layers</b>
+{totals['layers_quantized']} quantized, {totals['layers_kept']} kept &middot; <b>mean output error</b>
+{totals['mean_output_error']:.3e}</p>
+{_heatmap("Relative output error ||(W-Q)X||^2 / ||WX||^2 per layer (log scale)", layers,
+          lambda x: x["output_error"] if x["quantized"] else None, lambda v: f"{v:.2e}")}
+{_heatmap("Input activation max |x| per layer (LLM.int8 outliers: >= 6; log scale)", layers,
+          lambda x: x["outliers"]["absmax"], lambda v: f"{v:.3g}")}
+<h2>Layers with the largest output error</h2>
+<table><tr><th>layer</th><th>output error</th><th>input max |x|</th><th>channels with |x| &ge; 6</th><th>damp</th></tr>
+{rows}
+</table>
+</body></html>
+"""

@@ -1,0 +1,74 @@
+"""Build `wq_report.json`'s content from the actors' shard records. Pure: dicts in, a dict out."""
+
+from __future__ import annotations
+
+import math
+import platform
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+__all__ = ["build_report", "library_versions"]
+
+
+def library_versions() -> dict[str, str]:
+    import ray
+    import safetensors
+    import torch
+    import transformers
+
+    import wq_ops
+
+    return {"wq": wq_ops.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__, "ray": ray.__version__}
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(max(v, 1e-30)) for v in values) / len(values)) if values else 0.0
+
+
+def _phase_totals(blocks: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for b in blocks:
+        for phase, s in b["seconds"].items():
+            totals[phase] = totals.get(phase, 0.0) + s
+    return {k: round(v, 4) for k, v in totals.items()}
+
+
+def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Mapping[str, Any],
+                 records: Sequence[Mapping[str, Any]], shard_names: Mapping[str, str], wall_seconds: float,
+                 versions: Mapping[str, str]) -> dict[str, Any]:
+    """records: ShardRecord dicts (embed, blocks, head); shard_names: staged path -> final shard name."""
+    blocks = sorted((r for r in records if r["part"] == "block"), key=lambda r: r["block"])
+    layers = [layer for b in blocks for layer in b["layers"]]
+    quantized = [layer for layer in layers if layer["quantized"]]
+    errors = [layer["output_error"] for layer in quantized]
+    worst = max(quantized, key=lambda layer: layer["output_error"], default=None)
+    actors: dict[int, dict[str, Any]] = {}
+    for b in blocks:
+        a = actors.setdefault(b["rank"], {"rank": b["rank"], "blocks": [], "seconds": {}})
+        a["blocks"].append(b["block"])
+        for phase, s in b["seconds"].items():
+            a["seconds"][phase] = round(a["seconds"].get(phase, 0.0) + s, 4)
+    return {
+        "wq_version": versions.get("wq"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "job": dict(job),
+        "source": dict(source),
+        "versions": dict(versions),
+        "plan": dict(plan),
+        "totals": {
+            "wall_seconds": round(wall_seconds, 3),
+            "blocks": len(blocks),
+            "layers_quantized": len(quantized),
+            "layers_kept": len(layers) - len(quantized),
+            "mean_output_error": sum(errors) / len(errors) if errors else 0.0,
+            "geomean_output_error": _geomean(errors),
+            "worst_layer": {"name": worst["name"], "output_error": worst["output_error"]} if worst else None,
+            "phase_seconds": _phase_totals(blocks),
+            "artifact_tensor_bytes": sum(r["nbytes"] for r in records),
+        },
+        "actors": [actors[k] for k in sorted(actors)],
+        "blocks": [{"block": b["block"], "rank": b["rank"], "shard": shard_names.get(b["staged_path"]),
+                    "nbytes": b["nbytes"], "sha256": b["sha256"], "seconds": b["seconds"]} for b in blocks],
+        "layers": layers,
+    }
