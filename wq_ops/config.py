@@ -98,6 +98,10 @@ class QuantConfig:
                     f"group_size={self.group_size}: must be a multiple of 32 (engines' kernels read whole "
                     "32-value words per group), or 'channel' for one group per row"
                 )
+        if self.backend is Backend.CUDA and self.method is Method.AWQ and self.group_size is not None \
+                and self.group_size > 256:
+            raise ConfigError(f"group_size={self.group_size}: the CUDA AWQ search handles groups of 32 to 256 "
+                              "columns; use --backend reference for wider groups")
         if not (0.0 < self.damp_frac <= 1.0):
             raise ConfigError(f"damp_frac={self.damp_frac!r}: expected a fraction in (0, 1]; the usual value is 0.01")
         _positive_int(self.block_size, "block_size")
@@ -173,6 +177,9 @@ class JobConfig:
     fail_after_blocks: int | None = None   # testing hook: crash an actor after this many finished blocks
 
     def __post_init__(self) -> None:
+        if self.quant.backend is Backend.CUDA and self.run.gpus_per_actor <= 0:
+            raise ConfigError("backend=cuda: the actors have no GPU (gpus_per_actor=0); give --gpus-per-actor 1, "
+                              "or --backend reference to run on CPU")
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f"out={self.out!r}: expected an output directory path")
         object.__setattr__(self, "format", _enum(Format, self.format, "format"))
@@ -274,9 +281,9 @@ def _convert(key: str, value: Any) -> Any:
 
 def default_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The command line's defaults that depend on other options: `act_order` (on for GPTQ), `sym` (on:
-    transformers cannot load asymmetric pack-quantized checkpoints yet, llm-compressor#1618),
-    `out` (out/<model>-<method>-w<bits>), and, for the bundled tiny model, 32 samples of 512 tokens
-    (its bundled text is small)."""
+    transformers cannot load asymmetric pack-quantized checkpoints yet, llm-compressor#1618), `out`
+    (out/<model>-<method>-w<bits>), `backend` (cuda when the actors have GPUs), and, for the bundled
+    tiny model, 32 samples of 512 tokens (its bundled text is small)."""
     filled = dict(options)
     if not filled.get("model"):
         # The bundled tiny model and text: a calibration set sized for a demo that takes seconds on a laptop.
@@ -284,6 +291,9 @@ def default_options(options: Mapping[str, Any]) -> dict[str, Any]:
         filled.setdefault("seq_len", 512)
     method = str(filled.get("method", Method.GPTQ.value))
     filled.setdefault("sym", True)
+    # GPU actors use our CUDA kernels unless told otherwise; CPU actors can only run the references.
+    gpus = filled.get("gpus_per_actor") or 0
+    filled.setdefault("backend", Backend.CUDA.value if float(gpus) > 0 else Backend.REFERENCE.value)
     # GPTQ: activation order with static groups is llm-compressor's default too; it costs nothing at
     # inference and matters on layers whose inputs carry massive outlier channels.
     filled.setdefault("act_order", method == Method.GPTQ.value)

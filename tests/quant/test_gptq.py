@@ -109,3 +109,18 @@ def test_inputs_are_not_modified(gen):
     quantize_gptq(w, h, bits=4, group_size=32, sym=False, damp_frac=0.01, act_order=True, block_size=32,
                   scale_dtype=torch.bfloat16)
     assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 257])
+def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse(n):
+    """U^T U = (H + damp I)^-1 with U upper triangular, checked against the explicit float64 route."""
+    from wq_ops.quant.gptq import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    upper, damp = inverse_hessian_factor(h, damp_frac=0.01)
+    damped = h + damp * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(upper, torch.triu(upper))
+    torch.testing.assert_close(upper, expected, rtol=1e-9, atol=1e-12)

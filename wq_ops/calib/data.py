@@ -115,7 +115,38 @@ def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int) -> T
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+TOKEN_COLUMN = "input_ids"
+
+
+def _token_rows(source: str | None) -> list[list[int]] | None:
+    """Pre-tokenized samples: the `input_ids` column of a parquet file (or of a folder's parquet files,
+    sorted), one sample per row. None when the source is not pre-tokenized."""
+    if source is None:
+        return None
+    path = Path(source)
+    files = [path] if path.suffix == ".parquet" else sorted(path.glob("*.parquet")) if path.is_dir() else []
+    if not files:
+        return None
+    import pyarrow.parquet as pq
+
+    if TOKEN_COLUMN not in pq.read_schema(files[0]).names:
+        return None
+    return [row for f in files for row in pq.read_table(f, columns=[TOKEN_COLUMN]).column(0).to_pylist()]
+
+
 def calibration_tokens(source: str | None, tokenizer: Any, *, n_samples: int, seq_len: int, seed: int,
                        text_column: str = "text") -> Tensor:
-    return sample_windows(tokenize_corpus(load_texts(source, text_column=text_column), tokenizer),
-                          n_samples=n_samples, seq_len=seq_len, seed=seed)
+    """(n_samples, seq_len) int64. Text: windows at random starts (seed) of the tokenized corpus.
+    Pre-tokenized parquet (an `input_ids` column): its first n_samples rows, each cut to seq_len, as given,
+    so that another tool fed the same rows calibrates on the same tokens."""
+    rows = _token_rows(source)
+    if rows is None:
+        return sample_windows(tokenize_corpus(load_texts(source, text_column=text_column), tokenizer),
+                              n_samples=n_samples, seq_len=seq_len, seed=seed)
+    if len(rows) < n_samples:
+        raise ConfigError(f"--calib {source}: {len(rows)} pre-tokenized rows, fewer than samples={n_samples}")
+    short = [i for i, r in enumerate(rows[:n_samples]) if r is None or len(r) < seq_len]
+    if short:
+        raise ConfigError(f"--calib {source}: row {short[0]} has fewer than seq_len={seq_len} tokens "
+                          f"({len(short)} such rows among the first {n_samples})")
+    return torch.tensor([r[:seq_len] for r in rows[:n_samples]], dtype=torch.int64)

@@ -23,13 +23,13 @@ from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
 from wq_ops.config import JobConfig
 from wq_ops.dist.actor import ACTOR_THREADS, ActorSpec, BlockActor, ShardRecord
+from wq_ops.dist.block_quantizer import is_ignored
 from wq_ops.dist.plan import GIB, JobPlan, check_fits, make_plan
 from wq_ops.errors import CheckpointError, ConfigError, ResourceError, WqError
 from wq_ops.formats import format_module, quantization_config
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from wq_ops.model.architecture import SUPPORTED_ARCHITECTURES, ModelLayout, describe_model
-from wq_ops.dist.block_quantizer import is_ignored
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
@@ -212,7 +212,8 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan) -> list[ShardRecord]:
     import ray
 
     job, layout = prepared.job, prepared.layout
-    remote_actor: Any = ray.remote(concurrency_groups={HANDOFF: 2})(BlockActor)
+    make_remote: Any = ray.remote
+    remote_actor: Any = make_remote(concurrency_groups={HANDOFF: 2})(BlockActor)
     actors: list[Any] = [
         remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
                              max_concurrency=ACTOR_THREADS, max_restarts=0).remote(

@@ -37,11 +37,16 @@ def inverse_hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, floa
     mean_diag = float(torch.diagonal(h).mean())
     eye = torch.eye(n, dtype=h.dtype, device=h.device)
     damp = damp_frac
+    flip = torch.arange(n - 1, -1, -1, device=h.device)
     while True:
-        lower, info = torch.linalg.cholesky_ex(h + (damp * mean_diag) * eye)
+        # With P the reversal permutation and P (H + dI) P = L L^T, (H + dI)^-1 = U^T U for the upper
+        # triangular U = P L^-1 P: one Cholesky and one triangular solve, where factoring the explicit
+        # inverse would take two Cholesky factorizations and an inversion.
+        damped = h + (damp * mean_diag) * eye
+        lower, info = torch.linalg.cholesky_ex(damped[flip][:, flip])
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False)[flip][:, flip]
+            if bool(torch.isfinite(upper).all()) and bool((torch.diagonal(upper) > 0).all()):
                 return upper, damp
         if damp >= 1.0:
             raise QuantizationError(

@@ -48,11 +48,17 @@ def new_input_stats(in_features: int, device: torch.device | str) -> InputStats:
 def accumulate_input_stats_(stats: InputStats, x: Tensor) -> None:
     """Add the tokens of x: (..., in), any float dtype, to `stats` in place (the accumulator is the
     point: a block's calibration set passes through in micro-batches). Sums run in float32."""
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)                     # (tokens, in)
-    stats.xtx.addmm_(x2.T, x2)
+    x2 = x.reshape(-1, x.shape[-1])                                       # (tokens, in)
+    if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16):
+        # Half-precision operands lose nothing (they are the activations as computed); the tensor cores
+        # accumulate in float32 and write float32: several times the speed of a float32 GEMM.
+        stats.xtx.add_(torch.mm(x2.T, x2, out_dtype=torch.float32))
+    else:
+        x32 = x2.to(torch.float32)
+        stats.xtx.addmm_(x32.T, x32)
     a = x2.abs()
-    stats.abs_sum.add_(a.sum(dim=0))
-    torch.maximum(stats.abs_max, a.amax(dim=0), out=stats.abs_max)
+    stats.abs_sum.add_(a.sum(dim=0, dtype=torch.float32))
+    torch.maximum(stats.abs_max, a.amax(dim=0).to(torch.float32), out=stats.abs_max)
     stats.n_tokens += x2.shape[0]
 
 

@@ -1,0 +1,234 @@
+"""End-to-end single-GPU benchmark: wq against llm-compressor on the same checkpoint files and tokens.
+
+Makes Llama-architecture checkpoints with random bf16 weights (Llama-3-8B and Llama-3.2-1B shapes, sharded
+safetensors, a one-token tokenizer), a parquet of random calibration token ids, then runs each tool as
+its own process, timing the whole job from checkpoint to written artifact, and samples the GPU's used
+memory with nvidia-smi (the same probe for both tools, CUDA context included). Prints one table with
+wall time, GPU peak, the ratio llm-compressor / wq, and wq's per-phase times from its wq_report.json.
+
+    python benchmarks/gpu_e2e.py --cases 8b:gptq --tools wq,llmcompressor --work /tmp/bench
+    python benchmarks/gpu_e2e.py --cases 1b:gptq,1b:awq --write benchmarks/RESULTS.md
+
+On the GPU machine Ray and llm-compressor come from the bundle (see ../shared/README.md):
+    mkdir -p /tmp/site && tar xJf .device/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+SHARD_BYTES = 5 * 2**30
+
+
+def make_checkpoint(shape: str, root: Path, *, seed: int = 0) -> Path:
+    """A sharded bf16 safetensors Llama checkpoint with random weights (std 0.02, norms 1)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = root / f"llama-{shape}-random"
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    tmp = root / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, torch_dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, p in skeleton.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if p.dim() == 1:
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float32) * 0.02
+            t = t.to(torch.bfloat16).cpu()
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    config.save_pretrained(tmp)
+    _one_token_tokenizer().save_pretrained(tmp)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    os.replace(tmp, out)
+    return out
+
+
+def _one_token_tokenizer():
+    """Random-weight models need a tokenizer object only to satisfy the tools' loaders."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                   unk_token="<unk>", pad_token="<unk>")
+
+
+def make_calibration(root: Path, *, n_samples: int, seq_len: int, vocab: int, seed: int = 0) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    path = root / f"calib-{n_samples}x{seq_len}-v{vocab}.parquet"
+    if not path.exists():
+        ids = torch.randint(0, vocab, (n_samples, seq_len), generator=torch.Generator().manual_seed(seed))
+        pq.write_table(pa.table({"input_ids": ids.tolist()}), path)
+    return path
+
+
+class GpuMemoryProbe:
+    """Peak of nvidia-smi's memory.used (MiB) on GPU 0 while running."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                 "-i", "0", "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip().isdigit():
+                self.peak_mib = max(self.peak_mib, int(line))
+            if self._stop.is_set():
+                break
+        proc.terminate()
+
+    def __enter__(self) -> "GpuMemoryProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "jobs.quantize", "--model", str(ckpt), "--out", str(out), "--method", method,
+           "--bits", "4", "--group-size", "128", "--calib", str(calib), "--samples", str(args.samples),
+           "--seq-len", str(args.seq_len), "--actors", "1", "--gpus-per-actor", "1", "--overwrite",
+           *(["--asym"] if method == "awq" else []), *args.wq_args.split()]
+    with GpuMemoryProbe() as probe:
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"wq failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    report = json.loads((out / "wq_report.json").read_text())
+    return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024, "phases": report["totals"].get("phase_seconds", {}),
+            "mean_output_error": report["totals"].get("mean_output_error")}
+
+
+LLMC_CHILD = r"""
+import sys, time, torch, datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.awq import AWQModifier
+ckpt, calib, out, method, n, seq = sys.argv[1:7]
+ds = datasets.Dataset.from_parquet(calib).select(range(int(n)))
+ds = ds.map(lambda r: {"input_ids": r["input_ids"][:int(seq)], "attention_mask": [1] * int(seq)})
+model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+tok = AutoTokenizer.from_pretrained(ckpt)
+if method == "gptq":
+    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+else:
+    recipe = AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"])
+oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=int(seq),
+        num_calibration_samples=int(n))
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+"""
+
+
+def run_llmcompressor(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Namespace) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", LLMC_CHILD, str(ckpt), str(calib), str(out), method, str(args.samples),
+           str(args.seq_len)]
+    with GpuMemoryProbe() as probe:
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        wall = time.perf_counter() - t
+    if proc.returncode:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="8b:gptq", help="comma list of shape:method (8b|1b : gptq|awq)")
+    p.add_argument("--tools", default="wq,llmcompressor")
+    p.add_argument("--work", default="/tmp/wq-bench")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--wq-args", default="", help="extra wq flags, e.g. '--propagation float'")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tools = args.tools.split(",")
+    rows = []
+    for case in args.cases.split(","):
+        shape, method = case.split(":")
+        t = time.perf_counter()
+        ckpt = make_checkpoint(shape, work)
+        calib = make_calibration(work, n_samples=args.samples, seq_len=args.seq_len, vocab=SHAPES[shape]["vocab_size"])
+        print(f"[{case}] checkpoint and data ready in {time.perf_counter() - t:.1f} s", flush=True)
+        row = {"case": case}
+        if "wq" in tools:
+            row["wq"] = run_wq(ckpt, calib, work / f"out-wq-{shape}-{method}", method, args)
+            print(f"[{case}] wq: {json.dumps(row['wq'])}", flush=True)
+        if "llmcompressor" in tools:
+            row["llmcompressor"] = run_llmcompressor(ckpt, calib, work / f"out-llmc-{shape}-{method}", method, args)
+            print(f"[{case}] llm-compressor: {json.dumps(row['llmcompressor'])}", flush=True)
+        rows.append(row)
+    print()
+    print("| case | wq wall (s) | wq GPU peak (GiB) | llm-compressor wall (s) | llmc GPU peak (GiB) | speed-up | "
+          "wq phases (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        wq, lc = r.get("wq", {}), r.get("llmcompressor", {})
+        ratio = f"{lc['wall_s'] / wq['wall_s']:.1f}x" if "wall_s" in lc and "wall_s" in wq else "-"
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in wq.get("phases", {}).items())
+        nan = float("nan")
+        print(f"| {r['case']} | {wq.get('wall_s', nan):.1f} | {wq.get('gpu_peak_gib', nan):.1f} | "
+              f"{lc.get('wall_s', nan):.1f} | {lc.get('gpu_peak_gib', nan):.1f} | {ratio} | {phases} |")
+        if "error" in lc:
+            print(f"llm-compressor failed on {r['case']}: {lc['error']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
