@@ -138,15 +138,35 @@ def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Names
            "--bits", "4", "--group-size", "128", "--calib", str(calib), "--samples", str(args.samples),
            "--seq-len", str(args.seq_len), "--actors", "1", "--gpus-per-actor", "1", "--overwrite",
            *(["--asym"] if method == "awq" else []), *args.wq_args.split()]
-    with GpuMemoryProbe() as probe:
+    log = out.with_suffix(".log")
+    with GpuMemoryProbe() as probe, open(log, "w") as log_file:
         t = time.perf_counter()
-        proc = subprocess.run(cmd, text=True, capture_output=True)
+        proc = subprocess.Popen(cmd, text=True, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=args.timeout_s)
+        except subprocess.TimeoutExpired:
+            _dump_stacks(log_file)
+            proc.kill()
+            raise SystemExit(f"wq ran past {args.timeout_s} s; log and stacks in {log}:\n{log.read_text()[-6000:]}")
         wall = time.perf_counter() - t
     if proc.returncode:
-        raise SystemExit(f"wq failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise SystemExit(f"wq failed ({proc.returncode}):\n{log.read_text()[-8000:]}")
     report = json.loads((out / "wq_report.json").read_text())
     return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024, "phases": report["totals"].get("phase_seconds", {}),
             "mean_output_error": report["totals"].get("mean_output_error")}
+
+
+def _dump_stacks(log_file) -> None:
+    """py-spy stacks of wq's driver and actors, where py-spy is installed (diagnosing a stuck run)."""
+    if shutil.which("py-spy") is None:
+        return
+    ps = subprocess.run(["ps", "-eo", "pid,args"], text=True, capture_output=True).stdout.splitlines()
+    for line in ps:
+        pid, _, cmdline = line.strip().partition(" ")
+        if "ray::" in cmdline or "jobs.quantize" in cmdline:
+            log_file.write(f"\n== py-spy dump {pid} {cmdline[:80]}\n")
+            log_file.flush()
+            subprocess.run(["py-spy", "dump", "--pid", pid], stdout=log_file, stderr=subprocess.STDOUT, timeout=30)
 
 
 LLMC_CHILD = r"""
@@ -193,6 +213,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--wq-args", default="", help="extra wq flags, e.g. '--propagation float'")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--timeout-s", dest="timeout_s", type=float, default=900, help="per tool run")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ __all__ = ["solve_block"]
 def solve_block(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, *, bits: int) -> BlockSolve:
     ext = load_extension()
     try:
-        codes, err, loss = ext.gptq_solve_block(w, hinv, scale, zero, bits)
+        # hinv is tiny (B x B); a column-major factor (torch.linalg.cholesky(upper=True)) is made row-major.
+        codes, err, loss = ext.gptq_solve_block(w, hinv.contiguous(), scale, zero, bits)
     except RuntimeError as e:
         raise KernelError(str(e).split("\n")[0]) from None
     return BlockSolve(codes=codes, err=err, loss=loss)

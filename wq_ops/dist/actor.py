@@ -2,21 +2,21 @@
 device between them, and writes one staged shard per block.
 
 Setup (device, model skeleton on the meta device, rotary tables, kernels) happens once in `__init__`.
-One method per block, `run_block`, returns a `ShardRecord`: the staged shard's path, tensor names,
-size, checksum and the block's metrics. The actor is threaded so that the three phases of neighbouring
-blocks overlap: block i + 1's tensors load (on a copy stream) while block i computes, and block i - 1's
-shard is written and hashed meanwhile. Compute phases run strictly in the order the driver numbered
-the calls (`step`), so results never depend on thread timing. Activations enter and leave as object
-refs; no tensor ever goes back to the driver.
+The actor is single-threaded, so Ray runs its calls in the order the driver made them: `embed` (first
+actor), `run_span` (every actor), `emit_outputs` (all but the last), `write_head` (last). `run_span` is a
+streaming generator that yields one `ShardRecord` per block (the staged shard's path, tensor names, size,
+checksum and metrics) as soon as it is on disk. Inside it, two helper threads overlap the phases of
+neighbouring blocks: block i + 1's tensors load (on a copy stream) while block i computes, and block
+i - 1's shard is written and hashed meanwhile; compute itself stays in one thread, in block order, so
+results never depend on timing. Activations enter and leave as object refs; no tensor goes to the driver.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, cast
@@ -32,10 +32,7 @@ from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
 
-__all__ = ["ActorSpec", "ShardRecord", "BlockActor", "ACTOR_THREADS"]
-
-# Concurrent calls per actor: one loading the next block, one computing, one writing the previous.
-ACTOR_THREADS = 3
+__all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
 
 
 @dataclass(frozen=True)
@@ -79,28 +76,6 @@ def _write_shard(path: Path, tensors: dict[str, Tensor]) -> tuple[int, str]:
     return sum(t.numel() * t.element_size() for t in tensors.values()), _sha256(path)
 
 
-class _Turns:
-    """Orders the compute phases of concurrent calls by their step number."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._turn = 0
-
-    def wait_until(self, step: int) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._turn >= step)
-
-    @contextmanager
-    def hold(self, step: int) -> Iterator[None]:
-        self.wait_until(step)
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._turn = step + 1
-                self._cv.notify_all()
-
-
 @dataclass
 class _Loaded:
     params: dict[str, Tensor]
@@ -134,11 +109,10 @@ class BlockActor:
         self.contexts: dict[int | None, SequenceContext] = {}
         self.anatomy: BlockAnatomy | None = None
         self.batches: list[Tensor] = []
-        self.turns = _Turns()
         spec.artifact.staging.mkdir(parents=True, exist_ok=True)
 
     # --- activations in and out -------------------------------------------------------------------
-    def embed(self, step: int, ids: Tensor) -> ShardRecord:
+    def embed(self, ids: Tensor) -> ShardRecord:
         """Embed the calibration token ids (n_samples, seq_len) into this actor's activations, and stage the
         tensors that come before the first block (the embeddings), copied unchanged."""
         layout = self.spec.layout
@@ -149,7 +123,7 @@ class BlockActor:
         from torch.func import functional_call
 
         mb = self.spec.job.run.micro_batch_samples
-        with self.turns.hold(step), torch.no_grad():
+        with torch.no_grad():
             weight = host[layout.embed_name].to(self.device)
             self.batches = [functional_call(embedding, {"weight": weight}, (chunk.to(self.device),))
                             for chunk in ids.split(mb)]
@@ -159,21 +133,11 @@ class BlockActor:
         return ShardRecord(part="embed", block=None, staged_path=str(path), tensor_names=tuple(sorted(host)),
                            nbytes=nbytes, sha256=sha, rank=self.spec.rank, seconds={"load": time.perf_counter() - t})
 
-    def load_inputs(self, step: int, refs: list[Any]) -> int:
-        """Take the previous actor's output micro-batches (object refs) onto this device."""
-        import ray
-
-        hosts: list[HostTensor] = ray.get(list(refs))
-        with self.turns.hold(step):
-            self.batches = [from_host(h, self.device) for h in hosts]
-        return len(self.batches)
-
-    def emit_outputs(self, step: int) -> list[Any]:
+    def emit_outputs(self) -> list[Any]:
         """Hand this actor's final activations to the object store, one ref per micro-batch."""
         import ray
 
-        with self.turns.hold(step):
-            batches, self.batches = self.batches, []
+        batches, self.batches = self.batches, []
         return [ray.put(to_host(b)) for b in batches]
 
     # --- blocks -------------------------------------------------------------------------------------
@@ -213,40 +177,62 @@ class BlockActor:
             params = {n[cut:]: v.to(layout.dtype) for n, v in host.items()}
         return _Loaded(params=params, ready=ready, seconds=time.perf_counter() - t)
 
-    def run_block(self, step: int, index: int) -> ShardRecord:
-        """Load block `index`, quantize it over the current activations, replace them with its outputs,
-        and stage its shard. The load may start while the previous block still computes."""
+    def run_span(self, blocks: list[int], inputs: list[Any] | None = None) -> Iterator[ShardRecord]:
+        """Quantize `blocks` in order over the current activations (or, when given, the previous actor's
+        output micro-batches, as object refs), yielding each block's record once its shard is staged."""
+        if inputs is not None:
+            import ray
+
+            hosts: list[HostTensor] = ray.get(list(inputs))
+            self.batches = [from_host(h, self.device) for h in hosts]
+        with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader, \
+                ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer:
+            next_load: Future[_Loaded] | None = loader.submit(self._load, blocks[0]) if blocks else None
+            writes: list[Future[ShardRecord]] = []
+            for k, index in enumerate(blocks):
+                assert next_load is not None
+                loaded = next_load.result()
+                next_load = loader.submit(self._load, blocks[k + 1]) if k + 1 < len(blocks) else None
+                record_parts = self._compute_block(index, loaded)
+                writes.append(writer.submit(self._stage_block, index, *record_parts))
+                while writes and writes[0].done():
+                    yield writes.pop(0).result()
+            for pending in writes:
+                yield pending.result()
+
+    def _compute_block(self, index: int, loaded: _Loaded) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
+        """Quantize block `index` and replace the activations with its outputs. Returns its artifact
+        tensors on the host, its layer records and its phase seconds."""
         layout: ModelLayout = self.spec.layout
         job = self.spec.job
-        self.turns.wait_until(step - 1)              # at most one block loads ahead of the one computing
-        loaded = self._load(index)
-        with self.turns.hold(step):
-            if loaded.ready is not None:
-                compute = torch.cuda.current_stream(self.device)
-                compute.wait_event(loaded.ready)
-                for tensor in loaded.params.values():
-                    tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
-            block = DecoderBlock(self.blocks[index], self._context(index))
-            if self.anatomy is None:
-                self.anatomy = discover_anatomy(DecoderBlock(self.blocks[index], self._probe_context(index)),
-                                                loaded.params, layout.linears, hidden_size=layout.hidden_size)
-            batches, self.batches = self.batches, []
-            outcome, self.batches = quantize_block_(
-                block, loaded.params, self.anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
-                prefix=layout.block_prefix, linears=layout.linears)
-            del loaded.params
-            t = time.perf_counter()
-            host = {k: v.to("cpu") for k, v in outcome.tensors.items()}
-            to_host_s = time.perf_counter() - t
+        if loaded.ready is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(loaded.ready)
+            for tensor in loaded.params.values():
+                tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
+        block = DecoderBlock(self.blocks[index], self._context(index))
+        if self.anatomy is None:
+            self.anatomy = discover_anatomy(DecoderBlock(self.blocks[index], self._probe_context(index)),
+                                            loaded.params, layout.linears, hidden_size=layout.hidden_size)
+        batches, self.batches = self.batches, []
+        outcome, self.batches = quantize_block_(
+            block, loaded.params, self.anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
+            prefix=layout.block_prefix, linears=layout.linears)
+        del loaded.params
+        t = time.perf_counter()
+        host = {k: v.to("cpu") for k, v in outcome.tensors.items()}
+        seconds = {"load": loaded.seconds, **outcome.seconds,
+                   "pack": outcome.seconds.get("pack", 0.0) + time.perf_counter() - t}
+        return host, tuple(_layer_dict(r) for r in outcome.layers), seconds
+
+    def _stage_block(self, index: int, host: dict[str, Tensor], layers: tuple,
+                     seconds: dict[str, float]) -> ShardRecord:
         t = time.perf_counter()
         path = self.spec.artifact.staged_block(index)
         nbytes, sha = _write_shard(path, host)
         record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
-                             nbytes=nbytes, sha256=sha, rank=self.spec.rank,
-                             layers=tuple(_layer_dict(r) for r in outcome.layers),
-                             seconds={"load": loaded.seconds, **outcome.seconds,
-                                      "pack": outcome.seconds.get("pack", 0.0) + to_host_s,
-                                      "write": time.perf_counter() - t})
+                             nbytes=nbytes, sha256=sha, rank=self.spec.rank, layers=layers,
+                             seconds={**seconds, "write": time.perf_counter() - t})
         write_json_atomic(self.spec.artifact.staged_block_record(index), asdict(record))
         return record
 

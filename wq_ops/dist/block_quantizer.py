@@ -140,7 +140,7 @@ def quantize_block_(
                                     lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
                                     hs, keep_samples=keep)
         timer.add("forward", t)
-        del trimmed
+        trimmed.clear()                                  # drop its references to the float MLP weights
         quantize_stage("mlp", captures)
         del captures
 

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
 from wq_ops.config import JobConfig
-from wq_ops.dist.actor import ACTOR_THREADS, ActorSpec, BlockActor, ShardRecord
+from wq_ops.dist.actor import ActorSpec, BlockActor, ShardRecord
 from wq_ops.dist.block_quantizer import is_ignored
 from wq_ops.dist.plan import GIB, JobPlan, check_fits, make_plan
 from wq_ops.errors import CheckpointError, ConfigError, ResourceError, WqError
@@ -38,7 +40,6 @@ __all__ = ["JobResult", "run_job", "prepare_job"]
 
 log = logging.getLogger(__name__)
 
-HANDOFF = "handoff"   # the actors' thread group for activation handoffs
 
 
 @dataclass(frozen=True)
@@ -212,55 +213,60 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan) -> list[ShardRecord]:
     import ray
 
     job, layout = prepared.job, prepared.layout
-    make_remote: Any = ray.remote
-    remote_actor: Any = make_remote(concurrency_groups={HANDOFF: 2})(BlockActor)
+    remote_actor: Any = ray.remote(BlockActor)
     actors: list[Any] = [
-        remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
-                             max_concurrency=ACTOR_THREADS, max_restarts=0).remote(
+        remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor, max_restarts=0).remote(
             ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config, layout=layout,
                       job=job, artifact=prepared.artifact))
         for a in plan.actors
     ]
-    # Each actor's calls carry their position in its sequence: the actor runs their compute phases in
-    # that order, while loads and writes of neighbouring blocks overlap. Activation handoffs run in their
-    # own thread group: a handoff waits on another actor, and must never wait for a thread that a block
-    # call (itself waiting for that handoff's turn) holds.
-    def handoff_call(actor: Any, method: str) -> Any:
-        return getattr(actor, method).options(concurrency_group=HANDOFF)
-
-    refs = [handoff_call(actors[0], "embed").remote(0, ray.put(prepared.token_ids))]
+    # Actors are single-threaded, so each runs its calls in the order made here; activations pass from
+    # one actor to the next as object refs, resolved by the receiving actor, never by the driver.
+    outer = [actors[0].embed.remote(ray.put(prepared.token_ids))]
+    spans = []
     handoff = None
     for actor, a in zip(actors, plan.actors):
-        step = 1 if a.rank == 0 else 0
-        if handoff is not None:
-            handoff_call(actor, "load_inputs").remote(step, handoff)
-            step += 1
-        for b in a.blocks:
-            refs.append(actor.run_block.remote(step, b))
-            step += 1
+        spans.append(actor.run_span.options(num_returns="streaming").remote(list(a.blocks), handoff))
         if a is not plan.actors[-1]:
-            handoff = handoff_call(actor, "emit_outputs").remote(step)
-    refs.append(handoff_call(actors[-1], "write_head").remote())
+            handoff = actor.emit_outputs.remote()
+    outer.append(actors[-1].write_head.remote())
 
     records: list[ShardRecord] = []
+    events: queue.Queue = queue.Queue()
+
+    def follow(span: Any) -> None:
+        try:
+            for ref in span:
+                events.put(ray.get(ref))
+            events.put(None)
+        except Exception as e:  # a task error or a dead actor: the main thread stops the job
+            events.put(e)
+
+    followers = [threading.Thread(target=follow, args=(span,), daemon=True) for span in spans]
+    for f in followers:
+        f.start()
     start = time.perf_counter()
-    n_blocks, done = layout.n_blocks, 0
-    pending = list(refs)
+    n_blocks, done, running = layout.n_blocks, 0, len(spans)
     try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                record: ShardRecord = ray.get(ready[0])
-            except Exception as e:  # a task error or a dead actor: stop the job, report the cause
-                raise _unwrap(e) from None
+        while running:
+            event = events.get()
+            if event is None:
+                running -= 1
+                continue
+            if isinstance(event, Exception):
+                raise _unwrap(event) from None
+            record: ShardRecord = event
             records.append(record)
-            if record.part == "block":
-                done += 1
-                elapsed = time.perf_counter() - start
-                errors = [x["output_error"] for x in record.layers if x["quantized"]]
-                log.info("block=%d done=%d/%d actor=%d seconds=%.2f mean_error=%.3e elapsed_s=%.1f eta_s=%.1f",
-                         record.block, done, n_blocks, record.rank, sum(record.seconds.values()),
-                         sum(errors) / max(len(errors), 1), elapsed, elapsed / done * (n_blocks - done))
+            done += 1
+            elapsed = time.perf_counter() - start
+            errors = [x["output_error"] for x in record.layers if x["quantized"]]
+            log.info("block=%d done=%d/%d actor=%d seconds=%.2f mean_error=%.3e elapsed_s=%.1f eta_s=%.1f",
+                     record.block, done, n_blocks, record.rank, sum(record.seconds.values()),
+                     sum(errors) / max(len(errors), 1), elapsed, elapsed / done * (n_blocks - done))
+        try:
+            records.extend(ray.get(outer))
+        except Exception as e:
+            raise _unwrap(e) from None
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -1,0 +1,436 @@
+"""Which tensor-parallel sizes vLLM can load an artifact with, what the artifact needs from its loader, and
+the padding that would make a refused size load. Decides from shapes and the quant config only (no tensors),
+so the driver can ask at plan time. It does not pad anything by itself: `pad_output_rows` and
+`pad_input_columns` are the pure functions a padding policy would apply to a `QuantResult`.
+
+Entry point: `check_tp_sizes(layout, attention, quant, fmt, tp_sizes=...)`. The rules restate vLLM's own
+checks: QKV/MergedColumn/RowParallelLinear partitioning (vllm/model_executor/layers/linear.py), GPTQLinearMethod
+and CompressedTensorsWNA16 `create_weights`, and Marlin's `verify_marlin_supports_shape` (marlin_utils.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from fnmatch import fnmatchcase
+from typing import Any, Iterable, Protocol
+
+import torch
+
+from wq_ops.config import Format, QuantConfig
+from wq_ops.errors import ConfigError
+from wq_ops.quant.result import QuantResult
+
+__all__ = ["TpPolicy", "LinearShape", "BlockLayout", "AttentionShape", "attention_shape", "VersionRequirement",
+           "LoaderRequirements", "IntermediatePadding", "TpCheck", "CompatReport", "loader_requirements",
+           "check_tp_sizes", "pad_output_rows", "pad_input_columns", "DEFAULT_TP_SIZES"]
+
+DEFAULT_TP_SIZES = (1, 2, 4, 8)
+
+# Marlin (vLLM's default W4A16/W8A16 kernel on compute capability >= 8.0): tile sizes and group sizes.
+MARLIN_MIN_THREAD_N = 64            # GPTQ_MARLIN_MIN_THREAD_N: output features per rank
+MARLIN_MIN_THREAD_K = 128           # GPTQ_MARLIN_MIN_THREAD_K: input features per rank
+MARLIN_GROUP_SIZES = (None, 32, 64, 128)     # MARLIN_SUPPORTED_GROUP_SIZES ([-1, 32, 64, 128]; -1 = channel)
+MARLIN_BITS = (4, 8)
+
+
+class LinearShape(Protocol):
+    """A block's linear layer, as wq_ops.model.LinearSpec describes it (formats and model are peers, so
+    this module names only what it reads)."""
+
+    @property
+    def name(self) -> str: ...          # block-local: "mlp.down_proj"
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+
+
+class BlockLayout(Protocol):
+    """What this module reads of wq_ops.model.ModelLayout."""
+
+    @property
+    def n_blocks(self) -> int: ...
+    @property
+    def linears(self) -> tuple[LinearShape, ...]: ...
+    def block_tensor_name(self, block: int, local: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str
+    in_features: int
+    out_features: int
+
+
+class TpPolicy(str, Enum):
+    """What to do with a requested TP size the artifact cannot be loaded with."""
+
+    REFUSE = "refuse"     # stop at plan time, naming the layer and dimension
+    PAD = "pad"           # pad intermediate_size with zero rows/columns so the size loads (exact outputs)
+
+
+class _Split(str, Enum):
+    COLUMN = "column"     # output dim split across ranks (q, k, v, gate, up)
+    ROW = "row"           # input dim split across ranks (o, down)
+
+
+# vLLM's parallel style and fused parameter per block-local linear name, for the supported architectures.
+_PARALLEL: dict[str, tuple[_Split, str]] = {
+    "self_attn.q_proj": (_Split.COLUMN, "qkv_proj"),
+    "self_attn.k_proj": (_Split.COLUMN, "qkv_proj"),
+    "self_attn.v_proj": (_Split.COLUMN, "qkv_proj"),
+    "self_attn.o_proj": (_Split.ROW, "o_proj"),
+    "mlp.gate_proj": (_Split.COLUMN, "gate_up_proj"),
+    "mlp.up_proj": (_Split.COLUMN, "gate_up_proj"),
+    "mlp.down_proj": (_Split.ROW, "down_proj"),
+}
+_INTERMEDIATE = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def attention_shape(config: Any) -> AttentionShape:
+    """From a transformers config: num_attention_heads, num_key_value_heads (default: MHA) and head_dim
+    (default: hidden_size // num_attention_heads, as Llama computes it)."""
+    heads = int(config.num_attention_heads)
+    kv = getattr(config, "num_key_value_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    return AttentionShape(num_heads=heads, num_kv_heads=int(kv) if kv else heads,
+                          head_dim=int(head_dim) if head_dim else int(config.hidden_size) // heads)
+
+
+@dataclass(frozen=True)
+class VersionRequirement:
+    package: str
+    minimum: str | None        # None: no floor we can vouch for beyond "a release that has the feature"
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoaderRequirements:
+    """What a loader needs to read the artifact. `format` is wq's name; quant_method/checkpoint_format are
+    what config.json's quantization_config says."""
+
+    format: Format
+    quant_method: str
+    checkpoint_format: str
+    bits: int
+    group_size: int | None
+    sym: bool
+    versions: tuple[VersionRequirement, ...]
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format.value, "quant_method": self.quant_method,
+                "checkpoint_format": self.checkpoint_format, "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym,
+                "versions": [{"package": v.package, "minimum": v.minimum, "reason": v.reason} for v in self.versions],
+                "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class IntermediatePadding:
+    """Zero-padding of the MLP's intermediate dim that makes a TP size load: gate/up get `extra` output rows
+    and down_proj `extra` input columns, all dequantizing to exactly 0, and config.json's intermediate_size
+    becomes `padded_size`. The outputs are unchanged: act(0) * 0 = 0 for the padded channels, and zero
+    columns of down_proj add nothing."""
+
+    intermediate_size: int
+    padded_size: int
+
+    @property
+    def extra(self) -> int:
+        return self.padded_size - self.intermediate_size
+
+    def describe(self) -> str:
+        return (f"pad intermediate_size {self.intermediate_size} -> {self.padded_size} (+{self.extra} zero rows "
+                f"in gate_proj/up_proj, zero columns in down_proj; config.json intermediate_size={self.padded_size})")
+
+
+@dataclass(frozen=True)
+class TpCheck:
+    """One TP size. layout_reasons: vLLM cannot split the weights this way at all. marlin_reasons: it can,
+    but a shard misses Marlin's tiles (vLLM's default kernel on sm80+), so loading needs a fallback kernel
+    (float16 activations only; for GPTQ also `--quantization gptq`). padding: what would fix it, if
+    padding the intermediate dim can (None when nothing is wrong or when padding cannot help)."""
+
+    tp: int
+    layout_reasons: tuple[str, ...]
+    marlin_reasons: tuple[str, ...]
+    padding: IntermediatePadding | None
+
+    @property
+    def ok(self) -> bool:
+        """Loads with vLLM's defaults (Marlin path)."""
+        return not self.layout_reasons and not self.marlin_reasons
+
+    @property
+    def loadable(self) -> bool:
+        """Loads at all, possibly with a fallback kernel."""
+        return not self.layout_reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tp": self.tp, "ok": self.ok, "loadable": self.loadable,
+                "layout_reasons": list(self.layout_reasons), "marlin_reasons": list(self.marlin_reasons),
+                "padding": None if self.padding is None else {
+                    "intermediate_size": self.padding.intermediate_size, "padded_size": self.padding.padded_size,
+                    "description": self.padding.describe()}}
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    loader: LoaderRequirements
+    checks: tuple[TpCheck, ...]
+
+    @property
+    def ok_sizes(self) -> tuple[int, ...]:
+        return tuple(c.tp for c in self.checks if c.ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `compatibility` section of wq_report.json."""
+        return {"loader": self.loader.to_dict(), "tensor_parallel": [c.to_dict() for c in self.checks],
+                "ok_tp_sizes": list(self.ok_sizes)}
+
+
+def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
+    """What config.json declares and what a loader must support to read it."""
+    notes: list[str] = []
+    versions: list[VersionRequirement] = []
+    if fmt is Format.COMPRESSED_TENSORS:
+        method, checkpoint_format = "compressed-tensors", "pack-quantized"
+        versions.append(VersionRequirement("compressed-tensors", None,
+                                           "transformers decompresses pack-quantized with it (wq CI: 0.20.0)"))
+        versions.append(VersionRequirement("vllm", None, "CompressedTensorsWNA16 (vllm-project/vllm#5794, 2024-06)"
+                                           + ("" if quant.sym else "; zero points: vllm-project/vllm#14211 (2025-04)")))
+        if quant.bits not in MARLIN_BITS:
+            notes.append(f"vLLM's CompressedTensorsWNA16 reads 4 and 8 bits only; {quant.bits}-bit needs another "
+                         "loader (transformers + compressed-tensors dequantize it)")
+        if not quant.sym:
+            notes.append("transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618)")
+    elif fmt is Format.GPTQ:
+        method, checkpoint_format = "gptq", "gptq"
+        versions.append(VersionRequirement("optimum", "1.24.0", "transformers' GPTQ quantizer (MIN_OPTIMUM_VERSION)"))
+        versions.append(VersionRequirement("gptqmodel", "1.4.3", "transformers' GPTQ quantizer (MIN_GPTQ_VERSION)"))
+        versions.append(VersionRequirement("vllm", None, "GPTQ v1 (`gptq`, `gptq_marlin`); a `dynamic` entry "
+                                           "(ignored in-block layers) needs vllm-project/vllm#7086"))
+        notes.append("scales are float16: run vLLM with --dtype float16 for the exact reconstruction wq checked")
+        if quant.bits not in MARLIN_BITS or not quant.sym:
+            notes.append(f"vLLM serves {quant.bits}-bit {'symmetric' if quant.sym else 'asymmetric'} GPTQ with its "
+                         "`gptq` (exllama) kernel, not Marlin: float16 activations")
+    else:
+        raise ConfigError(f"format={fmt.value}: no loader requirements known")
+    if quant.group_size not in MARLIN_GROUP_SIZES:
+        notes.append(f"group_size={quant.group_size}: Marlin runs group sizes 32, 64, 128 and channel only")
+    return LoaderRequirements(format=fmt, quant_method=method, checkpoint_format=checkpoint_format,
+                              bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                              versions=tuple(versions), notes=tuple(notes))
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One linear's weight on one rank: (out_per_rank, in_per_rank)."""
+
+    name: str
+    split: _Split
+    fused: str
+    out_features: int
+    in_features: int
+
+
+def _parallel_of(spec: _Linear) -> tuple[_Split, str]:
+    try:
+        return _PARALLEL[spec.name]
+    except KeyError:
+        raise ConfigError(f"{spec.name}: no known vLLM tensor-parallel style for this layer; "
+                          f"known: {', '.join(_PARALLEL)}") from None
+
+
+def _shards(linears: Iterable[_Linear], attention: AttentionShape, tp: int,
+            reasons: list[str]) -> list[_Shard]:
+    """Per-rank shapes as vLLM partitions them; appends to `reasons` where it cannot."""
+    heads, kv, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    if heads % tp:
+        reasons.append(f"num_attention_heads={heads} is not divisible by tp={tp}")
+    if kv % tp and tp % kv:
+        reasons.append(f"num_key_value_heads={kv}: neither divisible by tp={tp} nor a divisor of it "
+                       "(vLLM splits KV heads, or replicates them when tp > num_key_value_heads)")
+    shards = []
+    for spec in linears:
+        split, fused = _parallel_of(spec)
+        out_r, in_r = spec.out_features, spec.in_features
+        leaf = spec.name.rsplit(".", 1)[-1]
+        if leaf == "q_proj":
+            out_r = heads // tp * head_dim if heads % tp == 0 else 0
+        elif leaf in ("k_proj", "v_proj"):
+            out_r = max(kv // tp, 1) * head_dim
+        elif leaf == "o_proj":
+            in_r = heads // tp * head_dim if heads % tp == 0 else 0
+        elif split is _Split.COLUMN:
+            if out_r % tp:
+                reasons.append(f"{spec.name}: out_features={out_r} is not divisible by tp={tp}")
+                continue
+            out_r //= tp
+        else:
+            if in_r % tp:
+                reasons.append(f"{spec.name}: in_features={in_r} is not divisible by tp={tp}")
+                continue
+            in_r //= tp
+        if out_r and in_r:
+            shards.append(_Shard(spec.name, split, fused, out_r, in_r))
+    return shards
+
+
+def _layout_reasons(shard: _Shard, quant: QuantConfig, fmt: Format, tp: int) -> list[str]:
+    """Can the loader hold this shard's packed tensors? (GPTQLinearMethod / CompressedTensorsWNA16 create_weights)"""
+    bits, group = quant.bits, quant.group_size
+    where = f"{shard.name} (tp={tp}, per rank out={shard.out_features}, in={shard.in_features})"
+    reasons = []
+    if group is not None and shard.in_features % group:
+        dim = "input dim split by tp" if shard.split is _Split.ROW else "input dim"
+        reasons.append(f"{where}: {dim} {shard.in_features} is not a whole number of groups of {group}")
+    if fmt is Format.GPTQ and shard.in_features % 32:
+        # qweight holds in * bits / 32 rows and vLLM's pack factor is Fraction(32, bits): 32 codes per word row.
+        reasons.append(f"{where}: input dim {shard.in_features} is not a multiple of 32 (qweight packs 32 codes "
+                       f"into {bits} int32 rows)")
+    elif (shard.in_features * bits) % 32:
+        reasons.append(f"{where}: input dim {shard.in_features} x {bits} bits is not a whole number of int32 words")
+    packs_output = fmt is Format.GPTQ or not quant.sym      # qzeros / weight_zero_point pack along the output dim
+    if packs_output and (shard.out_features * bits) % 32:
+        what = "qzeros" if fmt is Format.GPTQ else "weight_zero_point"
+        reasons.append(f"{where}: output dim {shard.out_features} x {bits} bits is not a whole number of int32 "
+                       f"words ({what} packs along the output dim; vLLM needs out % {32 // math.gcd(32, bits)})")
+    return reasons
+
+
+def _marlin_reasons(shards: list[_Shard], quant: QuantConfig, fmt: Format, tp: int) -> list[str]:
+    if quant.bits not in MARLIN_BITS or quant.group_size not in MARLIN_GROUP_SIZES:
+        return [f"Marlin does not run {quant.bits}-bit with group_size={quant.group_size} at any tp"]
+    if fmt is Format.GPTQ and not quant.sym:
+        return ["vLLM's gptq_marlin needs a symmetric scheme; asymmetric GPTQ runs on the `gptq` kernel"]
+    reasons = []
+    fused_out: dict[str, int] = {}
+    for shard in shards:
+        fused_out[shard.fused] = fused_out.get(shard.fused, 0) + shard.out_features
+        if shard.in_features % MARLIN_MIN_THREAD_K:
+            reasons.append(f"{shard.name} (tp={tp}): input dim per rank {shard.in_features} is not a multiple of "
+                           f"Marlin's min_thread_k={MARLIN_MIN_THREAD_K}")
+    for fused, out_r in fused_out.items():
+        if out_r % MARLIN_MIN_THREAD_N:
+            reasons.append(f"{fused} (tp={tp}): output dim per rank {out_r} is not a multiple of Marlin's "
+                           f"min_thread_n={MARLIN_MIN_THREAD_N}")
+    return reasons
+
+
+def _check(linears: tuple[_Linear, ...], attention: AttentionShape, quant: QuantConfig, fmt: Format,
+           tp: int) -> tuple[list[str], list[str]]:
+    layout: list[str] = []
+    shards = _shards(linears, attention, tp, layout)
+    if fmt is Format.COMPRESSED_TENSORS and quant.bits not in MARLIN_BITS:
+        layout.append(f"vLLM's compressed-tensors WNA16 scheme reads 4 or 8 bits, not {quant.bits}")
+    for shard in shards:
+        layout.extend(_layout_reasons(shard, quant, fmt, tp))
+    return layout, _marlin_reasons(shards, quant, fmt, tp)
+
+
+def _padded(linears: tuple[_Linear, ...], size: int) -> tuple[_Linear, ...]:
+    out = []
+    for spec in linears:
+        if spec.name in ("mlp.gate_proj", "mlp.up_proj"):
+            spec = _Linear(spec.name, spec.in_features, size)
+        elif spec.name == "mlp.down_proj":
+            spec = _Linear(spec.name, size, spec.out_features)
+        out.append(spec)
+    return tuple(out)
+
+
+def _padding_for(linears: tuple[_Linear, ...], attention: AttentionShape, quant: QuantConfig, fmt: Format,
+                 tp: int, *, fixes_layout: bool) -> IntermediatePadding | None:
+    """The smallest padded intermediate size that makes `tp` load with Marlin, else (when the layout itself
+    fails: fixes_layout) load at all; None if the intermediate dim is not what stands in the way. Per rank
+    it must be whole groups, whole words (32 codes) and, for Marlin, a multiple of 128 (down_proj's k;
+    gate+up's n, twice that, is then a multiple of 64)."""
+    names = {s.name for s in linears}
+    if not all(n in names for n in _INTERMEDIATE):
+        return None
+    intermediate = next(s.out_features for s in linears if s.name == "mlp.up_proj")
+    for unit in (math.lcm(quant.group_size or 1, 32, MARLIN_MIN_THREAD_K), math.lcm(quant.group_size or 1, 32)):
+        step = tp * unit
+        size = -(-intermediate // step) * step
+        if size == intermediate:
+            continue
+        layout, marlin = _check(_padded(linears, size), attention, quant, fmt, tp)
+        if not layout and (not marlin or fixes_layout):
+            return IntermediatePadding(intermediate, size)
+    return None
+
+
+def check_tp_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
+                   tp_sizes: Iterable[int] = DEFAULT_TP_SIZES) -> CompatReport:
+    """vLLM's verdict for each TP size, from shapes alone. Layers listed in quant.ignore stay unquantized,
+    but vLLM still partitions them, so head counts are checked for every size."""
+    sizes = tuple(tp_sizes)
+    if not sizes or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in sizes):
+        raise ConfigError(f"tp_sizes={list(sizes)}: expected positive integers, e.g. 1,2,4,8")
+    # A layer counts as quantized if any block quantizes it (the driver matches full module names).
+    quantized = tuple(_Linear(spec.name, spec.in_features, spec.out_features) for spec in layout.linears
+                      if any(not any(fnmatchcase(layout.block_tensor_name(i, spec.name), p) for p in quant.ignore)
+                             for i in range(layout.n_blocks)))
+    checks = []
+    for tp in sizes:
+        layout_reasons, marlin_reasons = _check(quantized, attention, quant, fmt, tp)
+        padding = None
+        if layout_reasons or marlin_reasons:
+            padding = _padding_for(quantized, attention, quant, fmt, tp, fixes_layout=bool(layout_reasons))
+        checks.append(TpCheck(tp, tuple(layout_reasons), tuple(marlin_reasons), padding))
+    return CompatReport(loader=loader_requirements(quant, fmt), checks=tuple(checks))
+
+
+def _pad_value(result: QuantResult) -> int:
+    # The symmetric zero point: valid in every format (GPTQ v1 cannot store 0), and code == zero gives 0.
+    return 2 ** (result.bits - 1)
+
+
+def pad_output_rows(result: QuantResult, extra: int) -> QuantResult:
+    """`extra` new output rows that dequantize to exactly 0 (codes = zero = 2**(bits-1), scale 1.0).
+    Returns a new result of shape (out + extra, in); `result` is not modified."""
+    if extra < 0:
+        raise ValueError(f"extra={extra}: expected >= 0")
+    out_features, in_features = result.shape
+    n_groups = result.scale.shape[1]
+    z = _pad_value(result)
+    return QuantResult(
+        codes=torch.cat([result.codes, torch.full((extra, in_features), z, dtype=result.codes.dtype)]),
+        scale=torch.cat([result.scale, torch.ones(extra, n_groups, dtype=result.scale.dtype)]),
+        zero=torch.cat([result.zero, torch.full((extra, n_groups), z, dtype=result.zero.dtype)]),
+        bits=result.bits, group_size=result.group_size,
+        row_loss=None if result.row_loss is None else torch.cat([result.row_loss, result.row_loss.new_zeros(extra)]),
+        damp_frac=result.damp_frac)
+
+
+def pad_input_columns(result: QuantResult, extra: int) -> QuantResult:
+    """`extra` new input columns that dequantize to exactly 0, so they add nothing to any output whatever
+    the activations there. Grouped: `extra` must be whole groups (new groups with scale 1.0, zero
+    2**(bits-1)); per-channel: the columns join the row's one group with codes equal to its zero point."""
+    if extra < 0:
+        raise ValueError(f"extra={extra}: expected >= 0")
+    out_features, in_features = result.shape
+    if result.group_size is None:
+        codes = result.zero.to(result.codes.dtype).expand(out_features, extra)
+        return QuantResult(codes=torch.cat([result.codes, codes], dim=1), scale=result.scale, zero=result.zero,
+                           bits=result.bits, group_size=None, row_loss=result.row_loss, damp_frac=result.damp_frac)
+    if extra % result.group_size:
+        raise ValueError(f"extra={extra} is not a whole number of groups of {result.group_size}")
+    z = _pad_value(result)
+    new_groups = extra // result.group_size
+    return QuantResult(
+        codes=torch.cat([result.codes, torch.full((out_features, extra), z, dtype=result.codes.dtype)], dim=1),
+        scale=torch.cat([result.scale, torch.ones(out_features, new_groups, dtype=result.scale.dtype)], dim=1),
+        zero=torch.cat([result.zero, torch.full((out_features, new_groups), z, dtype=result.zero.dtype)], dim=1),
+        bits=result.bits, group_size=result.group_size, row_loss=result.row_loss, damp_frac=result.damp_frac)
