@@ -35,6 +35,7 @@ def main() -> int:
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--rows", help="comma list of method:bits to run, e.g. rtn:4,gptq:4 (all rows)")
     p.add_argument("--write", help="write the markdown table here")
     args = p.parse_args()
     work = Path(args.work)
@@ -51,7 +52,8 @@ def main() -> int:
 
     results = [("bf16", "-", evaluate(args.model), 0.0)]
     base = evaluate(args.model)
-    for method, bits in ROWS:
+    rows = ROWS if not args.rows else [(m, int(b)) for m, b in (r.split(":") for r in args.rows.split(","))]
+    for method, bits in rows:
         out = work / f"{method}-w{bits}g{args.group_size}"
         start = time.perf_counter()
         if not (out / "model.safetensors.index.json").exists():
@@ -72,7 +74,8 @@ def main() -> int:
         "",
         "```",
         f"python benchmarks/quality.py --model {args.model} --work {args.work} --samples {args.samples} "
-        f"--seq-len {args.seq_len} --eval-windows {args.eval_windows} --write benchmarks/quality.md",
+        f"--seq-len {args.seq_len} --eval-windows {args.eval_windows}"
+        + (f" --rows {args.rows}" if args.rows else "") + " --write benchmarks/quality.md",
         "```",
         "",
         "- model: SmolLM2-135M-Instruct built by `../shared/tools/make-smollm2-checkpoint.sh` (bf16; its "

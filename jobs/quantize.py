@@ -20,6 +20,7 @@ from wq_ops.config import JobConfig, default_options
 from wq_ops.dist.driver import run_job
 from wq_ops.dist.plan import check_fits
 from wq_ops.errors import WqError
+from wq_ops.io.hub_push import resolve_token
 
 S = argparse.SUPPRESS
 
@@ -46,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--awq-grid", dest="awq_grid", type=int, help="AWQ scale-search grid points (20)")
     p.add_argument("--awq-search-samples", dest="awq_search_samples", type=int, help="AWQ samples replayed (32)")
     p.add_argument("--ignore", action="append", help="module-name pattern to leave unquantized (repeatable)")
-    p.add_argument("--backend", choices=["reference", "cuda"], help="kernel backend (reference)")
+    p.add_argument("--backend", choices=["reference", "cuda"],
+                   help="kernel backend (cuda when --gpus-per-actor > 0, else reference)")
     p.add_argument("--calib", help="text file, folder of text files, parquet, jsonl or datasets folder")
     p.add_argument("--text-column", dest="text_column", help="column/field holding the text (text)")
     p.add_argument("--samples", type=int, help="calibration samples (128)")
@@ -60,6 +62,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--propagation", choices=["quantized", "float"], help="block inputs from the quantized model "
                    "(quantized, GPTQ's scheme) or the float one (float)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--tp-sizes", dest="tp_sizes", help="vLLM tensor-parallel sizes the artifact must load with, "
+                   "e.g. 1,2,4,8: refuse before any work if one cannot (default: report 1,2,4,8)")
+    p.add_argument("--tp-policy", dest="tp_policy", choices=["refuse", "pad"],
+                   help="a --tp-sizes size vLLM cannot load: refuse before work (default), or zero-pad "
+                        "intermediate_size so it loads (outputs unchanged)")
+    p.add_argument("--push-to-hub", dest="push_to_hub", help="publish the artifact to this Hub repo (ORG/NAME); "
+                   "token from HF_TOKEN or the huggingface_hub login, checked before any work")
+    p.add_argument("--push-revision", dest="push_revision", help="branch to push to (main)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--commit-message", dest="commit_message", help="Hub commit message")
     p.add_argument("--overwrite", action="store_true", help="replace a complete artifact in --out")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the plan and its memory, then exit")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
@@ -81,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         cache = Path(os.environ.get("WQ_CACHE_DIR") or cache_root / "wq")
         command = shlex.join(["wq", *(argv if argv is not None else sys.argv[1:])])
-        result = run_job(job, cache_dir=cache, command=command)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")       # unattended logs, not terminals
+        token = resolve_token(None) if job.push_to_hub else None
+        result = run_job(job, cache_dir=cache, command=command, hub_token=token)
     except (WqError, OSError, yaml.YAMLError) as e:
         print(f"wq: error: {e}", file=sys.stderr)
         return 2

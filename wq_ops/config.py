@@ -18,12 +18,15 @@ __all__ = [
     "Format",
     "Backend",
     "Propagation",
+    "TpPolicy",
     "QuantConfig",
     "CalibConfig",
     "RunConfig",
     "JobConfig",
     "OPTION_FIELDS",
     "default_options",
+    "parse_enum",
+    "positive_int",
 ]
 
 
@@ -43,6 +46,13 @@ class Backend(str, Enum):
     CUDA = "cuda"             # our CUDA kernels; an error if they are not built
 
 
+class TpPolicy(str, Enum):
+    """What to do with a requested tensor-parallel size the artifact cannot be loaded with."""
+
+    REFUSE = "refuse"     # stop at plan time, naming the layer and dimension
+    PAD = "pad"           # pad intermediate_size with zero rows/columns so the size loads (exact outputs)
+
+
 class Propagation(str, Enum):
     """Where a block's calibration inputs come from."""
 
@@ -50,7 +60,8 @@ class Propagation(str, Enum):
     FLOAT = "float"           # outputs of the unquantized model: every block's statistics in one forward pass
 
 
-def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+def parse_enum(kind: type[Enum], value: Any, name: str) -> Any:
+    """`value` as a member of the str enum `kind`; a ConfigError naming the field and the allowed values."""
     if isinstance(value, kind):
         return value
     try:
@@ -60,7 +71,8 @@ def _enum(kind: type[Enum], value: Any, name: str) -> Any:
         raise ConfigError(f"{name}={value!r}: expected one of {allowed}") from None
 
 
-def _positive_int(value: Any, name: str) -> int:
+def positive_int(value: Any, name: str) -> int:
+    """`value` if it is an int > 0 (not a bool); else a ConfigError naming the field."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name}={value!r}: expected a positive integer")
     return value
@@ -86,13 +98,13 @@ class QuantConfig:
     backend: Backend = Backend.REFERENCE
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", _enum(Method, self.method, "method"))
-        object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
+        object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
+        object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"bits={self.bits!r}: expected one of 2, 3, 4, 8")
         if self.group_size is not None:
-            _positive_int(self.group_size, "group_size")
+            positive_int(self.group_size, "group_size")
             if self.group_size % 32:
                 raise ConfigError(
                     f"group_size={self.group_size}: must be a multiple of 32 (engines' kernels read whole "
@@ -104,13 +116,13 @@ class QuantConfig:
                               "columns; use --backend reference for wider groups")
         if not (0.0 < self.damp_frac <= 1.0):
             raise ConfigError(f"damp_frac={self.damp_frac!r}: expected a fraction in (0, 1]; the usual value is 0.01")
-        _positive_int(self.block_size, "block_size")
+        positive_int(self.block_size, "block_size")
         if self.act_order and self.method is not Method.GPTQ:
             raise ConfigError(f"act_order=True: only GPTQ orders columns by activation; method is {self.method.value}")
-        if _positive_int(self.awq_grid, "awq_grid") < 2:
+        if positive_int(self.awq_grid, "awq_grid") < 2:
             raise ConfigError(f"awq_grid={self.awq_grid}: expected at least 2 points")
-        _positive_int(self.awq_clip_grid, "awq_clip_grid")
-        _positive_int(self.awq_search_samples, "awq_search_samples")
+        positive_int(self.awq_clip_grid, "awq_clip_grid")
+        positive_int(self.awq_search_samples, "awq_search_samples")
         if not (0.0 <= self.awq_max_shrink < 1.0):
             raise ConfigError(f"awq_max_shrink={self.awq_max_shrink!r}: expected a fraction in [0, 1)")
 
@@ -126,8 +138,8 @@ class CalibConfig:
     text_column: str = "text"          # column read from parquet files and datasets directories
 
     def __post_init__(self) -> None:
-        _positive_int(self.n_samples, "samples")
-        _positive_int(self.seq_len, "seq_len")
+        positive_int(self.n_samples, "samples")
+        positive_int(self.seq_len, "seq_len")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r}: expected a non-negative integer")
 
@@ -145,10 +157,10 @@ class RunConfig:
     propagation: Propagation = Propagation.QUANTIZED
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "propagation", _enum(Propagation, self.propagation, "propagation"))
-        _positive_int(self.actors, "actors")
-        _positive_int(self.cpus_per_actor, "cpus_per_actor")
-        _positive_int(self.micro_batch_samples, "micro_batch_samples")
+        object.__setattr__(self, "propagation", parse_enum(Propagation, self.propagation, "propagation"))
+        positive_int(self.actors, "actors")
+        positive_int(self.cpus_per_actor, "cpus_per_actor")
+        positive_int(self.micro_batch_samples, "micro_batch_samples")
         if isinstance(self.gpus_per_actor, bool) or not isinstance(self.gpus_per_actor, (int, float)) \
                 or self.gpus_per_actor < 0:
             raise ConfigError(f"gpus_per_actor={self.gpus_per_actor!r}: expected a number >= 0 (0 runs on CPU)")
@@ -175,14 +187,33 @@ class JobConfig:
     dry_run: bool = False
     trust_remote_code: bool = False
     fail_after_blocks: int | None = None   # testing hook: crash an actor after this many finished blocks
+    tp_sizes: tuple[int, ...] | None = None  # vLLM tensor-parallel sizes the artifact must load with; None:
+                                             # report 1, 2, 4 and 8 without refusing any
+    tp_policy: TpPolicy = TpPolicy.REFUSE   # a tp size in tp_sizes that cannot load: refuse, or pad the MLP
+    push_to_hub: str | None = None     # Hub repo id (org/name) to publish the artifact to
+    push_revision: str | None = None   # branch of that repo; None: its default branch
+    private: bool = False              # create the repo private (when it does not exist yet)
+    commit_message: str | None = None
 
     def __post_init__(self) -> None:
         if self.quant.backend is Backend.CUDA and self.run.gpus_per_actor <= 0:
             raise ConfigError("backend=cuda: the actors have no GPU (gpus_per_actor=0); give --gpus-per-actor 1, "
                               "or --backend reference to run on CPU")
+        if self.tp_sizes is not None:
+            object.__setattr__(self, "tp_sizes", tuple(self.tp_sizes))
+            if not self.tp_sizes or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tp_sizes):
+                raise ConfigError(f"tp_sizes={list(self.tp_sizes)}: expected positive integers, e.g. 1,2,4,8")
+        object.__setattr__(self, "tp_policy", parse_enum(TpPolicy, self.tp_policy, "tp_policy"))
+        if self.tp_policy is TpPolicy.PAD and self.tp_sizes is None:
+            raise ConfigError("tp_policy=pad: give the sizes to pad for with --tp-sizes, e.g. 1,2,4,8")
+        if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or self.push_to_hub.count("/") != 1):
+            raise ConfigError(f"push_to_hub={self.push_to_hub!r}: expected a Hub repo id ORG/NAME")
+        if parse_enum(Format, self.format, "format") is Format.GPTQ and not self.quant.sym:
+            raise ConfigError("format=gptq with an asymmetric grid: GPTQ v1 stores zero - 1, so a zero point of 0 "
+                              "cannot be stored; use --sym, or --format compressed-tensors for --asym")
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f"out={self.out!r}: expected an output directory path")
-        object.__setattr__(self, "format", _enum(Format, self.format, "format"))
+        object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "JobConfig":
@@ -225,6 +256,12 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "dry_run": ("job", "dry_run"),
     "trust_remote_code": ("job", "trust_remote_code"),
     "fail_after_blocks": ("job", "fail_after_blocks"),
+    "tp_sizes": ("job", "tp_sizes"),
+    "tp_policy": ("job", "tp_policy"),
+    "push_to_hub": ("job", "push_to_hub"),
+    "push_revision": ("job", "push_revision"),
+    "private": ("job", "private"),
+    "commit_message": ("job", "commit_message"),
     "method": ("quant", "method"),
     "bits": ("quant", "bits"),
     "group_size": ("quant", "group_size"),
@@ -252,7 +289,7 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "propagation": ("run", "propagation"),
 }
 
-_BOOL_OPTIONS = {"overwrite", "dry_run", "trust_remote_code", "sym", "act_order"}
+_BOOL_OPTIONS = {"overwrite", "dry_run", "trust_remote_code", "sym", "act_order", "private"}
 _FLOAT_OPTIONS = {"damp", "awq_max_shrink", "gpus_per_actor", "actor_memory_gib"}
 
 
@@ -265,6 +302,13 @@ def _convert(key: str, value: Any) -> Any:
             return int(value)
         except ValueError:
             raise ConfigError(f"group_size={value!r}: expected an integer or 'channel'") from None
+    if key == "tp_sizes" and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return tuple(int(p) for p in str(value).split(",") if p.strip())
+        except ValueError:
+            raise ConfigError(f"tp_sizes={value!r}: expected a comma list of integers, e.g. 1,2,4,8") from None
+    if key == "tp_sizes" and isinstance(value, list):
+        return tuple(value)
     if key == "ignore" and isinstance(value, str):
         return tuple(p.strip() for p in value.split(",") if p.strip())
     if key == "ignore" and isinstance(value, (list, tuple)):

@@ -79,3 +79,23 @@ def test_awq_folds_scales_into_the_norms(block_setup):
     norm = outcome.tensors["model.layers.0.input_layernorm.weight"]
     assert not torch.equal(norm, params["input_layernorm.weight"])   # 1/s folded in
     assert any(r.awq_ratio is not None for r in outcome.layers)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_float_propagation_passes_the_float_block_outputs_on(block_setup, method):
+    """Propagation.FLOAT: the outputs are the float block's, bit for bit; the attention layers are
+    calibrated on the same inputs either way, the MLP on the float attention's output instead."""
+    from wq_ops.config import Propagation
+
+    layout, block, params, anatomy, batches = block_setup
+    q = QuantConfig(method=method, bits=4, group_size=32)
+    kw = dict(quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears)
+    floated, outputs = quantize_block_(block, params, anatomy, list(batches), propagation=Propagation.FLOAT, **kw)
+    for out, x in zip(outputs, batches):
+        assert torch.equal(out, block.forward(params, x))
+    quantized, q_outputs = quantize_block_(block, params, anatomy, list(batches), **kw)
+    assert not all(torch.equal(a, b) for a, b in zip(outputs, q_outputs))
+    tensors = {n: floated.tensors[n] for n in floated.tensors if ".self_attn." in n}
+    assert tensors and all(torch.equal(v, quantized.tensors[n]) for n, v in tensors.items())
+    mlp = [n for n in floated.tensors if ".mlp." in n and n.endswith("weight_packed")]
+    assert mlp and not all(torch.equal(floated.tensors[n], quantized.tensors[n]) for n in mlp)

@@ -52,6 +52,9 @@ def test_bundled_default_job(tmp_path):
     assert {"output_error", "damp_frac", "seconds", "outliers"} <= set(layer)
     assert 0 < layer["output_error"] < 0.1 and layer["damp_frac"] == 0.01
     assert "<svg" in (out / "wq_report.html").read_text()
+    [startup] = report["startup"]["actors"]
+    assert set(startup) == {"spawn_and_imports_s", "device_s", "kernels_s", "ready_s"}
+    assert 0 <= startup["ready_s"] <= report["startup"]["ready_s"] <= report["totals"]["wall_seconds"]
 
 
 def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama):
@@ -79,11 +82,15 @@ def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama)
         assert torch.equal(module.weight, ours)
 
 
-def test_same_bytes_with_one_and_three_actors(tmp_path, llama):
+def test_same_bytes_with_one_and_three_actors(tmp_path, llama, caplog):
     model_dir, calib = llama
     one = run_job(job(tmp_path / "a", model=str(model_dir), calib=str(calib), group_size=64), cache_dir=tmp_path)
-    three = run_job(job(tmp_path / "b", model=str(model_dir), calib=str(calib), group_size=64, actors=3),
-                    cache_dir=tmp_path)
+    with caplog.at_level("INFO", logger="wq_ops.dist.driver"):
+        three = run_job(job(tmp_path / "b", model=str(model_dir), calib=str(calib), group_size=64, actors=3),
+                        cache_dir=tmp_path)
+    progress = [r.getMessage() for r in caplog.records if "done=" in r.getMessage()]
+    assert len(progress) == 4 and all("blocks_per_min=" in m and "eta_s=" in m for m in progress)
+    assert any("actor=0 actor_done=2/2" in m for m in progress) and "done=4/4" in progress[-1]
     assert [len(a.blocks) for a in three.plan.actors] == [2, 1, 1]
     assert shards(one.out_dir) == shards(three.out_dir)
     assert (one.out_dir / "model.safetensors.index.json").read_bytes() == \
@@ -182,3 +189,41 @@ def test_dry_run_writes_nothing(tmp_path, llama):
     assert result.report is None and len(result.plan.actors) == 2
     assert "weights" in result.plan.describe()
     assert nothing_written(tmp_path / "out")
+
+
+def _timeline(out: Path) -> dict[int, list[tuple[float, float]]]:
+    """Per actor: (compute start, staged) of each block, from the report. The start is the block's
+    staging time minus its compute and write seconds (its load ran ahead, in the loader thread)."""
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for b in json.loads((out / "wq_report.json").read_text())["blocks"]:
+        busy = sum(v for k, v in b["seconds"].items() if k != "load")
+        spans.setdefault(b["rank"], []).append((b["finished_at"] - busy, b["finished_at"]))
+    return spans
+
+
+def test_float_propagation_pipelines_the_actors_with_the_same_bytes(tmp_path):
+    """With float propagation each actor hands its span's float outputs on before it quantizes a block,
+    so the next actor's inputs never wait for the previous actor's quantization; with quantized
+    propagation they can only leave after the last block. The checks follow causality (one actor's own
+    sequence of calls, and a receiver after its sender), not wall-clock overlap between processes, which a
+    loaded machine may not give. The artifact does not depend on the actor count."""
+    model_dir = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=8)
+    calib = write_text(tmp_path / "calib.txt")
+    kw = dict(model=str(model_dir), calib=str(calib), group_size=64, propagation="float")
+    one = run_job(job(tmp_path / "a", **kw), cache_dir=tmp_path)
+    two = run_job(job(tmp_path / "b", actors=2, **kw), cache_dir=tmp_path)
+    assert shards(one.out_dir) == shards(two.out_dir)
+    spans, handoff = _timeline(two.out_dir), _handoff(two.out_dir)
+    assert handoff[0]["handed_on_at"] <= min(start for start, _ in spans[0]), \
+        "the first actor quantized before handing its outputs on"
+    assert handoff[1]["inputs_at"] >= handoff[0]["handed_on_at"]
+    assert "handed_on_at" not in handoff[1]          # the last actor hands nothing on
+    chained = run_job(job(tmp_path / "c", actors=2, **{**kw, "propagation": "quantized"}), cache_dir=tmp_path)
+    assert shards(chained.out_dir) != shards(one.out_dir)
+    spans, handoff = _timeline(chained.out_dir), _handoff(chained.out_dir)
+    assert handoff[0]["handed_on_at"] >= max(end for _, end in spans[0])
+    assert handoff[1]["inputs_at"] >= handoff[0]["handed_on_at"]
+
+
+def _handoff(out: Path) -> dict[int, dict[str, float]]:
+    return {h["rank"]: h for h in json.loads((out / "wq_report.json").read_text())["handoff"]}

@@ -15,6 +15,7 @@ from wq_ops.formats.tp_compat import (
     loader_requirements,
     pad_input_columns,
     pad_output_rows,
+    padding_for_sizes,
 )
 from wq_ops.model.architecture import LinearSpec, ModelLayout, describe_model
 from wq_ops.quant.result import dequantize
@@ -60,6 +61,17 @@ def test_qwen2_72b_intermediate_needs_padding_beyond_tp1():
     padded = llama_layout(8192, 29696, 64, 8, 128)
     assert check_tp_sizes(padded, QWEN2_72B[1], QuantConfig(bits=4, group_size=128), Format.GPTQ,
                           tp_sizes=(1, 2, 4, 8)).ok_sizes == (1, 2, 4, 8)
+
+
+def test_one_padding_serves_every_requested_size():
+    quant = QuantConfig(bits=4, group_size=128)
+    padding = padding_for_sizes(*QWEN2_72B, quant, Format.GPTQ, tp_sizes=(1, 2, 4, 8))
+    assert padding is not None and padding.padded_size == 29696
+    report = check_tp_sizes(*QWEN2_72B, quant, Format.GPTQ, tp_sizes=(1, 2, 4, 8), padding=padding)
+    assert report.ok_sizes == (1, 2, 4, 8) and report.to_dict()["padding_applied"]["padded_size"] == 29696
+    # Only the sizes asked for count: tp=2 alone needs a multiple of 2 x 128 (29696 again, by chance).
+    assert padding_for_sizes(*QWEN2_72B, quant, Format.GPTQ, tp_sizes=(2,)).padded_size == 29696
+    assert padding_for_sizes(*LLAMA3_8B, quant, Format.GPTQ, tp_sizes=(1, 2, 4, 8)) is None
 
 
 def test_head_counts_are_checked_and_padding_cannot_fix_them():

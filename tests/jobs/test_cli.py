@@ -8,7 +8,7 @@ from wq_ops.config import Method
 def captured(monkeypatch):
     seen = {}
 
-    def fake_run_job(job, *, cache_dir, command):
+    def fake_run_job(job, *, cache_dir, command, hub_token=None):
         seen["job"], seen["command"] = job, command
         raise SystemExit(0)
 

@@ -7,14 +7,20 @@ import torch
 from torch import Tensor
 
 
-def _round_bf16(x: float) -> float:
+def _round_bf16(x: float, *, up: bool = False) -> float:
     # Through float32 first, as the implementation computes it: a float64 quotient can round to the
     # neighbouring bf16 value, and one group's different scale would move all its codes.
-    return float(torch.tensor(x, dtype=torch.float32).to(torch.bfloat16))
+    x32 = torch.tensor(x, dtype=torch.float32)
+    stored = x32.to(torch.bfloat16)
+    if up and float(stored) < float(x32):       # the next bf16 value above: the grid covers the range
+        stored = torch.nextafter(stored, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    return float(stored)
 
 
-def naive_grid(w: Tensor, bits: int, group_size: int | None, sym: bool) -> tuple[Tensor, Tensor]:
-    """Per (row, group) scale and zero in float64; scales rounded to bfloat16 like the artifact's."""
+def naive_grid(w: Tensor, bits: int, group_size: int | None, sym: bool, *,
+               round_up: bool = False) -> tuple[Tensor, Tensor]:
+    """Per (row, group) scale and zero in float64; scales rounded to bfloat16 like the artifact's (to
+    nearest, or up: GPTQ's grid)."""
     out_features, in_features = w.shape
     gs = group_size or in_features
     maxq = 2**bits - 1
@@ -27,11 +33,11 @@ def naive_grid(w: Tensor, bits: int, group_size: int | None, sym: bool) -> tuple
             if sym:
                 amax = max(-lo, hi)
                 s = 2 * amax / maxq if amax > 0 else 1.0
-                s = _round_bf16(s)
+                s = _round_bf16(s, up=round_up)
                 z = 2 ** (bits - 1)
             else:
                 s = (hi - lo) / maxq if hi > lo else 1.0
-                s = _round_bf16(s)
+                s = _round_bf16(s, up=round_up)
                 z = min(max(round(-lo / s), 0), maxq)
             scale[r, g], zero[r, g] = s, z
     return scale, zero
@@ -48,7 +54,7 @@ def naive_gptq(w: Tensor, h: Tensor, *, bits: int, group_size: int | None, sym: 
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    scale, zero = naive_grid(w, bits, group_size, sym)
+    scale, zero = naive_grid(w, bits, group_size, sym, round_up=True)
     gs = group_size or n
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
     h = h + damp_frac * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)

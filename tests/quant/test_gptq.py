@@ -124,3 +124,23 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse(n):
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     assert torch.equal(upper, torch.triu(upper))
     torch.testing.assert_close(upper, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_scales_cover_every_group_after_storage_rounding(bits):
+    """GPTQ rounds scales up to their storage dtype, so no weight of a group falls outside its grid (a
+    clipped extreme would be an error its updates spread); RTN rounds to nearest and does clip some."""
+    from wq_ops.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 256, generator=g)
+    x = torch.randn(512, 256, generator=g)
+    h = x.T @ x / 512
+    maxq = 2**bits - 1
+    exact = 2 * w.reshape(64, 4, 64).abs().amax(dim=-1) / maxq               # (out, groups) float32
+    kw = dict(bits=bits, group_size=64, sym=True, scale_dtype=torch.bfloat16)
+    gptq = quantize_gptq(w, h, damp_frac=0.01, act_order=False, block_size=32, **kw)
+    assert bool((gptq.scale >= exact).all())
+    assert bool((gptq.scale.to(torch.bfloat16).float() == gptq.scale).all())      # still stored exactly
+    rtn = quantize_rtn(w, **kw)
+    assert bool((rtn.scale < exact).any()) and bool((rtn.scale <= exact * (1 + 2**-8)).all())

@@ -1,9 +1,12 @@
 """The block actor: owns a contiguous span of decoder blocks, keeps the calibration activations on its
 device between them, and writes one staged shard per block.
 
-Setup (device, model skeleton on the meta device, rotary tables, kernels) happens once in `__init__`.
-The actor is single-threaded, so Ray runs its calls in the order the driver made them: `embed` (first
-actor), `run_span` (every actor), `emit_outputs` (all but the last), `write_head` (last). `run_span` is a
+`__init__` does the expensive setup once (process, CUDA context, kernels), so the driver starts the
+actors before the job is planned. Every call then carries the job's `ActorSpec` (small descriptors, no
+weights); the first call of a job builds its model skeleton on the meta device and rotary tables. The
+actor is single-threaded, so Ray runs its calls in the order the driver made them: `stage_head` (last
+actor), `embed` (first actor), `forward_span` (float propagation, all but the last), `run_span` (every actor), `emit_outputs` (all but the last), `outer_records` (first and
+last: the embeddings and head, staged by a background thread while the blocks compute). `run_span` is a
 streaming generator that yields one `ShardRecord` per block (the staged shard's path, tensor names, size,
 checksum and metrics) as soon as it is on disk. Inside it, two helper threads overlap the phases of
 neighbouring blocks: block i + 1's tensors load (on a copy stream) while block i computes, and block
@@ -15,24 +18,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, cast
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from wq_ops.config import Backend, JobConfig
-from wq_ops.dist.block_quantizer import quantize_block_
+from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
+from wq_ops.dist.block_quantizer import quantize_block_, replay_block_
 from wq_ops.dist.transport import HostTensor, from_host, to_host
+from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
 
 __all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
+
+_IMPORTED_AT = time.time()   # this module (torch, transformers, wq) imported in the actor's process
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class ActorSpec:
     layout: ModelLayout
     job: JobConfig
     artifact: ArtifactLayout
+    pad_intermediate: int = 0            # zero rows/columns added to the MLP's intermediate dim (--tp-policy pad)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,12 @@ class ShardRecord:
     rank: int
     layers: tuple[dict, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False                # staged by an earlier run of the same job, replayed, not recomputed
+    finished_at: float = 0.0             # wall clock (time.time()) when it was staged: pipeline timelines
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ShardRecord":
+        return cls(**{**data, "tensor_names": tuple(data["tensor_names"]), "layers": tuple(data["layers"])})
 
 
 def _sha256(path: Path) -> str:
@@ -81,25 +96,54 @@ class _Loaded:
     params: dict[str, Tensor]
     ready: Any                           # a CUDA event the compute stream waits on, or None on CPU
     seconds: float
+    finished: ShardRecord | None = None  # staged by an earlier run: params are what it computed with
 
 
 class BlockActor:
     """Wrapped with `ray.remote` by the driver; plain Python, so it is also testable in-process."""
 
-    def __init__(self, spec: ActorSpec) -> None:
-        self.spec = spec
-        run = spec.job.run
+    def __init__(self, run: RunConfig, backend: Backend) -> None:
+        """The warm start: the process, torch, the device and the kernels. The driver creates the actors
+        first thing, so this overlaps with reading the checkpoint's config and the calibration data."""
+        t0 = time.time()
         torch.set_num_threads(run.cpus_per_actor)
         if run.gpus_per_actor > 0:
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.copy_stream: Any = torch.cuda.Stream(self.device)
+            torch.empty(1, device=self.device)   # the CUDA context now, not on the first block
         else:
             self.device = torch.device("cpu")
             self.copy_stream = None
-        if spec.job.quant.backend is Backend.CUDA:
+        t1 = time.time()
+        if backend is Backend.CUDA:
             from kernels.build import load_extension
 
             load_extension()                     # build or load once, before the first block
+        # Wall-clock marks of the warm start, for the report (where start-up time goes).
+        self.startup = {"imported_at": _IMPORTED_AT, "init_at": t0, "device_s": round(t1 - t0, 3),
+                        "kernels_s": round(time.time() - t1, 3), "ready_at": time.time()}
+        self._spec: ActorSpec | None = None
+        # The tensors before and after the blocks are copied unchanged: staged off the critical path.
+        self._outer_writer = ThreadPoolExecutor(1, thread_name_prefix="wq-outer")
+        self._outer: list[Future[ShardRecord]] = []
+        # Wall-clock marks of the activation handoff (inputs_at: the previous actor's outputs resolved here;
+        # handed_on_at: this actor's outputs put in the object store), for the report's pipeline timeline.
+        self.handoff: dict[str, float] = {}
+
+    def capacity_bytes(self, n_actors: int) -> tuple[int, dict[str, float]]:
+        """Memory this actor may plan with (its GPU's, or its host's shared by the job's actors), and
+        its warm start's time marks."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory), self.startup
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // n_actors, self.startup
+
+    def _use(self, spec: ActorSpec) -> None:
+        """Make `spec` the current job; a new job gets its model skeleton on the meta device, rotary
+        tables and staging folder (the same job's later calls reuse them)."""
+        if self._spec is not None and (self._spec.rank, self._spec.artifact) == (spec.rank, spec.artifact):
+            return
+        self._spec = spec
+        self.handoff = {}
         self.model = instantiate_on_meta(spec.hf_config, trust_remote_code=spec.job.trust_remote_code)
         base = self.model.get_submodule(spec.layout.block_prefix.rsplit(".", 1)[0])
         rotary_cls: Any = type(base.get_submodule("rotary_emb"))
@@ -109,12 +153,20 @@ class BlockActor:
         self.contexts: dict[int | None, SequenceContext] = {}
         self.anatomy: BlockAnatomy | None = None
         self.batches: list[Tensor] = []
+        self._computed = 0                       # blocks this run quantized (not replayed)
         spec.artifact.staging.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def spec(self) -> ActorSpec:
+        if self._spec is None:
+            raise RuntimeError("no job yet: every BlockActor call but capacity_bytes takes the job's ActorSpec")
+        return self._spec
+
     # --- activations in and out -------------------------------------------------------------------
-    def embed(self, ids: Tensor) -> ShardRecord:
-        """Embed the calibration token ids (n_samples, seq_len) into this actor's activations, and stage the
-        tensors that come before the first block (the embeddings), copied unchanged."""
+    def embed(self, spec: ActorSpec, ids: Tensor) -> None:
+        """Embed the calibration token ids (n_samples, seq_len) into this actor's activations, and start
+        staging the tensors that come before the first block (the embeddings), copied unchanged."""
+        self._use(spec)
         layout = self.spec.layout
         t = time.perf_counter()
         names = [n for n in layout.outer_params if n == layout.embed_name]
@@ -128,17 +180,17 @@ class BlockActor:
             self.batches = [functional_call(embedding, {"weight": weight}, (chunk.to(self.device),))
                             for chunk in ids.split(mb)]
             del weight
-        path = self.spec.artifact.staged_outer("embed")
-        nbytes, sha = _write_shard(path, host)
-        return ShardRecord(part="embed", block=None, staged_path=str(path), tensor_names=tuple(sorted(host)),
-                           nbytes=nbytes, sha256=sha, rank=self.spec.rank, seconds={"load": time.perf_counter() - t})
+        seconds = time.perf_counter() - t
+        self._outer.append(self._outer_writer.submit(self._stage_outer, "embed", host, {"load": seconds}))
 
     def emit_outputs(self) -> list[Any]:
         """Hand this actor's final activations to the object store, one ref per micro-batch."""
         import ray
 
         batches, self.batches = self.batches, []
-        return [ray.put(to_host(b)) for b in batches]
+        refs = [ray.put(to_host(b)) for b in batches]
+        self.handoff["handed_on_at"] = time.time()
+        return refs
 
     # --- blocks -------------------------------------------------------------------------------------
     def _window(self, index: int) -> int | None:
@@ -160,13 +212,35 @@ class BlockActor:
                                      window=window if window is None else min(window, 8), device=self.device,
                                      dtype=self.spec.layout.dtype)
 
-    def _load(self, index: int) -> _Loaded:
-        """Read block `index` from its shards and start its copy to the device on the copy stream."""
-        layout = self.spec.layout
+    def _finished(self, index: int) -> ShardRecord | None:
+        """The record of block `index` if an earlier run of this job (same fingerprint) staged it and the
+        shard on disk is the one it recorded; else None (the block is computed afresh)."""
+        artifact = self.spec.artifact
+        record_path, shard = artifact.staged_block_record(index), artifact.staged_block(index)
+        if not (record_path.is_file() and shard.is_file()):
+            return None
+        try:
+            record = ShardRecord.from_json(json.loads(record_path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            return None
+        if record.block != index or Path(record.staged_path) != shard or _sha256(shard) != record.sha256:
+            return None
+        return replace(record, rank=self.spec.rank, resumed=True)
+
+    def _load(self, index: int, *, staged: bool = True) -> _Loaded:
+        """Read block `index` and start its copy to the device on the copy stream: from its shards, or,
+        for a block an earlier run finished, the weights it was quantized to (from its staged shard)."""
+        layout, job = self.spec.layout, self.spec.job
         t = time.perf_counter()
-        names = [layout.block_tensor_name(index, local) for local in layout.block_params]
-        host = read_tensors(self.spec.checkpoint, names)
-        cut = len(f"{layout.block_prefix}.{index}.")
+        prefix = f"{layout.block_prefix}.{index}."
+        finished = self._finished(index) if staged else None
+        if finished is not None and job.run.propagation is Propagation.QUANTIZED:
+            stored = load_file(str(self.spec.artifact.staged_block(index)))
+            host = _unpadded(dense_tensors(job.format, stored, quant=job.quant, dtype=layout.dtype),
+                             self.spec.pad_intermediate)
+        else:
+            host = read_tensors(self.spec.checkpoint, [prefix + local for local in layout.block_params])
+        cut = len(prefix)
         ready = None
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
@@ -175,16 +249,45 @@ class BlockActor:
                 ready.record(self.copy_stream)
         else:
             params = {n[cut:]: v.to(layout.dtype) for n, v in host.items()}
-        return _Loaded(params=params, ready=ready, seconds=time.perf_counter() - t)
+        return _Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished)
 
-    def run_span(self, blocks: list[int], inputs: list[Any] | None = None) -> Iterator[ShardRecord]:
-        """Quantize `blocks` in order over the current activations (or, when given, the previous actor's
-        output micro-batches, as object refs), yielding each block's record once its shard is staged."""
+    def _take_inputs(self, inputs: list[Any] | None) -> None:
+        """The previous actor's output micro-batches (object refs) become this actor's activations."""
         if inputs is not None:
             import ray
 
             hosts: list[HostTensor] = ray.get(list(inputs))
             self.batches = [from_host(h, self.device) for h in hosts]
+            self.handoff["inputs_at"] = time.time()
+
+    def forward_span(self, spec: ActorSpec, blocks: list[int], inputs: list[Any] | None = None) -> list[Any]:
+        """Float propagation: the span's outputs with the float weights, handed to the object store first,
+        so the next actor starts on its blocks while this one quantizes. The span's inputs are kept for
+        `run_span`, which computes the same float outputs again, bit for bit (replay_block_ is the
+        quantizer's own output path)."""
+        import ray
+
+        self._use(spec)
+        self._take_inputs(inputs)
+        kept = [b.clone() for b in self.batches]
+        batches = self.batches
+        with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader:
+            next_load: Future[_Loaded] | None = loader.submit(self._load_float, blocks[0]) if blocks else None
+            for k, index in enumerate(blocks):
+                assert next_load is not None
+                loaded = next_load.result()
+                next_load = loader.submit(self._load_float, blocks[k + 1]) if k + 1 < len(blocks) else None
+                batches = self._replay(index, loaded, batches)
+        refs = [ray.put(to_host(b)) for b in batches]
+        self.handoff["handed_on_at"] = time.time()
+        self.batches = kept
+        return refs
+
+    def run_span(self, spec: ActorSpec, blocks: list[int], inputs: list[Any] | None = None) -> Iterator[ShardRecord]:
+        """Quantize `blocks` in order over the current activations (or, when given, the previous actor's
+        output micro-batches, as object refs), yielding each block's record once its shard is staged."""
+        self._use(spec)
+        self._take_inputs(inputs)
         with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader, \
                 ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer:
             next_load: Future[_Loaded] | None = loader.submit(self._load, blocks[0]) if blocks else None
@@ -193,23 +296,58 @@ class BlockActor:
                 assert next_load is not None
                 loaded = next_load.result()
                 next_load = loader.submit(self._load, blocks[k + 1]) if k + 1 < len(blocks) else None
-                record_parts = self._compute_block(index, loaded)
-                writes.append(writer.submit(self._stage_block, index, *record_parts))
+                if loaded.finished is not None:
+                    writes.append(_done(self._replay_block(index, loaded)))
+                else:
+                    writes.append(writer.submit(self._stage_block, index, *self._compute_block(index, loaded)))
                 while writes and writes[0].done():
-                    yield writes.pop(0).result()
+                    yield self._counted(writes.pop(0).result())
             for pending in writes:
-                yield pending.result()
+                yield self._counted(pending.result())
+
+    def _counted(self, record: ShardRecord) -> ShardRecord:
+        """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
+        actor once that many are staged, to test resuming: the staged ones survive."""
+        if not record.resumed:
+            self._computed += 1
+            limit = self.spec.job.fail_after_blocks
+            if limit is not None and self._computed >= limit:
+                raise RuntimeError(f"fail_after_blocks={limit}: injected crash of actor {self.spec.rank} "
+                                   f"after {limit} block(s) computed and staged")
+        return record
+
+    def _replay_block(self, index: int, loaded: _Loaded) -> ShardRecord:
+        """A block an earlier run finished: its activations only, recomputed with the weights it staged
+        (bit for bit what that run fed the next block), and its record as staged."""
+        assert loaded.finished is not None
+        batches, self.batches = self.batches, []
+        self.batches = self._replay(index, loaded, batches)
+        return loaded.finished
+
+    def _replay(self, index: int, loaded: _Loaded, batches: list[Tensor]) -> list[Tensor]:
+        self._await_copy(loaded)
+        block = DecoderBlock(self.blocks[index], self._context(index))
+        outputs = replay_block_(block, loaded.params, batches)
+        del loaded.params
+        return outputs
+
+    def _await_copy(self, loaded: _Loaded) -> None:
+        """Make the compute stream wait for the block's copy to the device."""
+        if loaded.ready is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(loaded.ready)
+            for tensor in loaded.params.values():
+                tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
+
+    def _load_float(self, index: int) -> _Loaded:
+        return self._load(index, staged=False)
 
     def _compute_block(self, index: int, loaded: _Loaded) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
         """Quantize block `index` and replace the activations with its outputs. Returns its artifact
         tensors on the host, its layer records and its phase seconds."""
         layout: ModelLayout = self.spec.layout
         job = self.spec.job
-        if loaded.ready is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(loaded.ready)
-            for tensor in loaded.params.values():
-                tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
+        self._await_copy(loaded)
         block = DecoderBlock(self.blocks[index], self._context(index))
         if self.anatomy is None:
             self.anatomy = discover_anatomy(DecoderBlock(self.blocks[index], self._probe_context(index)),
@@ -217,7 +355,8 @@ class BlockActor:
         batches, self.batches = self.batches, []
         outcome, self.batches = quantize_block_(
             block, loaded.params, self.anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
-            prefix=layout.block_prefix, linears=layout.linears)
+            prefix=layout.block_prefix, linears=layout.linears, pad_intermediate=self.spec.pad_intermediate,
+            propagation=job.run.propagation)
         del loaded.params
         t = time.perf_counter()
         host = {k: v.to("cpu") for k, v in outcome.tensors.items()}
@@ -232,19 +371,60 @@ class BlockActor:
         nbytes, sha = _write_shard(path, host)
         record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
                              nbytes=nbytes, sha256=sha, rank=self.spec.rank, layers=layers,
-                             seconds={**seconds, "write": time.perf_counter() - t})
+                             seconds={**seconds, "write": time.perf_counter() - t}, finished_at=time.time())
         write_json_atomic(self.spec.artifact.staged_block_record(index), asdict(record))
         return record
 
-    def write_head(self) -> ShardRecord:
-        """Stage the tensors after the last block (final norm, untied lm_head), copied unchanged."""
+    def stage_head(self, spec: ActorSpec) -> None:
+        """Start staging the tensors after the last block (final norm, untied lm_head), copied unchanged:
+        nothing depends on them, so they are written while the blocks compute."""
+        self._use(spec)
         layout = self.spec.layout
         names = [n for n in layout.outer_params if n != layout.embed_name]
-        tensors = read_tensors(self.spec.checkpoint, names, device="cpu")
-        path = self.spec.artifact.staged_outer("head")
+
+        def read_and_stage() -> ShardRecord:
+            t = time.perf_counter()
+            tensors = read_tensors(self.spec.checkpoint, names, device="cpu")
+            return self._stage_outer("head", tensors, {"load": time.perf_counter() - t})
+
+        self._outer.append(self._outer_writer.submit(read_and_stage))
+
+    def _stage_outer(self, part: str, tensors: dict[str, Tensor], seconds: dict[str, float]) -> ShardRecord:
+        t = time.perf_counter()
+        path = self.spec.artifact.staged_outer(part)
         nbytes, sha = _write_shard(path, tensors)
-        return ShardRecord(part="head", block=None, staged_path=str(path), tensor_names=tuple(sorted(tensors)),
-                           nbytes=nbytes, sha256=sha, rank=self.spec.rank)
+        return ShardRecord(part=part, block=None, staged_path=str(path), tensor_names=tuple(sorted(tensors)),
+                           nbytes=nbytes, sha256=sha, rank=self.spec.rank,
+                           seconds={**seconds, "write": time.perf_counter() - t})
+
+    def outer_records(self) -> list[ShardRecord]:
+        """The records of the embeddings and head this actor staged, once they are on disk."""
+        return [f.result() for f in self._outer]
+
+    def handoff_times(self) -> dict[str, float]:
+        """When this actor's inputs arrived and its outputs were handed on (absent: not applicable)."""
+        return dict(self.handoff)
+
+
+def _done(record: ShardRecord) -> Future[ShardRecord]:
+    future: Future[ShardRecord] = Future()
+    future.set_result(record)
+    return future
+
+
+def _unpadded(tensors: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
+    """Undo --tp-policy pad on a block's dense tensors: the computation runs at the model's own width."""
+    if not pad:
+        return tensors
+    out = {}
+    for name, value in tensors.items():
+        module = name.rsplit(".", 1)[0]
+        if module.endswith((".mlp.gate_proj", ".mlp.up_proj")):
+            value = value[: value.shape[0] - pad]
+        elif module.endswith(".mlp.down_proj") and name.endswith(".weight"):
+            value = value[:, : value.shape[1] - pad]
+        out[name] = value.contiguous()
+    return out
 
 
 def _layer_dict(record: Any) -> dict:

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from wq_ops.calib.capture import GroupCapture, capture_stage
-from wq_ops.config import Format, Method, QuantConfig
-from wq_ops.formats import encode_linear
+from wq_ops.config import Format, Method, Propagation, QuantConfig
+from wq_ops.formats import encode_linear, scale_dtype
+from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
 from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, LinearGroup
 from wq_ops.quant import awq
@@ -29,7 +30,11 @@ from wq_ops.quant.hessian import OutlierSummary, hessian_of, output_error, summa
 from wq_ops.quant.result import QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn
 
-__all__ = ["LayerRecord", "BlockOutcome", "quantize_block_", "is_ignored"]
+# Layers padded by --tp-policy pad: the MLP's intermediate dim is their output (gate, up) or input (down).
+_PAD_ROWS = ("mlp.gate_proj", "mlp.up_proj")
+_PAD_COLUMNS = ("mlp.down_proj",)
+
+__all__ = ["LayerRecord", "BlockOutcome", "quantize_block_", "replay_block_", "is_ignored"]
 
 # AWQ leaves q and k unclipped: their errors act through the softmax of q.k, where a per-group output
 # error is a poor proxy (the AWQ reference implementation skips them for the same reason).
@@ -95,12 +100,17 @@ def quantize_block_(
     block_index: int,
     prefix: str,
     linears: tuple[LinearSpec, ...],
+    pad_intermediate: int = 0,
+    propagation: Propagation = Propagation.QUANTIZED,
 ) -> tuple[BlockOutcome, list[Tensor]]:
     """params: block-local name -> tensor (model dtype, on the compute device); batches: the block's input
     micro-batches (B, T, hidden). Returns the outcome and the block's output micro-batches, computed with
-    the quantized weights. Consumes `batches` (the list is emptied as the inputs are replaced, so about one
-    activation buffer lives at a time, not three); `params` is not modified."""
+    the quantized weights (or, with Propagation.FLOAT, the float ones: the MLP is then calibrated on the
+    float attention's output too, and every block sees what the unquantized model feeds it). Consumes `batches` (the list is emptied as the inputs are replaced, so about one
+    activation buffer lives at a time, not three); `params` is not modified. pad_intermediate: zero
+    rows/columns the artifact adds to the MLP's intermediate dim (the computation never sees them)."""
     dtype = next(iter(params.values())).dtype
+    scales_dtype = scale_dtype(fmt, model_dtype=dtype)      # the format's scale dtype: the grid is rounded to it
     device = next(iter(params.values())).device
     timer = _Timer(device)
     work = dict(params)
@@ -114,10 +124,10 @@ def quantize_block_(
         t = time.perf_counter()
         if quant.method is Method.AWQ:
             _awq_stage(block, stage, groups, captures, work, results, records, quant=quant, full=full,
-                       block_index=block_index, dtype=dtype)
+                       block_index=block_index, dtype=dtype, scales_dtype=scales_dtype)
         else:
             _hessian_stage(groups, captures, work, results, records, quant=quant, full=full,
-                           block_index=block_index, dtype=dtype)
+                           block_index=block_index, dtype=dtype, scales_dtype=scales_dtype)
         timer.add("solve", t)
 
     with torch.no_grad():
@@ -128,12 +138,29 @@ def quantize_block_(
                                     lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
                                     batches, keep_samples=keep)
         timer.add("forward", t)
+        # Each stage's outputs come from its weights after quantization, or before it (float propagation).
+        float_outputs = propagation is Propagation.FLOAT
+
+        def attention_outputs() -> list[Tensor]:
+            t = time.perf_counter()
+            out = []
+            while batches:                               # x -> h, dropping each input once it is used
+                out.append(block.attention_stage(work, batches.pop(0)))
+            timer.add("forward", t)
+            return out
+
+        def add_mlp_outputs(hs: list[Tensor]) -> None:
+            t = time.perf_counter()
+            for h in hs:                                 # y = h + mlp(norm(h)), written over h
+                h.add_(block.mlp(work, block.norm(work, "post_attention_layernorm", h)))
+            timer.add("forward", t)
+
+        hs = attention_outputs() if float_outputs else []
         quantize_stage("self_attn", captures)
+        if not float_outputs:
+            hs = attention_outputs()
 
         t = time.perf_counter()
-        hs = []
-        while batches:                                   # x -> h, dropping each input once it is used
-            hs.append(block.attention_stage(work, batches.pop(0)))
         mlp_groups = anatomy.stage_groups("mlp")
         trimmed = _without_last_output(work, mlp_groups)
         captures, _ = capture_stage(block, mlp_groups,
@@ -141,17 +168,17 @@ def quantize_block_(
                                     hs, keep_samples=keep)
         timer.add("forward", t)
         trimmed.clear()                                  # drop its references to the float MLP weights
+        if float_outputs:
+            add_mlp_outputs(hs)
         quantize_stage("mlp", captures)
         del captures
-
-        t = time.perf_counter()
-        for h in hs:                                     # y = h + mlp(norm(h)), written over h
-            h.add_(block.mlp(work, block.norm(work, "post_attention_layernorm", h)))
-        timer.add("forward", t)
+        if not float_outputs:
+            add_mlp_outputs(hs)
 
         t = time.perf_counter()
         tensors = _artifact_tensors(work, results, linears, quant=quant, fmt=fmt, full=full,
-                                    prefix=f"{prefix}.{block_index}", dtype=dtype)
+                                    prefix=f"{prefix}.{block_index}", dtype=dtype, scales_dtype=scales_dtype,
+                                    pad_intermediate=pad_intermediate)
         timer.add("pack", t)
     return BlockOutcome(block=block_index, tensors=tensors, layers=tuple(records), seconds=timer.seconds), hs
 
@@ -169,6 +196,18 @@ def _without_last_output(work: Mapping[str, Tensor], groups: Sequence[LinearGrou
     return trimmed
 
 
+def replay_block_(block: DecoderBlock, params: Mapping[str, Tensor], batches: list[Tensor]) -> list[Tensor]:
+    """The block's outputs with `params` (the weights a finished block was quantized to), by the same
+    operations quantize_block_ computes its outputs with, so they match it bit for bit. Consumes `batches`."""
+    with torch.no_grad():
+        hs = []
+        while batches:
+            hs.append(block.attention_stage(params, batches.pop(0)))
+        for h in hs:
+            h.add_(block.mlp(params, block.norm(params, "post_attention_layernorm", h)))
+    return hs
+
+
 def _record(name: str, block_index: int, group: LinearGroup, cap: GroupCapture, *, quantized: bool,
             error: float, result: QuantResult | None, seconds: float, **awq_info: float | None) -> LayerRecord:
     return LayerRecord(name=name, block=block_index, group=group.names[0], quantized=quantized,
@@ -179,7 +218,7 @@ def _record(name: str, block_index: int, group: LinearGroup, cap: GroupCapture, 
 
 def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCapture], work: dict[str, Tensor],
                    results: dict[str, QuantResult], records: list[LayerRecord], *, quant: QuantConfig,
-                   full: dict[str, str], block_index: int, dtype: torch.dtype) -> None:
+                   full: dict[str, str], block_index: int, dtype: torch.dtype, scales_dtype: torch.dtype) -> None:
     """GPTQ or RTN per group. GPTQ rows are independent given H, so the layers that share an input are
     stacked and solved at once: one factorisation of H, larger matmuls. The Hessian also measures RTN."""
     for group in groups:
@@ -198,10 +237,10 @@ def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCaptu
         if quant.method is Method.GPTQ:
             result = quantize_gptq(stacked, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                    damp_frac=quant.damp_frac, act_order=quant.act_order, block_size=quant.block_size,
-                                   scale_dtype=dtype, backend=quant.backend)
+                                   scale_dtype=scales_dtype, backend=quant.backend)
         else:
             result = quantize_rtn(stacked, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                                  scale_dtype=dtype)
+                                  scale_dtype=scales_dtype)
         parts = result.split_rows([w.shape[0] for w in weights])
         seconds = (time.perf_counter() - t) / len(names)
         for name, w, part in zip(names, weights, parts):
@@ -222,7 +261,8 @@ def _scale_producer(work: dict[str, Tensor], producer: str, s: Tensor, dtype: to
 
 def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], captures: dict[str, GroupCapture],
                work: dict[str, Tensor], results: dict[str, QuantResult], records: list[LayerRecord], *,
-               quant: QuantConfig, full: dict[str, str], block_index: int, dtype: torch.dtype) -> None:
+               quant: QuantConfig, full: dict[str, str], block_index: int, dtype: torch.dtype,
+               scales_dtype: torch.dtype) -> None:
     """Search and fold every group's scales first (the weights still unquantized), then clip-search and
     quantize every layer of the stage, as AWQ does."""
     inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor] = block.self_attn if stage == "self_attn" else block.mlp
@@ -239,7 +279,8 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
         else:
             loss_of = _module_loss(inspect, work, cap.kept, dtype)
         search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
-                                   sym=quant.sym, scale_dtype=dtype, n_grid=quant.awq_grid, backend=quant.backend)
+                                   sym=quant.sym, scale_dtype=scales_dtype, n_grid=quant.awq_grid,
+                                   backend=quant.backend)
         searches[group.names[0]] = search
         if search.ratio is not None:
             s = search.scales.to(x_mean.device)
@@ -266,10 +307,11 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
             clip = None
             if not is_ignored(name, _AWQ_NO_CLIP):
                 clip = awq.search_clip(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                                       scale_dtype=dtype, n_grid=quant.awq_clip_grid, max_shrink=quant.awq_max_shrink,
+                                       scale_dtype=scales_dtype, n_grid=quant.awq_clip_grid,
+                                       max_shrink=quant.awq_max_shrink,
                                        backend=quant.backend)
-            result = quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym, scale_dtype=dtype,
-                                  clip=clip)
+            result = quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                  scale_dtype=scales_dtype, clip=clip)
             w_hat = dequantize(result, dtype)
             results[name] = result
             work[name + ".weight"] = w_hat
@@ -314,17 +356,27 @@ def _module_loss(inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor], work
 
 def _artifact_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult], linears: tuple[LinearSpec, ...],
                       *, quant: QuantConfig, fmt: Format, full: dict[str, str], prefix: str,
-                      dtype: torch.dtype) -> dict[str, Tensor]:
+                      dtype: torch.dtype, scales_dtype: torch.dtype, pad_intermediate: int = 0) -> dict[str, Tensor]:
     """Quantized linears in the format's layout; everything else (norms, biases, ignored layers, AWQ's
-    rescaled norms) in the model dtype."""
+    rescaled norms) in the model dtype. With pad_intermediate, gate/up get that many output rows and down
+    that many input columns, all exactly zero, so the padded model computes what the unpadded one does."""
     tensors: dict[str, Tensor] = {}
     quantized_weights = set()
     for spec in linears:
         result = results.get(spec.name)
         if result is not None:
-            tensors.update(encode_linear(fmt, full[spec.name], result, quant=quant, scale_dtype=dtype))
+            if pad_intermediate and spec.name in _PAD_ROWS:
+                result = pad_output_rows(result, pad_intermediate)
+            elif pad_intermediate and spec.name in _PAD_COLUMNS:
+                result = pad_input_columns(result, pad_intermediate)
+            tensors.update(encode_linear(fmt, full[spec.name], result, quant=quant, scale_dtype=scales_dtype))
             quantized_weights.add(spec.name + ".weight")
     for local, value in work.items():
         if local not in quantized_weights:
+            module, leaf = local.rsplit(".", 1)
+            if pad_intermediate and module in _PAD_ROWS:        # dense (ignored) gate/up: weight rows, bias
+                value = torch.cat([value, value.new_zeros((pad_intermediate, *value.shape[1:]))])
+            elif pad_intermediate and module in _PAD_COLUMNS and leaf == "weight":
+                value = torch.cat([value, value.new_zeros((value.shape[0], pad_intermediate))], dim=1)
             tensors[f"{prefix}.{local}"] = value.to(dtype)
     return tensors

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,16 @@ import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
-from wq_ops.config import JobConfig
+from wq_ops.config import JobConfig, Propagation, TpPolicy
 from wq_ops.dist.actor import ActorSpec, BlockActor, ShardRecord
 from wq_ops.dist.block_quantizer import is_ignored
 from wq_ops.dist.plan import GIB, JobPlan, check_fits, make_plan
 from wq_ops.errors import CheckpointError, ConfigError, ResourceError, WqError
 from wq_ops.formats import format_module, quantization_config
+from wq_ops.formats.tp_compat import (DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes,
+                                      padding_for_sizes)
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifact
+from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from wq_ops.model.architecture import SUPPORTED_ARCHITECTURES, ModelLayout, describe_model
 from wq_ops.report.html import render_html
@@ -61,6 +65,7 @@ class PreparedJob:
     token_ids: torch.Tensor
     artifact: ArtifactLayout
     source_config: dict[str, Any]
+    compatibility: CompatReport
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
@@ -88,14 +93,16 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
         )
 
 
-def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor) -> str:
+def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor, *, padded_size: int | None) -> str:
     """Names the staging folder: same model revision, quantization settings and calibration tokens =>
     same fingerprint. Where the job runs (actors, address) does not enter: results do not depend on it."""
     h = hashlib.sha256()
     quant = {k: v for k, v in job.to_dict().items()
              if k not in ("out", "overwrite", "dry_run", "actors", "address", "fail_after_blocks", "cpus_per_actor",
                           "gpus_per_actor", "actor_memory_gib", "micro_batch_samples", "calib", "samples", "seq_len",
-                          "seed", "text_column")}
+                          "seed", "text_column", "tp_sizes", "push_to_hub", "push_revision", "private",
+                          "commit_message", "tp_policy")}
+    quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
     h.update(json.dumps(quant, sort_keys=True).encode())
     h.update(checkpoint.source.encode())
     if checkpoint.repo_id is None:
@@ -138,6 +145,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
                               f"e.g. {missing[0]}")
     _check_quant_fits_layout(job, layout)
+    compatibility = _check_tensor_parallel(job, layout, hf_config)
     if job.calib.seq_len > int(getattr(hf_config, "max_position_embeddings", job.calib.seq_len)):
         raise ConfigError(f"seq_len={job.calib.seq_len}: longer than the model's max_position_embeddings="
                           f"{hf_config.max_position_embeddings}")
@@ -148,17 +156,37 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {layout.vocab_size}")
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
-                              fingerprint=_fingerprint(job, checkpoint, ids))
+                              fingerprint=_fingerprint(job, checkpoint, ids, padded_size=None if compatibility.padding is None
+                                                          else compatibility.padding.padded_size))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
-                       artifact=artifact, source_config=source_config)
+                       artifact=artifact, source_config=source_config, compatibility=compatibility)
 
 
-def _host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _gpu_memory_bytes() -> int:
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+def _check_tensor_parallel(job: JobConfig, layout: ModelLayout, hf_config: Any) -> CompatReport:
+    """Which vLLM tensor-parallel sizes can load the artifact. With --tp-sizes, a size that cannot is
+    refused before any work (naming the layers and the padding that would fix it), or with
+    --tp-policy pad, the MLP's intermediate size is zero-padded so that every requested size loads."""
+    attention = attention_shape(hf_config)
+    report = check_tp_sizes(layout, attention, job.quant, job.format, tp_sizes=job.tp_sizes or DEFAULT_TP_SIZES)
+    if job.tp_sizes is None:
+        return report
+    bad = [c for c in report.checks if not c.loadable]
+    if not bad and all(c.ok for c in report.checks):
+        return report
+    padding = padding_for_sizes(layout, attention, job.quant, job.format, tp_sizes=job.tp_sizes)
+    if job.tp_policy is TpPolicy.PAD and padding is not None:
+        log.info("tp_policy=pad: %s", padding.describe())
+        report = check_tp_sizes(layout, attention, job.quant, job.format, tp_sizes=job.tp_sizes, padding=padding)
+        bad = [c for c in report.checks if not c.loadable]
+    if bad:
+        lines = [f"tp={c.tp}: {'; '.join(c.layout_reasons)}" for c in bad]
+        if job.tp_policy is TpPolicy.PAD or padding is None:
+            fix = "Drop those sizes, or change --group-size / --bits."
+        else:
+            fix = f"Drop those sizes, change --group-size / --bits, or --tp-policy pad to {padding.describe()}."
+        raise ConfigError("tp_sizes: vLLM cannot load this artifact at " + ", ".join(str(c.tp) for c in bad)
+                          + ":\n  " + "\n  ".join(lines) + "\n" + fix)
+    return report
 
 
 def _ensure_ray(job: JobConfig) -> bool:
@@ -177,30 +205,53 @@ def _ensure_ray(job: JobConfig) -> bool:
     return True
 
 
-def _actor_capacity(job: JobConfig) -> int:
-    """Bytes each actor may plan with: --actor-memory-gib, else the GPU's memory, else host RAM / actors."""
+def _check_cluster_resources(job: JobConfig) -> None:
+    """Enough GPUs or CPUs in the cluster for every actor, else the actors would wait forever."""
     import ray
 
-    run = job.run
-    if run.actor_memory_gib is not None:
-        return int(run.actor_memory_gib * GIB)
-    resources = ray.cluster_resources()
+    run, resources = job.run, ray.cluster_resources()
     if run.gpus_per_actor > 0:
         need = run.actors * run.gpus_per_actor
         if resources.get("GPU", 0) < need:
             raise ResourceError(f"{run.actors} actors x {run.gpus_per_actor} GPU need {need:g} GPUs; the Ray "
                                 f"cluster has {resources.get('GPU', 0):g}")
-        probe = ray.remote(num_gpus=run.gpus_per_actor, num_cpus=0)(_gpu_memory_bytes)
-        return int(ray.get(probe.remote(), timeout=300))
+        return
     need_cpus = run.actors * run.cpus_per_actor
     if resources.get("CPU", 0) < need_cpus:
         raise ResourceError(f"{run.actors} actors x {run.cpus_per_actor} CPUs need {need_cpus}; the Ray cluster "
                             f"has {resources.get('CPU', 0):g}")
-    if run.address:
-        host = int(ray.get(ray.remote(num_cpus=0)(_host_memory_bytes).remote(), timeout=300))
-    else:
-        host = _host_memory_bytes()
-    return host // run.actors
+
+
+def _start_actors(job: JobConfig) -> list[Any]:
+    """One warm actor per --actors: each starts its process, device and kernels while the driver reads
+    the checkpoint's config and the calibration data."""
+    import ray
+
+    _check_cluster_resources(job)
+    remote_actor: Any = ray.remote(BlockActor)
+    return [remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
+                                 max_restarts=0).remote(job.run, job.quant.backend)
+            for _ in range(job.run.actors)]
+
+
+def _actor_capacity(job: JobConfig, actors: list[Any], *, created_at: float) -> tuple[int, list[dict[str, float]]]:
+    """Bytes each actor may plan with: --actor-memory-gib, else the smallest the actors report (their
+    GPU's memory, or their host's RAM / actors). Also each actor's start-up split, in seconds: process
+    spawn and imports, CUDA context, kernels (logged, and kept for the report)."""
+    import ray
+
+    try:
+        answers = ray.get([a.capacity_bytes.remote(job.run.actors) for a in actors], timeout=600)
+    except Exception as e:
+        raise _unwrap(e) from None
+    startup = [{"spawn_and_imports_s": round(marks["init_at"] - created_at, 3), "device_s": marks["device_s"],
+                "kernels_s": marks["kernels_s"], "ready_s": round(marks["ready_at"] - created_at, 3)}
+               for _, marks in answers]
+    for rank, split in enumerate(startup):
+        log.info("actor=%d started: %s", rank, " ".join(f"{k}={v}" for k, v in split.items()))
+    if job.run.actor_memory_gib is not None:
+        return int(job.run.actor_memory_gib * GIB), startup
+    return min(capacity for capacity, _ in answers), startup
 
 
 def _unwrap(error: Exception) -> Exception:
@@ -209,27 +260,36 @@ def _unwrap(error: Exception) -> Exception:
     return cause if isinstance(cause, WqError) else error
 
 
-def _run_actors(prepared: PreparedJob, plan: JobPlan) -> list[ShardRecord]:
+def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tuple[list[ShardRecord], list[dict]]:
+    """Run the plan; the staged shards' records, and each actor's activation handoff times."""
     import ray
 
     job, layout = prepared.job, prepared.layout
-    remote_actor: Any = ray.remote(BlockActor)
-    actors: list[Any] = [
-        remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor, max_restarts=0).remote(
-            ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config, layout=layout,
-                      job=job, artifact=prepared.artifact))
-        for a in plan.actors
-    ]
+    pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
+    specs = [ray.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
+                               layout=layout, job=job, artifact=prepared.artifact, pad_intermediate=pad))
+             for a in plan.actors]
     # Actors are single-threaded, so each runs its calls in the order made here; activations pass from
     # one actor to the next as object refs, resolved by the receiving actor, never by the driver.
-    outer = [actors[0].embed.remote(ray.put(prepared.token_ids))]
+    actors[-1].stage_head.remote(specs[-1])
+    actors[0].embed.remote(specs[0], ray.put(prepared.token_ids))
     spans = []
     handoff = None
-    for actor, a in zip(actors, plan.actors):
-        spans.append(actor.run_span.options(num_returns="streaming").remote(list(a.blocks), handoff))
-        if a is not plan.actors[-1]:
+    # Quantized propagation chains the actors: the next one needs this one's quantized outputs. Float
+    # propagation pipelines them: each actor first pushes its span's float outputs on, then quantizes
+    # while the next actor already works.
+    pipelined = job.run.propagation is Propagation.FLOAT
+    for actor, spec, a in zip(actors, specs, plan.actors):
+        last = a is plan.actors[-1]
+        if pipelined and not last:
+            forwarded = actor.forward_span.remote(spec, list(a.blocks), handoff)
+            spans.append(actor.run_span.options(num_returns="streaming").remote(spec, list(a.blocks), None))
+            handoff = forwarded
+            continue
+        spans.append(actor.run_span.options(num_returns="streaming").remote(spec, list(a.blocks), handoff))
+        if not last:
             handoff = actor.emit_outputs.remote()
-    outer.append(actors[-1].write_head.remote())
+    outer = list({id(x): x for x in (actors[0], actors[-1])}.values())
 
     records: list[ShardRecord] = []
     events: queue.Queue = queue.Queue()
@@ -246,56 +306,91 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan) -> list[ShardRecord]:
     for f in followers:
         f.start()
     start = time.perf_counter()
-    n_blocks, done, running = layout.n_blocks, 0, len(spans)
+    n_blocks, done, resumed, running = layout.n_blocks, 0, 0, len(spans)
+    per_actor = [0] * len(plan.actors)
+    while running:
+        event = events.get()
+        if event is None:
+            running -= 1
+            continue
+        if isinstance(event, Exception):
+            raise _unwrap(event) from None
+        record: ShardRecord = event
+        records.append(record)
+        done += 1
+        elapsed = time.perf_counter() - start
+        errors = [x["output_error"] for x in record.layers if x["quantized"]]
+        per_actor[record.rank] += 1
+        actor_progress = f"{per_actor[record.rank]}/{len(plan.actors[record.rank].blocks)}"
+        if record.resumed:
+            resumed += 1
+            log.info("block=%d done=%d/%d actor=%d actor_done=%s resumed (staged by an earlier run of this job)",
+                     record.block, done, n_blocks, record.rank, actor_progress)
+            continue
+        rate = (done - resumed) / elapsed if elapsed > 0 else 0.0
+        log.info("block=%d done=%d/%d actor=%d actor_done=%s seconds=%.2f mean_error=%.3e elapsed_s=%.1f "
+                 "blocks_per_min=%.1f eta_s=%.1f", record.block, done, n_blocks, record.rank, actor_progress,
+                 sum(record.seconds.values()), sum(errors) / max(len(errors), 1), elapsed, 60 * rate,
+                 (n_blocks - done) / rate if rate > 0 else 0.0)
     try:
-        while running:
-            event = events.get()
-            if event is None:
-                running -= 1
-                continue
-            if isinstance(event, Exception):
-                raise _unwrap(event) from None
-            record: ShardRecord = event
-            records.append(record)
-            done += 1
-            elapsed = time.perf_counter() - start
-            errors = [x["output_error"] for x in record.layers if x["quantized"]]
-            log.info("block=%d done=%d/%d actor=%d seconds=%.2f mean_error=%.3e elapsed_s=%.1f eta_s=%.1f",
-                     record.block, done, n_blocks, record.rank, sum(record.seconds.values()),
-                     sum(errors) / max(len(errors), 1), elapsed, elapsed / done * (n_blocks - done))
-        try:
-            records.extend(ray.get(outer))
-        except Exception as e:
-            raise _unwrap(e) from None
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return records
+        for staged in ray.get([actor.outer_records.remote() for actor in outer]):
+            records.extend(staged)
+        handoffs = [{"rank": a.rank, **times} for a, times in
+                    zip(plan.actors, ray.get([actor.handoff_times.remote() for actor in actors]))]
+    except Exception as e:
+        raise _unwrap(e) from None
+    return records, handoffs
 
 
-def run_job(job: JobConfig, *, cache_dir: Path, command: str = "") -> JobResult:
+def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None) -> JobResult:
     """Quantize `job.model` into `job.out`. Raises a WqError subclass, naming the problem, for anything
-    that can be checked before the work starts; writes nothing in `job.out` but staging until the end."""
+    that can be checked before the work starts; writes nothing in `job.out` but staging until the end.
+
+    Start-up runs in parallel: this thread starts Ray and the warm actors (process, CUDA context,
+    kernels) while a helper thread reads the checkpoint's config and index and the calibration data."""
     start = time.perf_counter()
-    prepared = prepare_job(job, cache_dir=cache_dir)
+    if job.push_to_hub and not job.dry_run and hub_token is None:
+        raise ConfigError("push_to_hub: no Hub token was given to the job")
     import ray
 
-    started = _ensure_ray(job)
-    try:
-        plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=_actor_capacity(job))
-        if job.dry_run:
-            return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
-        log.info("%s", plan.describe())
-        check_fits(plan)
-        records = _run_actors(prepared, plan)
-    finally:
-        if started:
-            ray.shutdown()
-    return _write_artifact(prepared, plan, records, wall_seconds=time.perf_counter() - start, command=command)
+    with ThreadPoolExecutor(1, thread_name_prefix="wq-prepare") as pool:
+        preparing = pool.submit(prepare_job, job, cache_dir=cache_dir)
+        started = _ensure_ray(job)
+        actors: list[Any] = []
+        try:
+            created_at = time.time()
+            actors = _start_actors(job)
+            prepared = preparing.result()
+            if job.push_to_hub and not job.dry_run:
+                assert hub_token is not None
+                check_push_access(job.push_to_hub, token=hub_token)   # 401/403 now, not after hours of work
+            capacity, startup = _actor_capacity(job, actors, created_at=created_at)
+            plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
+            ready_s = time.perf_counter() - start
+            log.info("ready to start in %.1f s", ready_s)
+            if job.dry_run:
+                return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
+            log.info("%s", plan.describe())
+            check_fits(plan)
+            records, handoffs = _run_actors(prepared, plan, actors)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+    result = _write_artifact(prepared, plan, records, wall_seconds=time.perf_counter() - start, command=command,
+                             startup={"ready_s": round(ready_s, 3), "actors": startup}, handoffs=handoffs)
+    if job.push_to_hub:
+        assert hub_token is not None
+        pushed = push_artifact(result.out_dir, job.push_to_hub, revision=job.push_revision, private=job.private,
+                               commit_message=job.commit_message or f"wq: {job.quant.method.value} "
+                               f"w{job.quant.bits}a16 of {job.model or 'the bundled tiny model'}", token=hub_token)
+        log.info("pushed %s to %s: %s", result.out_dir, job.push_to_hub, pushed)
+    return result
 
 
 def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRecord], *, wall_seconds: float,
-                    command: str) -> JobResult:
+                    command: str, startup: dict[str, Any], handoffs: list[dict]) -> JobResult:
     job, layout, artifact = prepared.job, prepared.layout, prepared.artifact
     shard_of: dict[str, str] = {}
     for r in records:
@@ -306,6 +401,8 @@ def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRec
     ignore = sorted({layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks) for s in layout.linears}
                     - quantized_linears)
     config = dict(prepared.source_config)
+    if prepared.compatibility.padding is not None:
+        config["intermediate_size"] = prepared.compatibility.padding.padded_size
     config["quantization_config"] = quantization_config(job.format, job.quant,
                                                         ignore=ignore + list(layout.outer_linears))
     source = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
@@ -315,6 +412,9 @@ def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRec
                                                                  "device_kind": plan.device_kind},
                           records=[asdict(r) for r in records], shard_names=shard_of, wall_seconds=wall_seconds,
                           versions=library_versions())
+    report["compatibility"] = prepared.compatibility.to_dict()
+    report["startup"] = startup          # seconds until the plan, and each actor's warm-start split
+    report["handoff"] = handoffs         # wall clock of each actor's inputs arriving and outputs leaving
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name in TOKENIZER_FILES:
         src = prepared.checkpoint.local_dir / name

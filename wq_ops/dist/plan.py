@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wq_ops.config import JobConfig, Method
+from wq_ops.config import JobConfig, Method, Propagation
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import ModelLayout
@@ -97,7 +97,7 @@ def split_spans(n_blocks: int, n_actors: int) -> list[tuple[int, ...]]:
     return spans
 
 
-def _memory(layout: ModelLayout, job: JobConfig, *, first: bool) -> MemoryEstimate:
+def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool) -> MemoryEstimate:
     elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
     n, t = job.calib.n_samples, job.calib.seq_len
     mb = min(job.run.micro_batch_samples, n)
@@ -115,8 +115,10 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool) -> MemoryEstima
         per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
     per_stage = max(per_stage_bytes.values())
     hessians = per_stage + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
-    # Block inputs, attention-stage outputs h, block outputs.
-    activations = 3 * n * t * layout.hidden_size * elt
+    # Block inputs, attention-stage outputs h, block outputs; with float propagation every actor but the
+    # last also keeps its span's inputs while its float outputs go ahead to the next actor.
+    copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
+    activations = copies * n * t * layout.hidden_size * elt
     # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
     widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
     workspace = 2 * mb * t * widest * elt
@@ -138,7 +140,7 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
     staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * elt
     actors = tuple(
         ActorPlan(rank=r, blocks=span,
-                  memory=_memory(layout, job, first=0 in span),
+                  memory=_memory(layout, job, first=0 in span, last=layout.n_blocks - 1 in span),
                   capacity_bytes=capacity_bytes,
                   host_staging_bytes=0 if layout.n_blocks - 1 in span else staging)
         for r, span in enumerate(spans)

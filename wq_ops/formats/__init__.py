@@ -13,14 +13,16 @@ from torch import Tensor
 from wq_ops.config import Format, QuantConfig
 from wq_ops.errors import ConfigError
 from wq_ops.formats import compressed_tensors, gptq
-from wq_ops.quant.result import QuantResult
+from wq_ops.quant.result import QuantResult, dequantize
 
-__all__ = ["encode_linear", "quantization_config", "format_module", "scale_dtype"]
+__all__ = ["encode_linear", "quantization_config", "format_module", "scale_dtype", "dense_tensors"]
 
 _MODULES: dict[Format, ModuleType] = {
     Format.COMPRESSED_TENSORS: compressed_tensors,
     Format.GPTQ: gptq,
 }
+# The tensor that marks a quantized linear in each format (every module with one is decoded).
+_PACKED_LEAF: dict[Format, str] = {Format.COMPRESSED_TENSORS: "weight_packed", Format.GPTQ: "qweight"}
 # Formats whose readers fix the scale dtype; every other format stores scales in the model's dtype.
 _FIXED_SCALE_DTYPES: dict[Format, torch.dtype] = {Format.GPTQ: gptq.SCALE_DTYPE}
 
@@ -47,3 +49,22 @@ def scale_dtype(fmt: Format, *, model_dtype: torch.dtype) -> torch.dtype:
     for compressed-tensors, float16 for GPTQ v1 (its readers cast scales to float16)."""
     format_module(fmt)                       # refuses a format with no module
     return _FIXED_SCALE_DTYPES.get(fmt, model_dtype)
+
+
+def dense_tensors(fmt: Format, tensors: dict[str, Tensor], *, quant: QuantConfig,
+                  dtype: torch.dtype) -> dict[str, Tensor]:
+    """The dense tensors an artifact's tensors stand for: each quantized linear's `.weight` dequantized to
+    `dtype` (exactly the weights the quantizer computed the next block's inputs with), everything else as
+    stored. Used to replay a finished block when a job resumes."""
+    module_of = format_module(fmt)
+    marker = "." + _PACKED_LEAF[fmt]
+    quantized = {n[: -len(marker)] for n in tensors if n.endswith(marker)}
+    out: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        module, leaf = name.rsplit(".", 1)
+        if module not in quantized or leaf == "bias":
+            out[name] = value
+    for module in quantized:
+        result = module_of.decode_linear(module, tensors, bits=quant.bits, group_size=quant.group_size)
+        out[module + ".weight"] = dequantize(result, dtype)
+    return out

@@ -18,13 +18,13 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from wq_ops.config import Format, QuantConfig
+from wq_ops.config import Format, QuantConfig, TpPolicy
 from wq_ops.errors import ConfigError
 from wq_ops.quant.result import QuantResult
 
 __all__ = ["TpPolicy", "LinearShape", "BlockLayout", "AttentionShape", "attention_shape", "VersionRequirement",
            "LoaderRequirements", "IntermediatePadding", "TpCheck", "CompatReport", "loader_requirements",
-           "check_tp_sizes", "pad_output_rows", "pad_input_columns", "DEFAULT_TP_SIZES"]
+           "check_tp_sizes", "padding_for_sizes", "pad_output_rows", "pad_input_columns", "DEFAULT_TP_SIZES"]
 
 DEFAULT_TP_SIZES = (1, 2, 4, 8)
 
@@ -62,13 +62,6 @@ class _Linear:
     name: str
     in_features: int
     out_features: int
-
-
-class TpPolicy(str, Enum):
-    """What to do with a requested TP size the artifact cannot be loaded with."""
-
-    REFUSE = "refuse"     # stop at plan time, naming the layer and dimension
-    PAD = "pad"           # pad intermediate_size with zero rows/columns so the size loads (exact outputs)
 
 
 class _Split(str, Enum):
@@ -188,6 +181,7 @@ class TpCheck:
 class CompatReport:
     loader: LoaderRequirements
     checks: tuple[TpCheck, ...]
+    padding: IntermediatePadding | None = None      # applied to the artifact (--tp-policy pad)
 
     @property
     def ok_sizes(self) -> tuple[int, ...]:
@@ -196,7 +190,10 @@ class CompatReport:
     def to_dict(self) -> dict[str, Any]:
         """The `compatibility` section of wq_report.json."""
         return {"loader": self.loader.to_dict(), "tensor_parallel": [c.to_dict() for c in self.checks],
-                "ok_tp_sizes": list(self.ok_sizes)}
+                "ok_tp_sizes": list(self.ok_sizes),
+                "padding_applied": None if self.padding is None else {
+                    "intermediate_size": self.padding.intermediate_size, "padded_size": self.padding.padded_size,
+                    "description": self.padding.describe()}}
 
 
 def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
@@ -371,25 +368,68 @@ def _padding_for(linears: tuple[_Linear, ...], attention: AttentionShape, quant:
     return None
 
 
-def check_tp_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
-                   tp_sizes: Iterable[int] = DEFAULT_TP_SIZES) -> CompatReport:
-    """vLLM's verdict for each TP size, from shapes alone. Layers listed in quant.ignore stay unquantized,
-    but vLLM still partitions them, so head counts are checked for every size."""
+def _quantized_linears(layout: BlockLayout, quant: QuantConfig) -> tuple[_Linear, ...]:
+    # A layer counts as quantized if any block quantizes it (the driver matches full module names).
+    return tuple(_Linear(spec.name, spec.in_features, spec.out_features) for spec in layout.linears
+                 if any(not any(fnmatchcase(layout.block_tensor_name(i, spec.name), p) for p in quant.ignore)
+                        for i in range(layout.n_blocks)))
+
+
+def _checked_sizes(tp_sizes: Iterable[int]) -> tuple[int, ...]:
     sizes = tuple(tp_sizes)
     if not sizes or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in sizes):
         raise ConfigError(f"tp_sizes={list(sizes)}: expected positive integers, e.g. 1,2,4,8")
-    # A layer counts as quantized if any block quantizes it (the driver matches full module names).
-    quantized = tuple(_Linear(spec.name, spec.in_features, spec.out_features) for spec in layout.linears
-                      if any(not any(fnmatchcase(layout.block_tensor_name(i, spec.name), p) for p in quant.ignore)
-                             for i in range(layout.n_blocks)))
+    return sizes
+
+
+def check_tp_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
+                   tp_sizes: Iterable[int] = DEFAULT_TP_SIZES,
+                   padding: IntermediatePadding | None = None) -> CompatReport:
+    """vLLM's verdict for each TP size, from shapes alone; with `padding`, for the artifact padded so.
+    Layers listed in quant.ignore stay unquantized, but vLLM still partitions them, so head counts are
+    checked for every size."""
+    sizes = _checked_sizes(tp_sizes)
+    quantized = _quantized_linears(layout, quant)
+    if padding is not None:
+        quantized = _padded(quantized, padding.padded_size)
     checks = []
     for tp in sizes:
         layout_reasons, marlin_reasons = _check(quantized, attention, quant, fmt, tp)
-        padding = None
+        fix = None
         if layout_reasons or marlin_reasons:
-            padding = _padding_for(quantized, attention, quant, fmt, tp, fixes_layout=bool(layout_reasons))
-        checks.append(TpCheck(tp, tuple(layout_reasons), tuple(marlin_reasons), padding))
-    return CompatReport(loader=loader_requirements(quant, fmt), checks=tuple(checks))
+            fix = _padding_for(quantized, attention, quant, fmt, tp, fixes_layout=bool(layout_reasons))
+        checks.append(TpCheck(tp, tuple(layout_reasons), tuple(marlin_reasons), fix))
+    return CompatReport(loader=loader_requirements(quant, fmt), checks=tuple(checks), padding=padding)
+
+
+def padding_for_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
+                      tp_sizes: Iterable[int]) -> IntermediatePadding | None:
+    """The one padded intermediate size that makes every size in `tp_sizes` load: the smallest that
+    gives each Marlin's tiles, else the smallest that lets each load at all. None when no padding of the
+    intermediate dim makes all of them load (heads that do not divide, say) or none is needed."""
+    sizes = _checked_sizes(tp_sizes)
+    linears = _quantized_linears(layout, quant)
+    names = {s.name for s in linears}
+    if not all(n in names for n in _INTERMEDIATE):
+        return None
+    before = [_check(linears, attention, quant, fmt, tp) for tp in sizes]
+    unloadable = any(layout_r for layout_r, _ in before)
+    if not unloadable and not any(marlin_r for _, marlin_r in before):
+        return None
+    intermediate = next(s.out_features for s in linears if s.name == "mlp.up_proj")
+    group = quant.group_size or 1
+    passes = [(math.lcm(group, 32, MARLIN_MIN_THREAD_K), True)]
+    if unloadable:          # padding only to load at all (a fallback kernel) is worth it only if it did not
+        passes.append((math.lcm(group, 32), False))
+    for per_rank, need_marlin in passes:
+        step = math.lcm(*(tp * per_rank for tp in sizes))
+        size = -(-intermediate // step) * step
+        if size == intermediate:
+            continue
+        verdicts = [_check(_padded(linears, size), attention, quant, fmt, tp) for tp in sizes]
+        if all(not layout_r and (not marlin_r or not need_marlin) for layout_r, marlin_r in verdicts):
+            return IntermediatePadding(intermediate, size)
+    return None
 
 
 def _pad_value(result: QuantResult) -> int:

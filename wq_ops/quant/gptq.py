@@ -94,7 +94,9 @@ def quantize_gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    grid = compute_grid(W, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
+    # Scales rounded up to the stored dtype: no weight is clipped, so no clipping error is spread by the
+    # updates (round_scale says what nearest rounding cost GPTQ).
+    grid = compute_grid(W, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype, round_up=True)
     group_of_col = torch.arange(in_features, device=W.device) // (in_features // n_groups)
     perm = None
     if act_order:

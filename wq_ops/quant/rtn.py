@@ -37,15 +37,16 @@ def n_groups_of(in_features: int, group_size: int | None) -> int:
 
 def compute_grid(
     w: Tensor, *, bits: int, group_size: int | None, sym: bool, scale_dtype: torch.dtype,
-    clip: Tensor | None = None,
+    clip: Tensor | None = None, round_up: bool = False,
 ) -> Grid:
     """Min-max grid of w: (out, in) float32. clip: optional (out, n_groups) factor in (0, 1]: each group's
-    weights are clipped to +-clip * max|w| first (AWQ's clipping search). Returns (out, n_groups) tensors."""
+    weights are clipped to +-clip * max|w| first (AWQ's clipping search). round_up: round scales up to
+    the storage dtype rather than to nearest (see round_scale). Returns (out, n_groups) tensors."""
     out_features, in_features = w.shape
     n_groups = n_groups_of(in_features, group_size)
     wg = w.reshape(out_features, n_groups, in_features // n_groups)        # (out, g, gs)
     scale, zero = grid_from_range(wg.amin(dim=-1), wg.amax(dim=-1), bits=bits, sym=sym, scale_dtype=scale_dtype,
-                                  clip=clip)
+                                  clip=clip, round_up=round_up)
     return Grid(scale=scale, zero=zero)
 
 

@@ -16,7 +16,7 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         "---",
         f"base_model: {base}" if source.get("repo_id") else "tags: [wq]",
         "library_name: transformers",
-        "tags: [wq, compressed-tensors, " + str(job.get("method")) + f", w{job.get('bits')}a16]",
+        f"tags: [wq, {job.get('format')}, {job.get('method')}, w{job.get('bits')}a16]",
         "---",
         "",
         f"# {source.get('model')} - {str(job.get('method')).upper()} W{job.get('bits')}A16",
@@ -40,6 +40,7 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         f"{totals['geomean_output_error']:.3e}) |",
         f"| worst layer | `{worst.get('name')}` ({worst.get('output_error', 0.0):.3e}) |",
         f"| wall time | {totals['wall_seconds']:.1f} s |",
+        *_compatibility_rows(report.get("compatibility")),
         "",
         "Per-layer errors, timings and activation-outlier statistics are in `wq_report.json`;",
         "`wq_report.html` shows them as heatmaps.",
@@ -50,7 +51,23 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         command or "(library call)",
         "```",
         "",
-        "Load with `transformers` (with `compressed-tensors` installed) or serve with vLLM.",
+        "Load with `transformers` (with `compressed-tensors` installed) or serve with vLLM."
+        if job.get("format") == "compressed-tensors" else
+        "Serve with vLLM (`--dtype float16`), or load with `transformers` plus `optimum` and `gptqmodel`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _compatibility_rows(compat: Mapping[str, Any] | None) -> list[str]:
+    """The vLLM tensor-parallel sizes the artifact loads with, from the report's compatibility section."""
+    if not compat:
+        return []
+    checks = compat.get("tensor_parallel", [])
+    ok = [str(c["tp"]) for c in checks if c.get("ok")]
+    fallback = [str(c["tp"]) for c in checks if c.get("loadable") and not c.get("ok")]
+    no = [str(c["tp"]) for c in checks if not c.get("loadable")]
+    return [f"| vLLM tensor parallel | loads at {', '.join(ok) or 'none'} with the default kernels"
+            + (f"; at {', '.join(fallback)} with a fallback kernel" if fallback else "")
+            + (f"; not at {', '.join(no)}" if no else "") + " (details: wq_report.json, compatibility) |"] + (
+        [f"| Padding | {compat['padding_applied']['description']} |"] if compat.get("padding_applied") else [])

@@ -59,6 +59,7 @@ def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Map
         "totals": {
             "wall_seconds": round(wall_seconds, 3),
             "blocks": len(blocks),
+            "blocks_resumed": sum(1 for b in blocks if b.get("resumed")),   # staged by an earlier run
             "layers_quantized": len(quantized),
             "layers_kept": len(layers) - len(quantized),
             "mean_output_error": sum(errors) / len(errors) if errors else 0.0,
@@ -69,6 +70,7 @@ def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Map
         },
         "actors": [actors[k] for k in sorted(actors)],
         "blocks": [{"block": b["block"], "rank": b["rank"], "shard": shard_names.get(b["staged_path"]),
-                    "nbytes": b["nbytes"], "sha256": b["sha256"], "seconds": b["seconds"]} for b in blocks],
+                    "nbytes": b["nbytes"], "sha256": b["sha256"], "seconds": b["seconds"],
+                    "resumed": bool(b.get("resumed")), "finished_at": b.get("finished_at")} for b in blocks],
         "layers": layers,
     }

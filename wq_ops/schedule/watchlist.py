@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from wq_ops.config import CalibConfig, Format, Method, QuantConfig, RunConfig
+from wq_ops.config import CalibConfig, Format, Method, QuantConfig, RunConfig, parse_enum, positive_int
 from wq_ops.errors import ConfigError
 
 __all__ = ["Recipe", "WatchEntry", "JobResources", "WatchList", "DESTINATION_FIELDS", "render_destination"]
@@ -36,22 +36,6 @@ def _check_keys(where: str, data: Any, cls: type) -> Mapping[str, Any]:
     return data
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: expected a positive integer")
-    return value
-
-
-def _enum(kind: type, value: Any, name: str) -> Any:
-    if isinstance(value, kind):
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
-        raise ConfigError(f"{name}={value!r}: expected one of {allowed}") from None
-
-
 @dataclass(frozen=True)
 class Recipe:
     """One artifact to make of each watched model: the quantize job's algorithm and calibration flags."""
@@ -70,8 +54,8 @@ class Recipe:
         where = f"recipes.{self.name}"
         if not isinstance(self.name, str) or not _RECIPE_NAME.match(self.name):
             raise ConfigError(f"recipe name {self.name!r}: expected letters, digits, '.', '_' or '-'")
-        object.__setattr__(self, "method", _enum(Method, self.method, f"{where}.method"))
-        object.__setattr__(self, "format", _enum(Format, self.format, f"{where}.format"))
+        object.__setattr__(self, "method", parse_enum(Method, self.method, f"{where}.method"))
+        object.__setattr__(self, "format", parse_enum(Format, self.format, f"{where}.format"))
         if isinstance(self.group_size, str):
             if self.group_size.strip().lower() != "channel":
                 raise ConfigError(f"{where}.group_size={self.group_size!r}: expected an integer or 'channel'")
@@ -239,8 +223,8 @@ class WatchList:
         for flag in ("publish", "private"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag}={getattr(self, flag)!r}: expected true or false")
-        _positive_int(self.max_attempts, "max_attempts")
-        _positive_int(self.max_concurrent_jobs, "max_concurrent_jobs")
+        positive_int(self.max_attempts, "max_attempts")
+        positive_int(self.max_concurrent_jobs, "max_concurrent_jobs")
         if isinstance(self.job_timeout_s, bool) or not isinstance(self.job_timeout_s, (int, float)) \
                 or self.job_timeout_s <= 0:
             raise ConfigError(f"job_timeout_s={self.job_timeout_s!r}: expected a positive number of seconds")
