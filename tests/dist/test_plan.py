@@ -1,11 +1,21 @@
+import itertools
+
 import pytest
 
-from wq_ops.config import JobConfig
-from wq_ops.dist.plan import GIB, check_fits, make_plan, split_spans
+from tests.factory import tiny_config
+from wq_ops.config import JobConfig, Method
+from wq_ops.dist.plan import (
+    GIB,
+    QUANTIZE_COST,
+    check_fits,
+    make_plan,
+    pipeline_finish_times,
+    pipeline_spans,
+    split_spans,
+)
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import describe_model
-from tests.factory import tiny_config
 
 
 def test_spans_are_contiguous_and_balanced():
@@ -15,14 +25,55 @@ def test_spans_are_contiguous_and_balanced():
         split_spans(4, 5)
 
 
-def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8):
+def test_pipelined_spans_are_balanced_by_cost_not_count():
+    # Under float propagation a later actor starts after the float forward of every block before it, so it
+    # gets fewer blocks; two actors come out equal (each forwards then quantizes the same amount).
+    for n_blocks, n_actors, cost in ((32, 2, 3.3), (32, 4, 3.3), (32, 8, 3.3), (80, 8, 3.3), (16, 3, 7.4),
+                                     (5, 5, 2.5), (9, 4, 0.5)):
+        spans = pipeline_spans(n_blocks, n_actors, cost)
+        assert [b for span in spans for b in span] == list(range(n_blocks))      # contiguous, in order
+        assert all(spans) and len(spans) == n_actors
+        sizes = [len(s) for s in spans]
+        finish = max(pipeline_finish_times(sizes, cost))
+        assert finish <= max(pipeline_finish_times([len(s) for s in split_spans(n_blocks, n_actors)], cost))
+        # No single block moved to a neighbour makes the slowest actor faster.
+        for k in range(n_actors - 1):
+            for give, take in ((k, k + 1), (k + 1, k)):
+                if sizes[give] > 1:
+                    trial = list(sizes)
+                    trial[give] -= 1
+                    trial[take] += 1
+                    assert max(pipeline_finish_times(trial, cost)) >= finish - 1e-9
+    assert [len(s) for s in pipeline_spans(32, 2, 3.3)] == [16, 16]
+    # The last of 4 actors starts after 25 block-forwards and quantizes 7 blocks: 25 + 7 x 3.3 = 48.1,
+    # against 24 + 8 x 3.3 = 50.4 with equal spans.
+    assert max(pipeline_finish_times([len(s) for s in pipeline_spans(32, 4, 3.3)], 3.3)) == pytest.approx(48.1)
+    # The optimum, against every split of a small model.
+    for cost in (0.5, 3.3, 7.4):
+        for n_actors in (2, 3, 4):
+            optimum = min(max(pipeline_finish_times(list(sizes), cost))
+                          for sizes in itertools.product(range(1, 10), repeat=n_actors) if sum(sizes) == 10)
+            got = max(pipeline_finish_times([len(s) for s in pipeline_spans(10, n_actors, cost)], cost))
+            assert got == pytest.approx(optimum)
+    with pytest.raises(ConfigError, match="actors=5: the model has only 4 decoder blocks"):
+        pipeline_spans(4, 5, 3.3)
+
+
+def test_plan_balances_spans_only_when_the_actors_pipeline():
+    assert [len(a.blocks) for a in _plan(actors=4, n_blocks=32).actors] == [8, 8, 8, 8]          # quantized
+    pipelined = [a.blocks for a in _plan(actors=4, n_blocks=32, propagation="float").actors]
+    assert pipelined == pipeline_spans(32, 4, QUANTIZE_COST[Method.GPTQ]) and len(pipelined[-1]) < 8
+
+
+def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, propagation="quantized"):
     config = tiny_config("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_blocks,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)
     layout = describe_model(config)
     names = {layout.block_tensor_name(i, n): "model.safetensors" for i in range(n_blocks) for n in layout.block_params}
     names.update({n: "model.safetensors" for n in layout.outer_params})
     ckpt = Checkpoint(local_dir=None, weight_map=names)  # type: ignore[arg-type]
-    job = JobConfig.from_dict({"out": "o", "samples": samples, "seq_len": seq_len, "actors": actors})
+    job = JobConfig.from_dict({"out": "o", "samples": samples, "seq_len": seq_len, "actors": actors,
+                                "propagation": propagation})
     return make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
 
 

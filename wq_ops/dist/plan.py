@@ -16,7 +16,7 @@ from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import ModelLayout
 
 __all__ = ["BlockPlan", "MemoryEstimate", "ActorPlan", "JobPlan", "make_plan", "check_fits", "split_spans",
-           "HEADROOM"]
+           "pipeline_spans", "pipeline_finish_times", "QUANTIZE_COST", "HEADROOM"]
 
 GIB = 2**30
 # Fraction of an actor's memory the plan may use: the allocator, CUDA context and fragmentation take the rest.
@@ -97,6 +97,55 @@ def split_spans(n_blocks: int, n_actors: int) -> list[tuple[int, ...]]:
     return spans
 
 
+# Seconds to quantize one block (capture with statistics, solve, pack, replay), in units of one plain float
+# forward of the block over the calibration set: the per-block phase times of the H100 runs in
+# benchmarks/RESULTS.md. GPTQ, 8B: "forward" 24.4 s is two passes over 32 blocks (0.38 s each), and capture,
+# solve, pack and replay take 40.2 s / 32 = 1.26 s: 3.3. AWQ, 1B: (4.1 + 10.2 + 0.8) s / 16 against
+# 4.1 s / 32: 7.4. RTN, not measured there: its two passes plus the error statistics, about 2.5.
+QUANTIZE_COST = {Method.GPTQ: 3.3, Method.AWQ: 7.4, Method.RTN: 2.5}
+
+
+def pipeline_finish_times(spans: list[int], quantize_cost: float) -> list[float]:
+    """When each actor finishes under float propagation, in units of one block's float forward, for spans
+    of the given sizes. Every actor but the last first forwards its span (its inputs come from the previous
+    actor's forward), hands its outputs on, then quantizes its span; the last one only quantizes."""
+    times, arrived = [], 0.0
+    for k, size in enumerate(spans):
+        last = k == len(spans) - 1
+        times.append(arrived + size * (quantize_cost if last else 1.0 + quantize_cost))
+        arrived += size
+    return times
+
+
+def pipeline_spans(n_blocks: int, n_actors: int, quantize_cost: float) -> list[tuple[int, ...]]:
+    """Contiguous spans balanced by cost, not count, for float propagation: actor k's inputs arrive after the
+    float forward of all blocks before its span, so later actors get fewer blocks and all finish together.
+    Exact: a dynamic programme over (actor, blocks given to the actors before it) minimises the slowest
+    actor's finish time of `pipeline_finish_times` (n_actors x n_blocks^2 steps: microseconds)."""
+    if n_actors > n_blocks:
+        raise ConfigError(f"actors={n_actors}: the model has only {n_blocks} decoder blocks; use at most {n_blocks}")
+    if quantize_cost <= 0:
+        raise ValueError(f"quantize_cost must be positive, got {quantize_cost}")
+    # best[a]: the least slowest-finish time of actors k.. given that a blocks went to the actors before k.
+    best = [a + (n_blocks - a) * quantize_cost if a < n_blocks else float("inf") for a in range(n_blocks + 1)]
+    choice: list[list[int]] = []
+    for k in range(n_actors - 2, -1, -1):
+        row, picks = [float("inf")] * (n_blocks + 1), [0] * (n_blocks + 1)
+        for a in range(k, n_blocks - (n_actors - 1 - k)):          # leave a block for each later actor
+            for size in range(1, n_blocks - a - (n_actors - 2 - k)):
+                t = max(a + size * (1.0 + quantize_cost), best[a + size])
+                if t < row[a] - 1e-12:
+                    row[a], picks[a] = t, size
+        best = row
+        choice.insert(0, picks)
+    spans, start = [], 0
+    for picks in choice:
+        spans.append(tuple(range(start, start + picks[start])))
+        start += picks[start]
+    spans.append(tuple(range(start, n_blocks)))
+    return spans
+
+
 def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool) -> MemoryEstimate:
     elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
     n, t = job.calib.n_samples, job.calib.seq_len
@@ -135,7 +184,12 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
         names = tuple(layout.block_tensor_name(i, local) for local in layout.block_params)
         files = tuple(sorted(set(checkpoint.files_for(names))))
         blocks.append(BlockPlan(index=i, shard_files=files, tensor_names=names, est_bytes=layout.block_nbytes()))
-    spans = split_spans(layout.n_blocks, job.run.actors)
+    # Float propagation pipelines the actors, so their spans are balanced by cost; quantized propagation
+    # runs them one after another, where only the count matters.
+    if job.run.propagation is Propagation.FLOAT:
+        spans = pipeline_spans(layout.n_blocks, job.run.actors, QUANTIZE_COST[job.quant.method])
+    else:
+        spans = split_spans(layout.n_blocks, job.run.actors)
     elt = layout.dtype.itemsize
     staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * elt
     actors = tuple(
