@@ -99,3 +99,26 @@ def test_float_propagation_passes_the_float_block_outputs_on(block_setup, method
     assert tensors and all(torch.equal(v, quantized.tensors[n]) for n, v in tensors.items())
     mlp = [n for n in floated.tensors if ".mlp." in n and n.endswith("weight_packed")]
     assert mlp and not all(torch.equal(floated.tensors[n], quantized.tensors[n]) for n in mlp)
+
+
+@pytest.mark.parametrize("propagation,passes", [("float", 1), ("quantized", 2)])
+def test_each_linear_runs_once_per_micro_batch_with_float_propagation(block_setup, propagation, passes):
+    """Float propagation takes each stage's outputs from the pass that captures its inputs: one forward
+    of the block. Quantized propagation needs a second pass after the solve (GPTQ never runs a linear
+    more than that)."""
+    from wq_ops.config import Propagation
+
+    layout, block, params, anatomy, batches = block_setup
+    calls: dict[str, int] = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(
+        name, calls.get(name, 0) + 1)) for name, module in block.layer.named_modules()
+        if isinstance(module, torch.nn.Linear)]
+    try:
+        quantize_block_(block, params, anatomy, list(batches), quant=QuantConfig(method="gptq", group_size=32),
+                        fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears,
+                        propagation=Propagation(propagation))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(calls) == {s.name for s in layout.linears}
+    assert set(calls.values()) == {passes * len(batches)}, calls

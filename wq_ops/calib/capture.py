@@ -35,9 +35,12 @@ def capture_stage(
     batches: Sequence[Tensor],
     *,
     keep_samples: int = 0,
+    consume: bool = False,
 ) -> tuple[dict[str, GroupCapture], list[Tensor]]:
     """Run `run(x)` on every micro-batch x: (B, T, hidden), capturing the input of each group's first
-    linear. Returns (group first name -> GroupCapture, the outputs of `run` per micro-batch)."""
+    linear. Returns (group first name -> GroupCapture, the outputs of `run` per micro-batch). consume:
+    pop each micro-batch from `batches` (a list) once it has run, so that inputs and outputs do not both
+    live in full."""
     captures: dict[str, GroupCapture] = {}
     seen_samples = [0]
 
@@ -52,8 +55,13 @@ def capture_stage(
 
     outputs = []
     first_names = tuple(g.names[0] for g in groups)
+    pending = batches if consume else list(batches)
+    if consume and not isinstance(pending, list):
+        raise TypeError("capture_stage(consume=True) needs the micro-batches as a list")
     with torch.no_grad(), block.capturing(first_names, on_input):
-        for x in batches:
+        while pending:
+            x = pending.pop(0)  # type: ignore[attr-defined]
             outputs.append(run(x))
             seen_samples[0] += x.shape[0]
+            del x
     return captures, outputs

@@ -130,50 +130,52 @@ def quantize_block_(
                            block_index=block_index, dtype=dtype, scales_dtype=scales_dtype)
         timer.add("solve", t)
 
+    # Float propagation: a stage's outputs come from its float weights, so the pass that captures its
+    # inputs also gives its outputs (one forward per block). Quantized propagation: the outputs come from
+    # the quantized weights, in a second pass after the solve; the capture pass skips the stage's last
+    # linear (its output is not needed).
+    float_outputs = propagation is Propagation.FLOAT
     with torch.no_grad():
         t = time.perf_counter()
         attn_groups = anatomy.stage_groups("self_attn")
-        trimmed = _without_last_output(work, attn_groups)
-        captures, _ = capture_stage(block, attn_groups,
-                                    lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
-                                    batches, keep_samples=keep)
+        if float_outputs:
+            captures, hs = capture_stage(block, attn_groups, lambda x: block.attention_stage(work, x), batches,
+                                         keep_samples=keep, consume=True)
+        else:
+            trimmed = _without_last_output(work, attn_groups)
+            captures, _ = capture_stage(block, attn_groups,
+                                        lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
+                                        batches, keep_samples=keep)
         timer.add("forward", t)
-        # Each stage's outputs come from its weights after quantization, or before it (float propagation).
-        float_outputs = propagation is Propagation.FLOAT
-
-        def attention_outputs() -> list[Tensor]:
-            t = time.perf_counter()
-            out = []
-            while batches:                               # x -> h, dropping each input once it is used
-                out.append(block.attention_stage(work, batches.pop(0)))
-            timer.add("forward", t)
-            return out
-
-        def add_mlp_outputs(hs: list[Tensor]) -> None:
-            t = time.perf_counter()
-            for h in hs:                                 # y = h + mlp(norm(h)), written over h
-                h.add_(block.mlp(work, block.norm(work, "post_attention_layernorm", h)))
-            timer.add("forward", t)
-
-        hs = attention_outputs() if float_outputs else []
         quantize_stage("self_attn", captures)
         if not float_outputs:
-            hs = attention_outputs()
+            t = time.perf_counter()
+            hs = []
+            while batches:                               # x -> h, dropping each input once it is used
+                hs.append(block.attention_stage(work, batches.pop(0)))
+            timer.add("forward", t)
+
+        def add_mlp(h: Tensor) -> Tensor:                # y = h + mlp(norm(h)), written over h
+            return h.add_(block.mlp(work, block.norm(work, "post_attention_layernorm", h)))
 
         t = time.perf_counter()
         mlp_groups = anatomy.stage_groups("mlp")
-        trimmed = _without_last_output(work, mlp_groups)
-        captures, _ = capture_stage(block, mlp_groups,
-                                    lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
-                                    hs, keep_samples=keep)
-        timer.add("forward", t)
-        trimmed.clear()                                  # drop its references to the float MLP weights
         if float_outputs:
-            add_mlp_outputs(hs)
+            captures, _ = capture_stage(block, mlp_groups, add_mlp, hs, keep_samples=keep)
+        else:
+            trimmed = _without_last_output(work, mlp_groups)
+            captures, _ = capture_stage(block, mlp_groups,
+                                        lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
+                                        hs, keep_samples=keep)
+            trimmed.clear()                              # drop its references to the float MLP weights
+        timer.add("forward", t)
         quantize_stage("mlp", captures)
         del captures
         if not float_outputs:
-            add_mlp_outputs(hs)
+            t = time.perf_counter()
+            for h in hs:
+                add_mlp(h)
+            timer.add("forward", t)
 
         t = time.perf_counter()
         tensors = _artifact_tensors(work, results, linears, quant=quant, fmt=fmt, full=full,

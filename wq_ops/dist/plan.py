@@ -97,12 +97,12 @@ def split_spans(n_blocks: int, n_actors: int) -> list[tuple[int, ...]]:
     return spans
 
 
-# Seconds to quantize one block (capture with statistics, solve, pack, replay), in units of one plain float
-# forward of the block over the calibration set: the per-block phase times of the H100 runs in
-# benchmarks/RESULTS.md. GPTQ, 8B: "forward" 24.4 s is two passes over 32 blocks (0.38 s each), and capture,
-# solve, pack and replay take 40.2 s / 32 = 1.26 s: 3.3. AWQ, 1B: (4.1 + 10.2 + 0.8) s / 16 against
-# 4.1 s / 32: 7.4. RTN, not measured there: its two passes plus the error statistics, about 2.5.
-QUANTIZE_COST = {Method.GPTQ: 3.3, Method.AWQ: 7.4, Method.RTN: 2.5}
+# Seconds to quantize one block under float propagation (the pass that captures its inputs and gives its
+# outputs, the statistics, solve and pack), in units of one plain float forward of the block over the
+# calibration set. From the per-block phase times of the H100 runs in benchmarks/RESULTS.md: GPTQ, 8B,
+# one pass ~0.38 s (half the "forward" phase, which made two), solve 0.44 s, pack 0.06 s: (0.38 + 0.44 +
+# 0.06) / 0.38 = 2.3. AWQ, 1B: (0.13 + 0.64 + 0.05) / 0.13 = 6.4. RTN, not measured there: about 1.5.
+QUANTIZE_COST = {Method.GPTQ: 2.3, Method.AWQ: 6.4, Method.RTN: 1.5}
 
 
 def pipeline_finish_times(spans: list[int], quantize_cost: float) -> list[float]:
