@@ -35,33 +35,26 @@ def capture_stage(
     batches: Sequence[Tensor],
     *,
     keep_samples: int = 0,
-    consume: bool = False,
+    into: dict[str, GroupCapture] | None = None,
 ) -> tuple[dict[str, GroupCapture], list[Tensor]]:
     """Run `run(x)` on every micro-batch x: (B, T, hidden), capturing the input of each group's first
-    linear. Returns (group first name -> GroupCapture, the outputs of `run` per micro-batch). consume:
-    pop each micro-batch from `batches` (a list) once it has run, so that inputs and outputs do not both
-    live in full."""
-    captures: dict[str, GroupCapture] = {}
-    seen_samples = [0]
+    linear. Returns (group first name -> GroupCapture, the outputs of `run` per micro-batch). into: the
+    captures to accumulate into (a stage calibrated one micro-batch per call); the first `keep_samples`
+    samples are kept across calls."""
+    captures: dict[str, GroupCapture] = {} if into is None else into
 
     def on_input(name: str, x: Tensor) -> None:
         cap = captures.get(name)
         if cap is None:
             cap = captures[name] = GroupCapture(new_input_stats(x.shape[-1], x.device), [])
         accumulate_input_stats_(cap.stats, x)
-        room = keep_samples - seen_samples[0]
+        room = keep_samples - sum(k.shape[0] for k in cap.kept)
         if room > 0:
             cap.kept.append(x[:room].detach().clone())
 
     outputs = []
     first_names = tuple(g.names[0] for g in groups)
-    pending = batches if consume else list(batches)
-    if consume and not isinstance(pending, list):
-        raise TypeError("capture_stage(consume=True) needs the micro-batches as a list")
     with torch.no_grad(), block.capturing(first_names, on_input):
-        while pending:
-            x = pending.pop(0)  # type: ignore[attr-defined]
+        for x in batches:
             outputs.append(run(x))
-            seen_samples[0] += x.shape[0]
-            del x
     return captures, outputs

@@ -34,7 +34,8 @@ from wq_ops.quant.rtn import quantize_rtn
 _PAD_ROWS = ("mlp.gate_proj", "mlp.up_proj")
 _PAD_COLUMNS = ("mlp.down_proj",)
 
-__all__ = ["LayerRecord", "BlockOutcome", "quantize_block_", "replay_block_", "is_ignored"]
+__all__ = ["LayerRecord", "BlockOutcome", "FloatCalibration", "quantize_block_", "calibrate_float_", "solve_block_",
+           "replay_block_", "is_ignored"]
 
 # AWQ leaves q and k unclipped: their errors act through the softmax of q.k, where a per-group output
 # error is a poor proxy (the AWQ reference implementation skips them for the same reason).
@@ -89,6 +90,95 @@ class _Timer:
         return now
 
 
+@dataclass
+class FloatCalibration:
+    """One block's input statistics under float propagation, accumulated a micro-batch at a time (so the
+    block can be calibrated while the micro-batches stream through a resident span), then solved."""
+
+    attn: dict[str, GroupCapture] = field(default_factory=dict)
+    mlp: dict[str, GroupCapture] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def calibrate_float_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy, x: Tensor,
+                     calibration: FloatCalibration, *, quant: QuantConfig) -> Tensor:
+    """One input micro-batch x (B, T, hidden) through the block with its float weights `params`: the pass
+    that captures each stage's inputs into `calibration` also gives its outputs (one forward). Returns the
+    block's output micro-batch; x is not modified."""
+    keep = quant.awq_search_samples if quant.method is Method.AWQ else 0
+    timer = _Timer(x.device)
+    t = time.perf_counter()
+    _, (h,) = capture_stage(block, anatomy.stage_groups("self_attn"), lambda v: block.attention_stage(params, v),
+                            [x], keep_samples=keep, into=calibration.attn)
+    capture_stage(block, anatomy.stage_groups("mlp"), lambda v: _add_mlp_(block, params, v), [h],
+                  keep_samples=keep, into=calibration.mlp)
+    timer.add("forward", t)
+    calibration.seconds += timer.seconds["forward"]
+    return h
+
+
+def _add_mlp_(block: DecoderBlock, params: Mapping[str, Tensor], h: Tensor) -> Tensor:
+    """y = h + mlp(norm(h)), written over h (the block's second stage, as replay_block_ computes it)."""
+    return h.add_(block.mlp(params, block.norm(params, "post_attention_layernorm", h)))
+
+
+class _BlockSolver:
+    """Quantizes a block's stages from their captured statistics, in order, and packs the artifact tensors;
+    `work` (the block's tensors) takes each stage's quantized weights and AWQ's folded scales."""
+
+    def __init__(self, block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy, *,
+                 quant: QuantConfig, fmt: Format, block_index: int, prefix: str, linears: tuple[LinearSpec, ...],
+                 pad_intermediate: int, timer: _Timer) -> None:
+        self.block, self.anatomy, self.quant, self.fmt, self.timer = block, anatomy, quant, fmt, timer
+        self.block_index, self.prefix, self.linears, self.pad_intermediate = block_index, prefix, linears, pad_intermediate
+        self.dtype = next(iter(params.values())).dtype
+        self.scales_dtype = scale_dtype(fmt, model_dtype=self.dtype)   # the grid is rounded to the format's dtype
+        self.work = dict(params)
+        self.results: dict[str, QuantResult] = {}
+        self.records: list[LayerRecord] = []
+        self.full = {s.name: f"{prefix}.{block_index}.{s.name}" for s in linears}
+
+    def stage(self, stage: str, captures: dict[str, GroupCapture]) -> None:
+        groups = self.anatomy.stage_groups(stage)
+        t = time.perf_counter()
+        if self.quant.method is Method.AWQ:
+            _awq_stage(self.block, stage, groups, captures, self.work, self.results, self.records,
+                       quant=self.quant, full=self.full, block_index=self.block_index, dtype=self.dtype,
+                       scales_dtype=self.scales_dtype)
+        else:
+            _hessian_stage(groups, captures, self.work, self.results, self.records, quant=self.quant,
+                           full=self.full, block_index=self.block_index, dtype=self.dtype,
+                           scales_dtype=self.scales_dtype)
+        self.timer.add("solve", t)
+
+    def outcome(self) -> BlockOutcome:
+        t = time.perf_counter()
+        tensors = _artifact_tensors(self.work, self.results, self.linears, quant=self.quant, fmt=self.fmt,
+                                    full=self.full, prefix=f"{self.prefix}.{self.block_index}", dtype=self.dtype,
+                                    scales_dtype=self.scales_dtype, pad_intermediate=self.pad_intermediate)
+        self.timer.add("pack", t)
+        return BlockOutcome(block=self.block_index, tensors=tensors, layers=tuple(self.records),
+                            seconds=self.timer.seconds)
+
+
+def solve_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy,
+                 calibration: FloatCalibration, *, quant: QuantConfig, fmt: Format, block_index: int, prefix: str,
+                 linears: tuple[LinearSpec, ...], pad_intermediate: int = 0) -> BlockOutcome:
+    """Quantize a block calibrated with `calibrate_float_` (its statistics are consumed); `params` is not
+    modified. The outcome's seconds include the calibration's forward time."""
+    solver = _BlockSolver(block, params, anatomy, quant=quant, fmt=fmt, block_index=block_index, prefix=prefix,
+                          linears=linears, pad_intermediate=pad_intermediate, timer=_Timer(_device_of(params)))
+    solver.timer.seconds["forward"] = calibration.seconds
+    solver.stage("self_attn", calibration.attn)
+    solver.stage("mlp", calibration.mlp)
+    calibration.attn, calibration.mlp = {}, {}
+    return solver.outcome()
+
+
+def _device_of(params: Mapping[str, Tensor]) -> torch.device:
+    return next(iter(params.values())).device
+
+
 def quantize_block_(
     block: DecoderBlock,
     params: Mapping[str, Tensor],
@@ -106,83 +196,51 @@ def quantize_block_(
     """params: block-local name -> tensor (model dtype, on the compute device); batches: the block's input
     micro-batches (B, T, hidden). Returns the outcome and the block's output micro-batches, computed with
     the quantized weights (or, with Propagation.FLOAT, the float ones: the MLP is then calibrated on the
-    float attention's output too, and every block sees what the unquantized model feeds it). Consumes `batches` (the list is emptied as the inputs are replaced, so about one
-    activation buffer lives at a time, not three); `params` is not modified. pad_intermediate: zero
-    rows/columns the artifact adds to the MLP's intermediate dim (the computation never sees them)."""
-    dtype = next(iter(params.values())).dtype
-    scales_dtype = scale_dtype(fmt, model_dtype=dtype)      # the format's scale dtype: the grid is rounded to it
-    device = next(iter(params.values())).device
-    timer = _Timer(device)
-    work = dict(params)
-    results: dict[str, QuantResult] = {}
-    records: list[LayerRecord] = []
-    full = {s.name: f"{prefix}.{block_index}.{s.name}" for s in linears}
+    float attention's output too, and every block sees what the unquantized model feeds it). Consumes
+    `batches` (the list is emptied as the inputs are replaced, so about one activation buffer lives at a
+    time, not three); `params` is not modified. pad_intermediate: zero rows/columns the artifact adds to
+    the MLP's intermediate dim (the computation never sees them)."""
+    kw = dict(quant=quant, fmt=fmt, block_index=block_index, prefix=prefix, linears=linears,
+              pad_intermediate=pad_intermediate)
+    if propagation is Propagation.FLOAT:
+        # Float outputs come from the float weights: the capture pass gives them (one forward per block).
+        calibration = FloatCalibration()
+        outputs = []
+        while batches:
+            outputs.append(calibrate_float_(block, params, anatomy, batches.pop(0), calibration, quant=quant))
+        return solve_block_(block, params, anatomy, calibration, **kw), outputs  # type: ignore[arg-type]
+    # Quantized propagation: a stage's outputs come from its quantized weights, so they take a second pass
+    # after its solve; the capture pass skips the stage's last linear (its output is not needed there).
     keep = quant.awq_search_samples if quant.method is Method.AWQ else 0
-
-    def quantize_stage(stage: str, captures: dict[str, GroupCapture]) -> None:
-        groups = anatomy.stage_groups(stage)
-        t = time.perf_counter()
-        if quant.method is Method.AWQ:
-            _awq_stage(block, stage, groups, captures, work, results, records, quant=quant, full=full,
-                       block_index=block_index, dtype=dtype, scales_dtype=scales_dtype)
-        else:
-            _hessian_stage(groups, captures, work, results, records, quant=quant, full=full,
-                           block_index=block_index, dtype=dtype, scales_dtype=scales_dtype)
-        timer.add("solve", t)
-
-    # Float propagation: a stage's outputs come from its float weights, so the pass that captures its
-    # inputs also gives its outputs (one forward per block). Quantized propagation: the outputs come from
-    # the quantized weights, in a second pass after the solve; the capture pass skips the stage's last
-    # linear (its output is not needed).
-    float_outputs = propagation is Propagation.FLOAT
+    solver = _BlockSolver(block, params, anatomy, timer=_Timer(_device_of(params)), **kw)  # type: ignore[arg-type]
+    work, timer = solver.work, solver.timer
     with torch.no_grad():
         t = time.perf_counter()
         attn_groups = anatomy.stage_groups("self_attn")
-        if float_outputs:
-            captures, hs = capture_stage(block, attn_groups, lambda x: block.attention_stage(work, x), batches,
-                                         keep_samples=keep, consume=True)
-        else:
-            trimmed = _without_last_output(work, attn_groups)
-            captures, _ = capture_stage(block, attn_groups,
-                                        lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
-                                        batches, keep_samples=keep)
+        trimmed = _without_last_output(work, attn_groups)
+        captures, _ = capture_stage(block, attn_groups,
+                                    lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
+                                    batches, keep_samples=keep)
         timer.add("forward", t)
-        quantize_stage("self_attn", captures)
-        if not float_outputs:
-            t = time.perf_counter()
-            hs = []
-            while batches:                               # x -> h, dropping each input once it is used
-                hs.append(block.attention_stage(work, batches.pop(0)))
-            timer.add("forward", t)
-
-        def add_mlp(h: Tensor) -> Tensor:                # y = h + mlp(norm(h)), written over h
-            return h.add_(block.mlp(work, block.norm(work, "post_attention_layernorm", h)))
-
+        solver.stage("self_attn", captures)
         t = time.perf_counter()
+        hs = []
+        while batches:                                   # x -> h, dropping each input once it is used
+            hs.append(block.attention_stage(work, batches.pop(0)))
         mlp_groups = anatomy.stage_groups("mlp")
-        if float_outputs:
-            captures, _ = capture_stage(block, mlp_groups, add_mlp, hs, keep_samples=keep)
-        else:
-            trimmed = _without_last_output(work, mlp_groups)
-            captures, _ = capture_stage(block, mlp_groups,
-                                        lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
-                                        hs, keep_samples=keep)
-            trimmed.clear()                              # drop its references to the float MLP weights
+        trimmed = _without_last_output(work, mlp_groups)
+        captures, _ = capture_stage(block, mlp_groups,
+                                    lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
+                                    hs, keep_samples=keep)
+        trimmed.clear()                                  # drop its references to the float MLP weights
         timer.add("forward", t)
-        quantize_stage("mlp", captures)
+        solver.stage("mlp", captures)
         del captures
-        if not float_outputs:
-            t = time.perf_counter()
-            for h in hs:
-                add_mlp(h)
-            timer.add("forward", t)
-
         t = time.perf_counter()
-        tensors = _artifact_tensors(work, results, linears, quant=quant, fmt=fmt, full=full,
-                                    prefix=f"{prefix}.{block_index}", dtype=dtype, scales_dtype=scales_dtype,
-                                    pad_intermediate=pad_intermediate)
-        timer.add("pack", t)
-    return BlockOutcome(block=block_index, tensors=tensors, layers=tuple(records), seconds=timer.seconds), hs
+        for h in hs:
+            _add_mlp_(block, work, h)
+        timer.add("forward", t)
+        return solver.outcome(), hs
 
 
 def _without_last_output(work: Mapping[str, Tensor], groups: Sequence[LinearGroup]) -> dict[str, Tensor]:
@@ -206,7 +264,7 @@ def replay_block_(block: DecoderBlock, params: Mapping[str, Tensor], batches: li
         while batches:
             hs.append(block.attention_stage(params, batches.pop(0)))
         for h in hs:
-            h.add_(block.mlp(params, block.norm(params, "post_attention_layernorm", h)))
+            _add_mlp_(block, params, h)
     return hs
 
 
