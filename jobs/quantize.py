@@ -61,6 +61,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--actor-memory-gib", dest="actor_memory_gib", type=float, help="memory per actor (measured)")
     p.add_argument("--propagation", choices=["quantized", "float"], help="block inputs from the quantized model "
                    "(quantized, GPTQ's scheme) or the float one (float)")
+    p.add_argument("--span-mode", choices=["auto", "stream", "block"],
+                   help="float propagation: stream micro-batches through each actor's resident span, actor to "
+                        "actor (all actors busy at once), or move one block at a time (least memory); auto: "
+                        "stream when there are several actors and the span fits (default auto)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tp-sizes", dest="tp_sizes", help="vLLM tensor-parallel sizes the artifact must load with, "
                    "e.g. 1,2,4,8: refuse before any work if one cannot (default: report 1,2,4,8)")

@@ -18,6 +18,7 @@ __all__ = [
     "Format",
     "Backend",
     "Propagation",
+    "SpanMode",
     "TpPolicy",
     "QuantConfig",
     "CalibConfig",
@@ -58,6 +59,14 @@ class Propagation(str, Enum):
 
     QUANTIZED = "quantized"   # outputs of the already-quantized blocks before it (the GPTQ paper's scheme)
     FLOAT = "float"           # outputs of the unquantized model: every block's statistics in one forward pass
+
+
+class SpanMode(str, Enum):
+    """How float propagation moves the calibration set through an actor's span."""
+
+    AUTO = "auto"         # stream where there are several actors and the resident span fits, else block
+    STREAM = "stream"     # the span's weights stay resident; micro-batches stream through it, actor to actor
+    BLOCK = "block"       # one block resident at a time; the span's outputs leave after its last block
 
 
 def parse_enum(kind: type[Enum], value: Any, name: str) -> Any:
@@ -155,9 +164,14 @@ class RunConfig:
     actor_memory_gib: float | None = None   # None: measured from the actor's device (GPU memory or host RAM)
     address: str | None = None         # Ray cluster address; None: start a local Ray
     propagation: Propagation = Propagation.QUANTIZED
+    span_mode: SpanMode = SpanMode.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "propagation", parse_enum(Propagation, self.propagation, "propagation"))
+        object.__setattr__(self, "span_mode", parse_enum(SpanMode, self.span_mode, "span_mode"))
+        if self.span_mode is SpanMode.STREAM and self.propagation is not Propagation.FLOAT:
+            raise ConfigError("span_mode=stream needs propagation=float: with quantized propagation a block's "
+                              "inputs exist only once every block before it is quantized")
         positive_int(self.actors, "actors")
         positive_int(self.cpus_per_actor, "cpus_per_actor")
         positive_int(self.micro_batch_samples, "micro_batch_samples")
@@ -287,6 +301,7 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "actor_memory_gib": ("run", "actor_memory_gib"),
     "address": ("run", "address"),
     "propagation": ("run", "propagation"),
+    "span_mode": ("run", "span_mode"),
 }
 
 _BOOL_OPTIONS = {"overwrite", "dry_run", "trust_remote_code", "sym", "act_order", "private"}

@@ -209,7 +209,7 @@ def test_float_propagation_pipelines_the_actors_with_the_same_bytes(tmp_path):
     loaded machine may not give. The artifact does not depend on the actor count."""
     model_dir = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=8)
     calib = write_text(tmp_path / "calib.txt")
-    kw = dict(model=str(model_dir), calib=str(calib), group_size=64, propagation="float")
+    kw = dict(model=str(model_dir), calib=str(calib), group_size=64, propagation="float", span_mode="block")
     one = run_job(job(tmp_path / "a", **kw), cache_dir=tmp_path)
     two = run_job(job(tmp_path / "b", actors=2, **kw), cache_dir=tmp_path)
     assert shards(one.out_dir) == shards(two.out_dir)
@@ -227,3 +227,23 @@ def test_float_propagation_pipelines_the_actors_with_the_same_bytes(tmp_path):
 
 def _handoff(out: Path) -> dict[int, dict[str, float]]:
     return {h["rank"]: h for h in json.loads((out / "wq_report.json").read_text())["handoff"]}
+
+
+def test_streamed_spans_give_the_same_bytes_as_one_block_at_a_time(tmp_path):
+    """Float propagation with micro-batches streaming through resident spans, actor to actor: the artifact
+    is byte-identical to one actor's and to the span-by-span pipeline's, for GPTQ and AWQ."""
+    model_dir = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=6)
+    calib = write_text(tmp_path / "calib.txt")
+    for method in ("gptq", "awq"):
+        kw = dict(model=str(model_dir), calib=str(calib), group_size=64, propagation="float", method=method,
+                  micro_batch_samples=2)
+        one = run_job(job(tmp_path / f"{method}-1", **kw), cache_dir=tmp_path)
+        assert not one.plan.streamed
+        streamed = run_job(job(tmp_path / f"{method}-3", actors=3, **kw), cache_dir=tmp_path)
+        assert streamed.plan.streamed
+        by_block = run_job(job(tmp_path / f"{method}-3b", actors=3, span_mode="block", **kw), cache_dir=tmp_path)
+        assert not by_block.plan.streamed
+        assert shards(one.out_dir) == shards(streamed.out_dir) == shards(by_block.out_dir)
+        handoff = _handoff(streamed.out_dir)
+        assert handoff[0]["handed_on_at"] <= handoff[1]["inputs_at"]
+        assert handoff[1]["handed_on_at"] <= handoff[2]["inputs_at"] and "handed_on_at" not in handoff[2]

@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 
@@ -59,13 +60,41 @@ def test_pipelined_spans_are_balanced_by_cost_not_count():
         pipeline_spans(4, 5, 3.3)
 
 
-def test_plan_balances_spans_only_when_the_actors_pipeline():
+def test_plan_balances_spans_only_when_the_actors_pipeline_span_by_span():
     assert [len(a.blocks) for a in _plan(actors=4, n_blocks=32).actors] == [8, 8, 8, 8]          # quantized
-    pipelined = [a.blocks for a in _plan(actors=4, n_blocks=32, propagation="float").actors]
-    assert pipelined == pipeline_spans(32, 4, QUANTIZE_COST[Method.GPTQ]) and len(pipelined[-1]) < 8
+    by_block = _plan(actors=4, n_blocks=32, propagation="float", span_mode="block")
+    assert not by_block.streamed
+    assert [a.blocks for a in by_block.actors] == pipeline_spans(32, 4, QUANTIZE_COST[Method.GPTQ])
+    assert len(by_block.actors[-1].blocks) < 8
+    streamed = _plan(actors=4, n_blocks=32, propagation="float")            # auto: every actor busy at once
+    assert streamed.streamed and [len(a.blocks) for a in streamed.actors] == [8, 8, 8, 8]
+    assert "stream through resident spans" in streamed.describe()
 
 
-def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, propagation="quantized"):
+def test_resident_spans_grow_with_the_span_and_fall_back_or_refuse_with_the_fewest_actors():
+    # An 8B-shaped block: 0.41 GiB of bf16 weights and 1.14 GiB of float32 statistics (6 x 4096^2 + 14336^2).
+    four = _plan(actors=4, n_blocks=32, propagation="float", span_mode="stream")
+    eight = _plan(actors=8, n_blocks=32, propagation="float", span_mode="stream")
+    per_block = four.actors[1].memory.total - eight.actors[1].memory.total
+    assert 4 * 1.5 * GIB < per_block < 4 * 1.6 * GIB
+    check_fits(four)
+    # On 20 GiB GPUs 4 actors' resident spans do not fit: auto falls back to one block at a time, and a
+    # forced stream is refused with the fewest actors that would fit.
+    auto = _plan(actors=4, n_blocks=32, propagation="float", capacity_gib=20.0)
+    assert not auto.streamed and "would not fit" in auto.describe()
+    check_fits(auto)
+    forced = _plan(actors=4, n_blocks=32, propagation="float", span_mode="stream", capacity_gib=20.0)
+    with pytest.raises(ResourceError, match=r"with --actors (\d+) \(or more\) the resident spans fit") as e:
+        check_fits(forced)
+    fewest = int(re.search(r"--actors (\d+)", str(e.value)).group(1))
+    check_fits(_plan(actors=fewest, n_blocks=32, propagation="float", span_mode="stream", capacity_gib=20.0))
+    with pytest.raises(ResourceError):
+        check_fits(_plan(actors=fewest - 1, n_blocks=32, propagation="float", span_mode="stream",
+                         capacity_gib=20.0))
+
+
+def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, propagation="quantized",
+          span_mode="auto"):
     config = tiny_config("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_blocks,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)
     layout = describe_model(config)
@@ -73,7 +102,7 @@ def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, pr
     names.update({n: "model.safetensors" for n in layout.outer_params})
     ckpt = Checkpoint(local_dir=None, weight_map=names)  # type: ignore[arg-type]
     job = JobConfig.from_dict({"out": "o", "samples": samples, "seq_len": seq_len, "actors": actors,
-                                "propagation": propagation})
+                                "propagation": propagation, "span_mode": span_mode})
     return make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
 
 

@@ -41,8 +41,9 @@ def resumed_blocks(out: Path) -> list[int]:
     return sorted(b["block"] for b in report["blocks"] if b["resumed"])
 
 
-@pytest.mark.parametrize("options", [{}, {"method": "awq", "format": "gptq"},
-                                     {"propagation": "float"}], ids=["gptq", "awq-gptq-format", "float"])
+@pytest.mark.parametrize("options", [{}, {"method": "awq", "format": "gptq"}, {"propagation": "float"},
+                                     {"propagation": "float", "span_mode": "block"}],
+                         ids=["gptq", "awq-gptq-format", "float-streamed", "float-block"])
 def test_crash_then_rerun_is_byte_identical(tmp_path, llama, options):
     whole = run_job(job(tmp_path / "whole", llama, **options), cache_dir=tmp_path).out_dir
     out = tmp_path / "crashed"

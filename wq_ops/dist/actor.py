@@ -5,10 +5,14 @@ device between them, and writes one staged shard per block.
 actors before the job is planned. Every call then carries the job's `ActorSpec` (small descriptors, no
 weights); the first call of a job builds its model skeleton on the meta device and rotary tables. The
 actor is single-threaded, so Ray runs its calls in the order the driver made them: `stage_head` (last
-actor), `embed` (first actor), `forward_span` (float propagation, all but the last), `run_span` (every actor), `emit_outputs` (all but the last), `outer_records` (first and
-last: the embeddings and head, staged by a background thread while the blocks compute). `run_span` is a
-streaming generator that yields one `ShardRecord` per block (the staged shard's path, tensor names, size,
-checksum and metrics) as soon as it is on disk. Inside it, two helper threads overlap the phases of
+actor), `embed` (first actor), then one of two sequences, and `outer_records` (first and last: the
+embeddings and head, staged by a background thread while the blocks compute). One block resident at a
+time: `forward_span` (float propagation, all but the last), `run_span` (every actor), `emit_outputs`
+(quantized propagation, all but the last). Streamed (float propagation, resident spans): `open_span`,
+`forward_microbatch` for each micro-batch (taking the previous actor's output ref), `solve_span`.
+`run_span` and `solve_span` are streaming generators that yield one `ShardRecord` per block (the staged
+shard's path, tensor names, size, checksum and metrics) as soon as it is on disk. In `run_span`, two helper
+threads overlap the phases of
 neighbouring blocks: block i + 1's tensors load (on a copy stream) while block i computes, and block
 i - 1's shard is written and hashed meanwhile; compute itself stays in one thread, in block order, so
 results never depend on timing. Activations enter and leave as object refs; no tensor goes to the driver.
@@ -30,7 +34,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
-from wq_ops.dist.block_quantizer import quantize_block_, replay_block_
+from wq_ops.dist.block_quantizer import (FloatCalibration, calibrate_float_, quantize_block_, replay_block_,
+                                         solve_block_)
 from wq_ops.dist.transport import HostTensor, from_host, to_host
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
@@ -305,6 +310,90 @@ class BlockActor:
             for pending in writes:
                 yield self._counted(pending.result())
 
+    # --- streaming: micro-batches through a resident span (float propagation) --------------------------
+    def open_span(self, spec: ActorSpec, blocks: list[int], n_micro: int) -> None:
+        """Load the span's float weights onto the device, to stay there while the `n_micro` calibration
+        micro-batches stream through it, and start a calibration for each block an earlier run did not
+        stage."""
+        self._use(spec)
+        self.span: dict[int, tuple[_Loaded, FloatCalibration | None]] = {}
+        self.micro_expected, self.micro_seen = n_micro, 0
+        with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader:
+            for index, loaded in zip(blocks, loader.map(self._load, blocks)):
+                self._await_copy(loaded)
+                self._ensure_anatomy(index, loaded)
+                self.span[index] = (loaded, FloatCalibration() if loaded.finished is None else None)
+
+    def forward_microbatch(self, spec: ActorSpec, m: int, x: HostTensor | None) -> HostTensor | None:
+        """Micro-batch `m` through the span: from the previous actor (x), or this actor's embeddings. Each
+        block accumulates its statistics from it; returns the span's output for the next actor (None on
+        the last actor, whose outputs nobody needs)."""
+        self._use(spec)
+        if x is None:
+            h, self.batches[m] = self.batches[m], torch.empty(0)
+        else:
+            h = from_host(x, self.device)
+            if m == 0:
+                self.handoff["inputs_at"] = time.time()
+        for index, (loaded, calibration) in self.span.items():
+            block = DecoderBlock(self.blocks[index], self._context(index))
+            if calibration is None:                  # staged by an earlier run: its float outputs only
+                (h,) = replay_block_(block, loaded.params, [h])
+            else:
+                h = calibrate_float_(block, loaded.params, self._ensure_anatomy(index, loaded), h, calibration,
+                                     quant=self.spec.job.quant)
+        self.micro_seen += 1
+        if self.spec.layout.n_blocks - 1 in self.span:
+            return None
+        if m == 0:
+            self.handoff["handed_on_at"] = time.time()
+        return to_host(h)
+
+    def solve_span(self, spec: ActorSpec) -> Iterator[ShardRecord]:
+        """Quantize the span's blocks from their statistics, in order, yielding each block's record once its
+        shard is staged (written meanwhile by a helper thread); each block's weights leave the device as
+        soon as it is solved."""
+        self._use(spec)
+        layout, job = self.spec.layout, self.spec.job
+        if self.micro_seen != self.micro_expected:   # statistics of part of the calibration set: never stage
+            raise RuntimeError(f"actor {self.spec.rank}: {self.micro_seen} of {self.micro_expected} calibration "
+                               "micro-batches reached this span (an earlier forward failed); nothing was staged")
+        with ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer:
+            writes: list[Future[ShardRecord]] = []
+            for index in list(self.span):
+                loaded, calibration = self.span.pop(index)
+                if calibration is None:
+                    assert loaded.finished is not None
+                    writes.append(_done(loaded.finished))
+                else:
+                    block = DecoderBlock(self.blocks[index], self._context(index))
+                    outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
+                                           quant=job.quant, fmt=job.format, block_index=index,
+                                           prefix=layout.block_prefix, linears=layout.linears,
+                                           pad_intermediate=self.spec.pad_intermediate)
+                    writes.append(writer.submit(self._stage_block, index, *self._host_outcome(outcome, loaded)))
+                del loaded
+                while writes and writes[0].done():
+                    yield self._counted(writes.pop(0).result())
+            for pending in writes:
+                yield self._counted(pending.result())
+
+    def _ensure_anatomy(self, index: int, loaded: _Loaded) -> BlockAnatomy:
+        """The blocks' structure (linear groups by stage), probed once per job on its first block."""
+        if self.anatomy is None:
+            self.anatomy = discover_anatomy(DecoderBlock(self.blocks[index], self._probe_context(index)),
+                                            loaded.params, self.spec.layout.linears,
+                                            hidden_size=self.spec.layout.hidden_size)
+        return self.anatomy
+
+    def _host_outcome(self, outcome: Any, loaded: _Loaded) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
+        """A solved block's artifact tensors on the host, its layer records and its phase seconds."""
+        t = time.perf_counter()
+        host = {k: v.to("cpu") for k, v in outcome.tensors.items()}
+        seconds = {"load": loaded.seconds, **outcome.seconds,
+                   "pack": outcome.seconds.get("pack", 0.0) + time.perf_counter() - t}
+        return host, tuple(_layer_dict(r) for r in outcome.layers), seconds
+
     def _counted(self, record: ShardRecord) -> ShardRecord:
         """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
         actor once that many are staged, to test resuming: the staged ones survive."""
@@ -349,20 +438,14 @@ class BlockActor:
         job = self.spec.job
         self._await_copy(loaded)
         block = DecoderBlock(self.blocks[index], self._context(index))
-        if self.anatomy is None:
-            self.anatomy = discover_anatomy(DecoderBlock(self.blocks[index], self._probe_context(index)),
-                                            loaded.params, layout.linears, hidden_size=layout.hidden_size)
+        anatomy = self._ensure_anatomy(index, loaded)
         batches, self.batches = self.batches, []
         outcome, self.batches = quantize_block_(
-            block, loaded.params, self.anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
+            block, loaded.params, anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
             prefix=layout.block_prefix, linears=layout.linears, pad_intermediate=self.spec.pad_intermediate,
             propagation=job.run.propagation)
         del loaded.params
-        t = time.perf_counter()
-        host = {k: v.to("cpu") for k, v in outcome.tensors.items()}
-        seconds = {"load": loaded.seconds, **outcome.seconds,
-                   "pack": outcome.seconds.get("pack", 0.0) + time.perf_counter() - t}
-        return host, tuple(_layer_dict(r) for r in outcome.layers), seconds
+        return self._host_outcome(outcome, loaded)
 
     def _stage_block(self, index: int, host: dict[str, Tensor], layers: tuple,
                      seconds: dict[str, float]) -> ShardRecord:

@@ -100,6 +100,7 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     quant = {k: v for k, v in job.to_dict().items()
              if k not in ("out", "overwrite", "dry_run", "actors", "address", "fail_after_blocks", "cpus_per_actor",
                           "gpus_per_actor", "actor_memory_gib", "micro_batch_samples", "calib", "samples", "seq_len",
+                          "span_mode",
                           "seed", "text_column", "tp_sizes", "push_to_hub", "push_revision", "private",
                           "commit_message", "tp_policy")}
     quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
@@ -260,6 +261,24 @@ def _unwrap(error: Exception) -> Exception:
     return cause if isinstance(cause, WqError) else error
 
 
+def _run_spans(job: JobConfig, plan: JobPlan, actors: list[Any], specs: list[Any], spans: list[Any]) -> None:
+    """One block resident at a time. Quantized propagation chains the actors: the next one needs this one's
+    quantized outputs. Float propagation pipelines them span by span: each actor first pushes its span's
+    float outputs on, then quantizes while the next actor already works."""
+    handoff = None
+    pipelined = job.run.propagation is Propagation.FLOAT
+    for actor, spec, a in zip(actors, specs, plan.actors):
+        last = a is plan.actors[-1]
+        if pipelined and not last:
+            forwarded = actor.forward_span.remote(spec, list(a.blocks), handoff)
+            spans.append(actor.run_span.options(num_returns="streaming").remote(spec, list(a.blocks), None))
+            handoff = forwarded
+            continue
+        spans.append(actor.run_span.options(num_returns="streaming").remote(spec, list(a.blocks), handoff))
+        if not last:
+            handoff = actor.emit_outputs.remote()
+
+
 def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tuple[list[ShardRecord], list[dict]]:
     """Run the plan; the staged shards' records, and each actor's activation handoff times."""
     import ray
@@ -273,22 +292,23 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tupl
     # one actor to the next as object refs, resolved by the receiving actor, never by the driver.
     actors[-1].stage_head.remote(specs[-1])
     actors[0].embed.remote(specs[0], ray.put(prepared.token_ids))
-    spans = []
-    handoff = None
-    # Quantized propagation chains the actors: the next one needs this one's quantized outputs. Float
-    # propagation pipelines them: each actor first pushes its span's float outputs on, then quantizes
-    # while the next actor already works.
-    pipelined = job.run.propagation is Propagation.FLOAT
-    for actor, spec, a in zip(actors, specs, plan.actors):
-        last = a is plan.actors[-1]
-        if pipelined and not last:
-            forwarded = actor.forward_span.remote(spec, list(a.blocks), handoff)
-            spans.append(actor.run_span.options(num_returns="streaming").remote(spec, list(a.blocks), None))
-            handoff = forwarded
-            continue
-        spans.append(actor.run_span.options(num_returns="streaming").remote(spec, list(a.blocks), handoff))
-        if not last:
-            handoff = actor.emit_outputs.remote()
+    spans: list[Any] = []
+    forwards: list[Any] = []
+    if plan.streamed:
+        # Each micro-batch goes actor to actor through the resident spans (refs only: the receiving actor
+        # resolves them), so actor k + 1 works on micro-batch m while actor k works on m + 1; then every
+        # actor solves its span.
+        n_micro = -(-len(prepared.token_ids) // job.run.micro_batch_samples)
+        for actor, spec, a in zip(actors, specs, plan.actors):
+            actor.open_span.remote(spec, list(a.blocks), n_micro)
+        for m in range(n_micro):
+            passed = None
+            for actor, spec in zip(actors, specs):
+                passed = actor.forward_microbatch.remote(spec, m, passed)
+                forwards.append(passed)
+        spans = [actor.solve_span.options(num_returns="streaming").remote(spec) for actor, spec in zip(actors, specs)]
+    else:
+        _run_spans(job, plan, actors, specs, spans)
     outer = list({id(x): x for x in (actors[0], actors[-1])}.values())
 
     records: list[ShardRecord] = []
@@ -302,11 +322,21 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tupl
         except Exception as e:  # a task error or a dead actor: the main thread stops the job
             events.put(e)
 
+    def watch(refs: list[Any]) -> None:
+        """The streamed forwards carry no records, but a failure in one must stop the job with its cause."""
+        try:
+            ray.get(refs)
+            events.put(None)
+        except Exception as e:
+            events.put(e)
+
     followers = [threading.Thread(target=follow, args=(span,), daemon=True) for span in spans]
+    if forwards:
+        followers.append(threading.Thread(target=watch, args=(forwards,), daemon=True))
     for f in followers:
         f.start()
     start = time.perf_counter()
-    n_blocks, done, resumed, running = layout.n_blocks, 0, 0, len(spans)
+    n_blocks, done, resumed, running = layout.n_blocks, 0, 0, len(followers)
     per_actor = [0] * len(plan.actors)
     while running:
         event = events.get()

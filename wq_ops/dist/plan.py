@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wq_ops.config import JobConfig, Method, Propagation
+from wq_ops.config import JobConfig, Method, Propagation, SpanMode
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import ModelLayout
 
 __all__ = ["BlockPlan", "MemoryEstimate", "ActorPlan", "JobPlan", "make_plan", "check_fits", "split_spans",
-           "pipeline_spans", "pipeline_finish_times", "QUANTIZE_COST", "HEADROOM"]
+           "pipeline_spans", "pipeline_finish_times", "smallest_streaming_actors", "QUANTIZE_COST", "HEADROOM"]
 
 GIB = 2**30
 # Fraction of an actor's memory the plan may use: the allocator, CUDA context and fragmentation take the rest.
@@ -52,6 +52,7 @@ class ActorPlan:
     memory: MemoryEstimate
     capacity_bytes: int
     host_staging_bytes: int        # activations it hands to the next actor, in the object store
+    streamed: bool = False         # its span stays resident while the calibration micro-batches stream through
 
     @property
     def first(self) -> bool:
@@ -64,11 +65,18 @@ class JobPlan:
     actors: tuple[ActorPlan, ...]
     device_kind: str
     artifact_bytes_estimate: int
+    note: str = ""                 # why the span mode is what it is, when the job did not choose it
+    hint: str = ""                 # what would make a plan that does not fit fit
+
+    @property
+    def streamed(self) -> bool:
+        return any(a.streamed for a in self.actors)
 
     def describe(self) -> str:
         """A human-readable table of the plan."""
-        lines = [f"plan: {len(self.blocks)} blocks on {len(self.actors)} {self.device_kind} actor(s); "
-                 f"artifact about {_gib(self.artifact_bytes_estimate)}"]
+        mode = "micro-batches stream through resident spans" if self.streamed else "one block resident at a time"
+        lines = [f"plan: {len(self.blocks)} blocks on {len(self.actors)} {self.device_kind} actor(s), {mode}; "
+                 f"artifact about {_gib(self.artifact_bytes_estimate)}" + (f" ({self.note})" if self.note else "")]
         lines.append("actor  blocks        weights  hessians  activations  workspace  total     capacity")
         for a in self.actors:
             m = a.memory
@@ -177,6 +185,60 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool) -> 
     return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
 
 
+def _memory_streamed(layout: ModelLayout, job: JobConfig, *, span: int, first: bool) -> MemoryEstimate:
+    """A resident span: every block's weights and statistics stay on the device until the last micro-batch
+    has gone through, then the blocks are solved one by one. Activations are only the micro-batches in
+    flight (the first actor also holds the embedded calibration set until it has streamed out)."""
+    elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
+    n, t = job.calib.n_samples, job.calib.seq_len
+    mb = min(job.run.micro_batch_samples, n)
+    max_in = max(s.in_features for s in layout.linears)
+    max_linear = max(s.in_features * s.out_features for s in layout.linears)
+    weights = span * layout.block_nbytes() + max_linear * (4 + 4 + 1)
+    if first:
+        weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
+    # Float32 statistics of every linear of every block in the span (at most one Hessian per linear; fewer
+    # where inputs are shared), plus GPTQ's working Hessian and inverse factor while a block is solved.
+    stats = span * sum(4 * s.in_features * s.in_features for s in layout.linears)
+    hessians = stats + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
+    in_flight = 3 * mb * t * layout.hidden_size * elt
+    activations = in_flight + (n * t * layout.hidden_size * elt if first else 0)
+    widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
+    workspace = 2 * mb * t * widest * elt
+    if job.quant.method is Method.AWQ:         # every block keeps its search samples' inputs until solved
+        kept = min(n, job.quant.awq_search_samples)
+        workspace += span * 3 * kept * t * max_in * elt
+    return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
+
+
+def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...]], *, capacity_bytes: int,
+                 streamed: bool) -> tuple[ActorPlan, ...]:
+    staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * layout.dtype.itemsize
+    last_block = layout.n_blocks - 1
+    return tuple(
+        ActorPlan(rank=r, blocks=span,
+                  memory=_memory_streamed(layout, job, span=len(span), first=0 in span) if streamed else
+                  _memory(layout, job, first=0 in span, last=last_block in span),
+                  capacity_bytes=capacity_bytes,
+                  host_staging_bytes=0 if last_block in span else staging,
+                  streamed=streamed)
+        for r, span in enumerate(spans)
+    )
+
+
+def _fits(actors: tuple[ActorPlan, ...]) -> bool:
+    return all(a.memory.total <= int(a.capacity_bytes * HEADROOM) for a in actors)
+
+
+def smallest_streaming_actors(layout: ModelLayout, job: JobConfig, *, capacity_bytes: int) -> int | None:
+    """The fewest actors whose resident spans fit their memory, or None if not even one block per actor does."""
+    for n in range(1, layout.n_blocks + 1):
+        if _fits(_actor_plans(layout, job, split_spans(layout.n_blocks, n), capacity_bytes=capacity_bytes,
+                              streamed=True)):
+            return n
+    return None
+
+
 def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, capacity_bytes: int) -> JobPlan:
     """Blocks and their tensors, actor spans and per-actor memory. Does not check the fit (`check_fits`)."""
     blocks = []
@@ -184,27 +246,39 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
         names = tuple(layout.block_tensor_name(i, local) for local in layout.block_params)
         files = tuple(sorted(set(checkpoint.files_for(names))))
         blocks.append(BlockPlan(index=i, shard_files=files, tensor_names=names, est_bytes=layout.block_nbytes()))
-    # Float propagation pipelines the actors, so their spans are balanced by cost; quantized propagation
-    # runs them one after another, where only the count matters.
-    if job.run.propagation is Propagation.FLOAT:
-        spans = pipeline_spans(layout.n_blocks, job.run.actors, QUANTIZE_COST[job.quant.method])
+    # Streaming keeps every actor busy at once, so equal spans balance it; float propagation one block at a
+    # time pipelines the actors span by span, so spans are balanced by cost; quantized propagation runs
+    # them one after another, where only the count matters.
+    mode, n_actors, note = job.run.span_mode, job.run.actors, ""
+    float_propagation = job.run.propagation is Propagation.FLOAT
+    streamed = float_propagation and (mode is SpanMode.STREAM or (mode is SpanMode.AUTO and n_actors > 1))
+    actors: tuple[ActorPlan, ...] = ()
+    if streamed:
+        actors = _actor_plans(layout, job, split_spans(layout.n_blocks, n_actors), capacity_bytes=capacity_bytes,
+                              streamed=True)
+        if mode is SpanMode.AUTO and not _fits(actors):
+            streamed, note = False, "resident spans would not fit: one block at a time"
+    if not streamed:
+        spans = pipeline_spans(layout.n_blocks, n_actors, QUANTIZE_COST[job.quant.method]) if float_propagation \
+            else split_spans(layout.n_blocks, n_actors)
+        actors = _actor_plans(layout, job, spans, capacity_bytes=capacity_bytes, streamed=False)
+    if streamed:
+        fewest = smallest_streaming_actors(layout, job, capacity_bytes=capacity_bytes)
+        hint = (f"with --actors {fewest} (or more) the resident spans fit" if fewest is not None and
+                fewest <= layout.n_blocks else "not even one block per actor fits resident") + \
+            "; --span-mode block holds one block at a time"
     else:
-        spans = split_spans(layout.n_blocks, job.run.actors)
+        hint = "each actor holds one block at a time, so more actors do not lower this"
+        if job.run.device_kind == "cpu":
+            hint += "; CPU actors share the host's memory, so fewer actors get more each"
     elt = layout.dtype.itemsize
-    staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * elt
-    actors = tuple(
-        ActorPlan(rank=r, blocks=span,
-                  memory=_memory(layout, job, first=0 in span, last=layout.n_blocks - 1 in span),
-                  capacity_bytes=capacity_bytes,
-                  host_staging_bytes=0 if layout.n_blocks - 1 in span else staging)
-        for r, span in enumerate(spans)
-    )
     quantized = sum(s.in_features * s.out_features for s in layout.linears) * layout.n_blocks
     rest = layout.n_blocks * layout.block_nbytes() - quantized * elt
     group = job.quant.group_size or max(s.in_features for s in layout.linears)
     artifact = int(quantized * job.quant.bits / 8 + quantized / group * (elt + (0 if job.quant.sym else 1))
                    + rest + layout.outer_nbytes())
-    return JobPlan(blocks=tuple(blocks), actors=actors, device_kind=job.run.device_kind, artifact_bytes_estimate=artifact)
+    return JobPlan(blocks=tuple(blocks), actors=actors, device_kind=job.run.device_kind,
+                   artifact_bytes_estimate=artifact, note=note, hint=hint)
 
 
 def check_fits(plan: JobPlan) -> None:
@@ -217,6 +291,7 @@ def check_fits(plan: JobPlan) -> None:
                 f"actor {a.rank} (blocks {a.blocks[0]}-{a.blocks[-1]}) needs {m.total / GIB:.2f} GiB of "
                 f"{plan.device_kind} memory (weights {m.weights / GIB:.2f}, Hessians {m.hessians / GIB:.2f}, "
                 f"activations {m.activations / GIB:.2f}, workspace {m.workspace / GIB:.2f}) but may use "
-                f"{budget / GIB:.2f} GiB ({HEADROOM:.0%} of {a.capacity_bytes / GIB:.2f}); activations grow with "
-                "--samples x --seq-len: lower them, lower --micro-batch-samples, or use actors with more memory"
+                f"{budget / GIB:.2f} GiB ({HEADROOM:.0%} of {a.capacity_bytes / GIB:.2f}); {plan.hint}; "
+                "activations grow with --samples x --seq-len: lower them, lower --micro-batch-samples, or use "
+                "actors with more memory"
             )
