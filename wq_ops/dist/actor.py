@@ -295,20 +295,19 @@ class BlockActor:
         self._take_inputs(inputs)
         with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader, \
                 ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer:
-            next_load: Future[_Loaded] | None = loader.submit(self._load, blocks[0]) if blocks else None
-            writes: list[Future[ShardRecord]] = []
-            for k, index in enumerate(blocks):
-                assert next_load is not None
-                loaded = next_load.result()
-                next_load = loader.submit(self._load, blocks[k + 1]) if k + 1 < len(blocks) else None
-                if loaded.finished is not None:
-                    writes.append(_done(self._replay_block(index, loaded)))
-                else:
-                    writes.append(writer.submit(self._stage_block, index, *self._compute_block(index, loaded)))
-                while writes and writes[0].done():
-                    yield self._counted(writes.pop(0).result())
-            for pending in writes:
-                yield self._counted(pending.result())
+            def staged() -> Iterator[Future[ShardRecord]]:
+                next_load: Future[_Loaded] | None = loader.submit(self._load, blocks[0]) if blocks else None
+                for k, index in enumerate(blocks):
+                    assert next_load is not None
+                    loaded = next_load.result()
+                    next_load = loader.submit(self._load, blocks[k + 1]) if k + 1 < len(blocks) else None
+                    if loaded.finished is not None:
+                        yield _done(self._replay_block(index, loaded))
+                    else:
+                        yield writer.submit(self._stage_block, index, *self._compute_block(index, loaded))
+
+            for record in _in_order(staged()):
+                yield self._counted(record)
 
     # --- streaming: micro-batches through a resident span (float propagation) --------------------------
     def open_span(self, spec: ActorSpec, blocks: list[int], n_micro: int) -> None:
@@ -359,24 +358,24 @@ class BlockActor:
             raise RuntimeError(f"actor {self.spec.rank}: {self.micro_seen} of {self.micro_expected} calibration "
                                "micro-batches reached this span (an earlier forward failed); nothing was staged")
         with ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer:
-            writes: list[Future[ShardRecord]] = []
-            for index in list(self.span):
-                loaded, calibration = self.span.pop(index)
-                if calibration is None:
-                    assert loaded.finished is not None
-                    writes.append(_done(loaded.finished))
-                else:
+            def staged() -> Iterator[Future[ShardRecord]]:
+                for index in list(self.span):
+                    loaded, calibration = self.span.pop(index)
+                    if calibration is None:
+                        assert loaded.finished is not None
+                        yield _done(loaded.finished)
+                        continue
                     block = DecoderBlock(self.blocks[index], self._context(index))
                     outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
                                            quant=job.quant, fmt=job.format, block_index=index,
                                            prefix=layout.block_prefix, linears=layout.linears,
                                            pad_intermediate=self.spec.pad_intermediate)
-                    writes.append(writer.submit(self._stage_block, index, *self._host_outcome(outcome, loaded)))
-                del loaded
-                while writes and writes[0].done():
-                    yield self._counted(writes.pop(0).result())
-            for pending in writes:
-                yield self._counted(pending.result())
+                    future = writer.submit(self._stage_block, index, *self._host_outcome(outcome, loaded))
+                    del loaded, calibration, outcome      # the block's weights leave the device now
+                    yield future
+
+            for record in _in_order(staged()):
+                yield self._counted(record)
 
     def _ensure_anatomy(self, index: int, loaded: _Loaded) -> BlockAnatomy:
         """The blocks' structure (linear groups by stage), probed once per job on its first block."""
@@ -487,6 +486,18 @@ class BlockActor:
     def handoff_times(self) -> dict[str, float]:
         """When this actor's inputs arrived and its outputs were handed on (absent: not applicable)."""
         return dict(self.handoff)
+
+
+def _in_order(staged: Iterator[Future[ShardRecord]]) -> Iterator[ShardRecord]:
+    """The records of blocks being staged, in block order, each as soon as it and those before it are on
+    disk; `staged` is advanced (the next block computed) in between."""
+    pending: list[Future[ShardRecord]] = []
+    for future in staged:
+        pending.append(future)
+        while pending and pending[0].done():
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
 
 
 def _done(record: ShardRecord) -> Future[ShardRecord]:

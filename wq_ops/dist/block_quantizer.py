@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -97,7 +97,15 @@ class FloatCalibration:
 
     attn: dict[str, GroupCapture] = field(default_factory=dict)
     mlp: dict[str, GroupCapture] = field(default_factory=dict)
-    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    gpu_passes: list[tuple[Any, Any]] = field(default_factory=list)   # CUDA (start, end) events per pass
+
+    def forward_seconds(self) -> float:
+        """Time of the calibration passes. GPU passes are timed with CUDA events, read once here, so that
+        no micro-batch waits for the GPU to drain just to be timed."""
+        for _, end in self.gpu_passes:
+            end.synchronize()
+        return self.cpu_seconds + sum(start.elapsed_time(end) for start, end in self.gpu_passes) / 1000
 
 
 def calibrate_float_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy, x: Tensor,
@@ -106,14 +114,20 @@ def calibrate_float_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy:
     that captures each stage's inputs into `calibration` also gives its outputs (one forward). Returns the
     block's output micro-batch; x is not modified."""
     keep = quant.awq_search_samples if quant.method is Method.AWQ else 0
-    timer = _Timer(x.device)
+    on_gpu = x.device.type == "cuda"
+    if on_gpu:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
     t = time.perf_counter()
     _, (h,) = capture_stage(block, anatomy.stage_groups("self_attn"), lambda v: block.attention_stage(params, v),
                             [x], keep_samples=keep, into=calibration.attn)
     capture_stage(block, anatomy.stage_groups("mlp"), lambda v: _add_mlp_(block, params, v), [h],
                   keep_samples=keep, into=calibration.mlp)
-    timer.add("forward", t)
-    calibration.seconds += timer.seconds["forward"]
+    if on_gpu:
+        end.record()
+        calibration.gpu_passes.append((start, end))
+    else:
+        calibration.cpu_seconds += time.perf_counter() - t
     return h
 
 
@@ -168,7 +182,7 @@ def solve_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: Blo
     modified. The outcome's seconds include the calibration's forward time."""
     solver = _BlockSolver(block, params, anatomy, quant=quant, fmt=fmt, block_index=block_index, prefix=prefix,
                           linears=linears, pad_intermediate=pad_intermediate, timer=_Timer(_device_of(params)))
-    solver.timer.seconds["forward"] = calibration.seconds
+    solver.timer.seconds["forward"] = calibration.forward_seconds()
     solver.stage("self_attn", calibration.attn)
     solver.stage("mlp", calibration.mlp)
     calibration.attn, calibration.mlp = {}, {}

@@ -305,7 +305,9 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tupl
             passed = None
             for actor, spec in zip(actors, specs):
                 passed = actor.forward_microbatch.remote(spec, m, passed)
-                forwards.append(passed)
+            # Only the last actor's results (None) are kept: a failure anywhere reaches them through the
+            # chain, and the driver holds no ref to an activation, so none is pinned or fetched here.
+            forwards.append(passed)
         spans = [actor.solve_span.options(num_returns="streaming").remote(spec) for actor, spec in zip(actors, specs)]
     else:
         _run_spans(job, plan, actors, specs, spans)

@@ -154,60 +154,43 @@ def pipeline_spans(n_blocks: int, n_actors: int, quantize_cost: float) -> list[t
     return spans
 
 
-def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool) -> MemoryEstimate:
+def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, resident: int = 0) -> MemoryEstimate:
+    """resident: 0 for one block at a time; else the span's block count, all of whose weights and
+    statistics stay on the device while the micro-batches stream through (then solved one by one)."""
     elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
     n, t = job.calib.n_samples, job.calib.seq_len
     mb = min(job.run.micro_batch_samples, n)
     max_in = max(s.in_features for s in layout.linears)
     max_linear = max(s.in_features * s.out_features for s in layout.linears)
-    # Tensors of this block and the next (prefetch), plus float32 copies of the largest linear while it is
-    # solved (weights, dequantized weights, codes).
-    weights = 2 * layout.block_nbytes() + max_linear * (4 + 4 + 1)
+    # Tensors of this block and the next (prefetch), or of the resident span, plus float32 copies of the
+    # largest linear while it is solved (weights, dequantized weights, codes).
+    weights = (resident or 2) * layout.block_nbytes() + max_linear * (4 + 4 + 1)
     if first:      # the embedding table runs on the device; the head tensors are only copied, through the host
         weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
-    # Statistics of one stage (float32; at most one Hessian per linear, fewer where inputs are shared),
-    # plus GPTQ's working Hessian and inverse factor.
-    per_stage_bytes: dict[str, int] = {}
-    for s in layout.linears:
-        per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
-    per_stage = max(per_stage_bytes.values())
-    hessians = per_stage + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
-    # Block inputs, attention-stage outputs h, block outputs; with float propagation every actor but the
-    # last also keeps its span's inputs while its float outputs go ahead to the next actor.
-    copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
-    activations = copies * n * t * layout.hidden_size * elt
+    # Float32 statistics (at most one Hessian per linear, fewer where inputs are shared): of one stage at a
+    # time, or of every stage of every resident block; plus GPTQ's working Hessian and inverse factor.
+    if resident:
+        stats = resident * sum(4 * s.in_features * s.in_features for s in layout.linears)
+    else:
+        per_stage_bytes: dict[str, int] = {}
+        for s in layout.linears:
+            per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
+        stats = max(per_stage_bytes.values())
+    hessians = stats + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
+    activation = t * layout.hidden_size * elt
+    if resident:   # the micro-batches in flight; the first actor holds the embedded set until it streams out
+        activations = 3 * mb * activation + (n * activation if first else 0)
+    else:
+        # Block inputs, attention-stage outputs h, block outputs; with float propagation every actor but the
+        # last also keeps its span's inputs while its float outputs go ahead to the next actor.
+        copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
+        activations = copies * n * activation
     # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
     widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
     workspace = 2 * mb * t * widest * elt
-    if job.quant.method is Method.AWQ:
+    if job.quant.method is Method.AWQ:         # search samples' inputs, kept by every resident block
         kept = min(n, job.quant.awq_search_samples)
-        workspace += 3 * kept * t * max_in * elt
-    return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
-
-
-def _memory_streamed(layout: ModelLayout, job: JobConfig, *, span: int, first: bool) -> MemoryEstimate:
-    """A resident span: every block's weights and statistics stay on the device until the last micro-batch
-    has gone through, then the blocks are solved one by one. Activations are only the micro-batches in
-    flight (the first actor also holds the embedded calibration set until it has streamed out)."""
-    elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
-    n, t = job.calib.n_samples, job.calib.seq_len
-    mb = min(job.run.micro_batch_samples, n)
-    max_in = max(s.in_features for s in layout.linears)
-    max_linear = max(s.in_features * s.out_features for s in layout.linears)
-    weights = span * layout.block_nbytes() + max_linear * (4 + 4 + 1)
-    if first:
-        weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
-    # Float32 statistics of every linear of every block in the span (at most one Hessian per linear; fewer
-    # where inputs are shared), plus GPTQ's working Hessian and inverse factor while a block is solved.
-    stats = span * sum(4 * s.in_features * s.in_features for s in layout.linears)
-    hessians = stats + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
-    in_flight = 3 * mb * t * layout.hidden_size * elt
-    activations = in_flight + (n * t * layout.hidden_size * elt if first else 0)
-    widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
-    workspace = 2 * mb * t * widest * elt
-    if job.quant.method is Method.AWQ:         # every block keeps its search samples' inputs until solved
-        kept = min(n, job.quant.awq_search_samples)
-        workspace += span * 3 * kept * t * max_in * elt
+        workspace += (resident or 1) * 3 * kept * t * max_in * elt
     return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
 
 
@@ -217,8 +200,8 @@ def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...
     last_block = layout.n_blocks - 1
     return tuple(
         ActorPlan(rank=r, blocks=span,
-                  memory=_memory_streamed(layout, job, span=len(span), first=0 in span) if streamed else
-                  _memory(layout, job, first=0 in span, last=last_block in span),
+                  memory=_memory(layout, job, first=0 in span, last=last_block in span,
+                                 resident=len(span) if streamed else 0),
                   capacity_bytes=capacity_bytes,
                   host_staging_bytes=0 if last_block in span else staging,
                   streamed=streamed)
