@@ -160,7 +160,7 @@ def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Names
                 or ("done=" in line and "eta_s=0.0" in line):
             print("   ", line[:160], flush=True)
     return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024, "phases": report["totals"].get("phase_seconds", {}),
-            "mean_output_error": report["totals"].get("mean_output_error")}
+            "mean_output_error": report["totals"].get("mean_output_error"), "startup": report.get("startup")}
 
 
 def _dump_stacks(log_file) -> None:

@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parent
 SOURCES = [ROOT / "extension.cpp"] + sorted(ROOT.glob("*/binding.cpp")) + sorted(ROOT.glob("*/*.cu"))
 # No --use_fast_math: the kernels reproduce the reference's IEEE division and rounding bit for bit.
 CUDA_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=compute_80"]
+HOST_FLAGS = ["-O3", "-std=c++17"]
 
 
 def _source_digest() -> str:
-    h = hashlib.sha256()
+    """Of every source and the flags: a build's name says exactly what it was built from."""
+    h = hashlib.sha256("\0".join(CUDA_FLAGS + HOST_FLAGS).encode())
     for path in SOURCES + sorted((ROOT / "include").glob("*")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -56,12 +58,38 @@ def load_extension() -> ModuleType:
 
     if not torch.cuda.is_available():
         raise KernelError("backend=cuda needs a CUDA GPU, and torch sees none; use backend=reference on CPU")
+    digest = _source_digest()
+    name = f"wq_cuda_kernels_{digest}"
+    built = _load_built(name)
+    if built is not None:
+        return built
     from torch.utils.cpp_extension import load
 
-    digest = _source_digest()
     try:
-        return load(name=f"wq_cuda_kernels_{digest}", sources=_unique_sources(digest),
-                    extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=CUDA_FLAGS,
+        return load(name=name, sources=_unique_sources(digest), extra_cflags=HOST_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
                     extra_include_paths=[str(ROOT / "include"), str(ROOT)], verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         raise KernelError(f"building the CUDA kernels ({', '.join(s.name for s in SOURCES)}) failed: {e}") from None
+
+
+def _load_built(name: str) -> ModuleType | None:
+    """The extension a finished build of these exact sources left in the cache, imported directly: torch's
+    loader would rerun its ninja check (seconds) in every new process. None when there is no such build,
+    or when it cannot be imported (then it is rebuilt)."""
+    import importlib.util
+
+    import torch.utils.cpp_extension as ext
+
+    library = Path(ext._get_build_directory(name, verbose=False)) / f"{name}.so"
+    # The build's lock file exists while ninja runs: a library beside it may be half written.
+    if not library.is_file() or (library.parent / "lock").exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)         # dlopen happens here
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module

@@ -1,6 +1,14 @@
+import pytest
 import torch
 
-from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats, output_error, summarize_outliers
+from wq_ops.quant.hessian import (
+    accumulate_input_stats_,
+    hessian_of,
+    new_input_stats,
+    output_error,
+    quadratic_sum,
+    summarize_outliers,
+)
 
 
 def test_accumulated_hessian_matches_float64(gen):
@@ -33,3 +41,25 @@ def test_outlier_summary_finds_the_outlier_channel(gen):
     accumulate_input_stats_(stats, x)
     s = summarize_outliers(stats, top_k=3)
     assert s.top_channels[0] == 11 and s.n_outlier_channels == 1 and s.absmax == 20.0
+
+
+def _quadratic_case(gen, device, rows=96, n=256):
+    x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    d = torch.randn(rows, n, generator=gen, dtype=torch.float64) * 0.01
+    exact = float((d @ h * d).sum())
+    return d.to(device, torch.float32), h.to(device, torch.float32), exact
+
+
+def test_quadratic_sum_matches_float64(gen):
+    d, h, exact = _quadratic_case(gen, "cpu")
+    assert abs(float(quadratic_sum(d, h)) / exact - 1) < 1e-5
+
+
+@pytest.mark.gpu
+def test_quadratic_sum_on_tensor_cores_is_within_its_stated_error(gen):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for _ in range(3):                                          # fresh random inputs each time
+        d, h, exact = _quadratic_case(gen, "cuda")
+        assert abs(float(quadratic_sum(d, h)) / exact - 1) < 2e-3

@@ -26,7 +26,7 @@ from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.gptq import quantize_gptq
-from wq_ops.quant.hessian import OutlierSummary, hessian_of, output_error, summarize_outliers
+from wq_ops.quant.hessian import OutlierSummary, hessian_of, output_error, quadratic_sum, summarize_outliers
 from wq_ops.quant.result import QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn
 
@@ -404,8 +404,7 @@ def _linear_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[
     w32 = w0.to(torch.float32)
 
     def loss_of(cand: Mapping[str, Tensor]) -> Tensor:
-        d = cand[name] - w32
-        return (d @ h * d).sum()
+        return quadratic_sum(cand[name] - w32, h)
 
     return loss_of
 
@@ -422,7 +421,9 @@ def _module_loss(inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor], work
         trial.update({n + ".weight": v.to(dtype) for n, v in cand.items()})
         total = torch.zeros((), dtype=torch.float32, device=refs[0].device)
         for x, ref in zip(inputs, refs):
-            total = total + ((inspect(trial, x).float() - ref.float()) ** 2).sum()
+            # The difference of two nearby model-dtype values is exact in that dtype: only the squares and
+            # their sum need float32, and one fused reduction makes them without a float32 copy.
+            total = total + torch.linalg.vector_norm(inspect(trial, x) - ref, dtype=torch.float32) ** 2
         return total / max(count, 1)
 
     return loss_of

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -200,8 +199,9 @@ def _ensure_ray(job: JobConfig) -> bool:
     if run.address:
         ray.init(address=run.address, logging_level=logging.WARNING)
     else:
-        # Enough logical CPUs for every actor: a local job's actors take turns in the sequential scheme.
-        cpus = max(os.cpu_count() or 1, run.actors * run.cpus_per_actor)
+        # Exactly the CPUs the actors ask for: Ray starts idle workers for every logical CPU it is given,
+        # and os.cpu_count() can be the whole host's count inside a container; the driver needs none.
+        cpus = run.actors * run.cpus_per_actor
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
@@ -246,7 +246,8 @@ def _actor_capacity(job: JobConfig, actors: list[Any], *, created_at: float) -> 
     except Exception as e:
         raise _unwrap(e) from None
     startup = [{"spawn_and_imports_s": round(marks["init_at"] - created_at, 3), "device_s": marks["device_s"],
-                "kernels_s": marks["kernels_s"], "ready_s": round(marks["ready_at"] - created_at, 3)}
+                "kernels_s": marks["kernels_s"], "warmup_s": marks["warmup_s"],
+                "ready_s": round(marks["ready_at"] - created_at, 3)}
                for _, marks in answers]
     for rank, split in enumerate(startup):
         log.info("actor=%d started: %s", rank, " ".join(f"{k}={v}" for k, v in split.items()))
@@ -385,21 +386,27 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
         raise ConfigError("push_to_hub: no Hub token was given to the job")
     import ray
 
+    def timed_prepare() -> tuple[PreparedJob, float]:
+        t = time.perf_counter()
+        return prepare_job(job, cache_dir=cache_dir), time.perf_counter() - t
+
     with ThreadPoolExecutor(1, thread_name_prefix="wq-prepare") as pool:
-        preparing = pool.submit(prepare_job, job, cache_dir=cache_dir)
+        preparing = pool.submit(timed_prepare)
         started = _ensure_ray(job)
+        ray_s = time.perf_counter() - start
         actors: list[Any] = []
         try:
             created_at = time.time()
             actors = _start_actors(job)
-            prepared = preparing.result()
+            prepared, prepare_s = preparing.result()
             if job.push_to_hub and not job.dry_run:
                 assert hub_token is not None
                 check_push_access(job.push_to_hub, token=hub_token)   # 401/403 now, not after hours of work
             capacity, startup = _actor_capacity(job, actors, created_at=created_at)
             plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
             ready_s = time.perf_counter() - start
-            log.info("ready to start in %.1f s", ready_s)
+            log.info("ready to start in %.1f s (Ray %.1f s; checkpoint, options and calibration data %.1f s, "
+                     "meanwhile)", ready_s, ray_s, prepare_s)
             if job.dry_run:
                 return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
             log.info("%s", plan.describe())
@@ -411,7 +418,8 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
             if started:
                 ray.shutdown()
     result = _write_artifact(prepared, plan, records, wall_seconds=time.perf_counter() - start, command=command,
-                             startup={"ready_s": round(ready_s, 3), "actors": startup}, handoffs=handoffs)
+                             startup={"ready_s": round(ready_s, 3), "ray_s": round(ray_s, 3),
+                                      "prepare_s": round(prepare_s, 3), "actors": startup}, handoffs=handoffs)
     if job.push_to_hub:
         assert hub_token is not None
         pushed = push_artifact(result.out_dir, job.push_to_hub, revision=job.push_revision, private=job.private,
