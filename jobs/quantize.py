@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                         "actor (all actors busy at once), or move one block at a time (least memory); auto: "
                         "stream when there are several actors and the span fits (default auto)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--runtime", choices=["auto", "ray", "local"],
+                   help="where the actors run: ray, or local (one actor in this process, no Ray start-up); "
+                        "auto: local for one actor without --address, else ray (default auto)")
     p.add_argument("--tp-sizes", dest="tp_sizes", help="vLLM tensor-parallel sizes the artifact must load with, "
                    "e.g. 1,2,4,8: refuse before any work if one cannot (default: report 1,2,4,8)")
     p.add_argument("--tp-policy", dest="tp_policy", choices=["refuse", "pad"],

@@ -69,6 +69,14 @@ class SpanMode(str, Enum):
     BLOCK = "block"       # one block resident at a time; the span's outputs leave after its last block
 
 
+class Runtime(str, Enum):
+    """Where the block actors run."""
+
+    AUTO = "auto"         # local for one actor and no cluster address, else ray
+    RAY = "ray"           # Ray actors: on the cluster at --address, or on a local Ray the driver starts
+    LOCAL = "local"       # one actor inside the driver's process (no Ray): single-machine, single-actor jobs
+
+
 def parse_enum(kind: type[Enum], value: Any, name: str) -> Any:
     """`value` as a member of the str enum `kind`; a ConfigError naming the field and the allowed values."""
     if isinstance(value, kind):
@@ -165,8 +173,10 @@ class RunConfig:
     address: str | None = None         # Ray cluster address; None: start a local Ray
     propagation: Propagation = Propagation.QUANTIZED
     span_mode: SpanMode = SpanMode.AUTO
+    runtime: Runtime = Runtime.AUTO
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", parse_enum(Runtime, self.runtime, "runtime"))
         object.__setattr__(self, "propagation", parse_enum(Propagation, self.propagation, "propagation"))
         object.__setattr__(self, "span_mode", parse_enum(SpanMode, self.span_mode, "span_mode"))
         if self.span_mode is SpanMode.STREAM and self.propagation is not Propagation.FLOAT:
@@ -302,6 +312,7 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "address": ("run", "address"),
     "propagation": ("run", "propagation"),
     "span_mode": ("run", "span_mode"),
+    "runtime": ("run", "runtime"),
 }
 
 _BOOL_OPTIONS = {"overwrite", "dry_run", "trust_remote_code", "sym", "act_order", "private"}

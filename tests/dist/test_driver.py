@@ -55,7 +55,7 @@ def test_bundled_default_job(tmp_path):
     [startup] = report["startup"]["actors"]
     assert set(startup) == {"spawn_and_imports_s", "device_s", "kernels_s", "warmup_s", "ready_s"}
     assert 0 <= startup["ready_s"] <= report["startup"]["ready_s"] <= report["totals"]["wall_seconds"]
-    assert 0 <= report["startup"]["ray_s"] <= report["startup"]["ready_s"]
+    assert 0 <= report["startup"]["runtime_start_s"] <= report["startup"]["ready_s"]
     assert 0 <= report["startup"]["prepare_s"] <= report["startup"]["ready_s"]
 
 

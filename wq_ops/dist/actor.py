@@ -20,6 +20,7 @@ results never depend on timing. Activations enter and leave as object refs; no t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,8 +35,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
-from wq_ops.dist.block_quantizer import (FloatCalibration, calibrate_float_, quantize_block_, replay_block_,
-                                         solve_block_)
+from wq_ops.dist.block_quantizer import (FloatCalibration, calibrate_float_, calibrate_float_all_, quantize_block_,
+                                         replay_block_, solve_block_)
 from wq_ops.dist.transport import HostTensor, from_host, to_host
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
@@ -111,14 +112,20 @@ class BlockActor:
         """The warm start: the process, torch, the device and the kernels. The driver creates the actors
         first thing, so this overlaps with reading the checkpoint's config and the calibration data."""
         t0 = time.time()
+        self._threads_before = torch.get_num_threads()     # restored by close() (an in-process actor)
         torch.set_num_threads(run.cpus_per_actor)
         if run.gpus_per_actor > 0:
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.copy_stream: Any = torch.cuda.Stream(self.device)
+            self.solve_stream: Any = torch.cuda.Stream(self.device)
             torch.empty(1, device=self.device)   # the CUDA context now, not on the first block
         else:
             self.device = torch.device("cpu")
-            self.copy_stream = None
+            self.copy_stream = self.solve_stream = None
+        # Float propagation on a GPU: block i is solved on a side stream, in a helper thread, while block
+        # i + 1 calibrates (its inputs do not depend on i's quantized weights). Each computation keeps its
+        # order and its inputs, so the bytes do not depend on the overlap (tests force it on CPU too).
+        self.overlap_solve = self.device.type == "cuda"
         t1 = time.time()
         if backend is Backend.CUDA:
             from kernels.build import load_extension
@@ -127,6 +134,9 @@ class BlockActor:
         t2 = time.time()
         if self.device.type == "cuda":
             _warm_up_libraries(self.device)
+        # transformers (the job's config and model skeleton need it) is imported now, not by the first call:
+        # it took 12 s on the H100 machine, on the critical path.
+        import transformers.modeling_utils  # noqa: F401
         # Wall-clock marks of the warm start, for the report (where start-up time goes).
         self.startup = {"imported_at": _IMPORTED_AT, "init_at": t0, "device_s": round(t1 - t0, 3),
                         "kernels_s": round(t2 - t1, 3), "warmup_s": round(time.time() - t2, 3),
@@ -297,16 +307,25 @@ class BlockActor:
         output micro-batches, as object refs), yielding each block's record once its shard is staged."""
         self._use(spec)
         self._take_inputs(inputs)
+        overlap = self.overlap_solve and self.spec.job.run.propagation is Propagation.FLOAT
         with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader, \
-                ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer:
+                ThreadPoolExecutor(1, thread_name_prefix="wq-write") as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="wq-solve") as solver:
             def staged() -> Iterator[Future[ShardRecord]]:
                 next_load: Future[_Loaded] | None = loader.submit(self._load, blocks[0]) if blocks else None
+                solving: Future | None = None
                 for k, index in enumerate(blocks):
                     assert next_load is not None
                     loaded = next_load.result()
                     next_load = loader.submit(self._load, blocks[k + 1]) if k + 1 < len(blocks) else None
                     if loaded.finished is not None:
                         yield _done(self._replay_block(index, loaded))
+                    elif overlap:
+                        calibration, ready = self._calibrate_block(index, loaded)
+                        if solving is not None:      # one block solving at a time: two blocks' statistics live
+                            solving.result()
+                        solving = solver.submit(self._solve_block, index, loaded, calibration, ready)
+                        yield writer.submit(self._stage_solved, index, solving)
                     else:
                         yield writer.submit(self._stage_block, index, *self._compute_block(index, loaded))
 
@@ -450,6 +469,42 @@ class BlockActor:
         del loaded.params
         return self._host_outcome(outcome, loaded)
 
+    def _calibrate_block(self, index: int, loaded: _Loaded) -> tuple[FloatCalibration, Any]:
+        """Float propagation: block `index`'s statistics, its float outputs becoming the activations. Also
+        an event marking the statistics complete on this stream (None on CPU)."""
+        self._await_copy(loaded)
+        block = DecoderBlock(self.blocks[index], self._context(index))
+        batches, self.batches = self.batches, []
+        calibration, self.batches = calibrate_float_all_(block, loaded.params, self._ensure_anatomy(index, loaded),
+                                                         batches, quant=self.spec.job.quant)
+        ready = None
+        if self.solve_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return calibration, ready
+
+    def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
+                     ready: Any) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
+        """In the solver thread: quantize a calibrated block on the solve stream, once its statistics are
+        complete. Returns what `_stage_block` takes; the block's device tensors are dropped after the host
+        copy, which waits for the solve stream, so no queued kernel still reads them."""
+        layout, job = self.spec.layout, self.spec.job
+        stream = contextlib.nullcontext()
+        if self.solve_stream is not None:
+            self.solve_stream.wait_event(ready)
+            stream = torch.cuda.stream(self.solve_stream)
+        with stream:
+            block = DecoderBlock(self.blocks[index], self._context(index))
+            outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
+                                   quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
+                                   linears=layout.linears, pad_intermediate=self.spec.pad_intermediate)
+            host = self._host_outcome(outcome, loaded)
+        del loaded.params, calibration, outcome
+        return host
+
+    def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
+        return self._stage_block(index, *solving.result())
+
     def _stage_block(self, index: int, host: dict[str, Tensor], layers: tuple,
                      seconds: dict[str, float]) -> ShardRecord:
         t = time.perf_counter()
@@ -486,6 +541,14 @@ class BlockActor:
     def outer_records(self) -> list[ShardRecord]:
         """The records of the embeddings and head this actor staged, once they are on disk."""
         return [f.result() for f in self._outer]
+
+    def close(self) -> None:
+        """Let the staging thread finish and drop the device tensors (an in-process actor at the job's end;
+        a Ray actor's process simply ends)."""
+        self._outer_writer.shutdown(wait=True)
+        self.batches, self.span = [], {}
+        self._spec = None
+        torch.set_num_threads(self._threads_before)
 
     def handoff_times(self) -> dict[str, float]:
         """When this actor's inputs arrived and its outputs were handed on (absent: not applicable)."""

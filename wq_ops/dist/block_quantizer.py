@@ -34,8 +34,8 @@ from wq_ops.quant.rtn import quantize_rtn
 _PAD_ROWS = ("mlp.gate_proj", "mlp.up_proj")
 _PAD_COLUMNS = ("mlp.down_proj",)
 
-__all__ = ["LayerRecord", "BlockOutcome", "FloatCalibration", "quantize_block_", "calibrate_float_", "solve_block_",
-           "replay_block_", "is_ignored"]
+__all__ = ["LayerRecord", "BlockOutcome", "FloatCalibration", "quantize_block_", "calibrate_float_",
+           "calibrate_float_all_", "solve_block_", "replay_block_", "is_ignored"]
 
 # AWQ leaves q and k unclipped: their errors act through the softmax of q.k, where a per-group output
 # error is a poor proxy (the AWQ reference implementation skips them for the same reason).
@@ -84,7 +84,9 @@ class _Timer:
 
     def add(self, phase: str, start: float) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # This thread's stream only: a block solved on a side stream must not wait for the next
+            # block's forward on the main one.
+            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - start
         return now
@@ -129,6 +131,17 @@ def calibrate_float_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy:
     else:
         calibration.cpu_seconds += time.perf_counter() - t
     return h
+
+
+def calibrate_float_all_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy,
+                         batches: list[Tensor], *, quant: QuantConfig) -> tuple[FloatCalibration, list[Tensor]]:
+    """Every input micro-batch through `calibrate_float_`: the block's statistics and its output
+    micro-batches. Consumes `batches` (each input is dropped once used)."""
+    calibration = FloatCalibration()
+    outputs = []
+    while batches:
+        outputs.append(calibrate_float_(block, params, anatomy, batches.pop(0), calibration, quant=quant))
+    return calibration, outputs
 
 
 def _add_mlp_(block: DecoderBlock, params: Mapping[str, Tensor], h: Tensor) -> Tensor:
@@ -218,10 +231,7 @@ def quantize_block_(
               pad_intermediate=pad_intermediate)
     if propagation is Propagation.FLOAT:
         # Float outputs come from the float weights: the capture pass gives them (one forward per block).
-        calibration = FloatCalibration()
-        outputs = []
-        while batches:
-            outputs.append(calibrate_float_(block, params, anatomy, batches.pop(0), calibration, quant=quant))
+        calibration, outputs = calibrate_float_all_(block, params, anatomy, batches, quant=quant)
         return solve_block_(block, params, anatomy, calibration, **kw), outputs  # type: ignore[arg-type]
     # Quantized propagation: a stage's outputs come from its quantized weights, so they take a second pass
     # after its solve; the capture pass skips the stage's last linear (its output is not needed there).

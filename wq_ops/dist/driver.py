@@ -24,10 +24,11 @@ import torch
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
 from wq_ops.config import JobConfig, Propagation, TpPolicy
-from wq_ops.dist.actor import ActorSpec, BlockActor, ShardRecord
+from wq_ops.dist.actor import ActorSpec, ShardRecord
 from wq_ops.dist.block_quantizer import is_ignored
 from wq_ops.dist.plan import GIB, JobPlan, check_fits, make_plan
-from wq_ops.errors import CheckpointError, ConfigError, ResourceError, WqError
+from wq_ops.dist.runtime import ActorRuntime, choose_runtime
+from wq_ops.errors import CheckpointError, ConfigError, WqError
 from wq_ops.formats import format_module, quantization_config
 from wq_ops.formats.tp_compat import (DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes,
                                       padding_for_sizes)
@@ -99,7 +100,7 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     quant = {k: v for k, v in job.to_dict().items()
              if k not in ("out", "overwrite", "dry_run", "actors", "address", "fail_after_blocks", "cpus_per_actor",
                           "gpus_per_actor", "actor_memory_gib", "micro_batch_samples", "calib", "samples", "seq_len",
-                          "span_mode",
+                          "span_mode", "runtime",
                           "seed", "text_column", "tp_sizes", "push_to_hub", "push_revision", "private",
                           "commit_message", "tp_policy")}
     quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
@@ -189,60 +190,13 @@ def _check_tensor_parallel(job: JobConfig, layout: ModelLayout, hf_config: Any) 
     return report
 
 
-def _ensure_ray(job: JobConfig) -> bool:
-    """Connect to the cluster at `address`, or start a local Ray. Returns whether we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    run = job.run
-    if run.address:
-        ray.init(address=run.address, logging_level=logging.WARNING)
-    else:
-        # Exactly the CPUs the actors ask for: Ray starts idle workers for every logical CPU it is given,
-        # and os.cpu_count() can be the whole host's count inside a container; the driver needs none.
-        cpus = run.actors * run.cpus_per_actor
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
-
-
-def _check_cluster_resources(job: JobConfig) -> None:
-    """Enough GPUs or CPUs in the cluster for every actor, else the actors would wait forever."""
-    import ray
-
-    run, resources = job.run, ray.cluster_resources()
-    if run.gpus_per_actor > 0:
-        need = run.actors * run.gpus_per_actor
-        if resources.get("GPU", 0) < need:
-            raise ResourceError(f"{run.actors} actors x {run.gpus_per_actor} GPU need {need:g} GPUs; the Ray "
-                                f"cluster has {resources.get('GPU', 0):g}")
-        return
-    need_cpus = run.actors * run.cpus_per_actor
-    if resources.get("CPU", 0) < need_cpus:
-        raise ResourceError(f"{run.actors} actors x {run.cpus_per_actor} CPUs need {need_cpus}; the Ray cluster "
-                            f"has {resources.get('CPU', 0):g}")
-
-
-def _start_actors(job: JobConfig) -> list[Any]:
-    """One warm actor per --actors: each starts its process, device and kernels while the driver reads
-    the checkpoint's config and the calibration data."""
-    import ray
-
-    _check_cluster_resources(job)
-    remote_actor: Any = ray.remote(BlockActor)
-    return [remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
-                                 max_restarts=0).remote(job.run, job.quant.backend)
-            for _ in range(job.run.actors)]
-
-
-def _actor_capacity(job: JobConfig, actors: list[Any], *, created_at: float) -> tuple[int, list[dict[str, float]]]:
+def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[Any], *,
+                    created_at: float) -> tuple[int, list[dict[str, float]]]:
     """Bytes each actor may plan with: --actor-memory-gib, else the smallest the actors report (their
     GPU's memory, or their host's RAM / actors). Also each actor's start-up split, in seconds: process
     spawn and imports, CUDA context, kernels (logged, and kept for the report)."""
-    import ray
-
     try:
-        answers = ray.get([a.capacity_bytes.remote(job.run.actors) for a in actors], timeout=600)
+        answers = runtime.get([a.capacity_bytes.remote(job.run.actors) for a in actors], timeout=600)
     except Exception as e:
         raise _unwrap(e) from None
     startup = [{"spawn_and_imports_s": round(marks["init_at"] - created_at, 3), "device_s": marks["device_s"],
@@ -280,19 +234,18 @@ def _run_spans(job: JobConfig, plan: JobPlan, actors: list[Any], specs: list[Any
             handoff = actor.emit_outputs.remote()
 
 
-def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tuple[list[ShardRecord], list[dict]]:
+def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime,
+                actors: list[Any]) -> tuple[list[ShardRecord], list[dict]]:
     """Run the plan; the staged shards' records, and each actor's activation handoff times."""
-    import ray
-
     job, layout = prepared.job, prepared.layout
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
-    specs = [ray.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
+    specs = [runtime.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
                                layout=layout, job=job, artifact=prepared.artifact, pad_intermediate=pad))
              for a in plan.actors]
     # Actors are single-threaded, so each runs its calls in the order made here; activations pass from
     # one actor to the next as object refs, resolved by the receiving actor, never by the driver.
     actors[-1].stage_head.remote(specs[-1])
-    actors[0].embed.remote(specs[0], ray.put(prepared.token_ids))
+    actors[0].embed.remote(specs[0], runtime.put(prepared.token_ids))
     spans: list[Any] = []
     forwards: list[Any] = []
     if plan.streamed:
@@ -320,7 +273,7 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tupl
     def follow(span: Any) -> None:
         try:
             for ref in span:
-                events.put(ray.get(ref))
+                events.put(runtime.get(ref))
             events.put(None)
         except Exception as e:  # a task error or a dead actor: the main thread stops the job
             events.put(e)
@@ -328,7 +281,7 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tupl
     def watch(refs: list[Any]) -> None:
         """The streamed forwards carry no records, but a failure in one must stop the job with its cause."""
         try:
-            ray.get(refs)
+            runtime.get(refs)
             events.put(None)
         except Exception as e:
             events.put(e)
@@ -366,10 +319,10 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, actors: list[Any]) -> tupl
                  sum(record.seconds.values()), sum(errors) / max(len(errors), 1), elapsed, 60 * rate,
                  (n_blocks - done) / rate if rate > 0 else 0.0)
     try:
-        for staged in ray.get([actor.outer_records.remote() for actor in outer]):
+        for staged in runtime.get([actor.outer_records.remote() for actor in outer]):
             records.extend(staged)
         handoffs = [{"rank": a.rank, **times} for a, times in
-                    zip(plan.actors, ray.get([actor.handoff_times.remote() for actor in actors]))]
+                    zip(plan.actors, runtime.get([actor.handoff_times.remote() for actor in actors]))]
     except Exception as e:
         raise _unwrap(e) from None
     return records, handoffs
@@ -384,7 +337,7 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     start = time.perf_counter()
     if job.push_to_hub and not job.dry_run and hub_token is None:
         raise ConfigError("push_to_hub: no Hub token was given to the job")
-    import ray
+    runtime = choose_runtime(job.run)
 
     def timed_prepare() -> tuple[PreparedJob, float]:
         t = time.perf_counter()
@@ -392,33 +345,31 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
 
     with ThreadPoolExecutor(1, thread_name_prefix="wq-prepare") as pool:
         preparing = pool.submit(timed_prepare)
-        started = _ensure_ray(job)
-        ray_s = time.perf_counter() - start
         actors: list[Any] = []
         try:
+            runtime.start(job)
+            runtime_s = time.perf_counter() - start
             created_at = time.time()
-            actors = _start_actors(job)
+            actors = runtime.start_actors(job)
             prepared, prepare_s = preparing.result()
             if job.push_to_hub and not job.dry_run:
                 assert hub_token is not None
                 check_push_access(job.push_to_hub, token=hub_token)   # 401/403 now, not after hours of work
-            capacity, startup = _actor_capacity(job, actors, created_at=created_at)
+            capacity, startup = _actor_capacity(job, runtime, actors, created_at=created_at)
             plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
             ready_s = time.perf_counter() - start
-            log.info("ready to start in %.1f s (Ray %.1f s; checkpoint, options and calibration data %.1f s, "
-                     "meanwhile)", ready_s, ray_s, prepare_s)
+            log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
+                     "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
             if job.dry_run:
                 return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
             log.info("%s", plan.describe())
             check_fits(plan)
-            records, handoffs = _run_actors(prepared, plan, actors)
+            records, handoffs = _run_actors(prepared, plan, runtime, actors)
         finally:
-            for actor in actors:
-                ray.kill(actor)
-            if started:
-                ray.shutdown()
+            runtime.stop(actors)
     result = _write_artifact(prepared, plan, records, wall_seconds=time.perf_counter() - start, command=command,
-                             startup={"ready_s": round(ready_s, 3), "ray_s": round(ray_s, 3),
+                             startup={"runtime": runtime.name, "ready_s": round(ready_s, 3),
+                                      "runtime_start_s": round(runtime_s, 3),
                                       "prepare_s": round(prepare_s, 3), "actors": startup}, handoffs=handoffs)
     if job.push_to_hub:
         assert hub_token is not None

@@ -164,13 +164,19 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
     max_linear = max(s.in_features * s.out_features for s in layout.linears)
     # Tensors of this block and the next (prefetch), or of the resident span, plus float32 copies of the
     # largest linear while it is solved (weights, dequantized weights, codes).
-    weights = (resident or 2) * layout.block_nbytes() + max_linear * (4 + 4 + 1)
+    # On a GPU, float propagation solves one block while the next calibrates (and a third is prefetched).
+    overlapped = not resident and job.run.propagation is Propagation.FLOAT and job.run.gpus_per_actor > 0
+    weights = (resident or (3 if overlapped else 2)) * layout.block_nbytes() + max_linear * (4 + 4 + 1)
     if first:      # the embedding table runs on the device; the head tensors are only copied, through the host
         weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
     # Float32 statistics (at most one Hessian per linear, fewer where inputs are shared): of one stage at a
-    # time, or of every stage of every resident block; plus GPTQ's working Hessian and inverse factor.
+    # time (quantized propagation), of every stage of one block, or of two blocks (float propagation,
+    # overlapped), or of every resident block; plus GPTQ's working Hessian and inverse factor.
+    every_stage = sum(4 * s.in_features * s.in_features for s in layout.linears)
     if resident:
-        stats = resident * sum(4 * s.in_features * s.in_features for s in layout.linears)
+        stats = resident * every_stage
+    elif job.run.propagation is Propagation.FLOAT:   # one pass captures every stage of the block
+        stats = (2 if overlapped else 1) * every_stage
     else:
         per_stage_bytes: dict[str, int] = {}
         for s in layout.linears:

@@ -1,0 +1,86 @@
+"""Float propagation solves block i on a side stream (a helper thread) while block i + 1 calibrates: the
+artifact's bytes must not depend on it. On CPU the overlap is forced on (it is a GPU default); the GPU test
+compares it with the overlap forced off."""
+
+import pytest
+import torch
+
+from wq_ops.config import JobConfig, default_options
+from wq_ops.dist import actor as actor_module
+from wq_ops.dist.driver import run_job
+from tests.factory import write_checkpoint, write_text
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    return write_checkpoint(d / "m", "llama", num_hidden_layers=4), write_text(d / "calib.txt")
+
+
+def _overlap(monkeypatch, on: bool) -> None:
+    init = actor_module.BlockActor.__init__
+
+    def forced(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.overlap_solve = on
+
+    monkeypatch.setattr(actor_module.BlockActor, "__init__", forced)
+
+
+def _artifact(tmp_path, llama, name, **options) -> dict[str, bytes]:
+    model, calib = llama
+    base = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 6, "seq_len": 64,
+            "micro_batch_samples": 4, "propagation": "float", "runtime": "local"}
+    result = run_job(JobConfig.from_dict(default_options({**base, **options})), cache_dir=tmp_path / "cache")
+    return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
+
+
+def _solver_threads(monkeypatch) -> list[str]:
+    """Names of the threads that solved blocks."""
+    import threading
+
+    seen: list[str] = []
+    solve = actor_module.solve_block_
+
+    def recording(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(actor_module, "solve_block_", recording)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_overlapped_solves_write_the_same_bytes(tmp_path, llama, monkeypatch, method):
+    _overlap(monkeypatch, False)
+    plain = _artifact(tmp_path, llama, "plain", method=method)
+    _overlap(monkeypatch, True)
+    threads = _solver_threads(monkeypatch)
+    overlapped = _artifact(tmp_path, llama, "overlapped", method=method)
+    assert overlapped == plain and len(plain) == 6
+    assert len(threads) == 4 and all(t.startswith("wq-solve") for t in threads)   # the overlap really ran
+
+
+def test_a_failed_solve_stops_the_job_with_its_cause(tmp_path, llama, monkeypatch):
+    _overlap(monkeypatch, True)
+
+    def broken(*args, **kwargs):
+        raise ValueError("solve broke on purpose")
+
+    monkeypatch.setattr(actor_module, "solve_block_", broken)
+    with pytest.raises(ValueError, match="solve broke on purpose"):
+        _artifact(tmp_path, llama, "broken")
+    assert not (tmp_path / "broken" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.gpu
+def test_overlap_on_the_gpu_writes_the_same_bytes(tmp_path, llama, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _overlap(monkeypatch, False)
+    plain = _artifact(tmp_path, llama, "plain", gpus_per_actor=1, samples=16)
+    monkeypatch.undo()
+    threads = _solver_threads(monkeypatch)
+    overlapped = _artifact(tmp_path, llama, "overlapped", gpus_per_actor=1, samples=16)
+    assert overlapped == plain
+    assert threads and all(t.startswith("wq-solve") for t in threads)

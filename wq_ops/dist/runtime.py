@@ -1,0 +1,206 @@
+"""Where the block actors run: on Ray (a cluster at --address, or a local Ray the driver starts), or, for a
+job of one actor on this machine, inside the driver's own process.
+
+Both give the driver the same few verbs: start the actors, `put` a value, `get` results, and call an actor
+method with `actor.method.remote(...)` (`.options(num_returns="streaming")` for a generator method). The
+in-process runtime exists because a one-actor job gains nothing from Ray but pays for it: starting a local
+Ray, and a second process that imports torch and transformers again, took 25 s of a 65 s job on an H100
+machine. Its calls run when they are made (a streaming call when its generator is iterated), in order,
+which is the order a single Ray actor runs them in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from wq_ops.config import Backend, JobConfig, RunConfig, Runtime
+from wq_ops.errors import ConfigError, ResourceError
+
+__all__ = ["ActorRuntime", "RayRuntime", "LocalRuntime", "choose_runtime"]
+
+
+def choose_runtime(run: RunConfig) -> "ActorRuntime":
+    """`--runtime auto` runs a one-actor job without a cluster address in-process, everything else on Ray."""
+    if run.runtime is Runtime.LOCAL:
+        if run.address or run.actors != 1:
+            raise ConfigError(f"runtime=local runs exactly one actor in the driver's process; this job has "
+                              f"actors={run.actors}" + (f" and address={run.address}" if run.address else "")
+                              + ": use --runtime ray (or auto)")
+        return LocalRuntime()
+    if run.runtime is Runtime.AUTO and run.address is None and run.actors == 1:
+        return LocalRuntime()
+    return RayRuntime()
+
+
+class ActorRuntime:
+    name: str
+
+    def start(self, job: JobConfig) -> None: ...
+    def start_actors(self, job: JobConfig) -> list[Any]: ...
+    def put(self, value: Any) -> Any: ...
+    def get(self, refs: Any, timeout: float | None = None) -> Any: ...
+    def stop(self, actors: list[Any]) -> None: ...
+
+
+class RayRuntime(ActorRuntime):
+    name = "ray"
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def start(self, job: JobConfig) -> None:
+        """Connect to the cluster at `address`, or start a local Ray."""
+        import ray
+
+        if ray.is_initialized():
+            return
+        run = job.run
+        if run.address:
+            ray.init(address=run.address, logging_level=logging.WARNING)
+        else:
+            # Exactly the CPUs the actors ask for: Ray starts idle workers for every logical CPU it is given,
+            # and os.cpu_count() can be the whole host's count inside a container; the driver needs none.
+            ray.init(num_cpus=run.actors * run.cpus_per_actor, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        self._started = True
+
+    def start_actors(self, job: JobConfig) -> list[Any]:
+        """One warm actor per --actors: each starts its process, device and kernels while the driver reads
+        the checkpoint's config and the calibration data."""
+        import ray
+
+        from wq_ops.dist.actor import BlockActor
+
+        self._check_resources(job.run)
+        remote_actor: Any = ray.remote(BlockActor)
+        return [remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
+                                     max_restarts=0).remote(job.run, job.quant.backend)
+                for _ in range(job.run.actors)]
+
+    @staticmethod
+    def _check_resources(run: RunConfig) -> None:
+        """Enough GPUs or CPUs in the cluster for every actor, else the actors would wait forever."""
+        import ray
+
+        resources = ray.cluster_resources()
+        if run.gpus_per_actor > 0:
+            need = run.actors * run.gpus_per_actor
+            if resources.get("GPU", 0) < need:
+                raise ResourceError(f"{run.actors} actors x {run.gpus_per_actor} GPU need {need:g} GPUs; the Ray "
+                                    f"cluster has {resources.get('GPU', 0):g}")
+            return
+        need_cpus = run.actors * run.cpus_per_actor
+        if resources.get("CPU", 0) < need_cpus:
+            raise ResourceError(f"{run.actors} actors x {run.cpus_per_actor} CPUs need {need_cpus}; the Ray "
+                                f"cluster has {resources.get('CPU', 0):g}")
+
+    def put(self, value: Any) -> Any:
+        import ray
+
+        return ray.put(value)
+
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
+        import ray
+
+        return ray.get(refs, timeout=timeout)
+
+    def stop(self, actors: list[Any]) -> None:
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)
+        if self._started:
+            ray.shutdown()
+
+
+@dataclass(frozen=True)
+class _Done:
+    """The result of an in-process call: its value, or the exception it raised (raised again by `get`,
+    as Ray raises a task's error where its result is fetched)."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+class _LocalMethod:
+    def __init__(self, actor: "_LocalActor", name: str, streaming: bool = False) -> None:
+        self.actor, self.name, self.streaming = actor, name, streaming
+
+    def options(self, *, num_returns: str | int | None = None) -> "_LocalMethod":
+        return _LocalMethod(self.actor, self.name, streaming=num_returns == "streaming")
+
+    def remote(self, *args: Any) -> Any:
+        # Ray resolves refs passed as arguments before the call: so does this.
+        args = tuple(_value(a) if isinstance(a, _Done) else a for a in args)
+        try:
+            method = getattr(self.actor.instance(), self.name)
+        except Exception as e:                       # the actor failed to start
+            return iter([_Done(error=e)]) if self.streaming else _Done(error=e)
+        if self.streaming:
+            return (_Done(value) for value in method(*args))   # runs as it is iterated, like Ray's stream
+        try:
+            return _Done(method(*args))
+        except Exception as e:
+            return _Done(error=e)
+
+
+class _LocalActor:
+    """A BlockActor built in a helper thread (CUDA context, kernels, warm-up), so that it starts while the
+    driver prepares the job; calls wait for it."""
+
+    def __init__(self, run: RunConfig, backend: Backend) -> None:
+        from wq_ops.dist.actor import BlockActor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-actor-start")
+        self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend)
+        self._pool.shutdown(wait=False)
+
+    def instance(self) -> Any:
+        return self._instance.result()
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _LocalMethod(self, name)
+
+
+def _value(done: _Done) -> Any:
+    if done.error is not None:
+        raise done.error
+    return done.value
+
+
+class LocalRuntime(ActorRuntime):
+    name = "local"
+
+    def start(self, job: JobConfig) -> None:
+        return None
+
+    def start_actors(self, job: JobConfig) -> list[Any]:
+        run = job.run
+        if run.gpus_per_actor > 0:
+            import torch
+
+            have = torch.cuda.device_count()
+            if have < math.ceil(run.gpus_per_actor):
+                raise ResourceError(f"gpus_per_actor={run.gpus_per_actor:g}: the in-process actor needs a GPU and "
+                                    f"torch sees {have} on this machine")
+        return [_LocalActor(run, job.quant.backend)]
+
+    def put(self, value: Any) -> Any:
+        return _Done(value)
+
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
+        if isinstance(refs, list):
+            return [_value(r) for r in refs]
+        return _value(refs)
+
+    def stop(self, actors: list[Any]) -> None:
+        for actor in actors:
+            if actor._instance.done() and actor._instance.exception() is None:
+                actor.instance().close()
+
