@@ -12,10 +12,11 @@ time: `forward_span` (float propagation, all but the last), `run_span` (every ac
 `forward_microbatch` for each micro-batch (taking the previous actor's output ref), `solve_span`.
 `run_span` and `solve_span` are streaming generators that yield one `ShardRecord` per block (the staged
 shard's path, tensor names, size, checksum and metrics) as soon as it is on disk. In `run_span`, two helper
-threads overlap the phases of
-neighbouring blocks: block i + 1's tensors load (on a copy stream) while block i computes, and block
-i - 1's shard is written and hashed meanwhile; compute itself stays in one thread, in block order, so
-results never depend on timing. Activations enter and leave as object refs; no tensor goes to the driver.
+threads overlap the phases of neighbouring blocks: block i + 1's tensors load (on a copy stream) while
+block i computes, and block i - 1's shard is written and hashed meanwhile. With float propagation on a GPU a third thread solves block
+i on a side stream while block i + 1 calibrates. Each computation runs in block order on its own inputs,
+so results never depend on timing. Activations enter and leave as object refs; no tensor goes to the driver.
+The same class also runs inside the driver's process (wq_ops/dist/runtime.py) for a job of one actor.
 """
 
 from __future__ import annotations
@@ -486,8 +487,8 @@ class BlockActor:
     def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
                      ready: Any) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
         """In the solver thread: quantize a calibrated block on the solve stream, once its statistics are
-        complete. Returns what `_stage_block` takes; the block's device tensors are dropped after the host
-        copy, which waits for the solve stream, so no queued kernel still reads them."""
+        complete. Returns what `_stage_block` takes; the block's device tensors are dropped only once the
+        solve stream is drained, so no queued kernel still reads them when the allocator reuses them."""
         layout, job = self.spec.layout, self.spec.job
         stream = contextlib.nullcontext()
         if self.solve_stream is not None:
@@ -499,6 +500,8 @@ class BlockActor:
                                    quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
                                    linears=layout.linears, pad_intermediate=self.spec.pad_intermediate)
             host = self._host_outcome(outcome, loaded)
+        if self.solve_stream is not None:
+            self.solve_stream.synchronize()   # (the host copy waited already, unless every layer was ignored)
         del loaded.params, calibration, outcome
         return host
 
