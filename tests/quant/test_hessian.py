@@ -3,6 +3,7 @@ import torch
 
 from wq_ops.quant.hessian import (
     accumulate_input_stats_,
+    add_upper_gram_,
     hessian_of,
     new_input_stats,
     output_error,
@@ -63,3 +64,35 @@ def test_quadratic_sum_on_tensor_cores_is_within_its_stated_error(gen):
     for _ in range(3):                                          # fresh random inputs each time
         d, h, exact = _quadratic_case(gen, "cuda")
         assert abs(float(quadratic_sum(d, h)) / exact - 1) < 2e-3
+
+
+@pytest.mark.parametrize("n,min_block", [(100, 16), (37, 16), (64, 64), (4096, 2048)])
+def test_upper_gram_blocks_match_float64(gen, n, min_block):
+    """Up to 4 uneven column blocks, each block row against every column from its block on."""
+    x = torch.randn(50, n, generator=gen, dtype=torch.float64)
+    xtx = torch.zeros(n, n, dtype=torch.float32)
+    add_upper_gram_(xtx, x.to(torch.float32), min_block=min_block)
+    add_upper_gram_(xtx, x.to(torch.float32), min_block=min_block)           # it accumulates
+    ref = 2 * x.T @ x
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool))
+    assert torch.allclose(xtx.double()[upper], ref[upper], rtol=1e-5, atol=1e-4)
+
+
+def test_hessian_is_exactly_symmetric(gen):
+    stats = new_input_stats(300, "cpu")
+    accumulate_input_stats_(stats, torch.randn(2, 40, 300, generator=gen))
+    h = hessian_of(stats)
+    assert torch.equal(h, h.T)
+
+
+@pytest.mark.gpu
+def test_tensor_core_gram_matches_float64(gen):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for n in (2048, 4096, 5000, 8192):                              # 1, 2, 2 (uneven) and 4 column blocks
+        x = torch.randn(3, 256, n, generator=gen).to(torch.bfloat16)
+        stats = new_input_stats(n, "cuda")
+        for chunk in x.split(1):
+            accumulate_input_stats_(stats, chunk.cuda())
+        xd = x.double().reshape(-1, n)
+        assert torch.allclose(hessian_of(stats).double().cpu(), xd.T @ xd / xd.shape[0], rtol=1e-4, atol=1e-5)

@@ -490,7 +490,7 @@ class BlockActor:
         complete. Returns what `_stage_block` takes; the block's device tensors are dropped only once the
         solve stream is drained, so no queued kernel still reads them when the allocator reuses them."""
         layout, job = self.spec.layout, self.spec.job
-        stream = contextlib.nullcontext()
+        stream: Any = contextlib.nullcontext()
         if self.solve_stream is not None:
             self.solve_stream.wait_event(ready)
             stream = torch.cuda.stream(self.solve_stream)

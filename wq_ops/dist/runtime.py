@@ -15,7 +15,7 @@ import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from wq_ops.config import Backend, JobConfig, RunConfig, Runtime
 from wq_ops.errors import ConfigError, ResourceError
@@ -36,17 +36,28 @@ def choose_runtime(run: RunConfig) -> "ActorRuntime":
     return RayRuntime()
 
 
-class ActorRuntime:
+class ActorRuntime(Protocol):
+    """What the driver needs of a runtime."""
+
     name: str
 
-    def start(self, job: JobConfig) -> None: ...
-    def start_actors(self, job: JobConfig) -> list[Any]: ...
-    def put(self, value: Any) -> Any: ...
-    def get(self, refs: Any, timeout: float | None = None) -> Any: ...
-    def stop(self, actors: list[Any]) -> None: ...
+    def start(self, job: JobConfig) -> None:
+        """Whatever must run before actors exist (a local Ray, or the connection to a cluster)."""
+
+    def start_actors(self, job: JobConfig) -> list[Any]:
+        """The job's warm actors; they start in the background."""
+
+    def put(self, value: Any) -> Any:
+        """A ref to `value`, passable to actor methods."""
+
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
+        """The value(s) behind a ref or a list of refs; raises the error of a failed call."""
+
+    def stop(self, actors: list[Any]) -> None:
+        """End the actors and whatever `start` started."""
 
 
-class RayRuntime(ActorRuntime):
+class RayRuntime:
     name = "ray"
 
     def __init__(self) -> None:
@@ -174,7 +185,7 @@ def _value(done: _Done) -> Any:
     return done.value
 
 
-class LocalRuntime(ActorRuntime):
+class LocalRuntime:
     name = "local"
 
     def start(self, job: JobConfig) -> None:
