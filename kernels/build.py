@@ -26,8 +26,11 @@ HOST_FLAGS = ["-O3", "-std=c++17"]
 
 
 def _source_digest() -> str:
-    """Of every source and the flags: a build's name says exactly what it was built from."""
-    h = hashlib.sha256("\0".join(CUDA_FLAGS + HOST_FLAGS).encode())
+    """Of every source, the flags and torch's version: a build's name says exactly what it was built from
+    and against (a build loaded directly skips torch's own checks)."""
+    import torch
+
+    h = hashlib.sha256("\0".join(CUDA_FLAGS + HOST_FLAGS + [torch.__version__, str(torch.version.cuda)]).encode())
     for path in SOURCES + sorted((ROOT / "include").glob("*")):
         h.update(path.name.encode())
         h.update(path.read_bytes())

@@ -80,3 +80,18 @@ def test_in_process_failure_stops_the_job_with_its_cause(tmp_path, llama):
     result = run_job(job(tmp_path, "o", model=str(model), calib=str(calib)), cache_dir=tmp_path / "cache")
     report = json.loads((result.out_dir / "wq_report.json").read_text())
     assert sum(r.get("resumed", False) for r in report["blocks"]) >= 2
+
+
+def test_in_process_call_that_fails_stops_the_job_with_its_own_cause(tmp_path, llama, monkeypatch):
+    """embed's result is never fetched by the driver: its failure must still stop the job, named."""
+    from wq_ops.dist.actor import BlockActor
+
+    def broken(self, spec, ids):
+        raise OSError("embedding table unreadable on purpose")
+
+    monkeypatch.setattr(BlockActor, "embed", broken)
+    threads = torch.get_num_threads()
+    model, calib = llama
+    with pytest.raises(OSError, match="unreadable on purpose"):
+        run_job(job(tmp_path, "o", model=str(model), calib=str(calib)), cache_dir=tmp_path / "cache")
+    assert torch.get_num_threads() == threads

@@ -42,7 +42,7 @@ from wq_ops.dist.transport import HostTensor, from_host, to_host
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
-from wq_ops.model.architecture import ModelLayout, instantiate_on_meta
+from wq_ops.model.architecture import ModelLayout, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
 
 __all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
@@ -137,7 +137,7 @@ class BlockActor:
             _warm_up_libraries(self.device)
         # transformers (the job's config and model skeleton need it) is imported now, not by the first call:
         # it took 12 s on the H100 machine, on the critical path.
-        import transformers.modeling_utils  # noqa: F401
+        import_transformers()
         # Wall-clock marks of the warm start, for the report (where start-up time goes).
         self.startup = {"imported_at": _IMPORTED_AT, "init_at": t0, "device_s": round(t1 - t0, 3),
                         "kernels_s": round(t2 - t1, 3), "warmup_s": round(time.time() - t2, 3),
@@ -494,16 +494,18 @@ class BlockActor:
         if self.solve_stream is not None:
             self.solve_stream.wait_event(ready)
             stream = torch.cuda.stream(self.solve_stream)
-        with stream:
-            block = DecoderBlock(self.blocks[index], self._context(index))
-            outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
-                                   quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
-                                   linears=layout.linears, pad_intermediate=self.spec.pad_intermediate)
-            host = self._host_outcome(outcome, loaded)
-        if self.solve_stream is not None:
-            self.solve_stream.synchronize()   # (the host copy waited already, unless every layer was ignored)
-        del loaded.params, calibration, outcome
-        return host
+        try:
+            with stream:
+                block = DecoderBlock(self.blocks[index], self._context(index))
+                outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
+                                       quant=job.quant, fmt=job.format, block_index=index,
+                                       prefix=layout.block_prefix, linears=layout.linears,
+                                       pad_intermediate=self.spec.pad_intermediate)
+                return self._host_outcome(outcome, loaded)
+        finally:
+            if self.solve_stream is not None:
+                self.solve_stream.synchronize()   # also after an error: nothing queued may still read them
+            del loaded.params, calibration
 
     def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
         return self._stage_block(index, *solving.result())

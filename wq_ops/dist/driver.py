@@ -35,7 +35,7 @@ from wq_ops.formats.tp_compat import (DEFAULT_TP_SIZES, CompatReport, attention_
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifact
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
-from wq_ops.model.architecture import SUPPORTED_ARCHITECTURES, ModelLayout, describe_model
+from wq_ops.model.architecture import SUPPORTED_ARCHITECTURES, ModelLayout, describe_model, import_transformers
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
@@ -121,6 +121,7 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
 def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     """Resolve the checkpoint, read its config, check the options against the model, tokenize the
     calibration data and check the output directory: every refusal that needs no cluster happens here."""
+    import_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
     format_module(job.format)

@@ -182,7 +182,8 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
         for s in layout.linears:
             per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
         stats = max(per_stage_bytes.values())
-    hessians = stats + (2 * 4 * max_in * max_in if job.quant.method is Method.GPTQ else 0)
+    # hessian_of's mirrored copy of the largest Hessian, plus GPTQ's working Hessian and inverse factor.
+    hessians = stats + 4 * max_in * max_in * (3 if job.quant.method is Method.GPTQ else 1)
     activation = t * layout.hidden_size * elt
     if resident:   # the micro-batches in flight; the first actor holds the embedded set until it streams out
         activations = 3 * mb * activation + (n * activation if first else 0)
@@ -196,7 +197,7 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
     workspace = 2 * mb * t * widest * elt
     if job.quant.method is Method.AWQ:         # search samples' inputs, kept by every resident block
         kept = min(n, job.quant.awq_search_samples)
-        workspace += (resident or 1) * 3 * kept * t * max_in * elt
+        workspace += (resident or (2 if overlapped else 1)) * 3 * kept * t * max_in * elt
     return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
 
 

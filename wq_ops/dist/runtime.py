@@ -130,11 +130,9 @@ class RayRuntime:
 
 @dataclass(frozen=True)
 class _Done:
-    """The result of an in-process call: its value, or the exception it raised (raised again by `get`,
-    as Ray raises a task's error where its result is fetched)."""
+    """The result of an in-process call (or a value put): what `get` gives back."""
 
     value: Any = None
-    error: BaseException | None = None
 
 
 class _LocalMethod:
@@ -145,18 +143,15 @@ class _LocalMethod:
         return _LocalMethod(self.actor, self.name, streaming=num_returns == "streaming")
 
     def remote(self, *args: Any) -> Any:
+        """Run the call now (a streaming call as it is iterated). Unlike Ray, an error is raised here, at
+        the call: the driver does not fetch every result (embed's, stage_head's), and a failure in one
+        must stop the job with its own cause, not with a confusing one later."""
         # Ray resolves refs passed as arguments before the call: so does this.
         args = tuple(_value(a) if isinstance(a, _Done) else a for a in args)
-        try:
-            method = getattr(self.actor.instance(), self.name)
-        except Exception as e:                       # the actor failed to start
-            return iter([_Done(error=e)]) if self.streaming else _Done(error=e)
+        method = getattr(self.actor.instance(), self.name)
         if self.streaming:
             return (_Done(value) for value in method(*args))   # runs as it is iterated, like Ray's stream
-        try:
-            return _Done(method(*args))
-        except Exception as e:
-            return _Done(error=e)
+        return _Done(method(*args))
 
 
 class _LocalActor:
@@ -164,8 +159,11 @@ class _LocalActor:
     driver prepares the job; calls wait for it."""
 
     def __init__(self, run: RunConfig, backend: Backend) -> None:
+        import torch
+
         from wq_ops.dist.actor import BlockActor
 
+        self.threads_before = torch.get_num_threads()     # the actor sets the process's; given back at stop
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-actor-start")
         self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend)
         self._pool.shutdown(wait=False)
@@ -180,8 +178,6 @@ class _LocalActor:
 
 
 def _value(done: _Done) -> Any:
-    if done.error is not None:
-        raise done.error
     return done.value
 
 
@@ -211,7 +207,12 @@ class LocalRuntime:
         return _value(refs)
 
     def stop(self, actors: list[Any]) -> None:
+        """Wait for an actor still starting (its thread would hold the process open anyway), let it finish
+        staging, and give the process its torch thread count back, whether the job worked or not."""
+        import torch
+
         for actor in actors:
-            if actor._instance.done() and actor._instance.exception() is None:
+            if actor._instance.exception() is None:        # waits for the start-up
                 actor.instance().close()
+            torch.set_num_threads(actor.threads_before)
 

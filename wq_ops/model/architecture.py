@@ -7,6 +7,7 @@ architecture is refused before work starts.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,8 @@ from torch import nn
 
 from wq_ops.errors import CheckpointError
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LinearSpec", "ModelLayout", "describe_model", "instantiate_on_meta",
-           "storage_dtype_of"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "LinearSpec", "ModelLayout", "describe_model", "import_transformers",
+           "instantiate_on_meta", "storage_dtype_of"]
 
 # Architectures whose decoder layers we have checked against the model's own forward (tests/model).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -84,6 +85,17 @@ def storage_dtype_of(config: Any) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise CheckpointError(f"config dtype {value}: expected bfloat16, float16 or float32")
     return dtype
+
+
+_TRANSFORMERS_IMPORT = threading.Lock()
+
+
+def import_transformers() -> None:
+    """Import transformers' model machinery once per process, under one lock: the driver's prepare thread
+    and an in-process actor's start-up thread both need it, and transformers' lazy modules are not safe to
+    import from two threads at once."""
+    with _TRANSFORMERS_IMPORT:
+        import transformers.modeling_utils  # noqa: F401
 
 
 def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
