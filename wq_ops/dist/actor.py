@@ -113,7 +113,6 @@ class BlockActor:
         """The warm start: the process, torch, the device and the kernels. The driver creates the actors
         first thing, so this overlaps with reading the checkpoint's config and the calibration data."""
         t0 = time.time()
-        self._threads_before = torch.get_num_threads()     # restored by close() (an in-process actor)
         torch.set_num_threads(run.cpus_per_actor)
         if run.gpus_per_actor > 0:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -377,7 +376,6 @@ class BlockActor:
         shard is staged (written meanwhile by a helper thread); each block's weights leave the device as
         soon as it is solved."""
         self._use(spec)
-        layout, job = self.spec.layout, self.spec.job
         if self.micro_seen != self.micro_expected:   # statistics of part of the calibration set: never stage
             raise RuntimeError(f"actor {self.spec.rank}: {self.micro_seen} of {self.micro_expected} calibration "
                                "micro-batches reached this span (an earlier forward failed); nothing was staged")
@@ -389,14 +387,8 @@ class BlockActor:
                         assert loaded.finished is not None
                         yield _done(loaded.finished)
                         continue
-                    block = DecoderBlock(self.blocks[index], self._context(index))
-                    outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
-                                           quant=job.quant, fmt=job.format, block_index=index,
-                                           prefix=layout.block_prefix, linears=layout.linears,
-                                           pad_intermediate=self.spec.pad_intermediate)
-                    future = writer.submit(self._stage_block, index, *self._host_outcome(outcome, loaded))
-                    del loaded, calibration, outcome      # the block's weights leave the device now
-                    yield future
+                    # The block's weights leave the device as it is solved.
+                    yield writer.submit(self._stage_block, index, *self._solve_block(index, loaded, calibration))
 
             for record in _in_order(staged()):
                 yield self._counted(record)
@@ -485,13 +477,15 @@ class BlockActor:
         return calibration, ready
 
     def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
-                     ready: Any) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
-        """In the solver thread: quantize a calibrated block on the solve stream, once its statistics are
-        complete. Returns what `_stage_block` takes; the block's device tensors are dropped only once the
-        solve stream is drained, so no queued kernel still reads them when the allocator reuses them."""
+                     ready: Any = None) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
+        """Quantize a calibrated block and drop its weights from the device. Returns what `_stage_block`
+        takes. With `ready` (the overlapped path, in the solver thread) it runs on the solve stream once
+        the statistics are complete, and the tensors are dropped only once that stream is drained, so no
+        queued kernel still reads them when the allocator reuses them; else on the current stream."""
         layout, job = self.spec.layout, self.spec.job
+        side = ready is not None and self.solve_stream is not None
         stream: Any = contextlib.nullcontext()
-        if self.solve_stream is not None:
+        if side:
             self.solve_stream.wait_event(ready)
             stream = torch.cuda.stream(self.solve_stream)
         try:
@@ -503,7 +497,7 @@ class BlockActor:
                                        pad_intermediate=self.spec.pad_intermediate)
                 return self._host_outcome(outcome, loaded)
         finally:
-            if self.solve_stream is not None:
+            if side:
                 self.solve_stream.synchronize()   # also after an error: nothing queued may still read them
             del loaded.params, calibration
 
@@ -553,7 +547,6 @@ class BlockActor:
         self._outer_writer.shutdown(wait=True)
         self.batches, self.span = [], {}
         self._spec = None
-        torch.set_num_threads(self._threads_before)
 
     def handoff_times(self) -> dict[str, float]:
         """When this actor's inputs arrived and its outputs were handed on (absent: not applicable)."""

@@ -352,6 +352,7 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
     inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor] = block.self_attn if stage == "self_attn" else block.mlp
     scales: dict[str, Tensor] = {}
     searches: dict[str, awq.ScaleSearch] = {}
+    hessians: dict[str, Tensor] = {}      # a lone linear's H serves its scale search and then its clip search
     for group in groups:
         if group.producer is None:
             continue
@@ -359,7 +360,8 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
         x_mean = cap.stats.abs_sum / max(cap.stats.n_tokens, 1)
         weights = {n: work[n + ".weight"] for n in group.names}
         if len(group.names) == 1:
-            loss_of = _linear_loss(weights, hessian_of(cap.stats))
+            hessians[group.names[0]] = hessian_of(cap.stats)
+            loss_of = _linear_loss(weights, hessians[group.names[0]])
         else:
             loss_of = _module_loss(inspect, work, cap.kept, dtype)
         search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
@@ -376,7 +378,9 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
 
     for group in groups:
         cap = captures[group.names[0]]
-        h = hessian_of(cap.stats)
+        h = hessians.pop(group.names[0], None)
+        if h is None:
+            h = hessian_of(cap.stats)
         group_scale = scales.get(group.names[0])
         if group_scale is not None:
             h = h / torch.outer(group_scale, group_scale)          # the Hessian of the scaled input x / s

@@ -147,7 +147,7 @@ class _LocalMethod:
         the call: the driver does not fetch every result (embed's, stage_head's), and a failure in one
         must stop the job with its own cause, not with a confusing one later."""
         # Ray resolves refs passed as arguments before the call: so does this.
-        args = tuple(_value(a) if isinstance(a, _Done) else a for a in args)
+        args = tuple(a.value if isinstance(a, _Done) else a for a in args)
         method = getattr(self.actor.instance(), self.name)
         if self.streaming:
             return (_Done(value) for value in method(*args))   # runs as it is iterated, like Ray's stream
@@ -177,10 +177,6 @@ class _LocalActor:
         return _LocalMethod(self, name)
 
 
-def _value(done: _Done) -> Any:
-    return done.value
-
-
 class LocalRuntime:
     name = "local"
 
@@ -202,9 +198,10 @@ class LocalRuntime:
         return _Done(value)
 
     def get(self, refs: Any, timeout: float | None = None) -> Any:
+        """The calls behind refs have already run (or raised), so there is nothing to wait for."""
         if isinstance(refs, list):
-            return [_value(r) for r in refs]
-        return _value(refs)
+            return [r.value for r in refs]
+        return refs.value
 
     def stop(self, actors: list[Any]) -> None:
         """Wait for an actor still starting (its thread would hold the process open anyway), let it finish
