@@ -113,6 +113,20 @@ def synced_timers(totals: dict[str, list[float]]) -> Iterator[None]:
             setattr(module, fn_name, fn)
 
 
+def profile_cold_block(setup: tuple[Any, ...], args: argparse.Namespace) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    method, propagation = args.cases.split(",")[0].split(":")
+    quant = QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", act_order=method == "gptq",
+                        backend="cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        run_block(setup, quant, Propagation(propagation))
+        cold = time.perf_counter() - t
+    print(f"\n== cold first block ({args.cases.split(',')[0]}): {cold:.3f} s (profiled)")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top, max_name_column_width=60))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
@@ -122,9 +136,17 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--cold", action="store_true", help="first profile the first block of the first case, after only "
+                   "the actor's library warm-up: what a job's block 0 pays for first calls")
     args = p.parse_args()
     device = torch.device("cuda")
+    if args.cold:
+        from wq_ops.dist.actor import _warm_up_libraries
+
+        _warm_up_libraries(device)
     setup = make_block(args.shape, samples=args.samples, seq_len=args.seq_len, micro=args.micro_batch, device=device)
+    if args.cold:
+        profile_cold_block(setup, args)
     for case in args.cases.split(","):
         method, propagation = case.split(":")
         quant = QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", act_order=method == "gptq",

@@ -121,5 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The command line (`wq`, `python -m jobs.quantize`): main(), then exit without the interpreter's
+    teardown. Everything the job writes is closed and renamed into place before main returns; what is
+    left is freeing the GPU's memory and context object by object, 1.7 s of a 15 s job on the H100."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -76,7 +76,7 @@ def test_pretokenized_parquet_rows_are_used_as_given(tmp_path):
 
     rows = [[i * 100 + j for j in range(12)] for i in range(5)]
     pq.write_table(pa.table({"input_ids": rows}), tmp_path / "ids.parquet")
-    ids = calibration_tokens(str(tmp_path / "ids.parquet"), None, n_samples=3, seq_len=10, seed=0)
+    ids = calibration_tokens(str(tmp_path / "ids.parquet"), _no_tokenizer, n_samples=3, seq_len=10, seed=0)
     assert ids.tolist() == [r[:10] for r in rows[:3]]
 
 
@@ -90,6 +90,10 @@ def test_pretokenized_rows_too_short_or_too_few_are_refused(tmp_path):
 
     pq.write_table(pa.table({"input_ids": [[1, 2, 3], [4, 5]]}), tmp_path / "ids.parquet")
     with pytest.raises(ConfigError, match="row 1 has fewer than seq_len=3"):
-        calibration_tokens(str(tmp_path), None, n_samples=2, seq_len=3, seed=0)
+        calibration_tokens(str(tmp_path), _no_tokenizer, n_samples=2, seq_len=3, seed=0)
     with pytest.raises(ConfigError, match="2 pre-tokenized rows, fewer than samples=4"):
-        calibration_tokens(str(tmp_path), None, n_samples=4, seq_len=2, seed=0)
+        calibration_tokens(str(tmp_path), _no_tokenizer, n_samples=4, seq_len=2, seed=0)
+
+
+def _no_tokenizer():
+    raise AssertionError("pre-tokenized rows need no tokenizer")

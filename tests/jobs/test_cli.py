@@ -51,3 +51,27 @@ def test_ray_address_comes_from_the_environment(tmp_path, captured, monkeypatch)
     with pytest.raises(SystemExit):
         cli.main(["--model", "m", "--out", str(tmp_path)])
     assert captured["job"].run.address == "ray://head:10001"
+
+
+def test_the_command_line_exits_fast_with_everything_written(tmp_path):
+    """`python -m jobs.quantize` skips the interpreter's teardown: the artifact, its index, report and the
+    closing line must all be out first, and the exit code must still say what happened."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "WQ_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "jobs.quantize", "--out", str(out), "--runtime", "local"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"wrote {out}:"), done.stdout
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert all((out / shard).is_file() for shard in set(index["weight_map"].values()))
+    assert json.loads((out / "wq_report.json").read_text())["totals"]["layers_quantized"] > 0
+    bad = subprocess.run([sys.executable, "-m", "jobs.quantize", "--out", str(out), "--bits", "5"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "wq: error: bits=5" in bad.stderr

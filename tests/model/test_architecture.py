@@ -43,3 +43,25 @@ def test_moe_architecture_is_refused():
     config.architectures = ["MixtralForCausalLM"]
     with pytest.raises(CheckpointError, match="unsupported architecture MixtralForCausalLM"):
         describe_model(config)
+
+
+def test_importing_transformers_for_a_job_leaves_scikit_learn_alone(tmp_path):
+    """transformers <= 5.20 imports scikit-learn at import time wherever it is installed (1.5 s a job on the
+    H100 machine); wq's import must not. A scikit-learn that fails on import stands in for the real one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "sklearn"
+    (fake / "metrics").mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('scikit-learn was imported')\n")
+    (fake / "metrics" / "__init__.py").write_text("")
+    code = ("import sys; from wq_ops.model.architecture import import_transformers, instantiate_on_meta; "
+            "import_transformers(); import transformers.models.llama.modeling_llama; "
+            "assert 'sklearn' not in sys.modules, 'sklearn imported'; "
+            "import transformers.utils as u; assert u.is_sklearn_available() is True; print('ok')")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

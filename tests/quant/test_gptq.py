@@ -144,3 +144,36 @@ def test_gptq_scales_cover_every_group_after_storage_rounding(bits):
     assert bool((gptq.scale.to(torch.bfloat16).float() == gptq.scale).all())      # still stored exactly
     rtn = quantize_rtn(w, **kw)
     assert bool((rtn.scale < exact).any()) and bool((rtn.scale <= exact * (1 + 2**-8)).all())
+
+
+@pytest.mark.parametrize("n,leaf", [(1, 4), (5, 4), (64, 8), (257, 16), (300, 1024)])
+def test_lower_triangular_inverse_matches_float64(n, leaf):
+    """The blockwise inverse (uneven halves and leaves included) against float64 on a fresh, moderately
+    conditioned Cholesky factor, within float32 rounding."""
+    from wq_ops.quant.gptq import lower_triangular_inverse
+
+    g = torch.Generator().manual_seed(1000 + n)
+    x = torch.randn(2 * n + 8, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / x.shape[0] + 0.01 * torch.eye(n, dtype=torch.float64))
+    expected = torch.linalg.inv(lower)
+    got = lower_triangular_inverse(lower.float(), leaf=leaf)
+    assert torch.equal(got, torch.tril(got))
+    err = (got.double() - expected).norm() / expected.norm()
+    assert err < 1e-5, err
+    torch.testing.assert_close(lower_triangular_inverse(lower, leaf=leaf), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_lower_triangular_inverse_on_the_gpu_matches_float64():
+    """float32 on cuBLAS (uneven halves down to 1024-column leaves), fresh factors each run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from wq_ops.quant.gptq import lower_triangular_inverse
+
+    for n in (1000, 3001, 4096):
+        x = torch.randn(2 * n, n, device="cuda", dtype=torch.float64) * torch.logspace(-1, 1, n, device="cuda",
+                                                                                       dtype=torch.float64)
+        lower = torch.linalg.cholesky(x.T @ x / x.shape[0] + 0.01 * torch.eye(n, device="cuda", dtype=torch.float64))
+        got = lower_triangular_inverse(lower.float())
+        expected = torch.linalg.inv(lower)
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-5

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -134,15 +134,16 @@ def _token_rows(source: str | None) -> list[list[int]] | None:
     return [row for f in files for row in pq.read_table(f, columns=[TOKEN_COLUMN]).column(0).to_pylist()]
 
 
-def calibration_tokens(source: str | None, tokenizer: Any, *, n_samples: int, seq_len: int, seed: int,
-                       text_column: str = "text") -> Tensor:
-    """(n_samples, seq_len) int64. Text: windows at random starts (seed) of the tokenized corpus.
-    Pre-tokenized parquet (an `input_ids` column): its first n_samples rows, each cut to seq_len, as given,
-    so that another tool fed the same rows calibrates on the same tokens."""
+def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *, n_samples: int, seq_len: int,
+                       seed: int, text_column: str = "text") -> Tensor:
+    """(n_samples, seq_len) int64. Text: windows at random starts (seed) of the corpus, tokenized by
+    load_tokenizer() (called only for text: loading a tokenizer imports its whole library, a second of
+    start-up). Pre-tokenized parquet (an `input_ids` column): its first n_samples rows, each cut to
+    seq_len, as given, so that another tool fed the same rows calibrates on the same tokens."""
     rows = _token_rows(source)
     if rows is None:
-        return sample_windows(tokenize_corpus(load_texts(source, text_column=text_column), tokenizer),
-                              n_samples=n_samples, seq_len=seq_len, seed=seed)
+        texts = load_texts(source, text_column=text_column)
+        return sample_windows(tokenize_corpus(texts, load_tokenizer()), n_samples=n_samples, seq_len=seq_len, seed=seed)
     if len(rows) < n_samples:
         raise ConfigError(f"--calib {source}: {len(rows)} pre-tokenized rows, fewer than samples={n_samples}")
     short = [i for i, r in enumerate(rows[:n_samples]) if r is None or len(r) < seq_len]

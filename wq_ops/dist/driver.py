@@ -122,7 +122,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     """Resolve the checkpoint, read its config, check the options against the model, tokenize the
     calibration data and check the output directory: every refusal that needs no cluster happens here."""
     import_transformers()
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     format_module(job.format)
     model = job.model or str(ensure_tiny_checkpoint(cache_dir / "models"))
@@ -152,9 +152,14 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         raise ConfigError(f"seq_len={job.calib.seq_len}: longer than the model's max_position_embeddings="
                           f"{hf_config.max_position_embeddings}")
     check_output_dir(Path(job.out), overwrite=job.overwrite)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
-    ids = calibration_tokens(job.calib.source, tokenizer, n_samples=job.calib.n_samples, seq_len=job.calib.seq_len,
-                             seed=job.calib.seed, text_column=job.calib.text_column)
+
+    def load_tokenizer() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
+
+    ids = calibration_tokens(job.calib.source, load_tokenizer, n_samples=job.calib.n_samples,
+                             seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column)
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {layout.vocab_size}")
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,

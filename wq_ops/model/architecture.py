@@ -7,6 +7,7 @@ architecture is refused before work starts.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,26 @@ def import_transformers() -> None:
     and an in-process actor's start-up thread both need it, and transformers' lazy modules are not safe to
     import from two threads at once."""
     with _TRANSFORMERS_IMPORT:
-        import transformers.modeling_utils  # noqa: F401
+        if "transformers.modeling_utils" in sys.modules:
+            return
+        import transformers.utils as transformers_utils
+
+        # transformers up to about 5.20 imports scikit-learn (and with it scipy) at import time wherever it is
+        # installed, only for assisted generation's acceptance threshold: 1.5 s of every job on the H100
+        # machine. wq never generates, so modules imported here see it as absent; newer transformers import
+        # it only when generating.
+        sklearn_check = getattr(transformers_utils, "is_sklearn_available", None)
+        if sklearn_check is not None:
+            transformers_utils.is_sklearn_available = _sklearn_not_needed
+        try:
+            import transformers.modeling_utils  # noqa: F401
+        finally:
+            if sklearn_check is not None:
+                transformers_utils.is_sklearn_available = sklearn_check
+
+
+def _sklearn_not_needed() -> bool:
+    return False
 
 
 def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:

@@ -11,15 +11,20 @@ __all__ = ["build_report", "library_versions"]
 
 
 def library_versions() -> dict[str, str]:
-    import ray
-    import safetensors
-    import torch
-    import transformers
+    """Versions of the libraries the job ran with, from package metadata: importing Ray only to read its
+    version cost a second at the end of every job that ran without it."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import wq_ops
 
-    return {"wq": wq_ops.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__, "ray": ray.__version__}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"wq": wq_ops.__version__, "python": platform.python_version(),
+            **{name: installed(name) for name in ("torch", "transformers", "safetensors", "ray")}}
 
 
 def _geomean(values: Sequence[float]) -> float:
