@@ -108,6 +108,7 @@ def import_transformers() -> None:
         if sklearn_check is not None:
             transformers_utils.is_sklearn_available = _sklearn_not_needed
         try:
+            import transformers.generation.utils  # noqa: F401  (the module that imports scikit-learn)
             import transformers.modeling_utils  # noqa: F401
         finally:
             if sklearn_check is not None:
