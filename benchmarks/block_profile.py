@@ -113,12 +113,17 @@ def synced_timers(totals: dict[str, list[float]]) -> Iterator[None]:
             setattr(module, fn_name, fn)
 
 
+def quant_for(method: str) -> QuantConfig:
+    """The benchmark's setting: W4 g128, symmetric GPTQ with act-order, asymmetric AWQ, our CUDA kernels."""
+    return QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", act_order=method == "gptq",
+                       backend="cuda")
+
+
 def profile_cold_block(setup: tuple[Any, ...], args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     method, propagation = args.cases.split(",")[0].split(":")
-    quant = QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", act_order=method == "gptq",
-                        backend="cuda")
+    quant = quant_for(method)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         run_block(setup, quant, Propagation(propagation))
@@ -141,16 +146,15 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     if args.cold:
-        from wq_ops.dist.actor import _warm_up_libraries
+        from wq_ops.dist.actor import warm_up_libraries
 
-        _warm_up_libraries(device)
+        warm_up_libraries(device)
     setup = make_block(args.shape, samples=args.samples, seq_len=args.seq_len, micro=args.micro_batch, device=device)
     if args.cold:
         profile_cold_block(setup, args)
     for case in args.cases.split(","):
         method, propagation = case.split(":")
-        quant = QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", act_order=method == "gptq",
-                            backend="cuda")
+        quant = quant_for(method)
         prop = Propagation(propagation)
         run_block(setup, quant, prop)                                   # warm-up: kernels, autotuning
         walls = []

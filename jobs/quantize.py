@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
                    help="float propagation: stream micro-batches through each actor's resident span, actor to "
                         "actor (all actors busy at once), or move one block at a time (least memory); auto: "
                         "stream when there are several actors and the span fits (default auto)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray, or none "
+                   "for one actor: see --runtime)")
     p.add_argument("--runtime", choices=["auto", "ray", "local"],
                    help="where the actors run: ray, or local (one actor in this process, no Ray start-up); "
                         "auto: local for one actor without --address, else ray (default auto)")

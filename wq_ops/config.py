@@ -170,7 +170,7 @@ class RunConfig:
     cpus_per_actor: int = 1            # also the actor's torch thread count
     micro_batch_samples: int = 8       # calibration samples per forward call inside an actor
     actor_memory_gib: float | None = None   # None: measured from the actor's device (GPU memory or host RAM)
-    address: str | None = None         # Ray cluster address; None: start a local Ray
+    address: str | None = None         # Ray cluster address; None: a local Ray, or in-process (see runtime)
     propagation: Propagation = Propagation.QUANTIZED
     span_mode: SpanMode = SpanMode.AUTO
     runtime: Runtime = Runtime.AUTO

@@ -45,7 +45,7 @@ from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
 
-__all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
+__all__ = ["ActorSpec", "ShardRecord", "BlockActor", "warm_up_libraries"]
 
 _IMPORTED_AT = time.time()   # this module (torch, transformers, wq) imported in the actor's process
 
@@ -133,7 +133,7 @@ class BlockActor:
             load_extension()                     # build or load once, before the first block
         t2 = time.time()
         if self.device.type == "cuda":
-            _warm_up_libraries(self.device)
+            warm_up_libraries(self.device)
             if backend is Backend.CUDA:
                 _warm_up_quantizers(self.device)
         # transformers (the job's config and model skeleton need it) is imported now, not by the first call:
@@ -485,6 +485,9 @@ class BlockActor:
         the statistics are complete, and the tensors are dropped only once that stream is drained, so no
         queued kernel still reads them when the allocator reuses them; else on the current stream."""
         layout, job = self.spec.layout, self.spec.job
+        # solve_block_ consumes the statistics; these references keep them (allocated on the main stream)
+        # from going back to its allocator while the solve stream may still read them.
+        statistics = (calibration.attn, calibration.mlp)
         side = ready is not None and self.solve_stream is not None
         stream: Any = contextlib.nullcontext()
         if side:
@@ -501,7 +504,7 @@ class BlockActor:
         finally:
             if side:
                 self.solve_stream.synchronize()   # also after an error: nothing queued may still read them
-            del loaded.params, calibration
+            del loaded.params, calibration, statistics
 
     def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
         return self._stage_block(index, *solving.result())
@@ -555,7 +558,7 @@ class BlockActor:
         return dict(self.handoff)
 
 
-def _warm_up_libraries(device: torch.device) -> None:
+def warm_up_libraries(device: torch.device) -> None:
     """Initialise, on tiny inputs, the GPU libraries every block calls (cuBLAS in bf16 and float32,
     cuSOLVER, the attention kernels), so their one-time set-up (about a second) happens while the driver
     still reads the checkpoint and the calibration data, not in the first block."""
@@ -576,7 +579,8 @@ def _warm_up_libraries(device: torch.device) -> None:
 def _warm_up_quantizers(device: torch.device) -> None:
     """Run every quantizer once on a tiny layer: CUDA loads a kernel's module on its first call, and the
     first block calls dozens (the solvers, sorts, scatters, ours), 0.3 s on the H100 that now overlaps with
-    the driver's start-up instead of adding to block 0."""
+    the driver's start-up instead of adding to block 0. Tiny shapes: cuBLAS's and cuDNN's per-shape plans
+    still come with the first block, and only the default format's encoder (compressed-tensors) is warmed."""
     from wq_ops.formats.compressed_tensors import encode_linear
     from wq_ops.quant import awq
     from wq_ops.quant.gptq import quantize_gptq
@@ -590,8 +594,8 @@ def _warm_up_quantizers(device: torch.device) -> None:
     h = hessian_of(stats)
     w = torch.randn(64, 256, generator=gen, device=device)
     for sym in (True, False):
-        result = quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=True, block_size=128,
-                               scale_dtype=torch.bfloat16, backend=Backend.CUDA)
+        quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=True, block_size=128,
+                      scale_dtype=torch.bfloat16, backend=Backend.CUDA)
         clip = awq.search_clip(w, h, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=20,
                                max_shrink=0.5, backend=Backend.CUDA)
         awq.search_scales({"w": w}, stats.abs_sum, lambda cand: (cand["w"] - w).square().sum(), bits=4,

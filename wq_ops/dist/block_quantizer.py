@@ -26,7 +26,8 @@ from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.gptq import quantize_gptq
-from wq_ops.quant.hessian import OutlierSummary, hessian_of, output_error, quadratic_sum, summarize_outliers
+from wq_ops.quant.hessian import (OutlierSummary, hessian_of, output_error, quadratic_operand, quadratic_sum,
+                                  summarize_outliers)
 from wq_ops.quant.result import QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn
 
@@ -76,7 +77,8 @@ def is_ignored(full_name: str, patterns: Sequence[str]) -> bool:
 
 
 class _Timer:
-    """Wall time per phase; synchronises the GPU at phase ends so that queued kernels are counted."""
+    """Wall time per phase; synchronises the current stream at phase ends so that its queued kernels are
+    counted."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -327,6 +329,7 @@ def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCaptu
                                   scale_dtype=scales_dtype)
         parts = result.split_rows([w.shape[0] for w in weights])
         seconds = (time.perf_counter() - t) / len(names)
+        h = quadratic_operand(h)                  # converted once for every layer of the group
         for name, w, part in zip(names, weights, parts):
             w_hat = dequantize(part, dtype)
             results[name] = part
@@ -367,6 +370,7 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
         search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
                                    sym=quant.sym, scale_dtype=scales_dtype, n_grid=quant.awq_grid,
                                    backend=quant.backend)
+        del loss_of                               # its bf16 H or replayed outputs: not needed by the clip search
         searches[group.names[0]] = search
         if search.ratio is not None:
             s = search.scales.to(x_mean.device)
@@ -385,6 +389,7 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
         if group_scale is not None:
             h = h / torch.outer(group_scale, group_scale)          # the Hessian of the scaled input x / s
         found = searches.get(group.names[0])
+        h_error = quadratic_operand(h)            # converted once for every layer of the group
         for name in group.names:
             t = time.perf_counter()
             w = work[name + ".weight"].to(torch.float32)
@@ -404,7 +409,7 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
             results[name] = result
             work[name + ".weight"] = w_hat
             records.append(_record(
-                full[name], block_index, group, cap, quantized=True, error=output_error(w, w_hat, h), result=result,
+                full[name], block_index, group, cap, quantized=True, error=output_error(w, w_hat, h_error), result=result,
                 seconds=time.perf_counter() - t,
                 awq_ratio=found.ratio if found else None,
                 awq_loss_unscaled=found.loss_unscaled if found else None,
@@ -416,6 +421,7 @@ def _linear_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[
     """AWQ loss of a lone linear: its output error tr(D H D^T) over all calibration tokens, from H."""
     (name, w0), = weights.items()
     w32 = w0.to(torch.float32)
+    h = quadratic_operand(h)                          # converted once for every candidate
 
     def loss_of(cand: Mapping[str, Tensor]) -> Tensor:
         return quadratic_sum(cand[name] - w32, h)
@@ -435,8 +441,9 @@ def _module_loss(inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor], work
         trial.update({n + ".weight": v.to(dtype) for n, v in cand.items()})
         total = torch.zeros((), dtype=torch.float32, device=refs[0].device)
         for x, ref in zip(inputs, refs):
-            # The difference of two nearby model-dtype values is exact in that dtype: only the squares and
-            # their sum need float32, and one fused reduction makes them without a float32 copy.
+            # The difference is taken in the model dtype (exact where the two outputs are within a factor
+            # of 2 of each other, one rounding elsewhere); the squares and their sum are float32, in one
+            # fused reduction without a float32 copy.
             total = total + torch.linalg.vector_norm(inspect(trial, x) - ref, dtype=torch.float32) ** 2
         return total / max(count, 1)
 

@@ -200,7 +200,7 @@ def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[Any], *,
                     created_at: float) -> tuple[int, list[dict[str, float]]]:
     """Bytes each actor may plan with: --actor-memory-gib, else the smallest the actors report (their
     GPU's memory, or their host's RAM / actors). Also each actor's start-up split, in seconds: process
-    spawn and imports, CUDA context, kernels (logged, and kept for the report)."""
+    spawn and imports, CUDA context, kernels, warm-up (logged, and kept for the report)."""
     try:
         answers = runtime.get([a.capacity_bytes.remote(job.run.actors) for a in actors], timeout=600)
     except Exception as e:
@@ -338,8 +338,9 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     """Quantize `job.model` into `job.out`. Raises a WqError subclass, naming the problem, for anything
     that can be checked before the work starts; writes nothing in `job.out` but staging until the end.
 
-    Start-up runs in parallel: this thread starts Ray and the warm actors (process, CUDA context,
-    kernels) while a helper thread reads the checkpoint's config and index and the calibration data."""
+    Start-up runs in parallel: this thread starts the runtime (Ray, or none in-process) and the warm actors
+    (process, CUDA context, kernels, library warm-up) while a helper thread reads the checkpoint's config and
+    index and the calibration data."""
     start = time.perf_counter()
     if job.push_to_hub and not job.dry_run and hub_token is None:
         raise ConfigError("push_to_hub: no Hub token was given to the job")

@@ -94,7 +94,8 @@ _TRANSFORMERS_IMPORT = threading.Lock()
 def import_transformers() -> None:
     """Import transformers' model machinery once per process, under one lock: the driver's prepare thread
     and an in-process actor's start-up thread both need it, and transformers' lazy modules are not safe to
-    import from two threads at once."""
+    import from two threads at once. The generation modules imported here see scikit-learn as absent for
+    the rest of the process (assisted generation's threshold, which a quantization job never uses)."""
     with _TRANSFORMERS_IMPORT:
         if "transformers.modeling_utils" in sys.modules:
             return
