@@ -35,7 +35,7 @@ TIMED = [
     ("wq_ops.dist.block_quantizer", "capture_stage"),
     ("wq_ops.calib.capture", "accumulate_input_stats_"),
     ("wq_ops.dist.block_quantizer", "quantize_gptq"),
-    ("wq_ops.quant.gptq", "inverse_hessian_factor"),
+    ("wq_ops.quant.gptq", "hessian_factor"),
     ("wq_ops.quant.gptq", "compute_grid"),
     ("wq_ops.dist.block_quantizer", "quantize_rtn"),
     ("wq_ops.dist.block_quantizer", "hessian_of"),

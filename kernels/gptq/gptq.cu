@@ -1,13 +1,16 @@
-// GPTQ block solve (Frantar et al., 2022, Alg. 1, inner loop): for a block of B columns, quantize
-// column i of every row on its static grid, then subtract its scaled error times row i of the block
-// of Hinv (the upper Cholesky factor of H^-1) from the columns after it.
+// GPTQ block solve, in the form without an inverse (wq_ops/quant/gptq.py): for a block of B columns,
+// quantize column i of every row at its target t_i on its static grid, then add its delta (w_i - q_i,
+// from the original weight) times row i of the block of Mu (M diag(M)^-1, H = M M^T) to the targets of
+// the columns after it.
 //
 // Layout: one warp per weight row; the block's B columns spread over the 32 lanes, lane l owning
-// columns l, l + 32, l + 64, ... in registers. Step i: the owner lane (i % 32) broadcasts w_i with
-// a shuffle, every lane computes the same code and error, then updates its own columns > i. Rows
-// never interact, so there is no synchronisation after the Hinv block is in shared memory.
-// The arithmetic mirrors kernels/gptq/reference.py operation for operation (no FMA contraction),
-// so codes match the reference bit for bit on the same device.
+// columns l, l + 32, l + 64, ... in registers: the target, the original weight, and the column's scale
+// and zero, all loaded once, so the sequential column loop touches no global memory. Step i: the owner
+// lane (i % 32) broadcasts them with shuffles, every lane computes the same code and delta, then updates
+// its own targets > i. Rows never interact, so there is no synchronisation after the Mu block is in
+// shared memory; many warps per CTA share that 64 KB block, for occupancy.
+// The arithmetic of codes and deltas mirrors kernels/gptq/reference.py operation for operation (no FMA
+// contraction), so they match the reference bit for bit on the same device.
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -15,93 +18,121 @@
 
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
+constexpr int kWarpsPerBlock = 16;
 
 template <int B>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-gptq_block_solve_kernel(const float* __restrict__ w, int ldw, const float* __restrict__ hinv, int ldh,
-                        const float* __restrict__ scale, const uint8_t* __restrict__ zero, int rows,
-                        int n_cols, int maxq, uint8_t* __restrict__ codes, int ldc, float* __restrict__ err,
-                        float* __restrict__ loss) {
+// At least two CTAs per SM (64 registers a thread): 32 of its 64 warp slots busy even at B = 128.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
+gptq_block_solve_kernel(const float* __restrict__ t, int ldt, const float* __restrict__ w, int ldw,
+                        const float* __restrict__ m_unit, int ldm, const float* __restrict__ m_diag,
+                        const float* __restrict__ scale, const uint8_t* __restrict__ zero, int ldg,
+                        const int* __restrict__ group, int rows, int n_cols, int maxq,
+                        uint8_t* __restrict__ codes, float* __restrict__ delta, float* __restrict__ loss) {
   constexpr int kSlots = B / 32;                // columns per lane
-  extern __shared__ float hs[];                 // the B x B block of Hinv (upper triangle used)
+  extern __shared__ float ms[];                 // the B x B block of Mu (upper triangle used), then M's diagonal
+  float* md = ms + B * B;
   for (int k = threadIdx.x; k < n_cols * n_cols; k += blockDim.x) {
     int r = k / n_cols, c = k % n_cols;
-    hs[r * B + c] = hinv[(size_t)r * ldh + c];
+    ms[r * B + c] = m_unit[(size_t)r * ldm + c];
   }
+  for (int k = threadIdx.x; k < n_cols; k += blockDim.x) md[k] = m_diag[k];
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
 
-  float wv[kSlots];
+  // Per owned column: target, original weight, scale, zero; then code, delta and target minus dequantized.
+  float tv[kSlots], wv[kSlots], sv[kSlots], zv[kSlots], qv[kSlots], dv[kSlots], ev[kSlots];
 #pragma unroll
   for (int s = 0; s < kSlots; ++s) {
-    int j = lane + 32 * s;
-    wv[s] = j < n_cols ? w[(size_t)row * ldw + j] : 0.0f;
+    const int j = lane + 32 * s;
+    tv[s] = wv[s] = 0.0f;
+    sv[s] = 1.0f;
+    zv[s] = qv[s] = dv[s] = ev[s] = 0.0f;
+    if (j < n_cols) {
+      tv[s] = t[(size_t)row * ldt + j];
+      wv[s] = w[(size_t)row * ldw + j];
+      const int g = group[j];
+      sv[s] = scale[(size_t)row * ldg + g];
+      zv[s] = (float)zero[(size_t)row * ldg + g];
+    }
   }
-  float row_loss = 0.0f;
-  const float* srow = scale + (size_t)row * n_cols;
-  const uint8_t* zrow = zero + (size_t)row * n_cols;
 
 #pragma unroll
   for (int slot = 0; slot < kSlots; ++slot) {
-    for (int t = 0; t < 32; ++t) {
-      const int i = 32 * slot + t;
+    for (int c = 0; c < 32; ++c) {
+      const int i = 32 * slot + c;
       if (i >= n_cols) break;                   // uniform across the warp
-      const float wi = __shfl_sync(0xffffffffu, wv[slot], t);
-      const float s = srow[i];                  // same address in every lane: one broadcast load
-      const float z = (float)zrow[i];
-      const float q = wq::quantize_code(wi, s, z, maxq);
+      const float ti = __shfl_sync(0xffffffffu, tv[slot], c);
+      const float wi = __shfl_sync(0xffffffffu, wv[slot], c);
+      const float s = __shfl_sync(0xffffffffu, sv[slot], c);
+      const float z = __shfl_sync(0xffffffffu, zv[slot], c);
+      const float q = wq::quantize_code(ti, s, z, maxq);
       const float dq = wq::dequantize_code(q, s, z);
-      const float d = hs[i * B + i];
-      const float diff = __fsub_rn(wi, dq);
-      const float e = __fdiv_rn(diff, d);
-      if (lane == t) {
-        codes[(size_t)row * ldc + i] = (uint8_t)q;
-        err[(size_t)row * n_cols + i] = e;
+      const float d = __fsub_rn(wi, dq);
+      if (lane == c) {
+        qv[slot] = q;
+        dv[slot] = d;
+        ev[slot] = __fsub_rn(ti, dq);
       }
-      // (w - q)^2 / d^2 / 2, in the reference's order.
-      row_loss = __fadd_rn(row_loss, __fdiv_rn(__fdiv_rn(__fmul_rn(diff, diff), __fmul_rn(d, d)), 2.0f));
 #pragma unroll
       for (int s2 = 0; s2 < kSlots; ++s2) {
         const int j = lane + 32 * s2;
         if (s2 >= slot && j > i && j < n_cols) {
-          wv[s2] = __fsub_rn(wv[s2], __fmul_rn(e, hs[i * B + j]));   // two roundings, as torch does
+          tv[s2] = __fadd_rn(tv[s2], __fmul_rn(d, ms[i * B + j]));   // two roundings, as torch does
         }
       }
     }
   }
-  if (lane == 0) loss[row] = __fadd_rn(loss[row], row_loss);
+  // The proxy loss (t - q)^2 * m^2 / 2 of the owned columns (0 past n_cols), summed over the warp: off the
+  // sequential loop, so it is float32-close to the reference's sum rather than bit-equal.
+  float row_loss = 0.0f;
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    const int j = lane + 32 * s;
+    if (j < n_cols) {
+      codes[(size_t)row * n_cols + j] = (uint8_t)qv[s];
+      delta[(size_t)row * n_cols + j] = dv[s];
+      const float m = md[j];
+      row_loss += ev[s] * ev[s] * m * m * 0.5f;
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) row_loss += __shfl_xor_sync(0xffffffffu, row_loss, offset);
+  if (lane == 0) loss[row] = row_loss;
 }
 
 template <int B>
-cudaError_t launch(const float* w, int ldw, const float* hinv, int ldh, const float* scale, const uint8_t* zero,
-                   int rows, int n_cols, int maxq, uint8_t* codes, int ldc, float* err, float* loss,
-                   cudaStream_t stream) {
-  const size_t smem = sizeof(float) * B * B;
-  // Above 48 KB of dynamic shared memory a kernel must opt in (B = 128 needs 64 KB).
+cudaError_t launch(const float* t, int ldt, const float* w, int ldw, const float* m_unit, int ldm,
+                   const float* m_diag, const float* scale, const uint8_t* zero, int ldg, const int* group,
+                   int rows, int n_cols, int maxq, uint8_t* codes, float* delta, float* loss, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (B * B + B);
+  // Above 48 KB of dynamic shared memory a kernel must opt in (B = 128 needs 64.5 KB).
   cudaError_t status = cudaFuncSetAttribute(gptq_block_solve_kernel<B>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (status != cudaSuccess) return status;
   const int grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   gptq_block_solve_kernel<B><<<grid, kWarpsPerBlock * 32, smem, stream>>>(
-      w, ldw, hinv, ldh, scale, zero, rows, n_cols, maxq, codes, ldc, err, loss);
+      t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq, codes, delta, loss);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 // Returns cudaErrorInvalidValue for a block width it was not built for (32, 64 or 128).
-extern "C" cudaError_t wq_gptq_block_solve(const float* w, int ldw, const float* hinv, int ldh,
-                                           const float* scale, const uint8_t* zero, int rows, int n_cols,
-                                           int block_width, int maxq, uint8_t* codes, int ldc, float* err,
-                                           float* loss, cudaStream_t stream) {
+extern "C" cudaError_t wq_gptq_block_solve(const float* t, int ldt, const float* w, int ldw, const float* m_unit,
+                                           int ldm, const float* m_diag, const float* scale, const uint8_t* zero,
+                                           int ldg, const int* group, int rows, int n_cols, int block_width,
+                                           int maxq, uint8_t* codes, float* delta, float* loss,
+                                           cudaStream_t stream) {
   switch (block_width) {
-    case 32: return launch<32>(w, ldw, hinv, ldh, scale, zero, rows, n_cols, maxq, codes, ldc, err, loss, stream);
-    case 64: return launch<64>(w, ldw, hinv, ldh, scale, zero, rows, n_cols, maxq, codes, ldc, err, loss, stream);
-    case 128: return launch<128>(w, ldw, hinv, ldh, scale, zero, rows, n_cols, maxq, codes, ldc, err, loss, stream);
+    case 32: return launch<32>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
+                               codes, delta, loss, stream);
+    case 64: return launch<64>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
+                               codes, delta, loss, stream);
+    case 128: return launch<128>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
+                                 codes, delta, loss, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1,8 +1,9 @@
 """Reference GPTQ block solve, plain PyTorch (any device, float32 or float64).
 
-For one block of B columns: quantize column i on its (static) grid, then push its error into the
-columns after it, weighted by row i of the block of the upper Cholesky factor of H^-1 (Frantar et al.,
-2022, Alg. 1, inner loop). The caller applies the block's error to the trailing columns with one GEMM.
+For one block of B columns, in the form without an inverse (wq_ops/quant/gptq.py): quantize column i
+at its target t_i on its (static) grid, then add its delta (w_i - q_i, from the original weight w_i)
+times row i of the block of Mu to the targets after it. The caller applies the block's deltas to the
+trailing targets with one GEMM.
 """
 
 from __future__ import annotations
@@ -17,33 +18,38 @@ __all__ = ["BlockSolve", "solve_block"]
 
 @dataclass(frozen=True)
 class BlockSolve:
-    """codes: (out, B) uint8; err: (out, B) the scaled errors (w - q) / Hinv[i, i] for the trailing
-    update; loss: (out,) sum over the block of (w - q)^2 / Hinv[i, i]^2 / 2, GPTQ's proxy loss."""
+    """codes: (out, B) uint8; delta: (out, B) w - q (original weights minus dequantized codes) for the
+    trailing update; loss: (out,) sum over the block of M[i, i]^2 (t_i - q_i)^2 / 2, GPTQ's proxy loss."""
 
     codes: Tensor
-    err: Tensor
+    delta: Tensor
     loss: Tensor
 
 
-def solve_block(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, *, bits: int) -> BlockSolve:
-    """w: (out, B) weights of the block, already updated by earlier blocks; hinv: (B, B) the block's
-    diagonal block of the upper Cholesky factor of H^-1; scale, zero: (out, B) each column's grid.
-    All float tensors in one dtype (float32, or float64 for checks). Inputs are not modified."""
+def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+                group: Tensor, *, bits: int) -> BlockSolve:
+    """t: (out, B) targets of the block (the weights plus the earlier blocks' updates); w: (out, B) the
+    original weights; m_unit: (B, B) the block's diagonal block of Mu (unit upper triangular); m_diag: (B,)
+    M's diagonal there; scale: (out, G) and zero: (out, G) uint8, every group's grid; group: (B,) integer,
+    each column's group. Float tensors in one dtype (float32, or float64 for checks). Inputs are not
+    modified."""
     maxq = 2**bits - 1
-    w = w.clone()
-    out_features, n_cols = w.shape
-    codes = torch.empty(out_features, n_cols, dtype=torch.uint8, device=w.device)
-    err = torch.empty_like(w)
-    loss = torch.zeros(out_features, dtype=w.dtype, device=w.device)
-    zero = zero.to(w.dtype)
+    t = t.clone()
+    out_features, n_cols = t.shape
+    codes = torch.empty(out_features, n_cols, dtype=torch.uint8, device=t.device)
+    delta = torch.empty_like(t)
+    residual = torch.empty_like(t)                                         # t_i - q_i, for the loss
+    group = group.long()
+    col_scale = scale[:, group].to(t.dtype)                                # (out, B)
+    col_zero = zero[:, group].to(t.dtype)
     for i in range(n_cols):
-        col = w[:, i]
-        d = hinv[i, i]
-        q = torch.clamp(torch.round(col / scale[:, i]) + zero[:, i], 0, maxq)
-        dq = (q - zero[:, i]) * scale[:, i]
-        e = (col - dq) / d
-        w[:, i + 1:] -= e.unsqueeze(1) * hinv[i, i + 1:].unsqueeze(0)     # (out, B - i - 1)
+        col = t[:, i]
+        q = torch.clamp(torch.round(col / col_scale[:, i]) + col_zero[:, i], 0, maxq)
+        dq = (q - col_zero[:, i]) * col_scale[:, i]
+        d = w[:, i] - dq
+        t[:, i + 1:] += d.unsqueeze(1) * m_unit[i, i + 1:].unsqueeze(0)    # (out, B - i - 1)
         codes[:, i] = q.to(torch.uint8)
-        err[:, i] = e
-        loss += (col - dq) ** 2 / d**2 / 2
-    return BlockSolve(codes=codes, err=err, loss=loss)
+        delta[:, i] = d
+        residual[:, i] = col - dq
+    loss = (residual.square() * m_diag.square()).sum(dim=1) / 2
+    return BlockSolve(codes=codes, delta=delta, loss=loss)

@@ -45,22 +45,34 @@ def test_moe_architecture_is_refused():
         describe_model(config)
 
 
-def test_importing_transformers_for_a_job_leaves_scikit_learn_alone(tmp_path):
-    """transformers <= 5.20 imports scikit-learn at import time wherever it is installed (1.5 s a job on the
-    H100 machine); wq's import must not. A scikit-learn that fails on import stands in for the real one."""
+def test_importing_transformers_for_a_job_leaves_unused_backends_alone(tmp_path):
+    """transformers imports scikit-learn (up to about 5.20), scipy, torchvision and torchaudio at import time
+    wherever they are installed, for features a quantization job never uses (about 2 s a job on the H100 machine,
+    with Pillow); wq's import must not, up to the Llama, Qwen2 and Mistral modeling code. Stand-ins that fail
+    on import replace them (and a minimal Pillow, which transformers itself imports); afterwards the
+    checks see them again."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    fake = tmp_path / "sklearn"
-    (fake / "metrics").mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('scikit-learn was imported')\n")
-    (fake / "metrics" / "__init__.py").write_text("")
-    code = ("import sys; from wq_ops.model.architecture import import_transformers, instantiate_on_meta; "
-            "import_transformers(); import transformers.models.llama.modeling_llama; "
-            "assert 'sklearn' not in sys.modules, 'sklearn imported'; "
-            "import transformers.utils as u; assert u.is_sklearn_available() is True; print('ok')")
+    for package in ("sklearn", "scipy", "torchvision", "torchaudio"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(f"raise ImportError('{package} was imported')\n")
+    (tmp_path / "sklearn" / "metrics").mkdir()
+    (tmp_path / "sklearn" / "metrics" / "__init__.py").write_text("")
+    (tmp_path / "PIL").mkdir()
+    (tmp_path / "PIL" / "__init__.py").write_text("")
+    (tmp_path / "PIL" / "Image.py").write_text("class Image:\n    pass\n")
+    code = ("import sys; from wq_ops.model.architecture import import_transformers; import_transformers(); "
+            "import transformers.models.llama.modeling_llama, transformers.models.qwen2.modeling_qwen2, "
+            "transformers.models.mistral.modeling_mistral; "
+            "hit = [m for m in ('sklearn', 'scipy', 'torchvision', 'torchaudio') if m in sys.modules]; "
+            "assert not hit, hit; "
+            "import transformers.utils as u; "
+            "assert u.is_sklearn_available() and u.is_scipy_available() and u.is_torchvision_available(); "
+            "assert u.is_torchaudio_available(); "
+            "print('ok')")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

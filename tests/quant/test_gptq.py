@@ -3,7 +3,7 @@ import torch
 
 from tests.quant.naive import naive_gptq
 from wq_ops.errors import QuantizationError
-from wq_ops.quant.gptq import inverse_hessian_factor, quantize_gptq
+from wq_ops.quant.gptq import hessian_factor, quantize_gptq
 from wq_ops.quant.hessian import output_error
 from wq_ops.quant.result import dequantize
 from wq_ops.quant.rtn import quantize_rtn
@@ -82,7 +82,7 @@ def test_damping_escalates_for_a_singular_hessian(gen):
     x = torch.randn(8, 64, generator=gen, dtype=torch.float64)     # rank 8 < 64
     h = (x.T @ x).float()
     h -= 1e-3 * torch.eye(64)            # slightly indefinite: a tiny damping cannot rescue it
-    factor, damp = inverse_hessian_factor(h, damp_frac=1e-6)
+    factor, damp = hessian_factor(h, damp_frac=1e-6)
     assert damp > 1e-6
     assert bool(torch.isfinite(factor).all())
 
@@ -97,7 +97,7 @@ def test_nan_hessian_is_a_clear_error(gen):
 
 def test_negative_definite_hessian_cannot_be_rescued():
     with pytest.raises(QuantizationError, match="not positive definite"):
-        inverse_hessian_factor(-torch.eye(16) * 100 + torch.ones(16, 16), damp_frac=0.01)
+        hessian_factor(-torch.eye(16) * 100 + torch.ones(16, 16), damp_frac=0.01)
 
 
 def test_inputs_are_not_modified(gen):
@@ -112,18 +112,36 @@ def test_inputs_are_not_modified(gen):
 
 
 @pytest.mark.parametrize("n", [1, 7, 64, 257])
-def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse(n):
-    """U^T U = (H + damp I)^-1 with U upper triangular, checked against the explicit float64 route."""
-    from wq_ops.quant.gptq import inverse_hessian_factor
-
+def test_hessian_factor_is_upper_with_m_mt_equal_to_the_damped_hessian(n):
+    """M M^T = H + damp I with M upper triangular, and M^-1 is the paper's factor (the upper Cholesky
+    factor of the damped H^-1), against the explicit float64 route; float32 within rounding."""
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+    x = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
     h = x.T @ x / x.shape[0]
-    upper, damp = inverse_hessian_factor(h, damp_frac=0.01)
+    m, damp = hessian_factor(h, damp_frac=0.01)
     damped = h + damp * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
-    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
-    assert torch.equal(upper, torch.triu(upper))
-    torch.testing.assert_close(upper, expected, rtol=1e-9, atol=1e-12)
+    assert torch.equal(m, torch.triu(m)) and bool((torch.diagonal(m) > 0).all())
+    torch.testing.assert_close(m @ m.T, damped, rtol=1e-10, atol=1e-12)
+    paper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(torch.linalg.inv(m), paper, rtol=1e-8, atol=1e-10)
+    m32, _ = hessian_factor(h.float(), damp_frac=0.01)
+    err = float((m32.double() - m).norm() / m.norm())
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act_order,block_size", CASES)
+def test_gptq_in_float64_gives_the_paper_algorithms_codes(gen, bits, group_size, sym, act_order, block_size):
+    """In float64 the blocked solve without an inverse makes exactly the choices of the paper's
+    column-by-column algorithm with the inverse Hessian (tests/quant/naive.py): every code the same."""
+    h = correlated_hessian(gen, 1024, 256)
+    h[11, :] = 0
+    h[:, 11] = 0
+    w = torch.randn(24, 256, generator=gen, dtype=torch.float64)
+    w = w.float().double()                              # on float32 values, so both grids agree exactly
+    r = quantize_gptq(w, h, bits=bits, group_size=group_size, sym=sym, damp_frac=0.01, act_order=act_order,
+                      block_size=block_size, scale_dtype=torch.bfloat16)
+    ref = naive_gptq(w, h, bits=bits, group_size=group_size, sym=sym, damp_frac=0.01, act_order=act_order)
+    assert torch.equal(dequantize(r).double(), ref)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -144,36 +162,3 @@ def test_gptq_scales_cover_every_group_after_storage_rounding(bits):
     assert bool((gptq.scale.to(torch.bfloat16).float() == gptq.scale).all())      # still stored exactly
     rtn = quantize_rtn(w, **kw)
     assert bool((rtn.scale < exact).any()) and bool((rtn.scale <= exact * (1 + 2**-8)).all())
-
-
-@pytest.mark.parametrize("n,leaf", [(1, 4), (5, 4), (64, 8), (257, 16), (300, 1024)])
-def test_lower_triangular_inverse_matches_float64(n, leaf):
-    """The blockwise inverse (uneven halves and leaves included) against float64 on a fresh, moderately
-    conditioned Cholesky factor, within float32 rounding."""
-    from wq_ops.quant.gptq import lower_triangular_inverse
-
-    g = torch.Generator().manual_seed(1000 + n)
-    x = torch.randn(2 * n + 8, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
-    lower = torch.linalg.cholesky(x.T @ x / x.shape[0] + 0.01 * torch.eye(n, dtype=torch.float64))
-    expected = torch.linalg.inv(lower)
-    got = lower_triangular_inverse(lower.float(), leaf=leaf)
-    assert torch.equal(got, torch.tril(got))
-    err = (got.double() - expected).norm() / expected.norm()
-    assert err < 1e-5, err
-    torch.testing.assert_close(lower_triangular_inverse(lower, leaf=leaf), expected, rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.gpu
-def test_lower_triangular_inverse_on_the_gpu_matches_float64():
-    """float32 on cuBLAS (uneven halves down to 1024-column leaves), fresh factors each run."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from wq_ops.quant.gptq import lower_triangular_inverse
-
-    for n in (1000, 3001, 4096):
-        x = torch.randn(2 * n, n, device="cuda", dtype=torch.float64) * torch.logspace(-1, 1, n, device="cuda",
-                                                                                       dtype=torch.float64)
-        lower = torch.linalg.cholesky(x.T @ x / x.shape[0] + 0.01 * torch.eye(n, device="cuda", dtype=torch.float64))
-        got = lower_triangular_inverse(lower.float())
-        expected = torch.linalg.inv(lower)
-        assert float((got.double() - expected).norm() / expected.norm()) < 1e-5

@@ -66,9 +66,9 @@ def test_quadratic_sum_on_tensor_cores_is_within_its_stated_error(gen):
         assert abs(float(quadratic_sum(d, h)) / exact - 1) < 2e-3
 
 
-@pytest.mark.parametrize("n,min_block", [(100, 16), (37, 16), (64, 64), (4096, 2048)])
+@pytest.mark.parametrize("n,min_block", [(100, 16), (37, 16), (64, 64), (4096, 2048), (4100, 512)])
 def test_upper_gram_blocks_match_float64(gen, n, min_block):
-    """Up to 4 uneven column blocks, each block row against every column from its block on."""
+    """Up to 8 uneven column blocks, each block row against every column from its block on."""
     x = torch.randn(50, n, generator=gen, dtype=torch.float64)
     xtx = torch.zeros(n, n, dtype=torch.float32)
     add_upper_gram_(xtx, x.to(torch.float32), min_block=min_block)
@@ -89,7 +89,7 @@ def test_hessian_is_exactly_symmetric(gen):
 def test_tensor_core_gram_matches_float64(gen):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    for n in (2048, 4096, 5000, 8192):                              # 1, 2, 2 (uneven) and 4 column blocks
+    for n in (1000, 2048, 5000, 8200):                              # 1, 2, 4 (uneven) and 8 (uneven) blocks
         x = torch.randn(3, 256, n, generator=gen).to(torch.bfloat16)
         stats = new_input_stats(n, "cuda")
         for chunk in x.split(1):

@@ -602,7 +602,7 @@ def _warm_up_quantizers(device: torch.device) -> None:
                           group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, backend=Backend.CUDA)
         result = quantize_rtn(w, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, clip=clip)
         output_error(w, dequantize(result, torch.bfloat16), h)
-        encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16)
+        encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
     torch.cuda.synchronize(device)
 
 

@@ -161,12 +161,17 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
     n, t = job.calib.n_samples, job.calib.seq_len
     mb = min(job.run.micro_batch_samples, n)
     max_in = max(s.in_features for s in layout.linears)
-    max_linear = max(s.in_features * s.out_features for s in layout.linears)
-    # Tensors of this block and the next (prefetch), or of the resident span, plus float32 copies of the
-    # largest linear while it is solved (weights, dequantized weights, codes).
+    # The most weights solved at once: GPTQ stacks the linears that share an input. Linears of one stage
+    # with one input width bound such a group from above (o_proj is counted with q, k and v).
+    stacked: dict[tuple[str, int], int] = {}
+    for s in layout.linears:
+        stacked[s.stage, s.in_features] = stacked.get((s.stage, s.in_features), 0) + s.in_features * s.out_features
+    max_solved = max(stacked.values())
+    # Tensors of this block and the next (prefetch), or of the resident span, plus what the largest stack
+    # of linears needs while it is solved: the stacked copy, float32 weights and targets, codes twice.
     # On a GPU, float propagation solves one block while the next calibrates (and a third is prefetched).
     overlapped = not resident and job.run.propagation is Propagation.FLOAT and job.run.gpus_per_actor > 0
-    weights = (resident or (3 if overlapped else 2)) * layout.block_nbytes() + max_linear * (4 + 4 + 1)
+    weights = (resident or (3 if overlapped else 2)) * layout.block_nbytes() + max_solved * (2 + 4 + 4 + 1 + 1)
     if first:      # the embedding table runs on the device; the head tensors are only copied, through the host
         weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
     # Float32 statistics (at most one Hessian per linear, fewer where inputs are shared): of one stage at a

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wq_ops.config import Format, QuantConfig
+from wq_ops.config import Backend, Format, QuantConfig
 from wq_ops.errors import ConfigError
 from wq_ops.formats import compressed_tensors, gptq
 from wq_ops.quant.result import QuantResult, dequantize
@@ -36,8 +36,10 @@ def format_module(fmt: Format) -> ModuleType:
 
 def encode_linear(fmt: Format, module: str, result: QuantResult, *, quant: QuantConfig,
                   scale_dtype: torch.dtype) -> dict[str, Tensor]:
-    """The artifact tensors of one quantized linear (full module name) in format `fmt`."""
-    return format_module(fmt).encode_linear(module, result, sym=quant.sym, scale_dtype=scale_dtype)
+    """The artifact tensors of one quantized linear (full module name) in format `fmt`, packed on the GPU
+    with the CUDA backend when the codes are there."""
+    backend = quant.backend if result.codes.is_cuda else Backend.REFERENCE
+    return format_module(fmt).encode_linear(module, result, sym=quant.sym, scale_dtype=scale_dtype, backend=backend)
 
 
 def quantization_config(fmt: Format, quant: QuantConfig, *, ignore: list[str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wq_ops.config import QuantConfig
+from wq_ops.config import Backend, QuantConfig
 from wq_ops.errors import ArtifactError
 from wq_ops.pack import pack_rows, unpack_rows
 from wq_ops.quant.result import QuantResult
@@ -32,11 +32,13 @@ def tensor_names(module: str, *, sym: bool) -> tuple[str, ...]:
     return names if sym else names + (f"{module}.weight_zero_point",)
 
 
-def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype) -> dict[str, Tensor]:
-    """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj")."""
+def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype,
+                  backend: Backend = Backend.REFERENCE) -> dict[str, Tensor]:
+    """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj").
+    backend: what packs the codes (the same bytes either way; CUDA needs them on the GPU)."""
     out_features, in_features = result.shape
     tensors = {
-        f"{module}.weight_packed": pack_rows(result.codes, result.bits),
+        f"{module}.weight_packed": pack_rows(result.codes, result.bits, backend=backend),
         f"{module}.weight_scale": result.scale.to(scale_dtype),
         f"{module}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wq_ops.config import QuantConfig
+from wq_ops.config import Backend, QuantConfig
 from wq_ops.errors import ArtifactError
 from wq_ops.pack import pack_columns, pack_rows, unpack_columns, unpack_rows
 from wq_ops.quant.result import QuantResult
@@ -58,9 +58,11 @@ def _check_shape(module: str, out_features: int, in_features: int, bits: int) ->
                             "words (qzeros packs along the output dim). Use --format compressed-tensors")
 
 
-def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype) -> dict[str, Tensor]:
+def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype,
+                  backend: Backend = Backend.REFERENCE) -> dict[str, Tensor]:
     """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj").
-    result.scale must already be exact in float16 (the quantizer rounds its grid to `SCALE_DTYPE`)."""
+    result.scale must already be exact in float16 (the quantizer rounds its grid to `SCALE_DTYPE`).
+    backend: unused; GPTQ v1 packs on the reference path (its column layout has no CUDA kernel)."""
     out_features, in_features = result.shape
     bits = result.bits
     _check_shape(module, out_features, in_features, bits)

@@ -91,32 +91,41 @@ def storage_dtype_of(config: Any) -> torch.dtype:
 _TRANSFORMERS_IMPORT = threading.Lock()
 
 
+# transformers checks for these optional packages while its model machinery imports, and imports them
+# where installed, for features a quantization job never uses: scikit-learn (assisted generation's
+# threshold, transformers up to about 5.20), scipy (object-detection losses' matching), torchvision (image
+# and video processing) and torchaudio, soundfile and soxr (audio processing). On the H100 machine they
+# cost about 2 s of every job.
+_UNUSED_BACKENDS = ("is_sklearn_available", "is_scipy_available", "is_vision_available", "is_torchvision_available",
+                    "is_torchaudio_available", "is_soundfile_available", "is_soxr_available")
+
+
 def import_transformers() -> None:
     """Import transformers' model machinery once per process, under one lock: the driver's prepare thread
     and an in-process actor's start-up thread both need it, and transformers' lazy modules are not safe to
-    import from two threads at once. The generation modules imported here see scikit-learn as absent for
-    the rest of the process (assisted generation's threshold, which a quantization job never uses)."""
+    import from two threads at once. The modules imported here see the packages of _UNUSED_BACKENDS as
+    absent for the rest of the process; checks made later see them again."""
     with _TRANSFORMERS_IMPORT:
         if "transformers.modeling_utils" in sys.modules:
             return
         import transformers.utils as transformers_utils
+        import transformers.utils.import_utils as import_utils
 
-        # transformers up to about 5.20 imports scikit-learn (and with it scipy) at import time wherever it is
-        # installed, only for assisted generation's acceptance threshold: 1.5 s of every job on the H100
-        # machine. wq never generates, so modules imported here see it as absent; newer transformers import
-        # it only when generating.
-        sklearn_check = getattr(transformers_utils, "is_sklearn_available", None)
-        if sklearn_check is not None:
-            transformers_utils.is_sklearn_available = _sklearn_not_needed
+        # Modules read a check from either namespace, by name at import time or as a global of import_utils.
+        saved = [(namespace, name, getattr(namespace, name)) for namespace in (transformers_utils, import_utils)
+                 for name in _UNUSED_BACKENDS if hasattr(namespace, name)]
+        for namespace, name, _ in saved:
+            setattr(namespace, name, _not_needed)
         try:
-            import transformers.generation.utils  # noqa: F401  (the module that imports scikit-learn)
+            import transformers.generation.utils  # noqa: F401  (where scikit-learn was imported)
+            import transformers.modeling_layers  # noqa: F401  (what every decoder's modeling code imports)
             import transformers.modeling_utils  # noqa: F401
         finally:
-            if sklearn_check is not None:
-                transformers_utils.is_sklearn_available = sklearn_check
+            for namespace, name, check in saved:
+                setattr(namespace, name, check)
 
 
-def _sklearn_not_needed() -> bool:
+def _not_needed() -> bool:
     return False
 
 

@@ -1,11 +1,17 @@
 """GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers"): quantize W column by column, compensating each column's error on the columns not yet
-quantized, weighted by the inverse Hessian H^-1 of the layer's calibration inputs.
+quantized, weighted by the layer's calibration Hessian.
 
-Symbols: W (out, in) weights, H (in, in) = X^T X / n, Hinv the upper Cholesky factor of (H + damp I)^-1
-(Alg. 1 in the paper). Columns are solved in blocks of `block_size`; the block's accumulated error is
-applied to the trailing columns with one GEMM (the paper's "lazy batch updates"). Groups are static:
-every group's grid comes from the weights before any update, so act-order needs no g_idx at load time.
+Symbols: W (out, in) weights, H (in, in) = X^T X / n, M the upper triangular factor with
+H + damp I = M M^T, and Mu = M diag(M)^-1 (unit diagonal). The paper updates the weights with rows of
+the upper Cholesky factor U of H^-1 (Alg. 1). Since U = M^-1, the same updates can be written with M
+itself (GPTQ as Babai's nearest-plane algorithm; Chen et al., 2025): column i is quantized at its target
+t_i = w_i + sum_{k<i} (w_k - q_k) Mu[k, i], where w are the original weights, q the dequantized codes and
+t_i equals the paper's updated weight exactly. That needs one Cholesky factorization and no inverse, and
+its proxy loss sum_i M[i, i]^2 (t_i - q_i)^2 / 2 is the paper's sum_i (w~_i - q_i)^2 / U[i, i]^2 / 2.
+Columns are solved in blocks of `block_size`; a block's deltas (w - q) are applied to the trailing targets
+with one GEMM (the paper's "lazy batch updates"). Groups are static: every group's grid comes from the
+weights before any update, so act-order needs no g_idx at load time.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from wq_ops.errors import KernelError, QuantizationError
 from wq_ops.quant.result import QuantResult
 from wq_ops.quant.rtn import compute_grid, n_groups_of
 
-__all__ = ["inverse_hessian_factor", "lower_triangular_inverse", "quantize_gptq"]
+__all__ = ["SplitUpdate", "hessian_factor", "quantize_gptq"]
 
 
-def inverse_hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, h: (in, in) float32 with no zero diagonal.
-    Starts at `damp_frac` and multiplies it by 10 (up to 1.0) while the factorization fails, since a
-    Hessian from few or degenerate samples can be singular in float32. Returns (factor, damp_frac used)."""
+def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
+    """The upper triangular M with H + damp * mean(diag H) * I = M M^T (the Cholesky factorization in
+    reversed order), h: (in, in) float with no zero diagonal. Starts at `damp_frac` and multiplies it by 10
+    (up to 1.0) while the factorization fails, since a Hessian from few or degenerate samples can be
+    singular in float32. Returns (M, damp_frac used); h is not modified."""
     if not bool(torch.isfinite(h).all()):
         raise QuantizationError(
             "the Hessian holds NaN or Inf: the calibration activations overflowed; check the checkpoint's "
@@ -37,46 +44,20 @@ def inverse_hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, floa
     mean_diag = float(torch.diagonal(h).mean())
     damp = damp_frac
     while True:
-        # With P the reversal permutation and P (H + dI) P = L L^T, (H + dI)^-1 = U^T U for the upper
-        # triangular U = P L^-1 P: one Cholesky and one triangular inverse, where factoring the explicit
-        # inverse would take two Cholesky factorizations and an inversion.
+        # With P the reversal permutation and P (H + dI) P = L L^T: H + dI = (P L P)(P L P)^T, and P L P
+        # is upper triangular. Entries of L are bounded by sqrt(max diag), so success means finite.
         damped = torch.flip(h, (0, 1))                            # a copy: h is not modified
         damped.diagonal().add_(damp * mean_diag)                   # the reversal maps the diagonal onto itself
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if int(info) == 0:
-            upper = torch.flip(lower_triangular_inverse(lower), (0, 1))
-            if bool(torch.isfinite(upper).all()) and bool((torch.diagonal(upper) > 0).all()):
-                return upper, damp
+            return torch.flip(lower, (0, 1)), damp
         if damp >= 1.0:
             raise QuantizationError(
                 f"the Hessian ({n}x{n}) is not positive definite even with damping {damp} x mean(diag(H)); "
                 "use more or more varied calibration samples"
             )
         damp = min(damp * 10.0, 1.0)
-
-
-def lower_triangular_inverse(lower: Tensor, *, leaf: int = 1024) -> Tensor:
-    """L^-1 for a lower triangular, invertible L: (n, n) float. Blockwise, [[A, 0], [C, D]]^-1 =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: halves are inverted recursively down to `leaf` columns (a
-    triangular solve against I there) and joined by two GEMMs. Solving L X = I at full size takes about
-    n^3 / 2 multiply-adds in cuBLAS's slower TRSM; this takes about n^3 / 3, as GEMMs (47 against 79 ms
-    for n = 14336 in float32 on an H100), with the same rounding error. Returns a new lower triangular tensor."""
-    out = torch.zeros_like(lower)
-    _invert_into(lower, out, leaf)
-    return out
-
-
-def _invert_into(lower: Tensor, out: Tensor, leaf: int) -> None:
-    n = lower.shape[0]
-    if n <= leaf:
-        out.copy_(torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device),
-                                                upper=False))
-        return
-    half = n // 2
-    _invert_into(lower[:half, :half], out[:half, :half], leaf)
-    _invert_into(lower[half:, half:], out[half:, half:], leaf)
-    out[half:, :half] = -(out[half:, half:] @ (lower[half:, :half] @ out[:half, :half]))
 
 
 def _solver(backend: Backend) -> Callable[..., gptq_reference.BlockSolve]:
@@ -101,45 +82,82 @@ def quantize_gptq(
     backend: Backend = Backend.REFERENCE,
 ) -> QuantResult:
     """GPTQ-quantize w: (out, in), any float dtype, with h: (in, in) float32 from `hessian_of`.
-    Math runs in float32 on w's device. Inputs are not modified."""
+    Math runs in float32 on w's device (float64 when w is float64, for checks; reference backend only).
+    Inputs are not modified."""
     out_features, in_features = w.shape
     if h.shape != (in_features, in_features):
         raise QuantizationError(f"Hessian shape {tuple(h.shape)} does not match weight in_features={in_features}")
     if backend is Backend.CUDA and w.device.type != "cuda":
         raise KernelError(f"backend=cuda needs the weights on a CUDA device; they are on {w.device}")
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    if backend is Backend.CUDA and dtype != torch.float32:
+        raise KernelError(f"backend=cuda solves in float32; got {w.dtype} weights")
     n_groups = n_groups_of(in_features, group_size)
-    W = w.to(torch.float32).clone()
-    H = h.to(device=W.device, dtype=torch.float32).clone()
+    W = w.to(dtype, copy=True)
+    H = h.to(device=W.device, dtype=dtype, copy=True)
 
     # A column whose input is always 0 cannot affect the output: pin it to 0 and give H a unit diagonal
-    # there so the factorization stays defined.
+    # there so the factorization stays defined (and leaves the column uncoupled from the others).
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
     # Scales rounded up to the stored dtype: no weight is clipped, so no clipping error is spread by the
     # updates (round_scale says what nearest rounding cost GPTQ).
-    grid = compute_grid(W, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype, round_up=True)
-    group_of_col = torch.arange(in_features, device=W.device) // (in_features // n_groups)
+    grid = compute_grid(W.float(), bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype,
+                        round_up=True)
+    group_of_col = torch.arange(in_features, device=W.device, dtype=torch.int32) // (in_features // n_groups)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W, H, group_of_col = W[:, perm], H[perm][:, perm], group_of_col[perm]
-    hinv, damp_used = inverse_hessian_factor(H, damp_frac=damp_frac)
+    factor, damp_used = hessian_factor(H, damp_frac=damp_frac)
     del H
+    m_diag = torch.diagonal(factor).clone()
+    m_unit = factor.div_(m_diag).contiguous()           # Mu[k, i] = M[k, i] / M[i, i], row-major for the solver
+    del factor
+    scale, zero = grid.scale.to(dtype), grid.zero
 
     solve = _solver(backend)
+    update = SplitUpdate(m_unit) if W.is_cuda and dtype == torch.float32 else None
+    targets = W.clone()                                  # t: the weights plus the updates so far
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=W.device)
-    loss = torch.zeros(out_features, dtype=torch.float32, device=W.device)
+    loss = torch.zeros(out_features, dtype=dtype, device=W.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        cols = group_of_col[i1:i2]
-        block = solve(W[:, i1:i2], hinv[i1:i2, i1:i2], grid.scale[:, cols], grid.zero[:, cols], bits=bits)
+        block = solve(targets[:, i1:i2], W[:, i1:i2], m_unit[i1:i2, i1:i2], m_diag[i1:i2], scale, zero,
+                      group_of_col[i1:i2], bits=bits)
         codes[:, i1:i2] = block.codes
         loss += block.loss
-        if i2 < in_features:
-            W[:, i2:].sub_(block.err @ hinv[i1:i2, i2:])                    # lazy update of the trailing columns
+        if i2 < in_features:                             # the lazy update of the trailing targets
+            if update is not None:
+                update.apply_(targets[:, i2:], block.delta, i1, i2)
+            else:
+                targets[:, i2:].addmm_(block.delta, m_unit[i1:i2, i2:])
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantResult(codes=codes, scale=grid.scale, zero=grid.zero, bits=bits, group_size=group_size,
-                       row_loss=loss, damp_frac=damp_used)
+                       row_loss=loss.float(), damp_frac=damp_used)
+
+
+class SplitUpdate:
+    """The lazy update t[:, i2:] += delta @ Mu[i1:i2, i2:] on the tensor cores, for float32 on CUDA.
+
+    Each float32 operand x is split into bfloat16 parts x = hi + lo (hi = bf16(x), lo = bf16(x - hi),
+    together 16 significant bits), and hi_d hi_m + hi_d lo_m + lo_d hi_m is one bf16 GEMM with K = 3B and
+    float32 accumulation, written in place. Its relative error is about 2^-16 (the lo lo term and lo's
+    rounding), against 2^-24 for a float32 GEMM on the CUDA cores, which took 3 to 4 times as long (43 ms
+    of an 8B block): the targets move by about 1e-5 of a quantization error, so a code changes only where a
+    target sits that close to a rounding boundary. Mu is split once per layer (2 bytes x 2 per entry)."""
+
+    def __init__(self, m_unit: Tensor) -> None:
+        self.hi = m_unit.to(torch.bfloat16)
+        self.lo = torch.sub(m_unit, self.hi).to(torch.bfloat16)
+
+    def apply_(self, tail: Tensor, delta: Tensor, i1: int, i2: int) -> None:
+        """tail: targets[:, i2:] (a view, updated in place); delta: (out, i2 - i1) float32."""
+        d_hi = delta.to(torch.bfloat16)
+        d_lo = torch.sub(delta, d_hi).to(torch.bfloat16)
+        left = torch.cat([d_hi, d_hi, d_lo], dim=1)                                    # (out, 3B)
+        right = torch.cat([self.hi[i1:i2, i2:], self.lo[i1:i2, i2:], self.hi[i1:i2, i2:]])  # (3B, n - i2)
+        torch.addmm(tail, left, right, out_dtype=torch.float32, out=tail)
