@@ -159,8 +159,11 @@ def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Names
         if any(k in line for k in ("ready to start", "started:", "plan:", "done=1/", "wrote ")) \
                 or ("done=" in line and "eta_s=0.0" in line):
             print("   ", line[:160], flush=True)
+    # The one actor's planned bytes and torch's device peaks (allocated, reserved), in GiB.
+    memory = {k: round(v / 2**30, 2) for m in report.get("memory", []) for k, v in m.items() if k != "rank"}
     return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024, "phases": report["totals"].get("phase_seconds", {}),
-            "mean_output_error": report["totals"].get("mean_output_error"), "startup": report.get("startup")}
+            "mean_output_error": report["totals"].get("mean_output_error"), "startup": report.get("startup"),
+            "memory_gib": memory}
 
 
 def _dump_stacks(log_file) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.arguments import require_bits, require_tensor
 from kernels.build import load_extension
 from wq_ops.errors import KernelError
 
@@ -26,17 +27,38 @@ def _scale_code(scale_dtype: torch.dtype) -> int:
 
 
 def fake_quant(w: Tensor, s: Tensor, *, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype) -> Tensor:
+    kernel = "awq fake quant"
+    require_bits(kernel, bits)
+    device = w.device if isinstance(w, Tensor) and w.is_cuda else torch.device("cuda")
+    require_tensor(kernel, "w", w, dtypes=(torch.bfloat16, torch.float32), shape=(None, None), device=device)
+    _require_groups(kernel, w.shape[1], group_size)
+    require_tensor(kernel, "s", s, dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(w.shape[1],),
+                   device=device)
+    code = _scale_code(scale_dtype)
     try:
-        return load_extension().awq_fake_quant(w, s.to(torch.float32), bits, group_size, sym,
-                                               _scale_code(scale_dtype), False)
+        return load_extension().awq_fake_quant(w, s.to(torch.float32), bits, group_size, sym, code, False)
     except RuntimeError as e:
         raise KernelError(str(e).split("\n")[0]) from None
 
 
 def clip_error(w: Tensor, h: Tensor, *, group_size: int, bits: int, sym: bool, scale_dtype: torch.dtype,
                ratios: Tensor) -> Tensor:
+    kernel = "awq clip error"
+    require_bits(kernel, bits)
+    if group_size not in (32, 64, 128, 256):
+        raise KernelError(f"{kernel}: group_size={group_size}; the kernel handles 32, 64, 128 or 256 columns a group")
+    device = w.device if isinstance(w, Tensor) and w.is_cuda else torch.device("cuda")
+    require_tensor(kernel, "w", w, dtypes=(torch.float32,), shape=(None, None), device=device)
+    _require_groups(kernel, w.shape[1], group_size)
+    require_tensor(kernel, "h", h, dtypes=(torch.float32,), shape=(w.shape[1], w.shape[1]), device=device)
+    require_tensor(kernel, "ratios", ratios, dtypes=(torch.float32, torch.float64), shape=(None,), device=device)
+    code = _scale_code(scale_dtype)
     try:
-        return load_extension().awq_clip_error(w, h, group_size, bits, sym, _scale_code(scale_dtype),
-                                               ratios.to(torch.float32))
+        return load_extension().awq_clip_error(w, h, group_size, bits, sym, code, ratios.to(torch.float32))
     except RuntimeError as e:
         raise KernelError(str(e).split("\n")[0]) from None
+
+
+def _require_groups(kernel: str, cols: int, group_size: int) -> None:
+    if group_size < 1 or cols % group_size:
+        raise KernelError(f"{kernel}: {cols} columns are not a multiple of group_size={group_size}")

@@ -11,16 +11,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.arguments import require_bits, require_tensor
 from kernels.build import load_extension
 from kernels.gptq.reference import BlockSolve
 from wq_ops.errors import KernelError
 
 __all__ = ["solve_block"]
 
+_NAME = "gptq block solve"
+
 
 def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
                 group: Tensor, *, bits: int) -> BlockSolve:
-    _check(t, w, m_unit, m_diag, scale, zero, group)
+    _check(t, w, m_unit, m_diag, scale, zero, group, bits)
     ext = load_extension()
     try:
         codes, delta, loss = ext.gptq_solve_block(t, w, m_unit, m_diag, scale, zero, group, bits)
@@ -29,21 +32,19 @@ def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Ten
     return BlockSolve(codes=codes, delta=delta, loss=loss)
 
 
-def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
-           group: Tensor) -> None:
-    """The binding's checks, made here first: a failed check inside the extension took the whole process
-    down (a segmentation fault) on the H100 machine instead of raising, cause not found yet."""
-    rows, n = t.shape if t.dim() == 2 else (-1, -1)
-    n_groups = scale.shape[1] if scale.dim() == 2 else -1
-    expected = {"t": (t, torch.float32, (rows, n)), "w": (w, torch.float32, (rows, n)),
-                "m_unit": (m_unit, torch.float32, (n, n)), "m_diag": (m_diag, torch.float32, (n,)),
-                "scale": (scale, torch.float32, (rows, n_groups)), "zero": (zero, torch.uint8, (rows, n_groups)),
-                "group": (group, torch.int32, (n,))}
-    for name, (x, dtype, shape) in expected.items():
-        if not x.is_cuda or x.device != t.device or x.dtype != dtype or tuple(x.shape) != shape or min(shape) < 1:
-            raise KernelError(f"gptq block solve: {name} must be a {dtype} {shape} tensor on {t.device} (t is "
-                              f"{tuple(t.shape)}); got {x.dtype} {tuple(x.shape)} on {x.device}")
-    if n > 128:
-        raise KernelError(f"gptq block solve: block width {n} must be at most 128")
+def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor, group: Tensor,
+           bits: int) -> None:
+    require_bits(_NAME, bits)
+    device = t.device if t.is_cuda else torch.device("cuda")
+    require_tensor(_NAME, "t", t, dtypes=(torch.float32,), shape=(None, None), device=device)
+    rows, n = t.shape
+    if not 1 <= n <= 128:
+        raise KernelError(f"{_NAME}: block width {n} must be 1..128 (the kernel holds a block in registers)")
+    require_tensor(_NAME, "w", w, dtypes=(torch.float32,), shape=(rows, n), device=device)
     if t.stride(1) != 1 or w.stride(1) != 1:
-        raise KernelError("gptq block solve: t and w must have contiguous rows (stride(1) == 1)")
+        raise KernelError(f"{_NAME}: t and w must have contiguous rows (stride(1) == 1)")
+    require_tensor(_NAME, "m_unit", m_unit, dtypes=(torch.float32,), shape=(n, n), device=device)
+    require_tensor(_NAME, "m_diag", m_diag, dtypes=(torch.float32,), shape=(n,), device=device)
+    require_tensor(_NAME, "scale", scale, dtypes=(torch.float32,), shape=(rows, None), device=device)
+    require_tensor(_NAME, "zero", zero, dtypes=(torch.uint8,), shape=tuple(scale.shape), device=device)
+    require_tensor(_NAME, "group", group, dtypes=(torch.int32,), shape=(n,), device=device)

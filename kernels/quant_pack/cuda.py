@@ -7,9 +7,12 @@ tensors, bit-identical to the reference.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from kernels.arguments import require_bits, require_tensor
 from kernels.build import load_extension
+from kernels.quant_pack import reference
 from wq_ops.errors import KernelError
 
 __all__ = ["pack_rows", "quantize_pack", "unpack_dequantize"]
@@ -22,15 +25,37 @@ def _call(name: str, *args: object) -> Tensor:
         raise KernelError(str(e).split("\n")[0]) from None
 
 
+def _cuda(x: Tensor) -> torch.device:
+    return x.device if isinstance(x, Tensor) and x.is_cuda else torch.device("cuda")
+
+
+def _check_grid(kernel: str, scale: Tensor, zero: Tensor, rows: int, cols: int) -> int:
+    """The group size the grid implies for `cols` columns."""
+    require_tensor(kernel, "scale", scale, dtypes=(torch.float32,), shape=(rows, None), device=_cuda(scale))
+    require_tensor(kernel, "zero", zero, dtypes=(torch.uint8,), shape=tuple(scale.shape), device=scale.device)
+    n_groups = scale.shape[1]
+    if n_groups < 1 or cols % n_groups:
+        raise KernelError(f"{kernel}: {cols} columns do not split into the grid's {n_groups} groups")
+    return cols // n_groups
+
+
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    require_bits("pack", bits)
+    require_tensor("pack", "codes", codes, dtypes=(torch.uint8,), shape=(None, None), device=_cuda(codes))
     return _call("pack_rows", codes, bits)
 
 
 def quantize_pack(w: Tensor, scale: Tensor, zero: Tensor, *, bits: int) -> Tensor:
-    group_size = w.shape[1] // scale.shape[1]
+    require_bits("quantize_pack", bits)
+    require_tensor("quantize_pack", "w", w, dtypes=(torch.bfloat16, torch.float32), shape=(None, None),
+                   device=_cuda(w))
+    group_size = _check_grid("quantize_pack", scale, zero, w.shape[0], w.shape[1])
     return _call("quantize_pack", w, scale.contiguous(), zero.contiguous(), bits, group_size)
 
 
 def unpack_dequantize(packed: Tensor, scale: Tensor, zero: Tensor, *, bits: int, cols: int) -> Tensor:
-    return _call("unpack_dequantize", packed, scale.contiguous(), zero.contiguous(), bits, cols,
-                 cols // scale.shape[1])
+    require_bits("unpack_dequantize", bits)
+    require_tensor("unpack_dequantize", "packed", packed, dtypes=(torch.int32,),
+                   shape=(None, reference.packed_width(cols, bits)), device=_cuda(packed))
+    group_size = _check_grid("unpack_dequantize", scale, zero, packed.shape[0], cols)
+    return _call("unpack_dequantize", packed, scale.contiguous(), zero.contiguous(), bits, cols, group_size)

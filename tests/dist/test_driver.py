@@ -57,6 +57,8 @@ def test_bundled_default_job(tmp_path):
     assert 0 <= startup["ready_s"] <= report["startup"]["ready_s"] <= report["totals"]["wall_seconds"]
     assert 0 <= report["startup"]["runtime_start_s"] <= report["startup"]["ready_s"]
     assert 0 <= report["startup"]["prepare_s"] <= report["startup"]["ready_s"]
+    [memory] = report["memory"]                      # a CPU actor: the plan's number, no device peaks
+    assert memory == {"rank": 0, "planned_bytes": result.plan.actors[0].memory.total}
 
 
 def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama):

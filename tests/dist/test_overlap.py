@@ -84,3 +84,21 @@ def test_overlap_on_the_gpu_writes_the_same_bytes(tmp_path, llama, monkeypatch):
     overlapped = _artifact(tmp_path, llama, "overlapped", gpus_per_actor=1, samples=16)
     assert overlapped == plain
     assert threads and all(t.startswith("wq-solve") for t in threads)
+
+
+@pytest.mark.gpu
+def test_gpu_job_reports_a_device_peak_within_its_plan(tmp_path, llama):
+    """The report puts each actor's measured device peak (this job's only) beside the plan's estimate, and
+    the estimate bounds it, up to the libraries' workspaces (cuBLAS keeps some per stream), which the
+    plan leaves to its 10% headroom and which dwarf a tiny model's tensors."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.empty(256 << 20, dtype=torch.uint8, device="cuda")          # an earlier peak the job must not report
+    model, calib = llama
+    options = {"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib), "samples": 6,
+               "seq_len": 64, "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1}
+    result = run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
+    [memory] = result.report["memory"]
+    assert 0 < memory["allocated_bytes"] <= memory["reserved_bytes"]
+    assert memory["allocated_bytes"] < 256 << 20
+    assert memory["allocated_bytes"] <= memory["planned_bytes"] + (128 << 20)

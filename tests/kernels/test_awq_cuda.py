@@ -40,3 +40,20 @@ def test_clip_error_matches_reference(cuda, group_size, bits, sym):
     # what the search decides with it: the best clip ratio per group
     agree = (got.argmin(-1) == ref.argmin(-1)).float().mean().item()
     assert agree >= 0.99
+
+
+def test_bad_arguments_raise_and_name_the_argument(cuda):
+    """Checked in Python first: a failed check inside the extension ended the process on the H100 machine."""
+    from kernels.awq import cuda as awq_cuda
+    from wq_ops.errors import KernelError
+
+    w = torch.randn(8, 256, device=cuda)
+    kw = dict(bits=4, sym=True, scale_dtype=torch.bfloat16)
+    with pytest.raises(KernelError, match=r"s must be .* \(256,\) tensor"):
+        awq_cuda.fake_quant(w, torch.ones(128, device=cuda), group_size=128, **kw)
+    with pytest.raises(KernelError, match="not a multiple of group_size=96"):
+        awq_cuda.fake_quant(w, torch.ones(256, device=cuda), group_size=96, **kw)
+    with pytest.raises(KernelError, match=r"h must be a torch.float32 \(256, 256\) tensor"):
+        awq_cuda.clip_error(w, torch.eye(128, device=cuda), group_size=128, ratios=torch.ones(2, device=cuda), **kw)
+    with pytest.raises(KernelError, match="group_size=96"):
+        awq_cuda.clip_error(w, torch.eye(256, device=cuda), group_size=96, ratios=torch.ones(2, device=cuda), **kw)

@@ -66,12 +66,14 @@ def test_solve_block_names_a_bad_argument(cuda):
     from wq_ops.errors import KernelError
 
     t, w, m_unit, m_diag, scale, zero, group = _block_inputs(64, 32, 4, True, cuda, seed=1)
-    with pytest.raises(KernelError, match=r"group must be a torch.int32 \(32,\) tensor.*got torch.int64"):
+    with pytest.raises(KernelError, match=r"group must be a torch.int32 \(32,\) tensor on cuda:0; got torch.int64"):
         gptq_cuda.solve_block(t, w, m_unit, m_diag, scale, zero, group.long(), bits=4)
     with pytest.raises(KernelError, match=r"w must be a torch.float32 \(64, 32\) tensor.*got torch.float32 \(64, 16\)"):
         gptq_cuda.solve_block(t, w[:, :16], m_unit, m_diag, scale, zero, group, bits=4)
-    with pytest.raises(KernelError, match="m_diag must be .* on cuda"):
+    with pytest.raises(KernelError, match="m_diag must be .* on cuda:0; got .* on cpu"):
         gptq_cuda.solve_block(t, w, m_unit, m_diag.cpu(), scale, zero, group, bits=4)
+    with pytest.raises(KernelError, match="bits=9 must be 1..8"):
+        gptq_cuda.solve_block(t, w, m_unit, m_diag, scale, zero, group, bits=9)
 
 
 @pytest.mark.parametrize("act_order,sym", [(True, True), (False, False)])

@@ -40,3 +40,20 @@ def test_quantize_pack_and_back_exact(cuda, bits, dtype, rows, cols, group_size)
     ref_w = reference.unpack_dequantize(ref_packed, scale, zero, bits=bits, cols=cols)
     got_w = qp_cuda.unpack_dequantize(packed, scale, zero, bits=bits, cols=cols)
     assert torch.equal(got_w, ref_w)
+
+
+def test_bad_arguments_raise_and_name_the_argument(cuda):
+    """Checked in Python first: a failed check inside the extension ended the process on the H100 machine."""
+    from kernels.quant_pack import cuda as pack_cuda
+    from wq_ops.errors import KernelError
+
+    with pytest.raises(KernelError, match=r"codes must be a torch.uint8 \(\*, \*\) tensor.*got torch.float32"):
+        pack_cuda.pack_rows(torch.zeros(4, 32, device=cuda), 4)
+    with pytest.raises(KernelError, match="bits=0 must be 1..8"):
+        pack_cuda.pack_rows(torch.zeros(4, 32, device=cuda, dtype=torch.uint8), 0)
+    scale, zero = torch.ones(4, 3, device=cuda), torch.zeros(4, 3, device=cuda, dtype=torch.uint8)
+    with pytest.raises(KernelError, match="128 columns do not split into the grid's 3 groups"):
+        pack_cuda.quantize_pack(torch.zeros(4, 128, device=cuda), scale, zero, bits=4)
+    with pytest.raises(KernelError, match=r"packed must be a torch.int32 \(\*, 16\) tensor"):
+        pack_cuda.unpack_dequantize(torch.zeros(4, 8, device=cuda, dtype=torch.int32), scale[:, :2], zero[:, :2],
+                                    bits=4, cols=128)

@@ -165,6 +165,8 @@ class BlockActor:
             return
         self._spec = spec
         self.handoff = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)     # memory_peak reports this job's
         self.model = instantiate_on_meta(spec.hf_config, trust_remote_code=spec.job.trust_remote_code)
         base = self.model.get_submodule(spec.layout.block_prefix.rsplit(".", 1)[0])
         rotary_cls: Any = type(base.get_submodule("rotary_emb"))
@@ -556,6 +558,15 @@ class BlockActor:
     def handoff_times(self) -> dict[str, float]:
         """When this actor's inputs arrived and its outputs were handed on (absent: not applicable)."""
         return dict(self.handoff)
+
+    def memory_peak(self) -> dict[str, int]:
+        """The most device memory this actor's tensors took at once during the current job, and what torch's
+        caching allocator held at most (bytes; what the GPU showed as used, less the CUDA context). Empty on
+        CPU."""
+        if self.device.type != "cuda":
+            return {}
+        return {"allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device))}
 
 
 def warm_up_libraries(device: torch.device) -> None:

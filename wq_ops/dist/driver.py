@@ -241,8 +241,9 @@ def _run_spans(job: JobConfig, plan: JobPlan, actors: list[Any], specs: list[Any
 
 
 def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime,
-                actors: list[Any]) -> tuple[list[ShardRecord], list[dict]]:
-    """Run the plan; the staged shards' records, and each actor's activation handoff times."""
+                actors: list[Any]) -> tuple[list[ShardRecord], list[dict], list[dict]]:
+    """Run the plan; the staged shards' records, each actor's activation handoff times, and each actor's
+    planned and (on a GPU) measured peak memory."""
     job, layout = prepared.job, prepared.layout
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
     specs = [runtime.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
@@ -329,9 +330,12 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime,
             records.extend(staged)
         handoffs = [{"rank": a.rank, **times} for a, times in
                     zip(plan.actors, runtime.get([actor.handoff_times.remote() for actor in actors]))]
+        # What each actor's device really held at most, beside what the plan said it would need.
+        peaks = runtime.get([actor.memory_peak.remote() for actor in actors])
+        memory = [{"rank": a.rank, "planned_bytes": a.memory.total, **peak} for a, peak in zip(plan.actors, peaks)]
     except Exception as e:
         raise _unwrap(e) from None
-    return records, handoffs
+    return records, handoffs, memory
 
 
 def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None) -> JobResult:
@@ -371,13 +375,14 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
                 return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
             log.info("%s", plan.describe())
             check_fits(plan)
-            records, handoffs = _run_actors(prepared, plan, runtime, actors)
+            records, handoffs, memory = _run_actors(prepared, plan, runtime, actors)
         finally:
             runtime.stop(actors)
     result = _write_artifact(prepared, plan, records, wall_seconds=time.perf_counter() - start, command=command,
                              startup={"runtime": runtime.name, "ready_s": round(ready_s, 3),
                                       "runtime_start_s": round(runtime_s, 3),
-                                      "prepare_s": round(prepare_s, 3), "actors": startup}, handoffs=handoffs)
+                                      "prepare_s": round(prepare_s, 3), "actors": startup},
+                             handoffs=handoffs, memory=memory)
     if job.push_to_hub:
         assert hub_token is not None
         pushed = push_artifact(result.out_dir, job.push_to_hub, revision=job.push_revision, private=job.private,
@@ -388,7 +393,7 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
 
 
 def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRecord], *, wall_seconds: float,
-                    command: str, startup: dict[str, Any], handoffs: list[dict]) -> JobResult:
+                    command: str, startup: dict[str, Any], handoffs: list[dict], memory: list[dict]) -> JobResult:
     job, layout, artifact = prepared.job, prepared.layout, prepared.artifact
     shard_of: dict[str, str] = {}
     for r in records:
@@ -413,6 +418,7 @@ def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRec
     report["compatibility"] = prepared.compatibility.to_dict()
     report["startup"] = startup          # seconds until the plan, and each actor's warm-start split
     report["handoff"] = handoffs         # wall clock of each actor's inputs arriving and outputs leaving
+    report["memory"] = memory            # each actor's planned bytes and, on a GPU, its device peaks
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name in TOKENIZER_FILES:
         src = prepared.checkpoint.local_dir / name
