@@ -3,7 +3,8 @@
 Makes Llama-architecture checkpoints with random bf16 weights (Llama-3-8B and Llama-3.2-1B shapes, sharded
 safetensors, a one-token tokenizer), a parquet of random calibration token ids, then runs each tool as
 its own process, timing the whole job from checkpoint to written artifact, and samples the GPU's used
-memory with nvidia-smi (the same probe for both tools, CUDA context included). Prints one table with
+memory with nvidia-smi (the same probe for both tools, CUDA context included; the checkpoints are made in a
+child process, so this one holds no GPU memory meanwhile). Prints one table with
 wall time, GPU peak, the ratio llm-compressor / wq, and wq's per-phase times from its wq_report.json.
 
     python benchmarks/gpu_e2e.py --cases 8b:gptq --tools wq,llmcompressor --work /tmp/bench
@@ -254,9 +255,13 @@ def main() -> int:
     p.add_argument("--timeout-s", dest="timeout_s", type=float, default=900, help="per tool run")
     p.add_argument("--pycache", default="WORK/pycache", help="bytecode cache folder for both tools ('none': the "
                    "environment's own setting)")
+    p.add_argument("--make-checkpoint", dest="make_checkpoint", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.make_checkpoint:
+        make_checkpoint(args.make_checkpoint, work)
+        return 0
     pycache = None if args.pycache == "none" else args.pycache.replace("WORK", str(work))
     args.env = tool_env(pycache)
     tools = args.tools.split(",")
@@ -267,7 +272,10 @@ def main() -> int:
     for case in args.cases.split(","):
         shape, method = case.split(":")
         t = time.perf_counter()
-        ckpt = make_checkpoint(shape, work)
+        # In a child process: this one must hold no GPU memory (a CUDA context, the generator's cached
+        # blocks: 2 to 4 GiB) while the probe measures the tools.
+        subprocess.run([sys.executable, __file__, "--make-checkpoint", shape, "--work", str(work)], check=True)
+        ckpt = work / f"llama-{shape}-random"
         calib = make_calibration(work, n_samples=args.samples, seq_len=args.seq_len, vocab=SHAPES[shape]["vocab_size"])
         print(f"[{case}] checkpoint and data ready in {time.perf_counter() - t:.1f} s", flush=True)
         row = {"case": case}

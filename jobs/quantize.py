@@ -7,27 +7,20 @@ Every flag can also come from `--config job.yaml` (keys: the flag names with '_'
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import shlex
+import sys
+from pathlib import Path
 
-# Set before torch loads: torch's CUDA caching allocator then maps growable segments instead of fixed-size
-# blocks, so memory freed by one block's tensors serves the next block's differently shaped ones. The 1B
-# AWQ job's GPU peak went from 8.0 to 5.0 GiB on the H100 machine. A value set by the user is kept; the
-# actors of a local Ray inherit it (a cluster's workers get it from their own environment).
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import yaml
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-from wq_ops.config import JobConfig, default_options  # noqa: E402
-from wq_ops.dist.driver import run_job  # noqa: E402
-from wq_ops.dist.plan import check_fits  # noqa: E402
-from wq_ops.errors import WqError  # noqa: E402
-from wq_ops.io.hub_push import resolve_token  # noqa: E402
+from wq_ops.config import JobConfig, default_options
+from wq_ops.dist.driver import run_job
+from wq_ops.dist.plan import check_fits
+from wq_ops.errors import WqError
+from wq_ops.io.hub_push import resolve_token
 
 S = argparse.SUPPRESS
 

@@ -76,20 +76,3 @@ def test_the_command_line_exits_fast_with_everything_written(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "wq: error: bits=5" in bad.stderr
 
-
-@pytest.mark.parametrize("preset,expected", [(None, "expandable_segments:True"), ("", ""),
-                                             ("max_split_size_mb:64", "max_split_size_mb:64")])
-def test_the_entrypoint_sets_growable_cuda_segments_unless_the_user_chose(preset, expected):
-    """Set before torch is imported (a fresh interpreter), and never over the user's own setting."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
-    if preset is not None:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = preset
-    code = ("import sys, jobs.quantize, os; assert 'torch' in sys.modules; "
-            "print(repr(os.environ['PYTORCH_CUDA_ALLOC_CONF']))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == repr(expected)
