@@ -70,7 +70,6 @@ def main() -> None:
     p.add_argument("--out", type=int, default=4096)
     p.add_argument("--in", dest="in_features", type=int, default=14336)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--act-order", action="store_true", help="refused: the baseline has no act-order")
     args = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     w = (torch.randn(args.out, args.in_features, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
@@ -78,8 +77,6 @@ def main() -> None:
     x = torch.randn(args.tokens, args.in_features, generator=g, device="cuda") \
         * torch.rand(args.in_features, generator=g, device="cuda").pow(3).mul(4).add(0.05)
     h = (x.T @ x / args.tokens).float()
-    if args.act_order:
-        raise SystemExit("the paper's baseline here has no act-order; compare without --act-order")
     ref_s, (ref_codes, ref_loss) = timed(lambda: paper_gptq(w, h, bits=4, group_size=128, damp_frac=0.01,
                                                             block_size=128), 3)
     kw = dict(bits=4, group_size=128, sym=True, damp_frac=0.01, act_order=False, block_size=128,

@@ -38,13 +38,17 @@ SHAPES = {
 SHARD_BYTES = 5 * 2**30
 
 
+def checkpoint_path(shape: str, root: Path) -> Path:
+    return root / f"llama-{shape}-random"
+
+
 def make_checkpoint(shape: str, root: Path, *, seed: int = 0) -> Path:
     """A sharded bf16 safetensors Llama checkpoint with random weights (std 0.02, norms 1)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = root / f"llama-{shape}-random"
+    out = checkpoint_path(shape, root)
     if (out / "model.safetensors.index.json").exists():
         return out
     tmp = root / f".{out.name}.tmp"
@@ -160,8 +164,8 @@ def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Names
         if any(k in line for k in ("ready to start", "started:", "plan:", "done=1/", "wrote ")) \
                 or ("done=" in line and "eta_s=0.0" in line):
             print("   ", line[:160], flush=True)
-    # The one actor's planned bytes and torch's device peaks (allocated, reserved), in GiB.
-    memory = {k: round(v / 2**30, 2) for m in report.get("memory", []) for k, v in m.items() if k != "rank"}
+    # Each actor's planned bytes and torch's device peaks (allocated, reserved), in GiB.
+    memory = [{k: round(v / 2**30, 2) if k != "rank" else v for k, v in m.items()} for m in report.get("memory", [])]
     return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024, "phases": report["totals"].get("phase_seconds", {}),
             "mean_output_error": report["totals"].get("mean_output_error"), "startup": report.get("startup"),
             "memory_gib": memory}
@@ -275,7 +279,7 @@ def main() -> int:
         # In a child process: this one must hold no GPU memory (a CUDA context, the generator's cached
         # blocks: 2 to 4 GiB) while the probe measures the tools.
         subprocess.run([sys.executable, __file__, "--make-checkpoint", shape, "--work", str(work)], check=True)
-        ckpt = work / f"llama-{shape}-random"
+        ckpt = checkpoint_path(shape, work)
         calib = make_calibration(work, n_samples=args.samples, seq_len=args.seq_len, vocab=SHAPES[shape]["vocab_size"])
         print(f"[{case}] checkpoint and data ready in {time.perf_counter() - t:.1f} s", flush=True)
         row = {"case": case}

@@ -13,7 +13,12 @@ from torch import Tensor
 
 from wq_ops.errors import KernelError
 
-__all__ = ["require_bits", "require_tensor"]
+__all__ = ["cuda_device_of", "require_bits", "require_tensor"]
+
+
+def cuda_device_of(x: object) -> torch.device:
+    """x's device when x is a CUDA tensor, else the current CUDA device: where the other arguments must be."""
+    return x.device if isinstance(x, Tensor) and x.is_cuda else torch.device("cuda")
 
 
 def require_tensor(kernel: str, name: str, x: Tensor, *, dtypes: tuple[torch.dtype, ...],
@@ -30,5 +35,6 @@ def require_tensor(kernel: str, name: str, x: Tensor, *, dtypes: tuple[torch.dty
 
 
 def require_bits(kernel: str, bits: int) -> None:
+    """Codes of 1 to 8 bits: what every kernel's integer layout holds."""
     if not 1 <= bits <= 8:
         raise KernelError(f"{kernel}: bits={bits} must be 1..8")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.arguments import require_bits, require_tensor
+from kernels.arguments import cuda_device_of, require_bits, require_tensor
 from kernels.build import load_extension
 from wq_ops.errors import KernelError
 
@@ -29,7 +29,7 @@ def _scale_code(scale_dtype: torch.dtype) -> int:
 def fake_quant(w: Tensor, s: Tensor, *, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype) -> Tensor:
     kernel = "awq fake quant"
     require_bits(kernel, bits)
-    device = w.device if isinstance(w, Tensor) and w.is_cuda else torch.device("cuda")
+    device = cuda_device_of(w)
     require_tensor(kernel, "w", w, dtypes=(torch.bfloat16, torch.float32), shape=(None, None), device=device)
     _require_groups(kernel, w.shape[1], group_size)
     require_tensor(kernel, "s", s, dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(w.shape[1],),
@@ -47,7 +47,7 @@ def clip_error(w: Tensor, h: Tensor, *, group_size: int, bits: int, sym: bool, s
     require_bits(kernel, bits)
     if group_size not in (32, 64, 128, 256):
         raise KernelError(f"{kernel}: group_size={group_size}; the kernel handles 32, 64, 128 or 256 columns a group")
-    device = w.device if isinstance(w, Tensor) and w.is_cuda else torch.device("cuda")
+    device = cuda_device_of(w)
     require_tensor(kernel, "w", w, dtypes=(torch.float32,), shape=(None, None), device=device)
     _require_groups(kernel, w.shape[1], group_size)
     require_tensor(kernel, "h", h, dtypes=(torch.float32,), shape=(w.shape[1], w.shape[1]), device=device)

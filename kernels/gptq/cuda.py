@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.arguments import require_bits, require_tensor
+from kernels.arguments import cuda_device_of, require_bits, require_tensor
 from kernels.build import load_extension
 from kernels.gptq.reference import BlockSolve
 from wq_ops.errors import KernelError
@@ -23,6 +23,8 @@ _NAME = "gptq block solve"
 
 def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
                 group: Tensor, *, bits: int) -> BlockSolve:
+    """The block solve on the GPU (arguments as in the module docstring). group's values are not checked
+    (that needs a device sync each call): quantize_gptq derives them from column positions."""
     _check(t, w, m_unit, m_diag, scale, zero, group, bits)
     ext = load_extension()
     try:
@@ -35,7 +37,7 @@ def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Ten
 def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor, group: Tensor,
            bits: int) -> None:
     require_bits(_NAME, bits)
-    device = t.device if t.is_cuda else torch.device("cuda")
+    device = cuda_device_of(t)
     require_tensor(_NAME, "t", t, dtypes=(torch.float32,), shape=(None, None), device=device)
     rows, n = t.shape
     if not 1 <= n <= 128:
@@ -46,5 +48,7 @@ def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, 
     require_tensor(_NAME, "m_unit", m_unit, dtypes=(torch.float32,), shape=(n, n), device=device)
     require_tensor(_NAME, "m_diag", m_diag, dtypes=(torch.float32,), shape=(n,), device=device)
     require_tensor(_NAME, "scale", scale, dtypes=(torch.float32,), shape=(rows, None), device=device)
+    if scale.shape[1] < 1:
+        raise KernelError(f"{_NAME}: the grid has no groups")
     require_tensor(_NAME, "zero", zero, dtypes=(torch.uint8,), shape=tuple(scale.shape), device=device)
     require_tensor(_NAME, "group", group, dtypes=(torch.int32,), shape=(n,), device=device)

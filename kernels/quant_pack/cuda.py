@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.arguments import require_bits, require_tensor
+from kernels.arguments import cuda_device_of, require_bits, require_tensor
 from kernels.build import load_extension
 from kernels.quant_pack import reference
 from wq_ops.errors import KernelError
@@ -25,14 +25,10 @@ def _call(name: str, *args: object) -> Tensor:
         raise KernelError(str(e).split("\n")[0]) from None
 
 
-def _cuda(x: Tensor) -> torch.device:
-    return x.device if isinstance(x, Tensor) and x.is_cuda else torch.device("cuda")
-
-
-def _check_grid(kernel: str, scale: Tensor, zero: Tensor, rows: int, cols: int) -> int:
+def _check_grid(kernel: str, scale: Tensor, zero: Tensor, rows: int, cols: int, device: torch.device) -> int:
     """The group size the grid implies for `cols` columns."""
-    require_tensor(kernel, "scale", scale, dtypes=(torch.float32,), shape=(rows, None), device=_cuda(scale))
-    require_tensor(kernel, "zero", zero, dtypes=(torch.uint8,), shape=tuple(scale.shape), device=scale.device)
+    require_tensor(kernel, "scale", scale, dtypes=(torch.float32,), shape=(rows, None), device=device)
+    require_tensor(kernel, "zero", zero, dtypes=(torch.uint8,), shape=tuple(scale.shape), device=device)
     n_groups = scale.shape[1]
     if n_groups < 1 or cols % n_groups:
         raise KernelError(f"{kernel}: {cols} columns do not split into the grid's {n_groups} groups")
@@ -41,21 +37,21 @@ def _check_grid(kernel: str, scale: Tensor, zero: Tensor, rows: int, cols: int) 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
     require_bits("pack", bits)
-    require_tensor("pack", "codes", codes, dtypes=(torch.uint8,), shape=(None, None), device=_cuda(codes))
+    require_tensor("pack", "codes", codes, dtypes=(torch.uint8,), shape=(None, None), device=cuda_device_of(codes))
     return _call("pack_rows", codes, bits)
 
 
 def quantize_pack(w: Tensor, scale: Tensor, zero: Tensor, *, bits: int) -> Tensor:
     require_bits("quantize_pack", bits)
     require_tensor("quantize_pack", "w", w, dtypes=(torch.bfloat16, torch.float32), shape=(None, None),
-                   device=_cuda(w))
-    group_size = _check_grid("quantize_pack", scale, zero, w.shape[0], w.shape[1])
+                   device=cuda_device_of(w))
+    group_size = _check_grid("quantize_pack", scale, zero, w.shape[0], w.shape[1], w.device)
     return _call("quantize_pack", w, scale.contiguous(), zero.contiguous(), bits, group_size)
 
 
 def unpack_dequantize(packed: Tensor, scale: Tensor, zero: Tensor, *, bits: int, cols: int) -> Tensor:
     require_bits("unpack_dequantize", bits)
     require_tensor("unpack_dequantize", "packed", packed, dtypes=(torch.int32,),
-                   shape=(None, reference.packed_width(cols, bits)), device=_cuda(packed))
-    group_size = _check_grid("unpack_dequantize", scale, zero, packed.shape[0], cols)
+                   shape=(None, reference.packed_width(cols, bits)), device=cuda_device_of(packed))
+    group_size = _check_grid("unpack_dequantize", scale, zero, packed.shape[0], cols, packed.device)
     return _call("unpack_dequantize", packed, scale.contiguous(), zero.contiguous(), bits, cols, group_size)

@@ -75,4 +75,3 @@ def test_the_command_line_exits_fast_with_everything_written(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.quantize", "--out", str(out), "--bits", "5"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "wq: error: bits=5" in bad.stderr
-

@@ -79,7 +79,8 @@ def test_solve_block_names_a_bad_argument(cuda):
 @pytest.mark.parametrize("act_order,sym", [(True, True), (False, False)])
 def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
     """Whole-layer GPTQ (groups, act-order, a dead column, a last block narrower than 128): the CUDA
-    backend gives the reference's codes; both run their trailing updates on the same GPU."""
+    backend (its block-solve kernel, tensor-core updates) against the reference backend (float32 updates)
+    on the same GPU: codes of targets near a rounding boundary may differ, the loss by far less than 0.1%."""
     from wq_ops.config import Backend
     from wq_ops.quant.gptq import quantize_gptq
 
@@ -92,14 +93,14 @@ def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
               scale_dtype=torch.bfloat16)
     ref = quantize_gptq(w, h, backend=Backend.REFERENCE, **kw)
     got = quantize_gptq(w, h, backend=Backend.CUDA, **kw)
-    assert torch.equal(got.codes, ref.codes)
-    torch.testing.assert_close(got.row_loss, ref.row_loss, rtol=1e-5, atol=1e-7)
+    assert (got.codes != ref.codes).float().mean().item() < 1e-3
+    assert abs(got.loss / ref.loss - 1) < 1e-3
 
 
 def test_split_update_is_within_its_stated_error_of_float64(cuda):
     """The tensor-core lazy update (bf16 hi/lo parts) against float64, on fresh inputs shaped like an 8B
     down_proj's first block: about 2^-16 of the update's size."""
-    from wq_ops.quant.gptq import SplitUpdate
+    from wq_ops.quant.gptq import add_split_product_, split_bf16
 
     for _ in range(3):
         n, rows, b = 2048, 512, 128
@@ -108,7 +109,8 @@ def test_split_update_is_within_its_stated_error_of_float64(cuda):
         targets = torch.randn(rows, n, device=cuda) * 0.02
         expected = targets.double()
         expected[:, b:] += delta.double() @ m_unit[:b, b:].double()
-        SplitUpdate(m_unit).apply_(targets[:, b:], delta, 0, b)
+        m_hi, m_lo = split_bf16(m_unit)
+        add_split_product_(targets[:, b:], delta, m_hi[:b, b:], m_lo[:b, b:])
         update = (delta.double() @ m_unit[:b, b:].double()).abs().max()
         assert float((targets.double() - expected).abs().max() / update) < 2**-15
 

@@ -578,8 +578,7 @@ def warm_up_libraries(device: torch.device) -> None:
     with torch.no_grad():
         x = torch.randn(64, 64, device=device)
         h = x.T @ x + 64 * torch.eye(64, device=device)
-        lower, _ = torch.linalg.cholesky_ex(h)
-        torch.linalg.solve_triangular(lower, h, upper=False)
+        torch.linalg.cholesky_ex(h)
         xb = x.to(torch.bfloat16)
         torch.mm(xb.T, xb, out_dtype=torch.float32)
         q = torch.randn(1, 2, 16, 128, device=device, dtype=torch.bfloat16)

@@ -161,22 +161,27 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
     n, t = job.calib.n_samples, job.calib.seq_len
     mb = min(job.run.micro_batch_samples, n)
     max_in = max(s.in_features for s in layout.linears)
-    # The most weights solved at once: GPTQ stacks the linears that share an input. Linears of one stage
-    # with one input width bound such a group from above (o_proj is counted with q, k and v).
+    gptq = job.quant.method is Method.GPTQ
+    # What the largest solve holds besides the block's tensors. GPTQ stacks the linears that share an input
+    # (those of one stage with one input width bound such a group from above: o_proj is counted with q, k
+    # and v) and keeps a stacked copy, float32 weights and targets, and codes (twice under act-order); the
+    # other methods one linear's float32 weights, dequantized copy and codes.
     stacked: dict[tuple[str, int], int] = {}
     for s in layout.linears:
         stacked[s.stage, s.in_features] = stacked.get((s.stage, s.in_features), 0) + s.in_features * s.out_features
-    max_solved = max(stacked.values())
-    # Tensors of this block and the next (prefetch), or of the resident span, plus what the largest stack
-    # of linears needs while it is solved: the stacked copy, float32 weights and targets, codes twice.
+    if gptq:
+        solving = max(stacked.values()) * (elt + 4 + 4 + 1 + 1)
+    else:
+        solving = max(s.in_features * s.out_features for s in layout.linears) * (4 + 4 + 1)
+    # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.
     # On a GPU, float propagation solves one block while the next calibrates (and a third is prefetched).
     overlapped = not resident and job.run.propagation is Propagation.FLOAT and job.run.gpus_per_actor > 0
-    weights = (resident or (3 if overlapped else 2)) * layout.block_nbytes() + max_solved * (2 + 4 + 4 + 1 + 1)
+    weights = (resident or (3 if overlapped else 2)) * layout.block_nbytes() + solving
     if first:      # the embedding table runs on the device; the head tensors are only copied, through the host
         weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
     # Float32 statistics (at most one Hessian per linear, fewer where inputs are shared): of one stage at a
     # time (quantized propagation), of every stage of one block, or of two blocks (float propagation,
-    # overlapped), or of every resident block; plus GPTQ's working Hessian and inverse factor.
+    # overlapped), or of every resident block.
     every_stage = sum(4 * s.in_features * s.in_features for s in layout.linears)
     if resident:
         stats = resident * every_stage
@@ -187,8 +192,10 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
         for s in layout.linears:
             per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
         stats = max(per_stage_bytes.values())
-    # hessian_of's mirrored copy of the largest Hessian, plus GPTQ's working Hessian and inverse factor.
-    hessians = stats + 4 * max_in * max_in * (3 if job.quant.method is Method.GPTQ else 1)
+    # hessian_of's mirrored copy of the largest Hessian; for GPTQ also three more of its size at once: its
+    # working copy, the damped reversed copy and the Cholesky factor, or later the factor Mu, its bf16
+    # parts and the float32 temporary that splits them.
+    hessians = stats + 4 * max_in * max_in * (4 if gptq else 1)
     activation = t * layout.hidden_size * elt
     if resident:   # the micro-batches in flight; the first actor holds the embedded set until it streams out
         activations = 3 * mb * activation + (n * activation if first else 0)

@@ -27,7 +27,7 @@ from wq_ops.errors import KernelError, QuantizationError
 from wq_ops.quant.result import QuantResult
 from wq_ops.quant.rtn import compute_grid, n_groups_of
 
-__all__ = ["SplitUpdate", "hessian_factor", "quantize_gptq"]
+__all__ = ["add_split_product_", "hessian_factor", "quantize_gptq", "split_bf16"]
 
 
 def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
@@ -118,8 +118,14 @@ def quantize_gptq(
     del factor
     scale, zero = grid.scale.to(dtype), grid.zero
 
+    if not bool(torch.isfinite(m_unit).all()):
+        raise QuantizationError(
+            f"the Hessian's factor has a pivot too small to divide by even with damping {damp_used} x "
+            "mean(diag(H)); use more or more varied calibration samples, or a larger damp_frac")
     solve = _solver(backend)
-    update = SplitUpdate(m_unit) if W.is_cuda and dtype == torch.float32 else None
+    # The CUDA backend updates on the tensor cores; the reference backend keeps float32 GEMMs everywhere.
+    tensor_cores = backend is Backend.CUDA and in_features > block_size
+    m_split = split_bf16(m_unit) if tensor_cores else None
     targets = W.clone()                                  # t: the weights plus the updates so far
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(out_features, dtype=dtype, device=W.device)
@@ -130,8 +136,8 @@ def quantize_gptq(
         codes[:, i1:i2] = block.codes
         loss += block.loss
         if i2 < in_features:                             # the lazy update of the trailing targets
-            if update is not None:
-                update.apply_(targets[:, i2:], block.delta, i1, i2)
+            if m_split is not None:
+                add_split_product_(targets[:, i2:], block.delta, m_split[0][i1:i2, i2:], m_split[1][i1:i2, i2:])
             else:
                 targets[:, i2:].addmm_(block.delta, m_unit[i1:i2, i2:])
     if perm is not None:
@@ -140,24 +146,22 @@ def quantize_gptq(
                        row_loss=loss.float(), damp_frac=damp_used)
 
 
-class SplitUpdate:
-    """The lazy update t[:, i2:] += delta @ Mu[i1:i2, i2:] on the tensor cores, for float32 on CUDA.
+def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (float32) as bfloat16 parts x ~ hi + lo: hi = bf16(x), lo = bf16(x - hi), 16 significant bits."""
+    hi = x.to(torch.bfloat16)
+    return hi, torch.sub(x, hi).to(torch.bfloat16)
 
-    Each float32 operand x is split into bfloat16 parts x = hi + lo (hi = bf16(x), lo = bf16(x - hi),
-    together 16 significant bits), and hi_d hi_m + hi_d lo_m + lo_d hi_m is one bf16 GEMM with K = 3B and
-    float32 accumulation, written in place. Its relative error is about 2^-16 (the lo lo term and lo's
-    rounding), against 2^-24 for a float32 GEMM on the CUDA cores, which took 3 to 4 times as long (43 ms
-    of an 8B block): the targets move by about 1e-5 of a quantization error, so a code changes only where a
-    target sits that close to a rounding boundary. Mu is split once per layer (2 bytes x 2 per entry)."""
 
-    def __init__(self, m_unit: Tensor) -> None:
-        self.hi = m_unit.to(torch.bfloat16)
-        self.lo = torch.sub(m_unit, self.hi).to(torch.bfloat16)
+def add_split_product_(out: Tensor, a: Tensor, b_hi: Tensor, b_lo: Tensor) -> None:
+    """out += a @ b on the tensor cores, for GPTQ's lazy update on CUDA: out (m, n) float32 (a view, updated
+    in place), a (m, k) float32, b given as its split_bf16 parts (k, n).
 
-    def apply_(self, tail: Tensor, delta: Tensor, i1: int, i2: int) -> None:
-        """tail: targets[:, i2:] (a view, updated in place); delta: (out, i2 - i1) float32."""
-        d_hi = delta.to(torch.bfloat16)
-        d_lo = torch.sub(delta, d_hi).to(torch.bfloat16)
-        left = torch.cat([d_hi, d_hi, d_lo], dim=1)                                    # (out, 3B)
-        right = torch.cat([self.hi[i1:i2, i2:], self.lo[i1:i2, i2:], self.hi[i1:i2, i2:]])  # (3B, n - i2)
-        torch.addmm(tail, left, right, out_dtype=torch.float32, out=tail)
+    a is split too, and hi_a hi_b + hi_a lo_b + lo_a hi_b is one bf16 GEMM with K = 3k and float32
+    accumulation. Its relative error is about 2^-16 (the lo lo term and lo's rounding), against 2^-24 for a
+    float32 GEMM on the CUDA cores, which took 3 to 4 times as long (43 ms of an 8B block): the targets move
+    by about 1e-5 of a quantization error, so a code changes only where a target sits that close to a
+    rounding boundary."""
+    a_hi, a_lo = split_bf16(a)
+    left = torch.cat([a_hi, a_hi, a_lo], dim=1)                                     # (m, 3k)
+    right = torch.cat([b_hi, b_lo, b_hi])                                           # (3k, n)
+    torch.addmm(out, left, right, out_dtype=torch.float32, out=out)
