@@ -10,8 +10,9 @@ t_i = w_i + sum_{k<i} (w_k - q_k) Mu[k, i], where w are the original weights, q 
 t_i equals the paper's updated weight exactly. That needs one Cholesky factorization and no inverse, and
 its proxy loss sum_i M[i, i]^2 (t_i - q_i)^2 / 2 is the paper's sum_i (w~_i - q_i)^2 / U[i, i]^2 / 2.
 Columns are solved in blocks of `block_size`; a block's deltas (w - q) are applied to the trailing targets
-with one GEMM (the paper's "lazy batch updates"). Groups are static: every group's grid comes from the
-weights before any update, so act-order needs no g_idx at load time.
+with one GEMM (the paper's "lazy batch updates"; float32, or with the CUDA backend a bf16 GEMM of split
+operands, `add_split_product_`). Groups are static: every group's grid comes from the weights before any
+update, so act-order needs no g_idx at load time.
 """
 
 from __future__ import annotations
