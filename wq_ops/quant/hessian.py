@@ -70,7 +70,8 @@ def add_upper_gram_(xtx: Tensor, x2: Tensor, *, min_block: int = 1024, max_block
     columns are cut into up to `max_blocks` blocks of at least `min_block`, and block row i multiplies its
     columns by every column from block i on, one GEMM per block row: k blocks do (k + 1) / 2k of the full
     product's work, 36 of 64 for the 14336-wide input of an 8B down_proj, 10 of 16 for a 4096-wide one.
-    Products are float32 (out_dtype for half inputs)."""
+    x2 is float32, or half precision on CUDA (torch multiplies half inputs into float32 sums only there);
+    the GEMM accumulates into xtx in place either way."""
     n = x2.shape[1]
     k = max(1, min(max_blocks, n // min_block))
     edges = [n * i // k for i in range(k + 1)]
@@ -79,10 +80,8 @@ def add_upper_gram_(xtx: Tensor, x2: Tensor, *, min_block: int = 1024, max_block
         block = xtx[lo:hi, lo:]
         if x2.dtype == torch.float32:
             block.addmm_(rows, x2[:, lo:])
-        elif x2.is_cuda:     # accumulated by the GEMM in place (beta = 1): no product to allocate, read and add
-            torch.addmm(block, rows, x2[:, lo:], out_dtype=torch.float32, out=block)
         else:
-            block.add_(torch.mm(rows, x2[:, lo:], out_dtype=torch.float32))
+            torch.addmm(block, rows, x2[:, lo:], out_dtype=torch.float32, out=block)
 
 
 def hessian_of(stats: InputStats) -> Tensor:
