@@ -83,8 +83,10 @@ def test_awq_folds_scales_into_the_norms(block_setup):
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_float_propagation_passes_the_float_block_outputs_on(block_setup, method):
-    """Propagation.FLOAT: the outputs are the float block's, bit for bit; the attention layers are
-    calibrated on the same inputs either way, the MLP on the float attention's output instead."""
+    """Propagation.FLOAT: the outputs are the float block's, bit for bit; the layers that read the block's
+    input (q, k, v) are calibrated on the same inputs either way, the MLP on the float attention's output
+    instead (and, for GPTQ, o_proj on the float q, k, v's output; for AWQ, whose stage is calibrated in one
+    pass, o_proj sees the float q, k, v either way)."""
     from wq_ops.config import Propagation
 
     layout, block, params, anatomy, batches = block_setup
@@ -95,17 +97,23 @@ def test_float_propagation_passes_the_float_block_outputs_on(block_setup, method
         assert torch.equal(out, block.forward(params, x))
     quantized, q_outputs = quantize_block_(block, params, anatomy, list(batches), **kw)
     assert not all(torch.equal(a, b) for a, b in zip(outputs, q_outputs))
-    tensors = {n: floated.tensors[n] for n in floated.tensors if ".self_attn." in n}
-    assert tensors and all(torch.equal(v, quantized.tensors[n]) for n, v in tensors.items())
+    same = (".q_proj.", ".k_proj.", ".v_proj.") + ((".o_proj.",) if method == "awq" else ())
+    tensors = {n: floated.tensors[n] for n in floated.tensors if any(k in n for k in same)}
+    assert len(tensors) >= 3 * 2 and all(torch.equal(v, quantized.tensors[n]) for n, v in tensors.items())
+    if method == "gptq":
+        assert not torch.equal(floated.tensors["model.layers.0.self_attn.o_proj.weight_packed"],
+                               quantized.tensors["model.layers.0.self_attn.o_proj.weight_packed"])
     mlp = [n for n in floated.tensors if ".mlp." in n and n.endswith("weight_packed")]
     assert mlp and not all(torch.equal(floated.tensors[n], quantized.tensors[n]) for n in mlp)
 
 
-@pytest.mark.parametrize("propagation,passes", [("float", 1), ("quantized", 2)])
-def test_each_linear_runs_once_per_micro_batch_with_float_propagation(block_setup, propagation, passes):
-    """Float propagation takes each stage's outputs from the pass that captures its inputs: one forward
-    of the block. Quantized propagation needs a second pass after the solve (GPTQ never runs a linear
-    more than that)."""
+@pytest.mark.parametrize("propagation,stash,passes", [("float", True, 1), ("quantized", True, 1),
+                                                     ("quantized", False, 2)])
+def test_each_linear_runs_once_per_micro_batch_with_gptq(block_setup, propagation, stash, passes):
+    """Float propagation takes each stage's outputs from the pass that captures its inputs; quantized
+    propagation stops each capture pass at the group it is for and computes o_proj and down_proj's outputs
+    from their kept inputs: one forward of the block either way. Without those kept inputs the stages run
+    again after their solves: every linear but o_proj and down_proj (which no capture pass reaches) twice."""
     from wq_ops.config import Propagation
 
     layout, block, params, anatomy, batches = block_setup
@@ -116,9 +124,97 @@ def test_each_linear_runs_once_per_micro_batch_with_float_propagation(block_setu
     try:
         quantize_block_(block, params, anatomy, list(batches), quant=QuantConfig(method="gptq", group_size=32),
                         fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears,
-                        propagation=Propagation(propagation))
+                        propagation=Propagation(propagation), stash_tails=stash)
     finally:
         for h in hooks:
             h.remove()
     assert set(calls) == {s.name for s in layout.linears}
-    assert set(calls.values()) == {passes * len(batches)}, calls
+    once = {"self_attn.o_proj", "mlp.down_proj"}
+    assert calls == {name: (1 if name in once else passes) * len(batches) for name in calls}, calls
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_quantized_propagation_goes_one_group_at_a_time(block_setup, method, stash):
+    """Each group (q/k/v, o, gate/up, down) is quantized from its input as the block computes it with every
+    earlier group already quantized, and the outputs are the quantized block's forward, bit for bit:
+    rebuilt here with plain full forwards of the block, group by group, from the artifact's codes."""
+    from wq_ops.formats.compressed_tensors import decode_linear
+    from wq_ops.quant.gptq import quantize_gptq
+    from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats
+    from wq_ops.quant.result import dequantize
+
+    layout, block, params, anatomy, batches = block_setup
+    q = QuantConfig(method=method, bits=4, group_size=32)
+    outcome, outputs = quantize_block_(block, params, anatomy, list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS,
+                                       block_index=0, prefix="model.layers", linears=layout.linears,
+                                       stash_tails=stash)
+    assert len(anatomy.groups) == 4 and set(anatomy.direct_tails) == {"self_attn", "mlp"}
+    quantized = dict(params)
+    for group in anatomy.groups:
+        seen = []
+        with torch.no_grad(), block.capturing((group.names[0],), lambda _n, x: seen.append(x)):
+            for x in batches:
+                block.forward(quantized, x)
+        stats = new_input_stats(seen[0].shape[-1], "cpu")
+        for x in seen:
+            accumulate_input_stats_(stats, x)
+        stacked = torch.cat([params[n + ".weight"] for n in group.names])
+        if method == "gptq":
+            expected = dequantize(quantize_gptq(stacked, hessian_of(stats), bits=4, group_size=32, sym=True,
+                                                damp_frac=q.damp_frac, act_order=q.act_order,
+                                                block_size=q.block_size, scale_dtype=torch.bfloat16))
+        else:
+            expected = None
+        got = []
+        for name in group.names:
+            result = decode_linear(f"model.layers.0.{name}", outcome.tensors, bits=4, group_size=32)
+            quantized[name + ".weight"] = dequantize(result, torch.bfloat16)
+            got.append(dequantize(result))
+        if expected is not None:
+            assert torch.equal(torch.cat(got), expected), group.names
+    with torch.no_grad():
+        for out, x in zip(outputs, batches):
+            assert torch.equal(out, block.forward(quantized, x))
+
+
+class _MlpWithEpilogue(torch.nn.Module):
+    """An MLP that does something after its down_proj: its output is not down_proj's output tensor."""
+
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = mlp
+
+    def forward(self, x):
+        return self.inner(x) * 0.5
+
+
+def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup):
+    """Where the module does something after its last linear, that linear's input alone does not give the
+    stage's output: the anatomy says so, and the stage is recomputed, giving the block's forward."""
+    import copy
+
+    from wq_ops.config import Propagation
+    from wq_ops.formats.compressed_tensors import decode_linear
+    from wq_ops.quant.result import dequantize
+
+    layout, block, params, anatomy, batches = block_setup
+    layer = copy.deepcopy(block.layer)
+    layer.mlp = _MlpWithEpilogue(layer.mlp)
+    renamed = {k.replace("mlp.", "mlp.inner.", 1) if k.startswith("mlp.") else k: v for k, v in params.items()}
+    linears = tuple(type(s)(**{**s.__dict__, "name": s.name.replace("mlp.", "mlp.inner.", 1)})
+                    if s.name.startswith("mlp.") else s for s in layout.linears)
+    odd = DecoderBlock(layer, block.ctx)
+    found = discover_anatomy(odd, renamed, linears, hidden_size=128)
+    assert found.direct_tails == ("self_attn",)
+    outcome, outputs = quantize_block_(odd, renamed, found, list(batches),
+                                       quant=QuantConfig(method="gptq", group_size=32), fmt=Format.COMPRESSED_TENSORS,
+                                       block_index=0, prefix="model.layers", linears=linears,
+                                       propagation=Propagation.QUANTIZED)
+    quantized = dict(renamed)
+    for spec in linears:
+        result = decode_linear(f"model.layers.0.{spec.name}", outcome.tensors, bits=4, group_size=32)
+        quantized[spec.name + ".weight"] = dequantize(result, torch.bfloat16)
+    with torch.no_grad():
+        for out, x in zip(outputs, batches):
+            assert torch.equal(out, odd.forward(quantized, x))

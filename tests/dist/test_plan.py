@@ -94,7 +94,7 @@ def test_resident_spans_grow_with_the_span_and_fall_back_or_refuse_with_the_fewe
 
 
 def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, propagation="quantized",
-          span_mode="auto"):
+          span_mode="auto", method="gptq"):
     config = tiny_config("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_blocks,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)
     layout = describe_model(config)
@@ -102,7 +102,7 @@ def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, pr
     names.update({n: "model.safetensors" for n in layout.outer_params})
     ckpt = Checkpoint(local_dir=None, weight_map=names)  # type: ignore[arg-type]
     job = JobConfig.from_dict({"out": "o", "samples": samples, "seq_len": seq_len, "actors": actors,
-                                "propagation": propagation, "span_mode": span_mode})
+                                "propagation": propagation, "span_mode": span_mode, "method": method})
     return make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
 
 
@@ -111,14 +111,29 @@ def test_memory_grows_with_a_block_not_the_model():
     assert [a.blocks for a in small.actors] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     m = small.actors[1].memory
     # An 8B-shaped block is 436 MB of bf16 (two held: this one and the next); activations: 3 buffers of
-    # 128 x 2048 x 4096 bf16 = 2 GiB each.
+    # 128 x 2048 x 4096 bf16 = 2 GiB each, and the kept inputs of down_proj (128 x 2048 x 14336 bf16).
     assert 0.8 * GIB < m.weights < 2.5 * GIB
-    assert m.activations == 3 * 128 * 2048 * 4096 * 2
+    assert small.actors[1].stash_tails
+    assert m.activations == 3 * 128 * 2048 * 4096 * 2 + 128 * 2048 * 14336 * 2
     # The same job on a model 4x deeper needs the same per-actor memory.
     assert _plan(n_blocks=32).actors[1].memory == m
     # The first actor also holds the embedding table (128256 x 4096 bf16).
     assert small.actors[0].memory.weights - m.weights == 128256 * 4096 * 2
     check_fits(small)
+
+
+def test_tail_inputs_are_kept_only_where_they_fit_and_help():
+    """GPTQ and RTN under quantized propagation keep the stages' last linears' inputs when the actor has room
+    (then the plan counts them); not AWQ (two passes per stage anyway), nor float propagation (its capture
+    pass gives the outputs)."""
+    roomy, tight = _plan(capacity_gib=80.0), _plan(capacity_gib=20.0)
+    assert all(a.stash_tails for a in roomy.actors) and not any(a.stash_tails for a in tight.actors)
+    assert roomy.actors[1].memory.activations - tight.actors[1].memory.activations == 128 * 2048 * 14336 * 2
+    check_fits(tight)
+    assert "inputs kept" in roomy.describe() and "inputs kept" not in tight.describe()
+    assert all(a.stash_tails for a in _plan(method="rtn").actors)
+    assert not any(a.stash_tails for a in _plan(method="awq").actors)
+    assert not any(a.stash_tails for a in _plan(propagation="float", actors=1).actors)
 
 
 def test_refusal_states_the_numbers():

@@ -2,7 +2,8 @@
 each linear group, the statistics of its input (Hessian, |x| mean and max), optionally keeping the first
 samples' inputs for searches that must replay the module (AWQ).
 
-Only the first linear of a group is hooked: the others read the same tensor.
+Only the first linear of a group is hooked: the others read the same tensor. `capture_group` runs a
+stage only as far as one group's input, for quantizing a block one group at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 from wq_ops.model.block import DecoderBlock, LinearGroup
 from wq_ops.quant.hessian import InputStats, accumulate_input_stats_, new_input_stats
 
-__all__ = ["GroupCapture", "capture_stage"]
+__all__ = ["GroupCapture", "capture_stage", "capture_group"]
 
 
 @dataclass
@@ -58,3 +59,43 @@ def capture_stage(
         for x in batches:
             outputs.append(run(x))
     return captures, outputs
+
+
+class _Reached(Exception):
+    """Ends a pass at the hooked linear: the input it was run for has been captured."""
+
+
+def capture_group(
+    block: DecoderBlock,
+    group: LinearGroup,
+    run: Callable[[Tensor], object],
+    batches: Sequence[Tensor],
+    *,
+    keep_inputs: bool = False,
+) -> tuple[GroupCapture, list[Tensor]]:
+    """Run `run(x)` on every micro-batch x only as far as the input of the group's first linear, whose
+    statistics are accumulated; the rest of the pass is not computed. Returns the capture and, with
+    keep_inputs, that input for every micro-batch (the tensors themselves, in order)."""
+    name = group.names[0]
+    capture: GroupCapture | None = None
+    inputs: list[Tensor] = []
+
+    def on_input(_name: str, x: Tensor) -> None:
+        nonlocal capture
+        if capture is None:
+            capture = GroupCapture(new_input_stats(x.shape[-1], x.device), [])
+        accumulate_input_stats_(capture.stats, x)
+        if keep_inputs:
+            inputs.append(x)
+        raise _Reached
+
+    with torch.no_grad(), block.capturing((name,), on_input, before=True):
+        for x in batches:
+            try:
+                run(x)
+            except _Reached:
+                continue
+            raise RuntimeError(f"{name}: the stage's forward never called it")
+    if capture is None:
+        raise ValueError("capture_group: no micro-batches")
+    return capture, inputs

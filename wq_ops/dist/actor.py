@@ -61,6 +61,7 @@ class ActorSpec:
     job: JobConfig
     artifact: ArtifactLayout
     pad_intermediate: int = 0            # zero rows/columns added to the MLP's intermediate dim (--tp-policy pad)
+    stash_tails: bool = False            # the plan's: keep each stage's last linear's inputs (quantize_block_)
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,7 @@ class BlockActor:
         outcome, self.batches = quantize_block_(
             block, loaded.params, anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
             prefix=layout.block_prefix, linears=layout.linears, pad_intermediate=self.spec.pad_intermediate,
-            propagation=job.run.propagation)
+            propagation=job.run.propagation, stash_tails=self.spec.stash_tails)
         del loaded.params
         return self._host_outcome(outcome, loaded)
 

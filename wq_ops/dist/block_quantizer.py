@@ -1,11 +1,13 @@
-"""Quantize one decoder block, given its tensors and its input activations: the sequential scheme.
+"""Quantize one decoder block, given its tensors and its input activations.
 
-1. attention stage: run x -> x + attn(norm(x)) over all micro-batches with the original weights,
-   capturing the inputs of q/k/v and o; quantize them;
-2. MLP stage: recompute h with the quantized attention, capture the MLP's inputs; quantize the MLP;
-3. outputs: y = h + mlp(norm(h)) with every weight quantized, the next block's input.
-So statistics always see the quantized layers upstream (GPTQ's true-sequential order at stage
-granularity), at the cost of two forward passes per block. No Ray here: actors call `quantize_block`.
+Quantized propagation (the default): statistics see the quantized layers upstream.
+- GPTQ and RTN go one linear group at a time (q/k/v, o, gate/up, down for Llama): each group's input is
+  captured by a pass that stops there, with every earlier group quantized (GPTQ's true-sequential order),
+  and the block's outputs come from the stages' last linears on their kept inputs: one forward per block.
+- AWQ goes a stage at a time (a group's scale folds into an earlier linear of its stage): capture the
+  stage's inputs, quantize it, recompute its outputs with the quantized weights: two passes per block.
+Float propagation: one pass captures every stage's inputs with the float weights and gives the block's
+float outputs. No Ray here: actors call `quantize_block_`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from wq_ops.calib.capture import GroupCapture, capture_stage
+from wq_ops.calib.capture import GroupCapture, capture_group, capture_stage
 from wq_ops.config import Format, Method, Propagation, QuantConfig
 from wq_ops.formats import encode_linear, scale_dtype
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
@@ -167,8 +169,13 @@ class _BlockSolver:
         self.records: list[LayerRecord] = []
         self.full = {s.name: f"{prefix}.{block_index}.{s.name}" for s in linears}
 
-    def stage(self, stage: str, captures: dict[str, GroupCapture]) -> None:
-        groups = self.anatomy.stage_groups(stage)
+    def stage(self, stage: str, captures: dict[str, GroupCapture],
+              groups: Sequence[LinearGroup] | None = None) -> None:
+        """Quantize the stage's groups (or `groups` of it: GPTQ and RTN may go one group at a time)."""
+        if groups is None:
+            groups = self.anatomy.stage_groups(stage)
+        elif self.quant.method is Method.AWQ:
+            raise ValueError("AWQ searches a whole stage's scales before it quantizes any of its groups")
         t = time.perf_counter()
         if self.quant.method is Method.AWQ:
             _awq_stage(self.block, stage, groups, captures, self.work, self.results, self.records,
@@ -221,52 +228,107 @@ def quantize_block_(
     linears: tuple[LinearSpec, ...],
     pad_intermediate: int = 0,
     propagation: Propagation = Propagation.QUANTIZED,
+    stash_tails: bool = True,
 ) -> tuple[BlockOutcome, list[Tensor]]:
     """params: block-local name -> tensor (model dtype, on the compute device); batches: the block's input
     micro-batches (B, T, hidden). Returns the outcome and the block's output micro-batches, computed with
     the quantized weights (or, with Propagation.FLOAT, the float ones: the MLP is then calibrated on the
     float attention's output too, and every block sees what the unquantized model feeds it). Consumes
-    `batches` (the list is emptied as the inputs are replaced, so about one activation buffer lives at a
-    time, not three); `params` is not modified. pad_intermediate: zero rows/columns the artifact adds to
-    the MLP's intermediate dim (the computation never sees them)."""
+    `batches` (the list is emptied as the inputs are replaced); neither the input tensors nor `params` are
+    modified. pad_intermediate: zero rows/columns the artifact adds to the MLP's intermediate dim (the
+    computation never sees them). stash_tails: keep each stage's last linear's inputs for its outputs
+    (GPTQ and RTN under quantized propagation; see `_quantize_by_group_`) rather than recompute them."""
     kw = dict(quant=quant, fmt=fmt, block_index=block_index, prefix=prefix, linears=linears,
               pad_intermediate=pad_intermediate)
     if propagation is Propagation.FLOAT:
         # Float outputs come from the float weights: the capture pass gives them (one forward per block).
         calibration, outputs = calibrate_float_all_(block, params, anatomy, batches, quant=quant)
         return solve_block_(block, params, anatomy, calibration, **kw), outputs  # type: ignore[arg-type]
-    # Quantized propagation: a stage's outputs come from its quantized weights, so they take a second pass
-    # after its solve; the capture pass skips the stage's last linear (its output is not needed there).
-    keep = quant.awq_search_samples if quant.method is Method.AWQ else 0
     solver = _BlockSolver(block, params, anatomy, timer=_Timer(_device_of(params)), **kw)  # type: ignore[arg-type]
-    work, timer = solver.work, solver.timer
     with torch.no_grad():
+        if quant.method is Method.AWQ:
+            outputs = _quantize_by_stage_(block, solver, anatomy, batches, keep=quant.awq_search_samples)
+        else:
+            outputs = _quantize_by_group_(block, solver, anatomy, batches, stash_tails=stash_tails)
+    return solver.outcome(), outputs
+
+
+_STAGES = (("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
+
+
+def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: BlockAnatomy, batches: list[Tensor],
+                        *, stash_tails: bool) -> list[Tensor]:
+    """GPTQ and RTN under quantized propagation, one linear group at a time in call order: each group's
+    input is captured with every group before it already quantized (GPTQ's true-sequential order), by a
+    pass that stops at that group. Where a stage's module returns its last linear's output as is
+    (anatomy.direct_tails), that linear's inputs are kept from its capture pass, so the stage's output
+    needs that linear alone: each linear then runs once per micro-batch. Otherwise (or without
+    stash_tails) the stage runs again with its quantized weights."""
+    work, timer = solver.work, solver.timer
+    xs = batches
+    for stage, norm in _STAGES:
+        module = block.self_attn if stage == "self_attn" else block.mlp
+
+        def run(x: Tensor, module: Callable[[Mapping[str, Tensor], Tensor], Tensor] = module,
+                norm: str = norm) -> Tensor:
+            return module(work, block.norm(work, norm, x))
+
+        groups = anatomy.stage_groups(stage)
+        tail = stash_tails and bool(groups) and stage in anatomy.direct_tails and len(groups[-1].names) == 1
+        stashed: list[Tensor] = []
+        for i, group in enumerate(groups):
+            t = time.perf_counter()
+            capture, stashed = capture_group(block, group, run, xs, keep_inputs=tail and i == len(groups) - 1)
+            timer.add("forward", t)
+            solver.stage(stage, {group.names[0]: capture}, groups=(group,))
+        # The stage's outputs: x + module(norm(x)). The block's inputs are the caller's, so the first stage
+        # adds out of place; the second writes over its own inputs h, as replay_block_ does.
+        in_place = stage != _STAGES[0][0]
         t = time.perf_counter()
-        attn_groups = anatomy.stage_groups("self_attn")
-        trimmed = _without_last_output(work, attn_groups)
-        captures, _ = capture_stage(block, attn_groups,
-                                    lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
-                                    batches, keep_samples=keep)
+        outputs = []
+        while xs:
+            x = xs.pop(0)
+            y = block.linear(work, groups[-1].names[0], stashed.pop(0)) if tail else run(x)
+            outputs.append(x.add_(y) if in_place else x + y)
         timer.add("forward", t)
-        solver.stage("self_attn", captures)
-        t = time.perf_counter()
-        hs = []
-        while batches:                                   # x -> h, dropping each input once it is used
-            hs.append(block.attention_stage(work, batches.pop(0)))
-        mlp_groups = anatomy.stage_groups("mlp")
-        trimmed = _without_last_output(work, mlp_groups)
-        captures, _ = capture_stage(block, mlp_groups,
-                                    lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
-                                    hs, keep_samples=keep)
-        trimmed.clear()                                  # drop its references to the float MLP weights
-        timer.add("forward", t)
-        solver.stage("mlp", captures)
-        del captures
-        t = time.perf_counter()
-        for h in hs:
-            _add_mlp_(block, work, h)
-        timer.add("forward", t)
-        return solver.outcome(), hs
+        xs = outputs
+    return xs
+
+
+def _quantize_by_stage_(block: DecoderBlock, solver: _BlockSolver, anatomy: BlockAnatomy, batches: list[Tensor],
+                        *, keep: int) -> list[Tensor]:
+    """AWQ under quantized propagation, a stage at a time: it searches every group's scales before it
+    quantizes any (a group's scale is folded into an earlier linear of its stage, which must still be
+    float), so a stage's inputs are captured in one pass, with the stage before it quantized. Its outputs
+    take a second pass after its solve; the capture pass skips the stage's last linear (its output is not
+    needed there)."""
+    work, timer = solver.work, solver.timer
+    t = time.perf_counter()
+    attn_groups = anatomy.stage_groups("self_attn")
+    trimmed = _without_last_output(work, attn_groups)
+    captures, _ = capture_stage(block, attn_groups,
+                                lambda x: block.self_attn(trimmed, block.norm(work, "input_layernorm", x)),
+                                batches, keep_samples=keep)
+    timer.add("forward", t)
+    solver.stage("self_attn", captures)
+    t = time.perf_counter()
+    hs = []
+    while batches:                                   # x -> h, dropping each input once it is used
+        hs.append(block.attention_stage(work, batches.pop(0)))
+    mlp_groups = anatomy.stage_groups("mlp")
+    trimmed = _without_last_output(work, mlp_groups)
+    captures, _ = capture_stage(block, mlp_groups,
+                                lambda h: block.mlp(trimmed, block.norm(work, "post_attention_layernorm", h)),
+                                hs, keep_samples=keep)
+    trimmed.clear()                                  # drop its references to the float MLP weights
+    timer.add("forward", t)
+    solver.stage("mlp", captures)
+    del captures
+    t = time.perf_counter()
+    for h in hs:
+        _add_mlp_(block, work, h)
+    timer.add("forward", t)
+    return hs
 
 
 def _without_last_output(work: Mapping[str, Tensor], groups: Sequence[LinearGroup]) -> dict[str, Tensor]:

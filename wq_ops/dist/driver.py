@@ -247,7 +247,8 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime,
     job, layout = prepared.job, prepared.layout
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
     specs = [runtime.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
-                               layout=layout, job=job, artifact=prepared.artifact, pad_intermediate=pad))
+                               layout=layout, job=job, artifact=prepared.artifact, pad_intermediate=pad,
+                               stash_tails=a.stash_tails))
              for a in plan.actors]
     # Actors are single-threaded, so each runs its calls in the order made here; activations pass from
     # one actor to the next as object refs, resolved by the receiving actor, never by the driver.

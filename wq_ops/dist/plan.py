@@ -53,6 +53,7 @@ class ActorPlan:
     capacity_bytes: int
     host_staging_bytes: int        # activations it hands to the next actor, in the object store
     streamed: bool = False         # its span stays resident while the calibration micro-batches stream through
+    stash_tails: bool = False      # keeps o_proj and down_proj's inputs rather than rerun the stages (GPTQ, RTN)
 
     @property
     def first(self) -> bool:
@@ -75,6 +76,8 @@ class JobPlan:
     def describe(self) -> str:
         """A human-readable table of the plan."""
         mode = "micro-batches stream through resident spans" if self.streamed else "one block resident at a time"
+        if any(a.stash_tails for a in self.actors):
+            mode += ", each stage's last linear's inputs kept (one forward per block)"
         lines = [f"plan: {len(self.blocks)} blocks on {len(self.actors)} {self.device_kind} actor(s), {mode}; "
                  f"artifact about {_gib(self.artifact_bytes_estimate)}" + (f" ({self.note})" if self.note else "")]
         lines.append("actor  blocks        weights  hessians  activations  workspace  total     capacity")
@@ -154,9 +157,11 @@ def pipeline_spans(n_blocks: int, n_actors: int, quantize_cost: float) -> list[t
     return spans
 
 
-def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, resident: int = 0) -> MemoryEstimate:
+def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, resident: int = 0,
+            stash_tails: bool = False) -> MemoryEstimate:
     """resident: 0 for one block at a time; else the span's block count, all of whose weights and
-    statistics stay on the device while the micro-batches stream through (then solved one by one)."""
+    statistics stay on the device while the micro-batches stream through (then solved one by one).
+    stash_tails: quantized propagation keeps each stage's last linear's inputs for every sample."""
     elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
     n, t = job.calib.n_samples, job.calib.seq_len
     mb = min(job.run.micro_batch_samples, n)
@@ -201,9 +206,10 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
         activations = 3 * mb * activation + (n * activation if first else 0)
     else:
         # Block inputs, attention-stage outputs h, block outputs; with float propagation every actor but the
-        # last also keeps its span's inputs while its float outputs go ahead to the next actor.
+        # last also keeps its span's inputs while its float outputs go ahead to the next actor. Kept tail
+        # inputs (o_proj's, then down_proj's: at most the widest input) live beside them.
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
-        activations = copies * n * activation
+        activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
     widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
     workspace = 2 * mb * t * widest * elt
@@ -217,15 +223,19 @@ def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...
                  streamed: bool) -> tuple[ActorPlan, ...]:
     staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * layout.dtype.itemsize
     last_block = layout.n_blocks - 1
-    return tuple(
-        ActorPlan(rank=r, blocks=span,
-                  memory=_memory(layout, job, first=0 in span, last=last_block in span,
-                                 resident=len(span) if streamed else 0),
-                  capacity_bytes=capacity_bytes,
-                  host_staging_bytes=0 if last_block in span else staging,
-                  streamed=streamed)
-        for r, span in enumerate(spans)
-    )
+    # GPTQ and RTN under quantized propagation keep the stages' tail inputs (one forward per block instead
+    # of about two) where that still fits.
+    may_stash = not streamed and job.run.propagation is Propagation.QUANTIZED and job.quant.method is not Method.AWQ
+    plans = []
+    for r, span in enumerate(spans):
+        kw = dict(first=0 in span, last=last_block in span, resident=len(span) if streamed else 0)
+        memory = _memory(layout, job, **kw)  # type: ignore[arg-type]
+        stashed = _memory(layout, job, stash_tails=True, **kw) if may_stash else None  # type: ignore[arg-type]
+        stash = stashed is not None and stashed.total <= int(capacity_bytes * HEADROOM)
+        plans.append(ActorPlan(rank=r, blocks=span, memory=stashed if stash and stashed else memory,
+                               capacity_bytes=capacity_bytes, host_staging_bytes=0 if last_block in span else staging,
+                               streamed=streamed, stash_tails=stash))
+    return tuple(plans)
 
 
 def _fits(actors: tuple[ActorPlan, ...]) -> bool:

@@ -63,7 +63,11 @@ class LinearGroup:
 
 @dataclass(frozen=True)
 class BlockAnatomy:
+    """groups: in call order. direct_tails: the stages whose module returns its last linear's output as is
+    (Llama's o_proj and down_proj): that output can be computed from the linear's stashed input alone."""
+
     groups: tuple[LinearGroup, ...]
+    direct_tails: tuple[str, ...] = ()
 
     def stage_groups(self, stage: str) -> tuple[LinearGroup, ...]:
         return tuple(g for g in self.groups if g.stage == stage)
@@ -99,6 +103,10 @@ class DecoderBlock:
     def mlp(self, params: Params, normed: Tensor) -> Tensor:
         return functional_call(self._child("mlp"), _sub(params, "mlp"), (normed,))
 
+    def linear(self, params: Params, name: str, x: Tensor) -> Tensor:
+        """One linear (block-local name) on its input x, as the module calls it."""
+        return functional_call(self._child(name), _sub(params, name), (x,))
+
     def attention_stage(self, params: Params, x: Tensor) -> Tensor:
         """x: (B, T, hidden) block input -> h = x + self_attn(input_layernorm(x))."""
         return x + self.self_attn(params, self.norm(params, "input_layernorm", x))
@@ -118,11 +126,19 @@ class DecoderBlock:
         return out[0] if isinstance(out, tuple) else out
 
     @contextmanager
-    def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
-        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear."""
+    def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None], *,
+                  before: bool = False) -> Iterator[None]:
+        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear: after the
+        linear has run, or with `before`, before it runs (so that on_input may raise to end the pass there)."""
         handles = []
         for name in names:
             module = self.layer.get_submodule(name)
+            if before:
+                def pre_hook(_m: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
+                    on_input(name, args[0])
+
+                handles.append(module.register_forward_pre_hook(pre_hook))
+                continue
 
             def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
                 on_input(name, args[0])
@@ -196,6 +212,10 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
         seen.append((name, id(t)))
         keep.append(t)
 
+    outputs: dict[str, Tensor] = {}                      # module or linear name -> its output (held alive)
+    for name in ("self_attn", "mlp", *(s.name for s in linears)):
+        handles.append(block.layer.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: outputs.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
     with probe_block.capturing(tuple(s.name for s in linears), record):
         probe_block.forward(p32, x)
     for h in handles:
@@ -227,7 +247,11 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
         producer = next((c for c, kind in candidates
                          if _absorbs(probe_block, stage, p32, stage_in, c, kind, group, gen)), None)
         result.append(LinearGroup(stage, group, producer))
-    return BlockAnatomy(groups=tuple(result))
+    # A stage's module that returns its last linear's output tensor itself adds nothing after that linear.
+    last = {spec[name].stage: name for name, _ in seen}
+    tails = tuple(stage for stage in ("self_attn", "mlp")
+                  if stage in last and stage in outputs and outputs[stage] is outputs.get(last[stage]))
+    return BlockAnatomy(groups=tuple(result), direct_tails=tails)
 
 
 def _stage_input(block: DecoderBlock, stage: str, params: Params, x: Tensor) -> Tensor:
