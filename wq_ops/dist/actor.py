@@ -406,13 +406,20 @@ class BlockActor:
                                             hidden_size=self.spec.layout.hidden_size)
         return self.anatomy
 
-    def _host_outcome(self, outcome: Any, loaded: _Loaded) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
-        """A solved block's artifact tensors on the host, its layer records and its phase seconds."""
+    def _host_outcome(self, outcome: Any, loaded: _Loaded) -> tuple["_HostTensors", tuple, dict[str, float]]:
+        """A solved block's artifact tensors on their way to the host, its layer records and its phase
+        seconds. On a GPU the copies (into pinned memory) are queued on the current stream and not waited
+        for here: the writer waits for them, and this thread goes on to queue the next block's work (a
+        waited copy left the GPU idle for 37 ms a block on the H100)."""
         t = time.perf_counter()
-        host = {k: v.to("cpu") for k, v in outcome.tensors.items()}
+        host = {k: _queue_to_host(v) for k, v in outcome.tensors.items()}
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
         seconds = {"load": loaded.seconds, **outcome.seconds,
                    "pack": outcome.seconds.get("pack", 0.0) + time.perf_counter() - t}
-        return host, tuple(_layer_dict(r) for r in outcome.layers), seconds
+        return _HostTensors(host, ready), tuple(_layer_dict(r) for r in outcome.layers), seconds
 
     def _counted(self, record: ShardRecord) -> ShardRecord:
         """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
@@ -451,7 +458,7 @@ class BlockActor:
     def _load_float(self, index: int) -> _Loaded:
         return self._load(index, staged=False)
 
-    def _compute_block(self, index: int, loaded: _Loaded) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
+    def _compute_block(self, index: int, loaded: _Loaded) -> tuple["_HostTensors", tuple, dict[str, float]]:
         """Quantize block `index` and replace the activations with its outputs. Returns its artifact
         tensors on the host, its layer records and its phase seconds."""
         layout: ModelLayout = self.spec.layout
@@ -482,7 +489,7 @@ class BlockActor:
         return calibration, ready
 
     def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
-                     ready: Any = None) -> tuple[dict[str, Tensor], tuple, dict[str, float]]:
+                     ready: Any = None) -> tuple["_HostTensors", tuple, dict[str, float]]:
         """Quantize a calibrated block and drop its weights from the device. Returns what `_stage_block`
         takes. With `ready` (the overlapped path, in the solver thread) it runs on the solve stream once
         the statistics are complete, and the tensors are dropped only once that stream is drained, so no
@@ -512,9 +519,10 @@ class BlockActor:
     def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
         return self._stage_block(index, *solving.result())
 
-    def _stage_block(self, index: int, host: dict[str, Tensor], layers: tuple,
+    def _stage_block(self, index: int, queued: "_HostTensors", layers: tuple,
                      seconds: dict[str, float]) -> ShardRecord:
         t = time.perf_counter()
+        host = queued.wait()
         path = self.spec.artifact.staged_block(index)
         nbytes, sha = _write_shard(path, host)
         record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
@@ -615,6 +623,28 @@ def _warm_up_quantizers(device: torch.device) -> None:
         output_error(w, dequantize(result, torch.bfloat16), h)
         encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
     torch.cuda.synchronize(device)
+
+
+@dataclass
+class _HostTensors:
+    """Artifact tensors whose copies to the host may still be in flight until `ready` (a CUDA event)."""
+
+    tensors: dict[str, Tensor]
+    ready: Any = None
+
+    def wait(self) -> dict[str, Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensors
+
+
+def _queue_to_host(tensor: Tensor) -> Tensor:
+    """A host copy of `tensor`: queued on the current stream into pinned memory for a CUDA tensor (valid
+    once the stream passes an event recorded after it), the tensor itself on the CPU."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _in_order(staged: Iterator[Future[ShardRecord]]) -> Iterator[ShardRecord]:
