@@ -260,35 +260,38 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
                         *, stash_tails: bool) -> list[Tensor]:
     """GPTQ and RTN under quantized propagation, one linear group at a time in call order: each group's
     input is captured with every group before it already quantized (GPTQ's true-sequential order), by a
-    pass that stops at that group. Where a stage's module returns its last linear's output as is
-    (anatomy.direct_tails), that linear's inputs are kept from its capture pass, so the stage's output
-    needs that linear alone: each linear then runs once per micro-batch. Otherwise (or without
-    stash_tails) the stage runs again with its quantized weights."""
+    pass that stops at that group. A stage's norm is computed once, its output kept for the stage's
+    passes (quantizing the linears does not change it). Where a stage's module returns its last linear's
+    output as is (anatomy.direct_tails), that linear's inputs are kept from its capture pass, so the
+    stage's output needs that linear alone: each linear then runs once per micro-batch. Otherwise (or
+    without stash_tails) the stage runs again with its quantized weights."""
     work, timer = solver.work, solver.timer
     xs = batches
     for stage, norm in _STAGES:
         module = block.self_attn if stage == "self_attn" else block.mlp
 
-        def run(x: Tensor, module: Callable[[Mapping[str, Tensor], Tensor], Tensor] = module,
-                norm: str = norm) -> Tensor:
-            return module(work, block.norm(work, norm, x))
+        def run(normed: Tensor, module: Callable[[Mapping[str, Tensor], Tensor], Tensor] = module) -> Tensor:
+            return module(work, normed)
 
         groups = anatomy.stage_groups(stage)
         tail = stash_tails and bool(groups) and stage in anatomy.direct_tails and len(groups[-1].names) == 1
+        t = time.perf_counter()
+        normed = [block.norm(work, norm, x) for x in xs]
         stashed: list[Tensor] = []
         for i, group in enumerate(groups):
-            t = time.perf_counter()
-            capture, stashed = capture_group(block, group, run, xs, keep_inputs=tail and i == len(groups) - 1)
+            capture, stashed = capture_group(block, group, run, normed, keep_inputs=tail and i == len(groups) - 1)
             timer.add("forward", t)
             solver.stage(stage, {group.names[0]: capture}, groups=(group,))
+            t = time.perf_counter()
+        if tail:
+            normed.clear()
         # The stage's outputs: x + module(norm(x)). The block's inputs are the caller's, so the first stage
         # adds out of place; the second writes over its own inputs h, as replay_block_ does.
         in_place = stage != _STAGES[0][0]
-        t = time.perf_counter()
         outputs = []
         while xs:
             x = xs.pop(0)
-            y = block.linear(work, groups[-1].names[0], stashed.pop(0)) if tail else run(x)
+            y = block.linear(work, groups[-1].names[0], stashed.pop(0)) if tail else run(normed.pop(0))
             outputs.append(x.add_(y) if in_place else x + y)
         timer.add("forward", t)
         xs = outputs

@@ -205,9 +205,10 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
     if resident:   # the micro-batches in flight; the first actor holds the embedded set until it streams out
         activations = 3 * mb * activation + (n * activation if first else 0)
     else:
-        # Block inputs, attention-stage outputs h, block outputs; with float propagation every actor but the
-        # last also keeps its span's inputs while its float outputs go ahead to the next actor. Kept tail
-        # inputs (o_proj's, then down_proj's: at most the widest input) live beside them.
+        # Three of the block's width: its inputs, attention-stage outputs h and outputs (by stage), or its
+        # inputs (then h), a stage's norm outputs and a spare (by group); with float propagation every actor
+        # but the last also keeps its span's inputs while its float outputs go ahead to the next actor.
+        # Kept tail inputs (o_proj's, then down_proj's: at most the widest input) come on top.
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
