@@ -146,7 +146,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     if args.cold:
-        from wq_ops.dist.actor import warm_up_libraries
+        from wq_ops.dist.warm_up import warm_up_libraries
 
         warm_up_libraries(device)
     setup = make_block(args.shape, samples=args.samples, seq_len=args.seq_len, micro=args.micro_batch, device=device)

@@ -44,8 +44,9 @@ from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_a
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
+from wq_ops.dist.warm_up import JobShapes, warm_up_libraries, warm_up_quantizers, warm_up_shapes
 
-__all__ = ["ActorSpec", "ShardRecord", "BlockActor", "warm_up_libraries"]
+__all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
 
 _IMPORTED_AT = time.time()   # this module (torch, transformers, wq) imported in the actor's process
 
@@ -110,9 +111,10 @@ class _Loaded:
 class BlockActor:
     """Wrapped with `ray.remote` by the driver; plain Python, so it is also testable in-process."""
 
-    def __init__(self, run: RunConfig, backend: Backend) -> None:
-        """The warm start: the process, torch, the device and the kernels. The driver creates the actors
-        first thing, so this overlaps with reading the checkpoint's config and the calibration data."""
+    def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None) -> None:
+        """The warm start: the process, torch, the device and the kernels, and on a GPU the job's shapes
+        (when known: `job_shapes`). The driver creates the actors first thing, so this overlaps with reading
+        the checkpoint's config and the calibration data."""
         t0 = time.time()
         torch.set_num_threads(run.cpus_per_actor)
         if run.gpus_per_actor > 0:
@@ -136,14 +138,18 @@ class BlockActor:
         if self.device.type == "cuda":
             warm_up_libraries(self.device)
             if backend is Backend.CUDA:
-                _warm_up_quantizers(self.device)
+                warm_up_quantizers(self.device)
+            # Before transformers: an in-process actor would otherwise wait here for the driver's import.
+            if shapes is not None:
+                warm_up_shapes(self.device, shapes)
+        t3 = time.time()
         # transformers (the job's config and model skeleton need it) is imported now, not by the first call:
         # it took 12 s on the H100 machine, on the critical path.
         import_transformers()
         # Wall-clock marks of the warm start, for the report (where start-up time goes).
         self.startup = {"imported_at": _IMPORTED_AT, "init_at": t0, "device_s": round(t1 - t0, 3),
-                        "kernels_s": round(t2 - t1, 3), "warmup_s": round(time.time() - t2, 3),
-                        "ready_at": time.time()}
+                        "kernels_s": round(t2 - t1, 3), "warmup_s": round(t3 - t2, 3),
+                        "transformers_s": round(time.time() - t3, 3), "ready_at": time.time()}
         self._spec: ActorSpec | None = None
         # The tensors before and after the blocks are copied unchanged: staged off the critical path.
         self._outer_writer = ThreadPoolExecutor(1, thread_name_prefix="wq-outer")
@@ -576,53 +582,6 @@ class BlockActor:
             return {}
         return {"allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
                 "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device))}
-
-
-def warm_up_libraries(device: torch.device) -> None:
-    """Initialise, on tiny inputs, the GPU libraries every block calls (cuBLAS in bf16 and float32,
-    cuSOLVER, the attention kernels), so their one-time set-up (about a second) happens while the driver
-    still reads the checkpoint and the calibration data, not in the first block."""
-    from torch.nn.functional import scaled_dot_product_attention
-
-    with torch.no_grad():
-        x = torch.randn(64, 64, device=device)
-        h = x.T @ x + 64 * torch.eye(64, device=device)
-        torch.linalg.cholesky_ex(h)
-        xb = x.to(torch.bfloat16)
-        torch.mm(xb.T, xb, out_dtype=torch.float32)
-        q = torch.randn(1, 2, 16, 128, device=device, dtype=torch.bfloat16)
-        scaled_dot_product_attention(q, q, q, is_causal=True)
-    torch.cuda.synchronize(device)
-
-
-def _warm_up_quantizers(device: torch.device) -> None:
-    """Run every quantizer once on a tiny layer: CUDA loads a kernel's module on its first call, and the
-    first block calls dozens (the solvers, sorts, scatters, ours), 0.3 s on the H100 that now overlaps with
-    the driver's start-up instead of adding to block 0. Tiny shapes: cuBLAS's and cuDNN's per-shape plans
-    still come with the first block, and only the default format's encoder (compressed-tensors) is warmed."""
-    from wq_ops.formats.compressed_tensors import encode_linear
-    from wq_ops.quant import awq
-    from wq_ops.quant.gptq import quantize_gptq
-    from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats, output_error
-    from wq_ops.quant.result import dequantize
-    from wq_ops.quant.rtn import quantize_rtn
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    stats = new_input_stats(256, device)
-    accumulate_input_stats_(stats, torch.randn(512, 256, generator=gen, device=device).to(torch.bfloat16))
-    h = hessian_of(stats)
-    w = torch.randn(64, 256, generator=gen, device=device)
-    for sym in (True, False):
-        quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=True, block_size=128,
-                      scale_dtype=torch.bfloat16, backend=Backend.CUDA)
-        clip = awq.search_clip(w, h, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=20,
-                               max_shrink=0.5, backend=Backend.CUDA)
-        awq.search_scales({"w": w}, stats.abs_sum, lambda cand: (cand["w"] - w).square().sum(), bits=4,
-                          group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, backend=Backend.CUDA)
-        result = quantize_rtn(w, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, clip=clip)
-        output_error(w, dequantize(result, torch.bfloat16), h)
-        encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
-    torch.cuda.synchronize(device)
 
 
 @dataclass

@@ -200,14 +200,14 @@ def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[Any], *,
                     created_at: float) -> tuple[int, list[dict[str, float]]]:
     """Bytes each actor may plan with: --actor-memory-gib, else the smallest the actors report (their
     GPU's memory, or their host's RAM / actors). Also each actor's start-up split, in seconds: process
-    spawn and imports, CUDA context, kernels, warm-up (logged, and kept for the report)."""
+    spawn and imports, CUDA context, kernels, warm-up, transformers (logged, and kept for the report)."""
     try:
         answers = runtime.get([a.capacity_bytes.remote(job.run.actors) for a in actors], timeout=600)
     except Exception as e:
         raise _unwrap(e) from None
     startup = [{"spawn_and_imports_s": round(marks["init_at"] - created_at, 3), "device_s": marks["device_s"],
                 "kernels_s": marks["kernels_s"], "warmup_s": marks["warmup_s"],
-                "ready_s": round(marks["ready_at"] - created_at, 3)}
+                "transformers_s": marks["transformers_s"], "ready_s": round(marks["ready_at"] - created_at, 3)}
                for _, marks in answers]
     for rank, split in enumerate(startup):
         log.info("actor=%d started: %s", rank, " ".join(f"{k}={v}" for k, v in split.items()))

@@ -85,11 +85,13 @@ class RayRuntime:
         import ray
 
         from wq_ops.dist.actor import BlockActor
+        from wq_ops.dist.warm_up import job_shapes
 
         self._check_resources(job.run)
         remote_actor: Any = ray.remote(BlockActor)
+        shapes = job_shapes(job)
         return [remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
-                                     max_restarts=0).remote(job.run, job.quant.backend)
+                                     max_restarts=0).remote(job.run, job.quant.backend, shapes)
                 for _ in range(job.run.actors)]
 
     @staticmethod
@@ -158,14 +160,14 @@ class _LocalActor:
     """A BlockActor built in a helper thread (CUDA context, kernels, warm-up), so that it starts while the
     driver prepares the job; calls wait for it."""
 
-    def __init__(self, run: RunConfig, backend: Backend) -> None:
+    def __init__(self, run: RunConfig, backend: Backend, shapes: Any = None) -> None:
         import torch
 
         from wq_ops.dist.actor import BlockActor
 
         self.threads_before = torch.get_num_threads()     # the actor sets the process's; given back at stop
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-actor-start")
-        self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend)
+        self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend, shapes)
         self._pool.shutdown(wait=False)
 
     def instance(self) -> Any:
@@ -192,7 +194,9 @@ class LocalRuntime:
             if have < math.ceil(run.gpus_per_actor):
                 raise ResourceError(f"gpus_per_actor={run.gpus_per_actor:g}: the in-process actor needs a GPU and "
                                     f"torch sees {have} on this machine")
-        return [_LocalActor(run, job.quant.backend)]
+        from wq_ops.dist.warm_up import job_shapes
+
+        return [_LocalActor(run, job.quant.backend, job_shapes(job))]
 
     def put(self, value: Any) -> Any:
         return _Done(value)

@@ -1,0 +1,122 @@
+"""The actor's start-up warm-ups: the job's shapes read from a local config.json without transformers, a
+warm-up that runs them on the GPU and never fails the job, and the block's host copies queued without a
+wait, whose staged bytes must equal waited copies'."""
+
+import json
+
+import pytest
+import torch
+
+from wq_ops.config import JobConfig, Method, default_options
+from wq_ops.dist import actor as actor_module
+from wq_ops.dist.driver import run_job
+from wq_ops.dist.warm_up import JobShapes, job_shapes, warm_up_shapes
+from tests.factory import write_checkpoint, write_text
+
+
+def _job(model, **options) -> JobConfig:
+    return JobConfig.from_dict(default_options({"out": "o", "model": model, "samples": 6, "seq_len": 64,
+                                                "micro_batch_samples": 4, **options}))
+
+
+def _config(tmp_path, **fields):
+    d = tmp_path / "m"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(fields))
+    return str(d)
+
+
+def test_shapes_come_from_a_local_config_json(tmp_path):
+    model = _config(tmp_path, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                    num_key_value_heads=8, dtype="bfloat16")
+    shapes = job_shapes(_job(model, method="gptq"))
+    assert shapes == JobShapes(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, seq_len=64,
+                               micro_batch=4, dtype=torch.bfloat16, quant=shapes.quant)
+    assert shapes.quant.method is Method.GPTQ
+    # An explicit head_dim wins; missing KV heads mean plain multi-head attention; fewer samples than a
+    # micro-batch make the micro-batch.
+    model = _config(tmp_path, hidden_size=2048, intermediate_size=8192, num_attention_heads=16, head_dim=64,
+                    torch_dtype="float16")
+    shapes = job_shapes(_job(model, samples=3))
+    assert (shapes.head_dim, shapes.kv_heads, shapes.micro_batch, shapes.dtype) == (64, 16, 3, torch.float16)
+
+
+@pytest.mark.parametrize("fields", [{}, {"hidden_size": 64, "num_attention_heads": 4},
+                                    {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 0},
+                                    {"hidden_size": "x", "intermediate_size": 128, "num_attention_heads": 4}])
+def test_shapes_are_none_when_the_config_does_not_give_them(tmp_path, fields):
+    assert job_shapes(_job(_config(tmp_path, **fields))) is None
+
+
+def test_shapes_are_none_without_a_local_config(tmp_path):
+    assert job_shapes(_job(None)) is None                         # the embedded default
+    assert job_shapes(_job("some-org/some-model")) is None        # a Hub id, not fetched yet
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    assert job_shapes(_job(str(tmp_path / "m"))) is None
+
+
+def test_shapes_reach_the_in_process_actor(tmp_path, monkeypatch):
+    """The runtime hands the shapes to the actor; on a CPU actor nothing runs them."""
+    seen = []
+    init = actor_module.BlockActor.__init__
+
+    def recording(self, run, backend, shapes=None):
+        seen.append(shapes)
+        init(self, run, backend, shapes)
+
+    monkeypatch.setattr(actor_module.BlockActor, "__init__", recording)
+    model = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2)
+    options = {"out": str(tmp_path / "out"), "model": str(model), "calib": str(write_text(tmp_path / "c.txt")),
+               "samples": 4, "seq_len": 32, "micro_batch_samples": 4, "runtime": "local"}
+    run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
+    [shapes] = seen
+    assert shapes is not None and shapes.seq_len == 32 and shapes.hidden == json.loads(
+        (model / "config.json").read_text())["hidden_size"]
+
+
+def _gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,backend", [("gptq", "cuda"), ("gptq", "reference"), ("awq", "cuda")])
+def test_the_warm_up_runs_a_block_of_shapes_on_the_gpu(tmp_path, method, backend):
+    _gpu()
+    model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
+    shapes = job_shapes(_job(model, method=method, backend=backend, seq_len=128, gpus_per_actor=1))
+    assert warm_up_shapes(torch.device("cuda"), shapes) is True
+
+
+@pytest.mark.gpu
+def test_a_warm_up_that_cannot_run_says_so_and_does_not_fail(tmp_path, caplog):
+    _gpu()
+    free, _ = torch.cuda.mem_get_info()
+    model = _config(tmp_path, hidden_size=1 << 16, intermediate_size=1 << 16, num_attention_heads=512)
+    shapes = job_shapes(_job(model, samples=free // (1 << 16) // 2 // 1024 + 1, micro_batch_samples=1 << 20,
+                             seq_len=1024))
+    assert warm_up_shapes(torch.device("cuda"), shapes) is False      # its activations alone exceed the GPU
+    assert "warm-up at the job's shapes skipped" in caplog.text
+    torch.ones(1, device="cuda").item()                                # the device still works
+
+
+@pytest.mark.gpu
+def test_queued_host_copies_stage_the_bytes_waited_copies_do(tmp_path, monkeypatch):
+    """Quantized propagation on the GPU: the artifact with the block's host copies queued (the writer
+    waits for them) equals the one with each copy waited for where it is made."""
+    _gpu()
+    model = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=4)
+    calib = write_text(tmp_path / "c.txt")
+
+    def artifact(name):
+        options = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 16,
+                   "seq_len": 64, "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1,
+                   "backend": "cuda"}
+        result = run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
+        return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
+
+    queued = artifact("queued")
+    monkeypatch.setattr(actor_module, "_queue_to_host", lambda t: t.to("cpu"))
+    waited = artifact("waited")
+    assert queued == waited and len(queued) == 6

@@ -1,0 +1,177 @@
+"""What a GPU actor runs while it starts, so that the one-time costs of the GPU libraries (initialisation,
+kernels loaded on their first call, per-shape GEMM plans, cuDNN's attention graphs) fall in the driver's
+start-up, when the GPU is idle, and not in block 0.
+
+`JobShapes` carries the shapes a job's blocks compute with, read from the local checkpoint's config.json
+as plain JSON: the actor warms them up before it imports transformers, while it would otherwise wait for
+the driver to finish importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from wq_ops.config import Backend, JobConfig, Method, QuantConfig
+
+__all__ = ["JobShapes", "job_shapes", "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# GPTQ warm-ups solve at most this many rows per layer: the kernels and the factorisation depend on the
+# input width, and the full row count would only cost memory.
+_WARM_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class JobShapes:
+    """A decoder block's widths (Llama naming), the job's micro-batch and sequence length, its dtype, and
+    the quantizer settings (GPTQ's solves are warmed up at their real widths)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seq_len: int
+    micro_batch: int
+    dtype: torch.dtype
+    quant: QuantConfig
+
+
+def job_shapes(job: JobConfig) -> JobShapes | None:
+    """The job's shapes from its model's config.json, when the model is a local directory whose config
+    names them; None otherwise (a Hub model not yet fetched, the embedded default, another layout): the
+    warm-up is then skipped, at a cost to block 0 only."""
+    if not job.model:
+        return None
+    path = Path(job.model) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        shapes = JobShapes(hidden=hidden, intermediate=int(config["intermediate_size"]), heads=heads,
+                           kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
+                           seq_len=job.calib.seq_len, micro_batch=min(job.run.micro_batch_samples, job.calib.n_samples),
+                           dtype=_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+                                             torch.bfloat16),
+                           quant=job.quant)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if min(shapes.hidden, shapes.intermediate, shapes.heads, shapes.kv_heads, shapes.head_dim) <= 0:
+        return None
+    return shapes
+
+
+def warm_up_libraries(device: torch.device) -> None:
+    """Initialise, on tiny inputs, the GPU libraries every block calls (cuBLAS in bf16 and float32,
+    cuSOLVER, the attention kernels), so their one-time set-up (about a second) happens while the driver
+    still reads the checkpoint and the calibration data, not in the first block."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    with torch.no_grad():
+        x = torch.randn(64, 64, device=device)
+        h = x.T @ x + 64 * torch.eye(64, device=device)
+        torch.linalg.cholesky_ex(h)
+        xb = x.to(torch.bfloat16)
+        torch.mm(xb.T, xb, out_dtype=torch.float32)
+        q = torch.randn(1, 2, 16, 128, device=device, dtype=torch.bfloat16)
+        scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.cuda.synchronize(device)
+
+
+def warm_up_quantizers(device: torch.device) -> None:
+    """Run every quantizer once on a tiny layer: CUDA loads a kernel's module on its first call, and the
+    first block calls dozens (the solvers, sorts, scatters, ours), 0.3 s on the H100 that now overlaps with
+    the driver's start-up instead of adding to block 0. Tiny shapes: the per-shape plans are `warm_up_shapes`'
+    work, and only the default format's encoder (compressed-tensors) is warmed."""
+    from wq_ops.formats.compressed_tensors import encode_linear
+    from wq_ops.quant import awq
+    from wq_ops.quant.gptq import quantize_gptq
+    from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats, output_error
+    from wq_ops.quant.result import dequantize
+    from wq_ops.quant.rtn import quantize_rtn
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    stats = new_input_stats(256, device)
+    accumulate_input_stats_(stats, torch.randn(512, 256, generator=gen, device=device).to(torch.bfloat16))
+    h = hessian_of(stats)
+    w = torch.randn(64, 256, generator=gen, device=device)
+    for sym in (True, False):
+        quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=True, block_size=128,
+                      scale_dtype=torch.bfloat16, backend=Backend.CUDA)
+        clip = awq.search_clip(w, h, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=20,
+                               max_shrink=0.5, backend=Backend.CUDA)
+        awq.search_scales({"w": w}, stats.abs_sum, lambda cand: (cand["w"] - w).square().sum(), bits=4,
+                          group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, backend=Backend.CUDA)
+        result = quantize_rtn(w, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, clip=clip)
+        output_error(w, dequantize(result, torch.bfloat16), h)
+        encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
+    torch.cuda.synchronize(device)
+
+
+def warm_up_shapes(device: torch.device, shapes: JobShapes) -> bool:
+    """One micro-batch of random data through a block's GEMM shapes, its attention call and its Hessian
+    updates, and for GPTQ a solve at each input width: cuDNN builds an attention graph per shape (0.7 s of
+    an 8B job's block 0 on the H100) and cuBLAS picks kernels per shape. The attention call is made as
+    transformers' SDPA path makes it (heads viewed out of the projection and transposed, rotary applied
+    elementwise, GQA by enable_gqa); where the real call differs, its cost simply stays in block 0.
+    Returns False, having logged why, if the warm-up could not run (it never fails the job)."""
+    try:
+        with torch.no_grad():
+            _run_shapes(device, shapes)
+        torch.cuda.synchronize(device)
+        return True
+    except (RuntimeError, ValueError) as e:        # out of memory included: the plan decides what fits
+        log.warning("GPU warm-up at the job's shapes skipped (%s): block 0 pays for its first calls", e)
+        torch.cuda.empty_cache()
+        return False
+
+
+def _run_shapes(device: torch.device, shapes: JobShapes) -> None:
+    from wq_ops.quant.gptq import quantize_gptq
+    from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    mb, t, hd = shapes.micro_batch, shapes.seq_len, shapes.head_dim
+    q_width, kv_width = shapes.heads * hd, shapes.kv_heads * hd
+
+    def randn(*size: int, dtype: torch.dtype = shapes.dtype) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
+
+    x = randn(mb, t, shapes.hidden)
+    for width in (q_width, kv_width, shapes.intermediate):          # q; k and v; gate and up
+        F.linear(x, randn(width, shapes.hidden))
+    cos = randn(1, 1, t, hd)
+    q = randn(mb, t, q_width).view(mb, t, shapes.heads, hd).transpose(1, 2)
+    k = randn(mb, t, kv_width).view(mb, t, shapes.kv_heads, hd).transpose(1, 2)
+    v = randn(mb, t, kv_width).view(mb, t, shapes.kv_heads, hd).transpose(1, 2)
+    q, k = q * cos + q * cos, k * cos + k * cos
+    attended = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=hd ** -0.5, is_causal=True,
+                                              enable_gqa=shapes.heads != shapes.kv_heads)
+    attended = attended.transpose(1, 2).reshape(mb, t, q_width).contiguous()
+    F.linear(attended, randn(shapes.hidden, q_width))                # o
+    inner = randn(mb, t, shapes.intermediate)
+    F.linear(inner, randn(shapes.hidden, shapes.intermediate))       # down
+    quant = shapes.quant
+    # q/k/v's input (gate/up's has the same width), o's and down's.
+    for width, rows, inputs in ((shapes.hidden, q_width + 2 * kv_width, x), (q_width, shapes.hidden, attended),
+                                (shapes.intermediate, shapes.hidden, inner)):
+        stats = new_input_stats(width, device)
+        accumulate_input_stats_(stats, inputs)
+        if quant.method is Method.GPTQ:
+            quantize_gptq(randn(min(rows, _WARM_ROWS), width, dtype=torch.float32), hessian_of(stats),
+                          bits=quant.bits, group_size=quant.group_size, sym=quant.sym, damp_frac=quant.damp_frac,
+                          act_order=quant.act_order, block_size=quant.block_size, scale_dtype=shapes.dtype,
+                          backend=quant.backend)
+        del stats
