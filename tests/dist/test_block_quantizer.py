@@ -150,6 +150,7 @@ def test_quantized_propagation_goes_one_group_at_a_time(block_setup, method, sta
                                        block_index=0, prefix="model.layers", linears=layout.linears,
                                        stash_tails=stash)
     assert len(anatomy.groups) == 4 and set(anatomy.direct_tails) == {"self_attn", "mlp"}
+    assert anatomy.direct_heads == ("self_attn.q_proj", "mlp.gate_proj")
     quantized = dict(params)
     for group in anatomy.groups:
         seen = []

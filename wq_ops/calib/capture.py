@@ -17,7 +17,7 @@ from torch import Tensor
 from wq_ops.model.block import DecoderBlock, LinearGroup
 from wq_ops.quant.hessian import InputStats, accumulate_input_stats_, new_input_stats
 
-__all__ = ["GroupCapture", "capture_stage", "capture_group"]
+__all__ = ["GroupCapture", "capture_stage", "capture_group", "capture_inputs"]
 
 
 @dataclass
@@ -99,3 +99,14 @@ def capture_group(
     if capture is None:
         raise ValueError("capture_group: no micro-batches")
     return capture, inputs
+
+
+def capture_inputs(inputs: Sequence[Tensor]) -> GroupCapture:
+    """The statistics of a group whose input is given (a stage's norm output), one micro-batch each."""
+    if not inputs:
+        raise ValueError("capture_inputs: no micro-batches")
+    capture = GroupCapture(new_input_stats(inputs[0].shape[-1], inputs[0].device), [])
+    with torch.no_grad():
+        for x in inputs:
+            accumulate_input_stats_(capture.stats, x)
+    return capture

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from wq_ops.calib.capture import GroupCapture, capture_group, capture_stage
+from wq_ops.calib.capture import GroupCapture, capture_group, capture_inputs, capture_stage
 from wq_ops.config import Format, Method, Propagation, QuantConfig
 from wq_ops.formats import encode_linear, scale_dtype
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
@@ -261,7 +261,8 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
     """GPTQ and RTN under quantized propagation, one linear group at a time in call order: each group's
     input is captured with every group before it already quantized (GPTQ's true-sequential order), by a
     pass that stops at that group. A stage's norm is computed once, its output kept for the stage's
-    passes (quantizing the linears does not change it). Where a stage's module returns its last linear's
+    passes (quantizing the linears does not change it); a group that reads that output itself
+    (anatomy.direct_heads) is captured from it with no pass. Where a stage's module returns its last linear's
     output as is (anatomy.direct_tails), that linear's inputs are kept from its capture pass, so the
     stage's output needs that linear alone: each linear then runs once per micro-batch. Otherwise (or
     without stash_tails) the stage runs again with its quantized weights."""
@@ -279,7 +280,11 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
         normed = [block.norm(work, norm, x) for x in xs]
         stashed: list[Tensor] = []
         for i, group in enumerate(groups):
-            capture, stashed = capture_group(block, group, run, normed, keep_inputs=tail and i == len(groups) - 1)
+            keep = tail and i == len(groups) - 1
+            if group.names[0] in anatomy.direct_heads:      # its input is the norm's output: no pass needed
+                capture, stashed = capture_inputs(normed), list(normed) if keep else []
+            else:
+                capture, stashed = capture_group(block, group, run, normed, keep_inputs=keep)
             timer.add("forward", t)
             solver.stage(stage, {group.names[0]: capture}, groups=(group,))
             t = time.perf_counter()

@@ -64,10 +64,13 @@ class LinearGroup:
 @dataclass(frozen=True)
 class BlockAnatomy:
     """groups: in call order. direct_tails: the stages whose module returns its last linear's output as is
-    (Llama's o_proj and down_proj): that output can be computed from the linear's stashed input alone."""
+    (Llama's o_proj and down_proj): that output can be computed from the linear's stashed input alone.
+    direct_heads: the groups (by first name) whose input is their stage's norm output itself (Llama's q/k/v
+    and gate/up): their statistics need no pass through the module."""
 
     groups: tuple[LinearGroup, ...]
     direct_tails: tuple[str, ...] = ()
+    direct_heads: tuple[str, ...] = ()
 
     def stage_groups(self, stage: str) -> tuple[LinearGroup, ...]:
         return tuple(g for g in self.groups if g.stage == stage)
@@ -251,7 +254,8 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
     last = {spec[name].stage: name for name, _ in seen}
     tails = tuple(stage for stage in ("self_attn", "mlp")
                   if stage in last and stage in outputs and outputs[stage] is outputs.get(last[stage]))
-    return BlockAnatomy(groups=tuple(result), direct_tails=tails)
+    heads = tuple(names[0] for _, tensor_id, names in runs if tensor_id in norm_out)
+    return BlockAnatomy(groups=tuple(result), direct_tails=tails, direct_heads=heads)
 
 
 def _stage_input(block: DecoderBlock, stage: str, params: Params, x: Tensor) -> Tensor:
