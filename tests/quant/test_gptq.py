@@ -100,6 +100,32 @@ def test_negative_definite_hessian_cannot_be_rescued():
         hessian_factor(-torch.eye(16) * 100 + torch.ones(16, 16), damp_frac=0.01)
 
 
+def test_a_factor_too_small_to_divide_by_is_a_clear_error(gen, monkeypatch):
+    """A factor whose pivot underflows gives a non-finite Mu; the solve must not return its garbage."""
+    from wq_ops.quant import gptq
+
+    def underflowing(h, *, damp_frac):
+        m = torch.eye(h.shape[0], dtype=h.dtype)
+        m[0, 1], m[1, 1] = 1.0, 0.0
+        return m, damp_frac
+
+    monkeypatch.setattr(gptq, "hessian_factor", underflowing)
+    with pytest.raises(QuantizationError, match="pivot too small"):
+        quantize_gptq(torch.randn(4, 32, generator=gen), torch.eye(32), bits=4, group_size=32, sym=True,
+                      damp_frac=0.01, act_order=False, block_size=32, scale_dtype=torch.bfloat16)
+
+
+def test_dead_columns_are_pinned_to_zero(gen):
+    """A column whose input is always 0 gets code of value 0 and does not stop the factorization."""
+    h = correlated_hessian(gen, 256, 64).float()
+    h[5, :] = h[:, 5] = 0
+    w = torch.randn(8, 64, generator=gen)
+    r = quantize_gptq(w, h, bits=4, group_size=32, sym=True, damp_frac=0.01, act_order=True, block_size=16,
+                      scale_dtype=torch.bfloat16)
+    assert torch.equal(dequantize(r)[:, 5], torch.zeros(8))
+    assert bool(torch.isfinite(r.row_loss).all())
+
+
 def test_inputs_are_not_modified(gen):
     h = correlated_hessian(gen, 256, 64).float()
     h[0, :] = 0

@@ -35,14 +35,11 @@ def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
     """The upper triangular M with H + damp * mean(diag H) * I = M M^T (the Cholesky factorization in
     reversed order), h: (in, in) float with no zero diagonal. Starts at `damp_frac` and multiplies it by 10
     (up to 1.0) while the factorization fails, since a Hessian from few or degenerate samples can be
-    singular in float32. Returns (M, damp_frac used); h is not modified."""
-    if not bool(torch.isfinite(h).all()):
-        raise QuantizationError(
-            "the Hessian holds NaN or Inf: the calibration activations overflowed; check the checkpoint's "
-            "weights and dtype, or calibrate in a wider dtype"
-        )
+    singular in float32. Returns (M, damp_frac used); h is not modified. The first try reads the device
+    once (whether h was finite and the factorization succeeded), not once per check."""
     n = h.shape[0]
-    mean_diag = float(torch.diagonal(h).mean())
+    mean_diag = torch.diagonal(h).mean()                          # stays on the device
+    finite = torch.isfinite(h).all()
     damp = damp_frac
     while True:
         # With P the reversal permutation and P (H + dI) P = L L^T: H + dI = (P L P)(P L P)^T, and P L P
@@ -51,7 +48,13 @@ def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
         damped.diagonal().add_(damp * mean_diag)                   # the reversal maps the diagonal onto itself
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
-        if int(info) == 0:
+        h_finite, failed = torch.stack([finite, info != 0]).tolist()
+        if not h_finite:
+            raise QuantizationError(
+                "the Hessian holds NaN or Inf: the calibration activations overflowed; check the checkpoint's "
+                "weights and dtype, or calibrate in a wider dtype"
+            )
+        if not failed:
             return torch.flip(lower, (0, 1)), damp
         if damp >= 1.0:
             raise QuantizationError(
@@ -99,9 +102,10 @@ def quantize_gptq(
 
     # A column whose input is always 0 cannot affect the output: pin it to 0 and give H a unit diagonal
     # there so the factorization stays defined (and leaves the column uncoupled from the others).
+    # (Masked in place: boolean indexing would read the device for the count of dead columns.)
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    H.diagonal().masked_fill_(dead, 1.0)
+    W.masked_fill_(dead, 0.0)
 
     # Scales rounded up to the stored dtype: no weight is clipped, so no clipping error is spread by the
     # updates (round_scale says what nearest rounding cost GPTQ).
@@ -119,10 +123,9 @@ def quantize_gptq(
     del factor
     scale, zero = grid.scale.to(dtype), grid.zero
 
-    if not bool(torch.isfinite(m_unit).all()):
-        raise QuantizationError(
-            f"the Hessian's factor has a pivot too small to divide by even with damping {damp_used} x "
-            "mean(diag(H)); use more or more varied calibration samples, or a larger damp_frac")
+    # Checked after the solve, which a non-finite Mu cannot break (it only makes its results garbage): a
+    # check here would wait for the device before the solve's first kernel is queued.
+    m_finite = torch.isfinite(m_unit).all()
     solve = _solver(backend)
     # The CUDA backend updates on the tensor cores; the reference backend keeps float32 GEMMs everywhere.
     tensor_cores = backend is Backend.CUDA and in_features > block_size
@@ -141,6 +144,10 @@ def quantize_gptq(
                 add_split_product_(targets[:, i2:], block.delta, m_split[0][i1:i2, i2:], m_split[1][i1:i2, i2:])
             else:
                 targets[:, i2:].addmm_(block.delta, m_unit[i1:i2, i2:])
+    if not bool(m_finite):
+        raise QuantizationError(
+            f"the Hessian's factor has a pivot too small to divide by even with damping {damp_used} x "
+            "mean(diag(H)); use more or more varied calibration samples, or a larger damp_frac")
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantResult(codes=codes, scale=grid.scale, zero=grid.zero, bits=bits, group_size=group_size,
