@@ -74,7 +74,8 @@ def run_block(setup: tuple[Any, ...], quant: QuantConfig, propagation: Propagati
     layout, block, params, anatomy, batches = setup
     outcome, outputs = block_quantizer.quantize_block_(
         block, params, anatomy, list(batches), quant=quant, fmt=Format.COMPRESSED_TENSORS, block_index=0,
-        prefix="model.layers", linears=layout.linears, propagation=propagation)
+        prefix="model.layers", linears=layout.linears, propagation=propagation,
+        stash_tails=True)                                     # what the plan picks for 8B and 1B on an H100
     torch.cuda.synchronize()
     del outputs
     return outcome.seconds

@@ -43,12 +43,14 @@ def run(setup, **quant):
     return outcome, err
 
 
-def test_params_and_input_tensors_are_not_modified(block_setup):
+@pytest.mark.parametrize("method,stash", [("awq", False), ("gptq", True), ("gptq", False), ("rtn", True)])
+def test_params_and_input_tensors_are_not_modified(block_setup, method, stash):
     layout, block, params, anatomy, batches = block_setup
     before = {k: v.clone() for k, v in params.items()}, [b.clone() for b in batches]
     consumed = list(batches)
-    quantize_block_(block, params, anatomy, consumed, quant=QuantConfig(method="awq", group_size=32),
-                    fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears)
+    quantize_block_(block, params, anatomy, consumed, quant=QuantConfig(method=method, group_size=32),
+                    fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears,
+                    stash_tails=stash)
     assert consumed == []                              # the list is consumed, the tensors are not written
     assert all(torch.equal(before[0][k], params[k]) for k in params)
     assert all(torch.equal(a, b) for a, b in zip(before[1], batches))
@@ -182,17 +184,20 @@ def test_quantized_propagation_goes_one_group_at_a_time(block_setup, method, sta
 class _MlpWithEpilogue(torch.nn.Module):
     """An MLP that does something after its down_proj: its output is not down_proj's output tensor."""
 
-    def __init__(self, mlp: torch.nn.Module) -> None:
+    def __init__(self, mlp: torch.nn.Module, in_place: bool) -> None:
         super().__init__()
-        self.inner = mlp
+        self.inner, self.in_place = mlp, in_place
 
     def forward(self, x):
-        return self.inner(x) * 0.5
+        y = self.inner(x)
+        return y.mul_(0.5) if self.in_place else y * 0.5
 
 
-def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup):
-    """Where the module does something after its last linear, that linear's input alone does not give the
-    stage's output: the anatomy says so, and the stage is recomputed, giving the block's forward."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup, in_place):
+    """Where the module does something after its last linear (into a new tensor, or in place on the
+    linear's output), that linear's input alone does not give the stage's output: the anatomy says so, and
+    the stage is recomputed, giving the block's forward."""
     import copy
 
     from wq_ops.config import Propagation
@@ -201,7 +206,7 @@ def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup):
 
     layout, block, params, anatomy, batches = block_setup
     layer = copy.deepcopy(block.layer)
-    layer.mlp = _MlpWithEpilogue(layer.mlp)
+    layer.mlp = _MlpWithEpilogue(layer.mlp, in_place)
     renamed = {k.replace("mlp.", "mlp.inner.", 1) if k.startswith("mlp.") else k: v for k, v in params.items()}
     linears = tuple(type(s)(**{**s.__dict__, "name": s.name.replace("mlp.", "mlp.inner.", 1)})
                     if s.name.startswith("mlp.") else s for s in layout.linears)
@@ -211,7 +216,7 @@ def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup):
     outcome, outputs = quantize_block_(odd, renamed, found, list(batches),
                                        quant=QuantConfig(method="gptq", group_size=32), fmt=Format.COMPRESSED_TENSORS,
                                        block_index=0, prefix="model.layers", linears=linears,
-                                       propagation=Propagation.QUANTIZED)
+                                       propagation=Propagation.QUANTIZED, stash_tails=True)
     quantized = dict(renamed)
     for spec in linears:
         result = decode_linear(f"model.layers.0.{spec.name}", outcome.tensors, bits=4, group_size=32)

@@ -61,8 +61,9 @@ def capture_stage(
     return captures, outputs
 
 
-class _Reached(Exception):
-    """Ends a pass at the hooked linear: the input it was run for has been captured."""
+class _Reached(BaseException):
+    """Ends a pass at the hooked linear: the input it was run for has been captured. A BaseException, so
+    that model code catching Exception for a fallback cannot swallow it."""
 
 
 def capture_group(

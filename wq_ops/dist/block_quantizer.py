@@ -228,7 +228,7 @@ def quantize_block_(
     linears: tuple[LinearSpec, ...],
     pad_intermediate: int = 0,
     propagation: Propagation = Propagation.QUANTIZED,
-    stash_tails: bool = True,
+    stash_tails: bool = False,
 ) -> tuple[BlockOutcome, list[Tensor]]:
     """params: block-local name -> tensor (model dtype, on the compute device); batches: the block's input
     micro-batches (B, T, hidden). Returns the outcome and the block's output micro-batches, computed with
@@ -237,7 +237,8 @@ def quantize_block_(
     `batches` (the list is emptied as the inputs are replaced); neither the input tensors nor `params` are
     modified. pad_intermediate: zero rows/columns the artifact adds to the MLP's intermediate dim (the
     computation never sees them). stash_tails: keep each stage's last linear's inputs for its outputs
-    (GPTQ and RTN under quantized propagation; see `_quantize_by_group_`) rather than recompute them."""
+    (GPTQ and RTN under quantized propagation; see `_quantize_by_group_`) rather than recompute them: the
+    plan says whether they fit (ActorPlan.stash_tails)."""
     kw = dict(quant=quant, fmt=fmt, block_index=block_index, prefix=prefix, linears=linears,
               pad_intermediate=pad_intermediate)
     if propagation is Propagation.FLOAT:

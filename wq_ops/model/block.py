@@ -206,14 +206,21 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
     seen: list[tuple[str, int]] = []
     norm_out: dict[int, str] = {}
     handles = []
+    keep: list[Tensor] = []     # hold the inputs and norm outputs alive so their ids stay unique during the probe
+    inputs: dict[str, Tensor] = {}
+
+    def norm_hook(_m: nn.Module, _a: Any, out: Tensor, norm: str) -> None:
+        norm_out[id(out)] = norm
+        keep.append(out)
+
     for norm in ("input_layernorm", "post_attention_layernorm"):
         handles.append(block.layer.get_submodule(norm).register_forward_hook(
-            lambda _m, _a, out, norm=norm: norm_out.__setitem__(id(out), norm)))
-    keep: list[Tensor] = []     # hold the inputs alive so their ids stay unique during the probe
+            lambda m, a, out, norm=norm: norm_hook(m, a, out, norm)))
 
     def record(name: str, t: Tensor) -> None:
         seen.append((name, id(t)))
         keep.append(t)
+        inputs.setdefault(name, t)
 
     outputs: dict[str, Tensor] = {}                      # module or linear name -> its output (held alive)
     for name in ("self_attn", "mlp", *(s.name for s in linears)):
@@ -250,11 +257,15 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
         producer = next((c for c, kind in candidates
                          if _absorbs(probe_block, stage, p32, stage_in, c, kind, group, gen)), None)
         result.append(LinearGroup(stage, group, producer))
-    # A stage's module that returns its last linear's output tensor itself adds nothing after that linear.
+    # A stage's module that returns its last linear's output tensor itself, unchanged (not written in place
+    # after the linear made it), adds nothing after that linear.
     last = {spec[name].stage: name for name, _ in seen}
     tails = tuple(stage for stage in ("self_attn", "mlp")
-                  if stage in last and stage in outputs and outputs[stage] is outputs.get(last[stage]))
-    heads = tuple(names[0] for _, tensor_id, names in runs if tensor_id in norm_out)
+                  if stage in last and stage in outputs and outputs[stage] is outputs.get(last[stage])
+                  and torch.equal(probe_block.linear(p32, last[stage], inputs[last[stage]]), outputs[stage]))
+    # A group that reads its own stage's norm output itself needs no pass through the module.
+    stage_norm = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+    heads = tuple(names[0] for stage, tensor_id, names in runs if norm_out.get(tensor_id) == stage_norm[stage])
     return BlockAnatomy(groups=tuple(result), direct_tails=tails, direct_heads=heads)
 
 
