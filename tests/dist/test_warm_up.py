@@ -48,6 +48,15 @@ def test_shapes_are_none_when_the_config_does_not_give_them(tmp_path, fields):
     assert job_shapes(_job(_config(tmp_path, **fields))) is None
 
 
+def test_shapes_are_none_for_numbers_out_of_range(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text('{"hidden_size": 1e400, "intermediate_size": 128, "num_attention_heads": 4}')
+    assert job_shapes(_job(str(d))) is None
+    (d / "config.json").write_text("[" * 100000 + "]" * 100000)
+    assert job_shapes(_job(str(d))) is None
+
+
 def test_shapes_are_none_without_a_local_config(tmp_path):
     assert job_shapes(_job(None)) is None                         # the embedded default
     assert job_shapes(_job("some-org/some-model")) is None        # a Hub id, not fetched yet
@@ -86,6 +95,17 @@ def test_the_warm_up_runs_a_block_of_shapes_on_the_gpu(tmp_path, method, backend
     _gpu()
     model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
     shapes = job_shapes(_job(model, method=method, backend=backend, seq_len=128, gpus_per_actor=1))
+    assert warm_up_shapes(torch.device("cuda"), shapes) is True
+
+
+@pytest.mark.gpu
+def test_a_width_the_group_size_does_not_divide_is_not_solved(tmp_path):
+    """A job may ignore its one layer whose width the group size does not divide (down_proj here): the
+    warm-up must not refuse what the job accepts."""
+    _gpu()
+    model = _config(tmp_path, hidden_size=256, intermediate_size=320, num_attention_heads=8, num_key_value_heads=2)
+    shapes = job_shapes(_job(model, method="gptq", backend="cuda", seq_len=128, gpus_per_actor=1,
+                             ignore=["*down_proj"]))
     assert warm_up_shapes(torch.device("cuda"), shapes) is True
 
 

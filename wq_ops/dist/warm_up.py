@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from wq_ops.config import Backend, JobConfig, Method, QuantConfig
+from wq_ops.errors import WqError
 
 __all__ = ["JobShapes", "job_shapes", "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
 
@@ -54,7 +55,7 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
     path = Path(job.model) / "config.json"
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     config = config.get("text_config", config) if isinstance(config, dict) else {}
     try:
@@ -66,7 +67,7 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
                            dtype=_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
                                              torch.bfloat16),
                            quant=job.quant)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError):
         return None
     if min(shapes.hidden, shapes.intermediate, shapes.heads, shapes.kv_heads, shapes.head_dim) <= 0:
         return None
@@ -126,16 +127,23 @@ def warm_up_shapes(device: torch.device, shapes: JobShapes) -> bool:
     an 8B job's block 0 on the H100) and cuBLAS picks kernels per shape. The attention call is made as
     transformers' SDPA path makes it (heads viewed out of the projection and transposed, rotary applied
     elementwise, GQA by enable_gqa); where the real call differs, its cost simply stays in block 0.
-    Returns False, having logged why, if the warm-up could not run (it never fails the job)."""
+    Returns False, having logged why, if the warm-up could not run: it does not fail the job, unless it
+    left the device itself broken (a sticky CUDA error), which the job's first block would only report
+    less clearly. Its memory goes back to the device either way."""
     try:
         with torch.no_grad():
             _run_shapes(device, shapes)
         torch.cuda.synchronize(device)
         return True
-    except (RuntimeError, ValueError) as e:        # out of memory included: the plan decides what fits
+    except (RuntimeError, ValueError, WqError) as e:   # out of memory included: the plan decides what fits
+        try:
+            torch.ones(1, device=device).add_(1).cpu()         # is the device still usable?
+        except RuntimeError:
+            raise e from None
         log.warning("GPU warm-up at the job's shapes skipped (%s): block 0 pays for its first calls", e)
-        torch.cuda.empty_cache()
         return False
+    finally:
+        torch.cuda.empty_cache()
 
 
 def _run_shapes(device: torch.device, shapes: JobShapes) -> None:
@@ -164,12 +172,13 @@ def _run_shapes(device: torch.device, shapes: JobShapes) -> None:
     inner = randn(mb, t, shapes.intermediate)
     F.linear(inner, randn(shapes.hidden, shapes.intermediate))       # down
     quant = shapes.quant
-    # q/k/v's input (gate/up's has the same width), o's and down's.
+    # q/k/v's input (gate/up's has the same width), o's and down's. A width the group size does not divide
+    # is not solved: the job quantizes no such layer (it is ignored, or the job is refused).
     for width, rows, inputs in ((shapes.hidden, q_width + 2 * kv_width, x), (q_width, shapes.hidden, attended),
                                 (shapes.intermediate, shapes.hidden, inner)):
         stats = new_input_stats(width, device)
         accumulate_input_stats_(stats, inputs)
-        if quant.method is Method.GPTQ:
+        if quant.method is Method.GPTQ and (quant.group_size is None or width % quant.group_size == 0):
             quantize_gptq(randn(min(rows, _WARM_ROWS), width, dtype=torch.float32), hessian_of(stats),
                           bits=quant.bits, group_size=quant.group_size, sym=quant.sym, damp_frac=quant.damp_frac,
                           act_order=quant.act_order, block_size=quant.block_size, scale_dtype=shapes.dtype,
