@@ -113,15 +113,16 @@ def test_float_propagation_passes_the_float_block_outputs_on(block_setup, method
                                                      ("quantized", False, 2)])
 def test_each_linear_runs_once_per_micro_batch_with_gptq(block_setup, propagation, stash, passes):
     """Float propagation takes each stage's outputs from the pass that captures its inputs; quantized
-    propagation stops each capture pass at the group it is for and computes o_proj and down_proj's outputs
-    from their kept inputs: one forward of the block either way. Without those kept inputs the stages run
-    again after their solves: every linear but o_proj and down_proj (which no capture pass reaches) twice."""
+    propagation captures q/k/v and gate/up from the norm outputs, o_proj and down_proj in passes that give
+    them no output rows, and computes their outputs from their kept inputs: one forward of the block either
+    way. Without those kept inputs the stages run again after their solves: every linear but o_proj and
+    down_proj twice. A linear counts as run when it produced an output (an empty product is free)."""
     from wq_ops.config import Propagation
 
     layout, block, params, anatomy, batches = block_setup
     calls: dict[str, int] = {}
     hooks = [module.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(
-        name, calls.get(name, 0) + 1)) for name, module in block.layer.named_modules()
+        name, calls.get(name, 0) + (out.numel() > 0))) for name, module in block.layer.named_modules()
         if isinstance(module, torch.nn.Linear)]
     try:
         quantize_block_(block, params, anatomy, list(batches), quant=QuantConfig(method="gptq", group_size=32),

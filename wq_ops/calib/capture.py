@@ -2,8 +2,8 @@
 each linear group, the statistics of its input (Hessian, |x| mean and max), optionally keeping the first
 samples' inputs for searches that must replay the module (AWQ).
 
-Only the first linear of a group is hooked: the others read the same tensor. `capture_group` runs a
-stage only as far as one group's input, for quantizing a block one group at a time.
+Only the first linear of a group is hooked: the others read the same tensor. `capture_group` captures
+one group's input, for quantizing a block one group at a time.
 """
 
 from __future__ import annotations
@@ -61,11 +61,6 @@ def capture_stage(
     return captures, outputs
 
 
-class _Reached(BaseException):
-    """Ends a pass at the hooked linear: the input it was run for has been captured. A BaseException, so
-    that model code catching Exception for a fallback cannot swallow it."""
-
-
 def capture_group(
     block: DecoderBlock,
     group: LinearGroup,
@@ -74,9 +69,10 @@ def capture_group(
     *,
     keep_inputs: bool = False,
 ) -> tuple[GroupCapture, list[Tensor]]:
-    """Run `run(x)` on every micro-batch x only as far as the input of the group's first linear, whose
-    statistics are accumulated; the rest of the pass is not computed. Returns the capture and, with
-    keep_inputs, that input for every micro-batch (the tensors themselves, in order)."""
+    """Run `run(x)` on every micro-batch x, accumulating the statistics of the group's input (its first
+    linear's). Returns the capture and, with keep_inputs, that input for every micro-batch (the tensors
+    themselves, in order). The outputs of `run` are dropped: a caller that needs only the input makes
+    what follows it cheap (the stage's last linear given no output rows)."""
     name = group.names[0]
     capture: GroupCapture | None = None
     inputs: list[Tensor] = []
@@ -88,17 +84,16 @@ def capture_group(
         accumulate_input_stats_(capture.stats, x)
         if keep_inputs:
             inputs.append(x)
-        raise _Reached
 
-    with torch.no_grad(), block.capturing((name,), on_input, before=True):
+    with torch.no_grad(), block.capturing((name,), on_input):
         for x in batches:
-            try:
-                run(x)
-            except _Reached:
-                continue
-            raise RuntimeError(f"{name}: the stage's forward never called it")
+            calls = len(inputs) if keep_inputs else None
+            run(x)
+            if calls is not None and len(inputs) != calls + 1:
+                raise RuntimeError(f"{name}: the stage's forward called it {len(inputs) - calls} times, not once")
     if capture is None:
-        raise ValueError("capture_group: no micro-batches")
+        raise RuntimeError(f"{name}: the stage's forward never called it" if batches else
+                           "capture_group: no micro-batches")
     return capture, inputs
 
 

@@ -2,7 +2,7 @@
 
 Quantized propagation (the default): statistics see the quantized layers upstream.
 - GPTQ and RTN go one linear group at a time (q/k/v, o, gate/up, down for Llama): each group's input is
-  captured by a pass that stops there, with every earlier group quantized (GPTQ's true-sequential order),
+  captured with every earlier group quantized (GPTQ's true-sequential order),
   and the block's outputs come from the stages' last linears on their kept inputs: one forward per block.
 - AWQ goes a stage at a time (a group's scale folds into an earlier linear of its stage): capture the
   stage's inputs, quantize it, recompute its outputs with the quantized weights: two passes per block.
@@ -13,6 +13,7 @@ float outputs. No Ray here: actors call `quantize_block_`.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -261,9 +262,9 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
                         *, stash_tails: bool) -> list[Tensor]:
     """GPTQ and RTN under quantized propagation, one linear group at a time in call order: each group's
     input is captured with every group before it already quantized (GPTQ's true-sequential order), by a
-    pass that stops at that group. A stage's norm is computed once, its output kept for the stage's
-    passes (quantizing the linears does not change it); a group that reads that output itself
-    (anatomy.direct_heads) is captured from it with no pass. Where a stage's module returns its last linear's
+    pass that gives the stage's last linear no output rows (no capture reads that output). A stage's norm
+    is computed once, its output kept for the stage's passes (quantizing the linears does not change it);
+    a group that reads that output itself (anatomy.direct_heads) is captured from it with no pass. Where a stage's module returns its last linear's
     output as is (anatomy.direct_tails), that linear's inputs are kept from its capture pass, so the
     stage's output needs that linear alone: each linear then runs once per micro-batch. Otherwise (or
     without stash_tails) the stage runs again with its quantized weights."""
@@ -285,7 +286,11 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
             if group.names[0] in anatomy.direct_heads:      # its input is the norm's output: no pass needed
                 capture, stashed = capture_inputs(normed), list(normed) if keep else []
             else:
-                capture, stashed = capture_group(block, group, run, normed, keep_inputs=keep)
+                # The pass's weights: the groups before this one quantized, the stage's last linear free.
+                trimmed = _without_last_output(work, groups)
+                capture, stashed = capture_group(block, group, functools.partial(module, trimmed), normed,
+                                                 keep_inputs=keep)
+                del trimmed
             timer.add("forward", t)
             solver.stage(stage, {group.names[0]: capture}, groups=(group,))
             t = time.perf_counter()

@@ -129,19 +129,11 @@ class DecoderBlock:
         return out[0] if isinstance(out, tuple) else out
 
     @contextmanager
-    def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None], *,
-                  before: bool = False) -> Iterator[None]:
-        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear: after the
-        linear has run, or with `before`, before it runs (so that on_input may raise to end the pass there)."""
+    def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
+        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear."""
         handles = []
         for name in names:
             module = self.layer.get_submodule(name)
-            if before:
-                def pre_hook(_m: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
-                    on_input(name, args[0])
-
-                handles.append(module.register_forward_pre_hook(pre_hook))
-                continue
 
             def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
                 on_input(name, args[0])
