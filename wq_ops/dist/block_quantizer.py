@@ -26,7 +26,7 @@ from wq_ops.config import Format, Method, Propagation, QuantConfig
 from wq_ops.formats import encode_linear, scale_dtype
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
 from wq_ops.model.architecture import LinearSpec
-from wq_ops.model.block import BlockAnatomy, DecoderBlock, LinearGroup
+from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import (OutlierSummary, hessian_of, output_error, quadratic_operand, quadratic_sum,
@@ -255,9 +255,6 @@ def quantize_block_(
     return solver.outcome(), outputs
 
 
-_STAGES = (("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
-
-
 def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: BlockAnatomy, batches: list[Tensor],
                         *, stash_tails: bool) -> list[Tensor]:
     """GPTQ and RTN under quantized propagation, one linear group at a time in call order: each group's
@@ -270,7 +267,7 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
     without stash_tails) the stage runs again with its quantized weights."""
     work, timer = solver.work, solver.timer
     xs = batches
-    for stage, norm in _STAGES:
+    for stage, norm in STAGE_NORMS.items():
         module = block.self_attn if stage == "self_attn" else block.mlp
 
         def run(normed: Tensor, module: Callable[[Mapping[str, Tensor], Tensor], Tensor] = module) -> Tensor:
@@ -298,7 +295,7 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
             normed.clear()
         # The stage's outputs: x + module(norm(x)). The block's inputs are the caller's, so the first stage
         # adds out of place; the second writes over its own inputs h, as replay_block_ does.
-        in_place = stage != _STAGES[0][0]
+        in_place = stage != "self_attn"
         outputs = []
         while xs:
             x = xs.pop(0)

@@ -20,10 +20,13 @@ from torch.func import functional_call
 from wq_ops.errors import CheckpointError
 from wq_ops.model.architecture import LinearSpec
 
-__all__ = ["SequenceContext", "make_sequence_context", "LinearGroup", "BlockAnatomy", "DecoderBlock",
+__all__ = ["STAGE_NORMS", "SequenceContext", "make_sequence_context", "LinearGroup", "BlockAnatomy", "DecoderBlock",
            "discover_anatomy"]
 
 Params = Mapping[str, Tensor]
+
+# The two stages in call order, each with the norm whose output is its module's input.
+STAGE_NORMS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
         norm_out[id(out)] = norm
         keep.append(out)
 
-    for norm in ("input_layernorm", "post_attention_layernorm"):
+    for norm in STAGE_NORMS.values():
         handles.append(block.layer.get_submodule(norm).register_forward_hook(
             lambda m, a, out, norm=norm: norm_hook(m, a, out, norm)))
 
@@ -256,8 +259,7 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
                   if stage in last and stage in outputs and outputs[stage] is outputs.get(last[stage])
                   and torch.equal(probe_block.linear(p32, last[stage], inputs[last[stage]]), outputs[stage]))
     # A group that reads its own stage's norm output itself needs no pass through the module.
-    stage_norm = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
-    heads = tuple(names[0] for stage, tensor_id, names in runs if norm_out.get(tensor_id) == stage_norm[stage])
+    heads = tuple(names[0] for stage, tensor_id, names in runs if norm_out.get(tensor_id) == STAGE_NORMS[stage])
     return BlockAnatomy(groups=tuple(result), direct_tails=tails, direct_heads=heads)
 
 
