@@ -15,10 +15,13 @@ import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wq_ops.config import Backend, JobConfig, RunConfig, Runtime
 from wq_ops.errors import ConfigError, ResourceError
+
+if TYPE_CHECKING:      # the module imports torch, which this one leaves to the runtimes that need it
+    from wq_ops.dist.warm_up import JobShapes
 
 __all__ = ["ActorRuntime", "RayRuntime", "LocalRuntime", "choose_runtime"]
 
@@ -160,7 +163,7 @@ class _LocalActor:
     """A BlockActor built in a helper thread (CUDA context, kernels, warm-up), so that it starts while the
     driver prepares the job; calls wait for it."""
 
-    def __init__(self, run: RunConfig, backend: Backend, shapes: Any = None) -> None:
+    def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None) -> None:
         import torch
 
         from wq_ops.dist.actor import BlockActor

@@ -13,18 +13,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from wq_ops.config import Backend, JobConfig, Method, QuantConfig
 from wq_ops.errors import WqError
+from wq_ops.model.architecture import storage_dtype_of
 
 __all__ = ["JobShapes", "job_shapes", "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # GPTQ warm-ups solve at most this many rows per layer: the kernels and the factorisation depend on the
 # input width, and the full row count would only cost memory.
 _WARM_ROWS = 4096
@@ -64,10 +65,10 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
         shapes = JobShapes(hidden=hidden, intermediate=int(config["intermediate_size"]), heads=heads,
                            kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
                            seq_len=job.calib.seq_len, micro_batch=min(job.run.micro_batch_samples, job.calib.n_samples),
-                           dtype=_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
-                                             torch.bfloat16),
+                           dtype=storage_dtype_of(SimpleNamespace(dtype=config.get("dtype"),
+                                                                  torch_dtype=config.get("torch_dtype"))),
                            quant=job.quant)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError, WqError):
         return None
     if min(shapes.hidden, shapes.intermediate, shapes.heads, shapes.kv_heads, shapes.head_dim) <= 0:
         return None
