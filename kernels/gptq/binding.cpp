@@ -8,8 +8,8 @@
 extern "C" cudaError_t wq_gptq_block_solve(const float* t, int ldt, const float* w, int ldw, const float* m_unit,
                                            int ldm, const float* m_diag, const float* scale, const uint8_t* zero,
                                            int ldg, const int* group, int rows, int n_cols, int block_width,
-                                           int maxq, uint8_t* codes, float* delta, float* loss,
-                                           cudaStream_t stream);
+                                           int maxq, uint8_t* codes, int ldc, float* delta, void* parts, int ldp,
+                                           float* loss, bool add_loss, cudaStream_t stream);
 
 namespace {
 
@@ -21,15 +21,15 @@ void check_matrix(const torch::Tensor& x, const char* name, torch::ScalarType dt
   TORCH_CHECK(x.stride(1) == 1, name, " must have contiguous rows (stride(1) == 1), got stride ", x.stride(1));
 }
 
-}  // namespace
+// The inputs of one block solve, checked and made launchable (small tensors copied where not contiguous).
+struct SolveInputs {
+  int64_t rows, n, n_groups;
+  torch::Tensor m_unit, m_diag, scale, zero, group;
+};
 
-// t, w: (rows, n) float32 targets and original weights of a block of columns (rows may be strided);
-// m_unit: (n, n) float32 block of Mu (rows may be strided; copied if column-major); m_diag: (n,) float32;
-// scale: (rows, G) float32 and zero: (rows, G) uint8, every group's grid; group: (n,) int32, each
-// column's group. n <= 128. Returns (codes (rows, n) uint8, delta (rows, n) float32, loss (rows,) float32).
-std::vector<torch::Tensor> gptq_solve_block(torch::Tensor t, torch::Tensor w, torch::Tensor m_unit,
-                                            torch::Tensor m_diag, torch::Tensor scale, torch::Tensor zero,
-                                            torch::Tensor group, int64_t bits) {
+SolveInputs check_inputs(const torch::Tensor& t, const torch::Tensor& w, const torch::Tensor& m_unit,
+                         const torch::Tensor& m_diag, const torch::Tensor& scale, const torch::Tensor& zero,
+                         const torch::Tensor& group, int64_t bits) {
   TORCH_CHECK(t.dim() == 2, "t must be 2-d, got ", t.dim(), "-d");
   const int64_t rows = t.size(0), n = t.size(1);
   TORCH_CHECK(n >= 1 && n <= 128, "block width n=", n, " must be 1..128 (the kernel holds a block in registers)");
@@ -52,25 +52,71 @@ std::vector<torch::Tensor> gptq_solve_block(torch::Tensor t, torch::Tensor w, to
               "m_diag must be a CUDA float32 (", n, ",) tensor, got ", m_diag.scalar_type(), " ", m_diag.sizes());
   TORCH_CHECK(group_c.is_cuda() && group_c.scalar_type() == torch::kInt32 && group_c.dim() == 1 && group_c.size(0) == n,
               "group must be a CUDA int32 (", n, ",) tensor, got ", group.scalar_type(), " ", group.sizes());
-  for (const auto* x : {&w, &m_unit_c, &m_diag_c, &scale_c, &zero_c, &group_c}) {
+  const std::initializer_list<const torch::Tensor*> others = {&w, &m_unit_c, &m_diag_c, &scale_c, &zero_c, &group_c};
+  for (const torch::Tensor* x : others) {
     TORCH_CHECK(x->device() == t.device(), "t, w, m_unit, m_diag, scale, zero and group must be on one device");
   }
   // Group indices are trusted to lie in [0, G): quantize_gptq derives them from the column positions.
-  const int width = n <= 32 ? 32 : n <= 64 ? 64 : 128;
-  auto codes = torch::empty({rows, n}, t.options().dtype(torch::kUInt8));
-  auto delta = torch::empty({rows, n}, t.options());
-  auto loss = torch::empty({rows}, t.options());
+  return {rows, n, n_groups, m_unit_c, m_diag_c, scale_c, zero_c, group_c};
+}
+
+void launch(const torch::Tensor& t, const torch::Tensor& w, const SolveInputs& in, int64_t bits, torch::Tensor& codes,
+            float* delta, void* parts, int64_t ldp, torch::Tensor& loss, bool add_loss) {
+  const int width = in.n <= 32 ? 32 : in.n <= 64 ? 64 : 128;
   const c10::cuda::CUDAGuard guard(t.device());
   cudaError_t status = wq_gptq_block_solve(
-      t.data_ptr<float>(), (int)t.stride(0), w.data_ptr<float>(), (int)w.stride(0), m_unit_c.data_ptr<float>(),
-      (int)m_unit_c.stride(0), m_diag_c.data_ptr<float>(), scale_c.data_ptr<float>(), zero_c.data_ptr<uint8_t>(),
-      (int)n_groups, group_c.data_ptr<int>(), (int)rows, (int)n, width, (1 << bits) - 1, codes.data_ptr<uint8_t>(),
-      delta.data_ptr<float>(), loss.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == cudaSuccess, "gptq block solve (rows=", rows, ", n=", n, ", width=", width,
+      t.data_ptr<float>(), (int)t.stride(0), w.data_ptr<float>(), (int)w.stride(0), in.m_unit.data_ptr<float>(),
+      (int)in.m_unit.stride(0), in.m_diag.data_ptr<float>(), in.scale.data_ptr<float>(), in.zero.data_ptr<uint8_t>(),
+      (int)in.n_groups, in.group.data_ptr<int>(), (int)in.rows, (int)in.n, width, (1 << bits) - 1,
+      codes.data_ptr<uint8_t>(), (int)codes.stride(0), delta, parts, (int)ldp, loss.data_ptr<float>(), add_loss,
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "gptq block solve (rows=", in.rows, ", n=", in.n, ", width=", width,
               ") failed: ", cudaGetErrorString(status));
+}
+
+}  // namespace
+
+// t, w: (rows, n) float32 targets and original weights of a block of columns (rows may be strided);
+// m_unit: (n, n) float32 block of Mu (rows may be strided; copied if column-major); m_diag: (n,) float32;
+// scale: (rows, G) float32 and zero: (rows, G) uint8, every group's grid; group: (n,) int32, each
+// column's group. n <= 128. Returns (codes (rows, n) uint8, delta (rows, n) float32, loss (rows,) float32).
+std::vector<torch::Tensor> gptq_solve_block(torch::Tensor t, torch::Tensor w, torch::Tensor m_unit,
+                                            torch::Tensor m_diag, torch::Tensor scale, torch::Tensor zero,
+                                            torch::Tensor group, int64_t bits) {
+  const SolveInputs in = check_inputs(t, w, m_unit, m_diag, scale, zero, group, bits);
+  auto codes = torch::empty({in.rows, in.n}, t.options().dtype(torch::kUInt8));
+  auto delta = torch::empty({in.rows, in.n}, t.options());
+  auto loss = torch::empty({in.rows}, t.options());
+  launch(t, w, in, bits, codes, delta.data_ptr<float>(), nullptr, 0, loss, false);
   return {codes, delta, loss};
+}
+
+// The same solve, written where the layer loop wants it: codes into `codes` ((rows, n) uint8, rows may
+// be strided: a column block of the layer's codes), the row losses added to `loss` ((rows,) float32),
+// and, when `parts` is given ((rows, 3n) bfloat16, rows may be strided), the deltas as [hi | hi | lo].
+void gptq_solve_block_into(torch::Tensor t, torch::Tensor w, torch::Tensor m_unit, torch::Tensor m_diag,
+                           torch::Tensor scale, torch::Tensor zero, torch::Tensor group, int64_t bits,
+                           torch::Tensor codes, torch::Tensor loss, c10::optional<torch::Tensor> parts) {
+  const SolveInputs in = check_inputs(t, w, m_unit, m_diag, scale, zero, group, bits);
+  check_matrix(codes, "codes", torch::kUInt8, in.rows, in.n);
+  TORCH_CHECK(loss.is_cuda() && loss.scalar_type() == torch::kFloat32 && loss.dim() == 1 && loss.size(0) == in.rows &&
+                  loss.is_contiguous(),
+              "loss must be a contiguous CUDA float32 (", in.rows, ",) tensor, got ", loss.scalar_type(), " ",
+              loss.sizes());
+  TORCH_CHECK(codes.device() == t.device() && loss.device() == t.device(), "codes and loss must be on t's device");
+  void* parts_ptr = nullptr;
+  int64_t ldp = 0;
+  if (parts.has_value()) {
+    check_matrix(*parts, "parts", torch::kBFloat16, in.rows, 3 * in.n);
+    TORCH_CHECK(parts->device() == t.device(), "parts must be on t's device");
+    parts_ptr = parts->data_ptr();
+    ldp = parts->stride(0);
+  }
+  launch(t, w, in, bits, codes, nullptr, parts_ptr, ldp, loss, true);
 }
 
 void register_gptq(pybind11::module& m) {
   m.def("gptq_solve_block", &gptq_solve_block, "GPTQ solve of one block of columns (see kernels/gptq/gptq.cu)");
+  m.def("gptq_solve_block_into", &gptq_solve_block_into,
+        "GPTQ solve of one block of columns, into the layer's codes, loss and update operand");
 }

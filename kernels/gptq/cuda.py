@@ -1,9 +1,11 @@
-"""CUDA GPTQ block solve: the same contract as `reference.solve_block`, on the GPU.
+"""CUDA GPTQ block solve: the same contracts as `reference.solve_block` and `reference.solve_block_into`,
+on the GPU.
 
 t, w: (out, B) float32 CUDA, rows may be strided (column blocks of the full matrices); m_unit: (B, B)
 float32, rows may be strided (a block of the full Mu); m_diag: (B,) float32; scale: (out, G) float32;
 zero: (out, G) uint8; group: (B,) int32 in [0, G); B <= 128. Returns new tensors (codes uint8, delta
-float32, loss float32); codes and deltas are bit-identical to the reference.
+float32, loss float32), or writes into the caller's; codes and deltas (and the deltas' bf16 parts) are
+bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from kernels.build import load_extension
 from kernels.gptq.reference import BlockSolve
 from wq_ops.errors import KernelError
 
-__all__ = ["solve_block"]
+__all__ = ["solve_block", "solve_block_into", "solve_block_into_unchecked"]
 
 _NAME = "gptq block solve"
 
@@ -32,6 +34,38 @@ def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Ten
     except RuntimeError as e:
         raise KernelError(str(e).split("\n")[0]) from None
     return BlockSolve(codes=codes, delta=delta, loss=loss)
+
+
+def solve_block_into(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+                     group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
+    """`reference.solve_block_into` on the GPU: one kernel writes the codes, adds the losses and writes
+    the update operand (arguments as in the module docstring; codes (out, B) uint8 and parts (out, 3B)
+    bfloat16 with contiguous rows, loss (out,) float32 contiguous)."""
+    _check(t, w, m_unit, m_diag, scale, zero, group, bits)
+    rows, n = t.shape
+    device = t.device
+    require_tensor(_NAME, "codes", codes, dtypes=(torch.uint8,), shape=(rows, n), device=device)
+    require_tensor(_NAME, "loss", loss, dtypes=(torch.float32,), shape=(rows,), device=device)
+    if codes.stride(1) != 1 or not loss.is_contiguous():
+        raise KernelError(f"{_NAME}: codes must have contiguous rows and loss must be contiguous")
+    if parts is not None:
+        require_tensor(_NAME, "parts", parts, dtypes=(torch.bfloat16,), shape=(rows, 3 * n), device=device)
+        if parts.stride(1) != 1:
+            raise KernelError(f"{_NAME}: parts must have contiguous rows (stride(1) == 1)")
+    solve_block_into_unchecked(t, w, m_unit, m_diag, scale, zero, group, bits=bits, codes=codes, loss=loss,
+                               parts=parts)
+
+
+def solve_block_into_unchecked(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+                               group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
+    """solve_block_into without its Python checks, for a caller that cut every argument from tensors it made
+    and checked once: quantize_gptq calls it for each of a layer's blocks of columns, where the checks cost
+    as much CPU time as the launch. (The binding checks again in C++, but on the H100 machine a failed
+    check there ended the process: kernels/arguments.py.)"""
+    try:
+        load_extension().gptq_solve_block_into(t, w, m_unit, m_diag, scale, zero, group, bits, codes, loss, parts)
+    except RuntimeError as e:
+        raise KernelError(f"{_NAME}: {str(e).splitlines()[0]}") from None
 
 
 def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor, group: Tensor,

@@ -11,7 +11,14 @@
 // shared memory; many warps per CTA share that 64 KB block, for occupancy.
 // The arithmetic of codes and deltas mirrors kernels/gptq/reference.py operation for operation (no FMA
 // contraction), so they match the reference bit for bit on the same device.
+//
+// Outputs: codes (into a column block of the layer's codes, row stride ldc); the row losses, written or
+// added to; and the deltas either as float32 or as the bf16 operand of the tensor-core lazy update,
+// [hi | hi | lo] with hi = bf16(d), lo = bf16(d - hi) (wq_ops/quant/gptq.py, add_split_update_). Writing
+// them here saves the layer loop five small kernels per block of columns (the copy of codes, the loss
+// sum, the split and its concatenation), which kept the GPU idle between launches.
 #include <cstdint>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "../include/wq_grid.cuh"
@@ -27,7 +34,8 @@ gptq_block_solve_kernel(const float* __restrict__ t, int ldt, const float* __res
                         const float* __restrict__ m_unit, int ldm, const float* __restrict__ m_diag,
                         const float* __restrict__ scale, const uint8_t* __restrict__ zero, int ldg,
                         const int* __restrict__ group, int rows, int n_cols, int maxq,
-                        uint8_t* __restrict__ codes, float* __restrict__ delta, float* __restrict__ loss) {
+                        uint8_t* __restrict__ codes, int ldc, float* __restrict__ delta,
+                        __nv_bfloat16* __restrict__ parts, int ldp, float* __restrict__ loss, bool add_loss) {
   constexpr int kSlots = B / 32;                // columns per lane
   extern __shared__ float ms[];                 // the B x B block of Mu (upper triangle used), then M's diagonal
   float* md = ms + B * B;
@@ -92,21 +100,30 @@ gptq_block_solve_kernel(const float* __restrict__ t, int ldt, const float* __res
   for (int s = 0; s < kSlots; ++s) {
     const int j = lane + 32 * s;
     if (j < n_cols) {
-      codes[(size_t)row * n_cols + j] = (uint8_t)qv[s];
-      delta[(size_t)row * n_cols + j] = dv[s];
+      codes[(size_t)row * ldc + j] = (uint8_t)qv[s];
+      if (delta != nullptr) delta[(size_t)row * n_cols + j] = dv[s];
+      if (parts != nullptr) {                   // rounded as torch's float32 -> bfloat16 conversion rounds
+        const __nv_bfloat16 hi = __float2bfloat16_rn(dv[s]);
+        const __nv_bfloat16 lo = __float2bfloat16_rn(__fsub_rn(dv[s], __bfloat162float(hi)));
+        __nv_bfloat16* p = parts + (size_t)row * ldp;
+        p[j] = hi;
+        p[n_cols + j] = hi;
+        p[2 * n_cols + j] = lo;
+      }
       const float m = md[j];
       row_loss += ev[s] * ev[s] * m * m * 0.5f;
     }
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) row_loss += __shfl_xor_sync(0xffffffffu, row_loss, offset);
-  if (lane == 0) loss[row] = row_loss;
+  if (lane == 0) loss[row] = add_loss ? loss[row] + row_loss : row_loss;
 }
 
 template <int B>
 cudaError_t launch(const float* t, int ldt, const float* w, int ldw, const float* m_unit, int ldm,
                    const float* m_diag, const float* scale, const uint8_t* zero, int ldg, const int* group,
-                   int rows, int n_cols, int maxq, uint8_t* codes, float* delta, float* loss, cudaStream_t stream) {
+                   int rows, int n_cols, int maxq, uint8_t* codes, int ldc, float* delta, __nv_bfloat16* parts,
+                   int ldp, float* loss, bool add_loss, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (B * B + B);
   // Above 48 KB of dynamic shared memory a kernel must opt in (B = 128 needs 64.5 KB).
   cudaError_t status = cudaFuncSetAttribute(gptq_block_solve_kernel<B>,
@@ -114,25 +131,28 @@ cudaError_t launch(const float* t, int ldt, const float* w, int ldw, const float
   if (status != cudaSuccess) return status;
   const int grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   gptq_block_solve_kernel<B><<<grid, kWarpsPerBlock * 32, smem, stream>>>(
-      t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq, codes, delta, loss);
+      t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq, codes, ldc, delta, parts, ldp,
+      loss, add_loss);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-// Returns cudaErrorInvalidValue for a block width it was not built for (32, 64 or 128).
+// Returns cudaErrorInvalidValue for a block width it was not built for (32, 64 or 128). delta and parts
+// may each be null (not written); with add_loss the row losses are added to loss instead of stored.
 extern "C" cudaError_t wq_gptq_block_solve(const float* t, int ldt, const float* w, int ldw, const float* m_unit,
                                            int ldm, const float* m_diag, const float* scale, const uint8_t* zero,
                                            int ldg, const int* group, int rows, int n_cols, int block_width,
-                                           int maxq, uint8_t* codes, float* delta, float* loss,
-                                           cudaStream_t stream) {
+                                           int maxq, uint8_t* codes, int ldc, float* delta, void* parts, int ldp,
+                                           float* loss, bool add_loss, cudaStream_t stream) {
+  __nv_bfloat16* p = static_cast<__nv_bfloat16*>(parts);
   switch (block_width) {
     case 32: return launch<32>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
-                               codes, delta, loss, stream);
+                               codes, ldc, delta, p, ldp, loss, add_loss, stream);
     case 64: return launch<64>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
-                               codes, delta, loss, stream);
+                               codes, ldc, delta, p, ldp, loss, add_loss, stream);
     case 128: return launch<128>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
-                                 codes, delta, loss, stream);
+                                 codes, ldc, delta, p, ldp, loss, add_loss, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSolve", "solve_block"]
+__all__ = ["BlockSolve", "solve_block", "solve_block_into"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,20 @@ def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Ten
         residual[:, i] = col - dq
     loss = (residual.square() * m_diag.square()).sum(dim=1) / 2
     return BlockSolve(codes=codes, delta=delta, loss=loss)
+
+
+def solve_block_into(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+                     group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
+    """The same solve, written where the layer loop wants it (the CUDA kernel's second entry point): the
+    codes into `codes` ((out, B) uint8, a column block of the layer's codes), the row losses added to
+    `loss` ((out,)), and where `parts` ((out, 3B) bfloat16) is given, the deltas as the tensor-core lazy
+    update's operand [hi | hi | lo], hi = bf16(delta) and lo = bf16(delta - hi)."""
+    block = solve_block(t, w, m_unit, m_diag, scale, zero, group, bits=bits)
+    codes.copy_(block.codes)
+    loss += block.loss
+    if parts is not None:
+        n = block.delta.shape[1]
+        hi = block.delta.to(torch.bfloat16)
+        parts[:, :n] = hi
+        parts[:, n:2 * n] = hi
+        parts[:, 2 * n:] = torch.sub(block.delta, hi)

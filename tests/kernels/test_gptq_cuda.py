@@ -98,9 +98,9 @@ def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
 
 
 def test_split_update_is_within_its_stated_error_of_float64(cuda):
-    """The tensor-core lazy update (bf16 hi/lo parts) against float64, on fresh inputs shaped like an 8B
-    down_proj's first block: about 2^-16 of the update's size."""
-    from wq_ops.quant.gptq import add_split_product_, split_bf16
+    """The tensor-core lazy update (bf16 hi/lo parts, one GEMM) against float64, on fresh inputs shaped
+    like an 8B down_proj's first block: about 2^-16 of the update's size."""
+    from wq_ops.quant.gptq import add_split_update_, split_factor_blocks
 
     for _ in range(3):
         n, rows, b = 2048, 512, 128
@@ -109,10 +109,57 @@ def test_split_update_is_within_its_stated_error_of_float64(cuda):
         targets = torch.randn(rows, n, device=cuda) * 0.02
         expected = targets.double()
         expected[:, b:] += delta.double() @ m_unit[:b, b:].double()
-        m_hi, m_lo = split_bf16(m_unit)
-        add_split_product_(targets[:, b:], delta, m_hi[:b, b:], m_lo[:b, b:])
+        hi = delta.to(torch.bfloat16)
+        parts = torch.cat([hi, hi, (delta - hi.float()).to(torch.bfloat16)], dim=1)
+        add_split_update_(targets[:, b:], parts, split_factor_blocks(m_unit, b)[0, :, b:])
         update = (delta.double() @ m_unit[:b, b:].double()).abs().max()
         assert float((targets.double() - expected).abs().max() / update) < 2**-15
+
+
+@pytest.mark.parametrize("out_features,n_cols,bits,sym", [(1, 1, 4, True), (118, 50, 3, True), (4096, 128, 4, False),
+                                                         (9000, 64, 2, False), (333, 128, 8, True)])
+@pytest.mark.parametrize("with_parts", [True, False])
+def test_solve_block_into_matches_reference(cuda, out_features, n_cols, bits, sym, with_parts):
+    """The kernel's in-place entry point against reference.solve_block_into: codes written into a column
+    block of a wider matrix and nowhere else, losses added to what was there, and the deltas' bf16 parts
+    [hi | hi | lo] into a strided view, all bit for bit (the loss float32-close)."""
+    from kernels.gptq import cuda as gptq_cuda
+
+    args = _block_inputs(out_features, n_cols, bits, sym, cuda, seed=out_features + n_cols * bits)
+    outs = []
+    for solve in (reference.solve_block_into, gptq_cuda.solve_block_into):
+        codes = torch.full((out_features, 3 * n_cols), 7, dtype=torch.uint8, device=cuda)
+        loss = torch.full((out_features,), 0.25, device=cuda)
+        parts = torch.full((out_features, 4 * n_cols), 3.0, dtype=torch.bfloat16, device=cuda)
+        solve(*args, bits=bits, codes=codes[:, n_cols:2 * n_cols], loss=loss,
+              parts=parts[:, n_cols:] if with_parts else None)
+        outs.append((codes, loss, parts))
+    (ref_codes, ref_loss, ref_parts), (codes, loss, parts) = outs
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(parts, ref_parts)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_solve_block_into_names_a_bad_argument(cuda):
+    from kernels.gptq import cuda as gptq_cuda
+    from wq_ops.errors import KernelError
+
+    args = _block_inputs(64, 32, 4, True, cuda, seed=2)
+    codes = torch.empty(64, 32, dtype=torch.uint8, device=cuda)
+    loss = torch.zeros(64, device=cuda)
+    with pytest.raises(KernelError,
+                       match=r"parts must be a torch.bfloat16 \(64, 96\) tensor on cuda:0; got torch.float32"):
+        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss, parts=torch.empty(64, 96, device=cuda))
+    with pytest.raises(KernelError, match=r"parts must be .* \(64, 96\) .*; got torch.bfloat16 \(64, 64\)"):
+        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss,
+                                   parts=torch.empty(64, 64, dtype=torch.bfloat16, device=cuda))
+    with pytest.raises(KernelError, match=r"parts must have contiguous rows"):
+        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss,
+                                   parts=torch.empty(96, 64, dtype=torch.bfloat16, device=cuda).T)
+    with pytest.raises(KernelError, match=r"codes must be a torch.uint8 \(64, 32\) tensor"):
+        gptq_cuda.solve_block_into(*args, bits=4, codes=codes[:, :16], loss=loss, parts=None)
+    with pytest.raises(KernelError, match=r"loss must be a torch.float32 \(64,\) tensor"):
+        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss.double(), parts=None)
 
 
 def test_quantize_gptq_on_the_gpu_agrees_with_the_cpu(cuda):

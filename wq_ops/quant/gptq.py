@@ -28,7 +28,7 @@ from wq_ops.errors import KernelError, QuantizationError
 from wq_ops.quant.result import QuantResult
 from wq_ops.quant.rtn import compute_grid, n_groups_of
 
-__all__ = ["add_split_product_", "hessian_factor", "quantize_gptq", "split_bf16"]
+__all__ = ["add_split_update_", "hessian_factor", "quantize_gptq", "split_factor_blocks"]
 
 
 def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
@@ -64,12 +64,15 @@ def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
         damp = min(damp * 10.0, 1.0)
 
 
-def _solver(backend: Backend) -> Callable[..., gptq_reference.BlockSolve]:
+def _split_solver(backend: Backend) -> Callable[..., None] | None:
+    """The block solve that feeds the tensor-core lazy update (`solve_block_into`), or None where the
+    updates stay float32 GEMMs (the reference backend). quantize_gptq makes and checks every argument it
+    passes, so the CUDA solve skips its Python checks."""
     if backend is Backend.REFERENCE:
-        return gptq_reference.solve_block
+        return None
     from kernels.gptq import cuda  # lazy: the extension is built on first use, only where CUDA exists
 
-    return cuda.solve_block
+    return cuda.solve_block_into_unchecked
 
 
 def quantize_gptq(
@@ -126,23 +129,32 @@ def quantize_gptq(
     # Checked after the solve, which a non-finite Mu cannot break (it only makes its results garbage): a
     # check here would wait for the device before the solve's first kernel is queued.
     m_finite = torch.isfinite(m_unit).all()
-    solve = _solver(backend)
     # The CUDA backend updates on the tensor cores; the reference backend keeps float32 GEMMs everywhere.
-    tensor_cores = backend is Backend.CUDA and in_features > block_size
-    m_split = split_bf16(m_unit) if tensor_cores else None
+    solve_into = _split_solver(backend)
     targets = W.clone()                                  # t: the weights plus the updates so far
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(out_features, dtype=dtype, device=W.device)
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        block = solve(targets[:, i1:i2], W[:, i1:i2], m_unit[i1:i2, i1:i2], m_diag[i1:i2], scale, zero,
-                      group_of_col[i1:i2], bits=bits)
-        codes[:, i1:i2] = block.codes
-        loss += block.loss
-        if i2 < in_features:                             # the lazy update of the trailing targets
-            if m_split is not None:
-                add_split_product_(targets[:, i2:], block.delta, m_split[0][i1:i2, i2:], m_split[1][i1:i2, i2:])
-            else:
+    if solve_into is not None:
+        # One kernel and one GEMM per block of columns, with no other work queued between them:
+        # the solve writes the codes, the losses and the update's operand in place.
+        factor_blocks = split_factor_blocks(m_unit, block_size)
+        parts = torch.empty(out_features, 3 * block_size, dtype=torch.bfloat16, device=W.device)
+        for j, i1 in enumerate(range(0, in_features, block_size)):
+            i2 = min(i1 + block_size, in_features)
+            trailing = i2 < in_features                  # only the last block, maybe narrower, has none
+            solve_into(targets[:, i1:i2], W[:, i1:i2], m_unit[i1:i2, i1:i2], m_diag[i1:i2], scale, zero,
+                       group_of_col[i1:i2], bits=bits, codes=codes[:, i1:i2], loss=loss,
+                       parts=parts if trailing else None)
+            if trailing:
+                add_split_update_(targets[:, i2:], parts, factor_blocks[j, :, i2:])
+    else:
+        for i1 in range(0, in_features, block_size):
+            i2 = min(i1 + block_size, in_features)
+            block = gptq_reference.solve_block(targets[:, i1:i2], W[:, i1:i2], m_unit[i1:i2, i1:i2], m_diag[i1:i2],
+                                               scale, zero, group_of_col[i1:i2], bits=bits)
+            codes[:, i1:i2] = block.codes
+            loss += block.loss
+            if i2 < in_features:                         # the lazy update of the trailing targets
                 targets[:, i2:].addmm_(block.delta, m_unit[i1:i2, i2:])
     if not bool(m_finite):
         raise QuantizationError(
@@ -154,22 +166,34 @@ def quantize_gptq(
                        row_loss=loss.float(), damp_frac=damp_used)
 
 
-def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (float32) as bfloat16 parts x ~ hi + lo: hi = bf16(x), lo = bf16(x - hi), 16 significant bits."""
-    hi = x.to(torch.bfloat16)
-    return hi, torch.sub(x, hi).to(torch.bfloat16)
+def split_factor_blocks(m_unit: Tensor, block_size: int) -> Tensor:
+    """Mu's rows in blocks of `block_size`, each as bfloat16 parts [hi; lo; hi] with hi = bf16(x) and
+    lo = bf16(x - hi) (16 significant bits), the right operand of `add_split_update_`:
+    (n_blocks, 3 * block_size, n), for the blocks that have columns after them (the last block updates no
+    trailing targets; none when n <= block_size). 1.5 times the bytes of Mu."""
+    n = m_unit.shape[0]
+    n_blocks = (n - 1) // block_size
+    rows = m_unit[:n_blocks * block_size].reshape(n_blocks, block_size, n)
+    out = torch.empty(n_blocks, 3, block_size, n, dtype=torch.bfloat16, device=m_unit.device)
+    out[:, 0].copy_(rows)
+    out[:, 1].copy_(torch.sub(rows, out[:, 0]))
+    out[:, 2].copy_(out[:, 0])
+    return out.view(n_blocks, 3 * block_size, n)
 
 
-def add_split_product_(out: Tensor, a: Tensor, b_hi: Tensor, b_lo: Tensor) -> None:
-    """out += a @ b on the tensor cores, for GPTQ's lazy update on CUDA: out (m, n) float32 (a view, updated
-    in place), a (m, k) float32, b given as its split_bf16 parts (k, n).
+def add_split_update_(out: Tensor, parts: Tensor, factor_block: Tensor) -> None:
+    """out += delta @ Mu_block on the tensor cores, GPTQ's lazy update on CUDA: out (m, n) float32 (a view,
+    updated in place); parts (m, 3k) the delta's [hi | hi | lo] as the block solve writes it; factor_block
+    (3k, n) the block's rows of Mu as [hi; lo; hi] (`split_factor_blocks`).
 
-    a is split too, and hi_a hi_b + hi_a lo_b + lo_a hi_b is one bf16 GEMM with K = 3k and float32
-    accumulation. Its relative error is about 2^-16 (the lo lo term and lo's rounding), against 2^-24 for a
-    float32 GEMM on the CUDA cores, which took 43 ms of an 8B block's GPU time (torch profiler, H100): the
-    targets move by about 1e-5 of a quantization error, so a code changes only where a target sits that
-    close to a rounding boundary."""
-    a_hi, a_lo = split_bf16(a)
-    left = torch.cat([a_hi, a_hi, a_lo], dim=1)                                     # (m, 3k)
-    right = torch.cat([b_hi, b_lo, b_hi])                                           # (3k, n)
-    torch.addmm(out, left, right, out_dtype=torch.float32, out=out)
+    hi_d hi_M + hi_d lo_M + lo_d hi_M is one bf16 GEMM with K = 3k and float32 accumulation. (Two GEMMs
+    over Mu's [hi; lo] alone would save its third part but read and write the trailing targets twice: 10 ms
+    more for an 8B down_proj.) The relative error is about 2^-16 (the lo lo term and lo's rounding), against
+    2^-24 for a float32 GEMM on the CUDA cores, which took 43 ms of an 8B block's GPU time (torch profiler,
+    H100): the targets move by about 1e-5 of a quantization error, so a code changes only where a target
+    sits that close to a rounding boundary. On the CPU (which has no mixed-dtype GEMM) the parts are
+    multiplied in float32, where the products of bf16 numbers are exact: the same sum in another order."""
+    if out.device.type == "cuda":
+        torch.addmm(out, parts, factor_block, out_dtype=torch.float32, out=out)
+    else:
+        out.addmm_(parts.float(), factor_block.float())
