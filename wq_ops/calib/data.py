@@ -131,7 +131,9 @@ def _token_rows(source: str | None) -> list[list[int]] | None:
 
     if TOKEN_COLUMN not in pq.read_schema(files[0]).names:
         return None
-    return [row for f in files for row in pq.read_table(f, columns=[TOKEN_COLUMN]).column(0).to_pylist()]
+    # ParquetFile reads the one file directly; read_table goes through pyarrow.dataset, whose import and
+    # scan took 0.6 s of the job's start-up on the H100 machine (py-spy), against a few ms here.
+    return [row for f in files for row in pq.ParquetFile(f).read(columns=[TOKEN_COLUMN]).column(0).to_pylist()]
 
 
 def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *, n_samples: int, seq_len: int,
