@@ -159,6 +159,7 @@ def _run_shapes(device: torch.device, shapes: JobShapes) -> None:
         return torch.randn(*size, generator=gen, device=device, dtype=dtype)
 
     x = randn(mb, t, shapes.hidden)
+    x = randn(shapes.hidden) * F.rms_norm(x, (shapes.hidden,), None, 1e-6)   # the stage norms (DecoderBlock.norm)
     for width in (q_width, kv_width, shapes.intermediate):          # q; k and v; gate and up
         F.linear(x, randn(width, shapes.hidden))
     cos = randn(1, 1, t, hd)

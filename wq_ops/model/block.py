@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -21,7 +22,7 @@ from wq_ops.errors import CheckpointError
 from wq_ops.model.architecture import LinearSpec
 
 __all__ = ["STAGE_NORMS", "SequenceContext", "make_sequence_context", "LinearGroup", "BlockAnatomy", "DecoderBlock",
-           "discover_anatomy"]
+           "discover_anatomy", "rms_norm_epsilon"]
 
 Params = Mapping[str, Tensor]
 
@@ -79,6 +80,35 @@ class BlockAnatomy:
         return tuple(g for g in self.groups if g.stage == stage)
 
 
+# Norm classes (with their epsilon and width) found to compute weight * rms_norm(x): checked once each.
+_RMS_NORM_CHECKED: dict[tuple[type, float, int], bool] = {}
+
+
+def rms_norm_epsilon(module: nn.Module) -> float | None:
+    """The epsilon of a norm whose forward is weight * rms_norm(x, eps), x upcast to float32 and the
+    normalised value cast back before the weight multiplies it (transformers' Llama, Mistral, Qwen2 and
+    Qwen3 RMSNorm); None for any other norm. Judged by running the module once on a small random input,
+    in float32 and in bfloat16, against that formula, not by its name: a variant with an offset weight,
+    a bias or another rounding keeps its own forward."""
+    eps = getattr(module, "variance_epsilon", None)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    if not isinstance(eps, float) or len(shapes) != 1 or len(shapes.get("weight", ())) != 1 or any(module.buffers()):
+        return None
+    width = shapes["weight"][0]
+    key = (type(module), eps, width)
+    if key not in _RMS_NORM_CHECKED:
+        gen = torch.Generator().manual_seed(0)
+        same = True
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(2, 3, width, generator=gen) * 3).to(dtype)
+            w = torch.randn(width, generator=gen).to(dtype)
+            with torch.no_grad():
+                own = functional_call(module, {"weight": w}, (x,))
+            same = same and own.dtype == dtype and torch.equal(own, w * F.rms_norm(x, (width,), None, eps))
+        _RMS_NORM_CHECKED[key] = same
+    return eps if _RMS_NORM_CHECKED[key] else None
+
+
 def _sub(params: Params, prefix: str) -> dict[str, Tensor]:
     """The tensors under `prefix.`, with the prefix dropped."""
     cut = len(prefix) + 1
@@ -87,17 +117,27 @@ def _sub(params: Params, prefix: str) -> dict[str, Tensor]:
 
 class DecoderBlock:
     """Functional two-stage forward of one decoder layer. layer: the layer module (meta device is fine);
-    ctx: from `make_sequence_context` for this layer and the calibration sequence length."""
+    ctx: from `make_sequence_context` for this layer and the calibration sequence length. fuse_norms: run a
+    Llama-family RMSNorm as one fused kernel (`rms_norm_epsilon`) rather than through its module, whose
+    forward hooks then do not fire."""
 
-    def __init__(self, layer: nn.Module, ctx: SequenceContext) -> None:
+    def __init__(self, layer: nn.Module, ctx: SequenceContext, *, fuse_norms: bool = True) -> None:
         self.layer = layer
         self.ctx = ctx
+        self.fuse_norms = fuse_norms
 
     def _child(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
 
     def norm(self, params: Params, which: str, x: Tensor) -> Tensor:
-        return functional_call(self._child(which), _sub(params, which), (x,))
+        module = self._child(which)
+        eps = rms_norm_epsilon(module) if self.fuse_norms else None
+        if eps is not None:
+            # The module's own operations, one of them fused: weight * rms_norm(x), where rms_norm upcasts to
+            # float32 and rounds back once, as transformers' Llama-family RMSNorm does in five kernels (the
+            # H100: 2.0 ms a micro-batch of 16 x 2048 x 4096 against 0.3 ms fused, 28 ms of an 8B block).
+            return params[which + ".weight"] * F.rms_norm(x, (x.shape[-1],), None, eps)
+        return functional_call(module, _sub(params, which), (x,))
 
     def self_attn(self, params: Params, normed: Tensor) -> Tensor:
         """normed: (B, T, hidden) -> attention output (B, T, hidden), before the residual add."""
@@ -187,7 +227,7 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
     p32 = {k: v.to(torch.float32) for k, v in params.items()}
     ctx32 = SequenceContext(tuple(t.to(torch.float32) for t in block.ctx.position_embeddings),  # type: ignore[arg-type]
                             block.ctx.attention_mask)
-    probe_block = DecoderBlock(block.layer, ctx32)
+    probe_block = DecoderBlock(block.layer, ctx32, fuse_norms=False)      # the norm hooks below must fire
     seq_len = ctx32.position_embeddings[0].shape[1]
     x = torch.randn(1, seq_len, hidden_size, generator=gen).to(device)
 
