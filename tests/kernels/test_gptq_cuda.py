@@ -100,20 +100,11 @@ def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
 def test_split_update_is_within_its_stated_error_of_float64(cuda):
     """The tensor-core lazy update (bf16 hi/lo parts, one GEMM) against float64, on fresh inputs shaped
     like an 8B down_proj's first block: about 2^-16 of the update's size."""
-    from wq_ops.quant.gptq import add_split_update_, split_factor_blocks
+    from tests.quant.test_gptq import split_update_error
 
+    gen = torch.Generator().manual_seed(4)
     for _ in range(3):
-        n, rows, b = 2048, 512, 128
-        m_unit = torch.triu(torch.randn(n, n, device=cuda) / 8, diagonal=1) + torch.eye(n, device=cuda)
-        delta = torch.randn(rows, b, device=cuda) * 1e-3
-        targets = torch.randn(rows, n, device=cuda) * 0.02
-        expected = targets.double()
-        expected[:, b:] += delta.double() @ m_unit[:b, b:].double()
-        hi = delta.to(torch.bfloat16)
-        parts = torch.cat([hi, hi, (delta - hi.float()).to(torch.bfloat16)], dim=1)
-        add_split_update_(targets[:, b:], parts, split_factor_blocks(m_unit, b)[0, :, b:])
-        update = (delta.double() @ m_unit[:b, b:].double()).abs().max()
-        assert float((targets.double() - expected).abs().max() / update) < 2**-15
+        assert split_update_error(gen, cuda, n=2048, rows=512) < 2**-15
 
 
 @pytest.mark.parametrize("out_features,n_cols,bits,sym", [(1, 1, 4, True), (118, 50, 3, True), (4096, 128, 4, False),

@@ -207,22 +207,27 @@ def test_split_factor_blocks_hold_each_block_as_bf16_parts(gen):
     assert split_factor_blocks(m_unit[:64, :64], 64).shape == (0, 192, 64)
 
 
+def split_update_error(gen: torch.Generator, device: torch.device | str, *, n: int, rows: int, b: int = 128) -> float:
+    """The lazy update from the solve's [hi | hi | lo] parts and Mu's [hi; lo; hi] block on fresh inputs,
+    against float64: the largest error as a fraction of the largest update. (Shared with the GPU test.)"""
+    m_unit = torch.triu(torch.randn(n, n, generator=gen) / 8, diagonal=1) + torch.eye(n)
+    delta = torch.randn(rows, b, generator=gen) * 1e-3
+    targets = torch.randn(rows, n, generator=gen) * 0.02
+    expected = targets.double()
+    expected[:, b:] += delta.double() @ m_unit[:b, b:].double()
+    update = (delta.double() @ m_unit[:b, b:].double()).abs().max()
+    m_unit, delta, targets = m_unit.to(device), delta.to(device), targets.to(device)
+    hi = delta.to(torch.bfloat16)
+    parts = torch.cat([hi, hi, (delta - hi.float()).to(torch.bfloat16)], dim=1)
+    add_split_update_(targets[:, b:], parts, split_factor_blocks(m_unit, b)[0, :, b:])
+    return float((targets.double().cpu() - expected).abs().max() / update)
+
+
 def test_split_update_is_within_its_stated_error_of_float64(gen):
-    """The lazy update from the solve's [hi | hi | lo] parts and Mu's [hi; lo] blocks, against float64 on
-    fresh inputs shaped like a down_proj's first block: about 2^-16 of the update's size. (On the CPU the
-    bf16 products are taken in float32, where they are exact: the CUDA GEMMs sum the same terms.)"""
+    """About 2^-16 of the update's size, on inputs shaped like a down_proj's first block. (On the CPU the
+    bf16 products are taken in float32, where they are exact: the CUDA GEMM sums the same terms.)"""
     for _ in range(3):
-        n, rows, b = 1024, 256, 128
-        m_unit = torch.triu(torch.randn(n, n, generator=gen) / 8, diagonal=1) + torch.eye(n)
-        delta = torch.randn(rows, b, generator=gen) * 1e-3
-        targets = torch.randn(rows, n, generator=gen) * 0.02
-        expected = targets.double()
-        expected[:, b:] += delta.double() @ m_unit[:b, b:].double()
-        hi = delta.to(torch.bfloat16)
-        parts = torch.cat([hi, hi, (delta - hi.float()).to(torch.bfloat16)], dim=1)
-        add_split_update_(targets[:, b:], parts, split_factor_blocks(m_unit, b)[0, :, b:])
-        update = (delta.double() @ m_unit[:b, b:].double()).abs().max()
-        assert float((targets.double() - expected).abs().max() / update) < 2**-15
+        assert split_update_error(gen, "cpu", n=1024, rows=256) < 2**-15
 
 
 def test_solve_block_into_writes_what_solve_block_returns(gen):
