@@ -198,8 +198,8 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
             per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
         stats = max(per_stage_bytes.values())
     # hessian_of's mirrored copy of the largest Hessian; for GPTQ also three more of its size at once: its
-    # working copy, the damped reversed copy and the Cholesky factor, or later the factor Mu, its bf16
-    # parts [hi; lo; hi] (1.5 of its size) and the float32 temporary that splits them (3.5 in all).
+    # working copy, the damped reversed copy and the Cholesky factor, or later the factor Mu and its bf16
+    # parts [hi; lo; hi] (1.5 of its size).
     hessians = stats + 4 * max_in * max_in * (4 if gptq else 1)
     activation = t * layout.hidden_size * elt
     if resident:   # the micro-batches in flight; the first actor holds the embedded set until it streams out

@@ -176,7 +176,7 @@ def split_factor_blocks(m_unit: Tensor, block_size: int) -> Tensor:
     rows = m_unit[:n_blocks * block_size].reshape(n_blocks, block_size, n)
     out = torch.empty(n_blocks, 3, block_size, n, dtype=torch.bfloat16, device=m_unit.device)
     out[:, 0].copy_(rows)
-    out[:, 1].copy_(torch.sub(rows, out[:, 0]))
+    torch.sub(rows, out[:, 0], out=out[:, 1])      # in float32, rounded as it is stored: no float32 temporary
     out[:, 2].copy_(out[:, 0])
     return out.view(n_blocks, 3 * block_size, n)
 
