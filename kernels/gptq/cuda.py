@@ -1,4 +1,4 @@
-"""CUDA GPTQ block solve: the same contracts as `reference.solve_block` and `reference.solve_block_into`,
+"""CUDA GPTQ block solve: the same contracts as `reference.solve_block` and `reference.solve_block_into_`,
 on the GPU.
 
 t, w: (out, B) float32 CUDA, rows may be strided (column blocks of the full matrices); m_unit: (B, B)
@@ -18,7 +18,7 @@ from kernels.build import load_extension
 from kernels.gptq.reference import BlockSolve
 from wq_ops.errors import KernelError
 
-__all__ = ["solve_block", "solve_block_into", "solve_block_into_unchecked"]
+__all__ = ["solve_block", "solve_block_into_", "solve_block_into_unchecked_"]
 
 _NAME = "gptq block solve"
 
@@ -36,29 +36,31 @@ def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Ten
     return BlockSolve(codes=codes, delta=delta, loss=loss)
 
 
-def solve_block_into(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+def solve_block_into_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
                      group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
-    """`reference.solve_block_into` on the GPU: one kernel writes the codes, adds the losses and writes
-    the update operand (arguments as in the module docstring; codes (out, B) uint8 and parts (out, 3B)
-    bfloat16 with contiguous rows, loss (out,) float32 contiguous)."""
+    """`reference.solve_block_into_` on the GPU (it says why it writes into its arguments): one kernel
+    writes the codes, adds the losses and writes the update operand (arguments as in the module docstring;
+    codes (out, B) uint8 and parts (out, 3B) bfloat16 with contiguous rows, loss (out,) float32 contiguous)."""
     _check(t, w, m_unit, m_diag, scale, zero, group, bits)
     rows, n = t.shape
     device = t.device
     require_tensor(_NAME, "codes", codes, dtypes=(torch.uint8,), shape=(rows, n), device=device)
     require_tensor(_NAME, "loss", loss, dtypes=(torch.float32,), shape=(rows,), device=device)
-    if codes.stride(1) != 1 or not loss.is_contiguous():
-        raise KernelError(f"{_NAME}: codes must have contiguous rows and loss must be contiguous")
+    if codes.stride(1) != 1:
+        raise KernelError(f"{_NAME}: codes must have contiguous rows (stride(1) == 1), got stride {codes.stride(1)}")
+    if not loss.is_contiguous():
+        raise KernelError(f"{_NAME}: loss must be contiguous, got stride {loss.stride(0)}")
     if parts is not None:
         require_tensor(_NAME, "parts", parts, dtypes=(torch.bfloat16,), shape=(rows, 3 * n), device=device)
         if parts.stride(1) != 1:
             raise KernelError(f"{_NAME}: parts must have contiguous rows (stride(1) == 1)")
-    solve_block_into_unchecked(t, w, m_unit, m_diag, scale, zero, group, bits=bits, codes=codes, loss=loss,
+    solve_block_into_unchecked_(t, w, m_unit, m_diag, scale, zero, group, bits=bits, codes=codes, loss=loss,
                                parts=parts)
 
 
-def solve_block_into_unchecked(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+def solve_block_into_unchecked_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
                                group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
-    """solve_block_into without its Python checks, for a caller that cut every argument from tensors it made
+    """solve_block_into_ without its Python checks, for a caller that cut every argument from tensors it made
     and checked once: quantize_gptq calls it for each of a layer's blocks of columns, where the checks cost
     as much CPU time as the launch. (The binding checks again in C++, but on the H100 machine a failed
     check there ended the process: kernels/arguments.py.)"""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSolve", "solve_block", "solve_block_into"]
+__all__ = ["BlockSolve", "solve_block", "solve_block_into_"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,15 @@ def solve_block(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Ten
     return BlockSolve(codes=codes, delta=delta, loss=loss)
 
 
-def solve_block_into(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+def solve_block_into_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
                      group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
     """The same solve, written where the layer loop wants it (the CUDA kernel's second entry point): the
     codes into `codes` ((out, B) uint8, a column block of the layer's codes), the row losses added to
     `loss` ((out,)), and where `parts` ((out, 3B) bfloat16) is given, the deltas as the tensor-core lazy
-    update's operand [hi | hi | lo], hi = bf16(delta) and lo = bf16(delta - hi)."""
+    update's operand [hi | hi | lo], hi = bf16(delta) and lo = bf16(delta - hi). It writes into its
+    arguments, against the rule that kernel wrappers return new tensors, because the layer loop that calls
+    it for every 128 columns was bound by kernel launches: returning them cost a copy, a sum, a split and
+    a concatenation each time."""
     block = solve_block(t, w, m_unit, m_diag, scale, zero, group, bits=bits)
     codes.copy_(block.codes)
     loss += block.loss

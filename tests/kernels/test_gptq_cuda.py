@@ -111,14 +111,14 @@ def test_split_update_is_within_its_stated_error_of_float64(cuda):
                                                          (9000, 64, 2, False), (333, 128, 8, True)])
 @pytest.mark.parametrize("with_parts", [True, False])
 def test_solve_block_into_matches_reference(cuda, out_features, n_cols, bits, sym, with_parts):
-    """The kernel's in-place entry point against reference.solve_block_into: codes written into a column
+    """The kernel's in-place entry point against reference.solve_block_into_: codes written into a column
     block of a wider matrix and nowhere else, losses added to what was there, and the deltas' bf16 parts
     [hi | hi | lo] into a strided view, all bit for bit (the loss float32-close)."""
     from kernels.gptq import cuda as gptq_cuda
 
     args = _block_inputs(out_features, n_cols, bits, sym, cuda, seed=out_features + n_cols * bits)
     outs = []
-    for solve in (reference.solve_block_into, gptq_cuda.solve_block_into):
+    for solve in (reference.solve_block_into_, gptq_cuda.solve_block_into_):
         codes = torch.full((out_features, 3 * n_cols), 7, dtype=torch.uint8, device=cuda)
         loss = torch.full((out_features,), 0.25, device=cuda)
         parts = torch.full((out_features, 4 * n_cols), 3.0, dtype=torch.bfloat16, device=cuda)
@@ -140,17 +140,17 @@ def test_solve_block_into_names_a_bad_argument(cuda):
     loss = torch.zeros(64, device=cuda)
     with pytest.raises(KernelError,
                        match=r"parts must be a torch.bfloat16 \(64, 96\) tensor on cuda:0; got torch.float32"):
-        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss, parts=torch.empty(64, 96, device=cuda))
+        gptq_cuda.solve_block_into_(*args, bits=4, codes=codes, loss=loss, parts=torch.empty(64, 96, device=cuda))
     with pytest.raises(KernelError, match=r"parts must be .* \(64, 96\) .*; got torch.bfloat16 \(64, 64\)"):
-        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss,
+        gptq_cuda.solve_block_into_(*args, bits=4, codes=codes, loss=loss,
                                    parts=torch.empty(64, 64, dtype=torch.bfloat16, device=cuda))
     with pytest.raises(KernelError, match=r"parts must have contiguous rows"):
-        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss,
+        gptq_cuda.solve_block_into_(*args, bits=4, codes=codes, loss=loss,
                                    parts=torch.empty(96, 64, dtype=torch.bfloat16, device=cuda).T)
     with pytest.raises(KernelError, match=r"codes must be a torch.uint8 \(64, 32\) tensor"):
-        gptq_cuda.solve_block_into(*args, bits=4, codes=codes[:, :16], loss=loss, parts=None)
+        gptq_cuda.solve_block_into_(*args, bits=4, codes=codes[:, :16], loss=loss, parts=None)
     with pytest.raises(KernelError, match=r"loss must be a torch.float32 \(64,\) tensor"):
-        gptq_cuda.solve_block_into(*args, bits=4, codes=codes, loss=loss.double(), parts=None)
+        gptq_cuda.solve_block_into_(*args, bits=4, codes=codes, loss=loss.double(), parts=None)
 
 
 def test_quantize_gptq_on_the_gpu_agrees_with_the_cpu(cuda):

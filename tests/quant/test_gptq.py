@@ -247,7 +247,7 @@ def test_solve_block_into_writes_what_solve_block_returns(gen):
     codes = torch.zeros(out_features, 3 * b, dtype=torch.uint8)
     loss = torch.full((out_features,), 0.5)
     parts = torch.empty(out_features, 3 * b, dtype=torch.bfloat16)
-    gptq_reference.solve_block_into(*args, bits=4, codes=codes[:, b:2 * b], loss=loss, parts=parts)
+    gptq_reference.solve_block_into_(*args, bits=4, codes=codes[:, b:2 * b], loss=loss, parts=parts)
     assert torch.equal(codes[:, b:2 * b], ref.codes) and not codes[:, :b].any() and not codes[:, 2 * b:].any()
     torch.testing.assert_close(loss, ref.loss + 0.5)
     hi = ref.delta.to(torch.bfloat16)
@@ -267,7 +267,7 @@ def test_the_split_update_loop_agrees_with_float32_updates(gen, monkeypatch, in_
     kw = dict(bits=4, group_size=32, sym=False, damp_frac=0.01, act_order=act_order, block_size=block_size,
               scale_dtype=torch.bfloat16)
     plain = quantize_gptq(w, h, **kw)
-    monkeypatch.setattr(gptq, "_split_solver", lambda backend: gptq_reference.solve_block_into)
+    monkeypatch.setattr(gptq, "_split_solver", lambda backend: gptq_reference.solve_block_into_)
     split = quantize_gptq(w, h, **kw)
     assert (split.codes != plain.codes).float().mean().item() < 1e-3
     assert abs(split.loss / plain.loss - 1) < 1e-3

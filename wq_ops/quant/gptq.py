@@ -11,7 +11,7 @@ t_i equals the paper's updated weight exactly. That needs one Cholesky factoriza
 its proxy loss sum_i M[i, i]^2 (t_i - q_i)^2 / 2 is the paper's sum_i (w~_i - q_i)^2 / U[i, i]^2 / 2.
 Columns are solved in blocks of `block_size`; a block's deltas (w - q) are applied to the trailing targets
 with one GEMM (the paper's "lazy batch updates"; float32, or with the CUDA backend a bf16 GEMM of split
-operands, `add_split_product_`). Groups are static: every group's grid comes from the weights before any
+operands, `add_split_update_`). Groups are static: every group's grid comes from the weights before any
 update, so act-order needs no g_idx at load time.
 """
 
@@ -65,14 +65,14 @@ def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
 
 
 def _split_solver(backend: Backend) -> Callable[..., None] | None:
-    """The block solve that feeds the tensor-core lazy update (`solve_block_into`), or None where the
+    """The block solve that feeds the tensor-core lazy update (`solve_block_into_`), or None where the
     updates stay float32 GEMMs (the reference backend). quantize_gptq makes and checks every argument it
     passes, so the CUDA solve skips its Python checks."""
     if backend is Backend.REFERENCE:
         return None
     from kernels.gptq import cuda  # lazy: the extension is built on first use, only where CUDA exists
 
-    return cuda.solve_block_into_unchecked
+    return cuda.solve_block_into_unchecked_
 
 
 def quantize_gptq(
