@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--rows", help="comma list of method:bits to run, e.g. rtn:4,gptq:4 (all rows)")
     p.add_argument("--write", help="write the markdown table here")
+    p.add_argument("--wq-args", default="", help="more flags for every quantize job, e.g. '--awq-loss layer'")
+    p.add_argument("--tag", default="", help="suffix of the artifact folders (keeps --wq-args variants apart)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -54,13 +57,13 @@ def main() -> int:
     base = evaluate(args.model)
     rows = ROWS if not args.rows else [(m, int(b)) for m, b in (r.split(":") for r in args.rows.split(","))]
     for method, bits in rows:
-        out = work / f"{method}-w{bits}g{args.group_size}"
+        out = work / (f"{method}-w{bits}g{args.group_size}" + (f"-{args.tag}" if args.tag else ""))
         start = time.perf_counter()
         if not (out / "model.safetensors.index.json").exists():
             subprocess.run([sys.executable, "-m", "jobs.quantize", "--model", args.model, "--out", str(out),
                             "--method", method, "--bits", str(bits), "--group-size", str(args.group_size),
                             "--calib", args.calib, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                            "--cpus-per-actor", str(args.cpus), "--log-level", "WARNING"],
+                            "--cpus-per-actor", str(args.cpus), "--log-level", "WARNING", *shlex.split(args.wq_args)],
                            check=True, cwd=REPO, capture_output=True)
         seconds = json.loads((out / "wq_report.json").read_text())["totals"]["wall_seconds"]
         results.append((method, f"w{bits}g{args.group_size}", evaluate(str(out)), seconds))
@@ -75,7 +78,8 @@ def main() -> int:
         "```",
         f"python benchmarks/quality.py --model {args.model} --work {args.work} --samples {args.samples} "
         f"--seq-len {args.seq_len} --eval-windows {args.eval_windows}"
-        + (f" --rows {args.rows}" if args.rows else "") + " --write benchmarks/quality.md",
+        + (f" --rows {args.rows}" if args.rows else "")
+        + (f" --wq-args '{args.wq_args}' --tag {args.tag}" if args.wq_args else "") + " --write benchmarks/quality.md",
         "```",
         "",
         "- model: SmolLM2-135M-Instruct built by `../shared/tools/make-smollm2-checkpoint.sh` (bf16; its "

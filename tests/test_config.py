@@ -20,6 +20,7 @@ from wq_ops.errors import ConfigError
     ({"format": "gguf"}, "format='gguf'"),
     ({"propagation": "sideways"}, "propagation='sideways'"),
     ({"awq_max_shrink": 1.0}, "awq_max_shrink=1.0"),
+    ({"awq_loss": "output"}, "awq_loss='output'"),
 ])
 def test_bad_values_name_the_field(options, field):
     with pytest.raises(ConfigError) as e:
@@ -62,3 +63,9 @@ def test_dataclasses_validate_directly():
         CalibConfig(seed=-3)
     with pytest.raises(ConfigError, match="actor_memory_gib=0"):
         RunConfig(actor_memory_gib=0)
+
+
+def test_only_the_replayed_awq_search_keeps_samples():
+    assert QuantConfig(method="awq", awq_search_samples=7).kept_search_samples == 7
+    assert QuantConfig(method="awq", awq_search_samples=7, awq_loss="layer").kept_search_samples == 0
+    assert QuantConfig(method="gptq").kept_search_samples == 0

@@ -18,6 +18,7 @@ __all__ = [
     "Format",
     "Backend",
     "Propagation",
+    "AwqLoss",
     "SpanMode",
     "TpPolicy",
     "QuantConfig",
@@ -59,6 +60,17 @@ class Propagation(str, Enum):
 
     QUANTIZED = "quantized"   # outputs of the already-quantized blocks before it (the GPTQ paper's scheme)
     FLOAT = "float"           # outputs of the unquantized model: every block's statistics in one forward pass
+
+
+class AwqLoss(str, Enum):
+    """What AWQ's scale search measures for a group of linears that share one input."""
+
+    # The output of the module that reads the group (the attention or the MLP), replayed on
+    # awq_search_samples kept samples for every candidate: AutoAWQ's and llm-compressor's choice.
+    MODULE = "module"
+    # The group's own linear outputs, ||Q(W diag(s)) diag(s)^-1 X - W X||^2 summed over its layers (the AWQ
+    # paper's Eq. 4), over every calibration token, from the input Hessian: no replay, no kept samples.
+    LAYER = "layer"
 
 
 class SpanMode(str, Enum):
@@ -111,12 +123,14 @@ class QuantConfig:
     awq_clip_grid: int = 20            # AWQ: steps of the clipping search
     awq_max_shrink: float = 0.5        # AWQ: clip the range down to at most (1 - this) of max|w|
     awq_search_samples: int = 32       # AWQ: calibration samples replayed per scale candidate (statistics use all)
+    awq_loss: AwqLoss = AwqLoss.MODULE  # AWQ: what the scale search measures (AwqLoss)
     ignore: tuple[str, ...] = ()       # module-name patterns (fnmatch) left unquantized
     backend: Backend = Backend.REFERENCE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
+        object.__setattr__(self, "awq_loss", parse_enum(AwqLoss, self.awq_loss, "awq_loss"))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"bits={self.bits!r}: expected one of 2, 3, 4, 8")
@@ -142,6 +156,11 @@ class QuantConfig:
         positive_int(self.awq_search_samples, "awq_search_samples")
         if not (0.0 <= self.awq_max_shrink < 1.0):
             raise ConfigError(f"awq_max_shrink={self.awq_max_shrink!r}: expected a fraction in [0, 1)")
+
+    @property
+    def kept_search_samples(self) -> int:
+        """Calibration samples a block keeps for AWQ's replayed scale search (0 where nothing is replayed)."""
+        return self.awq_search_samples if self.method is Method.AWQ and self.awq_loss is AwqLoss.MODULE else 0
 
 
 @dataclass(frozen=True)
@@ -297,6 +316,7 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "awq_clip_grid": ("quant", "awq_clip_grid"),
     "awq_max_shrink": ("quant", "awq_max_shrink"),
     "awq_search_samples": ("quant", "awq_search_samples"),
+    "awq_loss": ("quant", "awq_loss"),
     "ignore": ("quant", "ignore"),
     "backend": ("quant", "backend"),
     "calib": ("calib", "source"),

@@ -60,8 +60,55 @@ def test_methods_rank_on_block_output_error(block_setup):
     _, rtn = run(block_setup, method="rtn")
     _, gptq = run(block_setup, method="gptq", act_order=True)
     _, awq = run(block_setup, method="awq")
-    assert gptq < rtn and awq < rtn, (rtn, gptq, awq)
+    _, awq_layer = run(block_setup, method="awq", awq_loss="layer")
+    assert gptq < rtn and awq < rtn and awq_layer < rtn, (rtn, gptq, awq, awq_layer)
     assert rtn < 0.05
+
+
+@pytest.mark.parametrize("device,rel", [("cpu", 1e-5), pytest.param("cuda", 1e-2, marks=pytest.mark.gpu)])
+def test_awq_layer_loss_is_the_groups_output_error_over_every_token(gen, device, rel):
+    """_layer_loss(weights, H)(candidate) = sum over the group of ||(C_i - W_i) X^T||^2 / n_tokens, against
+    float64 on fresh random data with a spread of channel scales. On CUDA the products take bf16 operands
+    (quadratic_sum): a relative error of about 1e-3."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from wq_ops.dist.block_quantizer import _layer_loss
+
+    x = torch.randn(300, 256, generator=gen) * torch.logspace(-1, 1, 256)
+    weights = {"a": torch.randn(96, 256, generator=gen).to(torch.bfloat16),
+               "b": torch.randn(32, 256, generator=gen).to(torch.bfloat16)}
+    cand = {n: w.float() + 0.05 * torch.randn(w.shape, generator=gen) for n, w in weights.items()}
+    x64 = x.double()
+    want = sum(float((((cand[n].double() - w.double()) @ x64.T) ** 2).sum()) for n, w in weights.items()) / x.shape[0]
+    h = (x.T @ x) / x.shape[0]
+    loss_of = _layer_loss({n: w.to(device) for n, w in weights.items()}, h.to(device))
+    got = float(loss_of({n: c.to(device) for n, c in cand.items()}))
+    assert got == pytest.approx(want, rel=rel)
+
+
+def test_awq_layer_loss_replays_nothing(block_setup):
+    """With the layer loss the scale search reads the Hessians only: each linear runs in the stage's capture
+    pass and its output pass, at most twice per micro-batch; the module loss replays the attention and MLP
+    for every candidate on the kept samples."""
+    layout, block, params, anatomy, batches = block_setup
+    counts = {}
+    for loss in ("layer", "module"):
+        calls: dict[str, int] = {}
+        hooks = [module.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(
+            name, calls.get(name, 0) + (out.numel() > 0))) for name, module in block.layer.named_modules()
+            if isinstance(module, torch.nn.Linear)]
+        try:
+            outcome, _ = quantize_block_(block, params, anatomy, list(batches),
+                                         quant=QuantConfig(method="awq", group_size=32, awq_loss=loss),
+                                         fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
+                                         linears=layout.linears)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        counts[loss] = calls
+        assert any(r.awq_ratio is not None for r in outcome.layers)
+    assert max(counts["layer"].values()) <= 2 * len(batches), counts["layer"]
+    assert counts["module"]["mlp.gate_proj"] > 20 * len(batches), counts["module"]
 
 
 def test_outcome_tensors_and_records(block_setup):

@@ -94,7 +94,7 @@ def test_resident_spans_grow_with_the_span_and_fall_back_or_refuse_with_the_fewe
 
 
 def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, propagation="quantized",
-          span_mode="auto", method="gptq"):
+          span_mode="auto", method="gptq", **options):
     config = tiny_config("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_blocks,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)
     layout = describe_model(config)
@@ -102,7 +102,7 @@ def _plan(samples=128, seq_len=2048, actors=2, capacity_gib=80.0, n_blocks=8, pr
     names.update({n: "model.safetensors" for n in layout.outer_params})
     ckpt = Checkpoint(local_dir=None, weight_map=names)  # type: ignore[arg-type]
     job = JobConfig.from_dict({"out": "o", "samples": samples, "seq_len": seq_len, "actors": actors,
-                                "propagation": propagation, "span_mode": span_mode, "method": method})
+                                "propagation": propagation, "span_mode": span_mode, "method": method, **options})
     return make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
 
 
@@ -143,3 +143,11 @@ def test_refusal_states_the_numbers():
     message = str(e.value)
     assert "actor 0 (blocks 0-3) needs" in message and "activations 6.00" in message
     assert "may use 7.20 GiB (90% of 8.00)" in message and "--samples" in message
+
+
+def test_awq_plans_its_kept_search_samples_only_for_the_replayed_search():
+    """The module loss keeps awq_search_samples samples of the widest input per block; the layer loss
+    keeps none."""
+    module, layer = _plan(method="awq"), _plan(method="awq", awq_loss="layer")
+    for a, b in zip(module.actors, layer.actors):
+        assert a.memory.workspace - b.memory.workspace == 3 * 32 * 2048 * 14336 * 2

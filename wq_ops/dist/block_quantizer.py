@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.calib.capture import GroupCapture, capture_group, capture_inputs, capture_stage
-from wq_ops.config import Format, Method, Propagation, QuantConfig
+from wq_ops.config import AwqLoss, Format, Method, Propagation, QuantConfig
 from wq_ops.formats import encode_linear, scale_dtype
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
 from wq_ops.model.architecture import LinearSpec
@@ -120,7 +120,7 @@ def calibrate_float_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy:
     """One input micro-batch x (B, T, hidden) through the block with its float weights `params`: the pass
     that captures each stage's inputs into `calibration` also gives its outputs (one forward). Returns the
     block's output micro-batch; x is not modified."""
-    keep = quant.awq_search_samples if quant.method is Method.AWQ else 0
+    keep = quant.kept_search_samples
     on_gpu = x.device.type == "cuda"
     if on_gpu:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -249,7 +249,7 @@ def quantize_block_(
     solver = _BlockSolver(block, params, anatomy, timer=_Timer(_device_of(params)), **kw)  # type: ignore[arg-type]
     with torch.no_grad():
         if quant.method is Method.AWQ:
-            outputs = _quantize_by_stage_(block, solver, anatomy, batches, keep=quant.awq_search_samples)
+            outputs = _quantize_by_stage_(block, solver, anatomy, batches, keep=quant.kept_search_samples)
         else:
             outputs = _quantize_by_group_(block, solver, anatomy, batches, stash_tails=stash_tails)
     return solver.outcome(), outputs
@@ -435,9 +435,12 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
         cap = captures[group.names[0]]
         x_mean = cap.stats.abs_sum / max(cap.stats.n_tokens, 1)
         weights = {n: work[n + ".weight"] for n in group.names}
-        if len(group.names) == 1:
-            hessians[group.names[0]] = hessian_of(cap.stats)
-            loss_of = _linear_loss(weights, hessians[group.names[0]])
+        if len(group.names) == 1 or quant.awq_loss is AwqLoss.LAYER:
+            h = hessian_of(cap.stats)
+            if len(group.names) == 1:
+                hessians[group.names[0]] = h      # its clip search reuses it; a wider group's is made again
+            loss_of = _layer_loss(weights, h)
+            del h
         else:
             loss_of = _module_loss(inspect, work, cap.kept, dtype)
         search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
@@ -455,9 +458,8 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
 
     for group in groups:
         cap = captures[group.names[0]]
-        h = hessians.pop(group.names[0], None)
-        if h is None:
-            h = hessian_of(cap.stats)
+        held = hessians.pop(group.names[0], None)
+        h = held if held is not None else hessian_of(cap.stats)
         group_scale = scales.get(group.names[0])
         if group_scale is not None:
             h = h / torch.outer(group_scale, group_scale)          # the Hessian of the scaled input x / s
@@ -490,14 +492,14 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
             ))
 
 
-def _linear_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[str, Tensor]], Tensor]:
-    """AWQ loss of a lone linear: its output error tr(D H D^T) over all calibration tokens, from H."""
-    (name, w0), = weights.items()
-    w32 = w0.to(torch.float32)
+def _layer_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """AWQ loss of linears that share one input: their output errors tr(D H D^T), summed, over all
+    calibration tokens, from that input's H (the AWQ paper's objective)."""
+    w32 = {name: w.to(torch.float32) for name, w in weights.items()}
     h = quadratic_operand(h)                          # converted once for every candidate
 
     def loss_of(cand: Mapping[str, Tensor]) -> Tensor:
-        return quadratic_sum(cand[name] - w32, h)
+        return torch.stack([quadratic_sum(cand[name] - w, h) for name, w in w32.items()]).sum()
 
     return loss_of
 

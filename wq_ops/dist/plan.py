@@ -214,8 +214,8 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
     # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
     widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
     workspace = 2 * mb * t * widest * elt
-    if job.quant.method is Method.AWQ:         # search samples' inputs, kept by every resident block
-        kept = min(n, job.quant.awq_search_samples)
+    kept = min(n, job.quant.kept_search_samples)
+    if kept:                                   # AWQ's replayed search samples' inputs, kept by every resident block
         workspace += (resident or (2 if overlapped else 1)) * 3 * kept * t * max_in * elt
     return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
 
