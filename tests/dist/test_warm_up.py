@@ -10,7 +10,7 @@ import torch
 from wq_ops.config import JobConfig, Method, default_options
 from wq_ops.dist import actor as actor_module
 from wq_ops.dist.driver import run_job
-from wq_ops.dist.warm_up import JobShapes, job_shapes, warm_up_shapes
+from wq_ops.dist.warm_up import JobShapes, job_shapes, warm_up_libraries, warm_up_quantizers, warm_up_shapes
 from tests.factory import write_checkpoint, write_text
 
 
@@ -96,6 +96,25 @@ def test_the_warm_up_runs_a_block_of_shapes_on_the_gpu(tmp_path, method, backend
     model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
     shapes = job_shapes(_job(model, method=method, backend=backend, seq_len=128, gpus_per_actor=1))
     assert warm_up_shapes(torch.device("cuda"), shapes) is True
+
+
+@pytest.mark.gpu
+def test_the_warm_ups_do_not_depend_on_the_default_dtype(tmp_path):
+    """transformers sets torch's default dtype while it builds a model (the config's, bf16 here), and the
+    driver's prepare thread builds one on the meta device while an in-process actor warms up: the
+    warm-ups name every dtype they make. (Without that, cuSOLVER refused a bf16 Cholesky in one GPU job.)"""
+    _gpu()
+    model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
+    shapes = job_shapes(_job(model, method="gptq", backend="cuda", seq_len=128, gpus_per_actor=1))
+    device = torch.device("cuda")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        warm_up_libraries(device)
+        warm_up_quantizers(device)
+        assert warm_up_shapes(device, shapes) is True
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.gpu

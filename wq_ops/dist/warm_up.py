@@ -82,8 +82,8 @@ def warm_up_libraries(device: torch.device) -> None:
     from torch.nn.functional import scaled_dot_product_attention
 
     with torch.no_grad():
-        x = torch.randn(64, 64, device=device)
-        h = x.T @ x + 64 * torch.eye(64, device=device)
+        x = torch.randn(64, 64, device=device, dtype=torch.float32)
+        h = x.T @ x + 64 * torch.eye(64, device=device, dtype=torch.float32)
         torch.linalg.cholesky_ex(h)
         xb = x.to(torch.bfloat16)
         torch.mm(xb.T, xb, out_dtype=torch.float32)
@@ -106,9 +106,9 @@ def warm_up_quantizers(device: torch.device) -> None:
 
     gen = torch.Generator(device=device).manual_seed(0)
     stats = new_input_stats(256, device)
-    accumulate_input_stats_(stats, torch.randn(512, 256, generator=gen, device=device).to(torch.bfloat16))
+    accumulate_input_stats_(stats, torch.randn(512, 256, generator=gen, device=device, dtype=torch.bfloat16))
     h = hessian_of(stats)
-    w = torch.randn(64, 256, generator=gen, device=device)
+    w = torch.randn(64, 256, generator=gen, device=device, dtype=torch.float32)
     for sym in (True, False):
         quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=True, block_size=128,
                       scale_dtype=torch.bfloat16, backend=Backend.CUDA)
