@@ -272,3 +272,64 @@ def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup, in_pla
     with torch.no_grad():
         for out, x in zip(outputs, batches):
             assert torch.equal(out, odd.forward(quantized, x))
+
+
+def test_awq_where_no_scaling_wins_leaves_the_bytes_alone(block_setup, monkeypatch):
+    """The scales are folded in even when plain RTN wins (all ones, so that nothing reads the winner back
+    from the device): the norms come out bit for bit, and the report says no scaling."""
+    from wq_ops.dist import block_quantizer
+
+    search = block_quantizer.awq.search_scales
+
+    def no_scaling_wins(weights, x_mean, loss_of, **kw):
+        found = search(weights, x_mean, lambda cand: torch.zeros(()), **kw)
+        assert torch.equal(found.scales, torch.ones_like(found.scales))
+        return found
+
+    monkeypatch.setattr(block_quantizer.awq, "search_scales", no_scaling_wins)
+    outcome, _ = run(block_setup, method="awq", awq_loss="layer")
+    _, _, params, _, _ = block_setup
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        assert torch.equal(outcome.tensors[f"model.layers.0.{norm}.weight"], params[f"{norm}.weight"])
+    assert all(r.awq_ratio is None for r in outcome.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [dict(method="awq", awq_loss="layer"), dict(method="awq"), dict(method="rtn")])
+def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
+    """AWQ's and RTN's solves queue their work and read nothing back until the block's outcome (one read for
+    the report's numbers): the GPU is not drained after each layer. GPTQ reads the device once per
+    factorization (its damping check), by design."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from wq_ops.dist import block_quantizer
+
+    config = tiny_config("llama", num_key_value_heads=4)
+    layout = describe_model(config)
+    meta = instantiate_on_meta(config)
+    gen = torch.Generator().manual_seed(1)
+    params = {n: ((1 + 0.1 * torch.randn(s, generator=gen)) if "norm" in n else torch.randn(s, generator=gen) * 0.08)
+              .to(torch.bfloat16).cuda() for n, s in layout.block_params.items()}
+    rotary = type(meta.model.rotary_emb)(config=config).cuda()
+    ctx = make_sequence_context(rotary, seq_len=64, hidden_size=128, window=None, device="cuda", dtype=torch.bfloat16)
+    probe = make_sequence_context(rotary, seq_len=16, hidden_size=128, window=None, device="cuda", dtype=torch.bfloat16)
+    anatomy = discover_anatomy(DecoderBlock(meta.model.layers[0], probe), params, layout.linears, hidden_size=128)
+    batches = list(torch.randn(8, 64, 128, generator=gen).to(torch.bfloat16).cuda().split(4))
+    q = QuantConfig(bits=4, group_size=32, backend="cuda", **quant)
+    block_quantizer.quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy, list(batches), quant=q,
+                                    fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
+                                    linears=layout.linears)          # loads every kernel before the strict run
+    stage = block_quantizer._BlockSolver.stage
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return stage(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(block_quantizer._BlockSolver, "stage", strict)
+    outcome, _ = block_quantizer.quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy,
+                                                 list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0,
+                                                 prefix="model.layers", linears=layout.linears)
+    assert all(r.quantized and r.output_error > 0 for r in outcome.layers)

@@ -29,8 +29,8 @@ from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.gptq import quantize_gptq
-from wq_ops.quant.hessian import (OutlierSummary, hessian_of, output_error, quadratic_operand, quadratic_sum,
-                                  summarize_outliers)
+from wq_ops.quant.hessian import (OutlierSummary, hessian_of, outlier_channels, outlier_summary,
+                                  output_error_tensor, quadratic_operand, quadratic_sum)
 from wq_ops.quant.result import QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn
 
@@ -80,21 +80,44 @@ def is_ignored(full_name: str, patterns: Sequence[str]) -> bool:
 
 
 class _Timer:
-    """Wall time per phase; synchronises the current stream at phase ends so that its queued kernels are
-    counted."""
+    """Time per phase. On CUDA, an event recorded on this thread's stream at each phase end, read back
+    once when the block is done (`seconds`): a phase is the GPU time since the previous mark, so it counts
+    its queued kernels without draining the queue at every phase end. On CPU, wall time."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.seconds: dict[str, float] = {}
+        self._wall: dict[str, float] = {}
+        self._marks: list[tuple[str, Any]] = []
+        self._origin = self._event() if device.type == "cuda" else None
+
+    def _event(self) -> Any:
+        # This thread's stream only: a block solved on a side stream must not time the next block's
+        # forward on the main one.
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def add(self, phase: str, start: float) -> float:
-        if self.device.type == "cuda":
-            # This thread's stream only: a block solved on a side stream must not wait for the next
-            # block's forward on the main one.
-            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - start
+        if self._origin is not None:
+            self._marks.append((phase, self._event()))
+        else:
+            self._wall[phase] = self._wall.get(phase, 0.0) + now - start
         return now
+
+    def set(self, phase: str, seconds: float) -> None:
+        """A phase timed elsewhere (the float calibration's passes)."""
+        self._wall[phase] = seconds
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        out = dict(self._wall)
+        previous: Any = self._origin
+        for phase, event in self._marks:
+            event.synchronize()
+            out[phase] = out.get(phase, 0.0) + previous.elapsed_time(event) / 1000
+            previous = event
+        return out
 
 
 @dataclass
@@ -167,7 +190,7 @@ class _BlockSolver:
         self.scales_dtype = scale_dtype(fmt, model_dtype=self.dtype)   # the grid is rounded to the format's dtype
         self.work = dict(params)
         self.results: dict[str, QuantResult] = {}
-        self.records: list[LayerRecord] = []
+        self.records: list[_PendingRecord] = []
         self.full = {s.name: f"{prefix}.{block_index}.{s.name}" for s in linears}
 
     def stage(self, stage: str, captures: dict[str, GroupCapture],
@@ -194,7 +217,7 @@ class _BlockSolver:
                                     full=self.full, prefix=f"{self.prefix}.{self.block_index}", dtype=self.dtype,
                                     scales_dtype=self.scales_dtype, pad_intermediate=self.pad_intermediate)
         self.timer.add("pack", t)
-        return BlockOutcome(block=self.block_index, tensors=tensors, layers=tuple(self.records),
+        return BlockOutcome(block=self.block_index, tensors=tensors, layers=tuple(r.resolve() for r in self.records),
                             seconds=self.timer.seconds)
 
 
@@ -205,7 +228,7 @@ def solve_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: Blo
     modified. The outcome's seconds include the calibration's forward time."""
     solver = _BlockSolver(block, params, anatomy, quant=quant, fmt=fmt, block_index=block_index, prefix=prefix,
                           linears=linears, pad_intermediate=pad_intermediate, timer=_Timer(_device_of(params)))
-    solver.timer.seconds["forward"] = calibration.forward_seconds()
+    solver.timer.set("forward", calibration.forward_seconds())
     solver.stage("self_attn", calibration.attn)
     solver.stage("mlp", calibration.mlp)
     calibration.attn, calibration.mlp = {}, {}
@@ -367,16 +390,42 @@ def replay_block_(block: DecoderBlock, params: Mapping[str, Tensor], batches: li
     return hs
 
 
-def _record(name: str, block_index: int, group: LinearGroup, cap: GroupCapture, *, quantized: bool,
-            error: float, result: QuantResult | None, seconds: float, **awq_info: float | None) -> LayerRecord:
-    return LayerRecord(name=name, block=block_index, group=group.names[0], quantized=quantized,
-                       output_error=error, proxy_loss=result.loss if result is not None else None,
-                       damp_frac=result.damp_frac if result is not None else None, seconds=seconds,
-                       outliers=summarize_outliers(cap.stats), **awq_info)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class _PendingRecord:
+    """A LayerRecord whose numbers are still on the device. A block reads them back once, in
+    `_BlockSolver.outcome`, so that its kernels queue without the GPU draining after every layer."""
+
+    name: str
+    block: int
+    group: str
+    quantized: bool
+    error: Tensor | None                  # output_error_tensor; None for a layer left unquantized
+    result: QuantResult | None
+    seconds: float
+    channels: Tensor                      # outlier_channels of the layer's input
+    search: awq.ScaleSearch | None = None
+
+    def resolve(self) -> LayerRecord:
+        found = self.search
+        return LayerRecord(name=self.name, block=self.block, group=self.group, quantized=self.quantized,
+                           output_error=0.0 if self.error is None else float(self.error),
+                           proxy_loss=self.result.loss if self.result is not None else None,
+                           damp_frac=self.result.damp_frac if self.result is not None else None, seconds=self.seconds,
+                           outliers=outlier_summary(self.channels),
+                           awq_ratio=found.ratio if found else None,
+                           awq_loss_unscaled=found.loss_unscaled if found else None,
+                           awq_loss=found.loss if found else None)
+
+
+def _record(name: str, block_index: int, group: LinearGroup, cap: GroupCapture, *, error: Tensor | None,
+            result: QuantResult | None, seconds: float, search: awq.ScaleSearch | None = None) -> _PendingRecord:
+    return _PendingRecord(name=name, block=block_index, group=group.names[0], quantized=error is not None,
+                          error=error, result=result, seconds=seconds, channels=outlier_channels(cap.stats),
+                          search=search)
 
 
 def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCapture], work: dict[str, Tensor],
-                   results: dict[str, QuantResult], records: list[LayerRecord], *, quant: QuantConfig,
+                   results: dict[str, QuantResult], records: list[_PendingRecord], *, quant: QuantConfig,
                    full: dict[str, str], block_index: int, dtype: torch.dtype, scales_dtype: torch.dtype) -> None:
     """GPTQ or RTN per group. GPTQ rows are independent given H, so the layers that share an input are
     stacked and solved at once: one factorisation of H, larger matmuls. The Hessian also measures RTN."""
@@ -386,8 +435,7 @@ def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCaptu
         names = [n for n in group.names if not is_ignored(full[n], quant.ignore)]
         for name in group.names:
             if name not in names:
-                records.append(_record(full[name], block_index, group, cap, quantized=False, error=0.0,
-                                       result=None, seconds=0.0))
+                records.append(_record(full[name], block_index, group, cap, error=None, result=None, seconds=0.0))
         if not names:
             continue
         t = time.perf_counter()
@@ -407,8 +455,8 @@ def _hessian_stage(groups: Sequence[LinearGroup], captures: dict[str, GroupCaptu
             w_hat = dequantize(part, dtype)
             results[name] = part
             work[name + ".weight"] = w_hat
-            records.append(_record(full[name], block_index, group, cap, quantized=True,
-                                   error=output_error(w, w_hat, h), result=part, seconds=seconds))
+            records.append(_record(full[name], block_index, group, cap, error=output_error_tensor(w, w_hat, h),
+                                   result=part, seconds=seconds))
 
 
 def _scale_producer(work: dict[str, Tensor], producer: str, s: Tensor, dtype: torch.dtype) -> None:
@@ -420,7 +468,7 @@ def _scale_producer(work: dict[str, Tensor], producer: str, s: Tensor, dtype: to
 
 
 def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], captures: dict[str, GroupCapture],
-               work: dict[str, Tensor], results: dict[str, QuantResult], records: list[LayerRecord], *,
+               work: dict[str, Tensor], results: dict[str, QuantResult], records: list[_PendingRecord], *,
                quant: QuantConfig, full: dict[str, str], block_index: int, dtype: torch.dtype,
                scales_dtype: torch.dtype) -> None:
     """Search and fold every group's scales first (the weights still unquantized), then clip-search and
@@ -448,12 +496,13 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
                                    backend=quant.backend)
         del loss_of                               # its bf16 H or replayed outputs: not needed by the clip search
         searches[group.names[0]] = search
-        if search.ratio is not None:
-            s = search.scales.to(x_mean.device)
-            scales[group.names[0]] = s
-            _scale_producer(work, group.producer, s, dtype)
-            for n in group.names:
-                work[n + ".weight"] = (work[n + ".weight"].to(torch.float32) * s).to(dtype)
+        # Scaled even where no scaling won (all ones, exact: the same bytes), so that nothing waits to read
+        # the winner back from the GPU.
+        s = search.scales.to(x_mean.device)
+        scales[group.names[0]] = s
+        _scale_producer(work, group.producer, s, dtype)
+        for n in group.names:
+            work[n + ".weight"] = (work[n + ".weight"].to(torch.float32) * s).to(dtype)
         cap.kept.clear()
 
     for group in groups:
@@ -463,14 +512,12 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
         group_scale = scales.get(group.names[0])
         if group_scale is not None:
             h = h / torch.outer(group_scale, group_scale)          # the Hessian of the scaled input x / s
-        found = searches.get(group.names[0])
         h_error = quadratic_operand(h)            # converted once for every layer of the group
         for name in group.names:
             t = time.perf_counter()
             w = work[name + ".weight"].to(torch.float32)
             if is_ignored(full[name], quant.ignore):
-                records.append(_record(full[name], block_index, group, cap, quantized=False, error=0.0,
-                                       result=None, seconds=0.0))
+                records.append(_record(full[name], block_index, group, cap, error=None, result=None, seconds=0.0))
                 continue
             clip = None
             if not is_ignored(name, _AWQ_NO_CLIP):
@@ -483,13 +530,9 @@ def _awq_stage(block: DecoderBlock, stage: str, groups: Sequence[LinearGroup], c
             w_hat = dequantize(result, dtype)
             results[name] = result
             work[name + ".weight"] = w_hat
-            records.append(_record(
-                full[name], block_index, group, cap, quantized=True, error=output_error(w, w_hat, h_error), result=result,
-                seconds=time.perf_counter() - t,
-                awq_ratio=found.ratio if found else None,
-                awq_loss_unscaled=found.loss_unscaled if found else None,
-                awq_loss=found.loss if found else None,
-            ))
+            records.append(_record(full[name], block_index, group, cap, error=output_error_tensor(w, w_hat, h_error),
+                                   result=result, seconds=time.perf_counter() - t,
+                                   search=searches.get(group.names[0])))
 
 
 def _layer_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[str, Tensor]], Tensor]:

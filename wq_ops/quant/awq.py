@@ -27,14 +27,27 @@ __all__ = ["ScaleSearch", "weight_profile", "candidate_scales", "search_scales",
 
 @dataclass(frozen=True)
 class ScaleSearch:
-    """scales: (in,) float32: multiply the layers' input columns by it, divide the producer's outputs by it.
-    ratio: the winning grid exponent a, or None when no scaling (s = 1) won. loss: its measured loss;
-    loss_unscaled: the loss of plain RTN, for the report."""
+    """scales: (in,) float32, on the device: multiply the layers' input columns by it, divide the producer's
+    outputs by it (all ones where no scaling won). losses: (n_grid + 1,) each candidate's measured loss,
+    no scaling first, on the device. The properties read the losses back: the winning grid exponent
+    (`ratio`, None when no scaling won), its loss, and the loss of plain RTN, for the report."""
 
     scales: Tensor
-    ratio: float | None
-    loss: float
-    loss_unscaled: float
+    losses: Tensor
+    n_grid: int
+
+    @property
+    def ratio(self) -> float | None:
+        best = int(torch.argmin(self.losses))
+        return None if best == 0 else (best - 1) / self.n_grid
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.min())
+
+    @property
+    def loss_unscaled(self) -> float:
+        return float(self.losses[0])
 
 
 def weight_profile(weights: Sequence[Tensor], group_size: int | None) -> Tensor:
@@ -82,8 +95,9 @@ def search_scales(
 ) -> ScaleSearch:
     """weights: name -> (out_i, in) layers that share one input; x_mean: (in,) mean |x| of that input.
     loss_of(candidate): the output error (a 0-dim tensor) when each layer's weight is replaced by
-    candidate[name] ((out_i, in) float32); the caller decides what output it measures. The losses stay
-    on the device until the end, so the search queues its work without waiting on the GPU."""
+    candidate[name] ((out_i, in) float32); the caller decides what output it measures. Nothing is read
+    back from the device (the winner is picked there), so the search queues its work without waiting on
+    the GPU; the result's report values read it back when asked."""
     fake_quant = _primitives(backend).fake_quant
     w_mean = weight_profile(list(weights.values()), group_size)
 
@@ -93,10 +107,11 @@ def search_scales(
 
     ones = torch.ones_like(x_mean, dtype=torch.float32)
     candidates = [ones] + [candidate_scales(x_mean, w_mean, i / n_grid, duo=duo) for i in range(n_grid)]
-    losses = torch.stack([loss_of(quantized_with(s)).to(torch.float32) for s in candidates]).cpu()
-    best = int(torch.argmin(losses))            # ties keep the earliest: no scaling, then small exponents
-    return ScaleSearch(scales=candidates[best], ratio=None if best == 0 else (best - 1) / n_grid,
-                       loss=float(losses[best]), loss_unscaled=float(losses[0]))
+    losses = torch.stack([loss_of(quantized_with(s)).to(torch.float32) for s in candidates])
+    # argmin keeps the first of equal losses: no scaling, then small exponents. index_select, unlike
+    # indexing with a 0-dim tensor, does not read the index back.
+    best = torch.argmin(losses).reshape(1)
+    return ScaleSearch(scales=torch.index_select(torch.stack(candidates), 0, best)[0], losses=losses, n_grid=n_grid)
 
 
 def grouped_error(d: Tensor, h: Tensor, group_size: int | None) -> Tensor:
@@ -127,8 +142,10 @@ def search_clip(
     w = w.to(torch.float32)
     out_features, in_features = w.shape
     gs = in_features // n_groups_of(in_features, group_size)
-    ratios = torch.tensor([1.0 - k / n_grid for k in range(max(1, int(max_shrink * n_grid)))],
-                          dtype=torch.float32, device=w.device)
+    # 1 - k / n_grid, made on the device (no host copy to wait for): float64 gives the same roundings as
+    # Python's floats, then one rounding to float32.
+    steps = torch.arange(max(1, int(max_shrink * n_grid)), dtype=torch.float64, device=w.device)
+    ratios = (1.0 - steps / n_grid).to(torch.float32)
     errors = _primitives(backend).clip_error(w, h.to(torch.float32), group_size=gs, bits=bits, sym=sym,
                                              scale_dtype=scale_dtype, ratios=ratios)   # (out, g, n_ratios)
     return ratios[torch.argmin(errors, dim=-1)]                                # ties keep the mildest clip

@@ -23,6 +23,9 @@ __all__ = [
     "quadratic_operand",
     "OutlierSummary",
     "summarize_outliers",
+    "outlier_channels",
+    "outlier_summary",
+    "output_error_tensor",
 ]
 
 # LLM.int8's outlier threshold: features with |x| >= 6 are the ones it keeps in 16 bit.
@@ -117,12 +120,16 @@ def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
     """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - W_hat.
     w, w_hat: (out, in); h: (in, in). Math as `quadratic_sum` does it; 0.0 when the layer's output is
     identically 0."""
+    return float(output_error_tensor(w, w_hat, h))
+
+
+def output_error_tensor(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
+    """`output_error` as a 0-dim tensor on the inputs' device: queued, not read back."""
     wide = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
     d = w.to(wide) - w_hat.to(wide)
     h = quadratic_operand(h) if wide is torch.float32 else h
     num, den = quadratic_sum(d, h), quadratic_sum(w, h)
-    ratio = torch.where(den > 0, num / den, torch.zeros_like(num))
-    return float(ratio)
+    return torch.where(den > 0, num / den, torch.zeros_like(num))
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,18 @@ class OutlierSummary:
 
 
 def summarize_outliers(stats: InputStats, *, top_k: int = 8) -> OutlierSummary:
-    channel_max = stats.abs_max.float().cpu()
-    channel_mean = (stats.abs_sum / max(stats.n_tokens, 1)).float().cpu()
+    return outlier_summary(outlier_channels(stats), top_k=top_k)
+
+
+def outlier_channels(stats: InputStats) -> Tensor:
+    """(2, in) float32 on the statistics' device: each channel's max |x| and mean |x|. A new tensor, so
+    `outlier_summary` may read it after the statistics are gone."""
+    return torch.stack([stats.abs_max.float(), (stats.abs_sum / max(stats.n_tokens, 1)).float()])
+
+
+def outlier_summary(channels: Tensor, *, top_k: int = 8) -> OutlierSummary:
+    """The summary of `outlier_channels` (read back from the device here)."""
+    channel_max, channel_mean = channels.cpu()
     k = min(top_k, channel_max.numel())
     top = torch.topk(channel_max, k)
     median = float(channel_max.median())
