@@ -84,3 +84,22 @@ def test_round_trip_and_compressed_tensors_agree(gen, sym, bits, group_size):
     ours = dequantize(result, torch.bfloat16)
     assert theirs.dtype == torch.bfloat16
     assert torch.equal(theirs, ours)     # bit for bit: the engine reconstructs what we propagated
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sym", [True, False])
+def test_the_gpu_encodes_the_same_bytes(gen, sym):
+    """The CUDA backend packs the codes and (asymmetric) the zero points, bit for bit as the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from wq_ops.config import Backend
+
+    w = torch.randn(96, 256, generator=gen)
+    result = quantize_rtn(w, bits=4, group_size=32, sym=sym, scale_dtype=torch.bfloat16)
+    on_gpu = QuantResult(codes=result.codes.cuda(), scale=result.scale.cuda(), zero=result.zero.cuda(), bits=4,
+                         group_size=32)
+    want = encode_linear(NAME, result, sym=sym, scale_dtype=torch.bfloat16)
+    got = encode_linear(NAME, on_gpu, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name].cpu(), t), name
