@@ -45,10 +45,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ: natural column order")
     p.add_argument("--block-size", dest="block_size", type=int, help="GPTQ columns per lazy-update block (128)")
     p.add_argument("--awq-grid", dest="awq_grid", type=int, help="AWQ scale-search grid points (20)")
-    p.add_argument("--awq-search-samples", dest="awq_search_samples", type=int, help="AWQ samples replayed (32)")
+    p.add_argument("--awq-search-samples", dest="awq_search_samples", type=int,
+                   help="AWQ samples replayed per candidate with --awq-loss module (32)")
     p.add_argument("--awq-loss", dest="awq_loss", choices=["module", "layer"],
-                   help="AWQ scale search measures the attention's or MLP's output on the replayed samples "
-                   "(module), or the group's own linear outputs on every token, from the Hessian (layer) (module)")
+                   help="AWQ scale search measures the group's own linear outputs on every token, from the "
+                   "Hessian (layer), or the attention's or MLP's output on replayed samples (module) (layer)")
     p.add_argument("--ignore", action="append", help="module-name pattern to leave unquantized (repeatable)")
     p.add_argument("--backend", choices=["reference", "cuda"],
                    help="kernel backend (cuda when --gpus-per-actor > 0, else reference)")

@@ -66,6 +66,6 @@ def test_dataclasses_validate_directly():
 
 
 def test_only_the_replayed_awq_search_keeps_samples():
-    assert QuantConfig(method="awq", awq_search_samples=7).kept_search_samples == 7
-    assert QuantConfig(method="awq", awq_search_samples=7, awq_loss="layer").kept_search_samples == 0
+    assert QuantConfig(method="awq", awq_search_samples=7, awq_loss="module").kept_search_samples == 7
+    assert QuantConfig(method="awq", awq_search_samples=7).kept_search_samples == 0      # layer, the default
     assert QuantConfig(method="gptq").kept_search_samples == 0

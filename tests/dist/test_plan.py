@@ -148,6 +148,6 @@ def test_refusal_states_the_numbers():
 def test_awq_plans_its_kept_search_samples_only_for_the_replayed_search():
     """The module loss keeps awq_search_samples samples of the widest input per block; the layer loss
     keeps none."""
-    module, layer = _plan(method="awq"), _plan(method="awq", awq_loss="layer")
+    module, layer = _plan(method="awq", awq_loss="module"), _plan(method="awq")
     for a, b in zip(module.actors, layer.actors):
         assert a.memory.workspace - b.memory.workspace == 3 * 32 * 2048 * 14336 * 2

@@ -3,10 +3,11 @@ Acceleration"): scale up the input channels that carry large activations before 
 the inverse scale into the operation that produces the input, then clip each group's range.
 
 Scale search (Sec. 3.2): s = x_mean^a / w_mean^(1-a), normalised to geometric mean 1, for a on a grid;
-the caller measures each candidate's output error (through the module that consumes the scaled layers)
-and the best one wins; s = 1 (plain RTN) is always a candidate, so AWQ never does worse than RTN on the
-measured loss. Clip search: per row and group, the clip ratio that minimises that group's share of the
-output error, d_g^T H_gg d_g, using the diagonal blocks of the layer's Hessian (all calibration tokens).
+the caller measures each candidate's output error (the layers' own outputs from their input's Hessian,
+as the paper's Eq. 4 does, or the output of the module that consumes them) and the best one wins; s = 1
+(plain RTN) is always a candidate, so AWQ never does worse than RTN on the measured loss. Clip search:
+per row and group, the clip ratio that minimises that group's share of the output error, d_g^T H_gg d_g,
+using the diagonal blocks of the layer's Hessian (all calibration tokens).
 """
 
 from __future__ import annotations
