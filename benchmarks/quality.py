@@ -89,7 +89,8 @@ def main() -> int:
         f"- evaluation: the first {args.eval_windows} non-overlapping windows of {args.eval_seq_len} tokens of "
         "`raw/wiki.test.raw`, lines joined by a blank line; ppl = exp(mean window NLL)",
         "- methods: symmetric grids, group size 64 (576 is not a multiple of 128); GPTQ with act-order (static "
-        "groups) and damp 0.01; AWQ with a 20-point scale grid over 32 replayed samples and clip search",
+        "groups) and damp 0.01; AWQ with a 20-point scale grid, the layer loss (unless --wq-args says "
+        "otherwise) and clip search",
         "- every artifact loaded with plain `transformers.AutoModelForCausalLM.from_pretrained`",
         "",
         "| weights | scheme | ppl | vs bf16 | quantize wall s |",
