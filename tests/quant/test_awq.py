@@ -53,6 +53,19 @@ def test_scale_search_keeps_identity_when_nothing_helps():
     assert r.ratio is None and torch.equal(r.scales, torch.ones(64))
 
 
+def test_scale_search_reports_the_candidate_it_picked(gen):
+    """The winner is picked on the device; the report values read back agree with it: the exponent, its
+    loss, plain RTN's loss, and the scales are that candidate's."""
+    w = torch.randn(16, 64, generator=gen)
+    x_mean = torch.rand(64, generator=gen) + 0.1
+    values = iter([5.0, 4.0, 3.0, 1.0, 2.0, 1.0])                  # candidate 3 first reaches the minimum
+
+    r = awq.search_scales({"fc": w}, x_mean, lambda cand: torch.tensor(next(values)), bits=4, group_size=32,
+                          sym=True, scale_dtype=torch.float32, n_grid=5)
+    assert (r.ratio, r.loss, r.loss_unscaled) == ((3 - 1) / 5, 1.0, 5.0)
+    assert torch.equal(r.scales, awq.candidate_scales(x_mean, awq.weight_profile([w], 32), 2 / 5))
+
+
 def test_grouped_error_is_the_per_group_quadratic_form(gen):
     d = torch.randn(6, 64, generator=gen, dtype=torch.float64)
     h = torch.randn(64, 64, generator=gen, dtype=torch.float64)

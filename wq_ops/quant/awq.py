@@ -13,6 +13,7 @@ using the diagonal blocks of the layer's Hessian (all calibration tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 from typing import Callable, Mapping, Sequence
 
@@ -35,20 +36,27 @@ class ScaleSearch:
 
     scales: Tensor
     losses: Tensor
+    best: Tensor                              # (1,) int64: the winner's index in losses
     n_grid: int
+
+    @cached_property
+    def _on_host(self) -> tuple[int, list[float]]:
+        values = torch.cat([self.losses.to(torch.float64), self.best.to(torch.float64)]).tolist()  # one read
+        return int(values[-1]), values[:-1]
 
     @property
     def ratio(self) -> float | None:
-        best = int(torch.argmin(self.losses))
+        best, _ = self._on_host
         return None if best == 0 else (best - 1) / self.n_grid
 
     @property
     def loss(self) -> float:
-        return float(self.losses.min())
+        best, losses = self._on_host
+        return losses[best]
 
     @property
     def loss_unscaled(self) -> float:
-        return float(self.losses[0])
+        return self._on_host[1][0]
 
 
 def weight_profile(weights: Sequence[Tensor], group_size: int | None) -> Tensor:
@@ -112,7 +120,8 @@ def search_scales(
     # argmin keeps the first of equal losses: no scaling, then small exponents. index_select, unlike
     # indexing with a 0-dim tensor, does not read the index back.
     best = torch.argmin(losses).reshape(1)
-    return ScaleSearch(scales=torch.index_select(torch.stack(candidates), 0, best)[0], losses=losses, n_grid=n_grid)
+    return ScaleSearch(scales=torch.index_select(torch.stack(candidates), 0, best)[0], losses=losses, best=best,
+                       n_grid=n_grid)
 
 
 def grouped_error(d: Tensor, h: Tensor, group_size: int | None) -> Tensor:
