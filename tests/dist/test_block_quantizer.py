@@ -333,3 +333,29 @@ def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
                                                  list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0,
                                                  prefix="model.layers", linears=layout.linears)
     assert all(r.quantized and r.output_error > 0 for r in outcome.layers)
+
+
+@pytest.mark.parametrize("quant", [dict(method="gptq", ignore=("*.mlp.down_proj",)), dict(method="awq")])
+def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup, monkeypatch, quant):
+    """`_resolve_records` reads every layer's numbers back in one copy: each record matches that layer's
+    output error, proxy loss and outlier summary read on their own (a layer left unquantized has error 0)."""
+    from wq_ops.dist import block_quantizer
+    from wq_ops.quant.hessian import outlier_summary
+
+    pending = []
+    resolve = block_quantizer._resolve_records
+
+    def keep(records):
+        pending.extend(records)
+        return resolve(records)
+
+    monkeypatch.setattr(block_quantizer, "_resolve_records", keep)
+    outcome, _ = run(block_setup, **quant)
+    assert len(pending) == len(outcome.layers) == 7
+    for r, got in zip(pending, outcome.layers):
+        assert got.name == r.name and got.quantized == (r.error is not None)
+        assert got.output_error == (0.0 if r.error is None else float(r.error))
+        assert got.proxy_loss == (r.result.loss if r.result is not None else None)
+        assert got.outliers == outlier_summary(r.channels)
+        assert got.awq_ratio == (r.search.ratio if r.search else None)
+    assert any(not r.quantized for r in outcome.layers) == ("ignore" in quant)

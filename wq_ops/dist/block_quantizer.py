@@ -112,9 +112,10 @@ class _Timer:
     @property
     def seconds(self) -> dict[str, float]:
         out = dict(self._wall)
+        if self._marks:
+            self._marks[-1][1].synchronize()     # the last mark: the earlier ones are on the same stream
         previous: Any = self._origin
         for phase, event in self._marks:
-            event.synchronize()
             out[phase] = out.get(phase, 0.0) + previous.elapsed_time(event) / 1000
             previous = event
         return out
@@ -217,7 +218,7 @@ class _BlockSolver:
                                     full=self.full, prefix=f"{self.prefix}.{self.block_index}", dtype=self.dtype,
                                     scales_dtype=self.scales_dtype, pad_intermediate=self.pad_intermediate)
         self.timer.add("pack", t)
-        return BlockOutcome(block=self.block_index, tensors=tensors, layers=tuple(r.resolve() for r in self.records),
+        return BlockOutcome(block=self.block_index, tensors=tensors, layers=_resolve_records(self.records),
                             seconds=self.timer.seconds)
 
 
@@ -393,7 +394,8 @@ def replay_block_(block: DecoderBlock, params: Mapping[str, Tensor], batches: li
 @dataclass(frozen=True)
 class _PendingRecord:
     """A LayerRecord whose numbers are still on the device. A block reads them back once, in
-    `_BlockSolver.outcome`, so that its kernels queue without the GPU draining after every layer."""
+    `_BlockSolver.outcome` (`_resolve_records`), so that its kernels queue without the GPU draining after
+    every layer."""
 
     name: str
     block: int
@@ -405,16 +407,38 @@ class _PendingRecord:
     channels: Tensor                      # outlier_channels of the layer's input
     search: awq.ScaleSearch | None = None
 
-    def resolve(self) -> LayerRecord:
-        found = self.search
-        return LayerRecord(name=self.name, block=self.block, group=self.group, quantized=self.quantized,
-                           output_error=0.0 if self.error is None else float(self.error),
-                           proxy_loss=self.result.loss if self.result is not None else None,
-                           damp_frac=self.result.damp_frac if self.result is not None else None, seconds=self.seconds,
-                           outliers=outlier_summary(self.channels),
-                           awq_ratio=found.ratio if found else None,
-                           awq_loss_unscaled=found.loss_unscaled if found else None,
-                           awq_loss=found.loss if found else None)
+
+
+def _resolve_records(records: Sequence[_PendingRecord]) -> tuple[LayerRecord, ...]:
+    """The block's records, their numbers (each layer's input channel statistics, output error and proxy
+    loss) read back from the device in one copy rather than a few per layer."""
+    values: list[Tensor] = []
+    for r in records:
+        values.append(r.channels.reshape(-1))
+        if r.error is not None:
+            values.append(r.error.reshape(1))
+        if r.result is not None and r.result.row_loss is not None:
+            values.append(r.result.row_loss.sum().reshape(1))       # as QuantResult.loss sums it
+    host = torch.cat([v.to(torch.float64) for v in values]).cpu().tolist() if values else []
+    out, at = [], 0
+    for r in records:
+        n = r.channels.numel()
+        channels = torch.tensor(host[at:at + n], dtype=torch.float32).reshape(r.channels.shape)
+        at += n
+        error = 0.0
+        if r.error is not None:
+            error, at = host[at], at + 1
+        proxy_loss = None
+        if r.result is not None and r.result.row_loss is not None:
+            proxy_loss, at = host[at], at + 1
+        found = r.search
+        out.append(LayerRecord(name=r.name, block=r.block, group=r.group, quantized=r.quantized, output_error=error,
+                               proxy_loss=proxy_loss, damp_frac=r.result.damp_frac if r.result is not None else None,
+                               seconds=r.seconds, outliers=outlier_summary(channels),
+                               awq_ratio=found.ratio if found else None,
+                               awq_loss_unscaled=found.loss_unscaled if found else None,
+                               awq_loss=found.loss if found else None))
+    return tuple(out)
 
 
 def _record(name: str, block_index: int, group: LinearGroup, cap: GroupCapture, *, error: Tensor | None,
