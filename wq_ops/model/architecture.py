@@ -1,5 +1,6 @@
 """Describe a checkpoint's model from its config alone: decoder blocks, their linear layers, and the
-tensors outside the blocks. The model class is instantiated on the meta device (no memory, no weights).
+tensors outside the blocks. The model class (transformers', or wq's native Llama: native_llama.py) is
+instantiated on the meta device (no memory, no weights).
 
 Entry point: `describe_model(config)`. Dense Llama, Mistral, Qwen2 and Qwen3 are supported; any other
 architecture is refused before work starts.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from wq_ops.errors import CheckpointError
+from wq_ops.model.native_llama import NativeLlamaConfig, NativeLlamaForCausalLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "LinearSpec", "ModelLayout", "describe_model", "import_transformers",
            "instantiate_on_meta", "storage_dtype_of"]
@@ -130,7 +132,12 @@ def _not_needed() -> bool:
 
 
 def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
-    """The causal-LM class for `config`, built on the meta device with SDPA attention."""
+    """The causal-LM class for `config`, built on the meta device: wq's native Llama for a
+    NativeLlamaConfig, else transformers' class with SDPA attention."""
+    if isinstance(config, NativeLlamaConfig):
+        with torch.device("meta"):
+            return NativeLlamaForCausalLM(config)
+    import_transformers()
     from transformers import AutoModelForCausalLM
 
     architectures = list(getattr(config, "architectures", None) or [])
@@ -154,7 +161,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayout:
-    """Layout of the model `config` describes (a transformers PretrainedConfig)."""
+    """Layout of the model `config` describes (a transformers PretrainedConfig, or a NativeLlamaConfig)."""
     model = instantiate_on_meta(config, trust_remote_code=trust_remote_code)
     prefix, blocks = _find_blocks(model)
     first = blocks[0]
@@ -187,7 +194,7 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
     embed_name = next(n + ".weight" for n, m in model.named_modules() if m is embed)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     return ModelLayout(
-        architecture=type(model).__name__,
+        architecture=getattr(model, "hf_architecture", type(model).__name__),
         model_type=str(getattr(config, "model_type", "")),
         n_blocks=len(blocks),
         block_prefix=prefix,
