@@ -114,6 +114,28 @@ def test_each_architecture_and_method(tmp_path, arch, method):
         assert any(x["awq_ratio"] is not None for x in report["layers"])
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_native_and_transformers_modeling_write_the_same_bytes(tmp_path, llama, method):
+    """A plain Llama runs wq's native modules by default; transformers' classes give the same artifact."""
+    model_dir, calib = llama
+    results = {m: run_job(job(tmp_path / m, model=str(model_dir), calib=str(calib), group_size=64, method=method,
+                              modeling=m), cache_dir=tmp_path)
+               for m in ("auto", "transformers")}
+    assert results["auto"].report["source"]["modeling"] == "native"
+    assert results["transformers"].report["source"]["modeling"] == "transformers"
+    assert shards(results["auto"].out_dir) == shards(results["transformers"].out_dir)
+
+
+def test_native_modeling_refuses_what_it_does_not_compute(tmp_path):
+    model_dir = write_checkpoint(tmp_path / "m", "mistral")
+    with pytest.raises(ConfigError, match="modeling=native: .*not plain Llama.*--modeling auto or transformers"):
+        run_job(job(tmp_path, model=str(model_dir), calib=str(write_text(tmp_path / "c.txt")), modeling="native"),
+                cache_dir=tmp_path)
+    assert nothing_written(tmp_path / "out")
+    auto = run_job(job(tmp_path / "auto", model=str(model_dir), calib=str(tmp_path / "c.txt")), cache_dir=tmp_path)
+    assert auto.report["source"]["modeling"] == "transformers"
+
+
 def test_ignored_layers_stay_dense(tmp_path, llama):
     model_dir, calib = llama
     result = run_job(job(tmp_path, model=str(model_dir), calib=str(calib), group_size=64,

@@ -102,3 +102,15 @@ def test_gpu_job_reports_a_device_peak_within_its_plan(tmp_path, llama):
     assert 0 < memory["allocated_bytes"] <= memory["reserved_bytes"]
     assert memory["allocated_bytes"] < 256 << 20
     assert memory["allocated_bytes"] <= memory["planned_bytes"] + (128 << 20)
+
+
+@pytest.mark.gpu
+def test_native_modeling_on_the_gpu_writes_transformers_bytes(tmp_path, llama):
+    """The GPU job with wq's native Llama modules (the default for this checkpoint) and with transformers'
+    classes: the same artifact."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    native = _artifact(tmp_path, llama, "native", gpus_per_actor=1, samples=16, propagation="quantized")
+    theirs = _artifact(tmp_path, llama, "transformers", gpus_per_actor=1, samples=16, propagation="quantized",
+                       modeling="transformers")
+    assert native == theirs

@@ -10,7 +10,8 @@ import torch
 from wq_ops.config import JobConfig, Method, default_options
 from wq_ops.dist import actor as actor_module
 from wq_ops.dist.driver import run_job
-from wq_ops.dist.warm_up import JobShapes, job_shapes, warm_up_libraries, warm_up_quantizers, warm_up_shapes
+from wq_ops.dist.warm_up import (JobShapes, job_needs_transformers, job_shapes, warm_up_libraries, warm_up_quantizers,
+                                 warm_up_shapes)
 from tests.factory import write_checkpoint, write_text
 
 
@@ -65,23 +66,33 @@ def test_shapes_are_none_without_a_local_config(tmp_path):
     assert job_shapes(_job(str(tmp_path / "m"))) is None
 
 
-def test_shapes_reach_the_in_process_actor(tmp_path, monkeypatch):
-    """The runtime hands the shapes to the actor; on a CPU actor nothing runs them."""
+@pytest.mark.parametrize("arch,modeling,preload", [("llama", "auto", False), ("llama", "transformers", True),
+                                                     ("qwen2", "auto", True)])
+def test_shapes_reach_the_in_process_actor(tmp_path, monkeypatch, arch, modeling, preload):
+    """The runtime hands the shapes to the actor (on a CPU actor nothing runs them), and tells it to import
+    transformers while it starts only where the job's blocks will run transformers' classes."""
     seen = []
     init = actor_module.BlockActor.__init__
 
-    def recording(self, run, backend, shapes=None):
-        seen.append(shapes)
-        init(self, run, backend, shapes)
+    def recording(self, run, backend, shapes=None, *, preload_transformers=True):
+        seen.append((shapes, preload_transformers))
+        init(self, run, backend, shapes, preload_transformers=preload_transformers)
 
     monkeypatch.setattr(actor_module.BlockActor, "__init__", recording)
-    model = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2)
+    model = write_checkpoint(tmp_path / "m", arch, num_hidden_layers=2)
     options = {"out": str(tmp_path / "out"), "model": str(model), "calib": str(write_text(tmp_path / "c.txt")),
-               "samples": 4, "seq_len": 32, "micro_batch_samples": 4, "runtime": "local"}
+               "samples": 4, "seq_len": 32, "micro_batch_samples": 4, "runtime": "local", "modeling": modeling}
     run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
-    [shapes] = seen
+    [(shapes, preloaded)] = seen
     assert shapes is not None and shapes.seq_len == 32 and shapes.hidden == json.loads(
         (model / "config.json").read_text())["hidden_size"]
+    assert preloaded is preload
+
+
+def test_without_a_local_config_the_actor_imports_transformers(tmp_path):
+    """A Hub model not yet fetched, or the bundled default: the guess is transformers (time only)."""
+    assert job_needs_transformers(JobConfig.from_dict({"out": str(tmp_path / "o"), "model": "org/name"}))
+    assert job_needs_transformers(JobConfig.from_dict({"out": str(tmp_path / "o")}))
 
 
 def _gpu() -> None:

@@ -57,7 +57,7 @@ class ActorSpec:
 
     rank: int
     checkpoint: Checkpoint
-    hf_config: Any                       # transformers PretrainedConfig
+    hf_config: Any                       # transformers PretrainedConfig, or a NativeLlamaConfig
     layout: ModelLayout
     job: JobConfig
     artifact: ArtifactLayout
@@ -111,10 +111,12 @@ class _Loaded:
 class BlockActor:
     """Wrapped with `ray.remote` by the driver; plain Python, so it is also testable in-process."""
 
-    def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None) -> None:
-        """The warm start: the process, torch, the device and the kernels, and on a GPU the job's shapes
-        (when known: `job_shapes`). The driver creates the actors first thing, so this overlaps with reading
-        the checkpoint's config and the calibration data."""
+    def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None, *,
+                 preload_transformers: bool = True) -> None:
+        """The warm start: the process, torch, the device and the kernels, on a GPU the job's shapes (when
+        known: `job_shapes`), and transformers where the job's blocks run its classes. The driver creates
+        the actors first thing, so this overlaps with reading the checkpoint's config and the calibration
+        data."""
         t0 = time.time()
         torch.set_num_threads(run.cpus_per_actor)
         if run.gpus_per_actor > 0:
@@ -143,9 +145,10 @@ class BlockActor:
             if shapes is not None:
                 warm_up_shapes(self.device, shapes)
         t3 = time.time()
-        # transformers (the job's config and model skeleton need it) is imported now, not by the first call:
-        # it took 12 s on the H100 machine, on the critical path.
-        import_transformers()
+        # transformers (where the job's model skeleton is its classes) is imported now, not by the first
+        # call: it took 12 s on the H100 machine, on the critical path. wq's native Llama needs none of it.
+        if preload_transformers:
+            import_transformers()
         # Wall-clock marks of the warm start, for the report (where start-up time goes).
         self.startup = {"imported_at": _IMPORTED_AT, "init_at": t0, "device_s": round(t1 - t0, 3),
                         "kernels_s": round(t2 - t1, 3), "warmup_s": round(t3 - t2, 3),

@@ -23,7 +23,7 @@ import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
-from wq_ops.config import JobConfig, Propagation, TpPolicy
+from wq_ops.config import JobConfig, Modeling, Propagation, TpPolicy
 from wq_ops.dist.actor import ActorSpec, ShardRecord
 from wq_ops.dist.block_quantizer import is_ignored
 from wq_ops.dist.plan import GIB, JobPlan, check_fits, make_plan
@@ -36,6 +36,7 @@ from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifa
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from wq_ops.model.architecture import SUPPORTED_ARCHITECTURES, ModelLayout, describe_model, import_transformers
+from wq_ops.model.native_llama import NativeLlamaConfig, read_native_config
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
@@ -121,9 +122,6 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
 def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     """Resolve the checkpoint, read its config, check the options against the model, tokenize the
     calibration data and check the output directory: every refusal that needs no cluster happens here."""
-    import_transformers()
-    from transformers import AutoConfig
-
     format_module(job.format)
     model = job.model or str(ensure_tiny_checkpoint(cache_dir / "models"))
     checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
@@ -135,10 +133,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"unsupported architecture {architectures[0]}: wq quantizes dense "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
-    try:
-        hf_config = AutoConfig.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{checkpoint.local_dir / 'config.json'}: transformers cannot read it ({e})") from None
+    hf_config = _model_config(job, checkpoint.local_dir, source_config)
     layout = describe_model(hf_config, trust_remote_code=job.trust_remote_code)
     missing = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block_params
                if layout.block_tensor_name(i, n) not in checkpoint.weight_map]
@@ -167,6 +162,26 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                                                           else compatibility.padding.padded_size))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility)
+
+
+def _model_config(job: JobConfig, local_dir: Path, source_config: dict[str, Any]) -> Any:
+    """The config the job's model classes take: a NativeLlamaConfig where --modeling allows it and the
+    native modules read the config, else transformers' (imported here)."""
+    native, why = read_native_config(source_config)
+    if job.modeling is Modeling.NATIVE and native is None:
+        raise ConfigError(f"modeling=native: {why}; wq's native modules run plain Llama only. "
+                          "Use --modeling auto or transformers")
+    if native is not None and job.modeling is not Modeling.TRANSFORMERS:
+        log.info("modeling: wq's native Llama modules")
+        return native
+    log.info("modeling: transformers' classes (%s)", "--modeling transformers" if native is not None else why)
+    import_transformers()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(local_dir, trust_remote_code=job.trust_remote_code)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{local_dir / 'config.json'}: transformers cannot read it ({e})") from None
 
 
 def _check_tensor_parallel(job: JobConfig, layout: ModelLayout, hf_config: Any) -> CompatReport:
@@ -411,7 +426,8 @@ def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRec
                                                         ignore=ignore + list(layout.outer_linears))
     source = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
               "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
-              "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", "")}
+              "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
+              "modeling": "native" if isinstance(prepared.hf_config, NativeLlamaConfig) else "transformers"}
     report = build_report(job=job.to_dict(), source=source, plan={"actors": [asdict(a) for a in plan.actors],
                                                                  "device_kind": plan.device_kind},
                           records=[asdict(r) for r in records], shard_names=shard_of, wall_seconds=wall_seconds,

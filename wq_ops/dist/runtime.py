@@ -88,13 +88,14 @@ class RayRuntime:
         import ray
 
         from wq_ops.dist.actor import BlockActor
-        from wq_ops.dist.warm_up import job_shapes
+        from wq_ops.dist.warm_up import job_needs_transformers, job_shapes
 
         self._check_resources(job.run)
         remote_actor: Any = ray.remote(BlockActor)
-        shapes = job_shapes(job)
+        shapes, preload = job_shapes(job), job_needs_transformers(job)
         return [remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
-                                     max_restarts=0).remote(job.run, job.quant.backend, shapes)
+                                     max_restarts=0).remote(job.run, job.quant.backend, shapes,
+                                                            preload_transformers=preload)
                 for _ in range(job.run.actors)]
 
     @staticmethod
@@ -163,14 +164,16 @@ class _LocalActor:
     """A BlockActor built in a helper thread (CUDA context, kernels, warm-up), so that it starts while the
     driver prepares the job; calls wait for it."""
 
-    def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None) -> None:
+    def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None, *,
+                 preload_transformers: bool = True) -> None:
         import torch
 
         from wq_ops.dist.actor import BlockActor
 
         self.threads_before = torch.get_num_threads()     # the actor sets the process's; given back at stop
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-actor-start")
-        self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend, shapes)
+        self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend, shapes,
+                                                        preload_transformers=preload_transformers)
         self._pool.shutdown(wait=False)
 
     def instance(self) -> Any:
@@ -197,9 +200,9 @@ class LocalRuntime:
             if have < math.ceil(run.gpus_per_actor):
                 raise ResourceError(f"gpus_per_actor={run.gpus_per_actor:g}: the in-process actor needs a GPU and "
                                     f"torch sees {have} on this machine")
-        from wq_ops.dist.warm_up import job_shapes
+        from wq_ops.dist.warm_up import job_needs_transformers, job_shapes
 
-        return [_LocalActor(run, job.quant.backend, job_shapes(job))]
+        return [_LocalActor(run, job.quant.backend, job_shapes(job), preload_transformers=job_needs_transformers(job))]
 
     def put(self, value: Any) -> Any:
         return _Done(value)

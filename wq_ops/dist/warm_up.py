@@ -3,8 +3,9 @@ kernels loaded on their first call, per-shape GEMM plans, cuDNN's attention grap
 start-up, when the GPU is idle, and not in block 0.
 
 `JobShapes` carries the shapes a job's blocks compute with, read from the local checkpoint's config.json
-as plain JSON: the actor warms them up before it imports transformers, while it would otherwise wait for
-the driver to finish importing it.
+as plain JSON: the actor warms them up before it imports transformers (when the job's model runs
+transformers' classes: `job_needs_transformers`), while it would otherwise wait for the driver to finish
+importing it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from wq_ops.config import Backend, JobConfig, Method, QuantConfig
+from wq_ops.config import Backend, JobConfig, Method, Modeling, QuantConfig
 from wq_ops.errors import WqError
 from wq_ops.model.architecture import storage_dtype_of
+from wq_ops.model.native_llama import read_native_config
 
-__all__ = ["JobShapes", "job_shapes", "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
+__all__ = ["JobShapes", "job_shapes", "job_needs_transformers", "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,10 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
     """The job's shapes from its model's config.json, when the model is a local directory whose config
     names them; None otherwise (a Hub model not yet fetched, the embedded default, another layout): the
     warm-up is then skipped, at a cost to block 0 only."""
-    if not job.model:
+    config = _local_config(job)
+    if config is None:
         return None
-    path = Path(job.model) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    config = config.get("text_config", config)
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or hidden // heads)
@@ -73,6 +71,27 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
     if min(shapes.hidden, shapes.intermediate, shapes.heads, shapes.kv_heads, shapes.head_dim) <= 0:
         return None
     return shapes
+
+
+def job_needs_transformers(job: JobConfig) -> bool:
+    """Whether the job's blocks will run transformers' classes, so that the actor imports transformers
+    while it starts: yes unless the local config.json reads as native Llama and --modeling allows that. A
+    wrong guess costs time only: the import otherwise happens on the actor's first call."""
+    if job.modeling is Modeling.TRANSFORMERS:
+        return True
+    config = _local_config(job)
+    return config is None or read_native_config(config)[0] is None
+
+
+def _local_config(job: JobConfig) -> dict | None:
+    """The model's config.json when the model is a local directory that has a readable one."""
+    if not job.model:
+        return None
+    try:
+        config = json.loads((Path(job.model) / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def warm_up_libraries(device: torch.device) -> None:
