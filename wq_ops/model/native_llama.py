@@ -160,7 +160,12 @@ class NativeRotaryEmbedding(nn.Module):
 
     def __init__(self, config: NativeLlamaConfig) -> None:
         super().__init__()
-        self.inv_freq = nn.Buffer(_inverse_frequencies(config), persistent=False)
+        # A skeleton on the meta device needs only the shape: meta arithmetic imports torch._dynamo
+        # (0.9 s holding the GIL the actor's warm-up needs). On a real device, computed there as
+        # transformers does, for the same bits.
+        on_meta = torch.get_default_device().type == "meta"
+        inv_freq = torch.empty(config.head_dim // 2) if on_meta else _inverse_frequencies(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
         self.attention_scaling = 1.0                  # default and llama3 ropes leave cos and sin unscaled
 
     @torch.no_grad()
@@ -276,7 +281,10 @@ class NativeDecoderLayer(nn.Module):
 class NativeLlamaModel(nn.Module):
     def __init__(self, config: NativeLlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit weight skips the module's random init: on the meta device its normal_ imports
+        # torch._dynamo (0.9 s, holding the GIL the actor's warm-up needs).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(NativeDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = NativeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = NativeRotaryEmbedding(config)
