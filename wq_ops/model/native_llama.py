@@ -71,30 +71,35 @@ _DEFAULTS: dict[str, Any] = {"vocab_size": 32000, "hidden_size": 4096, "intermed
 
 def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None, str]:
     """(config, "") when the native modules compute exactly what transformers' would for this config.json;
-    else (None, the reason), and the job uses transformers' classes."""
-    architectures = raw.get("architectures") or []
-    if list(architectures) != list(NATIVE_ARCHITECTURES) or raw.get("model_type") != "llama":
+    else (None, the reason), and the job uses transformers' classes. Anything unusual is left to
+    transformers, which then computes it or names the problem itself."""
+    architectures = raw.get("architectures")
+    if not isinstance(architectures, list) or architectures != list(NATIVE_ARCHITECTURES) \
+            or raw.get("model_type") != "llama":
         return None, f"architecture {architectures} / model_type {raw.get('model_type')!r} is not plain Llama"
     if raw.get("auto_map"):
         return None, "the config names remote code (auto_map)"
     if "text_config" in raw:
         return None, "the config nests a text_config"
-    value = {k: raw.get(k, d) if raw.get(k) is not None else d for k, d in _DEFAULTS.items()}
+    nulls = [k for k in (*_DEFAULTS, "rope_theta") if k in raw and raw[k] is None]
+    if nulls:
+        return None, f"{nulls[0]} is null"
+    value = {k: raw.get(k, d) for k, d in _DEFAULTS.items()}
     if value["hidden_act"] != "silu":
         return None, f"hidden_act {value['hidden_act']!r}: the native MLP computes silu only"
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "max_position_embeddings")
-    if any(isinstance(value[k], bool) or not isinstance(value[k], int) or value[k] <= 0 for k in ints):
+    if not all(_positive_int(value[k]) for k in ints):
         return None, "a size field is not a positive integer"
     heads = value["num_attention_heads"]
-    kv = raw.get("num_key_value_heads") or heads
-    head_dim = raw.get("head_dim") or value["hidden_size"] // heads
-    if not isinstance(kv, int) or not isinstance(head_dim, int) or heads % kv or value["hidden_size"] % heads:
+    kv = heads if raw.get("num_key_value_heads") is None else raw["num_key_value_heads"]
+    head_dim = value["hidden_size"] // heads if raw.get("head_dim") is None else raw["head_dim"]
+    if not (_positive_int(kv) and _positive_int(head_dim)) or heads % kv or value["hidden_size"] % heads:
         return None, "the heads do not divide evenly"
     if not all(isinstance(value[k], bool) for k in ("tie_word_embeddings", "attention_bias", "mlp_bias")):
         return None, "a flag field is not true or false"
-    if not isinstance(value["rms_norm_eps"], (int, float)) or isinstance(value["rms_norm_eps"], bool):
-        return None, "rms_norm_eps is not a number"
+    if not isinstance(value["rms_norm_eps"], float) or not value["rms_norm_eps"] > 0:
+        return None, "rms_norm_eps is not a positive float"
     rope, why = _read_rope(raw, max_positions=value["max_position_embeddings"])
     if rope is None:
         return None, why
@@ -102,15 +107,24 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
         architectures=tuple(architectures), model_type="llama", vocab_size=value["vocab_size"],
         hidden_size=value["hidden_size"], intermediate_size=value["intermediate_size"],
         num_hidden_layers=value["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=head_dim, rms_norm_eps=float(value["rms_norm_eps"]),
+        head_dim=head_dim, rms_norm_eps=value["rms_norm_eps"],
         max_position_embeddings=value["max_position_embeddings"], tie_word_embeddings=value["tie_word_embeddings"],
         attention_bias=value["attention_bias"], mlp_bias=value["mlp_bias"],
         dtype=raw.get("dtype") or raw.get("torch_dtype"), rope=rope), ""
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _read_rope(raw: Mapping[str, Any], *, max_positions: int) -> tuple[RopeSpec | None, str]:
     """transformers' precedence: a legacy `rope_scaling` dict replaces `rope_parameters`; the dict's
-    rope_theta wins over a top-level one, which wins over the default."""
+    rope_theta wins over a top-level one, which wins over the default; a top-level
+    original_max_position_embeddings wins over the dict's, which wins over max_position_embeddings."""
     params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         return None, "rope parameters per layer type"
@@ -120,21 +134,21 @@ def _read_rope(raw: Mapping[str, Any], *, max_positions: int) -> tuple[RopeSpec 
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in _ROPE_TYPES:
         return None, f"rope_type {rope_type!r}: the native rotary computes {', '.join(_ROPE_TYPES)}"
-    theta = params.get("rope_theta", raw.get("rope_theta"))
-    theta = _DEFAULT_THETA if theta is None else theta
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+    theta = params["rope_theta"] if "rope_theta" in params else raw.get("rope_theta", _DEFAULT_THETA)
+    if not _number(theta) or not theta > 0:
         return None, f"rope_theta {theta!r} is not a positive number"
     if rope_type == "default":
         return RopeSpec("default", float(theta)), ""
-    try:
-        original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
-            or max_positions
-        return RopeSpec("llama3", float(theta), factor=float(params["factor"]),
-                        low_freq_factor=float(params["low_freq_factor"]),
-                        high_freq_factor=float(params["high_freq_factor"]),
-                        original_max_position_embeddings=int(original)), ""
-    except (KeyError, TypeError, ValueError) as e:
-        return None, f"llama3 rope parameters incomplete ({e})"
+    scales = [params.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")]
+    if not all(_number(v) for v in scales):
+        return None, "llama3 rope parameters incomplete (factor, low_freq_factor, high_freq_factor)"
+    key = "original_max_position_embeddings"
+    original = raw[key] if key in raw else params[key] if key in params else max_positions
+    if not _positive_int(original):
+        return None, f"llama3 rope: {key} {original!r} is not a positive integer"
+    factor, low, high = (float(v) for v in scales if v is not None)
+    return RopeSpec("llama3", float(theta), factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=original), ""
 
 
 def _inverse_frequencies(config: NativeLlamaConfig) -> Tensor:
