@@ -126,6 +126,21 @@ def test_native_and_transformers_modeling_write_the_same_bytes(tmp_path, llama, 
     assert shards(results["auto"].out_dir) == shards(results["transformers"].out_dir)
 
 
+def test_stray_config_keys_give_the_same_bytes_either_way(tmp_path, llama):
+    """A sliding_window (Llama's model applies none) and an attention_dropout (none outside training) in a
+    Llama config.json: transformers' classes and the native modules still write the same artifact."""
+    import shutil
+
+    model_dir, calib = llama
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "sliding_window": 16, "attention_dropout": 0.1}))
+    out = {m: shards(run_job(job(tmp_path / m, model=str(d), calib=str(calib), group_size=64, modeling=m),
+                             cache_dir=tmp_path).out_dir) for m in ("auto", "transformers")}
+    assert out["auto"] == out["transformers"]
+
+
 def test_native_modeling_refuses_what_it_does_not_compute(tmp_path):
     model_dir = write_checkpoint(tmp_path / "m", "mistral")
     with pytest.raises(ConfigError, match="modeling=native: .*not plain Llama.*--modeling auto or transformers"):

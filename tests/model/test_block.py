@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.factory import tiny_config
-from wq_ops.model.architecture import describe_model, instantiate_on_meta
+from wq_ops.model.architecture import attention_window, describe_model, instantiate_on_meta
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context
 
 
@@ -30,7 +30,7 @@ def _chain(model, config, ids):
     x = model.model.embed_tokens(ids)
     for i in range(layout.n_blocks):
         layer = meta.model.layers[i]
-        window = getattr(layer.self_attn, "sliding_window", getattr(config, "sliding_window", None))
+        window = attention_window(layer, config, layout.architecture)
         ctx = make_sequence_context(rotary, seq_len=ids.shape[1], hidden_size=layout.hidden_size, window=window,
                                     device="cpu", dtype=torch.float32)
         params = {k[len(f"model.layers.{i}."):]: v for k, v in model.state_dict().items()
@@ -41,6 +41,8 @@ def _chain(model, config, ids):
 
 @pytest.mark.parametrize("arch,overrides", [
     ("llama", {}),
+    ("llama", {"sliding_window": 8}),                           # a stray key Llama's model ignores
+    ("llama", {"attention_dropout": 0.5}),                      # no dropout outside training
     ("mistral", {}),
     ("mistral", {"sliding_window": 8}),                         # window shorter than the sequence
     ("qwen2", {}),

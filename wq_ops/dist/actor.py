@@ -42,7 +42,7 @@ from wq_ops.dist.transport import HostTensor, from_host, to_host
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
-from wq_ops.model.architecture import ModelLayout, import_transformers, instantiate_on_meta
+from wq_ops.model.architecture import ModelLayout, attention_window, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
 from wq_ops.dist.warm_up import JobShapes, warm_up_libraries, warm_up_quantizers, warm_up_shapes
 
@@ -227,8 +227,7 @@ class BlockActor:
 
     # --- blocks -------------------------------------------------------------------------------------
     def _window(self, index: int) -> int | None:
-        layer = self.blocks[index]
-        return getattr(layer.self_attn, "sliding_window", getattr(self.spec.hf_config, "sliding_window", None))
+        return attention_window(self.blocks[index], self.spec.hf_config, self.spec.layout.architecture)
 
     def _context(self, index: int) -> SequenceContext:
         window = self._window(index)

@@ -35,7 +35,8 @@ from wq_ops.formats.tp_compat import (DEFAULT_TP_SIZES, CompatReport, attention_
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifact
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
-from wq_ops.model.architecture import SUPPORTED_ARCHITECTURES, ModelLayout, describe_model, import_transformers
+from wq_ops.model.architecture import (SUPPORTED_ARCHITECTURES, ModelLayout, describe_model, import_transformers,
+                                      transformers_import_lock)
 from wq_ops.model.native_llama import NativeLlamaConfig, read_native_config
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
@@ -123,7 +124,11 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     """Resolve the checkpoint, read its config, check the options against the model, tokenize the
     calibration data and check the output directory: every refusal that needs no cluster happens here."""
     format_module(job.format)
-    model = job.model or str(ensure_tiny_checkpoint(cache_dir / "models"))
+    if job.model:
+        model = job.model
+    else:
+        with transformers_import_lock():     # its writer imports transformers, maybe beside the actor's import
+            model = str(ensure_tiny_checkpoint(cache_dir / "models"))
     checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
     source_config = json.loads((checkpoint.local_dir / "config.json").read_text())
     if source_config.get("quantization_config"):
@@ -149,9 +154,10 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     check_output_dir(Path(job.out), overwrite=job.overwrite)
 
     def load_tokenizer() -> Any:
-        from transformers import AutoTokenizer
+        with transformers_import_lock():     # from_pretrained imports the tokenizer's class lazily
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
+            return AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
 
     ids = calibration_tokens(job.calib.source, load_tokenizer, n_samples=job.calib.n_samples,
                              seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column)
@@ -162,6 +168,10 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                                                           else compatibility.padding.padded_size))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility)
+
+
+def _modeling_name(hf_config: Any) -> str:
+    return "native" if isinstance(hf_config, NativeLlamaConfig) else "transformers"
 
 
 def _model_config(job: JobConfig, local_dir: Path, source_config: dict[str, Any]) -> Any:
@@ -427,7 +437,7 @@ def _write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRec
     source = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
               "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
               "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
-              "modeling": "native" if isinstance(prepared.hf_config, NativeLlamaConfig) else "transformers"}
+              "modeling": _modeling_name(prepared.hf_config)}
     report = build_report(job=job.to_dict(), source=source, plan={"actors": [asdict(a) for a in plan.actors],
                                                                  "device_kind": plan.device_kind},
                           records=[asdict(r) for r in records], shard_names=shard_of, wall_seconds=wall_seconds,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -19,11 +20,16 @@ from torch import nn
 from wq_ops.errors import CheckpointError
 from wq_ops.model.native_llama import NativeLlamaConfig, NativeLlamaForCausalLM
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LinearSpec", "ModelLayout", "describe_model", "import_transformers",
-           "instantiate_on_meta", "storage_dtype_of"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "LinearSpec", "attention_window",
+           "ModelLayout", "describe_model", "import_transformers", "instantiate_on_meta", "storage_dtype_of",
+           "transformers_import_lock"]
 
 # Architectures whose decoder layers we have checked against the model's own forward (tests/model).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# Architectures whose model masks every layer to config.sliding_window (their attention modules hold no
+# window of their own); Llama's model never applies one, whatever its config.json says.
+CONFIG_WINDOW_ARCHITECTURES = ("MistralForCausalLM",)
 
 # The pre-norm residual layout the block runner composes: x + attn(norm1(x)), then h + mlp(norm2(h)).
 BLOCK_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -74,6 +80,17 @@ class ModelLayout:
         return sum(_numel(s) for s in self.outer_params.values()) * elt
 
 
+def attention_window(layer: nn.Module, config: Any, architecture: str) -> int | None:
+    """A decoder layer's sliding attention window, None for full attention: the layer's own (Qwen2,
+    Qwen3), else the config's where the model applies it (CONFIG_WINDOW_ARCHITECTURES); a stray
+    sliding_window in another config.json (Llama) is one transformers ignores too."""
+    attention = layer.get_submodule("self_attn")
+    if hasattr(attention, "sliding_window"):
+        window: Any = attention.sliding_window
+        return window
+    return getattr(config, "sliding_window", None) if architecture in CONFIG_WINDOW_ARCHITECTURES else None
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -90,7 +107,17 @@ def storage_dtype_of(config: Any) -> torch.dtype:
     return dtype
 
 
-_TRANSFORMERS_IMPORT = threading.Lock()
+# Re-entrant: code that imports other parts of transformers (a tokenizer, the bundled model's writer)
+# holds it around that import too, and may call import_transformers inside.
+_TRANSFORMERS_IMPORT = threading.RLock()
+
+
+@contextmanager
+def transformers_import_lock() -> Iterator[None]:
+    """Hold while importing any part of transformers in a thread that may run beside another's import
+    (the driver's prepare thread beside an in-process actor's start)."""
+    with _TRANSFORMERS_IMPORT:
+        yield
 
 
 # transformers checks for these optional packages while its model machinery imports, and imports them
@@ -147,8 +174,10 @@ def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.M
             f"unsupported architecture {name}: wq quantizes dense {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
         )
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 attn_implementation="sdpa")
+    # from_config leaves the model in training mode, where a config's attention_dropout would apply.
+    return model.eval()
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
