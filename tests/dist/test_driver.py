@@ -141,6 +141,17 @@ def test_stray_config_keys_give_the_same_bytes_either_way(tmp_path, llama):
     assert out["auto"] == out["transformers"]
 
 
+def test_the_fingerprint_follows_the_classes_that_ran(tmp_path, llama):
+    """auto and native run the same modules on a plain Llama, so a job stopped under one resumes under the
+    other; transformers' classes are another computation."""
+    from wq_ops.dist.driver import prepare_job
+
+    model_dir, calib = llama
+    prints = {m: prepare_job(job(tmp_path, model=str(model_dir), calib=str(calib), modeling=m),
+                             cache_dir=tmp_path).artifact.fingerprint for m in ("auto", "native", "transformers")}
+    assert prints["auto"] == prints["native"] != prints["transformers"]
+
+
 def test_native_modeling_refuses_what_it_does_not_compute(tmp_path):
     model_dir = write_checkpoint(tmp_path / "m", "mistral")
     with pytest.raises(ConfigError, match="modeling=native: .*not plain Llama.*--modeling auto or transformers"):

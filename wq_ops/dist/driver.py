@@ -95,7 +95,8 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
         )
 
 
-def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor, *, padded_size: int | None) -> str:
+def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor, *, padded_size: int | None,
+                 modeling: str) -> str:
     """Names the staging folder: same model revision, quantization settings and calibration tokens =>
     same fingerprint. Where the job runs (actors, address) does not enter: results do not depend on it."""
     h = hashlib.sha256()
@@ -104,8 +105,9 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
                           "gpus_per_actor", "actor_memory_gib", "micro_batch_samples", "calib", "samples", "seq_len",
                           "span_mode", "runtime",
                           "seed", "text_column", "tp_sizes", "push_to_hub", "push_revision", "private",
-                          "commit_message", "tp_policy")}
+                          "commit_message", "tp_policy", "modeling")}
     quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
+    quant["modeling"] = modeling                         # the classes that ran, not the option that chose them
     h.update(json.dumps(quant, sort_keys=True).encode())
     h.update(checkpoint.source.encode())
     if checkpoint.repo_id is None:
@@ -165,7 +167,8 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {layout.vocab_size}")
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=None if compatibility.padding is None
-                                                          else compatibility.padding.padded_size))
+                                                          else compatibility.padding.padded_size,
+                                                       modeling=_modeling_name(hf_config)))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility)
 
