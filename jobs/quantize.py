@@ -88,9 +88,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the plan and its memory, then exit")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     p.add_argument("--modeling", choices=["auto", "native", "transformers"],
-                   help="whose modules compute the blocks: wq's native Llama (the same bits, without "
+                   help="whose modules compute the blocks: wq's native Llama/Qwen2/Qwen3 (the same bits, without "
                         "transformers' import at start-up) or transformers' classes; auto: native where the "
-                        "config is plain Llama (auto)")
+                        "config reads natively (auto)")
     p.add_argument("--log-level", dest="log_level", default="INFO", help="INFO")
     return p
 

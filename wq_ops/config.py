@@ -59,7 +59,7 @@ class TpPolicy(str, Enum):
 class Modeling(str, Enum):
     """Whose module classes compute the model's blocks."""
 
-    AUTO = "auto"                     # native for the configs it reads (plain Llama), else transformers
+    AUTO = "auto"                     # native for the configs it reads (Llama, Qwen2, Qwen3), else transformers
     NATIVE = "native"                 # wq's Llama modules (the same bits); an error for any other config
     TRANSFORMERS = "transformers"     # transformers' classes, imported at start-up (about 4 s on an H100 host)
 

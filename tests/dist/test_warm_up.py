@@ -67,7 +67,7 @@ def test_shapes_are_none_without_a_local_config(tmp_path):
 
 
 @pytest.mark.parametrize("arch,modeling,preload", [("llama", "auto", False), ("llama", "transformers", True),
-                                                     ("qwen2", "auto", True)])
+                                                     ("mistral", "auto", True)])
 def test_shapes_reach_the_in_process_actor(tmp_path, monkeypatch, arch, modeling, preload):
     """The runtime hands the shapes to the actor (on a CPU actor nothing runs them), and tells it to import
     transformers while it starts only where the job's blocks will run transformers' classes."""

@@ -1,4 +1,4 @@
-"""wq's native Llama modules against the installed transformers' Llama: the same layout, the same rotary
+"""wq's native modules against the installed transformers' Llama, Qwen2 and Qwen3: the same layout, the same rotary
 tables and the same decoder-layer outputs, bit for bit, for the config.json styles real checkpoints use;
 and every config they do not compute exactly is left to transformers, with the reason."""
 
@@ -36,20 +36,26 @@ CONFIGS = {
 }
 
 
-def _both(tmp_path, extra):
+# Qwen's configs default to 32 kv heads, more than these tiny models' 4 heads: give the count.
+ARCHS = {"llama": {}, "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_key_value_heads": 4},
+         "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_key_value_heads": 4}}
+
+
+def _both(tmp_path, extra, arch="llama"):
     """(transformers' config read by AutoConfig from config.json, our NativeLlamaConfig from the same file)."""
     from transformers import AutoConfig
 
-    raw = {**BASE, **extra}
+    raw = {**BASE, **ARCHS[arch], **extra}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     native, why = read_native_config(json.loads((tmp_path / "config.json").read_text()))
     assert native is not None, why
     return AutoConfig.from_pretrained(tmp_path), native
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_the_layout_is_transformers(tmp_path, name):
-    hf, native = _both(tmp_path, CONFIGS[name])
+def test_the_layout_is_transformers(tmp_path, name, arch):
+    hf, native = _both(tmp_path, CONFIGS[name], arch)
     assert describe_model(native) == describe_model(hf)
 
 
@@ -64,10 +70,11 @@ def _transformers_layer(hf, dtype, gen):
     return model, layer, params
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_rotary_and_layer_outputs_are_the_same_bits(tmp_path, seed, gen, name, dtype):
-    hf, native = _both(tmp_path, CONFIGS[name])
+def test_rotary_and_layer_outputs_are_the_same_bits(tmp_path, seed, gen, name, dtype, arch):
+    hf, native = _both(tmp_path, CONFIGS[name], arch)
     model, layer, params = _transformers_layer(hf, dtype, gen)
     ours = instantiate_on_meta(native).model.layers[0]
     x = torch.randn(2, 80, 128, generator=gen).to(dtype)
@@ -118,7 +125,11 @@ def test_smollm2_block_is_the_same_bits(smollm2_dir):
 
 
 @pytest.mark.parametrize("extra,reason", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "not plain Llama"),
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "is not one of"),
+    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "llama"}, "is not one of"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "layer_types": ["sliding_attention"] * 2},
+     "layer_types"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"auto_map": {"AutoModelForCausalLM": "modeling.Llama"}}, "remote code"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
@@ -129,7 +140,7 @@ def test_smollm2_block_is_the_same_bits(smollm2_dir):
     ({"num_key_value_heads": 3}, "heads do not divide"),
     ({"hidden_size": "128"}, "not a positive integer"),
     ({"rope_theta": -1.0}, "rope_theta -1.0"),
-    ({"architectures": 5}, "not plain Llama"),
+    ({"architectures": 5}, "expected one class name"),
     ({"rope_theta": None}, "rope_theta is null"),
     ({"hidden_size": None}, "hidden_size is null"),
     ({"tie_word_embeddings": None}, "tie_word_embeddings is null"),
@@ -149,27 +160,36 @@ def test_configs_it_does_not_compute_exactly_are_left_to_transformers(extra, rea
     assert native is None and reason in why
 
 
-def test_defaults_are_llama_configs():
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_defaults_are_the_config_classes(tmp_path, arch):
+    """A config.json that names only its architecture: the config class's defaults, and the same layout."""
+    from transformers import AutoConfig
 
-    native, _ = read_native_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
-    hf = LlamaConfig()
-    assert isinstance(native, NativeLlamaConfig)
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **ARCHS[arch]}
+    raw.pop("num_key_value_heads", None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    native, why = read_native_config(raw)
+    hf = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(native, NativeLlamaConfig), why
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
-                  "tie_word_embeddings", "attention_bias", "mlp_bias"):
+                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
         assert getattr(native, field) == getattr(hf, field), field
+    assert native.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
     assert native.rope.rope_type == "default" and native.rope.theta == 10000.0
+    small = {**raw, "num_hidden_layers": 2}      # the full default model is large even on the meta device
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    assert describe_model(read_native_config(small)[0]) == describe_model(AutoConfig.from_pretrained(tmp_path))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("name", ["gqa-theta", "llama3-rope-scaling", "biases-head-dim-tied", "mha-defaults"])
-def test_the_same_bits_on_the_gpu_at_a_job_sequence_length(tmp_path, gen, name):
+def test_the_same_bits_on_the_gpu_at_a_job_sequence_length(tmp_path, gen, name, arch):
     """bf16 on CUDA, where SDPA picks its fused kernels (flash or cuDNN, grouped-query or not): the job's
     path, with the rotary tables built on the GPU as the actor builds them."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    hf, native = _both(tmp_path, CONFIGS[name])
+    hf, native = _both(tmp_path, CONFIGS[name], arch)
     model, layer, params = _transformers_layer(hf, torch.bfloat16, gen)
     layer = layer.cuda()
     params = {k: v.cuda() for k, v in params.items()}

@@ -146,7 +146,7 @@ class BlockActor:
                 warm_up_shapes(self.device, shapes)
         t3 = time.time()
         # transformers (where the job's model skeleton is its classes) is imported now, not by the first
-        # call: it took 12 s on the H100 machine, on the critical path. wq's native Llama needs none of it.
+        # call: it took 12 s on the H100 machine, on the critical path. wq's native modules need none of it.
         if preload_transformers:
             import_transformers()
         # Wall-clock marks of the warm start, for the report (where start-up time goes).

@@ -37,7 +37,7 @@ from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from wq_ops.model.architecture import (SUPPORTED_ARCHITECTURES, ModelLayout, describe_model, import_transformers,
                                       transformers_import_lock)
-from wq_ops.model.native_llama import NativeLlamaConfig, read_native_config
+from wq_ops.model.native_llama import NATIVE_ARCHITECTURES, NativeLlamaConfig, read_native_config
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
@@ -182,10 +182,10 @@ def _model_config(job: JobConfig, local_dir: Path, source_config: dict[str, Any]
     native modules read the config, else transformers' (imported here)."""
     native, why = read_native_config(source_config)
     if job.modeling is Modeling.NATIVE and native is None:
-        raise ConfigError(f"modeling=native: {why}; wq's native modules run plain Llama only. "
-                          "Use --modeling auto or transformers")
+        raise ConfigError(f"modeling=native: {why}; wq's native modules run {', '.join(NATIVE_ARCHITECTURES)} "
+                          "only. Use --modeling auto or transformers")
     if native is not None and job.modeling is not Modeling.TRANSFORMERS:
-        log.info("modeling: wq's native Llama modules")
+        log.info("modeling: wq's native modules (%s)", native.architectures[0])
         return native
     log.info("modeling: transformers' classes (%s)", "--modeling transformers" if native is not None else why)
     import_transformers()

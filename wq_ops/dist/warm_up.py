@@ -75,7 +75,7 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
 
 def job_needs_transformers(job: JobConfig) -> bool:
     """Whether the job's blocks will run transformers' classes, so that the actor imports transformers
-    while it starts: yes unless the local config.json reads as native Llama and --modeling allows that. A
+    while it starts: yes unless the local config.json reads natively and --modeling allows that. A
     wrong guess costs time only: the import otherwise happens on the actor's first call."""
     if job.modeling is Modeling.TRANSFORMERS:
         return True

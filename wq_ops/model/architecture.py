@@ -1,5 +1,5 @@
 """Describe a checkpoint's model from its config alone: decoder blocks, their linear layers, and the
-tensors outside the blocks. The model class (transformers', or wq's native Llama: native_llama.py) is
+tensors outside the blocks. The model class (transformers', or wq's native modules: native_llama.py) is
 instantiated on the meta device (no memory, no weights).
 
 Entry point: `describe_model(config)`. Dense Llama, Mistral, Qwen2 and Qwen3 are supported; any other
@@ -159,7 +159,7 @@ def _not_needed() -> bool:
 
 
 def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
-    """The causal-LM class for `config`, built on the meta device: wq's native Llama for a
+    """The causal-LM class for `config`, built on the meta device: wq's native modules for a
     NativeLlamaConfig, else transformers' class with SDPA attention."""
     if isinstance(config, NativeLlamaConfig):
         with torch.device("meta"):

@@ -1,12 +1,13 @@
-"""Llama decoder layers in plain torch, so that a Llama job need not wait for transformers' import: 4 s
-of an H100 job's start-up, before the first block could run, on the critical path of every job.
+"""Llama, Qwen2 and Qwen3 decoder layers in plain torch, so that a job need not wait for transformers'
+import: 4 s of an H100 job's start-up, before the first block could run, on the critical path of every job.
 
-The modules have transformers' LlamaForCausalLM parameter names and shapes, and run its operations in its
-order (RMSNorm upcast to float32, rotary tables in float32, SDPA with grouped-query heads), so a block's
-outputs are the same bits (tests/model/test_native_llama.py checks them against the installed
-transformers, in float32 and bfloat16, on CPU and on the GPU). `read_native_config` accepts a config.json
-only when it understands every field that shapes the forward; any other config (another rope type or
-activation, remote code, a nested text config) goes through transformers' own classes.
+The modules have transformers' parameter names and shapes, and run its operations in its order (RMSNorm
+upcast to float32, rotary tables in float32, Qwen3's per-head query and key norms, SDPA with grouped-query
+heads), so a block's outputs are the same bits (tests/model/test_native_llama.py checks them against the
+installed transformers, in float32 and bfloat16, on CPU and on the GPU). `read_native_config` accepts a
+config.json only when it understands every field that shapes the forward; any other config (another rope
+type or activation, sliding-window layers, remote code, a nested text config) goes through transformers'
+own classes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 __all__ = ["NATIVE_ARCHITECTURES", "RopeSpec", "NativeLlamaConfig", "read_native_config", "NativeLlamaForCausalLM"]
 
-NATIVE_ARCHITECTURES = ("LlamaForCausalLM",)
+NATIVE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _ROPE_TYPES = ("default", "llama3")
 _DEFAULT_THETA = 10_000.0         # transformers' default when a config names no rope_theta
 
@@ -56,17 +57,43 @@ class NativeLlamaConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool               # q, k and v projections
     mlp_bias: bool
     dtype: str | None
     rope: RopeSpec
+    o_proj_bias: bool = False
+    qk_norm: bool = False              # Qwen3: an RMSNorm over each head's query and key
 
 
-# LlamaConfig's defaults for omitted fields (transformers 4.4x to 5.x agree on these).
-_DEFAULTS: dict[str, Any] = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-                             "num_hidden_layers": 32, "num_attention_heads": 32, "rms_norm_eps": 1e-6,
-                             "max_position_embeddings": 2048, "tie_word_embeddings": False,
-                             "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+@dataclass(frozen=True)
+class _Family:
+    """What an architecture's config class defaults to, and which biases and norms its layers have:
+    a bool is fixed by the modeling code, a str names the config field that decides."""
+
+    model_type: str
+    defaults: dict[str, Any]
+    qkv_bias: bool | str
+    o_bias: bool | str
+    mlp_bias: bool | str
+    qk_norm: bool
+
+
+_COMMON = {"num_attention_heads": 32, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu",
+           "num_hidden_layers": 32, "hidden_size": 4096}
+_QWEN = {**_COMMON, "vocab_size": 151936, "intermediate_size": 22016, "max_position_embeddings": 32768,
+         "num_key_value_heads": 32}
+# The config classes' defaults for omitted fields (transformers 4.4x to 5.x agree on these);
+# num_key_value_heads and head_dim None: derived from the other fields, as the config class does.
+_FAMILIES = {
+    "LlamaForCausalLM": _Family("llama", {**_COMMON, "vocab_size": 32000, "intermediate_size": 11008,
+                                          "max_position_embeddings": 2048, "num_key_value_heads": None,
+                                          "head_dim": None, "attention_bias": False, "mlp_bias": False},
+                                qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias", qk_norm=False),
+    "Qwen2ForCausalLM": _Family("qwen2", {**_QWEN, "head_dim": None}, qkv_bias=True, o_bias=False, mlp_bias=False,
+                                qk_norm=False),
+    "Qwen3ForCausalLM": _Family("qwen3", {**_QWEN, "head_dim": 128, "attention_bias": False},
+                                qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, qk_norm=True),
+}
 
 
 def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None, str]:
@@ -74,17 +101,27 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
     else (None, the reason), and the job uses transformers' classes. Anything unusual is left to
     transformers, which then computes it or names the problem itself."""
     architectures = raw.get("architectures")
-    if not isinstance(architectures, list) or architectures != list(NATIVE_ARCHITECTURES) \
-            or raw.get("model_type") != "llama":
-        return None, f"architecture {architectures} / model_type {raw.get('model_type')!r} is not plain Llama"
+    if not (isinstance(architectures, list) and len(architectures) == 1 and isinstance(architectures[0], str)):
+        return None, f"architectures {architectures!r}: expected one class name"
+    family = _FAMILIES.get(architectures[0])
+    if family is None or raw.get("model_type") != family.model_type:
+        return None, (f"architecture {architectures} / model_type {raw.get('model_type')!r} is not one of "
+                      f"{', '.join(NATIVE_ARCHITECTURES)} with its own model_type")
     if raw.get("auto_map"):
         return None, "the config names remote code (auto_map)"
     if "text_config" in raw:
         return None, "the config nests a text_config"
-    nulls = [k for k in (*_DEFAULTS, "rope_theta") if k in raw and raw[k] is None]
+    if raw.get("use_sliding_window"):
+        return None, "use_sliding_window: sliding-window layers"
+    if any(t != "full_attention" for t in raw.get("layer_types") or ()):
+        return None, "layer_types other than full_attention"
+    fields = {**family.defaults, **{f: False for f in (family.qkv_bias, family.o_bias, family.mlp_bias)
+                                    if isinstance(f, str)}}
+    optional = ("num_key_value_heads", "head_dim")        # null: derived, as the config class does
+    nulls = [k for k in (*fields, "rope_theta") if k in raw and raw[k] is None and k not in optional]
     if nulls:
         return None, f"{nulls[0]} is null"
-    value = {k: raw.get(k, d) for k, d in _DEFAULTS.items()}
+    value = {k: raw.get(k, d) for k, d in fields.items()}
     if value["hidden_act"] != "silu":
         return None, f"hidden_act {value['hidden_act']!r}: the native MLP computes silu only"
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -92,11 +129,12 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
     if not all(_positive_int(value[k]) for k in ints):
         return None, "a size field is not a positive integer"
     heads = value["num_attention_heads"]
-    kv = heads if raw.get("num_key_value_heads") is None else raw["num_key_value_heads"]
-    head_dim = value["hidden_size"] // heads if raw.get("head_dim") is None else raw["head_dim"]
+    kv = heads if value["num_key_value_heads"] is None else value["num_key_value_heads"]
+    head_dim = value["hidden_size"] // heads if value["head_dim"] is None else value["head_dim"]
     if not (_positive_int(kv) and _positive_int(head_dim)) or heads % kv or value["hidden_size"] % heads:
         return None, "the heads do not divide evenly"
-    if not all(isinstance(value[k], bool) for k in ("tie_word_embeddings", "attention_bias", "mlp_bias")):
+    flags = {k: value[k] if isinstance(k, str) else k for k in (family.qkv_bias, family.o_bias, family.mlp_bias)}
+    if not all(isinstance(v, bool) for v in (value["tie_word_embeddings"], *flags.values())):
         return None, "a flag field is not true or false"
     if not isinstance(value["rms_norm_eps"], float) or not value["rms_norm_eps"] > 0:
         return None, "rms_norm_eps is not a positive float"
@@ -104,13 +142,13 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
     if rope is None:
         return None, why
     return NativeLlamaConfig(
-        architectures=tuple(architectures), model_type="llama", vocab_size=value["vocab_size"],
+        architectures=tuple(architectures), model_type=family.model_type, vocab_size=value["vocab_size"],
         hidden_size=value["hidden_size"], intermediate_size=value["intermediate_size"],
         num_hidden_layers=value["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
         head_dim=head_dim, rms_norm_eps=value["rms_norm_eps"],
         max_position_embeddings=value["max_position_embeddings"], tie_word_embeddings=value["tie_word_embeddings"],
-        attention_bias=value["attention_bias"], mlp_bias=value["mlp_bias"],
-        dtype=raw.get("dtype") or raw.get("torch_dtype"), rope=rope), ""
+        attention_bias=flags[family.qkv_bias], o_proj_bias=flags[family.o_bias], mlp_bias=flags[family.mlp_bias],
+        qk_norm=family.qk_norm, dtype=raw.get("dtype") or raw.get("torch_dtype"), rope=rope), ""
 
 
 def _positive_int(v: Any) -> bool:
@@ -233,15 +271,21 @@ class NativeAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = NativeRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = NativeRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
                 attention_mask: Tensor | None = None, **_: Any) -> tuple[Tensor, None]:
         """attention_mask: None (causal) or a boolean (1, 1, T, T), True where a query may attend."""
         lead = hidden_states.shape[:-1]
         split = (*lead, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(split).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(split).transpose(1, 2)
+        q, k = self.q_proj(hidden_states).view(split), self.k_proj(hidden_states).view(split)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(split).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         q = q * cos + _rotate_half(q) * sin
@@ -307,12 +351,12 @@ class NativeLlamaModel(nn.Module):
 class NativeLlamaForCausalLM(nn.Module):
     """The skeleton the job describes and runs block by block (it has no whole-model forward)."""
 
-    hf_architecture = "LlamaForCausalLM"            # the class transformers would have built
     _no_split_modules = ("NativeDecoderLayer",)
 
     def __init__(self, config: NativeLlamaConfig) -> None:
         super().__init__()
         self.config = config
+        self.hf_architecture = config.architectures[0]     # the class transformers would have built
         self.model = NativeLlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
