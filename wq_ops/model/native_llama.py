@@ -111,13 +111,20 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
         return None, "the config names remote code (auto_map)"
     if "text_config" in raw:
         return None, "the config nests a text_config"
-    if raw.get("use_sliding_window"):
-        return None, "use_sliding_window: sliding-window layers"
-    if any(t != "full_attention" for t in raw.get("layer_types") or ()):
-        return None, "layer_types other than full_attention"
+    if raw.get("use_sliding_window", False) is not False:
+        return None, f"use_sliding_window {raw.get('use_sliding_window')!r}: sliding-window layers, or not a bool"
+    if not all(_positive_int(raw[k]) for k in ("sliding_window", "max_window_layers") if raw.get(k) is not None) \
+            or ("max_window_layers" in raw and raw["max_window_layers"] is None):
+        return None, "sliding_window or max_window_layers is not a positive integer"
+    layer_types = raw.get("layer_types")
+    n_layers = raw.get("num_hidden_layers", family.defaults["num_hidden_layers"])
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != n_layers
+                                    or any(t != "full_attention" for t in layer_types)):
+        return None, "layer_types: not one full_attention per layer"
     fields = {**family.defaults, **{f: False for f in (family.qkv_bias, family.o_bias, family.mlp_bias)
                                     if isinstance(f, str)}}
-    optional = ("num_key_value_heads", "head_dim")        # null: derived, as the config class does
+    # null: derived, as the config class does (Qwen's classes take no null head_dim)
+    optional = ("num_key_value_heads", "head_dim") if family.model_type == "llama" else ("num_key_value_heads",)
     nulls = [k for k in (*fields, "rope_theta") if k in raw and raw[k] is None and k not in optional]
     if nulls:
         return None, f"{nulls[0]} is null"
