@@ -42,6 +42,14 @@ def test_shapes_come_from_a_local_config_json(tmp_path):
     assert (shapes.head_dim, shapes.kv_heads, shapes.micro_batch, shapes.dtype) == (64, 16, 3, torch.float16)
 
 
+def test_shapes_take_the_families_defaults(tmp_path):
+    """A Qwen3 config.json without num_key_value_heads or head_dim: its class's 32 and 128, not Llama's."""
+    model = _config(tmp_path, architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=2048,
+                    intermediate_size=6144, num_attention_heads=32, dtype="bfloat16")
+    shapes = job_shapes(_job(model))
+    assert (shapes.heads, shapes.kv_heads, shapes.head_dim) == (32, 32, 128)
+
+
 @pytest.mark.parametrize("fields", [{}, {"hidden_size": 64, "num_attention_heads": 4},
                                     {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 0},
                                     {"hidden_size": "x", "intermediate_size": 128, "num_attention_heads": 4}])

@@ -56,12 +56,15 @@ def job_shapes(job: JobConfig) -> JobShapes | None:
     config = _local_config(job)
     if config is None:
         return None
+    native, _ = read_native_config(config)
     config = config.get("text_config", config)
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or hidden // heads)
+        # A natively read config knows its family's defaults (Qwen's 32 kv heads, Qwen3's head_dim 128).
+        head_dim = native.head_dim if native else int(config.get("head_dim") or hidden // heads)
+        kv_heads = native.num_key_value_heads if native else int(config.get("num_key_value_heads") or heads)
         shapes = JobShapes(hidden=hidden, intermediate=int(config["intermediate_size"]), heads=heads,
-                           kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
+                           kv_heads=kv_heads, head_dim=head_dim,
                            seq_len=job.calib.seq_len, micro_batch=min(job.run.micro_batch_samples, job.calib.n_samples),
                            dtype=storage_dtype_of(SimpleNamespace(dtype=config.get("dtype"),
                                                                   torch_dtype=config.get("torch_dtype"))),
