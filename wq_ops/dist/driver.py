@@ -165,9 +165,9 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                              seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column)
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {layout.vocab_size}")
+    padded_size = None if compatibility.padding is None else compatibility.padding.padded_size
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
-                              fingerprint=_fingerprint(job, checkpoint, ids, padded_size=None if compatibility.padding is None
-                                                          else compatibility.padding.padded_size,
+                              fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
                                                        modeling=_modeling_name(hf_config)))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility)

@@ -24,7 +24,8 @@ from wq_ops.errors import WqError
 from wq_ops.model.architecture import storage_dtype_of
 from wq_ops.model.native_llama import read_native_config
 
-__all__ = ["JobShapes", "job_shapes", "job_needs_transformers", "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
+__all__ = ["JobShapes", "job_shapes", "job_needs_transformers", "warm_up_libraries", "warm_up_quantizers",
+           "warm_up_shapes"]
 
 log = logging.getLogger(__name__)
 

@@ -223,7 +223,8 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
     embed_name = next(n + ".weight" for n, m in model.named_modules() if m is embed)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     return ModelLayout(
-        architecture=getattr(model, "hf_architecture", type(model).__name__),
+        # The class transformers builds for this config (the native skeleton stands in for it).
+        architecture=config.architectures[0] if isinstance(config, NativeLlamaConfig) else type(model).__name__,
         model_type=str(getattr(config, "model_type", "")),
         n_blocks=len(blocks),
         block_prefix=prefix,

@@ -363,7 +363,6 @@ class NativeLlamaForCausalLM(nn.Module):
     def __init__(self, config: NativeLlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.hf_architecture = config.architectures[0]     # the class transformers would have built
         self.model = NativeLlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
