@@ -140,8 +140,11 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
     head_dim = value["hidden_size"] // heads if value["head_dim"] is None else value["head_dim"]
     if not (_positive_int(kv) and _positive_int(head_dim)) or heads % kv or value["hidden_size"] % heads:
         return None, "the heads do not divide evenly"
-    flags = {k: value[k] if isinstance(k, str) else k for k in (family.qkv_bias, family.o_bias, family.mlp_bias)}
-    if not all(isinstance(v, bool) for v in (value["tie_word_embeddings"], *flags.values())):
+    def decided(flag: bool | str) -> Any:           # fixed by the modeling code, or the config field's value
+        return value[flag] if isinstance(flag, str) else flag
+
+    qkv_bias, o_bias, mlp_bias = decided(family.qkv_bias), decided(family.o_bias), decided(family.mlp_bias)
+    if not all(isinstance(v, bool) for v in (value["tie_word_embeddings"], qkv_bias, o_bias, mlp_bias)):
         return None, "a flag field is not true or false"
     if not isinstance(value["rms_norm_eps"], float) or not value["rms_norm_eps"] > 0:
         return None, "rms_norm_eps is not a positive float"
@@ -154,7 +157,7 @@ def read_native_config(raw: Mapping[str, Any]) -> tuple[NativeLlamaConfig | None
         num_hidden_layers=value["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
         head_dim=head_dim, rms_norm_eps=value["rms_norm_eps"],
         max_position_embeddings=value["max_position_embeddings"], tie_word_embeddings=value["tie_word_embeddings"],
-        attention_bias=flags[family.qkv_bias], o_proj_bias=flags[family.o_bias], mlp_bias=flags[family.mlp_bias],
+        attention_bias=qkv_bias, o_proj_bias=o_bias, mlp_bias=mlp_bias,
         qk_norm=family.qk_norm, dtype=raw.get("dtype") or raw.get("torch_dtype"), rope=rope), ""
 
 
