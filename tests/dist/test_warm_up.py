@@ -2,16 +2,20 @@
 warm-up that runs them on the GPU and never fails the job, and the block's host copies queued without a
 wait, whose staged bytes must equal waited copies'."""
 
+import contextlib
 import json
+import threading
+import time
 
 import pytest
 import torch
 
-from wq_ops.config import JobConfig, Method, default_options
+from wq_ops.config import Backend, JobConfig, Method, default_options
 from wq_ops.dist import actor as actor_module
+from wq_ops.dist import warm_up as warm_up_module
 from wq_ops.dist.driver import run_job
-from wq_ops.dist.warm_up import (JobShapes, job_needs_transformers, job_shapes, warm_up_libraries, warm_up_quantizers,
-                                 warm_up_shapes)
+from wq_ops.dist.warm_up import (JobShapes, job_needs_transformers, job_shapes, warm_up_device, warm_up_libraries,
+                                 warm_up_quantizers, warm_up_shapes)
 from tests.factory import write_checkpoint, write_text
 
 
@@ -103,6 +107,64 @@ def test_without_a_local_config_the_actor_imports_transformers(tmp_path):
     assert job_needs_transformers(JobConfig.from_dict({"out": str(tmp_path / "o")}))
 
 
+class _Steps:
+    """Stand-ins for the three warm-ups that record their calls, and wait for one another at a barrier:
+    run one after the other, the first would wait out the barrier's timeout."""
+
+    def __init__(self, monkeypatch, parties: int, fail: str | None = None) -> None:
+        self.calls: dict[str, tuple] = {}
+        self.finished: list[str] = []
+        self.devices: list[int] = []
+        self.barrier = threading.Barrier(parties, timeout=10)
+        for name in ("warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"):
+            monkeypatch.setattr(warm_up_module, name, self._step(name, fail))
+
+        @contextlib.contextmanager
+        def device_guard(index):
+            self.devices.append(index)
+            yield
+
+        monkeypatch.setattr(torch.cuda, "device", device_guard)
+
+    def _step(self, name: str, fail: str | None):
+        def step(*args):
+            self.calls[name] = args
+            self.barrier.wait()                 # BrokenBarrierError unless every step runs at once
+            if name == fail:
+                raise RuntimeError(f"{name} broke")
+            time.sleep(0.05)
+            self.finished.append(name)
+            return True
+        return step
+
+
+def test_the_warm_ups_run_side_by_side_on_the_actors_device(monkeypatch):
+    steps = _Steps(monkeypatch, parties=3)
+    device, shapes = torch.device("cuda", 3), object()
+    warm_up_device(device, Backend.CUDA, shapes)
+    assert steps.calls == {"warm_up_libraries": (device,), "warm_up_quantizers": (device,),
+                           "warm_up_shapes": (device, shapes)}
+    assert sorted(steps.finished) == sorted(steps.calls) and steps.devices == [3, 3, 3]
+
+
+def test_only_the_warm_ups_a_job_needs_run(monkeypatch):
+    """No kernels of ours on the reference backend; no shapes when the job's are unknown."""
+    steps = _Steps(monkeypatch, parties=1)
+    warm_up_device(torch.device("cuda", 0), Backend.REFERENCE, None)
+    assert list(steps.calls) == ["warm_up_libraries"]
+    steps = _Steps(monkeypatch, parties=2)
+    warm_up_device(torch.device("cuda", 0), Backend.REFERENCE, object())
+    assert sorted(steps.calls) == ["warm_up_libraries", "warm_up_shapes"]
+
+
+def test_a_failed_warm_up_is_raised_once_the_others_have_finished(monkeypatch):
+    """None is left running on the device when the actor's start fails."""
+    steps = _Steps(monkeypatch, parties=3, fail="warm_up_quantizers")
+    with pytest.raises(RuntimeError, match="warm_up_quantizers broke"):
+        warm_up_device(torch.device("cuda", 0), Backend.CUDA, object())
+    assert sorted(steps.finished) == ["warm_up_libraries", "warm_up_shapes"]
+
+
 def _gpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -134,6 +196,24 @@ def test_the_warm_ups_do_not_depend_on_the_default_dtype(tmp_path):
         assert warm_up_shapes(device, shapes) is True
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [Backend.CUDA, Backend.REFERENCE])
+def test_the_warm_ups_run_side_by_side_on_the_gpu(tmp_path, backend):
+    """The three warm-ups in threads, on the actor's device, under transformers' default dtype as in an
+    in-process actor; the device works after them."""
+    _gpu()
+    model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
+    shapes = job_shapes(_job(model, method="gptq", backend=backend.value, seq_len=128, gpus_per_actor=1))
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        warm_up_device(device, backend, shapes)
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.ones(4, device=device).sum().item() == 4
 
 
 @pytest.mark.gpu

@@ -44,7 +44,7 @@ from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_a
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, attention_window, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
-from wq_ops.dist.warm_up import JobShapes, warm_up_libraries, warm_up_quantizers, warm_up_shapes
+from wq_ops.dist.warm_up import JobShapes, warm_up_device
 
 __all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
 
@@ -138,12 +138,8 @@ class BlockActor:
             load_extension()                     # build or load once, before the first block
         t2 = time.time()
         if self.device.type == "cuda":
-            warm_up_libraries(self.device)
-            if backend is Backend.CUDA:
-                warm_up_quantizers(self.device)
             # Before transformers: an in-process actor would otherwise wait here for the driver's import.
-            if shapes is not None:
-                warm_up_shapes(self.device, shapes)
+            warm_up_device(self.device, backend, shapes)
         t3 = time.time()
         # transformers (where the job's model skeleton is its classes) is imported now, not by the first
         # call: it took 12 s on the H100 machine, on the critical path. wq's native modules need none of it.
