@@ -119,6 +119,12 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
 
     with ThreadPoolExecutor(len(steps), thread_name_prefix="wq-warm-up") as pool:
         done = [pool.submit(on_device, step, args) for step, args in steps]
+    # Each thread took a cuBLAS handle, and torch keeps a workspace per handle and stream for the process's
+    # life (32 MiB on the H100), which the plan does not hold. Every warm-up has synchronised its device; the
+    # job's own thread allocates its one workspace again on its first GEMM, from the memory freed here.
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
     for future in done:
         future.result()
 
