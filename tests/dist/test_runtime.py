@@ -95,3 +95,36 @@ def test_in_process_call_that_fails_stops_the_job_with_its_own_cause(tmp_path, l
     with pytest.raises(OSError, match="unreadable on purpose"):
         run_job(job(tmp_path, "o", model=str(model), calib=str(calib)), cache_dir=tmp_path / "cache")
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("propagation", ["quantized", "float"])
+def test_the_in_process_actor_runs_every_call_on_its_own_thread(tmp_path, llama, monkeypatch, propagation):
+    """As a Ray actor does: its start, its calls and its blocks on one thread (the libraries' per-thread
+    caches, such as cuDNN's attention graphs, that its warm-up built are then there for its blocks), and
+    that thread ends with the job."""
+    import threading
+
+    from wq_ops.dist.actor import BlockActor
+
+    seen: dict[str, set[int]] = {}
+    threads_before = set(threading.enumerate())
+
+    def recorded(name):
+        original = getattr(BlockActor, name)
+
+        def method(self, *args, **kwargs):
+            seen.setdefault(name, set()).add(threading.get_ident())
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(BlockActor, name, method)
+
+    for name in ("__init__", "embed", "stage_head", "forward_span", "_compute_block", "_calibrate_block",
+                 "_solve_block", "outer_records", "close"):
+        recorded(name)
+    model, calib = llama
+    run_job(job(tmp_path, "o", model=str(model), calib=str(calib), propagation=propagation),
+            cache_dir=tmp_path / "cache")
+    assert {"__init__", "embed", "stage_head", "outer_records", "close"} <= set(seen)
+    assert any(name in seen for name in ("_compute_block", "_calibrate_block", "_solve_block"))
+    assert len(set().union(*seen.values())) == 1, seen
+    assert threading.get_ident() not in set().union(*seen.values())
+    assert not [t for t in threading.enumerate() if t not in threads_before and t.name.startswith("wq-actor")]

@@ -108,11 +108,12 @@ def test_without_a_local_config_the_actor_imports_transformers(tmp_path):
 
 
 class _Steps:
-    """Stand-ins for the three warm-ups that record their calls, and wait for one another at a barrier:
-    run one after the other, the first would wait out the barrier's timeout."""
+    """Stand-ins for the three warm-ups that record their calls and threads, and wait for one another at
+    a barrier: run one after the other, the first would wait out the barrier's timeout."""
 
-    def __init__(self, monkeypatch, parties: int, fail: str | None = None) -> None:
+    def __init__(self, monkeypatch, parties: int, fail: tuple[str, ...] = ()) -> None:
         self.calls: dict[str, tuple] = {}
+        self.threads: dict[str, int] = {}
         self.finished: list[str] = []
         self.devices: list[int] = []
         self.barrier = threading.Barrier(parties, timeout=10)
@@ -126,11 +127,12 @@ class _Steps:
 
         monkeypatch.setattr(torch.cuda, "device", device_guard)
 
-    def _step(self, name: str, fail: str | None):
+    def _step(self, name: str, fail: tuple[str, ...]):
         def step(*args):
             self.calls[name] = args
+            self.threads[name] = threading.get_ident()
             self.barrier.wait()                 # BrokenBarrierError unless every step runs at once
-            if name == fail:
+            if name in fail:
                 raise RuntimeError(f"{name} broke")
             time.sleep(0.05)
             self.finished.append(name)
@@ -139,12 +141,17 @@ class _Steps:
 
 
 def test_the_warm_ups_run_side_by_side_on_the_actors_device(monkeypatch):
+    """The shapes' warm-up on the calling thread (the one that computes the blocks: cuDNN's attention
+    graphs are kept per thread), the other two on helper threads, switched to the actor's device."""
     steps = _Steps(monkeypatch, parties=3)
     device, shapes = torch.device("cuda", 3), object()
     warm_up_device(device, Backend.CUDA, shapes)
     assert steps.calls == {"warm_up_libraries": (device,), "warm_up_quantizers": (device,),
                            "warm_up_shapes": (device, shapes)}
-    assert sorted(steps.finished) == sorted(steps.calls) and steps.devices == [3, 3, 3]
+    assert sorted(steps.finished) == sorted(steps.calls) and steps.devices == [3, 3]
+    assert steps.threads["warm_up_shapes"] == threading.get_ident()
+    assert len({steps.threads["warm_up_libraries"], steps.threads["warm_up_quantizers"],
+                threading.get_ident()}) == 3
 
 
 def test_only_the_warm_ups_a_job_needs_run(monkeypatch):
@@ -157,12 +164,16 @@ def test_only_the_warm_ups_a_job_needs_run(monkeypatch):
     assert sorted(steps.calls) == ["warm_up_libraries", "warm_up_shapes"]
 
 
-def test_a_failed_warm_up_is_raised_once_the_others_have_finished(monkeypatch):
-    """None is left running on the device when the actor's start fails."""
-    steps = _Steps(monkeypatch, parties=3, fail="warm_up_quantizers")
-    with pytest.raises(RuntimeError, match="warm_up_quantizers broke"):
+@pytest.mark.parametrize("fail,raised", [(("warm_up_quantizers",), "warm_up_quantizers"),
+                                         (("warm_up_shapes",), "warm_up_shapes"),
+                                         (("warm_up_shapes", "warm_up_libraries"), "warm_up_libraries")])
+def test_a_failed_warm_up_is_raised_once_the_others_have_finished(monkeypatch, fail, raised):
+    """None is left running on the device when the actor's start fails; of two errors, the libraries'
+    comes first."""
+    steps = _Steps(monkeypatch, parties=3, fail=fail)
+    with pytest.raises(RuntimeError, match=f"{raised} broke"):
         warm_up_device(torch.device("cuda", 0), Backend.CUDA, object())
-    assert sorted(steps.finished) == ["warm_up_libraries", "warm_up_shapes"]
+    assert sorted(steps.finished) == sorted(set(steps.calls) - set(fail))
 
 
 def _gpu() -> None:

@@ -6,16 +6,19 @@ method with `actor.method.remote(...)` (`.options(num_returns="streaming")` for 
 in-process runtime exists because a one-actor job gains nothing from Ray but pays for it: starting a local
 Ray, and a second process that imports torch and transformers again, took 25 s of a 65 s job on an H100
 machine. Its calls run when they are made (a streaming call when its generator is iterated), in order,
-which is the order a single Ray actor runs them in.
+which is the order a single Ray actor runs them in, and all on the actor's one thread, as on Ray: the
+libraries keep some caches per thread (cuDNN its attention graphs), and what the actor's warm-up built
+on its thread is then there for its blocks.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from wq_ops.config import Backend, JobConfig, RunConfig, Runtime
 from wq_ops.errors import ConfigError, ResourceError
@@ -149,20 +152,21 @@ class _LocalMethod:
         return _LocalMethod(self.actor, self.name, streaming=num_returns == "streaming")
 
     def remote(self, *args: Any) -> Any:
-        """Run the call now (a streaming call as it is iterated). Unlike Ray, an error is raised here, at
-        the call: the driver does not fetch every result (embed's, stage_head's), and a failure in one
-        must stop the job with its own cause, not with a confusing one later."""
+        """Run the call now (a streaming call as it is iterated), on the actor's thread. Unlike Ray, an error
+        is raised here, at the call: the driver does not fetch every result (embed's, stage_head's), and a
+        failure in one must stop the job with its own cause, not with a confusing one later."""
         # Ray resolves refs passed as arguments before the call: so does this.
         args = tuple(a.value if isinstance(a, _Done) else a for a in args)
-        method = getattr(self.actor.instance(), self.name)
+        actor, name = self.actor, self.name
         if self.streaming:
-            return (_Done(value) for value in method(*args))   # runs as it is iterated, like Ray's stream
-        return _Done(method(*args))
+            return actor.stream(lambda: getattr(actor.instance(), name)(*args))
+        return _Done(actor.call(lambda: getattr(actor.instance(), name)(*args)))
 
 
 class _LocalActor:
-    """A BlockActor built in a helper thread (CUDA context, kernels, warm-up), so that it starts while the
-    driver prepares the job; calls wait for it."""
+    """A BlockActor on a thread of its own. It is built there first (CUDA context, kernels, warm-up), so
+    that it starts while the driver prepares the job; every call then runs there too, in the order made,
+    each waiting for the ones before it."""
 
     def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None, *,
                  preload_transformers: bool = True) -> None:
@@ -171,13 +175,41 @@ class _LocalActor:
         from wq_ops.dist.actor import BlockActor
 
         self.threads_before = torch.get_num_threads()     # the actor sets the process's; given back at stop
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-actor-start")
-        self._instance: Future[Any] = self._pool.submit(BlockActor, run, backend, shapes,
-                                                        preload_transformers=preload_transformers)
-        self._pool.shutdown(wait=False)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="wq-actor")
+        self._ident: int | None = None
+
+        def start() -> Any:
+            self._ident = threading.get_ident()
+            return BlockActor(run, backend, shapes, preload_transformers=preload_transformers)
+
+        self._instance: Future[Any] = self._thread.submit(start)
 
     def instance(self) -> Any:
         return self._instance.result()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the actor's thread, once the calls made before it have run; its result or its error."""
+        if threading.get_ident() == self._ident:        # from the actor's own thread: waiting would hang
+            return fn()
+        return self._thread.submit(fn).result()
+
+    def stream(self, make: Callable[[], Iterator[Any]]) -> Iterator["_Done"]:
+        """A generator method's items, each computed on the actor's thread when it is asked for."""
+        items = self.call(make)
+        while True:
+            try:
+                item = self.call(lambda: next(items))
+            except StopIteration:
+                return
+            yield _Done(item)
+
+    def stop(self) -> None:
+        """Close the actor (if it started) on its thread, after any call still queued, and end the thread."""
+        try:
+            if self._instance.exception() is None:        # waits for the start-up
+                self.call(lambda: self.instance().close())
+        finally:
+            self._thread.shutdown(wait=True)
 
     def __getattr__(self, name: str) -> _LocalMethod:
         if name.startswith("_"):
@@ -219,7 +251,8 @@ class LocalRuntime:
         import torch
 
         for actor in actors:
-            if actor._instance.exception() is None:        # waits for the start-up
-                actor.instance().close()
-            torch.set_num_threads(actor.threads_before)
+            try:
+                actor.stop()
+            finally:
+                torch.set_num_threads(actor.threads_before)
 

@@ -101,25 +101,31 @@ def _local_config(job: JobConfig) -> dict | None:
 
 
 def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | None) -> None:
-    """The warm-ups a GPU actor runs, side by side in threads: the libraries, the quantizers (our kernels
-    on CUDA) and the job's shapes (when known). Their time is mostly the CUDA driver loading kernel modules
-    and the libraries building handles and plans, which overlap well: 0.82 to 0.88 s in threads against
-    1.32 to 1.39 s one after the other, for the 1B job's shapes on the H100. Returns once every one has
-    finished (none is left running on the device); the first error, in that order, is raised then."""
+    """The warm-ups a GPU actor runs, side by side: the libraries and the quantizers (our kernels on CUDA)
+    in helper threads, the job's shapes (when known) on the calling thread, the one that will compute the
+    blocks: cuDNN keeps its attention graphs per thread (70 ms to build again for the 1B job's block 0).
+    Their time is mostly the CUDA driver loading kernel modules and the libraries building handles and
+    plans, which overlap well: 0.82 to 0.88 s in threads against 1.32 to 1.39 s one after the other, for the
+    1B job's shapes on the H100. Returns once every one has finished (none is left running on the device);
+    the first error, in the order libraries, quantizers, shapes, is raised then."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    steps: list[tuple[Callable[..., object], tuple]] = [(warm_up_libraries, (device,))]
+    helpers: list[Callable[[torch.device], object]] = [warm_up_libraries]
     if backend is Backend.CUDA:
-        steps.append((warm_up_quantizers, (device,)))
-    if shapes is not None:
-        steps.append((warm_up_shapes, (device, shapes)))
+        helpers.append(warm_up_quantizers)
 
-    def on_device(step: Callable[..., object], args: tuple) -> object:
+    def on_device(step: Callable[[torch.device], object]) -> object:
         with torch.cuda.device(index):          # a new thread's current device is device 0
-            return step(*args)
+            return step(device)
 
-    with ThreadPoolExecutor(len(steps), thread_name_prefix="wq-warm-up") as pool:
-        done = [pool.submit(on_device, step, args) for step, args in steps]
-    # Each thread took a cuBLAS handle, and torch keeps a workspace per handle and stream for the process's
+    shapes_error: BaseException | None = None
+    with ThreadPoolExecutor(len(helpers), thread_name_prefix="wq-warm-up") as pool:
+        done = [pool.submit(on_device, step) for step in helpers]
+        try:
+            if shapes is not None:
+                warm_up_shapes(device, shapes)
+        except BaseException as e:              # raised below, after the helpers' own errors
+            shapes_error = e
+    # Each helper took a cuBLAS handle, and torch keeps a workspace per handle and stream for the process's
     # life (32 MiB on the H100), which the plan does not hold. Every warm-up has synchronised its device; the
     # job's own thread allocates its one workspace again on its first GEMM, from the memory freed here.
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
@@ -127,6 +133,8 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
         clear_workspaces()
     for future in done:
         future.result()
+    if shapes_error is not None:
+        raise shapes_error
 
 
 def warm_up_libraries(device: torch.device) -> None:
