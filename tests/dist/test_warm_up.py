@@ -4,8 +4,13 @@ wait, whose staged bytes must equal waited copies'."""
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +131,11 @@ class _Steps:
             yield
 
         monkeypatch.setattr(torch.cuda, "device", device_guard)
+        monkeypatch.setattr(warm_up_module, "_load_linalg", self._load_linalg)
+
+    def _load_linalg(self, device) -> None:
+        assert not self.calls                   # before any warm-up starts
+        self.linalg_loaded = device
 
     def _step(self, name: str, fail: tuple[str, ...]):
         def step(*args):
@@ -149,6 +159,7 @@ def test_the_warm_ups_run_side_by_side_on_the_actors_device(monkeypatch):
     assert steps.calls == {"warm_up_libraries": (device,), "warm_up_quantizers": (device,),
                            "warm_up_shapes": (device, shapes)}
     assert sorted(steps.finished) == sorted(steps.calls) and steps.devices == [3, 3]
+    assert steps.linalg_loaded == device
     assert steps.threads["warm_up_shapes"] == threading.get_ident()
     assert len({steps.threads["warm_up_libraries"], steps.threads["warm_up_quantizers"],
                 threading.get_ident()}) == 3
@@ -167,13 +178,15 @@ def test_only_the_warm_ups_a_job_needs_run(monkeypatch):
 @pytest.mark.parametrize("fail,raised", [(("warm_up_quantizers",), "warm_up_quantizers"),
                                          (("warm_up_shapes",), "warm_up_shapes"),
                                          (("warm_up_shapes", "warm_up_libraries"), "warm_up_libraries")])
-def test_a_failed_warm_up_is_raised_once_the_others_have_finished(monkeypatch, fail, raised):
+def test_a_failed_warm_up_is_raised_once_the_others_have_finished(monkeypatch, caplog, fail, raised):
     """None is left running on the device when the actor's start fails; of two errors, the libraries'
-    comes first."""
+    is raised and the other logged."""
     steps = _Steps(monkeypatch, parties=3, fail=fail)
     with pytest.raises(RuntimeError, match=f"{raised} broke"):
         warm_up_device(torch.device("cuda", 0), Backend.CUDA, object())
     assert sorted(steps.finished) == sorted(set(steps.calls) - set(fail))
+    for other in set(fail) - {raised}:
+        assert f"GPU warm-up also failed: RuntimeError('{other} broke')" in caplog.text
 
 
 def _gpu() -> None:
@@ -272,3 +285,36 @@ def test_queued_host_copies_stage_the_bytes_waited_copies_do(tmp_path, monkeypat
     monkeypatch.setattr(actor_module, "_queue_to_host", lambda t: t.to("cpu"))
     waited = artifact("waited")
     assert queued == waited and len(queued) == 6
+
+
+_FIRST_LINALG_TOGETHER = textwrap.dedent("""
+    import sys, threading
+    import torch
+    import wq_ops.dist.warm_up as wu
+    from wq_ops.config import Backend
+
+    if sys.argv[1] == "unloaded":
+        wu._load_linalg = lambda device: None
+    barrier = threading.Barrier(3, timeout=60)
+
+    def first_linalg_call(device, *rest):
+        barrier.wait()
+        torch.linalg.cholesky_ex(torch.eye(8, device=device) * 2)
+        return True
+
+    wu.warm_up_libraries = wu.warm_up_quantizers = wu.warm_up_shapes = first_linalg_call
+    wu.warm_up_device(torch.device("cuda", 0), Backend.CUDA, object())
+    print("warmed up")
+""")
+
+
+@pytest.mark.gpu
+def test_the_warm_ups_first_linalg_calls_do_not_race():
+    """torch loads its CUDA linear algebra library on a process's first call into it, and first calls
+    from two threads at once fail: the three warm-ups' first Cholesky, together, in a fresh process."""
+    _gpu()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _FIRST_LINALG_TOGETHER, "loaded"], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+    assert done.returncode == 0 and "warmed up" in done.stdout, done.stderr[-3000:]

@@ -117,6 +117,7 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
         with torch.cuda.device(index):          # a new thread's current device is device 0
             return step(device)
 
+    _load_linalg(device)
     shapes_error: BaseException | None = None
     with ThreadPoolExecutor(len(helpers), thread_name_prefix="wq-warm-up") as pool:
         done = [pool.submit(on_device, step) for step in helpers]
@@ -127,14 +128,24 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
             shapes_error = e
     # Each helper took a cuBLAS handle, and torch keeps a workspace per handle and stream for the process's
     # life (32 MiB on the H100), which the plan does not hold. Every warm-up has synchronised its device; the
-    # job's own thread allocates its one workspace again on its first GEMM, from the memory freed here.
+    # job's own thread allocates its one workspace again on its first GEMM. The cache goes back to the device
+    # too, as the shapes' warm-up leaves it when it runs alone.
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear_workspaces is not None:
         clear_workspaces()
-    for future in done:
-        future.result()
-    if shapes_error is not None:
-        raise shapes_error
+    torch.cuda.empty_cache()
+    errors = [e for e in [*(future.exception() for future in done), shapes_error] if e is not None]
+    for later in errors[1:]:
+        log.warning("GPU warm-up also failed: %r", later)
+    if errors:
+        raise errors[0]
+
+
+def _load_linalg(device: torch.device) -> None:
+    """torch loads its CUDA linear algebra library on the process's first call into it, and two threads
+    making that first call together fail ("lazy wrapper should be called at most once": 8 of 8 fresh
+    processes with three threads on the H100). A tiny Cholesky loads it here, on one thread."""
+    torch.linalg.cholesky_ex(torch.eye(2, device=device, dtype=torch.float32))   # whatever the default dtype
 
 
 def warm_up_libraries(device: torch.device) -> None:
