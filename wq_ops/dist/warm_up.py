@@ -105,9 +105,9 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
     in helper threads, the job's shapes (when known) on the calling thread, the one that will compute the
     blocks: cuDNN keeps its attention graphs per thread (70 ms to build again for the 1B job's block 0).
     Their time is mostly the CUDA driver loading kernel modules and the libraries building handles and
-    plans, which overlap well: 0.82 to 0.88 s in threads against 1.32 to 1.39 s one after the other, for the
-    1B job's shapes on the H100. Returns once every one has finished (none is left running on the device);
-    the first error, in the order libraries, quantizers, shapes, is raised then."""
+    plans, which overlap well: 0.62 to 0.90 s in 1B GPTQ jobs on the H100, against 1.17 to 1.47 s one after
+    the other. Returns once every one has finished (none is left running on the device); the first error,
+    in the order libraries, quantizers, shapes, is raised then and any other logged."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     helpers: list[Callable[[torch.device], object]] = [warm_up_libraries]
     if backend is Backend.CUDA:
@@ -143,8 +143,8 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
 
 def _load_linalg(device: torch.device) -> None:
     """torch loads its CUDA linear algebra library on the process's first call into it, and two threads
-    making that first call together fail ("lazy wrapper should be called at most once": 8 of 8 fresh
-    processes with three threads on the H100). A tiny Cholesky loads it here, on one thread."""
+    making that first call together fail ("lazy wrapper should be called at most once": 4 of 4 fresh
+    processes with three threads at a barrier on the H100). A tiny Cholesky loads it here, on one thread."""
     torch.linalg.cholesky_ex(torch.eye(2, device=device, dtype=torch.float32))   # whatever the default dtype
 
 
