@@ -225,8 +225,8 @@ def test_the_warm_ups_do_not_depend_on_the_default_dtype(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [Backend.CUDA, Backend.REFERENCE])
 def test_the_warm_ups_run_side_by_side_on_the_gpu(tmp_path, backend):
-    """The three warm-ups in threads, on the actor's device, under transformers' default dtype as in an
-    in-process actor; the device works after them, and they hold none of its memory (each thread's cuBLAS
+    """The three warm-ups side by side (the shapes' on this thread), on the actor's device, under
+    transformers' default dtype as in an in-process actor; the device works after them, and they hold none of its memory (each thread's cuBLAS
     workspace once stayed: 96 MiB on the H100, past a tiny job's plan)."""
     _gpu()
     model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
@@ -311,7 +311,9 @@ _FIRST_LINALG_TOGETHER = textwrap.dedent("""
 @pytest.mark.gpu
 def test_the_warm_ups_first_linalg_calls_do_not_race():
     """torch loads its CUDA linear algebra library on a process's first call into it, and first calls
-    from two threads at once fail: the three warm-ups' first Cholesky, together, in a fresh process."""
+    from two threads at once fail: the three warm-ups' first Cholesky, together, in a fresh process. (The
+    script's "unloaded" mode, the same without the library loaded first, is the control: it failed in 4
+    of 4 processes on the H100.)"""
     _gpu()
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
