@@ -1,7 +1,13 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import jobs.quantize as cli
 from wq_ops.config import Method
+from wq_ops.dist import driver
 
 
 @pytest.fixture
@@ -12,8 +18,38 @@ def captured(monkeypatch):
         seen["job"], seen["command"] = job, command
         raise SystemExit(0)
 
-    monkeypatch.setattr(cli, "run_job", fake_run_job)
+    monkeypatch.setattr(driver, "run_job", fake_run_job)     # main imports it when it runs
     return seen
+
+
+def test_the_command_line_module_imports_no_torch():
+    """The CLI makes a GPU job's CUDA context while torch imports, so its module must not import torch."""
+    code = "import sys, jobs.quantize; sys.exit('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr or "importing jobs.quantize imported torch"
+
+
+@pytest.mark.parametrize("flags, starts", [
+    ([], False),                                                  # a CPU job
+    (["--gpus-per-actor", "1"], True),                            # one GPU actor in this process
+    (["--gpus-per-actor", "1", "--runtime", "local"], True),
+    (["--gpus-per-actor", "1", "--actors", "2"], False),          # actors in Ray's processes
+    (["--gpus-per-actor", "1", "--address", "ray://head:10001"], False),
+])
+def test_only_an_in_process_gpu_job_starts_its_cuda_context_early(tmp_path, captured, monkeypatch, flags, starts):
+    started = []
+    monkeypatch.setattr(cli, "start_primary_context", lambda ordinal=0: started.append(ordinal))
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "m", "--out", str(tmp_path), *flags])
+    assert started == ([0] if starts else [])
+    # torch's default module loading, set before the driver reads it (at cuInit); a user's choice stays.
+    assert os.environ.get("CUDA_MODULE_LOADING") == ("LAZY" if starts else None)
+    if starts:
+        monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+        with pytest.raises(SystemExit):
+            cli.main(["--model", "m", "--out", str(tmp_path), *flags])
+        assert os.environ["CUDA_MODULE_LOADING"] == "EAGER"
 
 
 def test_yaml_then_flags_override(tmp_path, captured):
@@ -57,10 +93,6 @@ def test_the_command_line_exits_fast_with_everything_written(tmp_path):
     """`python -m jobs.quantize` skips the interpreter's teardown: the artifact, its index, report and the
     closing line must all be out first, and the exit code must still say what happened."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "WQ_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
