@@ -272,7 +272,7 @@ class BlockActor:
         ready = None
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
-                params = {n[cut:]: v.to(layout.dtype).to(self.device, non_blocking=True) for n, v in host.items()}
+                params = {n[cut:]: _queue_to_device(v, layout.dtype, self.device) for n, v in host.items()}
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
         else:
@@ -593,6 +593,18 @@ class _HostTensors:
         if self.ready is not None:
             self.ready.synchronize()
         return self.tensors
+
+
+def _queue_to_device(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`tensor` (on the host, often a view of a memory-mapped shard) in `dtype` on `device`, queued on the
+    current stream through pinned memory; returns once queued. From pageable memory the driver stages the
+    copy itself, and meanwhile no other thread's launches get through: the compute stream stood idle for
+    the copy, 20 ms of each 1B block's 200 ms on the H100 (torch profiler). torch's pinned allocator
+    reuses the staging memory only once the copy has run, so at most about two blocks' weights stay
+    pinned, cached for the next blocks."""
+    pinned = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+    pinned.copy_(tensor)
+    return pinned.to(device, non_blocking=True)
 
 
 def _queue_to_host(tensor: Tensor) -> Tensor:

@@ -1,0 +1,71 @@
+"""A GPU actor's block weights reach the device through pinned staging memory (`_queue_to_device`), so
+their copy runs beside the compute stream's work rather than holding up its launches. The staging memory
+must hold each block's bytes until its copy has run, and the artifact must not depend on the route."""
+
+import pytest
+import torch
+
+from wq_ops.config import JobConfig, default_options
+from wq_ops.dist import actor as actor_module
+from wq_ops.dist.driver import run_job
+from tests.factory import write_checkpoint, write_text
+
+
+def _gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_queued_copy_is_the_source_in_the_models_dtype(source_dtype):
+    _gpu()
+    source = torch.randn(257, 1031, generator=torch.Generator().manual_seed(0)).to(source_dtype)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = actor_module._queue_to_device(source, torch.bfloat16, torch.device("cuda"))
+    stream.synchronize()
+    assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == source.shape
+    assert torch.equal(out.cpu(), source.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_staging_memory_is_not_reused_before_its_copy_runs():
+    """The copies wait behind a long kernel on their stream while later blocks are staged: had the
+    staging memory been handed out again before its copy ran, an earlier block would arrive with a later
+    one's bytes."""
+    _gpu()
+    device = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    sources = [torch.full((1024, 1024), float(k), dtype=torch.bfloat16) for k in range(12)]
+    outs = []
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)         # about 0.1 s of a busy stream before any copy may run
+        for k, source in enumerate(sources):
+            outs.append(actor_module._queue_to_device(source.clone(), torch.bfloat16, device))
+            del source
+    assert not stream.query(), "the copies ran before the test could queue them all: sleep longer"
+    stream.synchronize()
+    for k, out in enumerate(outs):
+        assert torch.equal(out.cpu(), torch.full((1024, 1024), float(k), dtype=torch.bfloat16)), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("propagation", ["quantized", "float"])
+def test_pinned_staging_writes_the_bytes_pageable_copies_do(tmp_path, monkeypatch, propagation):
+    _gpu()
+    model = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=4)
+    calib = write_text(tmp_path / "c.txt")
+
+    def artifact(name):
+        options = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 16,
+                   "seq_len": 64, "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1,
+                   "backend": "cuda", "propagation": propagation}
+        result = run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
+        return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
+
+    pinned = artifact("pinned")
+    monkeypatch.setattr(actor_module, "_queue_to_device",
+                        lambda t, dtype, device: t.to(dtype).to(device, non_blocking=True))
+    pageable = artifact("pageable")
+    assert pinned == pageable and len(pinned) == 6
