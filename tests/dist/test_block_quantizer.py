@@ -294,12 +294,9 @@ def test_awq_where_no_scaling_wins_leaves_the_bytes_alone(block_setup, monkeypat
     assert all(r.awq_ratio is None for r in outcome.layers)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("quant", [dict(method="awq", awq_loss="layer"), dict(method="awq"), dict(method="rtn")])
-def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
-    """AWQ's and RTN's solves queue their work and read nothing back until the block's outcome (one read for
-    the report's numbers): the GPU is not drained after each layer. GPTQ reads the device once per
-    factorization (its damping check), by design."""
+def _gpu_block(quant):
+    """A tiny Llama block on the GPU, its inputs, and a quantize_block_ call for it that has already run
+    once (every kernel loaded before a strict run)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from wq_ops.dist import block_quantizer
@@ -316,46 +313,87 @@ def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
     anatomy = discover_anatomy(DecoderBlock(meta.model.layers[0], probe), params, layout.linears, hidden_size=128)
     batches = list(torch.randn(8, 64, 128, generator=gen).to(torch.bfloat16).cuda().split(4))
     q = QuantConfig(bits=4, group_size=32, backend="cuda", **quant)
-    block_quantizer.quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy, list(batches), quant=q,
-                                    fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
-                                    linears=layout.linears)          # loads every kernel before the strict run
-    stage = block_quantizer._BlockSolver.stage
+
+    def quantize():
+        return block_quantizer.quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy,
+                                               list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0,
+                                               prefix="model.layers", linears=layout.linears)
+
+    quantize()
+    return quantize
+
+
+def _strict(monkeypatch, cls, method: str) -> None:
+    """`cls.method` raises on any read of the device."""
+    plain = getattr(cls, method)
 
     def strict(self, *args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return stage(self, *args, **kwargs)
+            return plain(self, *args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(block_quantizer._BlockSolver, "stage", strict)
-    outcome, _ = block_quantizer.quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy,
-                                                 list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0,
-                                                 prefix="model.layers", linears=layout.linears)
+    monkeypatch.setattr(cls, method, strict)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [dict(method="awq", awq_loss="layer"), dict(method="awq"), dict(method="rtn")])
+def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
+    """AWQ's and RTN's solves queue their work and read nothing back until the block's report is read
+    (one read for its numbers): the GPU is not drained after each layer. GPTQ reads the device once per
+    factorization (its damping check), by design."""
+    from wq_ops.dist import block_quantizer
+
+    quantize = _gpu_block(quant)
+    _strict(monkeypatch, block_quantizer._BlockSolver, "stage")
+    outcome, _ = quantize()
     assert all(r.quantized and r.output_error > 0 for r in outcome.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [dict(method="gptq"), dict(method="gptq", ignore=("*.mlp.down_proj",)),
+                                   dict(method="awq"), dict(method="rtn")])
+def test_a_blocks_outcome_queues_its_report_without_waiting_on_the_gpu(monkeypatch, quant):
+    """The outcome (artifact tensors packed, the report's numbers queued to the host) reads nothing back:
+    the actor's compute thread goes on to queue the next block, and the writer reads the report. Read
+    afterwards, the report has every layer's numbers."""
+    from wq_ops.dist import block_quantizer
+
+    quantize = _gpu_block(quant)
+    _strict(monkeypatch, block_quantizer._BlockSolver, "outcome")
+    outcome, _ = quantize()
+    assert len(outcome.layers) == 7 and outcome.seconds["forward"] > 0
+    assert all(r.output_error > 0 for r in outcome.layers if r.quantized)
+    assert sum(r.quantized for r in outcome.layers) == (6 if "ignore" in quant else 7)
 
 
 @pytest.mark.parametrize("quant", [dict(method="gptq", ignore=("*.mlp.down_proj",)), dict(method="awq")])
 def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup, monkeypatch, quant):
-    """`_resolve_records` reads every layer's numbers back in one copy: each record matches that layer's
-    output error, proxy loss and outlier summary read on their own (a layer left unquantized has error 0)."""
+    """`_queue_numbers` sends every layer's numbers to the host in one copy: each record matches that
+    layer's output error, proxy loss, outlier summary and scale search read on their own (a layer left
+    unquantized has error 0)."""
     from wq_ops.dist import block_quantizer
     from wq_ops.quant.hessian import outlier_summary
 
     pending = []
-    resolve = block_quantizer._resolve_records
+    queue = block_quantizer._queue_numbers
 
     def keep(records):
         pending.extend(records)
-        return resolve(records)
+        return queue(records)
 
-    monkeypatch.setattr(block_quantizer, "_resolve_records", keep)
+    monkeypatch.setattr(block_quantizer, "_queue_numbers", keep)
     outcome, _ = run(block_setup, **quant)
     assert len(pending) == len(outcome.layers) == 7
     for r, got in zip(pending, outcome.layers):
         assert got.name == r.name and got.quantized == (r.error is not None)
         assert got.output_error == (0.0 if r.error is None else float(r.error))
         assert got.proxy_loss == (r.result.loss if r.result is not None else None)
+        assert got.damp_frac == (r.result.damp_frac if r.result is not None else None)
         assert got.outliers == outlier_summary(r.channels)
         assert got.awq_ratio == (r.search.ratio if r.search else None)
+        assert got.awq_loss == (r.search.loss if r.search else None)
+        assert got.awq_loss_unscaled == (r.search.loss_unscaled if r.search else None)
     assert any(not r.quantized for r in outcome.layers) == ("ignore" in quant)
+    assert any(r.awq_ratio is not None for r in outcome.layers) == (quant["method"] == "awq")

@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
-from wq_ops.dist.block_quantizer import (FloatCalibration, calibrate_float_, calibrate_float_all_, quantize_block_,
-                                         replay_block_, solve_block_)
+from wq_ops.dist.block_quantizer import (BlockOutcome, BlockReport, FloatCalibration, calibrate_float_,
+                                         calibrate_float_all_, quantize_block_, replay_block_, solve_block_)
 from wq_ops.dist.transport import HostTensor, from_host, to_host
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
@@ -410,20 +410,19 @@ class BlockActor:
                                             hidden_size=self.spec.layout.hidden_size)
         return self.anatomy
 
-    def _host_outcome(self, outcome: Any, loaded: _Loaded) -> tuple["_HostTensors", tuple, dict[str, float]]:
-        """A solved block's artifact tensors on their way to the host, its layer records and its phase
-        seconds. On a GPU the copies (into pinned memory) are queued on the current stream and not waited
-        for here: the writer waits for them, and this thread goes on to queue the next block's work (a
-        waited copy left the GPU idle for 37 ms a block on the H100)."""
+    def _host_outcome(self, outcome: BlockOutcome, loaded: _Loaded) -> tuple["_HostTensors", "_StagedReport"]:
+        """A solved block's artifact tensors on their way to the host, and its report (layer records and
+        phase seconds), read by the writer. On a GPU the copies (into pinned memory) are queued on the
+        current stream and not waited for here: the writer waits for them, and this thread goes on to queue
+        the next block's work (a waited copy left the GPU idle for 37 ms a block on the H100)."""
         t = time.perf_counter()
         host = {k: _queue_to_host(v) for k, v in outcome.tensors.items()}
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        seconds = {"load": loaded.seconds, **outcome.seconds,
-                   "pack": outcome.seconds.get("pack", 0.0) + time.perf_counter() - t}
-        return _HostTensors(host, ready), tuple(_layer_dict(r) for r in outcome.layers), seconds
+        report = _StagedReport(outcome.report, load_seconds=loaded.seconds, copy_seconds=time.perf_counter() - t)
+        return _HostTensors(host, ready), report
 
     def _counted(self, record: ShardRecord) -> ShardRecord:
         """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
@@ -462,9 +461,9 @@ class BlockActor:
     def _load_float(self, index: int) -> _Loaded:
         return self._load(index, staged=False)
 
-    def _compute_block(self, index: int, loaded: _Loaded) -> tuple["_HostTensors", tuple, dict[str, float]]:
+    def _compute_block(self, index: int, loaded: _Loaded) -> tuple["_HostTensors", "_StagedReport"]:
         """Quantize block `index` and replace the activations with its outputs. Returns its artifact
-        tensors on the host, its layer records and its phase seconds."""
+        tensors on their way to the host and its report, for `_stage_block`."""
         layout: ModelLayout = self.spec.layout
         job = self.spec.job
         self._await_copy(loaded)
@@ -493,7 +492,7 @@ class BlockActor:
         return calibration, ready
 
     def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
-                     ready: Any = None) -> tuple["_HostTensors", tuple, dict[str, float]]:
+                     ready: Any = None) -> tuple["_HostTensors", "_StagedReport"]:
         """Quantize a calibrated block and drop its weights from the device. Returns what `_stage_block`
         takes. With `ready` (the overlapped path, in the solver thread) it runs on the solve stream once
         the statistics are complete, and the tensors are dropped only once that stream is drained, so no
@@ -523,10 +522,10 @@ class BlockActor:
     def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
         return self._stage_block(index, *solving.result())
 
-    def _stage_block(self, index: int, queued: "_HostTensors", layers: tuple,
-                     seconds: dict[str, float]) -> ShardRecord:
+    def _stage_block(self, index: int, queued: "_HostTensors", report: "_StagedReport") -> ShardRecord:
         t = time.perf_counter()
         host = queued.wait()
+        layers, seconds = report.layers(), report.seconds()
         path = self.spec.artifact.staged_block(index)
         nbytes, sha = _write_shard(path, host)
         record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
@@ -593,6 +592,23 @@ class _HostTensors:
         if self.ready is not None:
             self.ready.synchronize()
         return self.tensors
+
+
+@dataclass(frozen=True)
+class _StagedReport:
+    """A block's report as the writer stages it: the layers as dicts, and the phase seconds with the load
+    and the queueing of the host copies (counted as pack)."""
+
+    report: BlockReport
+    load_seconds: float
+    copy_seconds: float
+
+    def layers(self) -> tuple[dict, ...]:
+        return tuple(_layer_dict(r) for r in self.report.layers)
+
+    def seconds(self) -> dict[str, float]:
+        phases = self.report.seconds
+        return {"load": self.load_seconds, **phases, "pack": phases.get("pack", 0.0) + self.copy_seconds}
 
 
 def _queue_to_device(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:

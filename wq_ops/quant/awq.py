@@ -39,24 +39,41 @@ class ScaleSearch:
     best: Tensor                              # (1,) int64: the winner's index in losses
     n_grid: int
 
+    def numbers(self) -> Tensor:
+        """The losses, then the winner's index, as one float64 vector on the device (for one read-back)."""
+        return torch.cat([self.losses.to(torch.float64), self.best.to(torch.float64)])
+
     @cached_property
-    def _on_host(self) -> tuple[int, list[float]]:
-        values = torch.cat([self.losses.to(torch.float64), self.best.to(torch.float64)]).tolist()  # one read
-        return int(values[-1]), values[:-1]
+    def _on_host(self) -> SearchSummary:
+        return SearchSummary.of(self.numbers().tolist(), self.n_grid)
 
     @property
     def ratio(self) -> float | None:
-        best, _ = self._on_host
-        return None if best == 0 else (best - 1) / self.n_grid
+        return self._on_host.ratio
 
     @property
     def loss(self) -> float:
-        best, losses = self._on_host
-        return losses[best]
+        return self._on_host.loss
 
     @property
     def loss_unscaled(self) -> float:
-        return self._on_host[1][0]
+        return self._on_host.loss_unscaled
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """A scale search's outcome for the report: the winning grid exponent (None when no scaling won), its
+    loss, and the loss of plain RTN."""
+
+    ratio: float | None
+    loss: float
+    loss_unscaled: float
+
+    @classmethod
+    def of(cls, numbers: Sequence[float], n_grid: int) -> "SearchSummary":
+        """From `ScaleSearch.numbers()` read back: n_grid + 1 losses, then the winner's index."""
+        losses, best = numbers[:n_grid + 1], int(numbers[n_grid + 1])
+        return cls(ratio=None if best == 0 else (best - 1) / n_grid, loss=losses[best], loss_unscaled=losses[0])
 
 
 def weight_profile(weights: Sequence[Tensor], group_size: int | None) -> Tensor:
