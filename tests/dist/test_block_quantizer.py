@@ -379,9 +379,9 @@ def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup
     pending = []
     queue = block_quantizer._queue_numbers
 
-    def keep(records):
+    def keep(records, *checks):
         pending.extend(records)
-        return queue(records)
+        return queue(records, *checks)
 
     monkeypatch.setattr(block_quantizer, "_queue_numbers", keep)
     outcome, _ = run(block_setup, **quant)
@@ -397,3 +397,18 @@ def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup
         assert got.awq_loss_unscaled == (r.search.loss_unscaled if r.search else None)
     assert any(not r.quantized for r in outcome.layers) == ("ignore" in quant)
     assert any(r.awq_ratio is not None for r in outcome.layers) == (quant["method"] == "awq")
+
+
+def test_a_block_report_raises_a_failed_packing_check_before_its_records():
+    """The packing's checks ride at the end of the report's numbers: a false one raises ArtifactError with
+    its message when the records are read (by the actor's writer, before the shard is staged)."""
+    from wq_ops.dist.block_quantizer import BlockReport, _QueuedNumbers, _Timer
+    from wq_ops.errors import ArtifactError
+
+    timer = _Timer(torch.device("cpu"))
+    checks = ("layer a: bad zero points", "layer b: bad zero points")
+    ok = BlockReport((), _QueuedNumbers(torch.tensor([1.0, 1.0], dtype=torch.float64)), timer, checks)
+    assert ok.layers == ()
+    failed = BlockReport((), _QueuedNumbers(torch.tensor([1.0, 0.0], dtype=torch.float64)), timer, checks)
+    with pytest.raises(ArtifactError, match="layer b: bad zero points"):
+        failed.layers

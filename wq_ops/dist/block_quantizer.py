@@ -26,6 +26,7 @@ from torch import Tensor
 from wq_ops.calib.capture import GroupCapture, capture_group, capture_inputs, capture_stage
 from wq_ops.config import AwqLoss, Format, Method, Propagation, QuantConfig
 from wq_ops.formats import encode_linear, scale_dtype
+from wq_ops.formats.checks import Checks, raise_failed
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
 from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup
@@ -74,12 +75,16 @@ class BlockReport:
     stood idle while the records were built, about 10 ms of each 1B block on the H100 (torch profiler).
     It holds no device memory."""
 
-    def __init__(self, records: Sequence[_QueuedRecord], numbers: _QueuedNumbers, timer: _Timer) -> None:
-        self._records, self._numbers, self._timer = tuple(records), numbers, timer
+    def __init__(self, records: Sequence[_QueuedRecord], numbers: _QueuedNumbers, timer: _Timer,
+                 checks: tuple[str, ...] = ()) -> None:
+        self._records, self._numbers, self._timer, self._checks = tuple(records), numbers, timer, checks
 
     @cached_property
     def layers(self) -> tuple[LayerRecord, ...]:
-        return _resolve_records(self._records, self._numbers.wait())
+        """The layer records; raises ArtifactError first if one of the packing's checks failed."""
+        values = self._numbers.wait()
+        raise_failed(self._checks, values[values.numel() - len(self._checks):])
+        return _resolve_records(self._records, values[:values.numel() - len(self._checks)])
 
     @cached_property
     def seconds(self) -> dict[str, float]:
@@ -243,12 +248,14 @@ class _BlockSolver:
 
     def outcome(self) -> BlockOutcome:
         t = time.perf_counter()
+        checks = Checks()
         tensors = _artifact_tensors(self.work, self.results, self.linears, quant=self.quant, fmt=self.fmt,
                                     full=self.full, prefix=f"{self.prefix}.{self.block_index}", dtype=self.dtype,
-                                    scales_dtype=self.scales_dtype, pad_intermediate=self.pad_intermediate)
+                                    scales_dtype=self.scales_dtype, pad_intermediate=self.pad_intermediate,
+                                    checks=checks)
         self.timer.add("pack", t)
-        numbers, records = _queue_numbers(self.records)
-        return BlockOutcome(self.block_index, tensors, BlockReport(records, numbers, self.timer))
+        numbers, records = _queue_numbers(self.records, checks.values())
+        return BlockOutcome(self.block_index, tensors, BlockReport(records, numbers, self.timer, checks.messages))
 
 
 def solve_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy,
@@ -467,10 +474,11 @@ class _QueuedNumbers:
         return self.values
 
 
-def _queue_numbers(records: Sequence[_PendingRecord]) -> tuple[_QueuedNumbers, tuple[_QueuedRecord, ...]]:
+def _queue_numbers(records: Sequence[_PendingRecord],
+                   checks: Sequence[Tensor] = ()) -> tuple[_QueuedNumbers, tuple[_QueuedRecord, ...]]:
     """The block's records' numbers (each layer's input channel statistics, output error, proxy loss and
-    scale search) queued to the host in one copy, into pinned memory, rather than read a few per layer;
-    and the records without their device tensors."""
+    scale search), then the packing's `checks`, queued to the host in one copy, into pinned memory, rather
+    than read a few per layer; and the records without their device tensors."""
     values: list[Tensor] = []
     queued = []
     for r in records:
@@ -488,6 +496,7 @@ def _queue_numbers(records: Sequence[_PendingRecord]) -> tuple[_QueuedNumbers, t
             damp_frac=r.result.damp_frac if r.result is not None else None, seconds=r.seconds,
             channels_shape=tuple(r.channels.shape), has_error=r.error is not None, has_loss=has_loss,
             search_grid=r.search.n_grid if r.search is not None else None))
+    values.extend(checks)
     numbers = torch.cat([v.to(torch.float64) for v in values]) if values else torch.empty(0, dtype=torch.float64)
     if not numbers.is_cuda:
         return _QueuedNumbers(numbers), tuple(queued)
@@ -677,7 +686,8 @@ def _module_loss(inspect: Callable[[Mapping[str, Tensor], Tensor], Tensor], work
 
 def _artifact_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult], linears: tuple[LinearSpec, ...],
                       *, quant: QuantConfig, fmt: Format, full: dict[str, str], prefix: str,
-                      dtype: torch.dtype, scales_dtype: torch.dtype, pad_intermediate: int = 0) -> dict[str, Tensor]:
+                      dtype: torch.dtype, scales_dtype: torch.dtype, pad_intermediate: int = 0,
+                      checks: Checks | None = None) -> dict[str, Tensor]:
     """Quantized linears in the format's layout; everything else (norms, biases, ignored layers, AWQ's
     rescaled norms) in the model dtype. With pad_intermediate, gate/up get that many output rows and down
     that many input columns, all exactly zero, so the padded model computes what the unpadded one does."""
@@ -690,7 +700,8 @@ def _artifact_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantRes
                 result = pad_output_rows(result, pad_intermediate)
             elif pad_intermediate and spec.name in _PAD_COLUMNS:
                 result = pad_input_columns(result, pad_intermediate)
-            tensors.update(encode_linear(fmt, full[spec.name], result, quant=quant, scale_dtype=scales_dtype))
+            tensors.update(encode_linear(fmt, full[spec.name], result, quant=quant, scale_dtype=scales_dtype,
+                                         checks=checks))
             quantized_weights.add(spec.name + ".weight")
     for local, value in work.items():
         if local not in quantized_weights:

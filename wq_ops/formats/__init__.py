@@ -13,6 +13,7 @@ from torch import Tensor
 from wq_ops.config import Backend, Format, QuantConfig
 from wq_ops.errors import ConfigError
 from wq_ops.formats import compressed_tensors, gptq
+from wq_ops.formats.checks import Checks
 from wq_ops.quant.result import QuantResult, dequantize
 
 __all__ = ["encode_linear", "quantization_config", "format_module", "scale_dtype", "dense_tensors"]
@@ -35,11 +36,13 @@ def format_module(fmt: Format) -> ModuleType:
 
 
 def encode_linear(fmt: Format, module: str, result: QuantResult, *, quant: QuantConfig,
-                  scale_dtype: torch.dtype) -> dict[str, Tensor]:
+                  scale_dtype: torch.dtype, checks: Checks | None = None) -> dict[str, Tensor]:
     """The artifact tensors of one quantized linear (full module name) in format `fmt`, packed on the GPU
-    with the CUDA backend when the codes are there."""
+    with the CUDA backend when the codes are there. checks: where conditions on device values are queued
+    rather than read back at once (the caller raises them: `wq_ops.formats.checks`)."""
     backend = quant.backend if result.codes.is_cuda else Backend.REFERENCE
-    return format_module(fmt).encode_linear(module, result, sym=quant.sym, scale_dtype=scale_dtype, backend=backend)
+    return format_module(fmt).encode_linear(module, result, sym=quant.sym, scale_dtype=scale_dtype, backend=backend,
+                                            checks=checks)
 
 
 def quantization_config(fmt: Format, quant: QuantConfig, *, ignore: list[str]) -> dict[str, Any]:

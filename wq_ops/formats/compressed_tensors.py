@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.config import Backend, QuantConfig
-from wq_ops.errors import ArtifactError
+from wq_ops.formats.checks import Checks, require
 from wq_ops.pack import pack_rows, unpack_rows
 from wq_ops.quant.result import QuantResult
 
@@ -33,9 +33,10 @@ def tensor_names(module: str, *, sym: bool) -> tuple[str, ...]:
 
 
 def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype,
-                  backend: Backend = Backend.REFERENCE) -> dict[str, Tensor]:
+                  backend: Backend = Backend.REFERENCE, checks: Checks | None = None) -> dict[str, Tensor]:
     """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj").
-    backend: what packs the codes (the same bytes either way; CUDA needs them on the GPU)."""
+    backend: what packs the codes (the same bytes either way; CUDA needs them on the GPU). checks: where
+    the conditions on the result are queued rather than read back at once (see `checks`)."""
     out_features, in_features = result.shape
     tensors = {
         f"{module}.weight_packed": pack_rows(result.codes, result.bits, backend=backend),
@@ -47,8 +48,9 @@ def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: t
         # range check and 32 small kernels made the GPU wait 17 ms per 1B AWQ block).
         tensors[f"{module}.weight_zero_point"] = pack_rows(result.zero.T.contiguous(), result.bits,
                                                            backend=backend).T.contiguous()
-    elif not bool((result.zero == 2 ** (result.bits - 1)).all()):
-        raise ArtifactError(f"{module}: a symmetric scheme needs every zero point at {2 ** (result.bits - 1)}")
+    else:
+        require((result.zero == 2 ** (result.bits - 1)).all(),
+                f"{module}: a symmetric scheme needs every zero point at {2 ** (result.bits - 1)}", checks)
     return tensors
 
 

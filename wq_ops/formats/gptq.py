@@ -23,6 +23,7 @@ from torch import Tensor
 
 from wq_ops.config import Backend, QuantConfig
 from wq_ops.errors import ArtifactError
+from wq_ops.formats.checks import Checks
 from wq_ops.pack import pack_columns, pack_rows, unpack_columns, unpack_rows
 from wq_ops.quant.result import QuantResult
 
@@ -59,10 +60,11 @@ def _check_shape(module: str, out_features: int, in_features: int, bits: int) ->
 
 
 def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype,
-                  backend: Backend = Backend.REFERENCE) -> dict[str, Tensor]:
+                  backend: Backend = Backend.REFERENCE, checks: Checks | None = None) -> dict[str, Tensor]:
     """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj").
     result.scale must already be exact in float16 (the quantizer rounds its grid to `SCALE_DTYPE`).
-    backend: unused; GPTQ v1 packs on the reference path (its column layout has no CUDA kernel)."""
+    backend: unused; GPTQ v1 packs on the reference path (its column layout has no CUDA kernel). checks:
+    unused; GPTQ v1 checks its conditions at once (the failing row and group go into the message)."""
     out_features, in_features = result.shape
     bits = result.bits
     _check_shape(module, out_features, in_features, bits)
