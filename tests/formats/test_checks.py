@@ -51,6 +51,8 @@ def test_on_the_gpu_the_zero_point_check_is_queued_and_raised_once_read(bad_zero
         pytest.skip("needs a CUDA GPU")
     from wq_ops.config import Backend
 
+    encode_linear(NAME, _sym_result("cuda", False), sym=True, scale_dtype=torch.bfloat16,
+                  backend=Backend.CUDA)                   # loads the packing kernel before the strict run
     checks = Checks()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -523,9 +523,9 @@ class BlockActor:
         return self._stage_block(index, *solving.result())
 
     def _stage_block(self, index: int, queued: "_HostTensors", report: "_StagedReport") -> ShardRecord:
-        t = time.perf_counter()
         host = queued.wait()
         layers, seconds = report.layers(), report.seconds()
+        t = time.perf_counter()                  # the write itself, not the wait for the block's GPU work
         path = self.spec.artifact.staged_block(index)
         nbytes, sha = _write_shard(path, host)
         record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
