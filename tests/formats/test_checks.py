@@ -53,11 +53,11 @@ def test_on_the_gpu_the_zero_point_check_is_queued_and_raised_once_read(bad_zero
 
     encode_linear(NAME, _sym_result("cuda", False), sym=True, scale_dtype=torch.bfloat16,
                   backend=Backend.CUDA)                   # loads the packing kernel before the strict run
+    result = _sym_result("cuda", bad_zero)                # its copies to the device are made before the strict run
     checks = Checks()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        encode_linear(NAME, _sym_result("cuda", bad_zero), sym=True, scale_dtype=torch.bfloat16,
-                      backend=Backend.CUDA, checks=checks)
+        encode_linear(NAME, result, sym=True, scale_dtype=torch.bfloat16, backend=Backend.CUDA, checks=checks)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(checks.messages) == 1
