@@ -40,7 +40,7 @@ def test_staging_memory_is_not_reused_before_its_copy_runs():
     sources = [torch.full((1024, 1024), float(k), dtype=torch.bfloat16) for k in range(12)]
     outs = []
     with torch.cuda.stream(stream):
-        torch.cuda._sleep(200_000_000)         # about 0.1 s of a busy stream before any copy may run
+        torch.cuda._sleep(2_000_000_000)       # about 1 s of a busy stream before any copy may run
         for k, source in enumerate(sources):
             outs.append(actor_module._queue_to_device(source.clone(), torch.bfloat16, device))
             del source
