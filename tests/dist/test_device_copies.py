@@ -5,10 +5,8 @@ must hold each block's bytes until its copy has run, and the artifact must not d
 import pytest
 import torch
 
-from wq_ops.config import JobConfig, default_options
 from wq_ops.dist import actor as actor_module
-from wq_ops.dist.driver import run_job
-from tests.factory import write_checkpoint, write_text
+from tests.factory import gpu_job_shards, write_checkpoint, write_text
 
 
 def _gpu() -> None:
@@ -57,15 +55,8 @@ def test_pinned_staging_writes_the_bytes_pageable_copies_do(tmp_path, monkeypatc
     model = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=4)
     calib = write_text(tmp_path / "c.txt")
 
-    def artifact(name):
-        options = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 16,
-                   "seq_len": 64, "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1,
-                   "backend": "cuda", "propagation": propagation}
-        result = run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
-        return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
-
-    pinned = artifact("pinned")
+    pinned = gpu_job_shards(tmp_path, model, calib, "pinned", propagation=propagation)
     monkeypatch.setattr(actor_module, "_queue_to_device",
                         lambda t, dtype, device: t.to(dtype).to(device, non_blocking=True))
-    pageable = artifact("pageable")
+    pageable = gpu_job_shards(tmp_path, model, calib, "pageable", propagation=propagation)
     assert pinned == pageable and len(pinned) == 6

@@ -21,7 +21,7 @@ from wq_ops.dist import warm_up as warm_up_module
 from wq_ops.dist.driver import run_job
 from wq_ops.dist.warm_up import (JobShapes, job_needs_transformers, job_shapes, warm_up_device, warm_up_libraries,
                                  warm_up_quantizers, warm_up_shapes)
-from tests.factory import write_checkpoint, write_text
+from tests.factory import gpu_job_shards, write_checkpoint, write_text
 
 
 def _job(model, **options) -> JobConfig:
@@ -274,16 +274,9 @@ def test_queued_host_copies_stage_the_bytes_waited_copies_do(tmp_path, monkeypat
     model = write_checkpoint(tmp_path / "m", "llama", num_hidden_layers=4)
     calib = write_text(tmp_path / "c.txt")
 
-    def artifact(name):
-        options = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 16,
-                   "seq_len": 64, "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1,
-                   "backend": "cuda"}
-        result = run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
-        return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
-
-    queued = artifact("queued")
+    queued = gpu_job_shards(tmp_path, model, calib, "queued")
     monkeypatch.setattr(actor_module, "_queue_to_host", lambda t: t.to("cpu"))
-    waited = artifact("waited")
+    waited = gpu_job_shards(tmp_path, model, calib, "waited")
     assert queued == waited and len(queued) == 6
 
 
