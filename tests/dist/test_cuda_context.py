@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from wq_ops.dist import cuda_context
 from wq_ops.dist.cuda_context import start_primary_context
@@ -87,6 +88,8 @@ _TORCH_USES_IT = textwrap.dedent("""
 def test_gpu_torch_computes_in_the_context_made_while_it_imported():
     """In a fresh process: the thread makes device 0's primary context during `import torch`, and torch's
     first tensor runs in that same context (the CUDA runtime retained it, rather than making another)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _TORCH_USES_IT], capture_output=True, text=True, env=env, timeout=120)
