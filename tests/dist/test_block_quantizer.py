@@ -402,13 +402,14 @@ def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup
 def test_a_block_report_raises_a_failed_packing_check_before_its_records():
     """The packing's checks ride at the end of the report's numbers: a false one raises ArtifactError with
     its message when the records are read (by the actor's writer, before the shard is staged)."""
-    from wq_ops.dist.block_quantizer import BlockReport, _QueuedNumbers, _Timer
+    from wq_ops.dist.block_quantizer import BlockReport, _Timer
+    from wq_ops.dist.transport import Queued
     from wq_ops.errors import ArtifactError
 
     timer = _Timer(torch.device("cpu"))
     checks = ("layer a: bad zero points", "layer b: bad zero points")
-    ok = BlockReport((), _QueuedNumbers(torch.tensor([1.0, 1.0], dtype=torch.float64)), timer, checks)
+    ok = BlockReport((), Queued(torch.tensor([1.0, 1.0], dtype=torch.float64)), timer, checks)
     assert ok.layers == ()
-    failed = BlockReport((), _QueuedNumbers(torch.tensor([1.0, 0.0], dtype=torch.float64)), timer, checks)
+    failed = BlockReport((), Queued(torch.tensor([1.0, 0.0], dtype=torch.float64)), timer, checks)
     with pytest.raises(ArtifactError, match="layer b: bad zero points"):
         failed.layers

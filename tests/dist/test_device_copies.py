@@ -1,4 +1,4 @@
-"""A GPU actor's block weights reach the device through pinned staging memory (`_queue_to_device`), so
+"""A GPU actor's block weights reach the device through pinned staging memory (`queue_to_device`), so
 their copy runs beside the compute stream's work rather than holding up its launches. The staging memory
 must hold each block's bytes until its copy has run, and the artifact must not depend on the route."""
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wq_ops.dist import actor as actor_module
+from wq_ops.dist.transport import queue_to_device
 from tests.factory import gpu_job_shards, write_checkpoint, write_text
 
 
@@ -21,7 +22,7 @@ def test_queued_copy_is_the_source_in_the_models_dtype(source_dtype):
     source = torch.randn(257, 1031, generator=torch.Generator().manual_seed(0)).to(source_dtype)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        out = actor_module._queue_to_device(source, torch.bfloat16, torch.device("cuda"))
+        out = queue_to_device(source, torch.bfloat16, torch.device("cuda"))
     stream.synchronize()
     assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == source.shape
     assert torch.equal(out.cpu(), source.to(torch.bfloat16))
@@ -40,7 +41,7 @@ def test_staging_memory_is_not_reused_before_its_copy_runs():
     with torch.cuda.stream(stream):
         torch.cuda._sleep(2_000_000_000)       # about 1 s of a busy stream before any copy may run
         for k, source in enumerate(sources):
-            outs.append(actor_module._queue_to_device(source.clone(), torch.bfloat16, device))
+            outs.append(queue_to_device(source.clone(), torch.bfloat16, device))
             del source
     assert not stream.query(), "the copies ran before the test could queue them all: sleep longer"
     stream.synchronize()
@@ -56,7 +57,7 @@ def test_pinned_staging_writes_the_bytes_pageable_copies_do(tmp_path, monkeypatc
     calib = write_text(tmp_path / "c.txt")
 
     pinned = gpu_job_shards(tmp_path, model, calib, "pinned", propagation=propagation)
-    monkeypatch.setattr(actor_module, "_queue_to_device",
+    monkeypatch.setattr(actor_module, "queue_to_device",
                         lambda t, dtype, device: t.to(dtype).to(device, non_blocking=True))
     pageable = gpu_job_shards(tmp_path, model, calib, "pageable", propagation=propagation)
     assert pinned == pageable and len(pinned) == 6

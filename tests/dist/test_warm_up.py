@@ -275,7 +275,7 @@ def test_queued_host_copies_stage_the_bytes_waited_copies_do(tmp_path, monkeypat
     calib = write_text(tmp_path / "c.txt")
 
     queued = gpu_job_shards(tmp_path, model, calib, "queued")
-    monkeypatch.setattr(actor_module, "_queue_to_host", lambda t: t.to("cpu"))
+    monkeypatch.setattr(actor_module, "queue_to_host", lambda t: t.to("cpu"))
     waited = gpu_job_shards(tmp_path, model, calib, "waited")
     assert queued == waited and len(queued) == 6
 

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
 from wq_ops.dist.block_quantizer import (BlockOutcome, BlockReport, FloatCalibration, calibrate_float_,
                                          calibrate_float_all_, quantize_block_, replay_block_, solve_block_)
-from wq_ops.dist.transport import HostTensor, from_host, to_host
+from wq_ops.dist.transport import (HostTensor, Queued, after_queued_copies, from_host, queue_to_device,
+                                   queue_to_host, to_host)
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
@@ -272,7 +273,7 @@ class BlockActor:
         ready = None
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
-                params = {n[cut:]: _queue_to_device(v, layout.dtype, self.device) for n, v in host.items()}
+                params = {n[cut:]: queue_to_device(v, layout.dtype, self.device) for n, v in host.items()}
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
         else:
@@ -410,19 +411,16 @@ class BlockActor:
                                             hidden_size=self.spec.layout.hidden_size)
         return self.anatomy
 
-    def _host_outcome(self, outcome: BlockOutcome, loaded: _Loaded) -> tuple["_HostTensors", "_StagedReport"]:
+    def _host_outcome(self, outcome: BlockOutcome, loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
         """A solved block's artifact tensors on their way to the host, and its report (layer records and
         phase seconds), read by the writer. On a GPU the copies (into pinned memory) are queued on the
         current stream and not waited for here: the writer waits for them, and this thread goes on to queue
         the next block's work (a waited copy left the GPU idle for 37 ms a block on the H100)."""
         t = time.perf_counter()
-        host = {k: _queue_to_host(v) for k, v in outcome.tensors.items()}
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
+        host = after_queued_copies({k: queue_to_host(v) for k, v in outcome.tensors.items()},
+                                   cuda=self.device.type == "cuda")
         report = _StagedReport(outcome.report, load_seconds=loaded.seconds, copy_seconds=time.perf_counter() - t)
-        return _HostTensors(host, ready), report
+        return host, report
 
     def _counted(self, record: ShardRecord) -> ShardRecord:
         """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
@@ -461,7 +459,7 @@ class BlockActor:
     def _load_float(self, index: int) -> _Loaded:
         return self._load(index, staged=False)
 
-    def _compute_block(self, index: int, loaded: _Loaded) -> tuple["_HostTensors", "_StagedReport"]:
+    def _compute_block(self, index: int, loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
         """Quantize block `index` and replace the activations with its outputs. Returns its artifact
         tensors on their way to the host and its report, for `_stage_block`."""
         layout: ModelLayout = self.spec.layout
@@ -492,7 +490,7 @@ class BlockActor:
         return calibration, ready
 
     def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
-                     ready: Any = None) -> tuple["_HostTensors", "_StagedReport"]:
+                     ready: Any = None) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
         """Quantize a calibrated block and drop its weights from the device. Returns what `_stage_block`
         takes. With `ready` (the overlapped path, in the solver thread) it runs on the solve stream once
         the statistics are complete, and the tensors are dropped only once that stream is drained, so no
@@ -522,7 +520,7 @@ class BlockActor:
     def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
         return self._stage_block(index, *solving.result())
 
-    def _stage_block(self, index: int, queued: "_HostTensors", report: "_StagedReport") -> ShardRecord:
+    def _stage_block(self, index: int, queued: Queued[dict[str, Tensor]], report: "_StagedReport") -> ShardRecord:
         host = queued.wait()
         layers, seconds = report.layers(), report.seconds()
         t = time.perf_counter()                  # the write itself, not the wait for the block's GPU work
@@ -581,19 +579,6 @@ class BlockActor:
                 "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device))}
 
 
-@dataclass
-class _HostTensors:
-    """Artifact tensors whose copies to the host may still be in flight until `ready` (a CUDA event)."""
-
-    tensors: dict[str, Tensor]
-    ready: Any = None
-
-    def wait(self) -> dict[str, Tensor]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.tensors
-
-
 @dataclass(frozen=True)
 class _StagedReport:
     """A block's report as the writer stages it: the layers as dicts, and the phase seconds with the load
@@ -609,27 +594,6 @@ class _StagedReport:
     def seconds(self) -> dict[str, float]:
         phases = self.report.seconds
         return {"load": self.load_seconds, **phases, "pack": phases.get("pack", 0.0) + self.copy_seconds}
-
-
-def _queue_to_device(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """`tensor` (on the host, often a view of a memory-mapped shard) in `dtype` on `device`, queued on the
-    current stream through pinned memory; returns once queued. From pageable memory the driver stages the
-    copy itself, and meanwhile no other thread's launches get through: the compute stream stood idle for
-    the copy, 20 ms of each 1B block's 200 ms on the H100 (torch profiler). torch's pinned allocator
-    reuses the staging memory only once the copy has run, so at most about two blocks' weights stay
-    pinned, cached for the next blocks."""
-    pinned = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
-    pinned.copy_(tensor)
-    return pinned.to(device, non_blocking=True)
-
-
-def _queue_to_host(tensor: Tensor) -> Tensor:
-    """A host copy of `tensor`: queued on the current stream into pinned memory for a CUDA tensor (valid
-    once the stream passes an event recorded after it), the tensor itself on the CPU."""
-    if not tensor.is_cuda:
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor, non_blocking=True)
 
 
 def _in_order(staged: Iterator[Future[ShardRecord]]) -> Iterator[ShardRecord]:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from wq_ops.calib.capture import GroupCapture, capture_group, capture_inputs, capture_stage
 from wq_ops.config import AwqLoss, Format, Method, Propagation, QuantConfig
+from wq_ops.dist.transport import Queued, after_queued_copies, queue_to_host
 from wq_ops.formats import encode_linear, scale_dtype
 from wq_ops.formats.checks import Checks, raise_failed
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
@@ -75,7 +76,7 @@ class BlockReport:
     stood idle while the records were built, about 10 ms of each 1B block on the H100 (torch profiler).
     It holds no device memory."""
 
-    def __init__(self, records: Sequence[_QueuedRecord], numbers: _QueuedNumbers, timer: _Timer,
+    def __init__(self, records: Sequence[_QueuedRecord], numbers: Queued[Tensor], timer: _Timer,
                  checks: tuple[str, ...] = ()) -> None:
         self._records, self._numbers, self._timer, self._checks = tuple(records), numbers, timer, checks
 
@@ -461,21 +462,8 @@ class _QueuedRecord:
     search_grid: int | None               # the scale search's n_grid; None without a search
 
 
-@dataclass(frozen=True)
-class _QueuedNumbers:
-    """float64 numbers on the host, valid once `ready` (a CUDA event, or None) has passed."""
-
-    values: Tensor
-    ready: Any = None
-
-    def wait(self) -> Tensor:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.values
-
-
 def _queue_numbers(records: Sequence[_PendingRecord],
-                   checks: Sequence[Tensor] = ()) -> tuple[_QueuedNumbers, tuple[_QueuedRecord, ...]]:
+                   checks: Sequence[Tensor] = ()) -> tuple[Queued[Tensor], tuple[_QueuedRecord, ...]]:
     """The block's records' numbers (each layer's input channel statistics, output error, proxy loss and
     scale search), then the packing's `checks`, queued to the host in one copy, into pinned memory, rather
     than read a few per layer; and the records without their device tensors."""
@@ -485,25 +473,19 @@ def _queue_numbers(records: Sequence[_PendingRecord],
         values.append(r.channels.reshape(-1))
         if r.error is not None:
             values.append(r.error.reshape(1))
-        has_loss = r.result is not None and r.result.row_loss is not None
-        if has_loss:
-            assert r.result is not None and r.result.row_loss is not None
-            values.append(r.result.row_loss.sum().reshape(1))       # as QuantResult.loss sums it
+        row_loss = r.result.row_loss if r.result is not None else None
+        if row_loss is not None:
+            values.append(row_loss.sum().reshape(1))                 # as QuantResult.loss sums it
         if r.search is not None:
             values.append(r.search.numbers())
         queued.append(_QueuedRecord(
             name=r.name, block=r.block, group=r.group, quantized=r.quantized,
             damp_frac=r.result.damp_frac if r.result is not None else None, seconds=r.seconds,
-            channels_shape=tuple(r.channels.shape), has_error=r.error is not None, has_loss=has_loss,
+            channels_shape=tuple(r.channels.shape), has_error=r.error is not None, has_loss=row_loss is not None,
             search_grid=r.search.n_grid if r.search is not None else None))
     values.extend(checks)
     numbers = torch.cat([v.to(torch.float64) for v in values]) if values else torch.empty(0, dtype=torch.float64)
-    if not numbers.is_cuda:
-        return _QueuedNumbers(numbers), tuple(queued)
-    host = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=True).copy_(numbers, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return _QueuedNumbers(host, ready), tuple(queued)
+    return after_queued_copies(queue_to_host(numbers), cuda=numbers.is_cuda), tuple(queued)
 
 
 def _resolve_records(records: Sequence[_QueuedRecord], numbers: Tensor) -> tuple[LayerRecord, ...]:
