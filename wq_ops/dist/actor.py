@@ -22,14 +22,16 @@ The same class also runs inside the driver's process (wq_ops/dist/runtime.py) fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, TypeVar, cast
 
 import torch
 from safetensors.torch import load_file
@@ -45,11 +47,13 @@ from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_a
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, attention_window, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
-from wq_ops.dist.warm_up import JobShapes, warm_up_device
+from wq_ops.dist.warm_up import JobShapes, release_warm_up_memory, warm_up_device
 
 __all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
 
 _IMPORTED_AT = time.time()   # this module (torch, transformers, wq) imported in the actor's process
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -109,17 +113,38 @@ class _Loaded:
     finished: ShardRecord | None = None  # staged by an earlier run: params are what it computed with
 
 
+def _seconds_of(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
+    t = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t
+
+
+def _on_compute_thread(method: Callable[..., _T]) -> Callable[..., _T]:
+    """A BlockActor method that computes on the GPU: it runs on the actor's compute thread (`_on_compute`)."""
+    @functools.wraps(method)
+    def run(self: "BlockActor", *args: Any, **kwargs: Any) -> _T:
+        return self._on_compute(method, self, *args, **kwargs)
+
+    return run
+
+
 class BlockActor:
     """Wrapped with `ray.remote` by the driver; plain Python, so it is also testable in-process."""
 
     def __init__(self, run: RunConfig, backend: Backend, shapes: JobShapes | None = None, *,
                  preload_transformers: bool = True) -> None:
-        """The warm start: the process, torch, the device and the kernels, on a GPU the job's shapes (when
-        known: `job_shapes`), and transformers where the job's blocks run its classes. The driver creates
-        the actors first thing, so this overlaps with reading the checkpoint's config and the calibration
-        data."""
+        """The warm start: the process, torch, the device and the kernels, and transformers where the job's
+        blocks run its classes. On a GPU the device's warm-up (at the job's shapes, when known:
+        `job_shapes`) starts on the compute thread and goes on after this returns: meanwhile the driver
+        plans the job and this thread takes its first calls, which only move data (the embeddings, block
+        0's weights). The driver creates the actors first thing, so this overlaps with reading the
+        checkpoint's config and the calibration data."""
         t0 = time.time()
         torch.set_num_threads(run.cpus_per_actor)
+        self._compute: ThreadPoolExecutor | None = None
+        self._compute_ident: int | None = None
+        self._warm_up: Future[float] | None = None
+        self._warm_up_released = False
         if run.gpus_per_actor > 0:
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.copy_stream: Any = torch.cuda.Stream(self.device)
@@ -139,17 +164,23 @@ class BlockActor:
             load_extension()                     # build or load once, before the first block
         t2 = time.time()
         if self.device.type == "cuda":
-            # Before transformers: an in-process actor would otherwise wait here for the driver's import.
-            warm_up_device(self.device, backend, shapes)
+            # Every block computes on one thread of its own, which warms the device up first: cuDNN keeps its
+            # attention graphs per thread. Started before transformers' import, which would otherwise wait
+            # for the driver's in an in-process actor.
+            self._compute = ThreadPoolExecutor(1, thread_name_prefix="wq-compute",
+                                               initializer=self._enter_compute_thread)
+            self._warm_up = self._compute.submit(_seconds_of, warm_up_device, self.device, backend, shapes,
+                                                 release=False)
         t3 = time.time()
         # transformers (where the job's model skeleton is its classes) is imported now, not by the first
         # call: it took 12 s on the H100 machine, on the critical path. wq's native modules need none of it.
         if preload_transformers:
             import_transformers()
-        # Wall-clock marks of the warm start, for the report (where start-up time goes).
+        # Wall-clock marks of the warm start, for the report (where start-up time goes). The warm-up's own
+        # time is known once it is done: `warm_up_seconds`.
         self.startup = {"imported_at": _IMPORTED_AT, "init_at": t0, "device_s": round(t1 - t0, 3),
-                        "kernels_s": round(t2 - t1, 3), "warmup_s": round(t3 - t2, 3),
-                        "transformers_s": round(time.time() - t3, 3), "ready_at": time.time()}
+                        "kernels_s": round(t2 - t1, 3), "transformers_s": round(time.time() - t3, 3),
+                        "ready_at": time.time()}
         self._spec: ActorSpec | None = None
         # The tensors before and after the blocks are copied unchanged: staged off the critical path.
         self._outer_writer = ThreadPoolExecutor(1, thread_name_prefix="wq-outer")
@@ -157,6 +188,32 @@ class BlockActor:
         # Wall-clock marks of the activation handoff (inputs_at: the previous actor's outputs resolved here;
         # handed_on_at: this actor's outputs put in the object store), for the report's pipeline timeline.
         self.handoff: dict[str, float] = {}
+
+    def _enter_compute_thread(self) -> None:
+        self._compute_ident = threading.get_ident()
+        torch.cuda.set_device(self.device)               # a new thread's current device is device 0
+
+    def _on_compute(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """fn(*args, **kwargs) on the compute thread, waited for (here where the actor has none, or is on
+        it). The first call there waits for the device's warm-up (raising its error) and releases what the
+        warm-up kept: its threads' cuBLAS workspaces, which only a thread no GEMM can run beside may drop.
+        This thread runs none (it only moves data), and waits meanwhile."""
+        if self._compute is None or threading.get_ident() == self._compute_ident:
+            return fn(*args, **kwargs)
+
+        def run() -> _T:
+            if not self._warm_up_released:
+                assert self._warm_up is not None
+                self._warm_up.result()
+                release_warm_up_memory()
+                self._warm_up_released = True
+            return fn(*args, **kwargs)
+
+        return self._compute.submit(run).result()
+
+    def warm_up_seconds(self) -> float | None:
+        """How long the device's warm-up took, once it is done (None on CPU); raises its error."""
+        return None if self._warm_up is None else round(self._warm_up.result(), 3)
 
     def capacity_bytes(self, n_actors: int) -> tuple[int, dict[str, float]]:
         """Memory this actor may plan with (its GPU's, or its host's shared by the job's actors), and
@@ -353,7 +410,7 @@ class BlockActor:
         with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader:
             for index, loaded in zip(blocks, loader.map(self._load, blocks)):
                 self._await_copy(loaded)
-                self._ensure_anatomy(index, loaded)
+                self._on_compute(self._ensure_anatomy, index, loaded)
                 self.span[index] = (loaded, FloatCalibration() if loaded.finished is None else None)
 
     def forward_microbatch(self, spec: ActorSpec, m: int, x: HostTensor | None) -> HostTensor | None:
@@ -367,6 +424,17 @@ class BlockActor:
             h = from_host(x, self.device)
             if m == 0:
                 self.handoff["inputs_at"] = time.time()
+        h = self._through_span(h)
+        self.micro_seen += 1
+        if self.spec.layout.n_blocks - 1 in self.span:
+            return None
+        if m == 0:
+            self.handoff["handed_on_at"] = time.time()
+        return to_host(h)
+
+    @_on_compute_thread
+    def _through_span(self, h: Tensor) -> Tensor:
+        """One micro-batch through the resident span, accumulating each block's statistics."""
         for index, (loaded, calibration) in self.span.items():
             block = DecoderBlock(self.blocks[index], self._context(index))
             if calibration is None:                  # staged by an earlier run: its float outputs only
@@ -374,12 +442,7 @@ class BlockActor:
             else:
                 h = calibrate_float_(block, loaded.params, self._ensure_anatomy(index, loaded), h, calibration,
                                      quant=self.spec.job.quant)
-        self.micro_seen += 1
-        if self.spec.layout.n_blocks - 1 in self.span:
-            return None
-        if m == 0:
-            self.handoff["handed_on_at"] = time.time()
-        return to_host(h)
+        return h
 
     def solve_span(self, spec: ActorSpec) -> Iterator[ShardRecord]:
         """Quantize the span's blocks from their statistics, in order, yielding each block's record once its
@@ -441,6 +504,7 @@ class BlockActor:
         self.batches = self._replay(index, loaded, batches)
         return loaded.finished
 
+    @_on_compute_thread
     def _replay(self, index: int, loaded: _Loaded, batches: list[Tensor]) -> list[Tensor]:
         self._await_copy(loaded)
         block = DecoderBlock(self.blocks[index], self._context(index))
@@ -459,6 +523,7 @@ class BlockActor:
     def _load_float(self, index: int) -> _Loaded:
         return self._load(index, staged=False)
 
+    @_on_compute_thread
     def _compute_block(self, index: int, loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
         """Quantize block `index` and replace the activations with its outputs. Returns its artifact
         tensors on their way to the host and its report, for `_stage_block`."""
@@ -475,6 +540,7 @@ class BlockActor:
         del loaded.params
         return self._host_outcome(outcome, loaded)
 
+    @_on_compute_thread
     def _calibrate_block(self, index: int, loaded: _Loaded) -> tuple[FloatCalibration, Any]:
         """Float propagation: block `index`'s statistics, its float outputs becoming the activations. Also
         an event marking the statistics complete on this stream (None on CPU)."""
@@ -559,9 +625,11 @@ class BlockActor:
         return [f.result() for f in self._outer]
 
     def close(self) -> None:
-        """Let the staging thread finish and drop the device tensors (an in-process actor at the job's end;
-        a Ray actor's process simply ends)."""
+        """Let the staging and compute threads finish (a warm-up still running included) and drop the
+        device tensors (an in-process actor at the job's end; a Ray actor's process simply ends)."""
         self._outer_writer.shutdown(wait=True)
+        if self._compute is not None:
+            self._compute.shutdown(wait=True)
         self.batches, self.span = [], {}
         self._spec = None
 

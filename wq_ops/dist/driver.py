@@ -225,17 +225,18 @@ def _check_tensor_parallel(job: JobConfig, layout: ModelLayout, hf_config: Any) 
 
 
 def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[Any], *,
-                    created_at: float) -> tuple[int, list[dict[str, float]]]:
+                    created_at: float) -> tuple[int, list[dict[str, float | None]]]:
     """Bytes each actor may plan with: --actor-memory-gib, else the smallest the actors report (their
     GPU's memory, or their host's RAM / actors). Also each actor's start-up split, in seconds: process
-    spawn and imports, CUDA context, kernels, warm-up, transformers (logged, and kept for the report)."""
+    spawn and imports, CUDA context, kernels, transformers (logged, and kept for the report; a GPU actor's
+    warm-up goes on after it is ready, and its time is added at the job's end)."""
     try:
         answers = runtime.get([a.capacity_bytes.remote(job.run.actors) for a in actors], timeout=600)
     except Exception as e:
         raise _unwrap(e) from None
     startup = [{"spawn_and_imports_s": round(marks["init_at"] - created_at, 3), "device_s": marks["device_s"],
-                "kernels_s": marks["kernels_s"], "warmup_s": marks["warmup_s"],
-                "transformers_s": marks["transformers_s"], "ready_s": round(marks["ready_at"] - created_at, 3)}
+                "kernels_s": marks["kernels_s"], "transformers_s": marks["transformers_s"],
+                "ready_s": round(marks["ready_at"] - created_at, 3)}
                for _, marks in answers]
     for rank, split in enumerate(startup):
         log.info("actor=%d started: %s", rank, " ".join(f"{k}={v}" for k, v in split.items()))
@@ -269,9 +270,9 @@ def _run_spans(job: JobConfig, plan: JobPlan, actors: list[Any], specs: list[Any
 
 
 def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime,
-                actors: list[Any]) -> tuple[list[ShardRecord], list[dict], list[dict]]:
-    """Run the plan; the staged shards' records, each actor's activation handoff times, and each actor's
-    planned and (on a GPU) measured peak memory."""
+                actors: list[Any]) -> tuple[list[ShardRecord], list[dict], list[dict], list[float | None]]:
+    """Run the plan; the staged shards' records, each actor's activation handoff times, each actor's
+    planned and (on a GPU) measured peak memory, and its GPU warm-up's seconds (None on CPU)."""
     job, layout = prepared.job, prepared.layout
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
     specs = [runtime.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
@@ -362,9 +363,10 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime,
         # What each actor's device really held at most, beside what the plan said it would need.
         peaks = runtime.get([actor.memory_peak.remote() for actor in actors])
         memory = [{"rank": a.rank, "planned_bytes": a.memory.total, **peak} for a, peak in zip(plan.actors, peaks)]
+        warm_ups = runtime.get([actor.warm_up_seconds.remote() for actor in actors])
     except Exception as e:
         raise _unwrap(e) from None
-    return records, handoffs, memory
+    return records, handoffs, memory, warm_ups
 
 
 def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None) -> JobResult:
@@ -404,7 +406,9 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
                 return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
             log.info("%s", plan.describe())
             check_fits(plan)
-            records, handoffs, memory = _run_actors(prepared, plan, runtime, actors)
+            records, handoffs, memory, warm_ups = _run_actors(prepared, plan, runtime, actors)
+            for split, seconds in zip(startup, warm_ups):
+                split["warmup_s"] = seconds
         finally:
             runtime.stop(actors)
     result = _write_artifact(prepared, plan, records, wall_seconds=time.perf_counter() - start, command=command,

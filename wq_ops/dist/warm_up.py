@@ -26,8 +26,8 @@ from wq_ops.errors import WqError
 from wq_ops.model.architecture import storage_dtype_of
 from wq_ops.model.native_llama import read_native_config
 
-__all__ = ["JobShapes", "job_shapes", "job_needs_transformers", "warm_up_device", "warm_up_libraries",
-           "warm_up_quantizers", "warm_up_shapes"]
+__all__ = ["JobShapes", "job_shapes", "job_needs_transformers", "warm_up_device", "release_warm_up_memory",
+           "warm_up_libraries", "warm_up_quantizers", "warm_up_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,15 @@ def _local_config(job: JobConfig) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | None) -> None:
+def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | None, *, release: bool = True) -> None:
     """The warm-ups a GPU actor runs, side by side: the libraries and the quantizers (our kernels on CUDA)
     in helper threads, the job's shapes (when known) on the calling thread, the one that will compute the
     blocks: cuDNN keeps its attention graphs per thread (70 ms to build again for the 1B job's block 0).
     Their time is mostly the CUDA driver loading kernel modules and the libraries building handles and
     plans, which overlap well: 0.62 to 0.90 s in 1B GPTQ jobs on the H100, against 1.17 to 1.47 s one after
     the other. Returns once every one has finished (none is left running on the device); the first error,
-    in the order libraries, quantizers, shapes, is raised then and any other logged."""
+    in the order libraries, quantizers, shapes, is raised then and any other logged. release: then
+    `release_warm_up_memory`; a caller whose other threads may run GEMMs meanwhile releases it later."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     helpers: list[Callable[[torch.device], object]] = [warm_up_libraries]
     if backend is Backend.CUDA:
@@ -126,19 +127,26 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
                 warm_up_shapes(device, shapes)
         except BaseException as e:              # raised below, after the helpers' own errors
             shapes_error = e
-    # Each helper took a cuBLAS handle, and torch keeps a workspace per handle and stream for the process's
-    # life (32 MiB on the H100), which the plan does not hold. Every warm-up has synchronised its device; the
-    # job's own thread allocates its one workspace again on its first GEMM. The cache goes back to the device
-    # too, as the shapes' warm-up leaves it when it runs alone.
-    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear_workspaces is not None:
-        clear_workspaces()
-    torch.cuda.empty_cache()
+    if release:
+        release_warm_up_memory()
     errors = [e for e in [*(future.exception() for future in done), shapes_error] if e is not None]
     for later in errors[1:]:
         log.warning("GPU warm-up also failed: %r", later)
     if errors:
         raise errors[0]
+
+
+def release_warm_up_memory() -> None:
+    """Give back the device memory the warm-ups kept. Each helper thread took a cuBLAS handle, and torch
+    keeps a workspace per handle and stream for the process's life (32 MiB on the H100), which the plan does
+    not hold: every workspace is dropped, and the job's own thread allocates its one again on its first
+    GEMM. No other thread may run GEMMs meanwhile: one that has just set its handle's workspace would launch
+    into memory given back to the device. The cache goes back to the device too, as the shapes' warm-up leaves it when it runs
+    alone."""
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
 
 
 def _load_linalg(device: torch.device) -> None:
