@@ -138,8 +138,8 @@ class _Steps:
         self.linalg_loaded = device
 
     def _step(self, name: str, fail: tuple[str, ...]):
-        def step(*args):
-            self.calls[name] = args
+        def step(*args, **kwargs):
+            self.calls[name] = args + tuple(kwargs.values())
             self.threads[name] = threading.get_ident()
             self.barrier.wait()                 # BrokenBarrierError unless every step runs at once
             if name in fail:
@@ -156,7 +156,7 @@ def test_the_warm_ups_run_side_by_side_on_the_actors_device(monkeypatch):
     steps = _Steps(monkeypatch, parties=3)
     device, shapes = torch.device("cuda", 3), object()
     warm_up_device(device, Backend.CUDA, shapes)
-    assert steps.calls == {"warm_up_libraries": (device,), "warm_up_quantizers": (device,),
+    assert steps.calls == {"warm_up_libraries": (device,), "warm_up_quantizers": (device, shapes),
                            "warm_up_shapes": (device, shapes)}
     assert sorted(steps.finished) == sorted(steps.calls) and steps.devices == [3, 3]
     assert steps.linalg_loaded == device
@@ -187,6 +187,46 @@ def test_a_failed_warm_up_is_raised_once_the_others_have_finished(monkeypatch, c
     assert sorted(steps.finished) == sorted(set(steps.calls) - set(fail))
     for other in set(fail) - {raised}:
         assert f"GPU warm-up also failed: RuntimeError('{other} broke')" in caplog.text
+
+
+@pytest.mark.parametrize("method,sym,expected", [
+    ("gptq", True, [("quantize_gptq", True), ("quantize_rtn", True), ("encode_linear", True)]),
+    ("awq", False, [("search_clip", False), ("search_scales", False), ("quantize_rtn", False),
+                    ("encode_linear", False)]),
+    ("rtn", True, [("quantize_rtn", True), ("encode_linear", True)]),
+    (None, None, [(f, sym) for sym in (True, False) for f in ("quantize_gptq", "search_clip", "search_scales",
+                                                                 "quantize_rtn", "encode_linear")])])
+def test_the_quantizers_warm_up_runs_only_the_jobs_method_and_grid(tmp_path, monkeypatch, method, sym, expected):
+    """Kernels the job will not call would only hold up the other warm-ups (the driver loads modules one at a
+    time); with no known job, every quantizer, sym and asym, is warmed."""
+    import wq_ops.formats.compressed_tensors as ct
+    import wq_ops.quant.awq as awq
+    import wq_ops.quant.gptq as gptq
+    import wq_ops.quant.rtn as rtn
+
+    calls = []
+
+    def recorder(name, returns=None):
+        def record(*args, **kwargs):
+            calls.append((name, kwargs["sym"]))
+            return returns(*args) if returns else None
+        return record
+
+    real_rtn = rtn.quantize_rtn
+    monkeypatch.setattr(gptq, "quantize_gptq", recorder("quantize_gptq"))
+    monkeypatch.setattr(awq, "search_clip", recorder("search_clip"))
+    monkeypatch.setattr(awq, "search_scales", recorder("search_scales"))
+    monkeypatch.setattr(rtn, "quantize_rtn", lambda w, **k: (calls.append(("quantize_rtn", k["sym"])),
+                                                             real_rtn(w, **{**k, "clip": None}))[1])
+    monkeypatch.setattr(ct, "encode_linear", recorder("encode_linear"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    shapes = None
+    if method is not None:
+        model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                        num_key_value_heads=2)
+        shapes = job_shapes(_job(model, method=method, seq_len=128, **({} if sym else {"sym": False})))
+    warm_up_quantizers(torch.device("cpu"), shapes)
+    assert calls == expected
 
 
 def _gpu() -> None:
@@ -290,7 +330,7 @@ _FIRST_LINALG_TOGETHER = textwrap.dedent("""
         wu._load_linalg = lambda device: None
     barrier = threading.Barrier(3, timeout=60)
 
-    def first_linalg_call(device, *rest):
+    def first_linalg_call(device, *rest, **settings):
         barrier.wait()
         torch.linalg.cholesky_ex(torch.eye(8, device=device) * 2)
         return True

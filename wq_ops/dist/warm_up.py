@@ -10,6 +10,7 @@ importing it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +113,7 @@ def warm_up_device(device: torch.device, backend: Backend, shapes: JobShapes | N
     index = device.index if device.index is not None else torch.cuda.current_device()
     helpers: list[Callable[[torch.device], object]] = [warm_up_libraries]
     if backend is Backend.CUDA:
-        helpers.append(warm_up_quantizers)
+        helpers.append(functools.partial(warm_up_quantizers, shapes=shapes))
 
     def on_device(step: Callable[[torch.device], object]) -> object:
         with torch.cuda.device(index):          # a new thread's current device is device 0
@@ -173,11 +174,13 @@ def warm_up_libraries(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def warm_up_quantizers(device: torch.device) -> None:
-    """Run every quantizer once on a tiny layer: CUDA loads a kernel's module on its first call, and the
-    first block calls dozens (the solvers, sorts, scatters, ours), 0.3 s on the H100 that now overlaps with
-    the driver's start-up instead of adding to block 0. Tiny shapes: the per-shape plans are `warm_up_shapes`'
-    work, and only the default format's encoder (compressed-tensors) is warmed."""
+def warm_up_quantizers(device: torch.device, shapes: JobShapes | None = None) -> None:
+    """Run the job's quantizer once on a tiny layer (every quantizer, sym and asym, where the job's shapes and
+    settings are unknown): CUDA loads a kernel's module on its first call, and the first block calls dozens
+    (the solvers, sorts, scatters, ours), 0.3 s on the H100 that now overlaps with the driver's start-up
+    instead of adding to block 0. The warm-ups side by side share the driver's module loading, so the
+    quantizers a job will not call only delay the others. Tiny shapes: the per-shape plans are
+    `warm_up_shapes`' work, and only the default format's encoder (compressed-tensors) is warmed."""
     from wq_ops.formats.compressed_tensors import encode_linear
     from wq_ops.quant import awq
     from wq_ops.quant.gptq import quantize_gptq
@@ -190,13 +193,19 @@ def warm_up_quantizers(device: torch.device) -> None:
     accumulate_input_stats_(stats, torch.randn(512, 256, generator=gen, device=device, dtype=torch.bfloat16))
     h = hessian_of(stats)
     w = torch.randn(64, 256, generator=gen, device=device, dtype=torch.float32)
-    for sym in (True, False):
-        quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=True, block_size=128,
-                      scale_dtype=torch.bfloat16, backend=Backend.CUDA)
-        clip = awq.search_clip(w, h, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=20,
-                               max_shrink=0.5, backend=Backend.CUDA)
-        awq.search_scales({"w": w}, stats.abs_sum, lambda cand: (cand["w"] - w).square().sum(), bits=4,
-                          group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, backend=Backend.CUDA)
+    quant = shapes.quant if shapes is not None else None
+    methods = {quant.method} if quant is not None else set(Method)
+    act_order = quant.act_order if quant is not None else True
+    for sym in (quant.sym,) if quant is not None else (True, False):
+        if Method.GPTQ in methods:
+            quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=act_order,
+                          block_size=128, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
+        clip = None
+        if Method.AWQ in methods:
+            clip = awq.search_clip(w, h, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=20,
+                                   max_shrink=0.5, backend=Backend.CUDA)
+            awq.search_scales({"w": w}, stats.abs_sum, lambda cand: (cand["w"] - w).square().sum(), bits=4,
+                              group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, backend=Backend.CUDA)
         result = quantize_rtn(w, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, clip=clip)
         output_error(w, dequantize(result, torch.bfloat16), h)
         encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
