@@ -4,7 +4,7 @@ device between them, and writes one staged shard per block.
 `__init__` does the expensive setup once (process, CUDA context, kernels), so the driver starts the
 actors before the job is planned. Every call then carries the job's `ActorSpec` (small descriptors, no
 weights); the first call of a job builds its model skeleton on the meta device and rotary tables. The
-actor is single-threaded, so Ray runs its calls in the order the driver made them: `stage_head` (last
+actor takes one call at a time, so Ray runs its calls in the order the driver made them: `stage_head` (last
 actor), `embed` (first actor), then one of two sequences, and `outer_records` (first and last: the
 embeddings and head, staged by a background thread while the blocks compute). One block resident at a
 time: `forward_span` (float propagation, all but the last), `run_span` (every actor), `emit_outputs`
@@ -15,7 +15,9 @@ shard's path, tensor names, size, checksum and metrics) as soon as it is on disk
 threads overlap the phases of neighbouring blocks: block i + 1's tensors load (on a copy stream) while
 block i computes, and block i - 1's shard is written and hashed meanwhile. With float propagation on a GPU a third thread solves block
 i on a side stream while block i + 1 calibrates. Each computation runs in block order on its own inputs,
-so results never depend on timing. Activations enter and leave as object refs; no tensor goes to the driver.
+so results never depend on timing. On a GPU every computation runs on the actor's compute thread
+(`ComputeThread`), which warms the device up first, while the actor's own thread takes the first calls.
+Activations enter and leave as object refs; no tensor goes to the driver.
 The same class also runs inside the driver's process (wq_ops/dist/runtime.py) for a job of one actor.
 """
 
@@ -26,7 +28,6 @@ import functools
 import hashlib
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +48,7 @@ from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_a
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, attention_window, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
+from wq_ops.dist.compute_thread import ComputeThread
 from wq_ops.dist.warm_up import JobShapes, release_warm_up_memory, warm_up_device
 
 __all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
@@ -113,12 +115,6 @@ class _Loaded:
     finished: ShardRecord | None = None  # staged by an earlier run: params are what it computed with
 
 
-def _seconds_of(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
-    t = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t
-
-
 def _on_compute_thread(method: Callable[..., _T]) -> Callable[..., _T]:
     """A BlockActor method that computes on the GPU: it runs on the actor's compute thread (`_on_compute`)."""
     @functools.wraps(method)
@@ -141,10 +137,7 @@ class BlockActor:
         checkpoint's config and the calibration data."""
         t0 = time.time()
         torch.set_num_threads(run.cpus_per_actor)
-        self._compute: ThreadPoolExecutor | None = None
-        self._compute_ident: int | None = None
-        self._warm_up: Future[float] | None = None
-        self._warm_up_released = False
+        self._compute: ComputeThread | None = None
         if run.gpus_per_actor > 0:
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.copy_stream: Any = torch.cuda.Stream(self.device)
@@ -167,10 +160,9 @@ class BlockActor:
             # Every block computes on one thread of its own, which warms the device up first: cuDNN keeps its
             # attention graphs per thread. Started before transformers' import, which would otherwise wait
             # for the driver's in an in-process actor.
-            self._compute = ThreadPoolExecutor(1, thread_name_prefix="wq-compute",
-                                               initializer=self._enter_compute_thread)
-            self._warm_up = self._compute.submit(_seconds_of, warm_up_device, self.device, backend, shapes,
-                                                 release=False)
+            device = self.device
+            self._compute = ComputeThread(device, lambda: warm_up_device(device, backend, shapes, release=False),
+                                          settle=release_warm_up_memory)
         t3 = time.time()
         # transformers (where the job's model skeleton is its classes) is imported now, not by the first
         # call: it took 12 s on the H100 machine, on the critical path. wq's native modules need none of it.
@@ -189,31 +181,17 @@ class BlockActor:
         # handed_on_at: this actor's outputs put in the object store), for the report's pipeline timeline.
         self.handoff: dict[str, float] = {}
 
-    def _enter_compute_thread(self) -> None:
-        self._compute_ident = threading.get_ident()
-        torch.cuda.set_device(self.device)               # a new thread's current device is device 0
-
     def _on_compute(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """fn(*args, **kwargs) on the compute thread, waited for (here where the actor has none, or is on
-        it). The first call there waits for the device's warm-up (raising its error) and releases what the
-        warm-up kept: its threads' cuBLAS workspaces, which only a thread no GEMM can run beside may drop.
-        This thread runs none (it only moves data), and waits meanwhile."""
-        if self._compute is None or threading.get_ident() == self._compute_ident:
+        """fn(*args, **kwargs) on the compute thread, waited for (here on CPU). The first waits for the
+        device's warm-up and then releases the warm-up's cuBLAS workspaces, while no other thread can run
+        a GEMM: this one runs none (it only moves data)."""
+        if self._compute is None:
             return fn(*args, **kwargs)
-
-        def run() -> _T:
-            if not self._warm_up_released:
-                assert self._warm_up is not None
-                self._warm_up.result()
-                release_warm_up_memory()
-                self._warm_up_released = True
-            return fn(*args, **kwargs)
-
-        return self._compute.submit(run).result()
+        return self._compute.call(fn, *args, **kwargs)
 
     def warm_up_seconds(self) -> float | None:
         """How long the device's warm-up took, once it is done (None on CPU); raises its error."""
-        return None if self._warm_up is None else round(self._warm_up.result(), 3)
+        return None if self._compute is None else round(self._compute.warm_up_seconds(), 3)
 
     def capacity_bytes(self, n_actors: int) -> tuple[int, dict[str, float]]:
         """Memory this actor may plan with (its GPU's, or its host's shared by the job's actors), and
@@ -629,7 +607,7 @@ class BlockActor:
         device tensors (an in-process actor at the job's end; a Ray actor's process simply ends)."""
         self._outer_writer.shutdown(wait=True)
         if self._compute is not None:
-            self._compute.shutdown(wait=True)
+            self._compute.close()
         self.batches, self.span = [], {}
         self._spec = None
 
