@@ -4,8 +4,8 @@ device between them, and writes one staged shard per block.
 `__init__` does the expensive setup once (process, CUDA context, kernels), so the driver starts the
 actors before the job is planned. Every call then carries the job's `ActorSpec` (small descriptors, no
 weights); the first call of a job builds its model skeleton on the meta device and rotary tables. The
-actor takes one call at a time, so Ray runs its calls in the order the driver made them: `stage_head` (last
-actor), `embed` (first actor), then one of two sequences, and `outer_records` (first and last: the
+actor takes one call at a time, so Ray runs its calls in the order the driver made them: `stage_head`
+(last actor), `embed` (first actor), then one of two sequences, and `outer_records` (first and last: the
 embeddings and head, staged by a background thread while the blocks compute). One block resident at a
 time: `forward_span` (float propagation, all but the last), `run_span` (every actor), `emit_outputs`
 (quantized propagation, all but the last). Streamed (float propagation, resident spans): `open_span`,
@@ -13,11 +13,11 @@ time: `forward_span` (float propagation, all but the last), `run_span` (every ac
 `run_span` and `solve_span` are streaming generators that yield one `ShardRecord` per block (the staged
 shard's path, tensor names, size, checksum and metrics) as soon as it is on disk. In `run_span`, two helper
 threads overlap the phases of neighbouring blocks: block i + 1's tensors load (on a copy stream) while
-block i computes, and block i - 1's shard is written and hashed meanwhile. With float propagation on a GPU a third thread solves block
-i on a side stream while block i + 1 calibrates. Each computation runs in block order on its own inputs,
-so results never depend on timing. On a GPU every computation runs on the actor's compute thread
-(`ComputeThread`), which warms the device up first, while the actor's own thread takes the first calls.
-Activations enter and leave as object refs; no tensor goes to the driver.
+block i computes, and block i - 1's shard is written and hashed meanwhile. With float propagation on a
+GPU a third thread solves block i on a side stream while block i + 1 calibrates. Each computation runs in
+block order on its own inputs, so results never depend on timing. On a GPU every computation runs on the
+actor's compute thread (`ComputeThread`), which warms the device up first, while the actor's own thread
+takes the first calls. Activations enter and leave as object refs; no tensor goes to the driver.
 The same class also runs inside the driver's process (wq_ops/dist/runtime.py) for a job of one actor.
 """
 
@@ -452,7 +452,8 @@ class BlockActor:
                                             hidden_size=self.spec.layout.hidden_size)
         return self.anatomy
 
-    def _host_outcome(self, outcome: BlockOutcome, loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
+    def _host_outcome(self, outcome: BlockOutcome,
+                      loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
         """A solved block's artifact tensors on their way to the host, and its report (layer records and
         phase seconds), read by the writer. On a GPU the copies (into pinned memory) are queued on the
         current stream and not waited for here: the writer waits for them, and this thread goes on to queue

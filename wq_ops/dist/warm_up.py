@@ -142,8 +142,8 @@ def release_warm_up_memory() -> None:
     keeps a workspace per handle and stream for the process's life (32 MiB on the H100), which the plan does
     not hold: every workspace is dropped, and the job's own thread allocates its one again on its first
     GEMM. No other thread may run GEMMs meanwhile: one that has just set its handle's workspace would launch
-    into memory given back to the device. The cache goes back to the device too, as the shapes' warm-up leaves it when it runs
-    alone."""
+    into memory given back to the device. The cache goes back to the device too, as the shapes' warm-up
+    leaves it when it runs alone."""
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear_workspaces is not None:
         clear_workspaces()
