@@ -223,7 +223,7 @@ def run_llmcompressor(ckpt: Path, calib: Path, out: Path, method: str, args: arg
 # compiles bytecode for the other.
 WARM_UP = {
     "wq": "import ray, transformers.models.llama.modeling_llama, wq_ops.dist.driver; "
-          "from kernels.build import load_extension; load_extension()",
+          "from wq_ops.kernels.build import load_extension; load_extension()",
     "llmcompressor": "import transformers.models.llama.modeling_llama, datasets, llmcompressor",
 }
 

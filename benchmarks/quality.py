@@ -3,7 +3,8 @@
   python benchmarks/quality.py --model /tmp/smollm2-hf --work /tmp/wq-quality --write benchmarks/quality.md
 
 Each row quantizes with the same calibration set (random windows of the tokenized WikiText-2 validation
-split) on local CPU actors, loads the artifact with plain transformers (compressed-tensors installed) and
+split) on local CPU actors, loads the artifact with transformers (compressed-tensors installed; transformers'
+own modules, no Hub kernels: wq_ops/evaluate/load.py) and
 scores the first --eval-windows non-overlapping windows of raw/wiki.test.raw (lines joined by a blank line).
 """
 
@@ -91,7 +92,8 @@ def main() -> int:
         "- methods: symmetric grids, group size 64 (576 is not a multiple of 128); GPTQ with act-order (static "
         "groups) and damp 0.01; AWQ with a 20-point scale grid, the layer loss (unless --wq-args says "
         "otherwise) and clip search",
-        "- every artifact loaded with plain `transformers.AutoModelForCausalLM.from_pretrained`",
+        "- every artifact loaded with `transformers.AutoModelForCausalLM.from_pretrained(..., use_kernels=False)` "
+        "(`jobs.eval`)",
         "",
         "| weights | scheme | ppl | vs bf16 | quantize wall s |",
         "| --- | --- | --- | --- | --- |",

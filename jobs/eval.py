@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from wq_ops.errors import WqError
+from wq_ops.evaluate.load import load_causal_lm, load_tokenizer
 from wq_ops.evaluate.perplexity import Join, join_text, perplexity
 
 
@@ -32,13 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         text = join_text(Path(args.text).read_text(encoding="utf-8"), Join(args.join))
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
-        model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
+        ids = load_tokenizer(args.model)(text, return_tensors="pt", verbose=False)["input_ids"][0]
+        model = load_causal_lm(args.model, device=args.device)
         result = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows, device=args.device)
     except (WqError, OSError) as e:
         print(f"wq-eval: error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from tests.conftest import SHARED
 from wq_ops.config import JobConfig, default_options
 from wq_ops.dist.driver import run_job
 from wq_ops.errors import ConfigError
+from wq_ops.evaluate.load import load_causal_lm, load_tokenizer
 from wq_ops.evaluate.perplexity import Join, join_text, perplexity
 
 pytestmark = [pytest.mark.checkpoint, pytest.mark.usefixtures("ray_session")]
@@ -36,14 +37,10 @@ def quantize(model: Path, out: Path, **options) -> JobConfig:
 
 
 def ppl(model_dir: Path) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.set_num_threads(2)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer(join_text(TEST_TEXT.read_text(encoding="utf-8"), Join.WIKITEXT), return_tensors="pt",
-                    verbose=False)["input_ids"][0]
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return perplexity(model, ids, seq_len=512, max_windows=8).ppl
+    text = join_text(TEST_TEXT.read_text(encoding="utf-8"), Join.WIKITEXT)
+    ids = load_tokenizer(model_dir)(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    return perplexity(load_causal_lm(model_dir), ids, seq_len=512, max_windows=8).ppl
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,15 @@
 
 Layout (compressed-tensors `pack-quantized`; GPTQ v1 along the other dim): each row is one bit stream;
 element i of a row occupies bits [i*bits, (i+1)*bits) of the row's little-endian stream of 32-bit
-words (kernels/quant_pack/reference.py states it and implements it in plain PyTorch).
+words (wq_ops/kernels/quant_pack/reference.py states it and implements it in plain PyTorch).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from kernels.quant_pack import reference
 from wq_ops.config import Backend
+from wq_ops.kernels.quant_pack import reference
 
 __all__ = ["pack_rows", "unpack_rows", "pack_columns", "unpack_columns", "packed_width"]
 
@@ -20,7 +20,7 @@ packed_width = reference.packed_width
 def pack_rows(codes: Tensor, bits: int, *, backend: Backend = Backend.REFERENCE) -> Tensor:
     """codes: (rows, cols) integers in [0, 2**bits - 1] -> (rows, ceil(cols * bits / 32)) int32."""
     if backend is Backend.CUDA:
-        from kernels.quant_pack import cuda
+        from wq_ops.kernels.quant_pack import cuda
 
         return cuda.pack_rows(codes, bits)
     return reference.pack_rows(codes, bits)

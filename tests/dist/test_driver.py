@@ -66,6 +66,7 @@ def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama)
 
     model_dir, calib = llama
     result = run_job(job(tmp_path, model=str(model_dir), calib=str(calib), group_size=64), cache_dir=tmp_path)
+    # A user's plain call, with transformers' defaults and Hugging Face's `kernels` installed (use_kernels on).
     model = AutoModelForCausalLM.from_pretrained(result.out_dir).eval()
     ids = torch.randint(0, 256, (1, 32))
     with torch.no_grad():

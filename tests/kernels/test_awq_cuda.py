@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.awq import reference
+from wq_ops.kernels.awq import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (3, False), (8, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fake_quant_matches_reference(cuda, group_size, bits, sym, dtype):
-    from kernels.awq import cuda as awq_cuda
+    from wq_ops.kernels.awq import cuda as awq_cuda
 
     g = torch.Generator(device="cpu").manual_seed(group_size + bits)
     w = torch.randn(118, 1024, generator=g).to(cuda, dtype)
@@ -26,7 +26,7 @@ def test_fake_quant_matches_reference(cuda, group_size, bits, sym, dtype):
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("bits,sym", [(4, True), (4, False)])
 def test_clip_error_matches_reference(cuda, group_size, bits, sym):
-    from kernels.awq import cuda as awq_cuda
+    from wq_ops.kernels.awq import cuda as awq_cuda
 
     g = torch.Generator(device="cpu").manual_seed(group_size * bits)
     w = torch.randn(96, 1024, generator=g).to(cuda)
@@ -44,8 +44,8 @@ def test_clip_error_matches_reference(cuda, group_size, bits, sym):
 
 def test_bad_arguments_raise_and_name_the_argument(cuda):
     """Checked in Python first: a failed check inside the extension ended the process on the H100 machine."""
-    from kernels.awq import cuda as awq_cuda
     from wq_ops.errors import KernelError
+    from wq_ops.kernels.awq import cuda as awq_cuda
 
     w = torch.randn(8, 256, device=cuda)
     kw = dict(bits=4, sym=True, scale_dtype=torch.bfloat16)

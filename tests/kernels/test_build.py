@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kernels import build
+from wq_ops.kernels import build
 
 
 def test_the_build_name_covers_sources_and_flags(monkeypatch):
@@ -34,7 +34,7 @@ def test_a_build_still_locked_is_not_imported(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_a_new_process_imports_the_cached_build(cuda):
     build.load_extension()
-    code = ("import time, torch; from kernels import build; t = time.perf_counter(); "
+    code = ("import time, torch; from wq_ops.kernels import build; t = time.perf_counter(); "
             "m = build._load_built(f'wq_cuda_kernels_{build._source_digest()}'); "
             "print(m is not None and hasattr(m, 'gptq_solve_block'), round(time.perf_counter() - t, 3))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

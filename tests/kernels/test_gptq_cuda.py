@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.gptq import reference
+from wq_ops.kernels.gptq import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +34,7 @@ def _block_inputs(out_features: int, n_cols: int, bits: int, sym: bool, device: 
 @pytest.mark.parametrize("n_cols", [1, 32, 50, 64, 128])
 @pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (3, True), (8, True), (2, False)])
 def test_solve_block_matches_reference(cuda, out_features, n_cols, bits, sym):
-    from kernels.gptq import cuda as gptq_cuda
+    from wq_ops.kernels.gptq import cuda as gptq_cuda
 
     args = _block_inputs(out_features, n_cols, bits, sym, cuda, seed=out_features * n_cols + bits)
     ref = reference.solve_block(*args, bits=bits)
@@ -48,7 +48,7 @@ def test_solve_block_matches_reference(cuda, out_features, n_cols, bits, sym):
 
 def test_solve_block_strided_views(cuda):
     """The solver reads column blocks of wider matrices, and a block of the full Mu, in place."""
-    from kernels.gptq import cuda as gptq_cuda
+    from wq_ops.kernels.gptq import cuda as gptq_cuda
 
     t, w, m_unit, m_diag, scale, zero, group = _block_inputs(256, 128, 4, True, cuda, seed=7)
     wide_t, wide_w = torch.zeros(256, 512, device=cuda), torch.zeros(256, 512, device=cuda)
@@ -62,8 +62,8 @@ def test_solve_block_strided_views(cuda):
 
 
 def test_solve_block_names_a_bad_argument(cuda):
-    from kernels.gptq import cuda as gptq_cuda
     from wq_ops.errors import KernelError
+    from wq_ops.kernels.gptq import cuda as gptq_cuda
 
     t, w, m_unit, m_diag, scale, zero, group = _block_inputs(64, 32, 4, True, cuda, seed=1)
     with pytest.raises(KernelError, match=r"group must be a torch.int32 \(32,\) tensor on cuda:0; got torch.int64"):
@@ -114,7 +114,7 @@ def test_solve_block_into_matches_reference(cuda, out_features, n_cols, bits, sy
     """The kernel's in-place entry point against reference.solve_block_into_: codes written into a column
     block of a wider matrix and nowhere else, losses added to what was there, and the deltas' bf16 parts
     [hi | hi | lo] into a strided view, all bit for bit (the loss float32-close)."""
-    from kernels.gptq import cuda as gptq_cuda
+    from wq_ops.kernels.gptq import cuda as gptq_cuda
 
     args = _block_inputs(out_features, n_cols, bits, sym, cuda, seed=out_features + n_cols * bits)
     outs = []
@@ -132,8 +132,8 @@ def test_solve_block_into_matches_reference(cuda, out_features, n_cols, bits, sy
 
 
 def test_solve_block_into_names_a_bad_argument(cuda):
-    from kernels.gptq import cuda as gptq_cuda
     from wq_ops.errors import KernelError
+    from wq_ops.kernels.gptq import cuda as gptq_cuda
 
     args = _block_inputs(64, 32, 4, True, cuda, seed=2)
     codes = torch.empty(64, 32, dtype=torch.uint8, device=cuda)

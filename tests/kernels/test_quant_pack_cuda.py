@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.quant_pack import reference
+from wq_ops.kernels.quant_pack import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("rows,cols", [(1, 32), (3, 96), (118, 4096), (4096, 14336)])
 def test_pack_rows_exact(cuda, bits, rows, cols):
-    from kernels.quant_pack import cuda as qp_cuda
+    from wq_ops.kernels.quant_pack import cuda as qp_cuda
 
     codes = torch.randint(0, 2**bits, (rows, cols), dtype=torch.uint8, device=cuda)
     assert torch.equal(qp_cuda.pack_rows(codes, bits), reference.pack_rows(codes, bits))
@@ -30,7 +30,7 @@ def _grid(rows, cols, group_size, bits, device, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,cols,group_size", [(3, 128, 32), (118, 1024, 128), (2048, 8192, 128)])
 def test_quantize_pack_and_back_exact(cuda, bits, dtype, rows, cols, group_size):
-    from kernels.quant_pack import cuda as qp_cuda
+    from wq_ops.kernels.quant_pack import cuda as qp_cuda
 
     w, scale, zero = _grid(rows, cols, group_size, bits, cuda, seed=rows + bits)
     w = w.to(dtype)
@@ -44,8 +44,8 @@ def test_quantize_pack_and_back_exact(cuda, bits, dtype, rows, cols, group_size)
 
 def test_bad_arguments_raise_and_name_the_argument(cuda):
     """Checked in Python first: a failed check inside the extension ended the process on the H100 machine."""
-    from kernels.quant_pack import cuda as pack_cuda
     from wq_ops.errors import KernelError
+    from wq_ops.kernels.quant_pack import cuda as pack_cuda
 
     with pytest.raises(KernelError, match=r"codes must be a torch.uint8 \(\*, \*\) tensor.*got torch.float32"):
         pack_cuda.pack_rows(torch.zeros(4, 32, device=cuda), 4)

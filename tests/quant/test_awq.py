@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels.awq import reference as awq_reference
+from wq_ops.kernels.awq import reference as awq_reference
 from wq_ops.quant import awq
 from wq_ops.quant.rtn import fake_quantize
 

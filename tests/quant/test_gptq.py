@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kernels.gptq import reference as gptq_reference
 from tests.quant.naive import naive_gptq
 from wq_ops.errors import QuantizationError
+from wq_ops.kernels.gptq import reference as gptq_reference
 from wq_ops.quant.gptq import add_split_update_, hessian_factor, quantize_gptq, split_factor_blocks
 from wq_ops.quant.hessian import output_error
 from wq_ops.quant.result import dequantize

@@ -152,7 +152,7 @@ class BlockActor:
         self.overlap_solve = self.device.type == "cuda"
         t1 = time.time()
         if backend is Backend.CUDA:
-            from kernels.build import load_extension
+            from wq_ops.kernels.build import load_extension
 
             load_extension()                     # build or load once, before the first block
         t2 = time.time()

@@ -20,8 +20,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kernels.awq import reference as awq_reference
 from wq_ops.config import Backend
+from wq_ops.kernels.awq import reference as awq_reference
 from wq_ops.quant.rtn import n_groups_of
 
 __all__ = ["ScaleSearch", "weight_profile", "candidate_scales", "search_scales", "search_clip", "grouped_error"]
@@ -100,7 +100,7 @@ def candidate_scales(x_mean: Tensor, w_mean: Tensor, ratio: float, *, duo: bool 
 
 def _primitives(backend: Backend) -> ModuleType:
     if backend is Backend.CUDA:
-        from kernels.awq import cuda  # lazy: the extension is built on first use, only where CUDA exists
+        from wq_ops.kernels.awq import cuda  # lazy: the extension is built on first use, only where CUDA exists
 
         return cuda
     return awq_reference

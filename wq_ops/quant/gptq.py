@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kernels.gptq import reference as gptq_reference
 from wq_ops.config import Backend
 from wq_ops.errors import KernelError, QuantizationError
+from wq_ops.kernels.gptq import reference as gptq_reference
 from wq_ops.quant.result import QuantResult
 from wq_ops.quant.rtn import compute_grid, n_groups_of
 
@@ -70,7 +70,7 @@ def _split_solver(backend: Backend) -> Callable[..., None] | None:
     passes, so the CUDA solve skips its Python checks."""
     if backend is Backend.REFERENCE:
         return None
-    from kernels.gptq import cuda  # lazy: the extension is built on first use, only where CUDA exists
+    from wq_ops.kernels.gptq import cuda  # lazy: the extension is built on first use, only where CUDA exists
 
     return cuda.solve_block_into_unchecked_
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.quant_pack.reference import dequantize_codes, expand_groups
+from wq_ops.kernels.quant_pack.reference import dequantize_codes, expand_groups
 
 __all__ = ["QuantResult", "dequantize", "expand_groups"]
 

@@ -1,7 +1,7 @@
 """The quantization grid per row and group, and round-to-nearest.
 
 The grid's elementary ops (range -> scale and zero, codes, rounding of scales to the storage dtype) live
-in kernels/quant_pack/reference.py, which the CUDA kernels mirror; this module groups a weight matrix
+in wq_ops/kernels/quant_pack/reference.py, which the CUDA kernels mirror; this module groups a weight matrix
 and returns `QuantResult`s.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.quant_pack.reference import grid_from_range, quantize_codes
 from wq_ops.errors import ConfigError
+from wq_ops.kernels.quant_pack.reference import grid_from_range, quantize_codes
 from wq_ops.quant.result import QuantResult, dequantize
 
 __all__ = ["Grid", "compute_grid", "quantize_codes", "quantize_rtn", "fake_quantize", "n_groups_of"]

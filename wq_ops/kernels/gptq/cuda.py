@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.arguments import cuda_device_of, require_bits, require_tensor
-from kernels.build import load_extension
-from kernels.gptq.reference import BlockSolve
 from wq_ops.errors import KernelError
+from wq_ops.kernels.arguments import cuda_device_of, require_bits, require_tensor
+from wq_ops.kernels.build import load_extension
+from wq_ops.kernels.gptq.reference import BlockSolve
 
 __all__ = ["solve_block", "solve_block_into_", "solve_block_into_unchecked_"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.arguments import cuda_device_of, require_bits, require_tensor
-from kernels.build import load_extension
-from kernels.quant_pack import reference
 from wq_ops.errors import KernelError
+from wq_ops.kernels.arguments import cuda_device_of, require_bits, require_tensor
+from wq_ops.kernels.build import load_extension
+from wq_ops.kernels.quant_pack import reference
 
 __all__ = ["pack_rows", "quantize_pack", "unpack_dequantize"]
 

@@ -1,6 +1,8 @@
 """Build (once, then cached) and load the CUDA extension that holds every kernel family.
 
-torch's JIT extension builder compiles kernels/*/*.cu and the bindings with nvcc and ninja into its
+The CUDA sources live in the checkout's top-level `kernels/` folder (not a Python package: `kernels` is
+Hugging Face's import name); a wheel ships the same files as package data in `wq_ops/kernels/sources/`.
+torch's JIT extension builder compiles the families' .cu files and the bindings with nvcc and ninja into its
 extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/wq); a rebuild happens only
 when a source changes. Targets: sm_90a (Hopper: the H100/H200 this is tuned on) and compute_80 PTX, which
 the driver compiles for any newer GPU. Nothing falls back to the PyTorch reference: a failed build is
@@ -18,9 +20,20 @@ from types import ModuleType
 
 from wq_ops.errors import KernelError
 
-__all__ = ["load_extension", "SOURCES", "CUDA_FLAGS"]
+__all__ = ["load_extension", "source_root", "SOURCES", "CUDA_FLAGS"]
 
-ROOT = Path(__file__).resolve().parent
+
+def source_root() -> Path:
+    """The folder of the CUDA sources: the wheel's package data, else the checkout's `kernels/`."""
+    here = Path(__file__).resolve().parent
+    for root in (here / "sources", here.parents[1] / "kernels"):
+        if (root / "extension.cpp").is_file():
+            return root
+    raise KernelError(f"the CUDA sources are missing: neither {here / 'sources'} (an installed wheel) nor "
+                      f"{here.parents[1] / 'kernels'} (a checkout) holds extension.cpp; reinstall wq")
+
+
+ROOT = source_root()
 SOURCES = [ROOT / "extension.cpp"] + sorted(ROOT.glob("*/binding.cpp")) + sorted(ROOT.glob("*/*.cu"))
 # No --use_fast_math: the kernels reproduce the reference's IEEE division and rounding bit for bit.
 CUDA_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=compute_80"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.quant_pack.reference import dequantize_codes, grid_from_range, quantize_codes
+from wq_ops.kernels.quant_pack.reference import dequantize_codes, grid_from_range, quantize_codes
 
 __all__ = ["fake_quant", "clip_error"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.arguments import cuda_device_of, require_bits, require_tensor
-from kernels.build import load_extension
 from wq_ops.errors import KernelError
+from wq_ops.kernels.arguments import cuda_device_of, require_bits, require_tensor
+from wq_ops.kernels.build import load_extension
 
 __all__ = ["fake_quant", "clip_error"]
 
