@@ -25,24 +25,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_e2e import SHAPES  # noqa: E402
+from wq_ops.cluster import block_quantizer  # noqa: E402
 from wq_ops.config import Format, Propagation, QuantConfig  # noqa: E402
-from wq_ops.dist import block_quantizer  # noqa: E402
 from wq_ops.model.architecture import describe_model, instantiate_on_meta  # noqa: E402
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context  # noqa: E402
 
 # (module, function name): the calls the synced breakdown times, where the block quantizer reaches them.
 TIMED = [
-    ("wq_ops.dist.block_quantizer", "capture_stage"),
+    ("wq_ops.cluster.block_quantizer", "capture_stage"),
     ("wq_ops.calib.capture", "accumulate_input_stats_"),
-    ("wq_ops.dist.block_quantizer", "quantize_gptq"),
+    ("wq_ops.cluster.block_quantizer", "quantize_gptq"),
     ("wq_ops.quant.gptq", "hessian_factor"),
     ("wq_ops.quant.gptq", "compute_grid"),
-    ("wq_ops.dist.block_quantizer", "quantize_rtn"),
-    ("wq_ops.dist.block_quantizer", "hessian_of"),
-    ("wq_ops.dist.block_quantizer", "dequantize"),
-    ("wq_ops.dist.block_quantizer", "output_error_tensor"),
-    ("wq_ops.dist.block_quantizer", "outlier_channels"),
-    ("wq_ops.dist.block_quantizer", "encode_linear"),
+    ("wq_ops.cluster.block_quantizer", "quantize_rtn"),
+    ("wq_ops.cluster.block_quantizer", "hessian_of"),
+    ("wq_ops.cluster.block_quantizer", "dequantize"),
+    ("wq_ops.cluster.block_quantizer", "output_error_tensor"),
+    ("wq_ops.cluster.block_quantizer", "outlier_channels"),
+    ("wq_ops.cluster.block_quantizer", "encode_linear"),
     ("wq_ops.quant.awq", "search_scales"),
     ("wq_ops.quant.awq", "search_clip"),
 ]
@@ -150,7 +150,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     if args.cold:
-        from wq_ops.dist.warm_up import warm_up_libraries
+        from wq_ops.device.warm_up import warm_up_libraries
 
         warm_up_libraries(device)
     setup = make_block(args.shape, samples=args.samples, seq_len=args.seq_len, micro=args.micro_batch, device=device)

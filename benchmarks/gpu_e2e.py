@@ -222,7 +222,7 @@ def run_llmcompressor(ckpt: Path, calib: Path, out: Path, method: str, args: arg
 # What each tool's job imports (the Llama modeling code and generation included), so that no timed run
 # compiles bytecode for the other.
 WARM_UP = {
-    "wq": "import ray, transformers.models.llama.modeling_llama, wq_ops.dist.driver; "
+    "wq": "import ray, transformers.models.llama.modeling_llama, wq_ops.cluster.driver; "
           "from wq_ops.kernels.build import load_extension; load_extension()",
     "llmcompressor": "import transformers.models.llama.modeling_llama, datasets, llmcompressor",
 }

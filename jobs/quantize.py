@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from wq_ops.cluster.runtime import choose_runtime
 from wq_ops.config import JobConfig, default_options
-from wq_ops.dist.cuda_context import start_primary_context
-from wq_ops.dist.runtime import choose_runtime
+from wq_ops.device.cuda_context import start_primary_context
 from wq_ops.errors import WqError
 from wq_ops.io.hub_push import resolve_token
 
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             # torch's own default, set first: the CUDA driver reads it once, at cuInit.
             os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
             start_primary_context(0)
-        from wq_ops.dist.driver import run_job
-        from wq_ops.dist.plan import check_fits
+        from wq_ops.cluster.driver import run_job
+        from wq_ops.cluster.plan import check_fits
         cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         cache = Path(os.environ.get("WQ_CACHE_DIR") or cache_root / "wq")
         command = shlex.join(["wq", *(argv if argv is not None else sys.argv[1:])])

@@ -65,8 +65,8 @@ def write_text(path: Path, n_chars: int = 20000, seed: int = 0) -> Path:
 def gpu_job_shards(tmp_path: Path, model: Path, calib: Path, name: str, **options: Any) -> dict[str, bytes]:
     """Run a small in-process GPU job (16 samples of 64 tokens, micro-batches of 4) into tmp_path / name;
     returns its shards' bytes by file name."""
+    from wq_ops.cluster.driver import run_job
     from wq_ops.config import JobConfig, default_options
-    from wq_ops.dist.driver import run_job
 
     base = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 16, "seq_len": 64,
             "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1, "backend": "cuda"}

@@ -13,8 +13,8 @@ TIERS = {
     "wq_ops.quant": 3, "wq_ops.pack": 3,
     "wq_ops.model": 4, "wq_ops.formats": 4, "wq_ops.io": 4, "wq_ops.evaluate": 4, "wq_ops.bundled": 4,
     "wq_ops.report": 4,
-    "wq_ops.calib": 5,
-    "wq_ops.dist": 6, "wq_ops.schedule": 6,
+    "wq_ops.calib": 5, "wq_ops.device": 5,
+    "wq_ops.cluster": 6, "wq_ops.schedule": 6,
     "jobs": 7,
 }
 

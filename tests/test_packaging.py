@@ -34,7 +34,7 @@ def test_import_kernels_is_huggingfaces_from_anywhere(where, tmp_path):
 
 
 def test_transformers_model_classes_import_beside_wq():
-    code = ("import jobs.quantize, wq_ops.dist.driver, wq_ops.kernels.build, wq_ops.quant.gptq\n"
+    code = ("import jobs.quantize, wq_ops.cluster.driver, wq_ops.kernels.build, wq_ops.quant.gptq\n"
             "import transformers.modeling_utils\n"
             "from transformers import LlamaForCausalLM\n"
             "from transformers.utils.import_utils import is_kernels_available\n"

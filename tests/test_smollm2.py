@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import SHARED
+from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig, default_options
-from wq_ops.dist.driver import run_job
 from wq_ops.errors import ConfigError
 from wq_ops.evaluate.load import load_causal_lm, load_tokenizer
 from wq_ops.evaluate.perplexity import Join, join_text, perplexity

@@ -53,8 +53,8 @@ def test_missing_repo_and_revision(hub, tmp_path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_job_from_the_hub_equals_the_job_from_disk(hub, tmp_path):
+    from wq_ops.cluster.driver import run_job
     from wq_ops.config import JobConfig, default_options
-    from wq_ops.dist.driver import run_job
 
     src = write_checkpoint(tmp_path / "src", num_hidden_layers=2)
     hub.add_repo_from_dir("org/tiny", src)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import jobs.quantize as cli
+from wq_ops.cluster import driver
 from wq_ops.config import Method
-from wq_ops.dist import driver
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wq_ops.dist import cuda_context
-from wq_ops.dist.cuda_context import start_primary_context
+from wq_ops.device import cuda_context
+from wq_ops.device.cuda_context import start_primary_context
 
 
 class FakeDriver:
@@ -72,7 +72,7 @@ def test_no_driver_library_is_kept_as_the_reason(monkeypatch):
 
 _TORCH_USES_IT = textwrap.dedent("""
     import ctypes, sys
-    from wq_ops.dist.cuda_context import start_primary_context
+    from wq_ops.device.cuda_context import start_primary_context
     thread = start_primary_context(0)
     import torch
     thread.join()

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from wq_ops.config import JobConfig, RunConfig, default_options
-from wq_ops.dist.driver import run_job
-from wq_ops.dist.runtime import LocalRuntime, RayRuntime, choose_runtime
-from wq_ops.errors import ConfigError, ResourceError
 from tests.factory import write_checkpoint, write_text
+from wq_ops.cluster.driver import run_job
+from wq_ops.cluster.runtime import LocalRuntime, RayRuntime, choose_runtime
+from wq_ops.config import JobConfig, RunConfig, default_options
+from wq_ops.errors import ConfigError, ResourceError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -84,7 +84,7 @@ def test_in_process_failure_stops_the_job_with_its_cause(tmp_path, llama):
 
 def test_in_process_call_that_fails_stops_the_job_with_its_own_cause(tmp_path, llama, monkeypatch):
     """embed's result is never fetched by the driver: its failure must still stop the job, named."""
-    from wq_ops.dist.actor import BlockActor
+    from wq_ops.cluster.actor import BlockActor
 
     def broken(self, spec, ids):
         raise OSError("embedding table unreadable on purpose")
@@ -104,7 +104,7 @@ def test_the_in_process_actor_runs_every_call_on_its_own_thread(tmp_path, llama,
     that thread ends with the job."""
     import threading
 
-    from wq_ops.dist.actor import BlockActor
+    from wq_ops.cluster.actor import BlockActor
 
     seen: dict[str, set[int]] = {}
     threads_before = set(threading.enumerate())

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from wq_ops.calib.capture import GroupCapture, capture_group, capture_inputs, capture_stage
 from wq_ops.config import AwqLoss, Format, Method, Propagation, QuantConfig
-from wq_ops.dist.transport import Queued, after_queued_copies, queue_to_host
+from wq_ops.device.transport import Queued, after_queued_copies, queue_to_host
 from wq_ops.formats import encode_linear, scale_dtype
 from wq_ops.formats.checks import Checks, raise_failed
 from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
@@ -33,8 +33,15 @@ from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.gptq import quantize_gptq
-from wq_ops.quant.hessian import (OutlierSummary, hessian_of, outlier_channels, outlier_summary,
-                                  output_error_tensor, quadratic_operand, quadratic_sum)
+from wq_ops.quant.hessian import (
+    OutlierSummary,
+    hessian_of,
+    outlier_channels,
+    outlier_summary,
+    output_error_tensor,
+    quadratic_operand,
+    quadratic_sum,
+)
 from wq_ops.quant.result import QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn
 
@@ -221,7 +228,8 @@ class _BlockSolver:
                  quant: QuantConfig, fmt: Format, block_index: int, prefix: str, linears: tuple[LinearSpec, ...],
                  pad_intermediate: int, timer: _Timer) -> None:
         self.block, self.anatomy, self.quant, self.fmt, self.timer = block, anatomy, quant, fmt, timer
-        self.block_index, self.prefix, self.linears, self.pad_intermediate = block_index, prefix, linears, pad_intermediate
+        self.block_index, self.prefix, self.linears = block_index, prefix, linears
+        self.pad_intermediate = pad_intermediate
         self.dtype = next(iter(params.values())).dtype
         self.scales_dtype = scale_dtype(fmt, model_dtype=self.dtype)   # the grid is rounded to the format's dtype
         self.work = dict(params)
@@ -322,10 +330,10 @@ def _quantize_by_group_(block: DecoderBlock, solver: _BlockSolver, anatomy: Bloc
     input is captured with every group before it already quantized (GPTQ's true-sequential order), by a
     pass that gives the stage's last linear no output rows (no capture reads that output). A stage's norm
     is computed once, its output kept for the stage's passes (quantizing the linears does not change it);
-    a group that reads that output itself (anatomy.direct_heads) is captured from it with no pass. Where a stage's module returns its last linear's
-    output as is (anatomy.direct_tails), that linear's inputs are kept from its capture pass, so the
-    stage's output needs that linear alone: each linear then runs once per micro-batch. Otherwise (or
-    without stash_tails) the stage runs again with its quantized weights."""
+    a group that reads that output itself (anatomy.direct_heads) is captured from it with no pass. Where a
+    stage's module returns its last linear's output as is (anatomy.direct_tails), that linear's inputs are
+    kept from its capture pass, so the stage's output needs that linear alone: each linear then runs once
+    per micro-batch. Otherwise (or without stash_tails) the stage runs again with its quantized weights."""
     work, timer = solver.work, solver.timer
     xs = batches
     for stage, norm in STAGE_NORMS.items():

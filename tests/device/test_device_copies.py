@@ -5,9 +5,9 @@ must hold each block's bytes until its copy has run, and the artifact must not d
 import pytest
 import torch
 
-from wq_ops.dist import actor as actor_module
-from wq_ops.dist.transport import queue_to_device
 from tests.factory import gpu_job_shards, write_checkpoint, write_text
+from wq_ops.cluster import actor as actor_module
+from wq_ops.device.transport import queue_to_device
 
 
 def _gpu() -> None:

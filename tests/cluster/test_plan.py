@@ -4,8 +4,7 @@ import re
 import pytest
 
 from tests.factory import tiny_config
-from wq_ops.config import JobConfig, Method
-from wq_ops.dist.plan import (
+from wq_ops.cluster.plan import (
     GIB,
     QUANTIZE_COST,
     check_fits,
@@ -14,6 +13,7 @@ from wq_ops.dist.plan import (
     pipeline_spans,
     split_spans,
 )
+from wq_ops.config import JobConfig, Method
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import describe_model

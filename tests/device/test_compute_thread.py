@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from wq_ops.dist.compute_thread import ComputeThread
+from wq_ops.device.compute_thread import ComputeThread
 
 
 def test_calls_run_on_the_compute_thread_after_the_warm_up_and_its_settling():

@@ -15,13 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from wq_ops.config import Backend, JobConfig, Method, default_options
-from wq_ops.dist import actor as actor_module
-from wq_ops.dist import warm_up as warm_up_module
-from wq_ops.dist.driver import run_job
-from wq_ops.dist.warm_up import (JobShapes, job_needs_transformers, job_shapes, warm_up_device, warm_up_libraries,
-                                 warm_up_quantizers, warm_up_shapes)
 from tests.factory import gpu_job_shards, write_checkpoint, write_text
+from wq_ops.cluster import actor as actor_module
+from wq_ops.cluster.driver import run_job
+from wq_ops.config import Backend, JobConfig, Method, default_options
+from wq_ops.device import warm_up as warm_up_module
+from wq_ops.device.warm_up import (
+    JobShapes,
+    job_needs_transformers,
+    job_shapes,
+    warm_up_device,
+    warm_up_libraries,
+    warm_up_quantizers,
+    warm_up_shapes,
+)
 
 
 def _job(model, **options) -> JobConfig:
@@ -266,8 +273,8 @@ def test_the_warm_ups_do_not_depend_on_the_default_dtype(tmp_path):
 @pytest.mark.parametrize("backend", [Backend.CUDA, Backend.REFERENCE])
 def test_the_warm_ups_run_side_by_side_on_the_gpu(tmp_path, backend):
     """The three warm-ups side by side (the shapes' on this thread), on the actor's device, under
-    transformers' default dtype as in an in-process actor; the device works after them, and they hold none of its memory (each thread's cuBLAS
-    workspace once stayed: 96 MiB on the H100, past a tiny job's plan)."""
+    transformers' default dtype as in an in-process actor; the device works after them, and they hold none of
+    its memory (each thread's cuBLAS workspace once stayed: 96 MiB on the H100, past a tiny job's plan)."""
     _gpu()
     model = _config(tmp_path, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
     shapes = job_shapes(_job(model, method="gptq", backend=backend.value, seq_len=128, gpus_per_actor=1))
@@ -323,7 +330,7 @@ def test_queued_host_copies_stage_the_bytes_waited_copies_do(tmp_path, monkeypat
 _FIRST_LINALG_TOGETHER = textwrap.dedent("""
     import sys, threading
     import torch
-    import wq_ops.dist.warm_up as wu
+    import wq_ops.device.warm_up as wu
     from wq_ops.config import Backend
 
     if sys.argv[1] == "unloaded":

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wq_ops.config import JobConfig, default_options
-from wq_ops.dist.driver import run_job
 from tests.factory import write_checkpoint, write_text
+from wq_ops.cluster.driver import run_job
+from wq_ops.config import JobConfig, default_options
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

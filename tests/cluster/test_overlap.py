@@ -5,10 +5,10 @@ compares it with the overlap forced off."""
 import pytest
 import torch
 
-from wq_ops.config import JobConfig, default_options
-from wq_ops.dist import actor as actor_module
-from wq_ops.dist.driver import run_job
 from tests.factory import write_checkpoint, write_text
+from wq_ops.cluster import actor as actor_module
+from wq_ops.cluster.driver import run_job
+from wq_ops.config import JobConfig, default_options
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from wq_ops.config import Backend, JobConfig, RunConfig, Runtime
 from wq_ops.errors import ConfigError, ResourceError
 
 if TYPE_CHECKING:      # the module imports torch, which this one leaves to the runtimes that need it
-    from wq_ops.dist.warm_up import JobShapes
+    from wq_ops.device.warm_up import JobShapes
 
 __all__ = ["ActorRuntime", "RayRuntime", "LocalRuntime", "choose_runtime"]
 
@@ -90,8 +90,8 @@ class RayRuntime:
         the checkpoint's config and the calibration data."""
         import ray
 
-        from wq_ops.dist.actor import BlockActor
-        from wq_ops.dist.warm_up import job_needs_transformers, job_shapes
+        from wq_ops.cluster.actor import BlockActor
+        from wq_ops.device.warm_up import job_needs_transformers, job_shapes
 
         self._check_resources(job.run)
         remote_actor: Any = ray.remote(BlockActor)
@@ -172,7 +172,7 @@ class _LocalActor:
                  preload_transformers: bool = True) -> None:
         import torch
 
-        from wq_ops.dist.actor import BlockActor
+        from wq_ops.cluster.actor import BlockActor
 
         self.threads_before = torch.get_num_threads()     # the actor sets the process's; given back at stop
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="wq-actor")
@@ -232,7 +232,7 @@ class LocalRuntime:
             if have < math.ceil(run.gpus_per_actor):
                 raise ResourceError(f"gpus_per_actor={run.gpus_per_actor:g}: the in-process actor needs a GPU and "
                                     f"torch sees {have} on this machine")
-        from wq_ops.dist.warm_up import job_needs_transformers, job_shapes
+        from wq_ops.device.warm_up import job_needs_transformers, job_shapes
 
         return [_LocalActor(run, job.quant.backend, job_shapes(job), preload_transformers=job_needs_transformers(job))]
 

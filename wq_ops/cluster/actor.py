@@ -18,7 +18,7 @@ GPU a third thread solves block i on a side stream while block i + 1 calibrates.
 block order on its own inputs, so results never depend on timing. On a GPU every computation runs on the
 actor's compute thread (`ComputeThread`), which warms the device up first, while the actor's own thread
 takes the first calls. Activations enter and leave as object refs; no tensor goes to the driver.
-The same class also runs inside the driver's process (wq_ops/dist/runtime.py) for a job of one actor.
+The same class also runs inside the driver's process (wq_ops/cluster/runtime.py) for a job of one actor.
 """
 
 from __future__ import annotations
@@ -38,18 +38,33 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from wq_ops.cluster.block_quantizer import (
+    BlockOutcome,
+    BlockReport,
+    FloatCalibration,
+    calibrate_float_,
+    calibrate_float_all_,
+    quantize_block_,
+    replay_block_,
+    solve_block_,
+)
 from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
-from wq_ops.dist.block_quantizer import (BlockOutcome, BlockReport, FloatCalibration, calibrate_float_,
-                                         calibrate_float_all_, quantize_block_, replay_block_, solve_block_)
-from wq_ops.dist.transport import (HostTensor, Queued, after_queued_copies, from_host, queue_to_device,
-                                   queue_to_host, to_host)
+from wq_ops.device.compute_thread import ComputeThread
+from wq_ops.device.transport import (
+    HostTensor,
+    Queued,
+    after_queued_copies,
+    from_host,
+    queue_to_device,
+    queue_to_host,
+    to_host,
+)
+from wq_ops.device.warm_up import JobShapes, release_warm_up_memory, warm_up_device
 from wq_ops.formats import dense_tensors
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 from wq_ops.io.checkpoint import Checkpoint, read_tensors
 from wq_ops.model.architecture import ModelLayout, attention_window, import_transformers, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
-from wq_ops.dist.compute_thread import ComputeThread
-from wq_ops.dist.warm_up import JobShapes, release_warm_up_memory, warm_up_device
 
 __all__ = ["ActorSpec", "ShardRecord", "BlockActor"]
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from tests.factory import tiny_config
+from wq_ops.cluster.block_quantizer import quantize_block_
 from wq_ops.config import Format, QuantConfig
-from wq_ops.dist.block_quantizer import quantize_block_
 from wq_ops.model.architecture import describe_model, instantiate_on_meta
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context
-from tests.factory import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_awq_layer_loss_is_the_groups_output_error_over_every_token(gen, device,
     (quadratic_sum): a relative error of about 1e-3."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from wq_ops.dist.block_quantizer import _layer_loss
+    from wq_ops.cluster.block_quantizer import _layer_loss
 
     x = torch.randn(300, 256, generator=gen) * torch.logspace(-1, 1, 256)
     weights = {"a": torch.randn(96, 256, generator=gen).to(torch.bfloat16),
@@ -277,7 +277,7 @@ def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup, in_pla
 def test_awq_where_no_scaling_wins_leaves_the_bytes_alone(block_setup, monkeypatch):
     """The scales are folded in even when plain RTN wins (all ones, so that nothing reads the winner back
     from the device): the norms come out bit for bit, and the report says no scaling."""
-    from wq_ops.dist import block_quantizer
+    from wq_ops.cluster import block_quantizer
 
     search = block_quantizer.awq.search_scales
 
@@ -299,7 +299,7 @@ def _gpu_block(quant):
     once (every kernel loaded before a strict run)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from wq_ops.dist import block_quantizer
+    from wq_ops.cluster import block_quantizer
 
     config = tiny_config("llama", num_key_value_heads=4)
     layout = describe_model(config)
@@ -343,7 +343,7 @@ def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
     """AWQ's and RTN's solves queue their work and read nothing back until the block's report is read
     (one read for its numbers): the GPU is not drained after each layer. GPTQ reads the device once per
     factorization (its damping check), by design."""
-    from wq_ops.dist import block_quantizer
+    from wq_ops.cluster import block_quantizer
 
     quantize = _gpu_block(quant)
     _strict(monkeypatch, block_quantizer._BlockSolver, "stage")
@@ -358,7 +358,7 @@ def test_a_blocks_outcome_queues_its_report_without_waiting_on_the_gpu(monkeypat
     """The outcome (artifact tensors packed, the report's numbers queued to the host) reads nothing back:
     the actor's compute thread goes on to queue the next block, and the writer reads the report. Read
     afterwards, the report has every layer's numbers."""
-    from wq_ops.dist import block_quantizer
+    from wq_ops.cluster import block_quantizer
 
     quantize = _gpu_block(quant)
     _strict(monkeypatch, block_quantizer._BlockSolver, "outcome")
@@ -373,7 +373,7 @@ def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup
     """`_queue_numbers` sends every layer's numbers to the host in one copy: each record matches that
     layer's output error, proxy loss, outlier summary and scale search read on their own (a layer left
     unquantized has error 0)."""
-    from wq_ops.dist import block_quantizer
+    from wq_ops.cluster import block_quantizer
     from wq_ops.quant.hessian import outlier_summary
 
     pending = []
@@ -402,8 +402,8 @@ def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup
 def test_a_block_report_raises_a_failed_packing_check_before_its_records():
     """The packing's checks ride at the end of the report's numbers: a false one raises ArtifactError with
     its message when the records are read (by the actor's writer, before the shard is staged)."""
-    from wq_ops.dist.block_quantizer import BlockReport, _Timer
-    from wq_ops.dist.transport import Queued
+    from wq_ops.cluster.block_quantizer import BlockReport, _Timer
+    from wq_ops.device.transport import Queued
     from wq_ops.errors import ArtifactError
 
     timer = _Timer(torch.device("cpu"))

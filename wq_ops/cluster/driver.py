@@ -23,20 +23,24 @@ import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
+from wq_ops.cluster.actor import ActorSpec, ShardRecord
+from wq_ops.cluster.block_quantizer import is_ignored
+from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan
+from wq_ops.cluster.runtime import ActorRuntime, choose_runtime
 from wq_ops.config import JobConfig, Modeling, Propagation, TpPolicy
-from wq_ops.dist.actor import ActorSpec, ShardRecord
-from wq_ops.dist.block_quantizer import is_ignored
-from wq_ops.dist.plan import GIB, JobPlan, check_fits, make_plan
-from wq_ops.dist.runtime import ActorRuntime, choose_runtime
 from wq_ops.errors import CheckpointError, ConfigError, WqError
 from wq_ops.formats import format_module, quantization_config
-from wq_ops.formats.tp_compat import (DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes,
-                                      padding_for_sizes)
+from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifact
-from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
-from wq_ops.model.architecture import (SUPPORTED_ARCHITECTURES, ModelLayout, describe_model, import_transformers,
-                                      transformers_import_lock)
+from wq_ops.io.hub_push import check_push_access, push_artifact
+from wq_ops.model.architecture import (
+    SUPPORTED_ARCHITECTURES,
+    ModelLayout,
+    describe_model,
+    import_transformers,
+    transformers_import_lock,
+)
 from wq_ops.model.native_llama import NATIVE_ARCHITECTURES, NativeLlamaConfig, read_native_config
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
@@ -134,8 +138,8 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
     source_config = json.loads((checkpoint.local_dir / "config.json").read_text())
     if source_config.get("quantization_config"):
-        raise CheckpointError(f"{checkpoint.source}: already quantized "
-                              f"({source_config['quantization_config'].get('quant_method')}); give the original weights")
+        method = source_config["quantization_config"].get("quant_method")
+        raise CheckpointError(f"{checkpoint.source}: already quantized ({method}); give the original weights")
     architectures = source_config.get("architectures") or [f"<none; model_type={source_config.get('model_type')}>"]
     if architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"unsupported architecture {architectures[0]}: wq quantizes dense "
@@ -164,7 +168,8 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     ids = calibration_tokens(job.calib.source, load_tokenizer, n_samples=job.calib.n_samples,
                              seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column)
     if int(ids.max()) >= layout.vocab_size:
-        raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has {layout.vocab_size}")
+        raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
+                          f"{layout.vocab_size}")
     padded_size = None if compatibility.padding is None else compatibility.padding.padded_size
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wq_ops.config import JobConfig, default_options
-from wq_ops.dist.driver import run_job
-from wq_ops.errors import ArtifactError, CheckpointError, ConfigError, ResourceError
 from tests.factory import write_checkpoint, write_text
+from wq_ops.cluster.driver import run_job
+from wq_ops.config import JobConfig, default_options
+from wq_ops.errors import ArtifactError, CheckpointError, ConfigError, ResourceError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -78,7 +78,8 @@ def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama)
     from wq_ops.quant.result import dequantize
 
     name = "model.layers.2.mlp.down_proj"
-    shard = json.loads((result.out_dir / "model.safetensors.index.json").read_text())["weight_map"][name + ".weight_packed"]
+    index = json.loads((result.out_dir / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"][name + ".weight_packed"]
     with safe_open(str(result.out_dir / shard), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
     ours = dequantize(decode_linear(name, tensors, bits=4, group_size=64), torch.bfloat16)
@@ -90,7 +91,7 @@ def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama)
 def test_same_bytes_with_one_and_three_actors(tmp_path, llama, caplog):
     model_dir, calib = llama
     one = run_job(job(tmp_path / "a", model=str(model_dir), calib=str(calib), group_size=64), cache_dir=tmp_path)
-    with caplog.at_level("INFO", logger="wq_ops.dist.driver"):
+    with caplog.at_level("INFO", logger="wq_ops.cluster.driver"):
         three = run_job(job(tmp_path / "b", model=str(model_dir), calib=str(calib), group_size=64, actors=3),
                         cache_dir=tmp_path)
     progress = [r.getMessage() for r in caplog.records if "done=" in r.getMessage()]
@@ -145,7 +146,7 @@ def test_stray_config_keys_give_the_same_bytes_either_way(tmp_path, llama):
 def test_the_fingerprint_follows_the_classes_that_ran(tmp_path, llama):
     """auto and native run the same modules on a plain Llama, so a job stopped under one resumes under the
     other; transformers' classes are another computation."""
-    from wq_ops.dist.driver import prepare_job
+    from wq_ops.cluster.driver import prepare_job
 
     model_dir, calib = llama
     prints = {m: prepare_job(job(tmp_path, model=str(model_dir), calib=str(calib), modeling=m),
