@@ -25,24 +25,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_e2e import SHAPES  # noqa: E402
-from wq_ops.cluster import block_quantizer  # noqa: E402
+from wq_ops.block.quantized import quantize_block_  # noqa: E402
+from wq_ops.block.work import BlockTask  # noqa: E402
 from wq_ops.config import Format, Propagation, QuantConfig  # noqa: E402
+from wq_ops.device.timing import CudaEventClock  # noqa: E402
 from wq_ops.model.architecture import describe_model, instantiate_on_meta  # noqa: E402
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context  # noqa: E402
 
 # (module, function name): the calls the synced breakdown times, where the block quantizer reaches them.
 TIMED = [
-    ("wq_ops.cluster.block_quantizer", "capture_stage"),
+    ("wq_ops.block.quantized", "capture_stage"),
+    ("wq_ops.block.quantized", "capture_group"),
     ("wq_ops.calib.capture", "accumulate_input_stats_"),
-    ("wq_ops.cluster.block_quantizer", "quantize_gptq"),
+    ("wq_ops.block.processors", "quantize_gptq"),
     ("wq_ops.quant.gptq", "hessian_factor"),
     ("wq_ops.quant.gptq", "compute_grid"),
-    ("wq_ops.cluster.block_quantizer", "quantize_rtn"),
-    ("wq_ops.cluster.block_quantizer", "hessian_of"),
-    ("wq_ops.cluster.block_quantizer", "dequantize"),
-    ("wq_ops.cluster.block_quantizer", "output_error_tensor"),
-    ("wq_ops.cluster.block_quantizer", "outlier_channels"),
-    ("wq_ops.cluster.block_quantizer", "encode_linear"),
+    ("wq_ops.block.processors", "quantize_rtn"),
+    ("wq_ops.block.awq_stage", "quantize_rtn"),
+    ("wq_ops.block.processors", "hessian_of"),
+    ("wq_ops.block.processors", "dequantize"),
+    ("wq_ops.block.processors", "output_error_tensor"),
+    ("wq_ops.block.records", "outlier_channels"),
+    ("wq_ops.formats.block_tensors", "encode_linear"),
     ("wq_ops.quant.awq", "search_scales"),
     ("wq_ops.quant.awq", "search_clip"),
 ]
@@ -72,10 +76,11 @@ def make_block(shape: str, *, samples: int, seq_len: int, micro: int, device: to
 
 def run_block(setup: tuple[Any, ...], quant: QuantConfig, propagation: Propagation) -> dict[str, float]:
     layout, block, params, anatomy, batches = setup
-    outcome, outputs = block_quantizer.quantize_block_(
-        block, params, anatomy, list(batches), quant=quant, fmt=Format.COMPRESSED_TENSORS, block_index=0,
-        prefix="model.layers", linears=layout.linears, propagation=propagation,
-        stash_tails=True)                                     # what the plan picks for 8B and 1B on an H100
+    task = BlockTask(quant=quant, fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
+                     linears=layout.linears)
+    outcome, outputs = quantize_block_(block, params, anatomy, list(batches), task, propagation=propagation,
+                                       stash_tails=True,      # what the plan picks for 8B and 1B on an H100
+                                       clock=CudaEventClock(torch.device("cuda")))
     torch.cuda.synchronize()
     del outputs
     return outcome.seconds

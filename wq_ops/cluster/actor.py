@@ -38,18 +38,20 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from wq_ops.cluster.block_quantizer import (
-    BlockOutcome,
-    BlockReport,
+from wq_ops.block.calibration import (
     FloatCalibration,
     calibrate_float_,
     calibrate_float_all_,
-    quantize_block_,
     replay_block_,
     solve_block_,
 )
+from wq_ops.block.clock import PhaseClock, WallClock
+from wq_ops.block.quantized import quantize_block_
+from wq_ops.block.records import PendingReport
+from wq_ops.block.work import BlockOutcome, BlockTask
 from wq_ops.config import Backend, JobConfig, Propagation, RunConfig
 from wq_ops.device.compute_thread import ComputeThread
+from wq_ops.device.timing import CudaEventClock
 from wq_ops.device.transport import (
     HostTensor,
     Queued,
@@ -404,7 +406,7 @@ class BlockActor:
             for index, loaded in zip(blocks, loader.map(self._load, blocks)):
                 self._await_copy(loaded)
                 self._on_compute(self._ensure_anatomy, index, loaded)
-                self.span[index] = (loaded, FloatCalibration() if loaded.finished is None else None)
+                self.span[index] = (loaded, FloatCalibration(self._clock()) if loaded.finished is None else None)
 
     def forward_microbatch(self, spec: ActorSpec, m: int, x: HostTensor | None) -> HostTensor | None:
         """Micro-batch `m` through the span: from the previous actor (x), or this actor's embeddings. Each
@@ -467,16 +469,27 @@ class BlockActor:
                                             hidden_size=self.spec.layout.hidden_size)
         return self.anatomy
 
+    def _clock(self) -> PhaseClock:
+        """A block's phase clock: CUDA events on a GPU (no wait per phase), else wall time."""
+        return CudaEventClock(self.device) if self.device.type == "cuda" else WallClock()
+
+    def _task(self, index: int) -> BlockTask:
+        layout, job = self.spec.layout, self.spec.job
+        return BlockTask(quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
+                         linears=layout.linears, pad_intermediate=self.spec.pad_intermediate)
+
     def _host_outcome(self, outcome: BlockOutcome,
-                      loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
+                      loaded: _Loaded) -> tuple[Queued[tuple[dict[str, Tensor], Tensor]], "_StagedReport"]:
         """A solved block's artifact tensors on their way to the host, and its report (layer records and
         phase seconds), read by the writer. On a GPU the copies (into pinned memory) are queued on the
         current stream and not waited for here: the writer waits for them, and this thread goes on to queue
         the next block's work (a waited copy left the GPU idle for 37 ms a block on the H100)."""
         t = time.perf_counter()
-        host = after_queued_copies({k: queue_to_host(v) for k, v in outcome.tensors.items()},
-                                   cuda=self.device.type == "cuda")
-        report = _StagedReport(outcome.report, load_seconds=loaded.seconds, copy_seconds=time.perf_counter() - t)
+        # The report's numbers travel with the tensors: one more copy, queued with theirs.
+        host = after_queued_copies(({k: queue_to_host(v) for k, v in outcome.tensors.items()},
+                                    queue_to_host(outcome.report.numbers)), cuda=self.device.type == "cuda")
+        report = _StagedReport(outcome.report, outcome.clock, load_seconds=loaded.seconds,
+                               copy_seconds=time.perf_counter() - t)
         return host, report
 
     def _counted(self, record: ShardRecord) -> ShardRecord:
@@ -518,19 +531,18 @@ class BlockActor:
         return self._load(index, staged=False)
 
     @_on_compute_thread
-    def _compute_block(self, index: int, loaded: _Loaded) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
+    def _compute_block(self, index: int,
+                       loaded: _Loaded) -> tuple[Queued[tuple[dict[str, Tensor], Tensor]], "_StagedReport"]:
         """Quantize block `index` and replace the activations with its outputs. Returns its artifact
         tensors on their way to the host and its report, for `_stage_block`."""
-        layout: ModelLayout = self.spec.layout
         job = self.spec.job
         self._await_copy(loaded)
         block = DecoderBlock(self.blocks[index], self._context(index))
         anatomy = self._ensure_anatomy(index, loaded)
         batches, self.batches = self.batches, []
-        outcome, self.batches = quantize_block_(
-            block, loaded.params, anatomy, batches, quant=job.quant, fmt=job.format, block_index=index,
-            prefix=layout.block_prefix, linears=layout.linears, pad_intermediate=self.spec.pad_intermediate,
-            propagation=job.run.propagation, stash_tails=self.spec.stash_tails)
+        outcome, self.batches = quantize_block_(block, loaded.params, anatomy, batches, self._task(index),
+                                                propagation=job.run.propagation, stash_tails=self.spec.stash_tails,
+                                                clock=self._clock())
         del loaded.params
         return self._host_outcome(outcome, loaded)
 
@@ -542,7 +554,7 @@ class BlockActor:
         block = DecoderBlock(self.blocks[index], self._context(index))
         batches, self.batches = self.batches, []
         calibration, self.batches = calibrate_float_all_(block, loaded.params, self._ensure_anatomy(index, loaded),
-                                                         batches, quant=self.spec.job.quant)
+                                                         batches, quant=self.spec.job.quant, clock=self._clock())
         ready = None
         if self.solve_stream is not None:
             ready = torch.cuda.Event()
@@ -550,12 +562,11 @@ class BlockActor:
         return calibration, ready
 
     def _solve_block(self, index: int, loaded: _Loaded, calibration: FloatCalibration,
-                     ready: Any = None) -> tuple[Queued[dict[str, Tensor]], "_StagedReport"]:
+                     ready: Any = None) -> tuple[Queued[tuple[dict[str, Tensor], Tensor]], "_StagedReport"]:
         """Quantize a calibrated block and drop its weights from the device. Returns what `_stage_block`
         takes. With `ready` (the overlapped path, in the solver thread) it runs on the solve stream once
         the statistics are complete, and the tensors are dropped only once that stream is drained, so no
         queued kernel still reads them when the allocator reuses them; else on the current stream."""
-        layout, job = self.spec.layout, self.spec.job
         # solve_block_ consumes the statistics; these references keep them (allocated on the main stream)
         # from going back to its allocator while the solve stream may still read them.
         statistics = (calibration.attn, calibration.mlp)
@@ -568,9 +579,7 @@ class BlockActor:
             with stream:
                 block = DecoderBlock(self.blocks[index], self._context(index))
                 outcome = solve_block_(block, loaded.params, self._ensure_anatomy(index, loaded), calibration,
-                                       quant=job.quant, fmt=job.format, block_index=index,
-                                       prefix=layout.block_prefix, linears=layout.linears,
-                                       pad_intermediate=self.spec.pad_intermediate)
+                                       self._task(index))
                 return self._host_outcome(outcome, loaded)
         finally:
             if side:
@@ -580,9 +589,10 @@ class BlockActor:
     def _stage_solved(self, index: int, solving: Future) -> ShardRecord:
         return self._stage_block(index, *solving.result())
 
-    def _stage_block(self, index: int, queued: Queued[dict[str, Tensor]], report: "_StagedReport") -> ShardRecord:
-        host = queued.wait()
-        layers, seconds = report.layers(), report.seconds()
+    def _stage_block(self, index: int, queued: Queued[tuple[dict[str, Tensor], Tensor]],
+                     report: "_StagedReport") -> ShardRecord:
+        host, numbers = queued.wait()
+        layers, seconds = report.layers(numbers), report.seconds()
         t = time.perf_counter()                  # the write itself, not the wait for the block's GPU work
         path = self.spec.artifact.staged_block(index)
         nbytes, sha = _write_shard(path, host)
@@ -646,15 +656,17 @@ class _StagedReport:
     """A block's report as the writer stages it: the layers as dicts, and the phase seconds with the load
     and the queueing of the host copies (counted as pack)."""
 
-    report: BlockReport
+    report: PendingReport
+    clock: PhaseClock
     load_seconds: float
     copy_seconds: float
 
-    def layers(self) -> tuple[dict, ...]:
-        return tuple(_layer_dict(r) for r in self.report.layers)
+    def layers(self, numbers: Tensor) -> tuple[dict, ...]:
+        """From the host copy of the report's numbers; raises a failed packing check first."""
+        return tuple(_layer_dict(r) for r in self.report.resolve(numbers))
 
     def seconds(self) -> dict[str, float]:
-        phases = self.report.seconds
+        phases = self.clock.seconds()
         return {"load": self.load_seconds, **phases, "pack": phases.get("pack", 0.0) + self.copy_seconds}
 
 

@@ -24,12 +24,12 @@ import torch
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
 from wq_ops.cluster.actor import ActorSpec, ShardRecord
-from wq_ops.cluster.block_quantizer import is_ignored
 from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan
 from wq_ops.cluster.runtime import ActorRuntime, choose_runtime
 from wq_ops.config import JobConfig, Modeling, Propagation, TpPolicy
 from wq_ops.errors import CheckpointError, ConfigError, WqError
 from wq_ops.formats import format_module, quantization_config
+from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir, finalize_artifact
 from wq_ops.io.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint

@@ -163,6 +163,10 @@ class DecoderBlock:
         """h -> y = h + mlp(post_attention_layernorm(h)): the block output."""
         return h + self.mlp(params, self.norm(params, "post_attention_layernorm", h))
 
+    def add_mlp_(self, params: Params, h: Tensor) -> Tensor:
+        """h -> h + mlp(post_attention_layernorm(h)), written over h (a caller that needs h no more)."""
+        return h.add_(self.mlp(params, self.norm(params, "post_attention_layernorm", h)))
+
     def forward(self, params: Params, x: Tensor) -> Tensor:
         return self.mlp_stage(params, self.attention_stage(params, x))
 

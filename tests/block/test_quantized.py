@@ -1,10 +1,11 @@
-"""quantize_block in-process (no Ray): outputs track the float block, methods rank as expected."""
+"""quantize_block_ in-process (no Ray): outputs track the float block, methods rank as expected."""
 
 import pytest
 import torch
 
 from tests.factory import tiny_config
-from wq_ops.cluster.block_quantizer import quantize_block_
+from wq_ops.block.quantized import quantize_block_
+from wq_ops.block.work import BlockTask
 from wq_ops.config import Format, QuantConfig
 from wq_ops.model.architecture import describe_model, instantiate_on_meta
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context
@@ -31,12 +32,15 @@ def block_setup():
     return layout, block, params, anatomy, list(x.split(4))
 
 
+def task(layout, quant, linears=None) -> BlockTask:
+    return BlockTask(quant=quant, fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
+                     linears=linears or layout.linears)
+
+
 def run(setup, **quant):
     layout, block, params, anatomy, batches = setup
     q = QuantConfig(**{"bits": 4, "group_size": 32, **quant})
-    outcome, outputs = quantize_block_(block, params, anatomy, list(batches), quant=q,
-                                       fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
-                                       linears=layout.linears)
+    outcome, outputs = quantize_block_(block, params, anatomy, list(batches), task(layout, q))
     ref = [block.forward(params, x) for x in batches]
     err = sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, ref)) / \
         sum(float((r.float() ** 2).sum()) for r in ref)
@@ -48,8 +52,7 @@ def test_params_and_input_tensors_are_not_modified(block_setup, method, stash):
     layout, block, params, anatomy, batches = block_setup
     before = {k: v.clone() for k, v in params.items()}, [b.clone() for b in batches]
     consumed = list(batches)
-    quantize_block_(block, params, anatomy, consumed, quant=QuantConfig(method=method, group_size=32),
-                    fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears,
+    quantize_block_(block, params, anatomy, consumed, task(layout, QuantConfig(method=method, group_size=32)),
                     stash_tails=stash)
     assert consumed == []                              # the list is consumed, the tensors are not written
     assert all(torch.equal(before[0][k], params[k]) for k in params)
@@ -72,7 +75,7 @@ def test_awq_layer_loss_is_the_groups_output_error_over_every_token(gen, device,
     (quadratic_sum): a relative error of about 1e-3."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from wq_ops.cluster.block_quantizer import _layer_loss
+    from wq_ops.block.awq_stage import _layer_loss
 
     x = torch.randn(300, 256, generator=gen) * torch.logspace(-1, 1, 256)
     weights = {"a": torch.randn(96, 256, generator=gen).to(torch.bfloat16),
@@ -99,9 +102,7 @@ def test_awq_layer_loss_replays_nothing(block_setup):
             if isinstance(module, torch.nn.Linear)]
         try:
             outcome, _ = quantize_block_(block, params, anatomy, list(batches),
-                                         quant=QuantConfig(method="awq", group_size=32, awq_loss=loss),
-                                         fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
-                                         linears=layout.linears)
+                                         task(layout, QuantConfig(method="awq", group_size=32, awq_loss=loss)))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -140,11 +141,11 @@ def test_float_propagation_passes_the_float_block_outputs_on(block_setup, method
 
     layout, block, params, anatomy, batches = block_setup
     q = QuantConfig(method=method, bits=4, group_size=32)
-    kw = dict(quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears)
-    floated, outputs = quantize_block_(block, params, anatomy, list(batches), propagation=Propagation.FLOAT, **kw)
+    floated, outputs = quantize_block_(block, params, anatomy, list(batches), task(layout, q),
+                                       propagation=Propagation.FLOAT)
     for out, x in zip(outputs, batches):
         assert torch.equal(out, block.forward(params, x))
-    quantized, q_outputs = quantize_block_(block, params, anatomy, list(batches), **kw)
+    quantized, q_outputs = quantize_block_(block, params, anatomy, list(batches), task(layout, q))
     assert not all(torch.equal(a, b) for a, b in zip(outputs, q_outputs))
     same = (".q_proj.", ".k_proj.", ".v_proj.") + ((".o_proj.",) if method == "awq" else ())
     tensors = {n: floated.tensors[n] for n in floated.tensors if any(k in n for k in same)}
@@ -172,8 +173,7 @@ def test_each_linear_runs_once_per_micro_batch_with_gptq(block_setup, propagatio
         name, calls.get(name, 0) + (out.numel() > 0))) for name, module in block.layer.named_modules()
         if isinstance(module, torch.nn.Linear)]
     try:
-        quantize_block_(block, params, anatomy, list(batches), quant=QuantConfig(method="gptq", group_size=32),
-                        fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers", linears=layout.linears,
+        quantize_block_(block, params, anatomy, list(batches), task(layout, QuantConfig(method="gptq", group_size=32)),
                         propagation=Propagation(propagation), stash_tails=stash)
     finally:
         for h in hooks:
@@ -196,9 +196,7 @@ def test_quantized_propagation_goes_one_group_at_a_time(block_setup, method, sta
 
     layout, block, params, anatomy, batches = block_setup
     q = QuantConfig(method=method, bits=4, group_size=32)
-    outcome, outputs = quantize_block_(block, params, anatomy, list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS,
-                                       block_index=0, prefix="model.layers", linears=layout.linears,
-                                       stash_tails=stash)
+    outcome, outputs = quantize_block_(block, params, anatomy, list(batches), task(layout, q), stash_tails=stash)
     assert len(anatomy.groups) == 4 and set(anatomy.direct_tails) == {"self_attn", "mlp"}
     assert anatomy.direct_heads == ("self_attn.q_proj", "mlp.gate_proj")
     quantized = dict(params)
@@ -262,8 +260,7 @@ def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup, in_pla
     found = discover_anatomy(odd, renamed, linears, hidden_size=128)
     assert found.direct_tails == ("self_attn",)
     outcome, outputs = quantize_block_(odd, renamed, found, list(batches),
-                                       quant=QuantConfig(method="gptq", group_size=32), fmt=Format.COMPRESSED_TENSORS,
-                                       block_index=0, prefix="model.layers", linears=linears,
+                                       task(layout, QuantConfig(method="gptq", group_size=32), linears),
                                        propagation=Propagation.QUANTIZED, stash_tails=True)
     quantized = dict(renamed)
     for spec in linears:
@@ -277,16 +274,16 @@ def test_a_stage_with_an_epilogue_runs_again_for_its_outputs(block_setup, in_pla
 def test_awq_where_no_scaling_wins_leaves_the_bytes_alone(block_setup, monkeypatch):
     """The scales are folded in even when plain RTN wins (all ones, so that nothing reads the winner back
     from the device): the norms come out bit for bit, and the report says no scaling."""
-    from wq_ops.cluster import block_quantizer
+    from wq_ops.block import awq_stage
 
-    search = block_quantizer.awq.search_scales
+    search = awq_stage.awq.search_scales
 
     def no_scaling_wins(weights, x_mean, loss_of, **kw):
         found = search(weights, x_mean, lambda cand: torch.zeros(()), **kw)
         assert torch.equal(found.scales, torch.ones_like(found.scales))
         return found
 
-    monkeypatch.setattr(block_quantizer.awq, "search_scales", no_scaling_wins)
+    monkeypatch.setattr(awq_stage.awq, "search_scales", no_scaling_wins)
     outcome, _ = run(block_setup, method="awq", awq_loss="layer")
     _, _, params, _, _ = block_setup
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -295,11 +292,11 @@ def test_awq_where_no_scaling_wins_leaves_the_bytes_alone(block_setup, monkeypat
 
 
 def _gpu_block(quant):
-    """A tiny Llama block on the GPU, its inputs, and a quantize_block_ call for it that has already run
-    once (every kernel loaded before a strict run)."""
+    """A tiny Llama block on the GPU, its inputs, and a quantize_block_ call for it (timed by CUDA events, as
+    in an actor) that has already run once (every kernel loaded before a strict run)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from wq_ops.cluster import block_quantizer
+    from wq_ops.device.timing import CudaEventClock
 
     config = tiny_config("llama", num_key_value_heads=4)
     layout = describe_model(config)
@@ -315,26 +312,25 @@ def _gpu_block(quant):
     q = QuantConfig(bits=4, group_size=32, backend="cuda", **quant)
 
     def quantize():
-        return block_quantizer.quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy,
-                                               list(batches), quant=q, fmt=Format.COMPRESSED_TENSORS, block_index=0,
-                                               prefix="model.layers", linears=layout.linears)
+        return quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy, list(batches), task(layout, q),
+                               clock=CudaEventClock(torch.device("cuda")))
 
     quantize()
     return quantize
 
 
-def _strict(monkeypatch, cls, method: str) -> None:
-    """`cls.method` raises on any read of the device."""
-    plain = getattr(cls, method)
+def _strict(monkeypatch, owner, name: str) -> None:
+    """`owner.name` (a function or method) raises on any read of the device."""
+    plain = getattr(owner, name)
 
-    def strict(self, *args, **kwargs):
+    def strict(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return plain(self, *args, **kwargs)
+            return plain(*args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(cls, method, strict)
+    monkeypatch.setattr(owner, name, strict)
 
 
 @pytest.mark.gpu
@@ -343,10 +339,10 @@ def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
     """AWQ's and RTN's solves queue their work and read nothing back until the block's report is read
     (one read for its numbers): the GPU is not drained after each layer. GPTQ reads the device once per
     factorization (its damping check), by design."""
-    from wq_ops.cluster import block_quantizer
+    from wq_ops.block import quantized
 
     quantize = _gpu_block(quant)
-    _strict(monkeypatch, block_quantizer._BlockSolver, "stage")
+    _strict(monkeypatch, quantized, "solve_stage")
     outcome, _ = quantize()
     assert all(r.quantized and r.output_error > 0 for r in outcome.layers)
 
@@ -354,15 +350,16 @@ def test_a_stage_solve_never_waits_on_the_gpu(monkeypatch, quant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [dict(method="gptq"), dict(method="gptq", ignore=("*.mlp.down_proj",)),
                                    dict(method="awq"), dict(method="rtn")])
-def test_a_blocks_outcome_queues_its_report_without_waiting_on_the_gpu(monkeypatch, quant):
-    """The outcome (artifact tensors packed, the report's numbers queued to the host) reads nothing back:
+def test_a_blocks_outcome_packs_without_waiting_on_the_gpu(monkeypatch, quant):
+    """The outcome (artifact tensors packed, the report's numbers gathered on the device) reads nothing back:
     the actor's compute thread goes on to queue the next block, and the writer reads the report. Read
     afterwards, the report has every layer's numbers."""
-    from wq_ops.cluster import block_quantizer
+    from wq_ops.block.work import BlockWork
 
     quantize = _gpu_block(quant)
-    _strict(monkeypatch, block_quantizer._BlockSolver, "outcome")
+    _strict(monkeypatch, BlockWork, "outcome")
     outcome, _ = quantize()
+    assert outcome.report.numbers.is_cuda
     assert len(outcome.layers) == 7 and outcome.seconds["forward"] > 0
     assert all(r.output_error > 0 for r in outcome.layers if r.quantized)
     assert sum(r.quantized for r in outcome.layers) == (6 if "ignore" in quant else 7)
@@ -370,20 +367,20 @@ def test_a_blocks_outcome_queues_its_report_without_waiting_on_the_gpu(monkeypat
 
 @pytest.mark.parametrize("quant", [dict(method="gptq", ignore=("*.mlp.down_proj",)), dict(method="awq")])
 def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup, monkeypatch, quant):
-    """`_queue_numbers` sends every layer's numbers to the host in one copy: each record matches that
+    """`pending_report` gathers every layer's numbers into one vector for one copy: each record matches that
     layer's output error, proxy loss, outlier summary and scale search read on their own (a layer left
     unquantized has error 0)."""
-    from wq_ops.cluster import block_quantizer
+    from wq_ops.block import work as work_module
     from wq_ops.quant.hessian import outlier_summary
 
     pending = []
-    queue = block_quantizer._queue_numbers
+    gather = work_module.pending_report
 
-    def keep(records, *checks):
-        pending.extend(records)
-        return queue(records, *checks)
+    def keep(layers, *checks):
+        pending.extend(layers)
+        return gather(layers, *checks)
 
-    monkeypatch.setattr(block_quantizer, "_queue_numbers", keep)
+    monkeypatch.setattr(work_module, "pending_report", keep)
     outcome, _ = run(block_setup, **quant)
     assert len(pending) == len(outcome.layers) == 7
     for r, got in zip(pending, outcome.layers):
@@ -402,14 +399,12 @@ def test_records_read_back_in_one_copy_match_each_layers_own_numbers(block_setup
 def test_a_block_report_raises_a_failed_packing_check_before_its_records():
     """The packing's checks ride at the end of the report's numbers: a false one raises ArtifactError with
     its message when the records are read (by the actor's writer, before the shard is staged)."""
-    from wq_ops.cluster.block_quantizer import BlockReport, _Timer
-    from wq_ops.device.transport import Queued
+    from wq_ops.block.records import PendingReport
     from wq_ops.errors import ArtifactError
 
-    timer = _Timer(torch.device("cpu"))
     checks = ("layer a: bad zero points", "layer b: bad zero points")
-    ok = BlockReport((), Queued(torch.tensor([1.0, 1.0], dtype=torch.float64)), timer, checks)
-    assert ok.layers == ()
-    failed = BlockReport((), Queued(torch.tensor([1.0, 0.0], dtype=torch.float64)), timer, checks)
+    ok = PendingReport(torch.tensor([1.0, 1.0], dtype=torch.float64), (), checks)
+    assert ok.resolve(ok.numbers) == ()
+    failed = PendingReport(torch.tensor([1.0, 0.0], dtype=torch.float64), (), checks)
     with pytest.raises(ArtifactError, match="layer b: bad zero points"):
-        failed.layers
+        failed.resolve(failed.numbers)

@@ -1,0 +1,118 @@
+"""One `Processor` per method: how a stage's groups of linears are quantized from their captured input
+statistics, and whether a stage goes a group at a time (GPTQ and RTN: each group's inputs are captured with
+the groups before it quantized, GPTQ's true-sequential order) or whole (AWQ: a group's scale folds into an
+earlier linear of its stage, which must still be float). Chosen in one table: `PROCESSORS`."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, Sequence
+
+import torch
+
+from wq_ops.block.awq_stage import quantize_awq_stage
+from wq_ops.block.records import pending_layer
+from wq_ops.block.work import BlockWork
+from wq_ops.calib.capture import GroupCapture
+from wq_ops.config import Method
+from wq_ops.formats.block_tensors import is_ignored
+from wq_ops.model.block import LinearGroup
+from wq_ops.quant.gptq import quantize_gptq
+from wq_ops.quant.hessian import hessian_of, output_error_tensor, quadratic_operand
+from wq_ops.quant.result import QuantResult, dequantize
+from wq_ops.quant.rtn import quantize_rtn
+
+__all__ = ["Processor", "PROCESSORS", "processor_for"]
+
+
+class Processor(Protocol):
+    by_stage: bool      # quantize a whole stage at once (its inputs captured in one pass), not a group at a time
+
+    def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
+                 captures: dict[str, GroupCapture]) -> None:
+        """Quantize `groups` of `stage` from `captures` (by each group's first linear): the results and
+        pending records go into `work`, and each quantized weight's dequantized values replace it there."""
+
+
+class _HessianProcessor:
+    """GPTQ or RTN, a group of linears at a time. Rows are independent given H, so the layers that share an
+    input are stacked and solved at once: one factorisation of H, larger matmuls. The Hessian also measures
+    RTN's output error."""
+
+    by_stage = False
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
+                 captures: dict[str, GroupCapture]) -> None:
+        task, quant = work.task, work.task.quant
+        for group in groups:
+            cap = captures[group.names[0]]
+            h = hessian_of(cap.stats)
+            names = [n for n in group.names if not is_ignored(task.full_name(n), quant.ignore)]
+            for name in group.names:
+                if name not in names:
+                    work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
+                                                     error=None, result=None, seconds=0.0))
+            if not names:
+                continue
+            t = time.perf_counter()
+            weights = [work.work[n + ".weight"] for n in names]
+            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+            result = self._solve(work, stacked, h)
+            parts = result.split_rows([w.shape[0] for w in weights])
+            seconds = (time.perf_counter() - t) / len(names)
+            h = quadratic_operand(h)                  # converted once for every layer of the group
+            for name, w, part in zip(names, weights, parts):
+                w_hat = dequantize(part, work.dtype)
+                work.results[name] = part
+                work.work[name + ".weight"] = w_hat
+                work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
+                                                 error=output_error_tensor(w, w_hat, h), result=part,
+                                                 seconds=seconds))
+
+    def _solve(self, work: BlockWork, w: torch.Tensor, h: torch.Tensor) -> QuantResult:
+        quant = work.task.quant
+        if self.method is Method.GPTQ:
+            return quantize_gptq(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                 damp_frac=quant.damp_frac, act_order=quant.act_order, block_size=quant.block_size,
+                                 scale_dtype=work.scales_dtype, backend=quant.backend)
+        return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                            scale_dtype=work.scales_dtype)
+
+
+class _AwqProcessor:
+    """AWQ, a stage at a time: every group's scales searched and folded first, then each layer clipped and
+    quantized (`quantize_awq_stage`)."""
+
+    by_stage = True
+
+    def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
+                 captures: dict[str, GroupCapture]) -> None:
+        quantize_awq_stage(work, stage, groups, captures)
+
+
+PROCESSORS: dict[Method, Processor] = {
+    Method.GPTQ: _HessianProcessor(Method.GPTQ),
+    Method.RTN: _HessianProcessor(Method.RTN),
+    Method.AWQ: _AwqProcessor(),
+}
+
+
+def processor_for(method: Method) -> Processor:
+    return PROCESSORS[method]
+
+
+def solve_stage(work: BlockWork, stage: str, captures: dict[str, GroupCapture],
+                groups: Sequence[LinearGroup] | None = None) -> None:
+    """Quantize the stage's groups (or `groups` of it, for a processor that goes a group at a time) with the
+    job's method, timed as the "solve" phase."""
+    processor = processor_for(work.task.quant.method)
+    if groups is None:
+        groups = work.block_anatomy.stage_groups(stage)
+    elif processor.by_stage:
+        raise ValueError(f"{work.task.quant.method.value} quantizes a whole stage at once, not a group at a time")
+    mark = work.clock.mark()
+    processor.quantize(work, stage, groups, captures)
+    work.clock.add("solve", mark)

@@ -1,0 +1,97 @@
+"""A block's tensors while it is quantized, and its outcome: `BlockWork` holds the block's tensors as the
+stages replace them (quantized weights, AWQ's folded scales), each quantized layer's result and its pending
+record; `BlockWork.outcome` packs the artifact tensors (named by `wq_ops.formats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from wq_ops.block.clock import PhaseClock
+from wq_ops.block.records import LayerRecord, PendingLayer, PendingReport, pending_report
+from wq_ops.config import Format, QuantConfig
+from wq_ops.formats import scale_dtype
+from wq_ops.formats.block_tensors import block_tensors
+from wq_ops.formats.checks import Checks
+from wq_ops.model.architecture import LinearSpec
+from wq_ops.model.block import BlockAnatomy, DecoderBlock
+from wq_ops.quant.result import QuantResult
+
+__all__ = ["BlockTask", "BlockWork", "BlockOutcome"]
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """What to do to one block, besides its tensors and inputs: the method and grid, the artifact format,
+    where the block sits (its index, the checkpoint's block prefix, its linears), and --tp-policy pad's zero
+    rows/columns for the MLP's intermediate dim (the artifact's; the computation never sees them)."""
+
+    quant: QuantConfig
+    fmt: Format
+    block_index: int
+    prefix: str                            # "model.layers"
+    linears: tuple[LinearSpec, ...]
+    pad_intermediate: int = 0
+
+    def full_name(self, local: str) -> str:
+        return f"{self.prefix}.{self.block_index}.{local}"
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """tensors: this block's artifact tensors, named as the format names them; report: its layer records,
+    numbers still on the device (`PendingReport.resolve`); clock: its time per phase."""
+
+    block: int
+    tensors: dict[str, Tensor]
+    report: PendingReport
+    clock: PhaseClock
+
+    @property
+    def layers(self) -> tuple[LayerRecord, ...]:
+        """The layer records, read from the device now (an actor reads a copy it queued instead)."""
+        return self.report.resolve(self.report.numbers.cpu())
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.clock.seconds()
+
+
+@dataclass
+class BlockWork:
+    """The block's tensors as the stages go (`work`, block-local names: the stages write each quantized
+    weight's dequantized values and AWQ's scaled producers into it), each quantized layer's result, and
+    the pending records. `params` is never modified."""
+
+    block: DecoderBlock
+    block_anatomy: BlockAnatomy
+    task: BlockTask
+    clock: PhaseClock
+    work: dict[str, Tensor]
+    dtype: torch.dtype
+    scales_dtype: torch.dtype              # the grid is rounded to the dtype the format stores scales in
+    results: dict[str, QuantResult] = field(default_factory=dict)
+    layers: list[PendingLayer] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, block: DecoderBlock, anatomy: BlockAnatomy, params: Mapping[str, Tensor], task: BlockTask,
+              clock: PhaseClock) -> "BlockWork":
+        dtype = next(iter(params.values())).dtype
+        return cls(block=block, block_anatomy=anatomy, task=task, clock=clock, work=dict(params), dtype=dtype,
+                   scales_dtype=scale_dtype(task.fmt, model_dtype=dtype))
+
+    def outcome(self) -> BlockOutcome:
+        """The artifact tensors, packed (checks queued, not read), and the report's numbers gathered."""
+        mark = self.clock.mark()
+        checks = Checks()
+        task = self.task
+        tensors = block_tensors(self.work, self.results, [s.name for s in task.linears], quant=task.quant,
+                                fmt=task.fmt, full={s.name: task.full_name(s.name) for s in task.linears},
+                                prefix=f"{task.prefix}.{task.block_index}", dtype=self.dtype,
+                                scales_dtype=self.scales_dtype, pad_intermediate=task.pad_intermediate, checks=checks)
+        self.clock.add("pack", mark)
+        report = pending_report(self.layers, checks.values(), checks.messages)
+        return BlockOutcome(task.block_index, tensors, report, self.clock)
