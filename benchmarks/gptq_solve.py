@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from wq_ops.config import Backend
+from wq_ops.kernels.gptq.cuda import CUDA_SOLVER
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.rtn import compute_grid
 
@@ -81,7 +81,7 @@ def main() -> None:
                                                             block_size=128), 3)
     kw = dict(bits=4, group_size=128, sym=True, damp_frac=0.01, act_order=False, block_size=128,
               scale_dtype=torch.bfloat16)
-    cuda_s, got = timed(lambda: quantize_gptq(w, h, backend=Backend.CUDA, **kw), 5)
+    cuda_s, got = timed(lambda: quantize_gptq(w, h, solver=CUDA_SOLVER, **kw), 5)
     differ = (got.codes != ref_codes).float().mean().item()
     print("| layer | paper's algorithm, fp32 (s) | wq cuda (s) | speed-up | codes differing | loss wq/paper |")
     print("|---|---|---|---|---|---|")

@@ -5,18 +5,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Lower tiers never import higher ones. Within a tier, a package imports only itself.
-TIERS = {
-    "wq_ops.__init__": 0,  # the package itself holds only __version__
-    "wq_ops.errors": 1,
-    "wq_ops.kernels": 2, "wq_ops.config": 2,
-    "wq_ops.quant": 3, "wq_ops.pack": 3,
-    "wq_ops.model": 4, "wq_ops.formats": 4, "wq_ops.io": 4, "wq_ops.evaluate": 4, "wq_ops.bundled": 4,
-    "wq_ops.report": 4,
-    "wq_ops.calib": 5, "wq_ops.device": 5,
-    "wq_ops.cluster": 6, "wq_ops.schedule": 6,
-    "jobs": 7,
-}
+# The layout section of ../shared/STYLE.md, lowest tier first:
+#   jobs -> (api, schedule) -> cluster -> (block, device, evaluate) -> calib -> (model, io, formats, report, bundled)
+#   -> (quant, pack) -> wq_ops.kernels -> (config, errors) -> wq_ops/__init__
+# A package imports only from lower tiers; packages of one tier do not import each other. One step apart from
+# STYLE.md: config raises ConfigError, so errors sits one tier below config rather than beside it.
+ORDER: list[tuple[str, ...]] = [
+    ("wq_ops.__init__",),                   # holds only __version__
+    ("wq_ops.errors",),
+    ("wq_ops.config",),
+    ("wq_ops.kernels",),
+    ("wq_ops.quant", "wq_ops.pack"),
+    ("wq_ops.model", "wq_ops.io", "wq_ops.formats", "wq_ops.report", "wq_ops.bundled"),
+    ("wq_ops.calib",),
+    ("wq_ops.block", "wq_ops.device", "wq_ops.evaluate"),
+    ("wq_ops.cluster",),
+    ("wq_ops.api", "wq_ops.schedule"),
+    ("jobs",),
+]
+TIERS = {unit: tier for tier, units in enumerate(ORDER) for unit in units}
 
 
 def unit_of(module: str) -> str | None:
@@ -55,8 +62,10 @@ def test_imports_point_one_way():
                     other = "wq_ops.__init__"
                 if other is None or other == me:
                     continue
-                if TIERS[other] >= TIERS[me]:
-                    bad.append(f"{module_name(path)} imports {imported}")
+                if TIERS[other] > TIERS[me]:
+                    bad.append(f"{module_name(path)} imports {imported} (a higher tier)")
+                elif TIERS[other] == TIERS[me]:
+                    bad.append(f"{module_name(path)} imports {imported} (its own tier: {me} and {other})")
     assert not bad, "\n".join(bad)
 
 

@@ -81,7 +81,7 @@ def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
     """Whole-layer GPTQ (groups, act-order, a dead column, a last block narrower than 128): the CUDA
     backend (its block-solve kernel, tensor-core updates) against the reference backend (float32 updates)
     on the same GPU: codes of targets near a rounding boundary may differ, the loss by far less than 0.1%."""
-    from wq_ops.config import Backend
+    from wq_ops.kernels.gptq.cuda import CUDA_SOLVER
     from wq_ops.quant.gptq import quantize_gptq
 
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -91,8 +91,8 @@ def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
     h = x.T @ x / x.shape[0]
     kw = dict(bits=4, group_size=64, sym=sym, damp_frac=0.01, act_order=act_order, block_size=128,
               scale_dtype=torch.bfloat16)
-    ref = quantize_gptq(w, h, backend=Backend.REFERENCE, **kw)
-    got = quantize_gptq(w, h, backend=Backend.CUDA, **kw)
+    ref = quantize_gptq(w, h, **kw)
+    got = quantize_gptq(w, h, solver=CUDA_SOLVER, **kw)
     assert (got.codes != ref.codes).float().mean().item() < 1e-3
     assert abs(got.loss / ref.loss - 1) < 1e-3
 
@@ -100,7 +100,7 @@ def test_quantize_gptq_cuda_backend_matches_reference(cuda, act_order, sym):
 def test_split_update_is_within_its_stated_error_of_float64(cuda):
     """The tensor-core lazy update (bf16 hi/lo parts, one GEMM) against float64, on fresh inputs shaped
     like an 8B down_proj's first block: about 2^-16 of the update's size."""
-    from tests.quant.test_gptq import split_update_error
+    from tests.kernels.test_gptq_split_update import split_update_error
 
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
@@ -156,7 +156,7 @@ def test_solve_block_into_names_a_bad_argument(cuda):
 def test_quantize_gptq_on_the_gpu_agrees_with_the_cpu(cuda):
     """Whole-layer GPTQ on the GPU (tensor-core lazy updates) against the CPU's float32 updates: the
     codes of a few targets near a rounding boundary may differ, the proxy loss by far less than 0.1%."""
-    from wq_ops.config import Backend
+    from wq_ops.kernels.gptq.cuda import CUDA_SOLVER
     from wq_ops.quant.gptq import quantize_gptq
 
     g = torch.Generator(device="cpu").manual_seed(11)
@@ -165,7 +165,7 @@ def test_quantize_gptq_on_the_gpu_agrees_with_the_cpu(cuda):
     h = x.T @ x / x.shape[0]
     kw = dict(bits=4, group_size=128, sym=True, damp_frac=0.01, act_order=False, block_size=128,
               scale_dtype=torch.bfloat16)
-    cpu = quantize_gptq(w, h, backend=Backend.REFERENCE, **kw)
-    gpu = quantize_gptq(w.to(cuda), h.to(cuda), backend=Backend.CUDA, **kw)
+    cpu = quantize_gptq(w, h, **kw)
+    gpu = quantize_gptq(w.to(cuda), h.to(cuda), solver=CUDA_SOLVER, **kw)
     assert (gpu.codes.cpu() != cpu.codes).float().mean().item() < 1e-3
     assert abs(gpu.loss / cpu.loss - 1) < 1e-3

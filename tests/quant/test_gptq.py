@@ -4,7 +4,8 @@ import torch
 from tests.quant.naive import naive_gptq
 from wq_ops.errors import QuantizationError
 from wq_ops.kernels.gptq import reference as gptq_reference
-from wq_ops.quant.gptq import add_split_update_, hessian_factor, quantize_gptq, split_factor_blocks
+from wq_ops.kernels.gptq.split_update import SplitUpdateSolver
+from wq_ops.quant.gptq import hessian_factor, quantize_gptq
 from wq_ops.quant.hessian import output_error
 from wq_ops.quant.result import dequantize
 from wq_ops.quant.rtn import quantize_rtn
@@ -191,45 +192,6 @@ def test_gptq_scales_cover_every_group_after_storage_rounding(bits):
     assert bool((rtn.scale < exact).any()) and bool((rtn.scale <= exact * (1 + 2**-8)).all())
 
 
-def test_split_factor_blocks_hold_each_block_as_bf16_parts(gen):
-    """Block j is Mu's rows j*B..(j+1)*B as [hi; lo; hi]: hi the nearest bf16, lo the nearest bf16 of what
-    is left; hi + lo is within 2^-16 of Mu; the last block (no trailing columns) is left out."""
-    n, b = 300, 64
-    m_unit = torch.triu(torch.randn(n, n, generator=gen), diagonal=1) + torch.eye(n)
-    blocks = split_factor_blocks(m_unit, b)
-    assert blocks.shape == (4, 3 * b, n) and blocks.dtype == torch.bfloat16      # 4 of the 5 blocks
-    for j in range(4):
-        rows = m_unit[j * b:(j + 1) * b]
-        hi, lo = blocks[j, :b], blocks[j, b:2 * b]
-        assert torch.equal(hi, rows.to(torch.bfloat16)) and torch.equal(blocks[j, 2 * b:], hi)
-        assert torch.equal(lo, (rows - hi.float()).to(torch.bfloat16))
-        assert float(((hi.double() + lo.double()) - rows.double()).abs().max()) <= 2**-16 * float(rows.abs().max())
-    assert split_factor_blocks(m_unit[:64, :64], 64).shape == (0, 192, 64)
-
-
-def split_update_error(gen: torch.Generator, device: torch.device | str, *, n: int, rows: int, b: int = 128) -> float:
-    """The lazy update from the solve's [hi | hi | lo] parts and Mu's [hi; lo; hi] block on fresh inputs,
-    against float64: the largest error as a fraction of the largest update. (Shared with the GPU test.)"""
-    m_unit = torch.triu(torch.randn(n, n, generator=gen) / 8, diagonal=1) + torch.eye(n)
-    delta = torch.randn(rows, b, generator=gen) * 1e-3
-    targets = torch.randn(rows, n, generator=gen) * 0.02
-    expected = targets.double()
-    expected[:, b:] += delta.double() @ m_unit[:b, b:].double()
-    update = (delta.double() @ m_unit[:b, b:].double()).abs().max()
-    m_unit, delta, targets = m_unit.to(device), delta.to(device), targets.to(device)
-    hi = delta.to(torch.bfloat16)
-    parts = torch.cat([hi, hi, (delta - hi.float()).to(torch.bfloat16)], dim=1)
-    add_split_update_(targets[:, b:], parts, split_factor_blocks(m_unit, b)[0, :, b:])
-    return float((targets.double().cpu() - expected).abs().max() / update)
-
-
-def test_split_update_is_within_its_stated_error_of_float64(gen):
-    """About 2^-16 of the update's size, on inputs shaped like a down_proj's first block. (On the CPU the
-    bf16 products are taken in float32, where they are exact: the CUDA GEMM sums the same terms.)"""
-    for _ in range(3):
-        assert split_update_error(gen, "cpu", n=1024, rows=256) < 2**-15
-
-
 def test_solve_block_into_writes_what_solve_block_returns(gen):
     """The in-place form of the reference block solve (the CUDA kernel's second contract): the codes into
     a column block of the layer's codes, the losses added, the deltas as [hi | hi | lo]."""
@@ -255,21 +217,18 @@ def test_solve_block_into_writes_what_solve_block_returns(gen):
 
 
 @pytest.mark.parametrize("in_features,block_size,act_order", [(544, 128, False), (512, 64, True), (96, 128, False)])
-def test_the_split_update_loop_agrees_with_float32_updates(gen, monkeypatch, in_features, block_size, act_order):
+def test_the_split_update_loop_agrees_with_float32_updates(gen, in_features, block_size, act_order):
     """The CUDA backend's layer loop (the solve writing codes, losses and the update's bf16 parts in place,
     one GEMM per block) run on the CPU with the reference in-place solve, against the float32 loop: a
     code may flip where a target sits within about 2^-16 of an update from a rounding boundary (about
     0.1% of them at most), and the proxy loss moves by far less than 0.1%. Covers a narrower last block
     and a layer of one block."""
-    import wq_ops.quant.gptq as gptq
-
     h = correlated_hessian(gen, 2048, in_features).float()
     w = torch.randn(192, in_features, generator=gen) * 0.02
     kw = dict(bits=4, group_size=32, sym=False, damp_frac=0.01, act_order=act_order, block_size=block_size,
               scale_dtype=torch.bfloat16)
     plain = quantize_gptq(w, h, **kw)
-    monkeypatch.setattr(gptq, "_split_solver", lambda backend: gptq_reference.solve_block_into_)
-    split = quantize_gptq(w, h, **kw)
+    split = quantize_gptq(w, h, solver=SplitUpdateSolver(gptq_reference.solve_block_into_, needs_cuda=False), **kw)
     # A flipped code feeds its own error forward, so flips cascade along a row: over 151 seeds (544 x 128)
     # at most 0.11% of codes flipped (seed 1803550528) and the loss moved by at most 0.041%.
     assert (split.codes != plain.codes).float().mean().item() < 2e-3

@@ -16,6 +16,7 @@ from wq_ops.block.work import BlockWork
 from wq_ops.calib.capture import GroupCapture
 from wq_ops.config import AwqLoss
 from wq_ops.formats.block_tensors import is_ignored
+from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.hessian import hessian_of, output_error_tensor, quadratic_operand, quadratic_sum
@@ -54,7 +55,7 @@ def quantize_awq_stage(work: BlockWork, stage: str, groups: Sequence[LinearGroup
             if not is_ignored(name, _AWQ_NO_CLIP):
                 clip = awq.search_clip(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                        scale_dtype=work.scales_dtype, n_grid=quant.awq_clip_grid,
-                                       max_shrink=quant.awq_max_shrink, backend=quant.backend)
+                                       max_shrink=quant.awq_max_shrink, primitives=kernels_for(quant.backend).awq)
             result = quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                   scale_dtype=work.scales_dtype, clip=clip)
             w_hat = dequantize(result, work.dtype)
@@ -91,7 +92,7 @@ def _search_and_fold(work: BlockWork, stage: str, groups: Sequence[LinearGroup],
             loss_of = _module_loss(inspect, work.work, cap.kept, dtype)
         search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
                                    sym=quant.sym, scale_dtype=work.scales_dtype, n_grid=quant.awq_grid,
-                                   backend=quant.backend)
+                                   primitives=kernels_for(quant.backend).awq)
         del loss_of                               # its bf16 H or replayed outputs: not needed by the clip search
         searches[group.names[0]] = search
         # Scaled even where no scaling won (all ones, exact: the same bytes), so that nothing waits to read

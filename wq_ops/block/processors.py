@@ -16,6 +16,7 @@ from wq_ops.block.work import BlockWork
 from wq_ops.calib.capture import GroupCapture
 from wq_ops.config import Method
 from wq_ops.formats.block_tensors import is_ignored
+from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import hessian_of, output_error_tensor, quadratic_operand
@@ -77,7 +78,7 @@ class _HessianProcessor:
         if self.method is Method.GPTQ:
             return quantize_gptq(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                  damp_frac=quant.damp_frac, act_order=quant.act_order, block_size=quant.block_size,
-                                 scale_dtype=work.scales_dtype, backend=quant.backend)
+                                 scale_dtype=work.scales_dtype, solver=kernels_for(quant.backend).gptq)
         return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                             scale_dtype=work.scales_dtype)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from wq_ops.config import Backend, JobConfig, Method, Modeling, QuantConfig
 from wq_ops.errors import WqError
+from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.architecture import storage_dtype_of
 from wq_ops.model.native_llama import read_native_config
 
@@ -182,6 +183,8 @@ def warm_up_quantizers(device: torch.device, shapes: JobShapes | None = None) ->
     quantizers a job will not call only delay the others. Tiny shapes: the per-shape plans are
     `warm_up_shapes`' work, and only the default format's encoder (compressed-tensors) is warmed."""
     from wq_ops.formats.compressed_tensors import encode_linear
+    from wq_ops.kernels.awq import cuda as awq_cuda
+    from wq_ops.kernels.gptq.cuda import CUDA_SOLVER
     from wq_ops.quant import awq
     from wq_ops.quant.gptq import quantize_gptq
     from wq_ops.quant.hessian import accumulate_input_stats_, hessian_of, new_input_stats, output_error
@@ -199,13 +202,13 @@ def warm_up_quantizers(device: torch.device, shapes: JobShapes | None = None) ->
     for sym in (quant.sym,) if quant is not None else (True, False):
         if Method.GPTQ in methods:
             quantize_gptq(w, h, bits=4, group_size=128, sym=sym, damp_frac=0.01, act_order=act_order,
-                          block_size=128, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
+                          block_size=128, scale_dtype=torch.bfloat16, solver=CUDA_SOLVER)
         clip = None
         if Method.AWQ in methods:
             clip = awq.search_clip(w, h, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=20,
-                                   max_shrink=0.5, backend=Backend.CUDA)
+                                   max_shrink=0.5, primitives=awq_cuda)
             awq.search_scales({"w": w}, stats.abs_sum, lambda cand: (cand["w"] - w).square().sum(), bits=4,
-                              group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, backend=Backend.CUDA)
+                              group_size=128, sym=sym, scale_dtype=torch.bfloat16, n_grid=2, primitives=awq_cuda)
         result = quantize_rtn(w, bits=4, group_size=128, sym=sym, scale_dtype=torch.bfloat16, clip=clip)
         output_error(w, dequantize(result, torch.bfloat16), h)
         encode_linear("warm_up", result, sym=sym, scale_dtype=torch.bfloat16, backend=Backend.CUDA)
@@ -274,5 +277,5 @@ def _run_shapes(device: torch.device, shapes: JobShapes) -> None:
             quantize_gptq(randn(min(rows, _WARM_ROWS), width, dtype=torch.float32), hessian_of(stats),
                           bits=quant.bits, group_size=quant.group_size, sym=quant.sym, damp_frac=quant.damp_frac,
                           act_order=quant.act_order, block_size=quant.block_size, scale_dtype=shapes.dtype,
-                          backend=quant.backend)
+                          solver=kernels_for(quant.backend).gptq)
         del stats

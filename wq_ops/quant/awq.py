@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from types import ModuleType
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from wq_ops.config import Backend
+from wq_ops.kernels.awq import AwqPrimitives
 from wq_ops.kernels.awq import reference as awq_reference
 from wq_ops.quant.rtn import n_groups_of
 
@@ -98,14 +97,6 @@ def candidate_scales(x_mean: Tensor, w_mean: Tensor, ratio: float, *, duo: bool 
     return s / torch.sqrt(s.max() * s.min())
 
 
-def _primitives(backend: Backend) -> ModuleType:
-    if backend is Backend.CUDA:
-        from wq_ops.kernels.awq import cuda  # lazy: the extension is built on first use, only where CUDA exists
-
-        return cuda
-    return awq_reference
-
-
 def search_scales(
     weights: Mapping[str, Tensor],
     x_mean: Tensor,
@@ -117,14 +108,14 @@ def search_scales(
     scale_dtype: torch.dtype,
     n_grid: int,
     duo: bool = True,
-    backend: Backend = Backend.REFERENCE,
+    primitives: AwqPrimitives = awq_reference,
 ) -> ScaleSearch:
     """weights: name -> (out_i, in) layers that share one input; x_mean: (in,) mean |x| of that input.
     loss_of(candidate): the output error (a 0-dim tensor) when each layer's weight is replaced by
     candidate[name] ((out_i, in) float32); the caller decides what output it measures. Nothing is read
     back from the device (the winner is picked there), so the search queues its work without waiting on
     the GPU; the result's report values read it back when asked."""
-    fake_quant = _primitives(backend).fake_quant
+    fake_quant = primitives.fake_quant
     w_mean = weight_profile(list(weights.values()), group_size)
 
     def quantized_with(s: Tensor) -> dict[str, Tensor]:
@@ -162,7 +153,7 @@ def search_clip(
     scale_dtype: torch.dtype,
     n_grid: int,
     max_shrink: float,
-    backend: Backend = Backend.REFERENCE,
+    primitives: AwqPrimitives = awq_reference,
 ) -> Tensor:
     """Per (row, group) clip ratio in (1 - max_shrink, 1] that minimises d_g^T H_gg d_g.
     w: (out, in) weights (already scaled); h: (in, in) Hessian of the (scaled) input. Returns (out, n_groups)."""
@@ -173,6 +164,6 @@ def search_clip(
     # Python's floats, then one rounding to float32.
     steps = torch.arange(max(1, int(max_shrink * n_grid)), dtype=torch.float64, device=w.device)
     ratios = (1.0 - steps / n_grid).to(torch.float32)
-    errors = _primitives(backend).clip_error(w, h.to(torch.float32), group_size=gs, bits=bits, sym=sym,
-                                             scale_dtype=scale_dtype, ratios=ratios)   # (out, g, n_ratios)
+    errors = primitives.clip_error(w, h.to(torch.float32), group_size=gs, bits=bits, sym=sym,
+                                   scale_dtype=scale_dtype, ratios=ratios)              # (out, g, n_ratios)
     return ratios[torch.argmin(errors, dim=-1)]                                # ties keep the mildest clip

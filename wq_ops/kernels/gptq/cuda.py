@@ -17,8 +17,9 @@ from wq_ops.errors import KernelError
 from wq_ops.kernels.arguments import cuda_device_of, require_bits, require_tensor
 from wq_ops.kernels.build import load_extension
 from wq_ops.kernels.gptq.reference import BlockSolve
+from wq_ops.kernels.gptq.split_update import SplitUpdateSolver
 
-__all__ = ["solve_block", "solve_block_into_", "solve_block_into_unchecked_"]
+__all__ = ["solve_block", "solve_block_into_", "solve_block_into_unchecked_", "CUDA_SOLVER"]
 
 _NAME = "gptq block solve"
 
@@ -88,3 +89,8 @@ def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, 
         raise KernelError(f"{_NAME}: the grid has no groups")
     require_tensor(_NAME, "zero", zero, dtypes=(torch.uint8,), shape=tuple(scale.shape), device=device)
     require_tensor(_NAME, "group", group, dtypes=(torch.int32,), shape=(n,), device=device)
+
+
+# The CUDA backend's GPTQ layer loop: this kernel's in-place solve, updates on the tensor cores. quantize_gptq
+# makes and checks every argument it passes, so the solve skips its Python checks.
+CUDA_SOLVER = SplitUpdateSolver(solve_block_into_unchecked_, needs_cuda=True)

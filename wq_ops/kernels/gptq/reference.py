@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSolve", "solve_block", "solve_block_into_"]
+__all__ = ["BlockSolve", "solve_block", "solve_block_into_", "Float32Solver", "FLOAT32_SOLVER"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,32 @@ def solve_block_into_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scal
         parts[:, :n] = hi
         parts[:, n:2 * n] = hi
         parts[:, 2 * n:] = torch.sub(block.delta, hi)
+
+
+class Float32Solver:
+    """The reference layer loop (`wq_ops.quant.gptq.GptqSolver`): `solve_block` per block of columns, the
+    trailing targets updated with one float32 (or float64) GEMM of the block's deltas and rows of Mu."""
+
+    def start(self, m_unit: Tensor, *, block_size: int, rows: int) -> "_Float32Sweep":
+        return _Float32Sweep(m_unit)
+
+
+class _Float32Sweep:
+    def __init__(self, m_unit: Tensor) -> None:
+        self.m_unit = m_unit
+        self.delta: Tensor | None = None
+
+    def solve_(self, targets: Tensor, w: Tensor, i1: int, i2: int, *, m_diag: Tensor, scale: Tensor, zero: Tensor,
+               group: Tensor, bits: int, codes: Tensor, loss: Tensor) -> None:
+        block = solve_block(targets[:, i1:i2], w[:, i1:i2], self.m_unit[i1:i2, i1:i2], m_diag[i1:i2], scale, zero,
+                            group[i1:i2], bits=bits)
+        codes[:, i1:i2] = block.codes
+        loss += block.loss
+        self.delta = block.delta
+
+    def update_(self, targets: Tensor, i1: int, i2: int) -> None:
+        assert self.delta is not None, "update_ before solve_"
+        targets[:, i2:].addmm_(self.delta, self.m_unit[i1:i2, i2:])   # the lazy update of the trailing targets
+
+
+FLOAT32_SOLVER = Float32Solver()
