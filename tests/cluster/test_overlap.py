@@ -7,6 +7,7 @@ import torch
 
 from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster import actor as actor_module
+from wq_ops.cluster import spans as spans_module
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig, default_options
 
@@ -40,13 +41,13 @@ def _solver_threads(monkeypatch) -> list[str]:
     import threading
 
     seen: list[str] = []
-    solve = actor_module.solve_block_
+    solve = spans_module.solve_block_
 
     def recording(*args, **kwargs):
         seen.append(threading.current_thread().name)
         return solve(*args, **kwargs)
 
-    monkeypatch.setattr(actor_module, "solve_block_", recording)
+    monkeypatch.setattr(spans_module, "solve_block_", recording)
     return seen
 
 
@@ -67,7 +68,7 @@ def test_a_failed_solve_stops_the_job_with_its_cause(tmp_path, llama, monkeypatc
     def broken(*args, **kwargs):
         raise ValueError("solve broke on purpose")
 
-    monkeypatch.setattr(actor_module, "solve_block_", broken)
+    monkeypatch.setattr(spans_module, "solve_block_", broken)
     with pytest.raises(ValueError, match="solve broke on purpose"):
         _artifact(tmp_path, llama, "broken")
     assert not (tmp_path / "broken" / "model.safetensors.index.json").exists()

@@ -8,7 +8,9 @@ import torch
 
 from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
-from wq_ops.cluster.runtime import LocalRuntime, RayRuntime, choose_runtime
+from wq_ops.cluster.local_runtime import LocalRuntime
+from wq_ops.cluster.ray_runtime import RayRuntime
+from wq_ops.cluster.runtime import choose_runtime
 from wq_ops.config import JobConfig, RunConfig, default_options
 from wq_ops.errors import ConfigError, ResourceError
 
@@ -105,26 +107,28 @@ def test_the_in_process_actor_runs_every_call_on_its_own_thread(tmp_path, llama,
     import threading
 
     from wq_ops.cluster.actor import BlockActor
+    from wq_ops.cluster.spans import SpanRunner
 
     seen: dict[str, set[int]] = {}
     threads_before = set(threading.enumerate())
 
-    def recorded(name):
-        original = getattr(BlockActor, name)
+    def recorded(cls, name):
+        original = getattr(cls, name)
 
         def method(self, *args, **kwargs):
             seen.setdefault(name, set()).add(threading.get_ident())
             return original(self, *args, **kwargs)
-        monkeypatch.setattr(BlockActor, name, method)
+        monkeypatch.setattr(cls, name, method)
 
-    for name in ("__init__", "embed", "stage_head", "forward_span", "_compute_block", "_calibrate_block",
-                 "_solve_block", "outer_records", "close"):
-        recorded(name)
+    for name in ("__init__", "embed", "stage_head", "forward_span", "outer_records", "close"):
+        recorded(BlockActor, name)
+    for name in ("compute_block", "calibrate_block", "solve_block"):
+        recorded(SpanRunner, name)
     model, calib = llama
     run_job(job(tmp_path, "o", model=str(model), calib=str(calib), propagation=propagation),
             cache_dir=tmp_path / "cache")
     assert {"__init__", "embed", "stage_head", "outer_records", "close"} <= set(seen)
-    assert any(name in seen for name in ("_compute_block", "_calibrate_block", "_solve_block"))
+    assert any(name in seen for name in ("compute_block", "calibrate_block", "solve_block"))
     assert len(set().union(*seen.values())) == 1, seen
     assert threading.get_ident() not in set().union(*seen.values())
     assert not [t for t in threading.enumerate() if t not in threads_before and t.name.startswith("wq-actor")]

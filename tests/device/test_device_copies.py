@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.factory import gpu_job_shards, write_checkpoint, write_text
-from wq_ops.cluster import actor as actor_module
+from wq_ops.cluster import loader as loader_module
 from wq_ops.device.transport import queue_to_device
 
 
@@ -57,7 +57,7 @@ def test_pinned_staging_writes_the_bytes_pageable_copies_do(tmp_path, monkeypatc
     calib = write_text(tmp_path / "c.txt")
 
     pinned = gpu_job_shards(tmp_path, model, calib, "pinned", propagation=propagation)
-    monkeypatch.setattr(actor_module, "queue_to_device",
+    monkeypatch.setattr(loader_module, "queue_to_device",
                         lambda t, dtype, device: t.to(dtype).to(device, non_blocking=True))
     pageable = gpu_job_shards(tmp_path, model, calib, "pageable", propagation=propagation)
     assert pinned == pageable and len(pinned) == 6

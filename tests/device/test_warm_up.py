@@ -17,6 +17,7 @@ import torch
 
 from tests.factory import gpu_job_shards, write_checkpoint, write_text
 from wq_ops.cluster import actor as actor_module
+from wq_ops.cluster import staging as staging_module
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import Backend, JobConfig, Method, default_options
 from wq_ops.device import warm_up as warm_up_module
@@ -322,7 +323,7 @@ def test_queued_host_copies_stage_the_bytes_waited_copies_do(tmp_path, monkeypat
     calib = write_text(tmp_path / "c.txt")
 
     queued = gpu_job_shards(tmp_path, model, calib, "queued")
-    monkeypatch.setattr(actor_module, "queue_to_host", lambda t: t.to("cpu"))
+    monkeypatch.setattr(staging_module, "queue_to_host", lambda t: t.to("cpu"))
     waited = gpu_job_shards(tmp_path, model, calib, "waited")
     assert queued == waited and len(queued) == 6
 

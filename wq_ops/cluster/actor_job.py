@@ -1,0 +1,102 @@
+"""One job's state on a block actor: the model skeleton on the meta device, rotary tables and attention
+contexts, the blocks' probed anatomy, the activations the actor holds, and the marks the report wants.
+Made by the actor's first call of a job (`ActorJob.start`); the job's later calls reuse it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, cast
+
+import torch
+from torch import Tensor, nn
+
+from wq_ops.block.clock import PhaseClock, WallClock
+from wq_ops.block.work import BlockTask
+from wq_ops.cluster.protocol import ActorSpec, HandoffTimes, ShardRecord
+from wq_ops.device.timing import CudaEventClock
+from wq_ops.model.architecture import attention_window, instantiate_on_meta
+from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
+
+__all__ = ["ActorJob"]
+
+
+class ActorJob:
+    """spec: the job's descriptors for this actor; device: where its blocks compute. `batches`: the
+    activation micro-batches the actor holds between its blocks (B, T, hidden)."""
+
+    def __init__(self, spec: ActorSpec, device: torch.device) -> None:
+        self.spec, self.device = spec, device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)     # the actor's memory peak reports this job's
+        self.model = instantiate_on_meta(spec.hf_config, trust_remote_code=spec.job.trust_remote_code)
+        base = self.model.get_submodule(spec.layout.block_prefix.rsplit(".", 1)[0])
+        rotary_cls: Any = type(base.get_submodule("rotary_emb"))
+        with torch.device(device):
+            self.rotary: nn.Module = rotary_cls(config=spec.hf_config)
+        self.blocks = cast(nn.ModuleList, self.model.get_submodule(spec.layout.block_prefix))
+        self.contexts: dict[int | None, SequenceContext] = {}
+        self.anatomy: BlockAnatomy | None = None
+        self.batches: list[Tensor] = []
+        self.inputs_at: float | None = None         # the previous actor's outputs resolved here
+        self.handed_on_at: float | None = None      # this actor's outputs put in the object store
+        self.computed = 0                           # blocks this run quantized (not replayed)
+        spec.artifact.staging.mkdir(parents=True, exist_ok=True)
+
+    def same_job(self, spec: ActorSpec) -> bool:
+        return (self.spec.rank, self.spec.artifact) == (spec.rank, spec.artifact)
+
+    def handoff(self) -> HandoffTimes:
+        return HandoffTimes(inputs_at=self.inputs_at, handed_on_at=self.handed_on_at)
+
+    def mark_handed_on(self) -> None:
+        self.handed_on_at = time.time()
+
+    def task(self, index: int) -> BlockTask:
+        layout, job = self.spec.layout, self.spec.job
+        return BlockTask(quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
+                         linears=layout.linears, pad_intermediate=self.spec.pad_intermediate)
+
+    def clock(self) -> PhaseClock:
+        """A block's phase clock: CUDA events on a GPU (no wait per phase), else wall time."""
+        return CudaEventClock(self.device) if self.device.type == "cuda" else WallClock()
+
+    def block(self, index: int) -> DecoderBlock:
+        """Block `index`'s module (meta device) with the context of its attention window."""
+        return DecoderBlock(self.blocks[index], self._context(index))
+
+    def ensure_anatomy(self, index: int, params: Mapping[str, Tensor]) -> BlockAnatomy:
+        """The blocks' structure (linear groups by stage), probed once per job on its first block."""
+        if self.anatomy is None:
+            probe = DecoderBlock(self.blocks[index], self._probe_context(index))
+            self.anatomy = discover_anatomy(probe, params, self.spec.layout.linears,
+                                            hidden_size=self.spec.layout.hidden_size)
+        return self.anatomy
+
+    def counted(self, record: ShardRecord) -> ShardRecord:
+        """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
+        actor once that many are staged, to test resuming: the staged ones survive."""
+        if not record.resumed:
+            self.computed += 1
+            limit = self.spec.job.fail_after_blocks
+            if limit is not None and self.computed >= limit:
+                raise RuntimeError(f"fail_after_blocks={limit}: injected crash of actor {self.spec.rank} "
+                                   f"after {limit} block(s) computed and staged")
+        return record
+
+    def _window(self, index: int) -> int | None:
+        return attention_window(self.blocks[index], self.spec.hf_config, self.spec.layout.architecture)
+
+    def _context(self, index: int) -> SequenceContext:
+        window = self._window(index)
+        if window not in self.contexts:
+            self.contexts[window] = self._make_context(seq_len=self.spec.job.calib.seq_len, window=window)
+        return self.contexts[window]
+
+    def _probe_context(self, index: int) -> SequenceContext:
+        """A short context for probing the block's structure (16 tokens, the same window rule)."""
+        window = self._window(index)
+        return self._make_context(seq_len=16, window=window if window is None else min(window, 8))
+
+    def _make_context(self, *, seq_len: int, window: int | None) -> SequenceContext:
+        return make_sequence_context(self.rotary, seq_len=seq_len, hidden_size=self.spec.layout.hidden_size,
+                                     window=window, device=self.device, dtype=self.spec.layout.dtype)

@@ -1,0 +1,71 @@
+"""The job's end: the artifact's metadata (config.json with its quantization_config, tokenizer files, the
+report, the model card) written beside the staged shards, and the index last (`finalize_artifact`): an
+artifact is complete if and only if its index exists. Entry point: `write_artifact`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from wq_ops.cluster.plan import GIB, JobPlan
+from wq_ops.cluster.prepare import PreparedJob, modeling_name
+from wq_ops.cluster.protocol import ShardRecord
+from wq_ops.formats import quantization_config
+from wq_ops.io.artifact import finalize_artifact
+from wq_ops.io.checkpoint import TOKENIZER_FILES
+from wq_ops.report.html import render_html
+from wq_ops.report.model_card import render_model_card
+from wq_ops.report.summary import build_report, library_versions
+
+__all__ = ["write_artifact"]
+
+log = logging.getLogger(__name__)
+
+
+def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRecord], *, wall_seconds: float,
+                   command: str, startup: dict[str, Any], handoffs: list[dict],
+                   memory: list[dict]) -> tuple[dict[str, Any], Path]:
+    """Write the artifact from the staged shards' records; returns the report and the index's path. startup,
+    handoffs, memory: the report's sections of the same names."""
+    job, layout, artifact = prepared.job, prepared.layout, prepared.artifact
+    shard_of: dict[str, str] = {}
+    for r in records:
+        position = 0 if r.part == "embed" else layout.n_blocks + 1 if r.part == "head" else r.block + 1  # type: ignore[operator]
+        shard_of[r.staged_path] = artifact.shard_name(position)
+    weight_map = {name: shard_of[r.staged_path] for r in records for name in r.tensor_names}
+    quantized_linears = {name.rsplit(".", 1)[0] for name in weight_map if name.endswith((".weight_packed", ".qweight"))}
+    ignore = sorted({layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks) for s in layout.linears}
+                    - quantized_linears)
+    config = dict(prepared.source_config)
+    if prepared.compatibility.padding is not None:
+        config["intermediate_size"] = prepared.compatibility.padding.padded_size
+    config["quantization_config"] = quantization_config(job.format, job.quant,
+                                                        ignore=ignore + list(layout.outer_linears))
+    source = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
+              "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
+              "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
+              "modeling": modeling_name(prepared.hf_config)}
+    report = build_report(job=job.to_dict(), source=source, plan={"actors": [asdict(a) for a in plan.actors],
+                                                                 "device_kind": plan.device_kind},
+                          records=[r.to_json() for r in records], shard_names=shard_of, wall_seconds=wall_seconds,
+                          versions=library_versions())
+    report["compatibility"] = prepared.compatibility.to_dict()
+    report["startup"] = startup          # seconds until the plan, and each actor's warm-start split
+    report["handoff"] = handoffs         # wall clock of each actor's inputs arriving and outputs leaving
+    report["memory"] = memory            # each actor's planned bytes and, on a GPU, its device peaks
+    files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
+    for name in TOKENIZER_FILES:
+        src = prepared.checkpoint.local_dir / name
+        if src.is_file():
+            files[name] = src.read_bytes()
+    files["wq_report.json"] = (json.dumps(report, indent=1) + "\n").encode()
+    files["wq_report.html"] = render_html(report).encode()
+    files["README.md"] = render_model_card(report, command=command).encode()
+    index = finalize_artifact(artifact, shards={Path(p): n for p, n in shard_of.items()}, weight_map=weight_map,
+                              total_size=sum(r.nbytes for r in records), files=files)
+    log.info("wrote %s (%d shards, %.2f GiB) in %.1f s", job.out, len(shard_of),
+             sum(r.nbytes for r in records) / GIB, wall_seconds)
+    return report, index

@@ -1,0 +1,107 @@
+"""A block's tensors onto the actor's device: from the checkpoint's shards, or, for a block an earlier run of
+the same job staged, the weights it was quantized to (its staged shard, checked against its recorded
+sha256), so that its outputs can be replayed bit for bit. On a GPU the copy is queued on a copy stream
+through pinned memory (`wq_ops.device.transport`), so it overlaps the previous block's computation."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from wq_ops.cluster.actor_job import ActorJob
+from wq_ops.cluster.protocol import ShardRecord
+from wq_ops.cluster.staging import file_sha256
+from wq_ops.config import Propagation
+from wq_ops.device.transport import queue_to_device
+from wq_ops.formats import dense_tensors
+from wq_ops.formats.block_tensors import PAD_COLUMNS, PAD_ROWS
+from wq_ops.io.checkpoint import read_tensors
+
+__all__ = ["Loaded", "BlockLoader"]
+
+
+@dataclass
+class Loaded:
+    params: dict[str, Tensor]            # block-local name -> tensor in the model dtype, on the device
+    ready: Any                           # a CUDA event the compute stream waits on, or None on CPU
+    seconds: float
+    finished: ShardRecord | None = None  # staged by an earlier run: params are what it computed with
+
+
+class BlockLoader:
+    def __init__(self, job: ActorJob, copy_stream: Any) -> None:
+        self.job, self.copy_stream = job, copy_stream
+
+    def load(self, index: int, *, staged: bool = True) -> Loaded:
+        """Read block `index` and start its copy to the device on the copy stream: from its shards, or, for a
+        block an earlier run finished (unless staged=False), the weights it was quantized to."""
+        spec = self.job.spec
+        layout, job = spec.layout, spec.job
+        t = time.perf_counter()
+        prefix = f"{layout.block_prefix}.{index}."
+        finished = self.finished(index) if staged else None
+        if finished is not None and job.run.propagation is Propagation.QUANTIZED:
+            stored = load_file(str(spec.artifact.staged_block(index)))
+            host = _unpadded(dense_tensors(job.format, stored, quant=job.quant, dtype=layout.dtype),
+                             spec.pad_intermediate)
+        else:
+            host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block_params])
+        cut = len(prefix)
+        device = self.job.device
+        ready = None
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                params = {n[cut:]: queue_to_device(v, layout.dtype, device) for n, v in host.items()}
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+        else:
+            params = {n[cut:]: v.to(layout.dtype) for n, v in host.items()}
+        return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished)
+
+    def load_float(self, index: int) -> Loaded:
+        return self.load(index, staged=False)
+
+    def finished(self, index: int) -> ShardRecord | None:
+        """The record of block `index` if an earlier run of this job (same fingerprint) staged it and the
+        shard on disk is the one it recorded; else None (the block is computed afresh)."""
+        artifact = self.job.spec.artifact
+        record_path, shard = artifact.staged_block_record(index), artifact.staged_block(index)
+        if not (record_path.is_file() and shard.is_file()):
+            return None
+        try:
+            record = ShardRecord.from_json(json.loads(record_path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            return None
+        if record.block != index or Path(record.staged_path) != shard or file_sha256(shard) != record.sha256:
+            return None
+        return replace(record, rank=self.job.spec.rank, resumed=True)
+
+    def await_copy(self, loaded: Loaded) -> None:
+        """Make the compute stream wait for the block's copy to the device."""
+        if loaded.ready is not None:
+            compute = torch.cuda.current_stream(self.job.device)
+            compute.wait_event(loaded.ready)
+            for tensor in loaded.params.values():
+                tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
+
+
+def _unpadded(tensors: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
+    """Undo --tp-policy pad on a block's dense tensors: the computation runs at the model's own width."""
+    if not pad:
+        return tensors
+    out = {}
+    for name, value in tensors.items():
+        module = name.rsplit(".", 1)[0]
+        if module.endswith(tuple("." + m for m in PAD_ROWS)):
+            value = value[: value.shape[0] - pad]
+        elif module.endswith(tuple("." + m for m in PAD_COLUMNS)) and name.endswith(".weight"):
+            value = value[:, : value.shape[1] - pad]
+        out[name] = value.contiguous()
+    return out

@@ -1,0 +1,206 @@
+"""Everything decided before any actor starts: the checkpoint resolved and its config read, the options
+checked against the model (group size, tensor-parallel sizes, sequence length, output directory), the
+calibration data tokenized, and the staging fingerprint. Every refusal that needs no cluster happens here.
+Entry point: `prepare_job`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
+from wq_ops.calib.data import calibration_tokens
+from wq_ops.config import JobConfig, Modeling, TpPolicy
+from wq_ops.errors import CheckpointError, ConfigError
+from wq_ops.formats import format_module
+from wq_ops.formats.block_tensors import is_ignored
+from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
+from wq_ops.io.artifact import ArtifactLayout, check_output_dir
+from wq_ops.io.checkpoint import Checkpoint, open_checkpoint
+from wq_ops.model.architecture import (
+    SUPPORTED_ARCHITECTURES,
+    ModelLayout,
+    describe_model,
+    import_transformers,
+    transformers_import_lock,
+)
+from wq_ops.model.native_llama import NATIVE_ARCHITECTURES, NativeLlamaConfig, read_native_config
+
+__all__ = ["PreparedJob", "prepare_job", "modeling_name"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything decided before any actor starts."""
+
+    job: JobConfig
+    checkpoint: Checkpoint
+    hf_config: Any
+    layout: ModelLayout
+    token_ids: torch.Tensor
+    artifact: ArtifactLayout
+    source_config: dict[str, Any]
+    compatibility: CompatReport
+
+
+def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
+    """A group size must divide the input width of every layer it applies to: otherwise stop now and
+    name the layers and the ways out; never change the scheme silently."""
+    gs = job.quant.group_size
+    if gs is None:
+        return
+    bad: dict[str, int] = {}
+    for i in range(layout.n_blocks):
+        for spec in layout.linears:
+            full = layout.block_tensor_name(i, spec.name)
+            if spec.in_features % gs and not is_ignored(full, job.quant.ignore):
+                bad[spec.name] = spec.in_features
+    if bad:
+        widths = sorted(set(bad.values()))
+        divisors = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths)]
+        listed = ", ".join(f"{n} (in={w})" for n, w in bad.items())
+        hint = f"--group-size {divisors[0]}" if divisors else "--group-size channel"
+        pattern = f"'{layout.block_prefix}.*.{next(iter(bad))}'"
+        raise ConfigError(
+            f"group_size={gs} does not divide the input width of {len(bad)} linear layer(s) in every block: "
+            f"{listed}. Use {hint} (divides every layer), --group-size channel, or keep those layers "
+            f"unquantized with --ignore (e.g. --ignore {pattern})"
+        )
+
+
+def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor, *, padded_size: int | None,
+                 modeling: str) -> str:
+    """Names the staging folder: same model revision, quantization settings and calibration tokens =>
+    same fingerprint. Where the job runs (actors, address) does not enter: results do not depend on it."""
+    h = hashlib.sha256()
+    quant = {k: v for k, v in job.to_dict().items()
+             if k not in ("out", "overwrite", "dry_run", "actors", "address", "fail_after_blocks", "cpus_per_actor",
+                          "gpus_per_actor", "actor_memory_gib", "micro_batch_samples", "calib", "samples", "seq_len",
+                          "span_mode", "runtime",
+                          "seed", "text_column", "tp_sizes", "push_to_hub", "push_revision", "private",
+                          "commit_message", "tp_policy", "modeling")}
+    quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
+    quant["modeling"] = modeling                         # the classes that ran, not the option that chose them
+    h.update(json.dumps(quant, sort_keys=True).encode())
+    h.update(checkpoint.source.encode())
+    if checkpoint.repo_id is None:
+        for shard in checkpoint.shards:
+            st = (checkpoint.local_dir / shard).stat()
+            h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(sorted(checkpoint.weight_map.items())).encode())
+    h.update(token_ids.numpy().tobytes())
+    import wq_ops
+
+    h.update(wq_ops.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
+    """Resolve the checkpoint, read its config, check the options against the model, tokenize the
+    calibration data and check the output directory: every refusal that needs no cluster happens here."""
+    format_module(job.format)
+    if job.model:
+        model = job.model
+    else:
+        with transformers_import_lock():     # its writer imports transformers, maybe beside the actor's import
+            model = str(ensure_tiny_checkpoint(cache_dir / "models"))
+    checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
+    source_config = json.loads((checkpoint.local_dir / "config.json").read_text())
+    if source_config.get("quantization_config"):
+        method = source_config["quantization_config"].get("quant_method")
+        raise CheckpointError(f"{checkpoint.source}: already quantized ({method}); give the original weights")
+    architectures = source_config.get("architectures") or [f"<none; model_type={source_config.get('model_type')}>"]
+    if architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"unsupported architecture {architectures[0]}: wq quantizes dense "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
+    hf_config = _model_config(job, checkpoint.local_dir, source_config)
+    layout = describe_model(hf_config, trust_remote_code=job.trust_remote_code)
+    missing = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block_params
+               if layout.block_tensor_name(i, n) not in checkpoint.weight_map]
+    missing += [n for n in layout.outer_params if n not in checkpoint.weight_map]
+    if missing:
+        raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
+                              f"e.g. {missing[0]}")
+    _check_quant_fits_layout(job, layout)
+    compatibility = _check_tensor_parallel(job, layout, hf_config)
+    if job.calib.seq_len > int(getattr(hf_config, "max_position_embeddings", job.calib.seq_len)):
+        raise ConfigError(f"seq_len={job.calib.seq_len}: longer than the model's max_position_embeddings="
+                          f"{hf_config.max_position_embeddings}")
+    check_output_dir(Path(job.out), overwrite=job.overwrite)
+
+    def load_tokenizer() -> Any:
+        with transformers_import_lock():     # from_pretrained imports the tokenizer's class lazily
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
+
+    ids = calibration_tokens(job.calib.source, load_tokenizer, n_samples=job.calib.n_samples,
+                             seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column)
+    if int(ids.max()) >= layout.vocab_size:
+        raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
+                          f"{layout.vocab_size}")
+    padded_size = None if compatibility.padding is None else compatibility.padding.padded_size
+    artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
+                              fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
+                                                       modeling=modeling_name(hf_config)))
+    return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
+                       artifact=artifact, source_config=source_config, compatibility=compatibility)
+
+
+def modeling_name(hf_config: Any) -> str:
+    return "native" if isinstance(hf_config, NativeLlamaConfig) else "transformers"
+
+
+def _model_config(job: JobConfig, local_dir: Path, source_config: dict[str, Any]) -> Any:
+    """The config the job's model classes take: a NativeLlamaConfig where --modeling allows it and the
+    native modules read the config, else transformers' (imported here)."""
+    native, why = read_native_config(source_config)
+    if job.modeling is Modeling.NATIVE and native is None:
+        raise ConfigError(f"modeling=native: {why}; wq's native modules run {', '.join(NATIVE_ARCHITECTURES)} "
+                          "only. Use --modeling auto or transformers")
+    if native is not None and job.modeling is not Modeling.TRANSFORMERS:
+        log.info("modeling: wq's native modules (%s)", native.architectures[0])
+        return native
+    log.info("modeling: transformers' classes (%s)", "--modeling transformers" if native is not None else why)
+    import_transformers()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(local_dir, trust_remote_code=job.trust_remote_code)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{local_dir / 'config.json'}: transformers cannot read it ({e})") from None
+
+
+def _check_tensor_parallel(job: JobConfig, layout: ModelLayout, hf_config: Any) -> CompatReport:
+    """Which vLLM tensor-parallel sizes can load the artifact. With --tp-sizes, a size that cannot is
+    refused before any work (naming the layers and the padding that would fix it), or with
+    --tp-policy pad, the MLP's intermediate size is zero-padded so that every requested size loads."""
+    attention = attention_shape(hf_config)
+    report = check_tp_sizes(layout, attention, job.quant, job.format, tp_sizes=job.tp_sizes or DEFAULT_TP_SIZES)
+    if job.tp_sizes is None:
+        return report
+    bad = [c for c in report.checks if not c.loadable]
+    if not bad and all(c.ok for c in report.checks):
+        return report
+    padding = padding_for_sizes(layout, attention, job.quant, job.format, tp_sizes=job.tp_sizes)
+    if job.tp_policy is TpPolicy.PAD and padding is not None:
+        log.info("tp_policy=pad: %s", padding.describe())
+        report = check_tp_sizes(layout, attention, job.quant, job.format, tp_sizes=job.tp_sizes, padding=padding)
+        bad = [c for c in report.checks if not c.loadable]
+    if bad:
+        lines = [f"tp={c.tp}: {'; '.join(c.layout_reasons)}" for c in bad]
+        if job.tp_policy is TpPolicy.PAD or padding is None:
+            fix = "Drop those sizes, or change --group-size / --bits."
+        else:
+            fix = f"Drop those sizes, change --group-size / --bits, or --tp-policy pad to {padding.describe()}."
+        raise ConfigError("tp_sizes: vLLM cannot load this artifact at " + ", ".join(str(c.tp) for c in bad)
+                          + ":\n  " + "\n  ".join(lines) + "\n" + fix)
+    return report
