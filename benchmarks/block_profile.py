@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_e2e import SHAPES  # noqa: E402
 from wq_ops.block.quantized import quantize_block_  # noqa: E402
 from wq_ops.block.work import BlockTask  # noqa: E402
-from wq_ops.config import Format, Propagation, QuantConfig  # noqa: E402
+from wq_ops.config import AWQParams, Format, Propagation, QuantConfig  # noqa: E402
 from wq_ops.device.timing import CudaEventClock  # noqa: E402
 from wq_ops.model.architecture import describe_model, instantiate_on_meta  # noqa: E402
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context  # noqa: E402
@@ -123,8 +123,8 @@ def quant_for(method: str) -> QuantConfig:
     """The benchmark's setting: W4 g128, symmetric GPTQ with act-order, asymmetric AWQ, our CUDA kernels.
     "awq.module" is AWQ with --awq-loss module ("awq.layer": the default, named)."""
     method, _, awq_loss = method.partition(".")
-    return QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", act_order=method == "gptq",
-                       backend="cuda", **({"awq_loss": awq_loss} if awq_loss else {}))
+    awq = AWQParams(loss=awq_loss) if awq_loss else AWQParams()
+    return QuantConfig(method=method, bits=4, group_size=128, sym=method != "awq", backend="cuda", awq=awq)
 
 
 def profile_cold_block(setup: tuple[Any, ...], args: argparse.Namespace) -> None:

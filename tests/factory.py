@@ -66,9 +66,9 @@ def gpu_job_shards(tmp_path: Path, model: Path, calib: Path, name: str, **option
     """Run a small in-process GPU job (16 samples of 64 tokens, micro-batches of 4) into tmp_path / name;
     returns its shards' bytes by file name."""
     from wq_ops.cluster.driver import run_job
-    from wq_ops.config import JobConfig, default_options
+    from wq_ops.config import JobConfig
 
     base = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 16, "seq_len": 64,
             "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1, "backend": "cuda"}
-    result = run_job(JobConfig.from_dict(default_options({**base, **options})), cache_dir=tmp_path / "cache")
+    result = run_job(JobConfig.from_dict({**base, **options}), cache_dir=tmp_path / "cache")
     return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}

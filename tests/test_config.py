@@ -1,6 +1,6 @@
 import pytest
 
-from wq_ops.config import OPTION_FIELDS, CalibConfig, JobConfig, Method, QuantConfig, RunConfig, default_options
+from wq_ops.config import OPTIONS, AWQParams, CalibConfig, GPTQParams, JobConfig, Method, QuantConfig, RunConfig
 from wq_ops.errors import ConfigError
 
 
@@ -33,9 +33,9 @@ def test_unknown_keys_are_listed():
         JobConfig.from_dict({"out": "x", "group_szie": 64})
 
 
-def test_out_is_required():
+def test_out_left_empty_is_an_error():
     with pytest.raises(ConfigError, match="out: missing"):
-        JobConfig.from_dict({"model": "m"})
+        JobConfig.from_dict({"model": "m", "out": None})
 
 
 def test_round_trip_through_options():
@@ -43,17 +43,45 @@ def test_round_trip_through_options():
                                "sym": False, "ignore": "a.*,b", "samples": 4, "actors": 2, "gpus_per_actor": 1})
     assert job.quant.method is Method.AWQ and job.quant.group_size is None and job.quant.ignore == ("a.*", "b")
     assert JobConfig.from_dict(job.to_dict()) == job
-    assert set(job.to_dict()) == set(OPTION_FIELDS)
+    # Every option but GPTQ's, which an AWQ job does not take.
+    assert set(job.to_dict()) == {o.name for o in OPTIONS if o.method in (None, Method.AWQ)}
 
 
-def test_defaults_depend_on_method():
-    gptq = default_options({"model": "m"})
-    assert gptq["act_order"] is True and gptq["sym"] is True and gptq["out"] == "out/m-gptq-w4"
-    awq = default_options({"model": "org/name", "method": "awq", "bits": 3})
-    assert awq["act_order"] is False and awq["out"] == "out/name-awq-w3"
-    demo = default_options({})
-    assert demo["samples"] == 32 and demo["seq_len"] == 512
-    assert default_options({"model": "m", "sym": False})["sym"] is False
+def test_the_python_entry_takes_the_command_lines_defaults():
+    gptq = JobConfig.from_dict({"model": "m"})
+    assert gptq.quant.act_order is True and gptq.quant.sym is True and gptq.out == "out/m-gptq-w4"
+    assert gptq.calib.n_samples == 128 and gptq.calib.seq_len == 2048 and gptq.quant.backend.value == "reference"
+    awq = JobConfig.from_dict({"model": "org/name", "method": "awq", "bits": 3})
+    assert awq.quant.act_order is False and awq.out == "out/name-awq-w3"
+    demo = JobConfig.from_dict({})
+    assert demo.calib.n_samples == 32 and demo.calib.seq_len == 512
+    assert JobConfig.from_dict({"model": "m", "sym": False}).quant.sym is False
+    gpu = JobConfig.from_dict({"model": "m", "gpus_per_actor": 1})
+    assert gpu.quant.backend.value == "cuda"
+
+
+@pytest.mark.parametrize("options,named", [
+    ({"method": "awq", "damp": 0.02}, "damp=0.02: only gptq uses it"),
+    ({"method": "rtn", "no_such": 1}, "unknown option(s) no_such"),
+    ({"method": "gptq", "awq_loss": "module"}, "awq_loss='module': only awq uses it"),
+])
+def test_an_option_of_another_method_is_an_error(options, named):
+    with pytest.raises(ConfigError) as e:
+        JobConfig.from_dict({"out": "x", **options})
+    assert named in str(e.value)
+
+
+def test_every_option_has_one_definition_that_the_dataclasses_take():
+    """The dataclasses' defaults are the table's, and every option sets a field that exists."""
+    job = JobConfig(out="o")
+    for o in OPTIONS:
+        holder = job
+        *path, name = o.target.split(".")
+        for part in path:
+            holder = holder if part == "job" else getattr(holder, part)
+        assert hasattr(holder, name), o.target
+    assert QuantConfig().gptq == GPTQParams() and GPTQParams().damp_frac == 0.01 and GPTQParams().act_order is True
+    assert AWQParams().grid == 20 and AWQParams().loss.value == "layer"
 
 
 def test_dataclasses_validate_directly():
@@ -66,6 +94,6 @@ def test_dataclasses_validate_directly():
 
 
 def test_only_the_replayed_awq_search_keeps_samples():
-    assert QuantConfig(method="awq", awq_search_samples=7, awq_loss="module").kept_search_samples == 7
-    assert QuantConfig(method="awq", awq_search_samples=7).kept_search_samples == 0      # layer, the default
+    assert QuantConfig(method="awq", awq=AWQParams(search_samples=7, loss="module")).kept_search_samples == 7
+    assert QuantConfig(method="awq", awq=AWQParams(search_samples=7)).kept_search_samples == 0      # layer, the default
     assert QuantConfig(method="gptq").kept_search_samples == 0

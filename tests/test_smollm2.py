@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import SHARED
 from wq_ops.cluster.driver import run_job
-from wq_ops.config import JobConfig, default_options
+from wq_ops.config import JobConfig
 from wq_ops.errors import ConfigError
 from wq_ops.evaluate.load import load_causal_lm, load_tokenizer
 from wq_ops.evaluate.perplexity import Join, join_text, perplexity
@@ -30,8 +30,8 @@ TEST_TEXT = SHARED / "assets" / "wikitext-2" / "raw" / "wiki.test.raw"
 
 def quantize(model: Path, out: Path, **options) -> JobConfig:
     base = {"model": str(model), "out": str(out), "calib": str(CALIB), "samples": 16, "seq_len": 512, "bits": 4,
-            "group_size": 64, "actors": 2, "cpus_per_actor": 2, "awq_search_samples": 4}
-    job = JobConfig.from_dict(default_options({**base, **options}))
+            "group_size": 64, "actors": 2, "cpus_per_actor": 2}
+    job = JobConfig.from_dict({**base, **options})
     run_job(job, cache_dir=out.parent / "cache")
     return job
 

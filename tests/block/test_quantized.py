@@ -6,7 +6,7 @@ import torch
 from tests.factory import tiny_config
 from wq_ops.block.quantized import quantize_block_
 from wq_ops.block.work import BlockTask
-from wq_ops.config import Format, QuantConfig
+from wq_ops.config import AWQParams, Format, JobConfig, QuantConfig
 from wq_ops.model.architecture import describe_model, instantiate_on_meta
 from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context
 
@@ -37,9 +37,14 @@ def task(layout, quant, linears=None) -> BlockTask:
                      linears=linears or layout.linears)
 
 
+def quant_config(**options) -> QuantConfig:
+    """A QuantConfig from flat options (the command line's names), with the job's defaults."""
+    return JobConfig.from_dict({"out": "unused", **options}).quant
+
+
 def run(setup, **quant):
     layout, block, params, anatomy, batches = setup
-    q = QuantConfig(**{"bits": 4, "group_size": 32, **quant})
+    q = quant_config(**{"bits": 4, "group_size": 32, **quant})
     outcome, outputs = quantize_block_(block, params, anatomy, list(batches), task(layout, q))
     ref = [block.forward(params, x) for x in batches]
     err = sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, ref)) / \
@@ -101,8 +106,8 @@ def test_awq_layer_loss_replays_nothing(block_setup):
             name, calls.get(name, 0) + (out.numel() > 0))) for name, module in block.layer.named_modules()
             if isinstance(module, torch.nn.Linear)]
         try:
-            outcome, _ = quantize_block_(block, params, anatomy, list(batches),
-                                         task(layout, QuantConfig(method="awq", group_size=32, awq_loss=loss)))
+            q = QuantConfig(method="awq", group_size=32, awq=AWQParams(loss=loss))
+            outcome, _ = quantize_block_(block, params, anatomy, list(batches), task(layout, q))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -211,8 +216,8 @@ def test_quantized_propagation_goes_one_group_at_a_time(block_setup, method, sta
         stacked = torch.cat([params[n + ".weight"] for n in group.names])
         if method == "gptq":
             expected = dequantize(quantize_gptq(stacked, hessian_of(stats), bits=4, group_size=32, sym=True,
-                                                damp_frac=q.damp_frac, act_order=q.act_order,
-                                                block_size=q.block_size, scale_dtype=torch.bfloat16))
+                                                damp_frac=q.gptq.damp_frac, act_order=q.act_order,
+                                                block_size=q.gptq.block_size, scale_dtype=torch.bfloat16))
         else:
             expected = None
         got = []
@@ -309,7 +314,7 @@ def _gpu_block(quant):
     probe = make_sequence_context(rotary, seq_len=16, hidden_size=128, window=None, device="cuda", dtype=torch.bfloat16)
     anatomy = discover_anatomy(DecoderBlock(meta.model.layers[0], probe), params, layout.linears, hidden_size=128)
     batches = list(torch.randn(8, 64, 128, generator=gen).to(torch.bfloat16).cuda().split(4))
-    q = QuantConfig(bits=4, group_size=32, backend="cuda", **quant)
+    q = quant_config(bits=4, group_size=32, gpus_per_actor=1, **quant)      # the CUDA backend
 
     def quantize():
         return quantize_block_(DecoderBlock(meta.model.layers[0], ctx), params, anatomy, list(batches), task(layout, q),

@@ -9,7 +9,7 @@ import torch
 
 from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
-from wq_ops.config import JobConfig, default_options
+from wq_ops.config import JobConfig
 from wq_ops.errors import ArtifactError, CheckpointError, ConfigError, ResourceError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 def job(tmp_path: Path, **options) -> JobConfig:
     base = {"out": str(tmp_path / "out"), "samples": 6, "seq_len": 64, "micro_batch_samples": 4}
-    return JobConfig.from_dict(default_options({**base, **options}))
+    return JobConfig.from_dict({**base, **options})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster import actor as actor_module
 from wq_ops.cluster import spans as spans_module
 from wq_ops.cluster.driver import run_job
-from wq_ops.config import JobConfig, default_options
+from wq_ops.config import JobConfig
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _artifact(tmp_path, llama, name, **options) -> dict[str, bytes]:
     model, calib = llama
     base = {"out": str(tmp_path / name), "model": str(model), "calib": str(calib), "samples": 6, "seq_len": 64,
             "micro_batch_samples": 4, "propagation": "float", "runtime": "local"}
-    result = run_job(JobConfig.from_dict(default_options({**base, **options})), cache_dir=tmp_path / "cache")
+    result = run_job(JobConfig.from_dict({**base, **options}), cache_dir=tmp_path / "cache")
     return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
 
 
@@ -98,7 +98,7 @@ def test_gpu_job_reports_a_device_peak_within_its_plan(tmp_path, llama):
     model, calib = llama
     options = {"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib), "samples": 6,
                "seq_len": 64, "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1}
-    result = run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
+    result = run_job(JobConfig.from_dict(options), cache_dir=tmp_path / "cache")
     [memory] = result.report["memory"]
     assert 0 < memory["allocated_bytes"] <= memory["reserved_bytes"]
     assert memory["allocated_bytes"] < 256 << 20

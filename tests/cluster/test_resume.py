@@ -8,7 +8,7 @@ import pytest
 
 from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
-from wq_ops.config import JobConfig, default_options
+from wq_ops.config import JobConfig
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -23,7 +23,7 @@ def job(out: Path, llama, **options) -> JobConfig:
     model, calib = llama
     base = {"out": str(out), "model": str(model), "calib": str(calib), "samples": 6, "seq_len": 64,
             "micro_batch_samples": 4, "group_size": 64, "actors": 2}
-    return JobConfig.from_dict(default_options({**base, **options}))
+    return JobConfig.from_dict({**base, **options})
 
 
 def artifact_files(out: Path) -> dict[str, bytes]:

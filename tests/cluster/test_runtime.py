@@ -11,7 +11,7 @@ from wq_ops.cluster.driver import run_job
 from wq_ops.cluster.local_runtime import LocalRuntime
 from wq_ops.cluster.ray_runtime import RayRuntime
 from wq_ops.cluster.runtime import choose_runtime
-from wq_ops.config import JobConfig, RunConfig, default_options
+from wq_ops.config import JobConfig, RunConfig
 from wq_ops.errors import ConfigError, ResourceError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 def job(tmp_path, out, **options) -> JobConfig:
     base = {"out": str(tmp_path / out), "samples": 6, "seq_len": 64, "micro_batch_samples": 4}
-    return JobConfig.from_dict(default_options({**base, **options}))
+    return JobConfig.from_dict({**base, **options})
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from tests.factory import gpu_job_shards, write_checkpoint, write_text
 from wq_ops.cluster import actor as actor_module
 from wq_ops.cluster import staging as staging_module
 from wq_ops.cluster.driver import run_job
-from wq_ops.config import Backend, JobConfig, Method, default_options
+from wq_ops.config import Backend, JobConfig, Method
 from wq_ops.device import warm_up as warm_up_module
 from wq_ops.device.warm_up import (
     JobShapes,
@@ -33,8 +33,8 @@ from wq_ops.device.warm_up import (
 
 
 def _job(model, **options) -> JobConfig:
-    return JobConfig.from_dict(default_options({"out": "o", "model": model, "samples": 6, "seq_len": 64,
-                                                "micro_batch_samples": 4, **options}))
+    return JobConfig.from_dict({"out": "o", "model": model, "samples": 6, "seq_len": 64, "micro_batch_samples": 4,
+                                **options})
 
 
 def _config(tmp_path, **fields):
@@ -107,7 +107,7 @@ def test_shapes_reach_the_in_process_actor(tmp_path, monkeypatch, arch, modeling
     model = write_checkpoint(tmp_path / "m", arch, num_hidden_layers=2)
     options = {"out": str(tmp_path / "out"), "model": str(model), "calib": str(write_text(tmp_path / "c.txt")),
                "samples": 4, "seq_len": 32, "micro_batch_samples": 4, "runtime": "local", "modeling": modeling}
-    run_job(JobConfig.from_dict(default_options(options)), cache_dir=tmp_path / "cache")
+    run_job(JobConfig.from_dict(options), cache_dir=tmp_path / "cache")
     [(shapes, preloaded)] = seen
     assert shapes is not None and shapes.seq_len == 32 and shapes.hidden == json.loads(
         (model / "config.json").read_text())["hidden_size"]

@@ -44,7 +44,7 @@ def test_golden_zero_points_pack_along_rows():
 
 
 def test_golden_quantization_config():
-    q = QuantConfig(bits=4, group_size=128, sym=True, act_order=True)
+    q = QuantConfig(bits=4, group_size=128, sym=True)         # GPTQ, act-order on by default
     assert quantization_config(q, ignore=["model.layers.0.mlp.down_proj", "lm_head"]) == {
         "config_groups": {"group_0": {
             "targets": ["Linear"],

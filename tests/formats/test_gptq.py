@@ -73,7 +73,7 @@ def test_golden_three_bit_codes_straddle_words_like_autogptq():
 
 
 def test_golden_quantization_config():
-    q = QuantConfig(bits=4, group_size=128, sym=True, act_order=True)
+    q = QuantConfig(bits=4, group_size=128, sym=True)         # GPTQ, act-order on by default
     assert quantization_config(q, ignore=["lm_head"]) == {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 128, "sym": True,
         "desc_act": False, "static_groups": True, "lm_head": False,

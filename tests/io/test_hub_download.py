@@ -54,15 +54,15 @@ def test_missing_repo_and_revision(hub, tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_job_from_the_hub_equals_the_job_from_disk(hub, tmp_path):
     from wq_ops.cluster.driver import run_job
-    from wq_ops.config import JobConfig, default_options
+    from wq_ops.config import JobConfig
 
     src = write_checkpoint(tmp_path / "src", num_hidden_layers=2)
     hub.add_repo_from_dir("org/tiny", src)
     calib = str(write_text(tmp_path / "c.txt"))
     common = {"samples": 4, "seq_len": 64, "group_size": 64, "calib": calib, "actors": 2}
-    local = run_job(JobConfig.from_dict(default_options({**common, "model": str(src), "out": str(tmp_path / "a")})),
+    local = run_job(JobConfig.from_dict({**common, "model": str(src), "out": str(tmp_path / "a")}),
                     cache_dir=tmp_path / "cache")
-    remote = run_job(JobConfig.from_dict(default_options({**common, "model": "org/tiny", "out": str(tmp_path / "b")})),
+    remote = run_job(JobConfig.from_dict({**common, "model": "org/tiny", "out": str(tmp_path / "b")}),
                      cache_dir=tmp_path / "cache")
     for shard in sorted(local.out_dir.glob("model-*.safetensors")):
         assert shard.read_bytes() == (remote.out_dir / shard.name).read_bytes()

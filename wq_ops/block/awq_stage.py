@@ -54,8 +54,8 @@ def quantize_awq_stage(work: BlockWork, stage: str, groups: Sequence[LinearGroup
             clip = None
             if not is_ignored(name, _AWQ_NO_CLIP):
                 clip = awq.search_clip(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                                       scale_dtype=work.scales_dtype, n_grid=quant.awq_clip_grid,
-                                       max_shrink=quant.awq_max_shrink, primitives=kernels_for(quant.backend).awq)
+                                       scale_dtype=work.scales_dtype, n_grid=quant.awq.clip_grid,
+                                       max_shrink=quant.awq.max_shrink, primitives=kernels_for(quant.backend).awq)
             result = quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                   scale_dtype=work.scales_dtype, clip=clip)
             w_hat = dequantize(result, work.dtype)
@@ -82,7 +82,7 @@ def _search_and_fold(work: BlockWork, stage: str, groups: Sequence[LinearGroup],
         cap = captures[group.names[0]]
         x_mean = cap.stats.abs_sum / max(cap.stats.n_tokens, 1)
         weights = {n: work.work[n + ".weight"] for n in group.names}
-        if len(group.names) == 1 or quant.awq_loss is AwqLoss.LAYER:
+        if len(group.names) == 1 or quant.awq.loss is AwqLoss.LAYER:
             h = hessian_of(cap.stats)
             if len(group.names) == 1:
                 hessians[group.names[0]] = h
@@ -91,7 +91,7 @@ def _search_and_fold(work: BlockWork, stage: str, groups: Sequence[LinearGroup],
         else:
             loss_of = _module_loss(inspect, work.work, cap.kept, dtype)
         search = awq.search_scales(weights, x_mean, loss_of, bits=quant.bits, group_size=quant.group_size,
-                                   sym=quant.sym, scale_dtype=work.scales_dtype, n_grid=quant.awq_grid,
+                                   sym=quant.sym, scale_dtype=work.scales_dtype, n_grid=quant.awq.grid,
                                    primitives=kernels_for(quant.backend).awq)
         del loss_of                               # its bf16 H or replayed outputs: not needed by the clip search
         searches[group.names[0]] = search

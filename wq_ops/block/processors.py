@@ -77,7 +77,8 @@ class _HessianProcessor:
         quant = work.task.quant
         if self.method is Method.GPTQ:
             return quantize_gptq(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                                 damp_frac=quant.damp_frac, act_order=quant.act_order, block_size=quant.block_size,
+                                 damp_frac=quant.gptq.damp_frac, act_order=quant.act_order,
+                                 block_size=quant.gptq.block_size,
                                  scale_dtype=work.scales_dtype, solver=kernels_for(quant.backend).gptq)
         return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                             scale_dtype=work.scales_dtype)

@@ -81,12 +81,7 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     """Names the staging folder: same model revision, quantization settings and calibration tokens =>
     same fingerprint. Where the job runs (actors, address) does not enter: results do not depend on it."""
     h = hashlib.sha256()
-    quant = {k: v for k, v in job.to_dict().items()
-             if k not in ("out", "overwrite", "dry_run", "actors", "address", "fail_after_blocks", "cpus_per_actor",
-                          "gpus_per_actor", "actor_memory_gib", "micro_batch_samples", "calib", "samples", "seq_len",
-                          "span_mode", "runtime",
-                          "seed", "text_column", "tp_sizes", "push_to_hub", "push_revision", "private",
-                          "commit_message", "tp_policy", "modeling")}
+    quant = job.fingerprint_options()                    # the options that change the artifact (the table's)
     quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
     quant["modeling"] = modeling                         # the classes that ran, not the option that chose them
     h.update(json.dumps(quant, sort_keys=True).encode())

@@ -275,7 +275,7 @@ def _run_shapes(device: torch.device, shapes: JobShapes) -> None:
         accumulate_input_stats_(stats, inputs)
         if quant.method is Method.GPTQ and (quant.group_size is None or width % quant.group_size == 0):
             quantize_gptq(randn(min(rows, _WARM_ROWS), width, dtype=torch.float32), hessian_of(stats),
-                          bits=quant.bits, group_size=quant.group_size, sym=quant.sym, damp_frac=quant.damp_frac,
-                          act_order=quant.act_order, block_size=quant.block_size, scale_dtype=shapes.dtype,
+                          bits=quant.bits, group_size=quant.group_size, sym=quant.sym, damp_frac=quant.gptq.damp_frac,
+                          act_order=quant.act_order, block_size=quant.gptq.block_size, scale_dtype=shapes.dtype,
                           solver=kernels_for(quant.backend).gptq)
         del stats

@@ -1,0 +1,22 @@
+"""A quantize job's configuration: the option table (`options`), the enums (`enums`) and the frozen, validated
+dataclasses built from it (`job`). The names below are this package's public face."""
+
+from wq_ops.config.enums import (
+                                 AwqLoss,
+                                 Backend,
+                                 Format,
+                                 Method,
+                                 Modeling,
+                                 Propagation,
+                                 Runtime,
+                                 SpanMode,
+                                 TpPolicy,
+                                 parse_enum,
+                                 positive_int,
+)
+from wq_ops.config.job import AWQParams, CalibConfig, GPTQParams, JobConfig, QuantConfig, RunConfig
+from wq_ops.config.options import OPTIONS
+
+__all__ = ["Method", "Format", "Backend", "Propagation", "Modeling", "AwqLoss", "SpanMode", "TpPolicy", "Runtime",
+           "QuantConfig", "GPTQParams", "AWQParams", "CalibConfig", "RunConfig", "JobConfig", "OPTIONS", "parse_enum",
+           "positive_int"]

@@ -1,0 +1,96 @@
+"""The str enums of wq's options (method, format, backend, ...) and the two checks every config uses: bare
+strings stop at the config boundary, where `parse_enum` turns them into members or names the allowed ones."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from wq_ops.errors import ConfigError
+
+__all__ = ["Method", "Format", "Backend", "TpPolicy", "Modeling", "Propagation", "AwqLoss", "SpanMode", "Runtime",
+           "parse_enum", "positive_int"]
+
+
+class Method(str, Enum):
+    GPTQ = "gptq"
+    AWQ = "awq"
+    RTN = "rtn"
+
+
+class Format(str, Enum):
+    COMPRESSED_TENSORS = "compressed-tensors"   # pack-quantized, as vLLM and llm-compressor read it
+    GPTQ = "gptq"                               # GPTQ v1 layout (qweight/qzeros/scales/g_idx)
+
+
+class Backend(str, Enum):
+    REFERENCE = "reference"   # plain PyTorch, any device
+    CUDA = "cuda"             # our CUDA kernels; an error if they are not built
+
+
+class TpPolicy(str, Enum):
+    """What to do with a requested tensor-parallel size the artifact cannot be loaded with."""
+
+    REFUSE = "refuse"     # stop at plan time, naming the layer and dimension
+    PAD = "pad"           # pad intermediate_size with zero rows/columns so the size loads (exact outputs)
+
+
+class Modeling(str, Enum):
+    """Whose module classes compute the model's blocks."""
+
+    AUTO = "auto"                     # native for the configs it reads (Llama, Qwen2, Qwen3), else transformers
+    NATIVE = "native"                 # wq's Llama modules (the same bits); an error for any other config
+    TRANSFORMERS = "transformers"     # transformers' classes, imported at start-up (about 4 s on an H100 host)
+
+
+class Propagation(str, Enum):
+    """Where a block's calibration inputs come from."""
+
+    QUANTIZED = "quantized"   # outputs of the already-quantized blocks before it (the GPTQ paper's scheme)
+    FLOAT = "float"           # outputs of the unquantized model: every block's statistics in one forward pass
+
+
+class AwqLoss(str, Enum):
+    """What AWQ's scale search measures for a group of linears that share one input."""
+
+    # The output of the module that reads the group (the attention or the MLP), replayed on
+    # awq_search_samples kept samples for every candidate: AutoAWQ's and llm-compressor's choice.
+    MODULE = "module"
+    # The group's own linear outputs, ||Q(W diag(s)) diag(s)^-1 X - W X||^2 summed over its layers (the AWQ
+    # paper's Eq. 4), over every calibration token, from the input Hessian: no replay, no kept samples.
+    # The default: on SmolLM2 its perplexity was lower in 3 of 4 runs (benchmarks/quality.md).
+    LAYER = "layer"
+
+
+class SpanMode(str, Enum):
+    """How float propagation moves the calibration set through an actor's span."""
+
+    AUTO = "auto"         # stream where there are several actors and the resident span fits, else block
+    STREAM = "stream"     # the span's weights stay resident; micro-batches stream through it, actor to actor
+    BLOCK = "block"       # one block resident at a time; the span's outputs leave after its last block
+
+
+class Runtime(str, Enum):
+    """Where the block actors run."""
+
+    AUTO = "auto"         # local for one actor and no cluster address, else ray
+    RAY = "ray"           # Ray actors: on the cluster at --address, or on a local Ray the driver starts
+    LOCAL = "local"       # one actor inside the driver's process (no Ray): single-machine, single-actor jobs
+
+
+def parse_enum(kind: type[Enum], value: Any, name: str) -> Any:
+    """`value` as a member of the str enum `kind`; a ConfigError naming the field and the allowed values."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+        raise ConfigError(f"{name}={value!r}: expected one of {allowed}") from None
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value` if it is an int > 0 (not a bool); else a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+    return value

@@ -1,0 +1,257 @@
+"""A quantize job's configuration: frozen dataclasses, validated on construction, their defaults taken from the
+option table (`options`). `JobConfig.from_dict` builds one from flat options named like the command line's
+flags, with the command line's defaults; `to_dict` gives them back. Nothing below `jobs/` reads the
+environment or the command line: every function gets its config as an argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping
+
+from wq_ops.config.enums import (
+    AwqLoss,
+    Backend,
+    Format,
+    Method,
+    Modeling,
+    Propagation,
+    Runtime,
+    SpanMode,
+    TpPolicy,
+    parse_enum,
+    positive_int,
+)
+from wq_ops.config.options import OPTIONS, convert, default_of, fill_defaults, method_misfits
+from wq_ops.errors import ConfigError
+
+__all__ = ["GPTQParams", "AWQParams", "QuantConfig", "CalibConfig", "RunConfig", "JobConfig"]
+
+
+@dataclass(frozen=True)
+class GPTQParams:
+    """GPTQ's tunables (used only when the method is GPTQ)."""
+
+    damp_frac: float = default_of("damp")        # fraction of mean(diag(H)) added before Cholesky
+    act_order: bool = default_of("act_order")    # columns in order of decreasing diag(H), groups kept static
+    block_size: int = default_of("block_size")   # columns solved together before the lazy trailing update
+
+    def __post_init__(self) -> None:
+        if isinstance(self.damp_frac, bool) or not isinstance(self.damp_frac, (int, float)) \
+                or not (0.0 < self.damp_frac <= 1.0):
+            raise ConfigError(f"damp_frac={self.damp_frac!r}: expected a fraction in (0, 1]; the usual value is 0.01")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"act_order={self.act_order!r}: expected true or false")
+        positive_int(self.block_size, "block_size")
+
+
+@dataclass(frozen=True)
+class AWQParams:
+    """AWQ's tunables (used only when the method is AWQ)."""
+
+    grid: int = default_of("awq_grid")                   # points on the alpha grid of the scale search
+    clip_grid: int = default_of("awq_clip_grid")         # steps of the clipping search
+    max_shrink: float = default_of("awq_max_shrink")     # clip the range down to at most (1 - this) of max|w|
+    search_samples: int = default_of("awq_search_samples")   # with loss=module: samples replayed per candidate
+    # The group's own linear outputs (the paper's Eq. 4, from the Hessian, every token), or the module's output
+    # on replayed samples (AutoAWQ's and llm-compressor's). Layer by default: on SmolLM2 its perplexity was
+    # lower in 3 of 4 runs (benchmarks/quality.md).
+    loss: AwqLoss = default_of("awq_loss")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", parse_enum(AwqLoss, self.loss, "awq_loss"))
+        if positive_int(self.grid, "awq_grid") < 2:
+            raise ConfigError(f"awq_grid={self.grid}: expected at least 2 points")
+        positive_int(self.clip_grid, "awq_clip_grid")
+        positive_int(self.search_samples, "awq_search_samples")
+        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) \
+                or not (0.0 <= self.max_shrink < 1.0):
+            raise ConfigError(f"awq_max_shrink={self.max_shrink!r}: expected a fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to do to each linear layer of each decoder block."""
+
+    method: Method = default_of("method")
+    bits: int = default_of("bits")
+    group_size: int | None = default_of("group_size")   # None: one group spans the whole input dim
+    sym: bool = default_of("sym")            # symmetric grid (zero point fixed at 2**(bits-1)); False stores zeros
+    ignore: tuple[str, ...] = default_of("ignore")       # module-name patterns (fnmatch) left unquantized
+    backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
+    gptq: GPTQParams = field(default_factory=GPTQParams)
+    awq: AWQParams = field(default_factory=AWQParams)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
+        object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"bits={self.bits!r}: expected one of 2, 3, 4, 8")
+        if not isinstance(self.sym, bool):
+            raise ConfigError(f"sym={self.sym!r}: expected true or false")
+        if self.group_size is not None:
+            positive_int(self.group_size, "group_size")
+            if self.group_size % 32:
+                raise ConfigError(
+                    f"group_size={self.group_size}: must be a multiple of 32 (engines' kernels read whole "
+                    "32-value words per group), or 'channel' for one group per row"
+                )
+        if self.backend is Backend.CUDA and self.method is Method.AWQ and self.group_size is not None \
+                and self.group_size > 256:
+            raise ConfigError(f"group_size={self.group_size}: the CUDA AWQ search handles groups of 32 to 256 "
+                              "columns; use --backend reference for wider groups")
+
+    @property
+    def act_order(self) -> bool:
+        """Whether columns were solved in activation order (GPTQ's option; never for another method)."""
+        return self.method is Method.GPTQ and self.gptq.act_order
+
+    @property
+    def kept_search_samples(self) -> int:
+        """Calibration samples a block keeps for AWQ's replayed scale search (0 where nothing is replayed)."""
+        return self.awq.search_samples if self.method is Method.AWQ and self.awq.loss is AwqLoss.MODULE else 0
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: where it comes from and how much of it."""
+
+    source: str | None = default_of("calib")     # file or directory; None: the small text bundled with wq
+    n_samples: int = 128                         # the job's default depends on the model (options: samples)
+    seq_len: int = 2048
+    seed: int = default_of("seed")
+    text_column: str = default_of("text_column")   # column read from parquet files and datasets directories
+
+    def __post_init__(self) -> None:
+        positive_int(self.n_samples, "samples")
+        positive_int(self.seq_len, "seq_len")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r}: expected a non-negative integer")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the job runs: Ray cluster, actors, resources."""
+
+    actors: int = default_of("actors")
+    gpus_per_actor: float = default_of("gpus_per_actor")      # 0: actors run on CPU
+    cpus_per_actor: int = default_of("cpus_per_actor")        # also the actor's torch thread count
+    micro_batch_samples: int = default_of("micro_batch_samples")   # calibration samples per forward call
+    actor_memory_gib: float | None = default_of("actor_memory_gib")   # None: measured from the actor's device
+    address: str | None = default_of("address")               # Ray cluster address; None: local (see runtime)
+    propagation: Propagation = default_of("propagation")
+    span_mode: SpanMode = default_of("span_mode")
+    runtime: Runtime = default_of("runtime")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", parse_enum(Runtime, self.runtime, "runtime"))
+        object.__setattr__(self, "propagation", parse_enum(Propagation, self.propagation, "propagation"))
+        object.__setattr__(self, "span_mode", parse_enum(SpanMode, self.span_mode, "span_mode"))
+        if self.span_mode is SpanMode.STREAM and self.propagation is not Propagation.FLOAT:
+            raise ConfigError("span_mode=stream needs propagation=float: with quantized propagation a block's "
+                              "inputs exist only once every block before it is quantized")
+        positive_int(self.actors, "actors")
+        positive_int(self.cpus_per_actor, "cpus_per_actor")
+        positive_int(self.micro_batch_samples, "micro_batch_samples")
+        if isinstance(self.gpus_per_actor, bool) or not isinstance(self.gpus_per_actor, (int, float)) \
+                or self.gpus_per_actor < 0:
+            raise ConfigError(f"gpus_per_actor={self.gpus_per_actor!r}: expected a number >= 0 (0 runs on CPU)")
+        if self.actor_memory_gib is not None and not (self.actor_memory_gib > 0):
+            raise ConfigError(f"actor_memory_gib={self.actor_memory_gib!r}: expected a positive number of GiB")
+
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One quantization job: input checkpoint, output directory, and the three sections above."""
+
+    out: str
+    model: str | None = default_of("model")     # local directory or Hub repo id; None: wq's bundled tiny model
+    revision: str | None = default_of("revision")   # Hub revision (branch, tag or commit); None: the default branch
+    format: Format = default_of("format")
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    overwrite: bool = default_of("overwrite")
+    dry_run: bool = default_of("dry_run")
+    trust_remote_code: bool = default_of("trust_remote_code")
+    modeling: Modeling = default_of("modeling")
+    fail_after_blocks: int | None = default_of("fail_after_blocks")   # testing hook: crash an actor after this many
+    tp_sizes: tuple[int, ...] | None = default_of("tp_sizes")   # vLLM TP sizes that must load; None: report 1,2,4,8
+    tp_policy: TpPolicy = default_of("tp_policy")   # a tp size in tp_sizes that cannot load: refuse, or pad the MLP
+    push_to_hub: str | None = default_of("push_to_hub")         # Hub repo id (org/name) to publish the artifact to
+    push_revision: str | None = default_of("push_revision")     # branch of that repo; None: its default branch
+    private: bool = default_of("private")            # create the repo private (when it does not exist yet)
+    commit_message: str | None = default_of("commit_message")
+
+    def __post_init__(self) -> None:
+        if self.quant.backend is Backend.CUDA and self.run.gpus_per_actor <= 0:
+            raise ConfigError("backend=cuda: the actors have no GPU (gpus_per_actor=0); give --gpus-per-actor 1, "
+                              "or --backend reference to run on CPU")
+        if self.tp_sizes is not None:
+            object.__setattr__(self, "tp_sizes", tuple(self.tp_sizes))
+            if not self.tp_sizes or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tp_sizes):
+                raise ConfigError(f"tp_sizes={list(self.tp_sizes)}: expected positive integers, e.g. 1,2,4,8")
+        object.__setattr__(self, "tp_policy", parse_enum(TpPolicy, self.tp_policy, "tp_policy"))
+        if self.tp_policy is TpPolicy.PAD and self.tp_sizes is None:
+            raise ConfigError("tp_policy=pad: give the sizes to pad for with --tp-sizes, e.g. 1,2,4,8")
+        if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or self.push_to_hub.count("/") != 1):
+            raise ConfigError(f"push_to_hub={self.push_to_hub!r}: expected a Hub repo id ORG/NAME")
+        if parse_enum(Format, self.format, "format") is Format.GPTQ and not self.quant.sym:
+            raise ConfigError("format=gptq with an asymmetric grid: GPTQ v1 stores zero - 1, so a zero point of 0 "
+                              "cannot be stored; use --sym, or --format compressed-tensors for --asym")
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError(f"out={self.out!r}: expected an output directory path")
+        object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
+        object.__setattr__(self, "modeling", parse_enum(Modeling, self.modeling, "modeling"))
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "JobConfig":
+        """Build from flat options named like the command line's flags (`group_size`, `samples`, ...), with the
+        command line's defaults (the option table's). Unknown keys are an error that lists the known ones; an
+        option of another method than the job's is an error too (it would be ignored)."""
+        given = {k: convert(k, v) if k in {o.name for o in OPTIONS} else v for k, v in options.items()}
+        given = fill_defaults(given)
+        method = parse_enum(Method, given.get("method", default_of("method")), "method")
+        misfits = method_misfits(options, method)
+        if misfits:
+            raise ConfigError(f"method={method.value}: {'; '.join(misfits)}; remove it, or choose that method")
+        if given.get("out") is None:
+            raise ConfigError("out: missing; give the output directory (--out DIR)")
+        sections: dict[str, dict[str, Any]] = {"job": {}, "quant": {}, "quant.gptq": {}, "quant.awq": {},
+                                               "calib": {}, "run": {}}
+        for o in OPTIONS:
+            if o.name in given:
+                section, name = o.target.rsplit(".", 1)
+                sections[section][name] = given[o.name]
+        quant = QuantConfig(**sections["quant"], gptq=GPTQParams(**sections["quant.gptq"]),
+                            awq=AWQParams(**sections["quant.awq"]))
+        return cls(**sections["job"], quant=quant, calib=CalibConfig(**sections["calib"]),
+                   run=RunConfig(**sections["run"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat options that rebuild this config (for reports, fingerprints and `from_dict`): every
+        option but those of another method than the job's."""
+        out: dict[str, Any] = {}
+        for o in OPTIONS:
+            if o.method is not None and o.method is not self.quant.method:
+                continue
+            holder: Any = self
+            *path, name = o.target.split(".")          # "job.out", "quant.bits", "quant.gptq.damp_frac"
+            for part in path:
+                holder = holder if part == "job" else getattr(holder, part)
+            value = getattr(holder, name)
+            if isinstance(value, Enum):
+                value = value.value
+            out[o.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        """The options whose values change the artifact (the staging fingerprint's; `Option.fingerprint`)."""
+        keep = {o.name for o in OPTIONS if o.fingerprint}
+        return {k: v for k, v in self.to_dict().items() if k in keep}
+

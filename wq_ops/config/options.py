@@ -1,0 +1,283 @@
+"""The one option table: every option of a quantize job, defined once, with its type, default, help and
+whether it changes the artifact. It generates the command line (`add_arguments`), the YAML keys and the
+Python entry's keys (`JobConfig.from_dict`), the defaults of both (`fill_defaults`, and the dataclasses'
+field defaults: `default_of`), and the staging fingerprint (`Option.fingerprint`).
+
+An option's name is its YAML key and, with '-' for '_', its flag. A default is a value, or depends on the
+other options (`Dependent`: e.g. the CUDA backend where the actors have GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Mapping
+
+from wq_ops.config.enums import AwqLoss, Backend, Format, Method, Modeling, Propagation, Runtime, SpanMode, TpPolicy
+from wq_ops.errors import ConfigError
+
+__all__ = ["Kind", "Dependent", "Option", "OPTIONS", "option", "default_of", "fill_defaults", "convert",
+           "add_arguments", "method_misfits"]
+
+
+class Kind(str, Enum):
+    """How a value is read from YAML or the command line."""
+
+    STR = "str"
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    CHOICE = "choice"                 # a member of the option's enum, by value
+    GROUP_SIZE = "group_size"         # an integer, or 'channel' (None: one group per row)
+    INT_LIST = "int_list"             # "1,2,4" or a list
+    PATTERNS = "patterns"             # "a,b" or a list of fnmatch patterns
+
+
+@dataclass(frozen=True)
+class Dependent:
+    """A default that depends on the other options given: fn(options) with what was given so far; `shown`
+    is how the help text states it."""
+
+    fn: Callable[[Mapping[str, Any]], Any]
+    shown: str
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                         # YAML key; the flag is --name with '-' for '_'
+    target: str                       # the config field it sets: "job.out", "quant.gptq.damp_frac", ...
+    kind: Kind
+    default: Any                      # a value, or a Dependent
+    help: str
+    fingerprint: bool                 # its value enters the staging fingerprint (it changes the artifact)
+    choices: type[Enum] | None = None
+    negative: str | None = None       # BOOL: the flag that sets it false (--asym, --no-act-order)
+    method: Method | None = None      # applies to this method only: given for another, it is an error
+    cli: bool = True                  # False: YAML and the Python entry only (a testing hook)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def shown_default(self) -> str:
+        if isinstance(self.default, Dependent):
+            return self.default.shown
+        if isinstance(self.default, Enum):
+            return str(self.default.value)
+        if self.default is None:
+            return "none"
+        return str(self.default)
+
+
+def _bundled(options: Mapping[str, Any]) -> bool:
+    return not options.get("model")
+
+
+def _default_out(options: Mapping[str, Any]) -> str:
+    model = str(options.get("model") or "tiny-llama").rstrip("/").split("/")[-1]
+    method = options.get("method", Method.GPTQ)
+    method = method.value if isinstance(method, Enum) else str(method)
+    return f"out/{model}-{method}-w{options.get('bits', 4)}"
+
+
+def _default_backend(options: Mapping[str, Any]) -> Backend:
+    # GPU actors use our CUDA kernels unless told otherwise; CPU actors can only run the references.
+    return Backend.CUDA if float(options.get("gpus_per_actor") or 0) > 0 else Backend.REFERENCE
+
+
+J, Q, G, A, C, R = "job", "quant", "quant.gptq", "quant.awq", "calib", "run"
+OPTIONS: tuple[Option, ...] = (
+    # --- the job ---------------------------------------------------------------------------------------
+    Option("model", f"{J}.model", Kind.STR, None, "local checkpoint directory or Hub repo id (none: the bundled "
+           "tiny model)", True),
+    Option("revision", f"{J}.revision", Kind.STR, None, "Hub branch, tag or commit", True),
+    Option("out", f"{J}.out", Kind.STR, Dependent(_default_out, "out/<model>-<method>-w<bits>"),
+           "output directory", False),
+    Option("format", f"{J}.format", Kind.CHOICE, Format.COMPRESSED_TENSORS, "artifact format", True, choices=Format),
+    Option("overwrite", f"{J}.overwrite", Kind.BOOL, False, "replace a complete artifact in --out", False),
+    Option("dry_run", f"{J}.dry_run", Kind.BOOL, False, "print the plan and its memory, then exit", False),
+    Option("trust_remote_code", f"{J}.trust_remote_code", Kind.BOOL, False, "run the checkpoint's own modeling "
+           "code", True),
+    # The classes that ran enter the fingerprint, not the option that chose them (prepare.py).
+    Option("modeling", f"{J}.modeling", Kind.CHOICE, Modeling.AUTO, "whose modules compute the blocks: wq's native "
+           "Llama/Qwen2/Qwen3 (the same bits, without transformers' import at start-up) or transformers' classes; "
+           "auto: native where the config reads natively", False, choices=Modeling),
+    Option("fail_after_blocks", f"{J}.fail_after_blocks", Kind.INT, None, "testing hook: crash an actor after this "
+           "many finished blocks", False, cli=False),
+    # Only the padding they cause enters the fingerprint (prepare.py).
+    Option("tp_sizes", f"{J}.tp_sizes", Kind.INT_LIST, None, "vLLM tensor-parallel sizes the artifact must load "
+           "with, e.g. 1,2,4,8: refuse before any work if one cannot (none: report 1,2,4,8)", False),
+    Option("tp_policy", f"{J}.tp_policy", Kind.CHOICE, TpPolicy.REFUSE, "a --tp-sizes size vLLM cannot load: refuse "
+           "before work, or zero-pad intermediate_size so it loads (outputs unchanged)", False, choices=TpPolicy),
+    Option("push_to_hub", f"{J}.push_to_hub", Kind.STR, None, "publish the artifact to this Hub repo (ORG/NAME); "
+           "token from HF_TOKEN or the huggingface_hub login, checked before any work", False),
+    Option("push_revision", f"{J}.push_revision", Kind.STR, None, "branch to push to (none: main)", False),
+    Option("private", f"{J}.private", Kind.BOOL, False, "create the Hub repo private", False),
+    Option("commit_message", f"{J}.commit_message", Kind.STR, None, "Hub commit message", False),
+    # --- quantization ----------------------------------------------------------------------------------
+    Option("method", f"{Q}.method", Kind.CHOICE, Method.GPTQ, "algorithm", True, choices=Method),
+    Option("bits", f"{Q}.bits", Kind.INT, 4, "2, 3, 4 or 8", True),
+    Option("group_size", f"{Q}.group_size", Kind.GROUP_SIZE, 128, "columns per scale: a multiple of 32, or "
+           "'channel'", True),
+    # Symmetric by default: transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618).
+    Option("sym", f"{Q}.sym", Kind.BOOL, True, "symmetric grid; --asym stores zero points (vLLM loads them; "
+           "transformers cannot yet, llm-compressor#1618)", True, negative="--asym"),
+    Option("ignore", f"{Q}.ignore", Kind.PATTERNS, (), "module-name pattern to leave unquantized (repeatable, or "
+           "comma-separated)", True),
+    Option("backend", f"{Q}.backend", Kind.CHOICE, Dependent(_default_backend, "cuda with --gpus-per-actor > 0, "
+           "else reference"), "kernel backend", True, choices=Backend),
+    Option("damp", f"{G}.damp_frac", Kind.FLOAT, 0.01, "GPTQ damping, a fraction of mean diag(H)", True,
+           method=Method.GPTQ),
+    # llm-compressor's default too: it costs nothing at inference and matters on layers whose inputs carry
+    # massive outlier channels.
+    Option("act_order", f"{G}.act_order", Kind.BOOL, True, "GPTQ: columns in activation order, static groups",
+           True, negative="--no-act-order", method=Method.GPTQ),
+    Option("block_size", f"{G}.block_size", Kind.INT, 128, "GPTQ columns per lazy-update block", True,
+           method=Method.GPTQ),
+    Option("awq_grid", f"{A}.grid", Kind.INT, 20, "AWQ scale-search grid points", True, method=Method.AWQ),
+    Option("awq_clip_grid", f"{A}.clip_grid", Kind.INT, 20, "AWQ clip-search steps", True, method=Method.AWQ),
+    Option("awq_max_shrink", f"{A}.max_shrink", Kind.FLOAT, 0.5, "AWQ clips a group's range to at least "
+           "(1 - this) of max|w|", True, method=Method.AWQ),
+    Option("awq_search_samples", f"{A}.search_samples", Kind.INT, 32, "AWQ samples replayed per candidate with "
+           "--awq-loss module", True, method=Method.AWQ),
+    Option("awq_loss", f"{A}.loss", Kind.CHOICE, AwqLoss.LAYER, "what AWQ's scale search measures: the group's own "
+           "linear outputs on every token, from the Hessian (layer), or the attention's or MLP's output on "
+           "replayed samples (module)", True, choices=AwqLoss, method=Method.AWQ),
+    # --- calibration: the tokens themselves enter the fingerprint -------------------------------------------
+    Option("calib", f"{C}.source", Kind.STR, None, "text file, folder of text files, parquet, jsonl or datasets "
+           "folder (none: the bundled text)", False),
+    Option("samples", f"{C}.n_samples", Kind.INT, Dependent(lambda o: 32 if _bundled(o) else 128,
+           "128; 32 for the bundled model"), "calibration samples", False),
+    Option("seq_len", f"{C}.seq_len", Kind.INT, Dependent(lambda o: 512 if _bundled(o) else 2048,
+           "2048; 512 for the bundled model"), "tokens per sample", False),
+    Option("seed", f"{C}.seed", Kind.INT, 0, "calibration sampling seed", False),
+    Option("text_column", f"{C}.text_column", Kind.STR, "text", "column or field holding the text", False),
+    # --- where it runs: results do not depend on it --------------------------------------------------------
+    Option("actors", f"{R}.actors", Kind.INT, 1, "block actors, one per GPU", False),
+    Option("gpus_per_actor", f"{R}.gpus_per_actor", Kind.FLOAT, 0.0, "GPUs per actor; 0 runs on CPU", False),
+    Option("cpus_per_actor", f"{R}.cpus_per_actor", Kind.INT, 1, "CPUs and torch threads per actor", False),
+    Option("micro_batch_samples", f"{R}.micro_batch_samples", Kind.INT, 8, "calibration samples per forward", False),
+    Option("actor_memory_gib", f"{R}.actor_memory_gib", Kind.FLOAT, None, "memory per actor (none: measured)",
+           False),
+    Option("address", f"{R}.address", Kind.STR, None, "Ray cluster address (none: $RAY_ADDRESS, else a local Ray, "
+           "or none for one actor: see --runtime)", False),
+    Option("propagation", f"{R}.propagation", Kind.CHOICE, Propagation.QUANTIZED, "block inputs from the quantized "
+           "model (GPTQ's scheme) or the float one", True, choices=Propagation),
+    Option("span_mode", f"{R}.span_mode", Kind.CHOICE, SpanMode.AUTO, "float propagation: stream micro-batches "
+           "through each actor's resident span, actor to actor, or move one block at a time (least memory); auto: "
+           "stream when there are several actors and the span fits", False, choices=SpanMode),
+    Option("runtime", f"{R}.runtime", Kind.CHOICE, Runtime.AUTO, "where the actors run: ray, or local (one actor in "
+           "this process, no Ray start-up); auto: local for one actor without --address, else ray", False,
+           choices=Runtime),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def option(name: str) -> Option:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown option {name!r}") from None
+
+
+def default_of(name: str) -> Any:
+    """An option's static default (the dataclass field's); a dependent option has none."""
+    default = option(name).default
+    if isinstance(default, Dependent):
+        raise ValueError(f"{name}: its default depends on other options")
+    return default
+
+
+def fill_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` (by option name) with every dependent default filled in from what was given; static defaults
+    come with the dataclasses. Unknown names are an error that lists the known ones."""
+    unknown = sorted(set(given) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(_BY_NAME))}")
+    filled = dict(given)
+    for o in OPTIONS:
+        if o.name not in filled and isinstance(o.default, Dependent):
+            filled[o.name] = o.default.fn(filled)
+    return filled
+
+
+def method_misfits(given: Mapping[str, Any], method: Method) -> list[str]:
+    """The options given that apply to another method than `method` (each would be ignored: an error)."""
+    return [f"{o.name}={given[o.name]!r}: only {o.method.value} uses it" for o in OPTIONS
+            if o.method is not None and o.method is not method and o.name in given]
+
+
+def convert(name: str, value: Any) -> Any:
+    """A YAML or command-line value as the option's type; a ConfigError naming the option if it is not one.
+    None stays None (an option left unset)."""
+    o = option(name)
+    if value is None:
+        return None
+    if o.kind is Kind.BOOL:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected true or false")
+        return value
+    if o.kind is Kind.INT:
+        return _integer(name, value)
+    if o.kind is Kind.FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if o.kind is Kind.GROUP_SIZE:
+        if isinstance(value, str) and value.strip().lower() in ("channel", "per-channel", "none"):
+            return None
+        if isinstance(value, str) and value.strip() == "-1":
+            raise ConfigError(f"{name}={value!r}: write 'channel' for one group per row")
+        try:
+            return _integer(name, value)
+        except ConfigError:
+            raise ConfigError(f"{name}={value!r}: expected an integer or 'channel'") from None
+    if o.kind is Kind.INT_LIST:
+        items = value.split(",") if isinstance(value, str) else ([value] if isinstance(value, int) else value)
+        try:
+            return tuple(_integer(name, v.strip() if isinstance(v, str) else v) for v in items
+                         if not (isinstance(v, str) and not v.strip()))
+        except (ConfigError, TypeError):
+            raise ConfigError(f"{name}={value!r}: expected a comma list of integers, e.g. 1,2,4,8") from None
+    if o.kind is Kind.PATTERNS:
+        items = [value] if isinstance(value, str) else list(value)
+        return tuple(p.strip() for item in items for p in str(item).split(",") if p.strip())
+    return value                      # STR and CHOICE: the dataclasses check them
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{name}={value!r}: expected an integer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option (two for a bool with a negative flag), each stating its default from the table.
+    Nothing is set for a flag not given (argparse.SUPPRESS), so the table's defaults apply after YAML."""
+    for o in OPTIONS:
+        if not o.cli:
+            continue
+        shown = f" (default: {o.shown_default()})"
+        if o.kind is Kind.BOOL:
+            parser.add_argument(o.flag, dest=o.name, action="store_true", default=argparse.SUPPRESS,
+                                help=o.help + shown)
+            if o.negative:
+                parser.add_argument(o.negative, dest=o.name, action="store_false", default=argparse.SUPPRESS,
+                                    help=f"the opposite of {o.flag}")
+            continue
+        choices = [m.value for m in o.choices] if o.choices is not None else None
+        action = "append" if o.kind is Kind.PATTERNS else "store"
+        kind = {Kind.INT: int, Kind.FLOAT: float}.get(o.kind, str)   # argparse names a bad number itself
+        parser.add_argument(o.flag, dest=o.name, choices=choices, action=action, type=kind,
+                            default=argparse.SUPPRESS, help=o.help + shown)
