@@ -53,7 +53,8 @@ def test_bundled_default_job(tmp_path):
     assert 0 < layer["output_error"] < 0.1 and layer["damp_frac"] == 0.01
     assert "<svg" in (out / "wq_report.html").read_text()
     [startup] = report["startup"]["actors"]
-    assert set(startup) == {"spawn_and_imports_s", "device_s", "kernels_s", "warmup_s", "transformers_s", "ready_s"}
+    assert set(startup) == {"spawn_and_imports_s", "device_s", "kernels_s", "warmup_s", "transformers_s", "ready_s",
+                            "node"}
     assert 0 <= startup["ready_s"] <= report["startup"]["ready_s"] <= report["totals"]["wall_seconds"]
     assert 0 <= report["startup"]["runtime_start_s"] <= report["startup"]["ready_s"]
     assert 0 <= report["startup"]["prepare_s"] <= report["startup"]["ready_s"]

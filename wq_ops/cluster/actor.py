@@ -18,6 +18,7 @@ process (`local_runtime`) for a job of one actor.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, ParamSpec, TypeVar
@@ -52,6 +53,14 @@ _IMPORTED_AT = time.time()   # this module (torch, transformers, wq) imported in
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on; "local" where Ray is not running in it (an in-process actor)."""
+    ray = sys.modules.get("ray")          # a Ray actor's process has imported it; importing it here would cost
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return "local"
 
 
 class BlockActor:
@@ -100,7 +109,7 @@ class BlockActor:
             import_transformers()
         self.startup = StartupMarks(imported_at=_IMPORTED_AT, init_at=t0, device_s=round(t1 - t0, 3),
                                     kernels_s=round(t2 - t1, 3), transformers_s=round(time.time() - t3, 3),
-                                    ready_at=time.time())
+                                    ready_at=time.time(), node=_node_id())
         self._job: ActorJob | None = None
         self._runner: SpanRunner | None = None
         self._streamed: StreamedSpan | None = None

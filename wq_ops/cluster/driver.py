@@ -52,7 +52,7 @@ class _ActorsDone:
 
 
 def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[ActorHandle], *,
-                    created_at: float) -> tuple[int, list[dict[str, float | None]]]:
+                    created_at: float) -> tuple[int, list[dict[str, float | str | None]]]:
     """Bytes each actor may plan with: --actor-memory-gib, else the smallest the actors report (their
     GPU's memory, or their host's RAM / actors). Also each actor's start-up split, in seconds: process
     spawn and imports, CUDA context, kernels, transformers (logged, and kept for the report; a GPU actor's
@@ -61,10 +61,10 @@ def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[ActorHan
         answers = runtime.get_all([runtime.call(a, BlockActor.capacity, job.run.actors) for a in actors], timeout=600)
     except Exception as e:
         raise _unwrap(e) from None
-    startup: list[dict[str, float | None]] = [
+    startup: list[dict[str, float | str | None]] = [
         {"spawn_and_imports_s": round(c.startup.init_at - created_at, 3), "device_s": c.startup.device_s,
          "kernels_s": c.startup.kernels_s, "transformers_s": c.startup.transformers_s,
-         "ready_s": round(c.startup.ready_at - created_at, 3)} for c in answers]
+         "ready_s": round(c.startup.ready_at - created_at, 3), "node": c.startup.node} for c in answers]
     for rank, split in enumerate(startup):
         log.info("actor=%d started: %s", rank, " ".join(f"{k}={v}" for k, v in split.items()))
     if job.run.actor_memory_gib is not None:

@@ -89,6 +89,7 @@ class StartupMarks:
     kernels_s: float                     # our CUDA extension built or loaded
     transformers_s: float                # transformers' import, where the job's blocks run its classes
     ready_at: float                      # its __init__ returned
+    node: str                            # the Ray node it runs on ("local": in the driver's process, no Ray)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """The Ray runtime: block actors as Ray actors, on the cluster at --address or on a local Ray it starts. A
-call names the actor's method by the method itself; only here does its name become Ray's string."""
+call names the actor's method by the method itself; only here does its name become Ray's string.
+
+Where the actors run is decided, not left to chance: they go into one placement group (one bundle per actor,
+packed onto as few nodes as fit them), and ranks are given to bundles node by node, so that neighbouring
+spans, which hand activations to each other, share a node wherever the cluster allows."""
 
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ if TYPE_CHECKING:
     from wq_ops.cluster.actor import BlockActor
 
 __all__ = ["RayRuntime"]
+
+# How long the actors' placement may wait for the cluster (an autoscaler may be starting nodes).
+_PLACEMENT_TIMEOUT_S = 600
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -30,6 +37,8 @@ class RayRuntime:
 
     def __init__(self) -> None:
         self._started = False
+        self._group: Any = None
+        self.placement: list[str] = []      # the node id each rank's actor was placed on
 
     def start(self, job: JobConfig) -> None:
         """Connect to the cluster at `address`, or start a local Ray."""
@@ -56,12 +65,40 @@ class RayRuntime:
         from wq_ops.device.warm_up import job_needs_transformers, job_shapes
 
         self._check_resources(job.run)
+        bundles = self._place(job.run)
         remote_actor: Any = ray.remote(BlockActor)
         shapes, preload = job_shapes(job), job_needs_transformers(job)
         return [ActorHandle(remote_actor.options(num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
-                                                 max_restarts=0).remote(job.run, job.quant.backend, shapes,
-                                                                        preload_transformers=preload))
-                for _ in range(job.run.actors)]
+                                                 max_restarts=0, scheduling_strategy=self._in_bundle(bundle))
+                            .remote(job.run, job.quant.backend, shapes, preload_transformers=preload))
+                for bundle in bundles]
+
+    def _place(self, run: RunConfig) -> list[int]:
+        """Reserve one bundle per actor (PACK: as few nodes as fit them) and return the bundle of each rank,
+        node by node: ranks 0..k-1 on the first node, k.. on the next, so neighbouring spans share a node."""
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        bundle = {"CPU": float(run.cpus_per_actor)}
+        if run.gpus_per_actor:
+            bundle["GPU"] = float(run.gpus_per_actor)
+        self._group = placement_group([bundle] * run.actors, strategy="PACK", name="wq-block-actors")
+        ready, _ = ray.wait([self._group.ready()], timeout=_PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise ResourceError(f"{run.actors} actors of {bundle} could not be placed on the Ray cluster within "
+                                f"{_PLACEMENT_TIMEOUT_S} s; lower --actors or their resources, or add nodes")
+        nodes: dict[int, str] = placement_group_table(self._group)["bundles_to_node_id"]   # bundle -> node id
+        node_order: dict[str, int] = {}
+        for b in sorted(nodes):
+            node_order.setdefault(nodes[b], len(node_order))         # nodes in the order of their first bundle
+        order = sorted(nodes, key=lambda b: (node_order[nodes[b]], b))
+        self.placement = [nodes[b] for b in order]
+        return order
+
+    def _in_bundle(self, bundle: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(placement_group=self._group, placement_group_bundle_index=bundle)
 
     @staticmethod
     def _check_resources(run: RunConfig) -> None:
@@ -115,6 +152,11 @@ class RayRuntime:
         for actor in actors:
             handle: Any = actor
             ray.kill(handle)
+        if self._group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._group)
+            self._group = None
         if self._started:
             ray.shutdown()
 
