@@ -8,15 +8,9 @@ from tests.factory import tiny_config
 from wq_ops.config import Format, QuantConfig
 from wq_ops.errors import ConfigError
 from wq_ops.formats import gptq
-from wq_ops.formats.tp_compat import (
-    AttentionShape,
-    attention_shape,
-    check_tp_sizes,
-    loader_requirements,
-    pad_input_columns,
-    pad_output_rows,
-    padding_for_sizes,
-)
+from wq_ops.formats.loader import loader_requirements
+from wq_ops.formats.padding import pad_input_columns, pad_output_rows
+from wq_ops.formats.tp_compat import AttentionShape, attention_shape, check_tp_sizes, padding_for_sizes
 from wq_ops.model.architecture import LinearSpec, ModelLayout, describe_model
 from wq_ops.quant.result import dequantize
 from wq_ops.quant.rtn import quantize_rtn
@@ -181,3 +175,19 @@ def test_padding_per_channel_and_wrong_sizes(gen):
                            scale_dtype=torch.float16)
     with pytest.raises(ValueError, match="whole number of groups"):
         pad_input_columns(grouped, 16)
+
+
+@pytest.mark.gpu
+def test_padding_stays_on_the_results_device():
+    """A GPU actor pads its results where they are (the padding was once made on the host, and torch.cat of
+    a CUDA and a host tensor failed): every padded tensor on the GPU, exactly 0 where padded."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from wq_ops.quant.result import dequantize
+    from wq_ops.quant.rtn import quantize_rtn
+
+    result = quantize_rtn(torch.randn(64, 128, device="cuda"), bits=4, group_size=32, sym=True,
+                          scale_dtype=torch.bfloat16)
+    rows, cols = pad_output_rows(result, 16), pad_input_columns(result, 32)
+    assert all(t.is_cuda for t in (rows.codes, rows.scale, rows.zero, cols.codes, cols.scale, cols.zero))
+    assert not dequantize(rows, torch.float32)[64:].any() and not dequantize(cols, torch.float32)[:, 128:].any()

@@ -13,7 +13,7 @@ from torch import Tensor
 from wq_ops.config import Format, QuantConfig
 from wq_ops.formats import encode_linear
 from wq_ops.formats.checks import Checks
-from wq_ops.formats.tp_compat import pad_input_columns, pad_output_rows
+from wq_ops.formats.padding import pad_input_columns, pad_output_rows
 from wq_ops.quant.result import QuantResult
 
 __all__ = ["block_tensors", "is_ignored", "PAD_ROWS", "PAD_COLUMNS"]

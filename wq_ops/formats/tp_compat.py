@@ -1,7 +1,8 @@
 """Which tensor-parallel sizes vLLM can load an artifact with, what the artifact needs from its loader, and
 the padding that would make a refused size load. Decides from shapes and the quant config only (no tensors),
-so the driver can ask at plan time. It does not pad anything by itself: `pad_output_rows` and
-`pad_input_columns` are the pure functions a padding policy would apply to a `QuantResult`.
+so the driver can ask at plan time. It does not pad anything by itself: `padding.pad_output_rows` and
+`padding.pad_input_columns` are the pure functions a padding policy applies to a `QuantResult`; what the
+loaders need is `loader.loader_requirements`.
 
 Entry point: `check_tp_sizes(layout, attention, quant, fmt, tp_sizes=...)`. The rules restate vLLM's own
 checks: QKV/MergedColumn/RowParallelLinear partitioning (vllm/model_executor/layers/linear.py), GPTQLinearMethod
@@ -16,23 +17,16 @@ from enum import Enum
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Protocol
 
-import torch
-
 from wq_ops.config import Format, QuantConfig, TpPolicy
 from wq_ops.errors import ConfigError
-from wq_ops.quant.result import QuantResult
+from wq_ops.formats.loader import LoaderRequirements, loader_requirements
+from wq_ops.formats.marlin import MARLIN_BITS, MARLIN_GROUP_SIZES, MARLIN_MIN_THREAD_K, MARLIN_MIN_THREAD_N
 
-__all__ = ["TpPolicy", "LinearShape", "BlockLayout", "AttentionShape", "attention_shape", "VersionRequirement",
-           "LoaderRequirements", "IntermediatePadding", "TpCheck", "CompatReport", "loader_requirements",
-           "check_tp_sizes", "padding_for_sizes", "pad_output_rows", "pad_input_columns", "DEFAULT_TP_SIZES"]
+__all__ = ["TpPolicy", "LinearShape", "BlockLayout", "AttentionShape", "attention_shape", "IntermediatePadding",
+           "TpCheck", "CompatReport", "check_tp_sizes", "padding_for_sizes", "DEFAULT_TP_SIZES"]
 
 DEFAULT_TP_SIZES = (1, 2, 4, 8)
 
-# Marlin (vLLM's default W4A16/W8A16 kernel on compute capability >= 8.0): tile sizes and group sizes.
-MARLIN_MIN_THREAD_N = 64            # GPTQ_MARLIN_MIN_THREAD_N: output features per rank
-MARLIN_MIN_THREAD_K = 128           # GPTQ_MARLIN_MIN_THREAD_K: input features per rank
-MARLIN_GROUP_SIZES = (None, 32, 64, 128)     # MARLIN_SUPPORTED_GROUP_SIZES ([-1, 32, 64, 128]; -1 = channel)
-MARLIN_BITS = (4, 8)
 
 
 class LinearShape(Protocol):
@@ -97,35 +91,6 @@ def attention_shape(config: Any) -> AttentionShape:
     head_dim = getattr(config, "head_dim", None)
     return AttentionShape(num_heads=heads, num_kv_heads=int(kv) if kv else heads,
                           head_dim=int(head_dim) if head_dim else int(config.hidden_size) // heads)
-
-
-@dataclass(frozen=True)
-class VersionRequirement:
-    package: str
-    minimum: str | None        # None: no floor we can vouch for beyond "a release that has the feature"
-    reason: str
-
-
-@dataclass(frozen=True)
-class LoaderRequirements:
-    """What a loader needs to read the artifact. `format` is wq's name; quant_method/checkpoint_format are
-    what config.json's quantization_config says."""
-
-    format: Format
-    quant_method: str
-    checkpoint_format: str
-    bits: int
-    group_size: int | None
-    sym: bool
-    versions: tuple[VersionRequirement, ...]
-    notes: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format.value, "quant_method": self.quant_method,
-                "checkpoint_format": self.checkpoint_format, "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym,
-                "versions": [{"package": v.package, "minimum": v.minimum, "reason": v.reason} for v in self.versions],
-                "notes": list(self.notes)}
 
 
 @dataclass(frozen=True)
@@ -194,40 +159,6 @@ class CompatReport:
                 "padding_applied": None if self.padding is None else {
                     "intermediate_size": self.padding.intermediate_size, "padded_size": self.padding.padded_size,
                     "description": self.padding.describe()}}
-
-
-def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
-    """What config.json declares and what a loader must support to read it."""
-    notes: list[str] = []
-    versions: list[VersionRequirement] = []
-    if fmt is Format.COMPRESSED_TENSORS:
-        method, checkpoint_format = "compressed-tensors", "pack-quantized"
-        versions.append(VersionRequirement("compressed-tensors", None,
-                                           "transformers decompresses pack-quantized with it (wq CI: 0.20.0)"))
-        versions.append(VersionRequirement("vllm", None, "CompressedTensorsWNA16 (vllm-project/vllm#5794, 2024-06)"
-                                           + ("" if quant.sym else "; zero points: vllm-project/vllm#14211 (2025-04)")))
-        if quant.bits not in MARLIN_BITS:
-            notes.append(f"vLLM's CompressedTensorsWNA16 reads 4 and 8 bits only; {quant.bits}-bit needs another "
-                         "loader (transformers + compressed-tensors dequantize it)")
-        if not quant.sym:
-            notes.append("transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618)")
-    elif fmt is Format.GPTQ:
-        method, checkpoint_format = "gptq", "gptq"
-        versions.append(VersionRequirement("optimum", "1.24.0", "transformers' GPTQ quantizer (MIN_OPTIMUM_VERSION)"))
-        versions.append(VersionRequirement("gptqmodel", "1.4.3", "transformers' GPTQ quantizer (MIN_GPTQ_VERSION)"))
-        versions.append(VersionRequirement("vllm", None, "GPTQ v1 (`gptq`, `gptq_marlin`); a `dynamic` entry "
-                                           "(ignored in-block layers) needs vllm-project/vllm#7086"))
-        notes.append("scales are float16: run vLLM with --dtype float16 for the exact reconstruction wq checked")
-        if quant.bits not in MARLIN_BITS or not quant.sym:
-            notes.append(f"vLLM serves {quant.bits}-bit {'symmetric' if quant.sym else 'asymmetric'} GPTQ with its "
-                         "`gptq` (exllama) kernel, not Marlin: float16 activations")
-    else:
-        raise ConfigError(f"format={fmt.value}: no loader requirements known")
-    if quant.group_size not in MARLIN_GROUP_SIZES:
-        notes.append(f"group_size={quant.group_size}: Marlin runs group sizes 32, 64, 128 and channel only")
-    return LoaderRequirements(format=fmt, quant_method=method, checkpoint_format=checkpoint_format,
-                              bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                              versions=tuple(versions), notes=tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -430,47 +361,3 @@ def padding_for_sizes(layout: BlockLayout, attention: AttentionShape, quant: Qua
         if all(not layout_r and (not marlin_r or not need_marlin) for layout_r, marlin_r in verdicts):
             return IntermediatePadding(intermediate, size)
     return None
-
-
-def _pad_value(result: QuantResult) -> int:
-    # The symmetric zero point: valid in every format (GPTQ v1 cannot store 0), and code == zero gives 0.
-    return 2 ** (result.bits - 1)
-
-
-def pad_output_rows(result: QuantResult, extra: int) -> QuantResult:
-    """`extra` new output rows that dequantize to exactly 0 (codes = zero = 2**(bits-1), scale 1.0).
-    Returns a new result of shape (out + extra, in); `result` is not modified."""
-    if extra < 0:
-        raise ValueError(f"extra={extra}: expected >= 0")
-    out_features, in_features = result.shape
-    n_groups = result.scale.shape[1]
-    z = _pad_value(result)
-    return QuantResult(
-        codes=torch.cat([result.codes, torch.full((extra, in_features), z, dtype=result.codes.dtype)]),
-        scale=torch.cat([result.scale, torch.ones(extra, n_groups, dtype=result.scale.dtype)]),
-        zero=torch.cat([result.zero, torch.full((extra, n_groups), z, dtype=result.zero.dtype)]),
-        bits=result.bits, group_size=result.group_size,
-        row_loss=None if result.row_loss is None else torch.cat([result.row_loss, result.row_loss.new_zeros(extra)]),
-        damp_frac=result.damp_frac)
-
-
-def pad_input_columns(result: QuantResult, extra: int) -> QuantResult:
-    """`extra` new input columns that dequantize to exactly 0, so they add nothing to any output whatever
-    the activations there. Grouped: `extra` must be whole groups (new groups with scale 1.0, zero
-    2**(bits-1)); per-channel: the columns join the row's one group with codes equal to its zero point."""
-    if extra < 0:
-        raise ValueError(f"extra={extra}: expected >= 0")
-    out_features, in_features = result.shape
-    if result.group_size is None:
-        codes = result.zero.to(result.codes.dtype).expand(out_features, extra)
-        return QuantResult(codes=torch.cat([result.codes, codes], dim=1), scale=result.scale, zero=result.zero,
-                           bits=result.bits, group_size=None, row_loss=result.row_loss, damp_frac=result.damp_frac)
-    if extra % result.group_size:
-        raise ValueError(f"extra={extra} is not a whole number of groups of {result.group_size}")
-    z = _pad_value(result)
-    new_groups = extra // result.group_size
-    return QuantResult(
-        codes=torch.cat([result.codes, torch.full((out_features, extra), z, dtype=result.codes.dtype)], dim=1),
-        scale=torch.cat([result.scale, torch.ones(out_features, new_groups, dtype=result.scale.dtype)], dim=1),
-        zero=torch.cat([result.zero, torch.full((out_features, new_groups), z, dtype=result.zero.dtype)], dim=1),
-        bits=result.bits, group_size=result.group_size, row_loss=result.row_loss, damp_frac=result.damp_frac)

@@ -1,0 +1,77 @@
+"""What a loader needs to read an artifact: config.json's quant_method and checkpoint format, the packages
+and versions that read it, and notes on what they cannot (for the report's `compatibility.loader`). Entry
+point: `loader_requirements`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wq_ops.config import Format, QuantConfig
+from wq_ops.errors import ConfigError
+from wq_ops.formats.marlin import MARLIN_BITS, MARLIN_GROUP_SIZES
+
+__all__ = ["VersionRequirement", "LoaderRequirements", "loader_requirements"]
+
+
+@dataclass(frozen=True)
+class VersionRequirement:
+    package: str
+    minimum: str | None        # None: no floor we can vouch for beyond "a release that has the feature"
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoaderRequirements:
+    """What a loader needs to read the artifact. `format` is wq's name; quant_method/checkpoint_format are
+    what config.json's quantization_config says."""
+
+    format: Format
+    quant_method: str
+    checkpoint_format: str
+    bits: int
+    group_size: int | None
+    sym: bool
+    versions: tuple[VersionRequirement, ...]
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format.value, "quant_method": self.quant_method,
+                "checkpoint_format": self.checkpoint_format, "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym,
+                "versions": [{"package": v.package, "minimum": v.minimum, "reason": v.reason} for v in self.versions],
+                "notes": list(self.notes)}
+
+
+def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
+    """What config.json declares and what a loader must support to read it."""
+    notes: list[str] = []
+    versions: list[VersionRequirement] = []
+    if fmt is Format.COMPRESSED_TENSORS:
+        method, checkpoint_format = "compressed-tensors", "pack-quantized"
+        versions.append(VersionRequirement("compressed-tensors", None,
+                                           "transformers decompresses pack-quantized with it (wq CI: 0.20.0)"))
+        versions.append(VersionRequirement("vllm", None, "CompressedTensorsWNA16 (vllm-project/vllm#5794, 2024-06)"
+                                           + ("" if quant.sym else "; zero points: vllm-project/vllm#14211 (2025-04)")))
+        if quant.bits not in MARLIN_BITS:
+            notes.append(f"vLLM's CompressedTensorsWNA16 reads 4 and 8 bits only; {quant.bits}-bit needs another "
+                         "loader (transformers + compressed-tensors dequantize it)")
+        if not quant.sym:
+            notes.append("transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618)")
+    elif fmt is Format.GPTQ:
+        method, checkpoint_format = "gptq", "gptq"
+        versions.append(VersionRequirement("optimum", "1.24.0", "transformers' GPTQ quantizer (MIN_OPTIMUM_VERSION)"))
+        versions.append(VersionRequirement("gptqmodel", "1.4.3", "transformers' GPTQ quantizer (MIN_GPTQ_VERSION)"))
+        versions.append(VersionRequirement("vllm", None, "GPTQ v1 (`gptq`, `gptq_marlin`); a `dynamic` entry "
+                                           "(ignored in-block layers) needs vllm-project/vllm#7086"))
+        notes.append("scales are float16: run vLLM with --dtype float16 for the exact reconstruction wq checked")
+        if quant.bits not in MARLIN_BITS or not quant.sym:
+            notes.append(f"vLLM serves {quant.bits}-bit {'symmetric' if quant.sym else 'asymmetric'} GPTQ with its "
+                         "`gptq` (exllama) kernel, not Marlin: float16 activations")
+    else:
+        raise ConfigError(f"format={fmt.value}: no loader requirements known")
+    if quant.group_size not in MARLIN_GROUP_SIZES:
+        notes.append(f"group_size={quant.group_size}: Marlin runs group sizes 32, 64, 128 and channel only")
+    return LoaderRequirements(format=fmt, quant_method=method, checkpoint_format=checkpoint_format,
+                              bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                              versions=tuple(versions), notes=tuple(notes))
