@@ -29,8 +29,9 @@ from wq_ops.block.quantized import quantize_block_  # noqa: E402
 from wq_ops.block.work import BlockTask  # noqa: E402
 from wq_ops.config import AWQParams, Format, Propagation, QuantConfig  # noqa: E402
 from wq_ops.device.timing import CudaEventClock  # noqa: E402
+from wq_ops.model.anatomy import discover_anatomy  # noqa: E402
 from wq_ops.model.architecture import describe_model, instantiate_on_meta  # noqa: E402
-from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context  # noqa: E402
+from wq_ops.model.block import DecoderBlock, make_sequence_context  # noqa: E402
 
 # (module, function name): the calls the synced breakdown times, where the block quantizer reaches them.
 TIMED = [

@@ -7,8 +7,9 @@ from tests.factory import tiny_config
 from wq_ops.block.quantized import quantize_block_
 from wq_ops.block.work import BlockTask
 from wq_ops.config import AWQParams, Format, JobConfig, QuantConfig
+from wq_ops.model.anatomy import discover_anatomy
 from wq_ops.model.architecture import describe_model, instantiate_on_meta
-from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context
+from wq_ops.model.block import DecoderBlock, make_sequence_context
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.factory import tiny_config
+from wq_ops.model.anatomy import discover_anatomy
 from wq_ops.model.architecture import attention_window, describe_model, instantiate_on_meta
-from wq_ops.model.block import DecoderBlock, discover_anatomy, make_sequence_context
+from wq_ops.model.block import DecoderBlock, make_sequence_context
 
 
 def _real_model(config, seed):

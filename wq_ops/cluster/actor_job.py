@@ -14,8 +14,9 @@ from wq_ops.block.clock import PhaseClock, WallClock
 from wq_ops.block.work import BlockTask
 from wq_ops.cluster.protocol import ActorSpec, HandoffTimes, ShardRecord
 from wq_ops.device.timing import CudaEventClock
+from wq_ops.model.anatomy import discover_anatomy
 from wq_ops.model.architecture import attention_window, instantiate_on_meta
-from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, discover_anatomy, make_sequence_context
+from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, make_sequence_context
 
 __all__ = ["ActorJob"]
 

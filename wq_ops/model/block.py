@@ -2,9 +2,8 @@
 h = x + self_attn(input_layernorm(x)) and y = h + mlp(post_attention_layernorm(h)).
 
 The layer module stays on the meta device: `torch.func.functional_call` binds the tensors for each call,
-so quantized or rescaled weights are swapped in without touching any module. `discover_anatomy` finds,
-by probing the real block, which linears share an input, which module produces that input and can
-absorb a per-channel scale (AWQ), and checks that the two stages reproduce the layer's own forward.
+so quantized or rescaled weights are swapped in without touching any module. What the block's linears
+share and which module can absorb a scale is probed by `wq_ops.model.anatomy.discover_anatomy`.
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from wq_ops.errors import CheckpointError
-from wq_ops.model.architecture import LinearSpec
-
 __all__ = ["STAGE_NORMS", "SequenceContext", "make_sequence_context", "LinearGroup", "BlockAnatomy", "DecoderBlock",
-           "discover_anatomy", "rms_norm_epsilon"]
+           "rms_norm_epsilon"]
 
 Params = Mapping[str, Tensor]
 
@@ -193,121 +189,3 @@ class DecoderBlock:
         finally:
             for h in handles:
                 h.remove()
-
-
-def _stage_output(block: DecoderBlock, stage: str, params: Params, x: Tensor) -> Tensor:
-    return block.attention_stage(params, x) if stage == "self_attn" else block.mlp_stage(params, x)
-
-
-def _absorbs(block: DecoderBlock, stage: str, params: Params, x: Tensor, producer: str, kind: str,
-             consumers: tuple[str, ...], gen: torch.Generator) -> bool:
-    """Does dividing the producer's output channels by s and multiplying the consumers' input columns
-    by s leave the stage output unchanged (float32, random s)? That is exactly what AWQ relies on."""
-    in_features = params[consumers[0] + ".weight"].shape[1]
-    s = torch.rand(in_features, generator=gen).to(x.device) * 1.5 + 0.5
-    changed = dict(params)
-    if kind == "norm":
-        if producer + ".weight" not in params or params[producer + ".weight"].shape != (in_features,):
-            return False
-        changed[producer + ".weight"] = params[producer + ".weight"] / s
-        if producer + ".bias" in params:
-            changed[producer + ".bias"] = params[producer + ".bias"] / s
-    else:
-        changed[producer + ".weight"] = params[producer + ".weight"] / s.unsqueeze(1)
-        if producer + ".bias" in params:
-            changed[producer + ".bias"] = params[producer + ".bias"] / s
-    for name in consumers:
-        changed[name + ".weight"] = params[name + ".weight"] * s
-    ref = _stage_output(block, stage, params, x)
-    got = _stage_output(block, stage, changed, x)
-    return bool(((got - ref).norm() / ref.norm().clamp(min=1e-30)) < 1e-4)
-
-
-def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearSpec, ...], *,
-                     hidden_size: int, seed: int = 0) -> BlockAnatomy:
-    """Probe one block (its real tensors, cast to float32, 1 x T random tokens from `block.ctx`) to find
-    the linear groups and their scale-absorbing producers, and check the two stages against the layer's
-    own forward. Raises CheckpointError if the layer is not the pre-norm residual layout."""
-    gen = torch.Generator().manual_seed(seed)
-    device = next(iter(params.values())).device
-    p32 = {k: v.to(torch.float32) for k, v in params.items()}
-    ctx32 = SequenceContext(tuple(t.to(torch.float32) for t in block.ctx.position_embeddings),  # type: ignore[arg-type]
-                            block.ctx.attention_mask)
-    probe_block = DecoderBlock(block.layer, ctx32, fuse_norms=False)      # the norm hooks below must fire
-    seq_len = ctx32.position_embeddings[0].shape[1]
-    x = torch.randn(1, seq_len, hidden_size, generator=gen).to(device)
-
-    staged = probe_block.forward(p32, x)
-    own = probe_block.layer_forward(p32, x)
-    if not torch.allclose(staged, own, rtol=1e-4, atol=1e-5):
-        raise CheckpointError(f"{type(block.layer).__name__}: its forward is not x + attn(norm(x)) then "
-                              "h + mlp(norm(h)); wq cannot run this layer in stages")
-
-    # Which linears read the same tensor, and which norm produced it.
-    seen: list[tuple[str, int]] = []
-    norm_out: dict[int, str] = {}
-    handles = []
-    keep: list[Tensor] = []     # hold the inputs and norm outputs alive so their ids stay unique during the probe
-    inputs: dict[str, Tensor] = {}
-
-    def norm_hook(_m: nn.Module, _a: Any, out: Tensor, norm: str) -> None:
-        norm_out[id(out)] = norm
-        keep.append(out)
-
-    for norm in STAGE_NORMS.values():
-        handles.append(block.layer.get_submodule(norm).register_forward_hook(
-            lambda m, a, out, norm=norm: norm_hook(m, a, out, norm)))
-
-    def record(name: str, t: Tensor) -> None:
-        seen.append((name, id(t)))
-        keep.append(t)
-        inputs.setdefault(name, t)
-
-    outputs: dict[str, Tensor] = {}                      # module or linear name -> its output (held alive)
-    for name in ("self_attn", "mlp", *(s.name for s in linears)):
-        handles.append(block.layer.get_submodule(name).register_forward_hook(
-            lambda _m, _a, out, name=name: outputs.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
-    with probe_block.capturing(tuple(s.name for s in linears), record):
-        probe_block.forward(p32, x)
-    for h in handles:
-        h.remove()
-
-    spec = {s.name: s for s in linears}
-    runs: list[tuple[str, int, list[str]]] = []          # (stage, input id, names) in call order
-    for name, tensor_id in seen:
-        stage = spec[name].stage
-        if runs and runs[-1][0] == stage and runs[-1][1] == tensor_id:
-            runs[-1][2].append(name)
-        else:
-            runs.append((stage, tensor_id, [name]))
-    # Producers: the norm whose output is the group's input, else an earlier linear of the same stage whose
-    # output rows map one to one onto the group's input columns; either only if the scale truly cancels.
-    order = [name for name, _ in seen]
-    result = []
-    for stage, tensor_id, run_names in runs:
-        group = tuple(run_names)
-        stage_in = _stage_input(probe_block, stage, p32, x)
-        candidates: list[tuple[str, str]] = []
-        if tensor_id in norm_out:
-            candidates.append((norm_out[tensor_id], "norm"))
-        else:
-            width = spec[group[0]].in_features
-            earlier = order[: order.index(group[0])]
-            candidates += [(n, "linear") for n in reversed(earlier)
-                           if spec[n].stage == stage and spec[n].out_features == width]
-        producer = next((c for c, kind in candidates
-                         if _absorbs(probe_block, stage, p32, stage_in, c, kind, group, gen)), None)
-        result.append(LinearGroup(stage, group, producer))
-    # A stage's module that returns its last linear's output tensor itself, unchanged (not written in place
-    # after the linear made it), adds nothing after that linear.
-    last = {spec[name].stage: name for name, _ in seen}
-    tails = tuple(stage for stage in ("self_attn", "mlp")
-                  if stage in last and stage in outputs and outputs[stage] is outputs.get(last[stage])
-                  and torch.equal(probe_block.linear(p32, last[stage], inputs[last[stage]]), outputs[stage]))
-    # A group that reads its own stage's norm output itself needs no pass through the module.
-    heads = tuple(names[0] for stage, tensor_id, names in runs if norm_out.get(tensor_id) == STAGE_NORMS[stage])
-    return BlockAnatomy(groups=tuple(result), direct_tails=tails, direct_heads=heads)
-
-
-def _stage_input(block: DecoderBlock, stage: str, params: Params, x: Tensor) -> Tensor:
-    return x if stage == "self_attn" else block.attention_stage(params, x)

@@ -86,13 +86,7 @@ def quantize_gptq(
     W = w.to(dtype, copy=True)
     H = h.to(device=W.device, dtype=dtype, copy=True)
 
-    # A column whose input is always 0 cannot affect the output: pin it to 0 and give H a unit diagonal
-    # there so the factorization stays defined (and leaves the column uncoupled from the others).
-    # (Masked in place: boolean indexing would read the device for the count of dead columns.)
-    dead = torch.diagonal(H) == 0
-    H.diagonal().masked_fill_(dead, 1.0)
-    W.masked_fill_(dead, 0.0)
-
+    _pin_dead_columns_(W, H)
     # Scales rounded up to the stored dtype: no weight is clipped, so no clipping error is spread by the
     # updates (round_scale says what nearest rounding cost GPTQ).
     grid = compute_grid(W.float(), bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype,
@@ -123,10 +117,19 @@ def quantize_gptq(
         if i2 < in_features:
             sweep.update_(targets, i1, i2)
     if not bool(m_finite):
-        raise QuantizationError(
-            f"the Hessian's factor has a pivot too small to divide by even with damping {damp_used} x "
-            "mean(diag(H)); use more or more varied calibration samples, or a larger damp_frac")
+        raise QuantizationError(f"the Hessian's factor has a pivot too small to divide by even with damping "
+                                f"{damp_used} x mean(diag(H)); use more or more varied calibration samples, or a "
+                                "larger damp_frac")
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantResult(codes=codes, scale=grid.scale, zero=grid.zero, bits=bits, group_size=group_size,
                        row_loss=loss.float(), damp_frac=damp_used)
+
+
+def _pin_dead_columns_(W: Tensor, H: Tensor) -> None:
+    """A column whose input is always 0 cannot affect the output: pin it to 0 in W and give H a unit diagonal
+    there so the factorization stays defined (and leaves the column uncoupled from the others). In place, on
+    the caller's own copies; masked, since boolean indexing would read the device for the count."""
+    dead = torch.diagonal(H) == 0
+    H.diagonal().masked_fill_(dead, 1.0)
+    W.masked_fill_(dead, 0.0)
