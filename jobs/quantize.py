@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from wq_ops.cluster.runtime import choose_runtime
+from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig
 from wq_ops.config.options import add_arguments
 from wq_ops.device.cuda_context import start_primary_context

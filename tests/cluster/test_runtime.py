@@ -10,7 +10,7 @@ from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
 from wq_ops.cluster.local_runtime import LocalRuntime
 from wq_ops.cluster.ray_runtime import RayRuntime
-from wq_ops.cluster.runtime import choose_runtime
+from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig, RunConfig
 from wq_ops.errors import ConfigError, ResourceError
 

@@ -23,7 +23,8 @@ from wq_ops.cluster.finish import write_artifact
 from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan
 from wq_ops.cluster.prepare import PreparedJob, prepare_job
 from wq_ops.cluster.protocol import ActivationRef, ActorSpec, ShardRecord
-from wq_ops.cluster.runtime import ActorHandle, ActorRuntime, Pending, choose_runtime
+from wq_ops.cluster.runtime import ActorHandle, ActorRuntime, Pending
+from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig, Propagation
 from wq_ops.errors import ConfigError, WqError
 from wq_ops.io.hub_push import check_push_access, push_artifact

@@ -1,11 +1,10 @@
-"""Where the block actors run: on Ray (a cluster at --address, or a local Ray the driver starts:
-`ray_runtime`), or, for a job of one actor on this machine, inside the driver's own process
-(`local_runtime`). Both implement `ActorRuntime`. The driver names an actor's method by the method itself
-(`runtime.call(actor, BlockActor.embed, spec, ids)`), so a renamed method or a changed signature fails type
-checking in the driver, not at run time on a cluster. This module imports no torch (the command line
-chooses a runtime while torch imports). The in-process runtime exists because a one-actor
-job gains nothing from Ray but pays for it: starting a local Ray, and a second process that imports torch and
-transformers again, took 25 s of a 65 s job on an H100 machine."""
+"""What a runtime offers the driver (`ActorRuntime`). The block actors run on Ray (a cluster at --address, or a
+local Ray the driver starts: `ray_runtime`), or, for a job of one actor on this machine, inside the driver's
+own process (`local_runtime`); `runtime_choice.choose_runtime` picks one. The driver names an actor's method by
+the method itself (`runtime.call(actor, BlockActor.embed, spec, ids)`), so a renamed method or a changed
+signature fails type checking in the driver, not at run time on a cluster. The in-process runtime exists
+because a one-actor job gains nothing from Ray but pays for it: starting a local Ray, and a second process that
+imports torch and transformers again, took 25 s of a 65 s job on an H100 machine."""
 
 from __future__ import annotations
 
@@ -22,13 +21,12 @@ from typing import (
     TypeVar,
 )
 
-from wq_ops.config import JobConfig, RunConfig, Runtime
-from wq_ops.errors import ConfigError
+from wq_ops.config import JobConfig
 
 if TYPE_CHECKING:
     from wq_ops.cluster.actor import BlockActor
 
-__all__ = ["ActorHandle", "Pending", "ActorRuntime", "choose_runtime"]
+__all__ = ["ActorHandle", "Pending", "ActorRuntime"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -79,24 +77,3 @@ class ActorRuntime(Protocol):
 
     def stop(self, actors: list[ActorHandle]) -> None:
         """End the actors and whatever `start` started."""
-
-
-def choose_runtime(run: RunConfig) -> ActorRuntime:
-    """`--runtime auto` runs a one-actor job without a cluster address in-process, everything else on Ray."""
-    if run.runtime is Runtime.LOCAL:
-        if run.address or run.actors != 1:
-            raise ConfigError(f"runtime=local runs exactly one actor in the driver's process; this job has "
-                              f"actors={run.actors}" + (f" and address={run.address}" if run.address else "")
-                              + ": use --runtime ray (or auto)")
-        return _local()
-    if run.runtime is Runtime.AUTO and run.address is None and run.actors == 1:
-        return _local()
-    from wq_ops.cluster.ray_runtime import RayRuntime
-
-    return RayRuntime()
-
-
-def _local() -> ActorRuntime:
-    from wq_ops.cluster.local_runtime import LocalRuntime
-
-    return LocalRuntime()
