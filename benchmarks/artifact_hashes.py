@@ -54,7 +54,13 @@ def run_matrix(checkout: Path, work: Path, args: argparse.Namespace) -> dict[str
                 case = f"{model}/{method}/{layout}"
                 if args.only and not any(part in case for part in args.only.split(",")):
                     continue
+                if model == "smollm2" and args.smollm2_layouts and layout not in args.smollm2_layouts.split(","):
+                    continue
                 out = work / case.replace("/", "-")
+                if args.reuse and (out / "model.safetensors.index.json").exists():
+                    results[case] = artifact_hashes(out)          # a complete artifact of an earlier run
+                    print(f"{checkout.name}: {case} reused", flush=True)
+                    continue
                 command = [sys.executable, "-m", "jobs.quantize", "--out", str(out), "--overwrite", "--method", method,
                            "--cpus-per-actor", "1", "--log-level", "WARNING", *model_flags, *flags]
                 start = time.perf_counter()
@@ -91,6 +97,8 @@ def main() -> int:
     p.add_argument("--work", required=True, help="folder for the artifacts (and the worktree of --against)")
     p.add_argument("--smollm2", help="SmolLM2 checkpoint (../shared/tools/make-smollm2-checkpoint.sh); else tiny only")
     p.add_argument("--only", help="comma list of substrings: run the cases that contain one")
+    p.add_argument("--smollm2-layouts", help="comma list of the layouts to run on SmolLM2 (all)")
+    p.add_argument("--reuse", action="store_true", help="hash a complete artifact already in --work, not rerun it")
     p.add_argument("--against", help="a git revision: run the matrix there too and compare")
     p.add_argument("--compare", help="a JSON of an earlier run to compare with")
     p.add_argument("--json", help="write this run's hashes here")
