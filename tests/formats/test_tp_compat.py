@@ -11,7 +11,7 @@ from wq_ops.formats import gptq
 from wq_ops.formats.loader import loader_requirements
 from wq_ops.formats.padding import pad_input_columns, pad_output_rows
 from wq_ops.formats.tp_compat import AttentionShape, attention_shape, check_tp_sizes, padding_for_sizes
-from wq_ops.model.architecture import LinearSpec, ModelLayout, describe_model
+from wq_ops.model.architecture import BlockLayout, LinearSpec, ModelLayout, describe_model
 from wq_ops.quant.result import dequantize
 from wq_ops.quant.rtn import quantize_rtn
 
@@ -23,8 +23,9 @@ def llama_layout(hidden: int, intermediate: int, heads: int, kv_heads: int, head
                LinearSpec("mlp.gate_proj", hidden, intermediate, False),
                LinearSpec("mlp.up_proj", hidden, intermediate, False),
                LinearSpec("mlp.down_proj", intermediate, hidden, False))
-    return ModelLayout(architecture="LlamaForCausalLM", model_type="llama", n_blocks=2, block_prefix="model.layers",
-                       linears=linears, block_params={}, outer_params={}, outer_linears=("lm_head",),
+    block = BlockLayout(kind="dense", linears=linears, params={})
+    return ModelLayout(architecture="LlamaForCausalLM", model_type="llama", block_prefix="model.layers",
+                       blocks=(block, block), outer_params={}, outer_linears=("lm_head",),
                        embed_name="model.embed_tokens.weight", hidden_size=hidden, vocab_size=1000,
                        tied_embeddings=False, dtype=torch.bfloat16)
 

@@ -36,7 +36,7 @@ class ActorJob:
             self.rotary: nn.Module = rotary_cls(config=spec.hf_config)
         self.blocks = cast(nn.ModuleList, self.model.get_submodule(spec.layout.block_prefix))
         self.contexts: dict[int | None, SequenceContext] = {}
-        self.anatomy: BlockAnatomy | None = None
+        self.anatomies: dict[int, BlockAnatomy] = {}    # by block kind (id of its BlockLayout)
         self.batches: list[Tensor] = []
         self.inputs_at: float | None = None         # the previous actor's outputs resolved here
         self.handed_on_at: float | None = None      # this actor's outputs put in the object store
@@ -55,7 +55,7 @@ class ActorJob:
     def task(self, index: int) -> BlockTask:
         layout, job = self.spec.layout, self.spec.job
         return BlockTask(quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
-                         linears=layout.linears, pad_intermediate=self.spec.pad_intermediate)
+                         linears=layout.block(index).linears, pad_intermediate=self.spec.pad_intermediate)
 
     def clock(self) -> PhaseClock:
         """A block's phase clock: CUDA events on a GPU (no wait per phase), else wall time."""
@@ -66,12 +66,14 @@ class ActorJob:
         return DecoderBlock(self.blocks[index], self._context(index))
 
     def ensure_anatomy(self, index: int, params: Mapping[str, Tensor]) -> BlockAnatomy:
-        """The blocks' structure (linear groups by stage), probed once per job on its first block."""
-        if self.anatomy is None:
+        """A block's structure (linear groups by stage), probed once per kind of block, on the first block of
+        that kind the job meets (blocks alike share it)."""
+        kind = self.spec.layout.block(index)
+        if id(kind) not in self.anatomies:
             probe = DecoderBlock(self.blocks[index], self._probe_context(index))
-            self.anatomy = discover_anatomy(probe, params, self.spec.layout.linears,
-                                            hidden_size=self.spec.layout.hidden_size)
-        return self.anatomy
+            self.anatomies[id(kind)] = discover_anatomy(probe, params, kind.linears,
+                                                        hidden_size=self.spec.layout.hidden_size)
+        return self.anatomies[id(kind)]
 
     def counted(self, record: ShardRecord) -> ShardRecord:
         """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the

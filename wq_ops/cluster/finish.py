@@ -37,8 +37,8 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
         shard_of[r.staged_path] = artifact.shard_name(position)
     weight_map = {name: shard_of[r.staged_path] for r in records for name in r.tensor_names}
     quantized_linears = {name.rsplit(".", 1)[0] for name in weight_map if name.endswith((".weight_packed", ".qweight"))}
-    ignore = sorted({layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks) for s in layout.linears}
-                    - quantized_linears)
+    ignore = sorted({layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks)
+                     for s in layout.block(i).linears} - quantized_linears)
     config = dict(prepared.source_config)
     if prepared.compatibility.padding is not None:
         config["intermediate_size"] = prepared.compatibility.padding.padded_size

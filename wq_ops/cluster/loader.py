@@ -52,7 +52,7 @@ class BlockLoader:
             host = _unpadded(dense_tensors(job.format, stored, quant=job.quant, dtype=layout.dtype),
                              spec.pad_intermediate)
         else:
-            host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block_params])
+            host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block(index).params])
         cut = len(prefix)
         device = self.job.device
         ready = None

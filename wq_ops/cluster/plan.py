@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from wq_ops.config import JobConfig, Method, Propagation, SpanMode
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
-from wq_ops.model.architecture import ModelLayout
+from wq_ops.model.architecture import BlockLayout, ModelLayout
 
 __all__ = ["BlockPlan", "MemoryEstimate", "ActorPlan", "JobPlan", "make_plan", "check_fits", "split_spans",
            "pipeline_spans", "pipeline_finish_times", "smallest_streaming_actors", "QUANTIZE_COST", "HEADROOM"]
@@ -157,44 +157,53 @@ def pipeline_spans(n_blocks: int, n_actors: int, quantize_cost: float) -> list[t
     return spans
 
 
-def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, resident: int = 0,
-            stash_tails: bool = False) -> MemoryEstimate:
+def _memory(layout: ModelLayout, job: JobConfig, span: tuple[int, ...], *, first: bool, last: bool,
+            resident: int = 0, stash_tails: bool = False) -> MemoryEstimate:
+    """The most a block of `span` needs (blocks may differ): `_block_memory` of each kind of block in it."""
+    kinds = {id(layout.block(i)): layout.block(i) for i in span}.values()
+    return max((_block_memory(block, layout, job, first=first, last=last, resident=resident, stash_tails=stash_tails)
+                for block in kinds), key=lambda m: m.total)
+
+
+def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, first: bool, last: bool,
+                  resident: int = 0, stash_tails: bool = False) -> MemoryEstimate:
     """resident: 0 for one block at a time; else the span's block count, all of whose weights and
     statistics stay on the device while the micro-batches stream through (then solved one by one).
     stash_tails: quantized propagation keeps each stage's last linear's inputs for every sample."""
     elt = {2: 2, 4: 4}.get(layout.dtype.itemsize, 2)
     n, t = job.calib.n_samples, job.calib.seq_len
     mb = min(job.run.micro_batch_samples, n)
-    max_in = max(s.in_features for s in layout.linears)
+    linears = block.linears
+    max_in = max(s.in_features for s in linears)
     gptq = job.quant.method is Method.GPTQ
     # What the largest solve holds besides the block's tensors. GPTQ stacks the linears that share an input
     # (those of one stage with one input width bound such a group from above: o_proj is counted with q, k
     # and v) and keeps a stacked copy, float32 weights and targets, and codes (twice under act-order); the
     # other methods one linear's float32 weights, dequantized copy and codes.
     stacked: dict[tuple[str, int], int] = {}
-    for s in layout.linears:
+    for s in linears:
         stacked[s.stage, s.in_features] = stacked.get((s.stage, s.in_features), 0) + s.in_features * s.out_features
     if gptq:
         solving = max(stacked.values()) * (elt + 4 + 4 + 1 + 1)
     else:
-        solving = max(s.in_features * s.out_features for s in layout.linears) * (4 + 4 + 1)
+        solving = max(s.in_features * s.out_features for s in linears) * (4 + 4 + 1)
     # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.
     # On a GPU, float propagation solves one block while the next calibrates (and a third is prefetched).
     overlapped = not resident and job.run.propagation is Propagation.FLOAT and job.run.gpus_per_actor > 0
-    weights = (resident or (3 if overlapped else 2)) * layout.block_nbytes() + solving
+    weights = (resident or (3 if overlapped else 2)) * block.nbytes(layout.dtype) + solving
     if first:      # the embedding table runs on the device; the head tensors are only copied, through the host
         weights += layout.outer_params[layout.embed_name][0] * layout.hidden_size * elt
     # Float32 statistics (at most one Hessian per linear, fewer where inputs are shared): of one stage at a
     # time (quantized propagation), of every stage of one block, or of two blocks (float propagation,
     # overlapped), or of every resident block.
-    every_stage = sum(4 * s.in_features * s.in_features for s in layout.linears)
+    every_stage = sum(4 * s.in_features * s.in_features for s in linears)
     if resident:
         stats = resident * every_stage
     elif job.run.propagation is Propagation.FLOAT:   # one pass captures every stage of the block
         stats = (2 if overlapped else 1) * every_stage
     else:
         per_stage_bytes: dict[str, int] = {}
-        for s in layout.linears:
+        for s in linears:
             per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
         stats = max(per_stage_bytes.values())
     # hessian_of's mirrored copy of the largest Hessian; for GPTQ also three more of its size at once: its
@@ -212,7 +221,7 @@ def _memory(layout: ModelLayout, job: JobConfig, *, first: bool, last: bool, res
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
-    widest = sum(s.out_features for s in layout.linears) + 4 * layout.hidden_size
+    widest = sum(s.out_features for s in linears) + 4 * layout.hidden_size
     workspace = 2 * mb * t * widest * elt
     kept = min(n, job.quant.kept_search_samples)
     if kept:                                   # AWQ's replayed search samples' inputs, kept by every resident block
@@ -230,8 +239,8 @@ def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...
     plans = []
     for r, span in enumerate(spans):
         kw = dict(first=0 in span, last=last_block in span, resident=len(span) if streamed else 0)
-        memory = _memory(layout, job, **kw)  # type: ignore[arg-type]
-        stashed = _memory(layout, job, stash_tails=True, **kw) if may_stash else None  # type: ignore[arg-type]
+        memory = _memory(layout, job, span, **kw)  # type: ignore[arg-type]
+        stashed = _memory(layout, job, span, stash_tails=True, **kw) if may_stash else None  # type: ignore[arg-type]
         stash = stashed is not None and stashed.total <= int(capacity_bytes * HEADROOM)
         plans.append(ActorPlan(rank=r, blocks=span, memory=stashed if stash and stashed else memory,
                                capacity_bytes=capacity_bytes, host_staging_bytes=0 if last_block in span else staging,
@@ -256,9 +265,9 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
     """Blocks and their tensors, actor spans and per-actor memory. Does not check the fit (`check_fits`)."""
     blocks = []
     for i in range(layout.n_blocks):
-        names = tuple(layout.block_tensor_name(i, local) for local in layout.block_params)
+        names = tuple(layout.block_tensor_name(i, local) for local in layout.block(i).params)
         files = tuple(sorted(set(checkpoint.files_for(names))))
-        blocks.append(BlockPlan(index=i, shard_files=files, tensor_names=names, est_bytes=layout.block_nbytes()))
+        blocks.append(BlockPlan(index=i, shard_files=files, tensor_names=names, est_bytes=layout.block_nbytes(i)))
     # Streaming keeps every actor busy at once, so equal spans balance it; float propagation one block at a
     # time pipelines the actors span by span, so spans are balanced by cost; quantized propagation runs
     # them one after another, where only the count matters.
@@ -285,9 +294,9 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
         if job.run.device_kind == "cpu":
             hint += "; CPU actors share the host's memory, so fewer actors get more each"
     elt = layout.dtype.itemsize
-    quantized = sum(s.in_features * s.out_features for s in layout.linears) * layout.n_blocks
-    rest = layout.n_blocks * layout.block_nbytes() - quantized * elt
-    group = job.quant.group_size or max(s.in_features for s in layout.linears)
+    quantized = sum(s.in_features * s.out_features for b in layout.blocks for s in b.linears)
+    rest = sum(b.nbytes(layout.dtype) for b in layout.blocks) - quantized * elt
+    group = job.quant.group_size or max(s.in_features for b in layout.kinds() for s in b.linears)
     artifact = int(quantized * job.quant.bits / 8 + quantized / group * (elt + (0 if job.quant.sym else 1))
                    + rest + layout.outer_nbytes())
     return JobPlan(blocks=tuple(blocks), actors=actors, device_kind=job.run.device_kind,

@@ -59,7 +59,7 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
         return
     bad: dict[str, int] = {}
     for i in range(layout.n_blocks):
-        for spec in layout.linears:
+        for spec in layout.block(i).linears:
             full = layout.block_tensor_name(i, spec.name)
             if spec.in_features % gs and not is_ignored(full, job.quant.ignore):
                 bad[spec.name] = spec.in_features
@@ -118,7 +118,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                               f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
     hf_config = _model_config(job, checkpoint.local_dir, source_config)
     layout = describe_model(hf_config, trust_remote_code=job.trust_remote_code)
-    missing = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block_params
+    missing = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params
                if layout.block_tensor_name(i, n) not in checkpoint.weight_map]
     missing += [n for n in layout.outer_params if n not in checkpoint.weight_map]
     if missing:

@@ -22,7 +22,7 @@ from wq_ops.errors import ConfigError
 from wq_ops.formats.loader import LoaderRequirements, loader_requirements
 from wq_ops.formats.marlin import MARLIN_BITS, MARLIN_GROUP_SIZES, MARLIN_MIN_THREAD_K, MARLIN_MIN_THREAD_N
 
-__all__ = ["TpPolicy", "LinearShape", "BlockLayout", "AttentionShape", "attention_shape", "IntermediatePadding",
+__all__ = ["TpPolicy", "LinearShape", "ModelShape", "AttentionShape", "attention_shape", "IntermediatePadding",
            "TpCheck", "CompatReport", "check_tp_sizes", "padding_for_sizes", "DEFAULT_TP_SIZES"]
 
 DEFAULT_TP_SIZES = (1, 2, 4, 8)
@@ -41,13 +41,12 @@ class LinearShape(Protocol):
     def out_features(self) -> int: ...
 
 
-class BlockLayout(Protocol):
+class ModelShape(Protocol):
     """What this module reads of wq_ops.model.ModelLayout."""
 
     @property
     def n_blocks(self) -> int: ...
-    @property
-    def linears(self) -> tuple[LinearShape, ...]: ...
+    def block_linears(self, index: int) -> tuple[LinearShape, ...]: ...
     def block_tensor_name(self, block: int, local: str) -> str: ...
 
 
@@ -299,11 +298,16 @@ def _padding_for(linears: tuple[_Linear, ...], attention: AttentionShape, quant:
     return None
 
 
-def _quantized_linears(layout: BlockLayout, quant: QuantConfig) -> tuple[_Linear, ...]:
-    # A layer counts as quantized if any block quantizes it (the driver matches full module names).
-    return tuple(_Linear(spec.name, spec.in_features, spec.out_features) for spec in layout.linears
-                 if any(not any(fnmatchcase(layout.block_tensor_name(i, spec.name), p) for p in quant.ignore)
-                        for i in range(layout.n_blocks)))
+def _quantized_linears(layout: ModelShape, quant: QuantConfig) -> tuple[_Linear, ...]:
+    # A layer counts as quantized if any block quantizes it (the driver matches full module names); blocks
+    # may differ, so every block's linears are read, each name once.
+    found: dict[str, _Linear] = {}
+    for i in range(layout.n_blocks):
+        for spec in layout.block_linears(i):
+            if spec.name not in found and not any(fnmatchcase(layout.block_tensor_name(i, spec.name), p)
+                                                  for p in quant.ignore):
+                found[spec.name] = _Linear(spec.name, spec.in_features, spec.out_features)
+    return tuple(found.values())
 
 
 def _checked_sizes(tp_sizes: Iterable[int]) -> tuple[int, ...]:
@@ -313,7 +317,7 @@ def _checked_sizes(tp_sizes: Iterable[int]) -> tuple[int, ...]:
     return sizes
 
 
-def check_tp_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
+def check_tp_sizes(layout: ModelShape, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
                    tp_sizes: Iterable[int] = DEFAULT_TP_SIZES,
                    padding: IntermediatePadding | None = None) -> CompatReport:
     """vLLM's verdict for each TP size, from shapes alone; with `padding`, for the artifact padded so.
@@ -333,7 +337,7 @@ def check_tp_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantC
     return CompatReport(loader=loader_requirements(quant, fmt), checks=tuple(checks), padding=padding)
 
 
-def padding_for_sizes(layout: BlockLayout, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
+def padding_for_sizes(layout: ModelShape, attention: AttentionShape, quant: QuantConfig, fmt: Format, *,
                       tp_sizes: Iterable[int]) -> IntermediatePadding | None:
     """The one padded intermediate size that makes every size in `tp_sizes` load: the smallest that
     gives each Marlin's tiles, else the smallest that lets each load at all. None when no padding of the

@@ -21,8 +21,8 @@ from wq_ops.errors import CheckpointError
 from wq_ops.model.native_llama import NativeLlamaConfig, NativeLlamaForCausalLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "LinearSpec", "attention_window",
-           "ModelLayout", "describe_model", "import_transformers", "instantiate_on_meta", "storage_dtype_of",
-           "transformers_import_lock"]
+           "BlockLayout", "ModelLayout", "describe_model", "import_transformers", "instantiate_on_meta",
+           "storage_dtype_of", "transformers_import_lock"]
 
 # Architectures whose decoder layers we have checked against the model's own forward (tests/model).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -50,16 +50,27 @@ class LinearSpec:
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """One decoder block: its linear layers (block-local names, in call order) and every block-local tensor's
+    shape (linears, norms, biases). Blocks need not be alike: a dense MLP here, routed experts there."""
+
+    kind: str                                          # "dense": attention and one MLP
+    linears: tuple[LinearSpec, ...]
+    params: dict[str, tuple[int, ...]]                 # block-local name -> shape
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return sum(_numel(s) for s in self.params.values()) * torch.tensor([], dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
 class ModelLayout:
     """What the driver plans with. Tensor names are the checkpoint's; block-local names drop
-    `{block_prefix}.{i}.`. param_shapes hold every block-local tensor (linears, norms, biases)."""
+    `{block_prefix}.{i}.`. `blocks` describes each decoder block (blocks alike share one BlockLayout)."""
 
     architecture: str
     model_type: str
-    n_blocks: int
     block_prefix: str                                  # "model.layers"
-    linears: tuple[LinearSpec, ...]                    # the same in every block
-    block_params: dict[str, tuple[int, ...]]           # block-local name -> shape
+    blocks: tuple[BlockLayout, ...]                    # one per decoder block, in order
     outer_params: dict[str, tuple[int, ...]]           # tensors outside the blocks: embeddings, final norm, lm_head
     outer_linears: tuple[str, ...]                     # Linear modules outside the blocks (lm_head, even when tied)
     embed_name: str                                    # "model.embed_tokens.weight"
@@ -68,12 +79,43 @@ class ModelLayout:
     tied_embeddings: bool
     dtype: torch.dtype
 
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block(self, index: int) -> BlockLayout:
+        return self.blocks[index]
+
+    def block_linears(self, index: int) -> tuple[LinearSpec, ...]:
+        return self.blocks[index].linears
+
+    def kinds(self) -> tuple[BlockLayout, ...]:
+        """The distinct block layouts, in order of first appearance."""
+        return tuple({id(b): b for b in self.blocks}.values())
+
+    @property
+    def linears(self) -> tuple[LinearSpec, ...]:
+        """Every block's linears, where all blocks are alike (a ValueError otherwise: ask `block(i)`)."""
+        return self._uniform().linears
+
+    @property
+    def block_params(self) -> dict[str, tuple[int, ...]]:
+        """Every block's tensor shapes, where all blocks are alike (a ValueError otherwise: ask `block(i)`)."""
+        return self._uniform().params
+
+    def _uniform(self) -> BlockLayout:
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            raise ValueError(f"{self.architecture}'s blocks differ ({len(kinds)} layouts): ask block(i)")
+        return kinds[0]
+
     def block_tensor_name(self, block: int, local: str) -> str:
         return f"{self.block_prefix}.{block}.{local}"
 
-    def block_nbytes(self) -> int:
-        elt = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(_numel(s) for s in self.block_params.values()) * elt
+    def block_nbytes(self, index: int | None = None) -> int:
+        """One block's tensor bytes: block `index`'s, or the largest block's."""
+        blocks = self.kinds() if index is None else (self.blocks[index],)
+        return max(b.nbytes(self.dtype) for b in blocks)
 
     def outer_nbytes(self) -> int:
         elt = torch.tensor([], dtype=self.dtype).element_size()
@@ -189,6 +231,18 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise CheckpointError(f"{type(model).__name__}: found no list of decoder layers ({sorted(layer_classes)})")
 
 
+def _block_layout(block: nn.Module) -> BlockLayout:
+    """A decoder layer's linears (in module order) and tensor shapes."""
+    linears = tuple(
+        LinearSpec(name=n, in_features=m.in_features, out_features=m.out_features, has_bias=m.bias is not None)
+        for n, m in block.named_modules() if isinstance(m, nn.Linear)
+    )
+    if any(spec.stage not in ("self_attn", "mlp") for spec in linears):
+        raise CheckpointError(f"{type(block).__name__}: linear layers outside self_attn and mlp: "
+                              f"{[s.name for s in linears if s.stage not in ('self_attn', 'mlp')]}")
+    return BlockLayout(kind="dense", linears=linears, params={n: tuple(p.shape) for n, p in block.named_parameters()})
+
+
 def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayout:
     """Layout of the model `config` describes (a transformers PretrainedConfig, or a NativeLlamaConfig)."""
     model = instantiate_on_meta(config, trust_remote_code=trust_remote_code)
@@ -199,19 +253,12 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
     if missing:
         raise CheckpointError(f"{type(first).__name__} lacks {missing}: wq runs pre-norm decoder layers "
                               f"with children {list(BLOCK_CHILDREN)}")
-    linears = tuple(
-        LinearSpec(name=n, in_features=m.in_features, out_features=m.out_features, has_bias=m.bias is not None)
-        for n, m in first.named_modules() if isinstance(m, nn.Linear)
-    )
-    if any(spec.stage not in ("self_attn", "mlp") for spec in linears):
-        raise CheckpointError(f"{type(first).__name__}: linear layers outside self_attn and mlp: "
-                              f"{[s.name for s in linears if s.stage not in ('self_attn', 'mlp')]}")
-    for i, block in enumerate(blocks):
-        shapes = {n: tuple(p.shape) for n, p in block.named_parameters()}
-        if i == 0:
-            block_params = shapes
-        elif shapes != block_params:
-            raise CheckpointError(f"decoder block {i} differs in shape from block 0: wq needs identical blocks")
+    layouts: dict[tuple, BlockLayout] = {}
+    blocks_layout = []
+    for block in blocks:
+        layout = _block_layout(block)
+        key = (layout.kind, layout.linears, tuple(layout.params.items()))
+        blocks_layout.append(layouts.setdefault(key, layout))     # blocks alike share one object
     outer: dict[str, tuple[int, ...]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -226,10 +273,8 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
         # The class transformers builds for this config (the native skeleton stands in for it).
         architecture=config.architectures[0] if isinstance(config, NativeLlamaConfig) else type(model).__name__,
         model_type=str(getattr(config, "model_type", "")),
-        n_blocks=len(blocks),
         block_prefix=prefix,
-        linears=linears,
-        block_params=block_params,
+        blocks=tuple(blocks_layout),
         outer_params=outer,
         outer_linears=tuple(n for n, m in model.named_modules()
                             if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")),
