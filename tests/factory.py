@@ -13,18 +13,28 @@ from wq_ops.bundled.tiny_model import _byte_level_tokenizer
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+MOE_ARCHS = ("qwen3_moe", "mixtral")
+
+
 def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                   tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=257, dtype="bfloat16")
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
-    if arch == "mistral":
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig}[arch]
+    if arch in ("mistral", "mixtral"):
         common["sliding_window"] = None
+    if arch == "qwen3_moe":     # block 0 dense (mlp_only_layers), the others routed: 4 experts, top 2
+        common.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[0],
+                      norm_topk_prob=True)
+    if arch == "mixtral":
+        common.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
     config = cls(**{**common, **overrides})
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                             "qwen3": "Qwen3ForCausalLM"}[arch]]
+                             "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                             "mixtral": "MixtralForCausalLM"}[arch]]
     return config
 
 

@@ -38,6 +38,7 @@ def quantize_awq_stage(work: BlockWork, stage: str, groups: Sequence[LinearGroup
     task, quant = work.task, work.task.quant
     for group in groups:
         cap = captures[group.names[0]]
+        starved = work.is_starved(group.names[0], cap.stats.n_tokens)
         held = hessians.pop(group.names[0], None)
         h = held if held is not None else hessian_of(cap.stats)
         group_scale = scales.get(group.names[0])
@@ -52,7 +53,7 @@ def quantize_awq_stage(work: BlockWork, stage: str, groups: Sequence[LinearGroup
                                                  error=None, result=None, seconds=0.0))
                 continue
             clip = None
-            if not is_ignored(name, _AWQ_NO_CLIP):
+            if not starved and not is_ignored(name, _AWQ_NO_CLIP):
                 clip = awq.search_clip(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                        scale_dtype=work.scales_dtype, n_grid=quant.awq.clip_grid,
                                        max_shrink=quant.awq.max_shrink, primitives=kernels_for(quant.backend).awq)
@@ -63,7 +64,8 @@ def quantize_awq_stage(work: BlockWork, stage: str, groups: Sequence[LinearGroup
             work.work[name + ".weight"] = w_hat
             work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
                                              error=output_error_tensor(w, w_hat, h_error), result=result,
-                                             seconds=time.perf_counter() - t, search=searches.get(group.names[0])))
+                                             seconds=time.perf_counter() - t, search=searches.get(group.names[0]),
+                                             starved=starved))
 
 
 def _search_and_fold(work: BlockWork, stage: str, groups: Sequence[LinearGroup], captures: dict[str, GroupCapture],
@@ -77,9 +79,9 @@ def _search_and_fold(work: BlockWork, stage: str, groups: Sequence[LinearGroup],
     searches: dict[str, awq.ScaleSearch] = {}
     hessians: dict[str, Tensor] = {}
     for group in groups:
-        if group.producer is None:
-            continue
         cap = captures[group.names[0]]
+        if group.producer is None or work.is_starved(group.names[0], cap.stats.n_tokens):
+            continue
         x_mean = cap.stats.abs_sum / max(cap.stats.n_tokens, 1)
         weights = {n: work.work[n + ".weight"] for n in group.names}
         if len(group.names) == 1 or quant.awq.loss is AwqLoss.LAYER:

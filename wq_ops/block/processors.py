@@ -61,7 +61,8 @@ class _HessianProcessor:
             t = time.perf_counter()
             weights = [work.work[n + ".weight"] for n in names]
             stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-            result = self._solve(work, stacked, h)
+            starved = work.is_starved(group.names[0], cap.stats.n_tokens)
+            result = self._solve(work, stacked, h, rtn=starved)
             parts = result.split_rows([w.shape[0] for w in weights])
             seconds = (time.perf_counter() - t) / len(names)
             h = quadratic_operand(h)                  # converted once for every layer of the group
@@ -71,11 +72,11 @@ class _HessianProcessor:
                 work.work[name + ".weight"] = w_hat
                 work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
                                                  error=output_error_tensor(w, w_hat, h), result=part,
-                                                 seconds=seconds))
+                                                 seconds=seconds, starved=starved))
 
-    def _solve(self, work: BlockWork, w: torch.Tensor, h: torch.Tensor) -> QuantResult:
+    def _solve(self, work: BlockWork, w: torch.Tensor, h: torch.Tensor, *, rtn: bool) -> QuantResult:
         quant = work.task.quant
-        if self.method is Method.GPTQ:
+        if self.method is Method.GPTQ and not rtn:
             return quantize_gptq(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                  damp_frac=quant.gptq.damp_frac, act_order=quant.act_order,
                                  block_size=quant.gptq.block_size,

@@ -69,12 +69,21 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> 
             return module(params, normed)
 
         groups = anatomy.stage_groups(stage)
+        waves = anatomy.stage_waves(stage)
         tail = stash_tails and bool(groups) and stage in anatomy.direct_tails and len(groups[-1].names) == 1
         mark = clock.mark()
         normed = [block.norm(params, norm, x) for x in xs]
         stashed: list[Tensor] = []
-        for i, group in enumerate(groups):
-            keep = tail and i == len(groups) - 1
+        for i, wave in enumerate(waves):
+            if len(wave) > 1:
+                # Independent groups (a routed MLP's experts): one pass captures them all, then they are solved.
+                captures, _ = capture_stage(block, wave, functools.partial(module, params), normed)
+                clock.add("forward", mark)
+                solve_stage(work, stage, captures, groups=wave)
+                mark = clock.mark()
+                continue
+            (group,) = wave
+            keep = tail and i == len(waves) - 1
             if group.names[0] in anatomy.direct_heads:      # its input is the norm's output: no pass needed
                 capture, stashed = capture_inputs(normed), list(normed) if keep else []
             else:
@@ -137,9 +146,10 @@ def _by_stage_(work: BlockWork, batches: list[Tensor], *, keep: int) -> list[Ten
 def _without_last_output(params: Mapping[str, Tensor], groups: Sequence[LinearGroup]) -> dict[str, Tensor]:
     """The stage's tensors with its last linear given zero output rows, when that linear is alone in its
     group: a capture pass needs that layer's input but never its output, and an empty (0, in) weight
-    makes its matmul free (the stage then returns a (..., 0) tensor, which the pass ignores)."""
+    makes its matmul free (the stage then returns a (..., 0) tensor, which the pass ignores). Not an expert's:
+    a routed MLP adds its experts' outputs, which must keep their width."""
     trimmed = dict(params)
-    if groups and len(groups[-1].names) == 1:
+    if groups and len(groups[-1].names) == 1 and ".experts." not in groups[-1].names[0]:
         name = groups[-1].names[0]
         trimmed[name + ".weight"] = params[name + ".weight"][:0]
         if name + ".bias" in params:

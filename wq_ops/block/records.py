@@ -39,6 +39,8 @@ class LayerRecord:
     awq_ratio: float | None = None
     awq_loss_unscaled: float | None = None
     awq_loss: float | None = None
+    tokens: int | None = None             # calibration tokens its statistics came from (an expert's: routed)
+    starved: bool = False                 # an expert with fewer tokens than --moe-min-tokens: quantized with RTN
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,17 @@ class PendingLayer:
     seconds: float
     channels: Tensor                      # outlier_channels of the layer's input
     search: awq.ScaleSearch | None = None
+    tokens: int | None = None
+    starved: bool = False
 
 
 def pending_layer(name: str, block_index: int, group: LinearGroup, stats: InputStats, *, error: Tensor | None,
-                  result: QuantResult | None, seconds: float, search: awq.ScaleSearch | None = None) -> PendingLayer:
+                  result: QuantResult | None, seconds: float, search: awq.ScaleSearch | None = None,
+                  starved: bool = False) -> PendingLayer:
     """A layer's record with its numbers on the device: quantized where it has an output error."""
     return PendingLayer(name=name, block=block_index, group=group.names[0], quantized=error is not None,
-                        error=error, result=result, seconds=seconds, channels=outlier_channels(stats), search=search)
+                        error=error, result=result, seconds=seconds, channels=outlier_channels(stats), search=search,
+                        tokens=stats.n_tokens, starved=starved)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class _Slot:
     has_error: bool
     has_loss: bool
     search_grid: int | None               # the scale search's n_grid; None without a search
+    tokens: int | None = None
+    starved: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ def pending_report(layers: Sequence[PendingLayer], checks: Sequence[Tensor] = ()
             name=r.name, block=r.block, group=r.group, quantized=r.quantized,
             damp_frac=r.result.damp_frac if r.result is not None else None, seconds=r.seconds,
             channels_shape=tuple(r.channels.shape), has_error=r.error is not None, has_loss=row_loss is not None,
-            search_grid=r.search.n_grid if r.search is not None else None))
+            search_grid=r.search.n_grid if r.search is not None else None, tokens=r.tokens, starved=r.starved))
     values.extend(checks)
     numbers = torch.cat([v.to(torch.float64) for v in values]) if values else torch.empty(0, dtype=torch.float64)
     return PendingReport(numbers=numbers, slots=tuple(slots), checks=tuple(messages))
@@ -152,6 +160,6 @@ def _records(slots: Sequence[_Slot], numbers: Tensor) -> tuple[LayerRecord, ...]
                                outliers=outlier_summary(channels),
                                awq_ratio=found.ratio if found else None,
                                awq_loss_unscaled=found.loss_unscaled if found else None,
-                               awq_loss=found.loss if found else None))
+                               awq_loss=found.loss if found else None, tokens=r.tokens, starved=r.starved))
     assert at == numbers.numel(), (at, numbers.numel())
     return tuple(out)

@@ -18,6 +18,7 @@ from wq_ops.formats.block_tensors import block_tensors
 from wq_ops.formats.checks import Checks
 from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import BlockAnatomy, DecoderBlock
+from wq_ops.model.moe import MoeSpec
 from wq_ops.quant.result import QuantResult
 
 __all__ = ["BlockTask", "BlockWork", "BlockOutcome"]
@@ -26,8 +27,9 @@ __all__ = ["BlockTask", "BlockWork", "BlockOutcome"]
 @dataclass(frozen=True)
 class BlockTask:
     """What to do to one block, besides its tensors and inputs: the method and grid, the artifact format,
-    where the block sits (its index, the checkpoint's block prefix, its linears), and --tp-policy pad's zero
-    rows/columns for the MLP's intermediate dim (the artifact's; the computation never sees them)."""
+    where the block sits (its index, the checkpoint's block prefix, its linears, its routed MLP), and
+    --tp-policy pad's zero rows/columns for the MLP's intermediate dim (the artifact's; the computation never
+    sees them)."""
 
     quant: QuantConfig
     fmt: Format
@@ -35,9 +37,14 @@ class BlockTask:
     prefix: str                            # "model.layers"
     linears: tuple[LinearSpec, ...]
     pad_intermediate: int = 0
+    moe: MoeSpec | None = None             # the block's routed MLP, if it has one
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{self.block_index}.{local}"
+
+    def is_expert(self, local: str) -> bool:
+        """Whether a linear (block-local name) is one of the routed MLP's experts'."""
+        return self.moe is not None and local.startswith(self.moe.prefix + ".experts.")
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,11 @@ class BlockWork:
         dtype = next(iter(params.values())).dtype
         return cls(block=block, block_anatomy=anatomy, task=task, clock=clock, work=dict(params), dtype=dtype,
                    scales_dtype=scale_dtype(task.fmt, model_dtype=dtype))
+
+    def is_starved(self, name: str, n_tokens: int) -> bool:
+        """An expert's linear whose statistics come from fewer tokens than --moe-min-tokens: its Hessian (rank at
+        most the tokens) would mislead GPTQ and AWQ, so it is quantized with RTN, and the report counts it."""
+        return self.task.is_expert(name) and n_tokens < self.task.quant.moe.min_tokens
 
     def outcome(self) -> BlockOutcome:
         """The artifact tensors, packed (checks queued, not read), and the report's numbers gathered."""

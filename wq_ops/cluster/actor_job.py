@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from wq_ops.block.clock import PhaseClock, WallClock
 from wq_ops.block.work import BlockTask
 from wq_ops.cluster.protocol import ActorSpec, HandoffTimes, ShardRecord
+from wq_ops.config import MoeCalibration
 from wq_ops.device.timing import CudaEventClock
 from wq_ops.model.anatomy import discover_anatomy
 from wq_ops.model.architecture import attention_window, instantiate_on_meta
@@ -55,7 +56,8 @@ class ActorJob:
     def task(self, index: int) -> BlockTask:
         layout, job = self.spec.layout, self.spec.job
         return BlockTask(quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
-                         linears=layout.block(index).linears, pad_intermediate=self.spec.pad_intermediate)
+                         linears=layout.block(index).linears, pad_intermediate=self.spec.pad_intermediate,
+                         moe=layout.block(index).moe)
 
     def clock(self) -> PhaseClock:
         """A block's phase clock: CUDA events on a GPU (no wait per phase), else wall time."""
@@ -63,14 +65,16 @@ class ActorJob:
 
     def block(self, index: int) -> DecoderBlock:
         """Block `index`'s module (meta device) with the context of its attention window."""
-        return DecoderBlock(self.blocks[index], self._context(index))
+        kind = self.spec.layout.block(index)
+        all_tokens = self.spec.job.quant.moe.calibration is MoeCalibration.ALL
+        return DecoderBlock(self.blocks[index], self._context(index), moe=kind.moe, experts_see_all_tokens=all_tokens)
 
     def ensure_anatomy(self, index: int, params: Mapping[str, Tensor]) -> BlockAnatomy:
         """A block's structure (linear groups by stage), probed once per kind of block, on the first block of
         that kind the job meets (blocks alike share it)."""
         kind = self.spec.layout.block(index)
         if id(kind) not in self.anatomies:
-            probe = DecoderBlock(self.blocks[index], self._probe_context(index))
+            probe = DecoderBlock(self.blocks[index], self._probe_context(index), moe=kind.moe)
             self.anatomies[id(kind)] = discover_anatomy(probe, params, kind.linears,
                                                         hidden_size=self.spec.layout.hidden_size)
         return self.anatomies[id(kind)]

@@ -39,6 +39,8 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     quantized_linears = {name.rsplit(".", 1)[0] for name in weight_map if name.endswith((".weight_packed", ".qweight"))}
     ignore = sorted({layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks)
                      for s in layout.block(i).linears} - quantized_linears)
+    # Modules never quantized whatever the options (routers): a loader must not expect them packed.
+    ignore += sorted(layout.block_tensor_name(i, k) for i in range(layout.n_blocks) for k in layout.block(i).kept)
     config = dict(prepared.source_config)
     if prepared.compatibility.padding is not None:
         config["intermediate_size"] = prepared.compatibility.padding.padded_size

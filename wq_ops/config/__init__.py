@@ -7,6 +7,7 @@ from wq_ops.config.enums import (
                                  Format,
                                  Method,
                                  Modeling,
+                                 MoeCalibration,
                                  Propagation,
                                  Runtime,
                                  SpanMode,
@@ -14,9 +15,9 @@ from wq_ops.config.enums import (
                                  parse_enum,
                                  positive_int,
 )
-from wq_ops.config.job import AWQParams, CalibConfig, GPTQParams, JobConfig, QuantConfig, RunConfig
+from wq_ops.config.job import AWQParams, CalibConfig, GPTQParams, JobConfig, MoeParams, QuantConfig, RunConfig
 from wq_ops.config.options import OPTIONS
 
 __all__ = ["Method", "Format", "Backend", "Propagation", "Modeling", "AwqLoss", "SpanMode", "TpPolicy", "Runtime",
-           "QuantConfig", "GPTQParams", "AWQParams", "CalibConfig", "RunConfig", "JobConfig", "OPTIONS", "parse_enum",
-           "positive_int"]
+           "MoeCalibration", "QuantConfig", "GPTQParams", "AWQParams", "MoeParams", "CalibConfig", "RunConfig",
+           "JobConfig", "OPTIONS", "parse_enum", "positive_int"]

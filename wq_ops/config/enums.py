@@ -9,7 +9,7 @@ from typing import Any
 from wq_ops.errors import ConfigError
 
 __all__ = ["Method", "Format", "Backend", "TpPolicy", "Modeling", "Propagation", "AwqLoss", "SpanMode", "Runtime",
-           "parse_enum", "positive_int"]
+           "MoeCalibration", "parse_enum", "positive_int"]
 
 
 class Method(str, Enum):
@@ -60,6 +60,13 @@ class AwqLoss(str, Enum):
     # paper's Eq. 4), over every calibration token, from the input Hessian: no replay, no kept samples.
     # The default: on SmolLM2 its perplexity was lower in 3 of 4 runs (benchmarks/quality.md).
     LAYER = "layer"
+
+
+class MoeCalibration(str, Enum):
+    """Which tokens an expert's statistics come from (its routed outputs feed the next block either way)."""
+
+    ROUTED = "routed"     # the tokens the router sends it
+    ALL = "all"           # every calibration token (llm-compressor's default): every expert fed, at more compute
 
 
 class SpanMode(str, Enum):

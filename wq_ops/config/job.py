@@ -15,6 +15,7 @@ from wq_ops.config.enums import (
     Format,
     Method,
     Modeling,
+    MoeCalibration,
     Propagation,
     Runtime,
     SpanMode,
@@ -25,7 +26,7 @@ from wq_ops.config.enums import (
 from wq_ops.config.options import OPTIONS, convert, default_of, fill_defaults, method_misfits
 from wq_ops.errors import ConfigError
 
-__all__ = ["GPTQParams", "AWQParams", "QuantConfig", "CalibConfig", "RunConfig", "JobConfig"]
+__all__ = ["GPTQParams", "AWQParams", "MoeParams", "QuantConfig", "CalibConfig", "RunConfig", "JobConfig"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,19 @@ class AWQParams:
 
 
 @dataclass(frozen=True)
+class MoeParams:
+    """How mixture-of-experts blocks are calibrated (unused by dense models)."""
+
+    calibration: MoeCalibration = default_of("moe_calibration")   # which tokens an expert's statistics see
+    min_tokens: int = default_of("moe_min_tokens")       # fewer: the expert is starved and quantized with RTN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calibration", parse_enum(MoeCalibration, self.calibration, "moe_calibration"))
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ConfigError(f"moe_min_tokens={self.min_tokens!r}: expected a non-negative integer")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What to do to each linear layer of each decoder block."""
 
@@ -81,6 +95,7 @@ class QuantConfig:
     backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
     gptq: GPTQParams = field(default_factory=GPTQParams)
     awq: AWQParams = field(default_factory=AWQParams)
+    moe: MoeParams = field(default_factory=MoeParams)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
@@ -223,13 +238,13 @@ class JobConfig:
         if given.get("out") is None:
             raise ConfigError("out: missing; give the output directory (--out DIR)")
         sections: dict[str, dict[str, Any]] = {"job": {}, "quant": {}, "quant.gptq": {}, "quant.awq": {},
-                                               "calib": {}, "run": {}}
+                                               "quant.moe": {}, "calib": {}, "run": {}}
         for o in OPTIONS:
             if o.name in given:
                 section, name = o.target.rsplit(".", 1)
                 sections[section][name] = given[o.name]
         quant = QuantConfig(**sections["quant"], gptq=GPTQParams(**sections["quant.gptq"]),
-                            awq=AWQParams(**sections["quant.awq"]))
+                            awq=AWQParams(**sections["quant.awq"]), moe=MoeParams(**sections["quant.moe"]))
         return cls(**sections["job"], quant=quant, calib=CalibConfig(**sections["calib"]),
                    run=RunConfig(**sections["run"]))
 

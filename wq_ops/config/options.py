@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Mapping
 
-from wq_ops.config.enums import AwqLoss, Backend, Format, Method, Modeling, Propagation, Runtime, SpanMode, TpPolicy
+from wq_ops.config.enums import (
+    AwqLoss,
+    Backend,
+    Format,
+    Method,
+    Modeling,
+    MoeCalibration,
+    Propagation,
+    Runtime,
+    SpanMode,
+    TpPolicy,
+)
 from wq_ops.errors import ConfigError
 
 __all__ = ["Kind", "Dependent", "Option", "OPTIONS", "option", "default_of", "fill_defaults", "convert",
@@ -86,7 +97,7 @@ def _default_backend(options: Mapping[str, Any]) -> Backend:
     return Backend.CUDA if float(options.get("gpus_per_actor") or 0) > 0 else Backend.REFERENCE
 
 
-J, Q, G, A, C, R = "job", "quant", "quant.gptq", "quant.awq", "calib", "run"
+J, Q, G, A, M, C, R = "job", "quant", "quant.gptq", "quant.awq", "quant.moe", "calib", "run"
 OPTIONS: tuple[Option, ...] = (
     # --- the job ---------------------------------------------------------------------------------------
     Option("model", f"{J}.model", Kind.STR, None, "local checkpoint directory or Hub repo id (none: the bundled "
@@ -144,6 +155,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("awq_loss", f"{A}.loss", Kind.CHOICE, AwqLoss.LAYER, "what AWQ's scale search measures: the group's own "
            "linear outputs on every token, from the Hessian (layer), or the attention's or MLP's output on "
            "replayed samples (module)", True, choices=AwqLoss, method=Method.AWQ),
+    Option("moe_calibration", f"{M}.calibration", Kind.CHOICE, MoeCalibration.ROUTED, "mixture-of-experts models: "
+           "each expert's statistics from the tokens routed to it (routed), or from every calibration token (all: "
+           "every expert fed, at the experts' compute times experts/top-k)", True, choices=MoeCalibration),
+    # An expert's Hessian from a handful of tokens is a poor one (rank <= tokens): below this, RTN.
+    Option("moe_min_tokens", f"{M}.min_tokens", Kind.INT, 256, "mixture-of-experts models: an expert whose "
+           "statistics come from fewer tokens is quantized with RTN (counted in the report as starved)", True),
     # --- calibration: the tokens themselves enter the fingerprint -------------------------------------------
     Option("calib", f"{C}.source", Kind.STR, None, "text file, folder of text files, parquet, jsonl or datasets "
            "folder (none: the bundled text)", False),

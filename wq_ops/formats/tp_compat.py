@@ -171,7 +171,16 @@ class _Shard:
     in_features: int
 
 
+# A routed MLP's experts, as vLLM's FusedMoE shards them: each expert's intermediate dim is split across ranks
+# (gate and up by their output rows, fused as w13; down by its input columns, w2).
+_EXPERT_PARALLEL = {"gate_proj": (_Split.COLUMN, "experts.w13"), "w1": (_Split.COLUMN, "experts.w13"),
+                    "up_proj": (_Split.COLUMN, "experts.w13"), "w3": (_Split.COLUMN, "experts.w13"),
+                    "down_proj": (_Split.ROW, "experts.w2"), "w2": (_Split.ROW, "experts.w2")}
+
+
 def _parallel_of(spec: _Linear) -> tuple[_Split, str]:
+    if ".experts." in spec.name and spec.name.rsplit(".", 1)[-1] in _EXPERT_PARALLEL:
+        return _EXPERT_PARALLEL[spec.name.rsplit(".", 1)[-1]]
     try:
         return _PARALLEL[spec.name]
     except KeyError:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from wq_ops.errors import CheckpointError
 from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup, Params, SequenceContext
+from wq_ops.model.moe import MoeSpec
 
 __all__ = ["discover_anatomy"]
 
@@ -28,7 +29,7 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
     p32 = {k: v.to(torch.float32) for k, v in params.items()}
     ctx32 = SequenceContext(tuple(t.to(torch.float32) for t in block.ctx.position_embeddings),  # type: ignore[arg-type]
                             block.ctx.attention_mask)
-    probe_block = DecoderBlock(block.layer, ctx32, fuse_norms=False)      # the norm hooks below must fire
+    probe_block = DecoderBlock(block.layer, ctx32, fuse_norms=False, moe=block.moe)   # norm hooks must fire
     seq_len = ctx32.position_embeddings[0].shape[1]
     x = torch.randn(1, seq_len, hidden_size, generator=gen).to(device)
 
@@ -37,6 +38,9 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
     if not torch.allclose(staged, own, rtol=1e-4, atol=1e-5):
         raise CheckpointError(f"{type(block.layer).__name__}: its forward is not x + attn(norm(x)) then "
                               "h + mlp(norm(h)); wq cannot run this layer in stages")
+    moe = block.moe
+    if moe is not None:       # the experts are no modules: probe the attention's linears, and build the MLP's groups
+        linears = tuple(s for s in linears if s.stage == "self_attn")
     probe = _Probe.of(probe_block, p32, x, linears)
     spec = {s.name: s for s in linears}
     runs = probe.runs(spec)
@@ -53,7 +57,21 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
     # A group that reads its own stage's norm output itself needs no pass through the module.
     heads = tuple(names[0] for stage, tensor_id, names in runs
                   if probe.norm_out.get(tensor_id) == STAGE_NORMS[stage])
-    return BlockAnatomy(groups=groups, direct_tails=tails, direct_heads=heads)
+    if moe is None:
+        return BlockAnatomy(groups=groups, direct_tails=tails, direct_heads=heads)
+    gate_up, down = _expert_groups(moe)
+    return BlockAnatomy(groups=groups + gate_up + down, direct_tails=tuple(t for t in tails if t != "mlp"),
+                        direct_heads=heads, waves=(gate_up, down))
+
+
+def _expert_groups(moe: MoeSpec) -> tuple[tuple[LinearGroup, ...], tuple[LinearGroup, ...]]:
+    """A routed MLP's groups: each expert's gate and up read its routed tokens (no producer can absorb a scale:
+    the norm before them feeds the router too, and other experts), and its down reads act(gate) * up, whose
+    channels its own up's rows can absorb exactly."""
+    experts = range(moe.n_experts)
+    gate_up = tuple(LinearGroup("mlp", (moe.expert(e, "gate"), moe.expert(e, "up")), None) for e in experts)
+    down = tuple(LinearGroup("mlp", (moe.expert(e, "down"),), moe.expert(e, "up")) for e in experts)
+    return gate_up, down
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from wq_ops.errors import CheckpointError
+from wq_ops.model.moe import MOE_ARCHITECTURES, MoeSpec, moe_spec
 from wq_ops.model.native_llama import NativeLlamaConfig, NativeLlamaForCausalLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "LinearSpec", "attention_window",
@@ -25,7 +26,8 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "LinearSpec
            "storage_dtype_of", "transformers_import_lock"]
 
 # Architectures whose decoder layers we have checked against the model's own forward (tests/model).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           *MOE_ARCHITECTURES)
 
 # Architectures whose model masks every layer to config.sliding_window (their attention modules hold no
 # window of their own); Llama's model never applies one, whatever its config.json says.
@@ -46,7 +48,9 @@ class LinearSpec:
 
     @property
     def stage(self) -> str:
-        return self.name.split(".", 1)[0]
+        """The block's half it belongs to: the attention's, or the MLP's (a routed MLP's experts included,
+        whatever its checkpoint calls it: Mixtral's block_sparse_moe)."""
+        return "self_attn" if self.name.startswith("self_attn.") else "mlp"
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,11 @@ class BlockLayout:
     """One decoder block: its linear layers (block-local names, in call order) and every block-local tensor's
     shape (linears, norms, biases). Blocks need not be alike: a dense MLP here, routed experts there."""
 
-    kind: str                                          # "dense": attention and one MLP
+    kind: str                                          # "dense": attention and one MLP; "moe": routed experts
     linears: tuple[LinearSpec, ...]
     params: dict[str, tuple[int, ...]]                 # block-local name -> shape
+    moe: MoeSpec | None = None                         # the routed MLP, for a "moe" block
+    kept: tuple[str, ...] = ()                         # modules (block-local) never quantized: a router
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return sum(_numel(s) for s in self.params.values()) * torch.tensor([], dtype=dtype).element_size()
@@ -231,16 +237,23 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise CheckpointError(f"{type(model).__name__}: found no list of decoder layers ({sorted(layer_classes)})")
 
 
-def _block_layout(block: nn.Module) -> BlockLayout:
-    """A decoder layer's linears (in module order) and tensor shapes."""
+def _block_layout(block: nn.Module, moe: MoeSpec | None) -> BlockLayout:
+    """A decoder layer's linears (in module order) and tensor shapes; for a routed MLP (`moe`), its router and
+    its experts under the checkpoint's per-expert names (the module fuses the experts)."""
     linears = tuple(
         LinearSpec(name=n, in_features=m.in_features, out_features=m.out_features, has_bias=m.bias is not None)
-        for n, m in block.named_modules() if isinstance(m, nn.Linear)
+        for n, m in block.named_modules() if isinstance(m, nn.Linear) and not (moe and n.startswith("mlp."))
     )
-    if any(spec.stage not in ("self_attn", "mlp") for spec in linears):
-        raise CheckpointError(f"{type(block).__name__}: linear layers outside self_attn and mlp: "
-                              f"{[s.name for s in linears if s.stage not in ('self_attn', 'mlp')]}")
-    return BlockLayout(kind="dense", linears=linears, params={n: tuple(p.shape) for n, p in block.named_parameters()})
+    outside = [s.name for s in linears if s.name.split(".", 1)[0] not in ("self_attn", "mlp")]
+    if outside:
+        raise CheckpointError(f"{type(block).__name__}: linear layers outside self_attn and mlp: {outside}")
+    params = {n: tuple(p.shape) for n, p in block.named_parameters() if not (moe and n.startswith("mlp."))}
+    if moe is None:
+        return BlockLayout(kind="dense", linears=linears, params=params)
+    experts = tuple(LinearSpec(name=n, in_features=i, out_features=o, has_bias=False)
+                    for n, i, o in moe.linear_shapes())
+    return BlockLayout(kind="moe", linears=linears + experts, params={**params, **moe.params()}, moe=moe,
+                       kept=(moe.router,))
 
 
 def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayout:
@@ -253,10 +266,11 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
     if missing:
         raise CheckpointError(f"{type(first).__name__} lacks {missing}: wq runs pre-norm decoder layers "
                               f"with children {list(BLOCK_CHILDREN)}")
+    moe = moe_spec(config)
     layouts: dict[tuple, BlockLayout] = {}
     blocks_layout = []
-    for block in blocks:
-        layout = _block_layout(block)
+    for i, block in enumerate(blocks):
+        layout = _block_layout(block, moe if moe is not None and i in moe.sparse_blocks else None)
         key = (layout.kind, layout.linears, tuple(layout.params.items()))
         blocks_layout.append(layouts.setdefault(key, layout))     # blocks alike share one object
     outer: dict[str, tuple[int, ...]] = {}

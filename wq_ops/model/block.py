@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from wq_ops.model.moe import MoeSpec, fused_params, moe_mlp
+
 __all__ = ["STAGE_NORMS", "SequenceContext", "make_sequence_context", "LinearGroup", "BlockAnatomy", "DecoderBlock",
            "rms_norm_epsilon"]
 
@@ -66,14 +68,23 @@ class BlockAnatomy:
     """groups: in call order. direct_tails: the stages whose module returns its last linear's output as is
     (Llama's o_proj and down_proj): that output can be computed from the linear's stashed input alone.
     direct_heads: the groups (by first name) whose input is their stage's norm output itself (Llama's q/k/v
-    and gate/up): their statistics need no pass through the module."""
+    and gate/up): their statistics need no pass through the module. waves: for a routed MLP, the groups whose
+    inputs do not depend on each other's quantization, captured and solved together (every expert's gate/up,
+    then every expert's down); empty: one group at a time."""
 
     groups: tuple[LinearGroup, ...]
     direct_tails: tuple[str, ...] = ()
     direct_heads: tuple[str, ...] = ()
+    waves: tuple[tuple[LinearGroup, ...], ...] = ()
 
     def stage_groups(self, stage: str) -> tuple[LinearGroup, ...]:
         return tuple(g for g in self.groups if g.stage == stage)
+
+    def stage_waves(self, stage: str) -> tuple[tuple[LinearGroup, ...], ...]:
+        """The stage's groups in the order quantized propagation takes them: waves of independent groups where
+        the anatomy has them (a routed MLP), else one group at a time."""
+        waves = tuple(w for w in self.waves if w and w[0].stage == stage)
+        return waves or tuple((g,) for g in self.stage_groups(stage))
 
 
 # Norm classes (with their epsilon and width) found to compute weight * rms_norm(x): checked once each.
@@ -115,13 +126,19 @@ class DecoderBlock:
     """Functional two-stage forward of one decoder layer. layer: the layer module (meta device is fine);
     ctx: from `make_sequence_context` for this layer and the calibration sequence length. fuse_norms: run a
     Llama-family RMSNorm as one fused kernel (`rms_norm_epsilon`) rather than through its module, whose
-    forward hooks then do not fire."""
+    forward hooks then do not fire. moe: the block's routed MLP (its params then hold the router and every
+    expert under the checkpoint's names, run by `moe_mlp`), None for a dense block; experts_see_all_tokens:
+    capture gives each expert every token (--moe-calibration all), not only its routed ones."""
 
-    def __init__(self, layer: nn.Module, ctx: SequenceContext, *, fuse_norms: bool = True) -> None:
+    def __init__(self, layer: nn.Module, ctx: SequenceContext, *, fuse_norms: bool = True,
+                 moe: MoeSpec | None = None, experts_see_all_tokens: bool = False) -> None:
         self.layer = layer
         self.ctx = ctx
         self.fuse_norms = fuse_norms
+        self.moe = moe
+        self.experts_see_all_tokens = experts_see_all_tokens     # capture: --moe-calibration all
         self._norm_eps: dict[str, float | None] = {}      # per norm: judged once, not on every micro-batch
+        self._taps: dict[str, Callable[[str, Tensor], None]] = {}     # expert linears being captured
 
     def _child(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
@@ -145,7 +162,17 @@ class DecoderBlock:
         return out[0] if isinstance(out, tuple) else out
 
     def mlp(self, params: Params, normed: Tensor) -> Tensor:
+        if self.moe is not None:
+            # transformers' own activation module (its experts'), so the same function runs.
+            act = getattr(self._child("mlp").get_submodule("experts"), "act_fn", F.silu)
+            return moe_mlp(params, normed, self.moe, act=act, tap=self._tap if self._taps else None,
+                           tap_all_tokens=self.experts_see_all_tokens)
         return functional_call(self._child("mlp"), _sub(params, "mlp"), (normed,))
+
+    def _tap(self, name: str, x: Tensor) -> None:
+        on_input = self._taps.get(name)
+        if on_input is not None:
+            on_input(name, x)
 
     def linear(self, params: Params, name: str, x: Tensor) -> Tensor:
         """One linear (block-local name) on its input x, as the module calls it."""
@@ -167,17 +194,25 @@ class DecoderBlock:
         return self.mlp_stage(params, self.attention_stage(params, x))
 
     def layer_forward(self, params: Params, x: Tensor) -> Tensor:
-        """The layer's own forward, to check that the two stages compose to it."""
-        out = functional_call(self.layer, dict(params), (x,),
+        """The layer's own forward, to check that the two stages compose to it (a routed MLP's experts fused
+        as transformers' module holds them)."""
+        own = fused_params(params, self.moe) if self.moe is not None else dict(params)
+        out = functional_call(self.layer, own, (x,),
                               dict(position_embeddings=self.ctx.position_embeddings,
                                    attention_mask=self.ctx.attention_mask))
         return out[0] if isinstance(out, tuple) else out
 
     @contextmanager
     def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
-        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear."""
+        """While active, on_input(name, x) receives the input x: (B, T, in) of each named linear (an expert's:
+        (tokens routed to it, in), possibly none)."""
         handles = []
+        taps = [n for n in names if self.moe is not None and n.startswith(self.moe.prefix + ".experts.")]
+        for name in taps:
+            self._taps[name] = on_input
         for name in names:
+            if name in taps:
+                continue
             module = self.layer.get_submodule(name)
 
             def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = name) -> None:
@@ -189,3 +224,5 @@ class DecoderBlock:
         finally:
             for h in handles:
                 h.remove()
+            for name in taps:
+                self._taps.pop(name, None)

@@ -56,6 +56,8 @@ def accumulate_input_stats_(stats: InputStats, x: Tensor) -> None:
     """Add the tokens of x: (..., in), any float dtype, to `stats` in place (the accumulator is the
     point: a block's calibration set passes through in micro-batches). Sums run in float32."""
     x2 = x.reshape(-1, x.shape[-1])                                       # (tokens, in)
+    if x2.shape[0] == 0:          # an expert no token was routed to in this micro-batch: nothing to add
+        return
     # Half-precision operands on CUDA lose nothing (they are the activations as computed); the tensor cores
     # accumulate in float32 and write float32: several times the speed of a float32 GEMM.
     add_upper_gram_(stats.xtx, x2 if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)

@@ -1,0 +1,80 @@
+"""One routed block quantized in-process: GPTQ beats RTN on every fed expert, and an expert no token reaches is
+quantized with RTN, counted as starved, never skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.factory import tiny_config
+from wq_ops.block.quantized import quantize_block_
+from wq_ops.block.work import BlockTask
+from wq_ops.config import Format, JobConfig
+from wq_ops.model.anatomy import discover_anatomy
+from wq_ops.model.architecture import describe_model, instantiate_on_meta
+from wq_ops.model.block import DecoderBlock, make_sequence_context
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """A Qwen3-MoE block whose router never picks expert 3: its inputs carry a large component along one
+    direction m (the norm keeps its sign), and the router's row for expert 3 is -m."""
+    config = tiny_config("qwen3_moe")
+    layout = describe_model(config)
+    kind = layout.block(1)
+    meta = instantiate_on_meta(config)
+    gen = torch.Generator().manual_seed(0)
+    params = {n: ((1 + 0.1 * torch.randn(s, generator=gen)) if "norm" in n else torch.randn(s, generator=gen) * 0.08)
+              for n, s in kind.params.items()}
+    m = torch.randn(128, generator=gen)
+    m /= m.norm()
+    params["post_attention_layernorm.weight"] = params["post_attention_layernorm.weight"].abs()
+    params["mlp.gate.weight"][3] = -8 * m / params["post_attention_layernorm.weight"]
+    params = {n: v.to(torch.bfloat16) for n, v in params.items()}
+    rotary = type(meta.model.rotary_emb)(config=config)
+    ctx = make_sequence_context(rotary, seq_len=64, hidden_size=128, window=None, device="cpu", dtype=torch.bfloat16)
+    probe = make_sequence_context(rotary, seq_len=16, hidden_size=128, window=None, device="cpu",
+                                  dtype=torch.bfloat16)
+    anatomy = discover_anatomy(DecoderBlock(meta.model.layers[1], probe, moe=kind.moe), params, kind.linears,
+                               hidden_size=128)
+    x = (torch.randn(8, 64, 128, generator=gen) + 6 * m).to(torch.bfloat16)
+    return layout, DecoderBlock(meta.model.layers[1], ctx, moe=kind.moe), params, anatomy, list(x.split(4))
+
+
+def run(routed, propagation="quantized", **options):
+    from wq_ops.config import Propagation
+
+    layout, block, params, anatomy, batches = routed
+    quant = JobConfig.from_dict({"out": "unused", "bits": 4, "group_size": 32, **options}).quant
+    task = BlockTask(quant=quant, fmt=Format.COMPRESSED_TENSORS, block_index=1, prefix="model.layers",
+                     linears=layout.block(1).linears, moe=layout.block(1).moe)
+    outcome, _ = quantize_block_(block, params, anatomy, list(batches), task, propagation=Propagation(propagation))
+    return {r.name.removeprefix("model.layers.1."): r for r in outcome.layers}, outcome
+
+
+def test_an_expert_no_token_reaches_is_quantized_with_rtn_and_counted(routed):
+    layers, outcome = run(routed, method="gptq", moe_min_tokens=16)
+    for which in ("gate_proj", "up_proj", "down_proj"):
+        starved = layers[f"mlp.experts.3.{which}"]
+        assert starved.tokens == 0 and starved.starved and starved.quantized
+        assert f"model.layers.1.mlp.experts.3.{which}.weight_packed" in outcome.tensors
+    fed = [r for name, r in layers.items() if ".experts." in name and not name.startswith("mlp.experts.3.")]
+    assert len(fed) == 9 and not any(r.starved for r in fed) and all(r.tokens > 16 for r in fed)
+    assert sum(layers[f"mlp.experts.{e}.gate_proj"].tokens for e in range(4)) == 8 * 64 * 2
+
+
+@pytest.mark.parametrize("method", ["awq"])
+def test_awq_leaves_a_starved_expert_unscaled_and_unclipped(routed, method):
+    layers, _ = run(routed, method=method, moe_min_tokens=16)
+    assert layers["mlp.experts.3.down_proj"].starved and layers["mlp.experts.3.down_proj"].awq_ratio is None
+
+
+def test_gptq_beats_rtn_on_every_fed_expert(routed):
+    # Float propagation: every linear's statistics come from the float block, the same in both runs, so each
+    # layer's error compares on one Hessian.
+    gptq, _ = run(routed, "float", method="gptq", moe_min_tokens=16)
+    rtn, _ = run(routed, "float", method="rtn", moe_min_tokens=16)
+    for e in range(3):
+        for which in ("gate_proj", "up_proj", "down_proj"):
+            name = f"mlp.experts.{e}.{which}"
+            assert gptq[name].output_error < rtn[name].output_error, name

@@ -1,0 +1,128 @@
+"""Whole jobs on tiny mixture-of-experts checkpoints (Qwen3-MoE with a dense first block, Mixtral): RTN within
+half a step for every expert, the same bytes from 1 and 3 actors and after a crash and resume, the routers kept
+and listed in `ignore`, and transformers reading back exactly the weights wq wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.factory import MOE_ARCHS, write_checkpoint, write_text
+from wq_ops.cluster.driver import run_job
+from wq_ops.config import JobConfig
+from wq_ops.formats.compressed_tensors import decode_linear
+from wq_ops.io.checkpoint import open_checkpoint, read_tensors
+from wq_ops.quant.result import dequantize
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: write_checkpoint(root / arch, arch) for arch in MOE_ARCHS}, write_text(root / "calib.txt")
+
+
+def quantize(tmp_path: Path, checkpoints, arch: str, name: str, **options):
+    models, calib = checkpoints
+    base = {"model": str(models[arch]), "out": str(tmp_path / name), "calib": str(calib), "samples": 8,
+            "seq_len": 64, "micro_batch_samples": 4, "group_size": 32}
+    return run_job(JobConfig.from_dict({**base, **options}), cache_dir=tmp_path / "cache")
+
+
+def shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def artifact_tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for p in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(p)))
+    return tensors
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_rtn_puts_every_expert_weight_within_half_a_step(tmp_path, checkpoints, arch):
+    result = quantize(tmp_path, checkpoints, arch, "rtn", method="rtn", moe_min_tokens=0)
+    models, _ = checkpoints
+    source = read_tensors(open_checkpoint(str(models[arch])), [n for n in open_checkpoint(str(models[arch])).weight_map
+                                                             if ".experts." in n])
+    tensors = artifact_tensors(result.out_dir)
+    assert len(source) == 3 * 4 * (2 if arch == "qwen3_moe" else 3)
+    for name, w in source.items():
+        module = name.removesuffix(".weight")
+        decoded = decode_linear(module, tensors, bits=4, group_size=32)
+        step = decoded.scale.float().repeat_interleave(32, dim=1)
+        error = (w.float() - dequantize(decoded, torch.float32)).abs()
+        # Half a step, plus what rounding the scale to bfloat16 can leave the top code short of the range
+        # (tests/quant/test_rtn.py states the bound).
+        assert bool((error <= step * (0.5 + 2**4 * 2**-8) + w.float().abs() * 4 * torch.finfo(torch.float32).eps)
+                    .all()), module
+    config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    routers = [n for n in config["ignore"] if n.endswith(".gate")]
+    assert len(routers) == (2 if arch == "qwen3_moe" else 3)
+    assert all(f"{r}.weight" in tensors and tensors[f"{r}.weight"].dtype == torch.bfloat16 for r in routers)
+
+
+def test_experts_report_their_tokens_and_starvation(tmp_path, checkpoints):
+    result = quantize(tmp_path, checkpoints, "qwen3_moe", "gptq", method="gptq", moe_min_tokens=300)
+    experts = [x for x in result.report["layers"] if ".experts." in x["name"]]
+    assert len(experts) == 2 * 4 * 3
+    for e in range(4):
+        gate = next(x for x in experts if x["name"] == f"model.layers.1.mlp.experts.{e}.gate_proj")
+        assert gate["starved"] == (gate["tokens"] < 300)
+    assert sum(x["tokens"] for x in experts if x["name"].startswith("model.layers.1.") and "gate_proj" in x["name"]) \
+        == 8 * 64 * 2                                              # every token reaches its top-2 experts
+    dense = next(x for x in result.report["layers"] if x["name"] == "model.layers.0.mlp.gate_proj")
+    assert dense["tokens"] == 8 * 64 and not dense["starved"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_one_and_three_actors_write_the_same_bytes(tmp_path, checkpoints, method):
+    one = quantize(tmp_path, checkpoints, "qwen3_moe", "one", method=method, runtime="local")
+    three = quantize(tmp_path, checkpoints, "qwen3_moe", "three", method=method, actors=3)
+    assert shards(one.out_dir) == shards(three.out_dir) and len(shards(one.out_dir)) == 5
+
+
+def test_a_crash_and_a_resume_write_the_same_bytes(tmp_path, checkpoints):
+    whole = quantize(tmp_path, checkpoints, "mixtral", "whole", runtime="local")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        quantize(tmp_path, checkpoints, "mixtral", "resumed", runtime="local", fail_after_blocks=2)
+    resumed = quantize(tmp_path, checkpoints, "mixtral", "resumed", runtime="local")
+    assert shards(resumed.out_dir) == shards(whole.out_dir)
+    assert sum(b.get("resumed", False) for b in resumed.report["blocks"]) >= 2     # the writer may stage one more
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_transformers_reads_back_the_weights_wq_wrote(tmp_path, checkpoints, arch):
+    """transformers with compressed-tensors, dequantizing on load, holds exactly wq's dequantized experts
+    (fused as its module keeps them), and its logits are those of the float model with those weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    result = quantize(tmp_path, checkpoints, arch, "gptq", method="gptq", runtime="local")
+    loaded = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(run_compressed=False))
+    tensors = artifact_tensors(result.out_dir)
+    prefix = "mlp" if arch == "qwen3_moe" else "block_sparse_moe"
+    gate, up, down = ("gate_proj", "up_proj", "down_proj") if arch == "qwen3_moe" else ("w1", "w3", "w2")
+
+    def ours(module: str) -> torch.Tensor:
+        return dequantize(decode_linear(module, tensors, bits=4, group_size=32), torch.bfloat16).float()
+
+    layer = loaded.model.layers[1]
+    base = f"model.layers.1.{prefix}.experts"
+    for e in range(4):
+        fused = torch.cat([ours(f"{base}.{e}.{gate}"), ours(f"{base}.{e}.{up}")])
+        assert torch.equal(layer.mlp.experts.gate_up_proj[e].detach(), fused)
+        assert torch.equal(layer.mlp.experts.down_proj[e].detach(), ours(f"{base}.{e}.{down}"))
+    assert torch.equal(layer.mlp.gate.weight.detach(), tensors[f"model.layers.1.{prefix}.gate.weight"].float())
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert logits.shape == (1, 24, 258) and bool(torch.isfinite(logits).all())

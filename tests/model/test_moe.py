@@ -1,0 +1,117 @@
+"""Mixture-of-experts blocks (Qwen3-MoE, Mixtral): the layout under the checkpoint's per-expert names, the routed
+MLP against transformers' own layer, and capture of each expert's routed tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tests.factory import MOE_ARCHS, tiny_config
+from wq_ops.model.anatomy import discover_anatomy
+from wq_ops.model.architecture import describe_model, instantiate_on_meta
+from wq_ops.model.block import DecoderBlock, make_sequence_context
+from wq_ops.model.moe import fused_params, moe_spec
+
+
+def random_params(layout, index: int, gen: torch.Generator, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    block = layout.block(index)
+    return {n: ((1 + 0.1 * torch.randn(s, generator=gen)) if "norm" in n else torch.randn(s, generator=gen) * 0.08)
+            .to(dtype) for n, s in block.params.items()}
+
+
+def moe_block(arch: str, dtype=torch.float32, seq_len: int = 32):
+    config = tiny_config(arch)
+    layout = describe_model(config)
+    meta = instantiate_on_meta(config)
+    rotary = type(meta.model.rotary_emb)(config=config)
+    ctx = make_sequence_context(rotary, seq_len=seq_len, hidden_size=128, window=None, device="cpu", dtype=dtype)
+    return config, layout, meta, DecoderBlock(meta.model.layers[1], ctx, moe=layout.block(1).moe)
+
+
+def test_qwen3_moe_blocks_differ_and_name_experts_as_the_checkpoint_does():
+    layout = describe_model(tiny_config("qwen3_moe"))
+    assert [b.kind for b in layout.blocks] == ["dense", "moe", "moe"] and layout.block(1) is layout.block(2)
+    moe = layout.block(1)
+    names = [s.name for s in moe.linears]
+    assert names[:4] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    assert names[4:7] == ["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"]
+    assert moe.params["mlp.gate.weight"] == (4, 128) and moe.params["mlp.experts.3.down_proj.weight"] == (128, 64)
+    assert moe.kept == ("mlp.gate",) and "mlp.gate" not in names
+    with pytest.raises(ValueError, match="blocks differ"):
+        layout.linears
+
+
+def test_mixtral_keeps_its_own_tensor_names():
+    layout = describe_model(tiny_config("mixtral"))
+    moe = layout.block(0)
+    assert "block_sparse_moe.experts.2.w3.weight" in moe.params and moe.kept == ("block_sparse_moe.gate",)
+    assert {s.stage for s in moe.linears if "experts" in s.name} == {"mlp"}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_the_routed_block_computes_what_transformers_layer_does(arch, gen):
+    """Float32, a real (not meta) transformers layer with the same tensors, fused as it holds them: relative
+    error under 1e-5 (the experts' gate and up run as two matmuls here, one fused matmul there)."""
+    config, layout, meta, block = moe_block(arch)
+    params = random_params(layout, 1, gen)
+    x = torch.randn(2, 32, 128, generator=gen)
+    with torch.no_grad():
+        ours = block.forward(params, x)
+        layer = type(meta.model.layers[1])(config, 1).to(torch.float32)
+        theirs = functional_call(layer, fused_params(params, layout.block(1).moe), (x,),
+                                 dict(position_embeddings=block.ctx.position_embeddings,
+                                      attention_mask=block.ctx.attention_mask))
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_capture_sees_each_experts_routed_tokens(arch, gen):
+    config, layout, _, block = moe_block(arch)
+    params = random_params(layout, 1, gen)
+    spec = layout.block(1).moe
+    x = torch.randn(2, 32, 128, generator=gen)
+    seen: dict[str, int] = {}
+    names = tuple(spec.expert(e, which) for e in range(spec.n_experts) for which in ("gate", "down"))
+    with torch.no_grad(), block.capturing(names, lambda n, t: seen.__setitem__(n, seen.get(n, 0) + t.shape[0])):
+        block.forward(params, x)
+    gates = [seen[spec.expert(e, "gate")] for e in range(spec.n_experts)]
+    assert sum(gates) == 64 * spec.top_k                          # every token reaches top_k experts
+    assert all(seen[spec.expert(e, "down")] == gates[e] for e in range(spec.n_experts))
+    block.experts_see_all_tokens = True
+    seen.clear()
+    with torch.no_grad(), block.capturing(names, lambda n, t: seen.__setitem__(n, seen.get(n, 0) + t.shape[0])):
+        block.forward(params, x)
+    assert set(seen.values()) == {64}
+
+
+def test_anatomy_of_a_routed_block(gen):
+    """The attention is probed as in a dense block; the experts' groups are built: gate and up share their
+    routed input (no producer: the norm also feeds the router), down's scale folds into its own up."""
+    config, layout, meta, _ = moe_block("qwen3_moe")
+    rotary = type(meta.model.rotary_emb)(config=config)
+    probe = make_sequence_context(rotary, seq_len=16, hidden_size=128, window=None, device="cpu", dtype=torch.float32)
+    block = DecoderBlock(meta.model.layers[1], probe, moe=layout.block(1).moe)
+    anatomy = discover_anatomy(block, random_params(layout, 1, gen), layout.block(1).linears, hidden_size=128)
+    mlp = anatomy.stage_groups("mlp")
+    assert [g.names for g in mlp[:2]] == [("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"),
+                                          ("mlp.experts.1.gate_proj", "mlp.experts.1.up_proj")]
+    assert all(g.producer is None for g in mlp[:4])
+    assert [g.producer for g in mlp[4:]] == [f"mlp.experts.{e}.up_proj" for e in range(4)]
+    waves = anatomy.stage_waves("mlp")
+    assert [len(w) for w in waves] == [4, 4] and "mlp" not in anatomy.direct_tails
+    assert [len(w) for w in anatomy.stage_waves("self_attn")] == [1, 1]
+
+
+def test_an_unknown_moe_is_refused_before_work():
+    from transformers import OlmoeConfig
+
+    from wq_ops.errors import CheckpointError
+
+    config = OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)
+    config.architectures = ["OlmoeForCausalLM"]
+    assert moe_spec(config) is None
+    with pytest.raises(CheckpointError, match="unsupported architecture OlmoeForCausalLM"):
+        describe_model(config)

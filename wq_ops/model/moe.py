@@ -1,0 +1,151 @@
+"""Mixture-of-experts blocks: which decoder blocks route their MLP to experts, under which checkpoint names, and
+the routed MLP itself as wq runs it (`moe_mlp`): transformers' operations in transformers' order, over the
+checkpoint's per-expert tensors (transformers 5 fuses them into 3-D parameters at load time; the artifact
+keeps the checkpoint's per-expert names, as vLLM's MoE loaders and llm-compressor's outputs do).
+
+Architectures: Qwen3-MoE (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`; some blocks dense through
+`mlp_only_layers` / `decoder_sparse_step`) and Mixtral (`block_sparse_moe.gate`,
+`block_sparse_moe.experts.{e}.{w1,w3,w2}`). Entry points: `moe_spec`, `moe_mlp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wq_ops.errors import CheckpointError
+
+__all__ = ["MoeSpec", "moe_spec", "moe_mlp", "route", "fused_params", "MOE_ARCHITECTURES", "Tap"]
+
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+
+# on_input(linear name, its input (tokens, in)): what capture receives for an expert's linear (block-local name).
+Tap = Callable[[str, Tensor], None]
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """A routed MLP's shape and names (block-local). The router stays unquantized; each expert's gate, up
+    and down linears are quantized on their own."""
+
+    architecture: str
+    n_experts: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate: int
+    prefix: str                    # the MLP's block-local prefix in the checkpoint: "mlp" or "block_sparse_moe"
+    gate_name: str                 # an expert's gate linear: "gate_proj" or "w1"
+    up_name: str                   # "up_proj" or "w3"
+    down_name: str                 # "down_proj" or "w2"
+    norm_topk: bool                # renormalise the top-k probabilities to sum to 1
+    weights_in_logits_dtype: bool  # Qwen3-MoE casts the top-k weights back to the logits' dtype; Mixtral keeps float32
+    sparse_blocks: tuple[int, ...]  # the decoder blocks whose MLP is routed
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}.gate"
+
+    def expert(self, e: int, which: str) -> str:
+        """Block-local name of expert e's linear `which` ("gate", "up" or "down")."""
+        leaf = {"gate": self.gate_name, "up": self.up_name, "down": self.down_name}[which]
+        return f"{self.prefix}.experts.{e}.{leaf}"
+
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """(block-local name, in_features, out_features) of every expert linear, expert by expert."""
+        h, i = self.hidden_size, self.expert_intermediate
+        return [shape for e in range(self.n_experts) for shape in
+                ((self.expert(e, "gate"), h, i), (self.expert(e, "up"), h, i), (self.expert(e, "down"), i, h))]
+
+    def params(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the routed MLP, as the checkpoint names it (block-local)."""
+        shapes: dict[str, tuple[int, ...]] = {self.router + ".weight": (self.n_experts, self.hidden_size)}
+        for name, fan_in, fan_out in self.linear_shapes():
+            shapes[name + ".weight"] = (fan_out, fan_in)
+        return shapes
+
+
+def moe_spec(config: Any) -> MoeSpec | None:
+    """The routed MLP of a transformers config (None for a dense architecture)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    name = architectures[0] if architectures else ""
+    n_layers = int(config.num_hidden_layers)
+    if name == "Qwen3MoeForCausalLM":
+        step, dense = int(config.decoder_sparse_step), set(config.mlp_only_layers or [])
+        sparse = tuple(i for i in range(n_layers) if i not in dense and config.num_experts > 0 and (i + 1) % step == 0)
+        return MoeSpec(name, int(config.num_experts), int(config.num_experts_per_tok), int(config.hidden_size),
+                       int(config.moe_intermediate_size), "mlp", "gate_proj", "up_proj", "down_proj",
+                       norm_topk=bool(config.norm_topk_prob), weights_in_logits_dtype=True, sparse_blocks=sparse)
+    if name == "MixtralForCausalLM":
+        if float(getattr(config, "router_jitter_noise", 0.0) or 0.0) and getattr(config, "training", False):
+            raise CheckpointError("Mixtral with router jitter noise: wq routes as at inference (no noise)")
+        return MoeSpec(name, int(config.num_local_experts), int(config.num_experts_per_tok), int(config.hidden_size),
+                       int(config.intermediate_size), "block_sparse_moe", "w1", "w3", "w2", norm_topk=True,
+                       weights_in_logits_dtype=False, sparse_blocks=tuple(range(n_layers)))
+    return None
+
+
+def route(router_weight: Tensor, x: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
+    """x: (tokens, hidden). The top-k experts of each token (tokens, k) int64 and their weights (tokens, k), as
+    transformers' routers compute them: softmax in float32 over the router's logits, top-k, renormalised
+    where the model says so."""
+    logits = F.linear(x, router_weight)                                    # (tokens, experts)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, spec.top_k, dim=-1)
+    if spec.norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if spec.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    return experts, weights
+
+
+def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Callable[[Tensor], Tensor] = F.silu,
+            tap: Tap | None = None, tap_all_tokens: bool = False) -> Tensor:
+    """The routed MLP on x (B, T, hidden), with `params` its block-local tensors (the router's and every
+    expert's, checkpoint names). Each expert runs on the tokens routed to it, and its outputs, times their
+    routing weights, are added in expert order (transformers' loop). tap: receives each expert linear's input
+    (its routed tokens; an expert no token reached gets an empty one), for capture; with tap_all_tokens, every
+    token's instead (each expert also runs on all tokens, for its statistics only: the output is the routed
+    one either way)."""
+    flat = x.reshape(-1, x.shape[-1])                                      # (tokens, hidden)
+    experts, weights = route(params[spec.router + ".weight"], flat, spec)
+    out = torch.zeros_like(flat)
+    hit = torch.zeros(spec.n_experts, dtype=torch.bool, device=flat.device)
+    hit[experts.reshape(-1)] = True
+    hit_list = hit.tolist() if tap is None else [True] * spec.n_experts    # capture visits every expert
+    for e in range(spec.n_experts):
+        if not hit_list[e]:
+            continue
+        token, slot = torch.where(experts == e)                            # the tokens routed to e, and where
+        state = flat[token]                                                # (n_e, hidden)
+        gate_name, up_name, down_name = spec.expert(e, "gate"), spec.expert(e, "up"), spec.expert(e, "down")
+        hidden = act(F.linear(state, params[gate_name + ".weight"])) * F.linear(state, params[up_name + ".weight"])
+        if tap is not None and tap_all_tokens:
+            tap(gate_name, flat)
+            tap(down_name, act(F.linear(flat, params[gate_name + ".weight"]))
+                * F.linear(flat, params[up_name + ".weight"]))
+        elif tap is not None:
+            tap(gate_name, state)
+            tap(down_name, hidden)
+        y = F.linear(hidden, params[down_name + ".weight"]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out.reshape(x.shape)
+
+
+def fused_params(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tensor]:
+    """The block's tensors under transformers' module names: the routed MLP's experts fused into 3-D
+    parameters (`mlp.experts.gate_up_proj` (experts, 2 x intermediate, hidden), gate rows first;
+    `mlp.experts.down_proj` (experts, hidden, intermediate)) and the router as `mlp.gate.weight`. For running
+    transformers' own layer on wq's tensors (checks)."""
+    mine = spec.prefix + "."
+    out = {k: v for k, v in params.items() if not k.startswith(mine)}
+    experts = range(spec.n_experts)
+    out["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([params[spec.expert(e, "gate") + ".weight"],
+                                                              params[spec.expert(e, "up") + ".weight"]])
+                                                   for e in experts])
+    out["mlp.experts.down_proj"] = torch.stack([params[spec.expert(e, "down") + ".weight"] for e in experts])
+    out["mlp.gate.weight"] = params[spec.router + ".weight"]
+    return out
