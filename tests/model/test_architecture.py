@@ -36,13 +36,13 @@ def test_unsupported_architecture_is_named():
         describe_model(config)
 
 
-def test_moe_architecture_is_refused():
-    from transformers import MixtralConfig
+def test_a_moe_architecture_wq_does_not_know_is_refused():
+    from transformers import Qwen2MoeConfig
 
-    config = MixtralConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                           num_key_value_heads=1)
-    config.architectures = ["MixtralForCausalLM"]
-    with pytest.raises(CheckpointError, match="unsupported architecture MixtralForCausalLM"):
+    config = Qwen2MoeConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    config.architectures = ["Qwen2MoeForCausalLM"]
+    with pytest.raises(CheckpointError, match="unsupported architecture Qwen2MoeForCausalLM"):
         describe_model(config)
 
 
