@@ -80,6 +80,11 @@ def test_experts_report_their_tokens_and_starvation(tmp_path, checkpoints):
         == 8 * 64 * 2                                              # every token reaches its top-2 experts
     dense = next(x for x in result.report["layers"] if x["name"] == "model.layers.0.mlp.gate_proj")
     assert dense["tokens"] == 8 * 64 and not dense["starved"]
+    totals = result.report["totals"]
+    assert totals["expert_layers"] == 24 and totals["starved_expert_layers"] == sum(x["starved"] for x in experts)
+    page = (result.out_dir / "wq_report.html").read_text()
+    assert "Calibration tokens routed to each expert" in page
+    assert f"<b>starved expert linears</b> (quantized with RTN): {totals['starved_expert_layers']}" in page
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])

@@ -100,9 +100,24 @@ w{job.get('bits')} g{job.get('group_size') or 'channel'} {'sym' if job.get('sym'
           lambda x: x["output_error"] if x["quantized"] else None, lambda v: f"{v:.2e}")}
 {_heatmap("Input activation max |x| per layer (LLM.int8 outliers: >= 6; log scale)", layers,
           lambda x: x["outliers"]["absmax"], lambda v: f"{v:.3g}")}
+{_experts(layers)}
 <h2>Layers with the largest output error</h2>
 <table><tr><th>layer</th><th>output error</th><th>input max |x|</th><th>channels with |x| &ge; 6</th><th>damp</th></tr>
 {rows}
 </table>
 </body></html>
 """
+
+
+def _experts(layers: Sequence[Mapping[str, Any]]) -> str:
+    """Mixture-of-experts models: the tokens routed to each expert (its gate/w1 linear's), per block, and the
+    experts that starved (fewer tokens than --moe-min-tokens: quantized with RTN). Empty for a dense model."""
+    gates = [x for x in layers if ".experts." in x["name"] and x["name"].endswith((".gate_proj", ".w1"))]
+    if not gates:
+        return ""
+    starved = [x["name"] for x in layers if x.get("starved")]
+    listed = ", ".join(html.escape(n) for n in starved[:200]) + (" ..." if len(starved) > 200 else "")
+    return (_heatmap("Calibration tokens routed to each expert (its gate projection; log scale)", gates,
+                     lambda x: x.get("tokens") or None, lambda v: f"{v:.0f}")
+            + f"<p><b>starved expert linears</b> (quantized with RTN): {len(starved)}"
+            + (f": {listed}" if starved else "") + "</p>")

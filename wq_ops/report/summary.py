@@ -72,6 +72,9 @@ def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Map
             "worst_layer": {"name": worst["name"], "output_error": worst["output_error"]} if worst else None,
             "phase_seconds": _phase_totals(blocks),
             "artifact_tensor_bytes": sum(r["nbytes"] for r in records),
+            # Mixture-of-experts: expert linears, and those whose statistics had too few tokens (RTN'd).
+            "expert_layers": sum(1 for layer in layers if ".experts." in layer["name"]),
+            "starved_expert_layers": sum(1 for layer in layers if layer.get("starved")),
         },
         "actors": [actors[k] for k in sorted(actors)],
         "blocks": [{"block": b["block"], "rank": b["rank"], "shard": shard_names.get(b["staged_path"]),
