@@ -131,3 +131,18 @@ def test_transformers_reads_back_the_weights_wq_wrote(tmp_path, checkpoints, arc
     with torch.no_grad():
         logits = loaded(ids).logits
     assert logits.shape == (1, 24, 258) and bool(torch.isfinite(logits).all())
+
+
+def test_all_tokens_feed_every_expert(tmp_path, checkpoints):
+    """--moe-calibration all: every expert's statistics see every calibration token (none starves), while the
+    outputs stay the routed ones: the artifact differs from the routed statistics' from block 1's experts on."""
+    every = quantize(tmp_path, checkpoints, "qwen3_moe", "all", method="gptq", moe_calibration="all",
+                     runtime="local")
+    experts = [x for x in every.report["layers"] if ".experts." in x["name"]]
+    assert {x["tokens"] for x in experts} == {8 * 64} and not any(x["starved"] for x in experts)
+    routed = quantize(tmp_path, checkpoints, "qwen3_moe", "routed", method="gptq", runtime="local")
+    a, b = artifact_tensors(every.out_dir), artifact_tensors(routed.out_dir)
+    differ = {n for n in a if not torch.equal(a[n], b[n])}
+    # Block 1's experts, and block 2 (its inputs come from block 1's quantized experts); nothing before them.
+    assert differ and all(".experts." in n or n.startswith("model.layers.2.") for n in differ), differ
+    assert not any(n.startswith(("model.layers.0.", "model.layers.1.self_attn")) for n in differ)
