@@ -13,17 +13,25 @@ from wq_ops.bundled.tiny_model import _byte_level_tokenizer
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
-MOE_ARCHS = ("qwen3_moe", "mixtral")
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
 
 
 def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                   tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=257, dtype="bfloat16")
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-           "qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig}[arch]
+           "qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig, "deepseek_v3": DeepseekV3Config}[arch]
     if arch in ("mistral", "mixtral"):
         common["sliding_window"] = None
     if arch == "qwen3_moe":     # block 0 dense (mlp_only_layers), the others routed: 4 experts, top 2
@@ -31,10 +39,16 @@ def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
                       norm_topk_prob=True)
     if arch == "mixtral":
         common.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
+    if arch == "deepseek_v3":   # multi-head latent attention; block 0 dense; 8 experts in 4 groups, top 2 groups
+        common.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                      first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                      routed_scaling_factor=2.5, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
+                      qk_nope_head_dim=16, v_head_dim=32, num_key_value_heads=4)
+        common.pop("head_dim")
     config = cls(**{**common, **overrides})
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                              "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                             "mixtral": "MixtralForCausalLM"}[arch]]
+                             "mixtral": "MixtralForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[arch]]
     return config
 
 
@@ -54,7 +68,12 @@ def write_checkpoint(directory: Path, arch: str = "llama", *, seed: int = 0, max
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
     hf_logging.disable_progress_bar()
-    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size=max_shard_size)
+    model.to(torch.bfloat16)
+    if arch == "deepseek_v3":      # its releases store the router (weight and bias) in float32
+        for name, module in model.named_modules():
+            if name.endswith(".mlp.gate"):
+                module.to(torch.float32)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     _byte_level_tokenizer().save_pretrained(directory)
     return directory
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.factory import MOE_ARCHS, write_checkpoint, write_text
+from tests.factory import MOE_ARCHS, tiny_config, write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
 from wq_ops.formats.compressed_tensors import decode_linear
 from wq_ops.io.checkpoint import open_checkpoint, read_tensors
+from wq_ops.model.moe import moe_spec
 from wq_ops.quant.result import dequantize
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -53,7 +54,8 @@ def test_rtn_puts_every_expert_weight_within_half_a_step(tmp_path, checkpoints, 
     source = read_tensors(open_checkpoint(str(models[arch])), [n for n in open_checkpoint(str(models[arch])).weight_map
                                                              if ".experts." in n])
     tensors = artifact_tensors(result.out_dir)
-    assert len(source) == 3 * 4 * (2 if arch == "qwen3_moe" else 3)
+    spec = moe_spec(tiny_config(arch))
+    assert len(source) == 3 * spec.n_experts * len(spec.sparse_blocks)
     for name, w in source.items():
         module = name.removesuffix(".weight")
         decoded = decode_linear(module, tensors, bits=4, group_size=32)
@@ -65,8 +67,10 @@ def test_rtn_puts_every_expert_weight_within_half_a_step(tmp_path, checkpoints, 
                     .all()), module
     config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
     routers = [n for n in config["ignore"] if n.endswith(".gate")]
-    assert len(routers) == (2 if arch == "qwen3_moe" else 3)
-    assert all(f"{r}.weight" in tensors and tensors[f"{r}.weight"].dtype == torch.bfloat16 for r in routers)
+    assert len(routers) == len(spec.sparse_blocks)
+    # Kept in the checkpoint's dtype: DeepSeek-V3's router is float32 (its checkpoint stores it so).
+    want = torch.float32 if arch == "deepseek_v3" else torch.bfloat16
+    assert {tensors[f"{r}.weight"].dtype for r in routers} == {want}
 
 
 def test_experts_report_their_tokens_and_starvation(tmp_path, checkpoints):
@@ -114,15 +118,15 @@ def test_transformers_reads_back_the_weights_wq_wrote(tmp_path, checkpoints, arc
     loaded = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32,
                                                   quantization_config=CompressedTensorsConfig(run_compressed=False))
     tensors = artifact_tensors(result.out_dir)
-    prefix = "mlp" if arch == "qwen3_moe" else "block_sparse_moe"
-    gate, up, down = ("gate_proj", "up_proj", "down_proj") if arch == "qwen3_moe" else ("w1", "w3", "w2")
+    spec = moe_spec(tiny_config(arch))
+    prefix, gate, up, down = spec.prefix, spec.gate_name, spec.up_name, spec.down_name
 
     def ours(module: str) -> torch.Tensor:
         return dequantize(decode_linear(module, tensors, bits=4, group_size=32), torch.bfloat16).float()
 
     layer = loaded.model.layers[1]
     base = f"model.layers.1.{prefix}.experts"
-    for e in range(4):
+    for e in range(spec.n_experts):
         fused = torch.cat([ours(f"{base}.{e}.{gate}"), ours(f"{base}.{e}.{up}")])
         assert torch.equal(layer.mlp.experts.gate_up_proj[e].detach(), fused)
         assert torch.equal(layer.mlp.experts.down_proj[e].detach(), ours(f"{base}.{e}.{down}"))

@@ -38,6 +38,7 @@ class BlockTask:
     linears: tuple[LinearSpec, ...]
     pad_intermediate: int = 0
     moe: MoeSpec | None = None             # the block's routed MLP, if it has one
+    kept: tuple[str, ...] = ()             # modules never quantized, stored in their own dtype (a router)
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{self.block_index}.{local}"
@@ -103,7 +104,8 @@ class BlockWork:
         tensors = block_tensors(self.work, self.results, [s.name for s in task.linears], quant=task.quant,
                                 fmt=task.fmt, full={s.name: task.full_name(s.name) for s in task.linears},
                                 prefix=f"{task.prefix}.{task.block_index}", dtype=self.dtype,
-                                scales_dtype=self.scales_dtype, pad_intermediate=task.pad_intermediate, checks=checks)
+                                scales_dtype=self.scales_dtype, pad_intermediate=task.pad_intermediate, checks=checks,
+                                kept=task.kept)
         self.clock.add("pack", mark)
         report = pending_report(self.layers, checks.values(), checks.messages)
         return BlockOutcome(task.block_index, tensors, report, self.clock)

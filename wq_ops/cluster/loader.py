@@ -55,14 +55,20 @@ class BlockLoader:
             host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block(index).params])
         cut = len(prefix)
         device = self.job.device
+        kept = tuple(k + "." for k in layout.block(index).kept)
+
+        def dtype_of(local: str, value: Tensor) -> torch.dtype:
+            # A module kept unquantized (a router) computes in its own dtype: DeepSeek-V3's is float32.
+            return value.dtype if local.startswith(kept) else layout.dtype
+
         ready = None
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
-                params = {n[cut:]: queue_to_device(v, layout.dtype, device) for n, v in host.items()}
+                params = {n[cut:]: queue_to_device(v, dtype_of(n[cut:], v), device) for n, v in host.items()}
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
         else:
-            params = {n[cut:]: v.to(layout.dtype) for n, v in host.items()}
+            params = {n[cut:]: v.to(dtype_of(n[cut:], v)) for n, v in host.items()}
         return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished)
 
     def load_float(self, index: int) -> Loaded:

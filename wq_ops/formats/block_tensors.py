@@ -31,12 +31,13 @@ def is_ignored(full_name: str, patterns: Sequence[str]) -> bool:
 def block_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult], linears: Sequence[str], *,
                   quant: QuantConfig, fmt: Format, full: Mapping[str, str], prefix: str, dtype: torch.dtype,
                   scales_dtype: torch.dtype, pad_intermediate: int = 0,
-                  checks: Checks | None = None) -> dict[str, Tensor]:
+                  checks: Checks | None = None, kept: Sequence[str] = ()) -> dict[str, Tensor]:
     """Quantized linears (`results`, by block-local name; `linears`: every linear's name, in order) in the
     format's layout, under their full names (`full`); every other tensor of the block (`work`: norms,
     biases, ignored layers, AWQ's rescaled norms) in the model dtype, named `{prefix}.{local}`. With
     pad_intermediate, gate/up get that many output rows and down that many input columns, all exactly zero,
-    so the padded model computes what the unpadded one does."""
+    so the padded model computes what the unpadded one does. kept: modules (block-local) stored in their own
+    dtype (a router, which a loader computes in that dtype)."""
     tensors: dict[str, Tensor] = {}
     quantized_weights = set()
     for name in linears:
@@ -56,5 +57,5 @@ def block_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult]
                 value = torch.cat([value, value.new_zeros((pad_intermediate, *value.shape[1:]))])
             elif pad_intermediate and module in PAD_COLUMNS and leaf == "weight":
                 value = torch.cat([value, value.new_zeros((value.shape[0], pad_intermediate))], dim=1)
-            tensors[f"{prefix}.{local}"] = value.to(dtype)
+            tensors[f"{prefix}.{local}"] = value if module in kept else value.to(dtype)
     return tensors

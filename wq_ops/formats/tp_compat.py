@@ -60,6 +60,7 @@ class _Linear:
 class _Split(str, Enum):
     COLUMN = "column"     # output dim split across ranks (q, k, v, gate, up)
     ROW = "row"           # input dim split across ranks (o, down)
+    REPLICATED = "replicated"   # every rank holds the whole layer (MLA's low-rank down projections)
 
 
 # vLLM's parallel style and fused parameter per block-local linear name, for the supported architectures.
@@ -71,6 +72,15 @@ _PARALLEL: dict[str, tuple[_Split, str]] = {
     "mlp.gate_proj": (_Split.COLUMN, "gate_up_proj"),
     "mlp.up_proj": (_Split.COLUMN, "gate_up_proj"),
     "mlp.down_proj": (_Split.ROW, "down_proj"),
+    # DeepSeek-V3's multi-head latent attention: the low-rank down projections are replicated (vLLM fuses them as
+    # fused_qkv_a_proj with TP off), the up projections split by heads; its shared expert is a dense MLP.
+    "self_attn.q_a_proj": (_Split.REPLICATED, "fused_qkv_a_proj"),
+    "self_attn.kv_a_proj_with_mqa": (_Split.REPLICATED, "fused_qkv_a_proj"),
+    "self_attn.q_b_proj": (_Split.COLUMN, "q_b_proj"),
+    "self_attn.kv_b_proj": (_Split.COLUMN, "kv_b_proj"),
+    "mlp.shared_experts.gate_proj": (_Split.COLUMN, "shared_experts.gate_up_proj"),
+    "mlp.shared_experts.up_proj": (_Split.COLUMN, "shared_experts.gate_up_proj"),
+    "mlp.shared_experts.down_proj": (_Split.ROW, "shared_experts.down_proj"),
 }
 _INTERMEDIATE = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -208,6 +218,8 @@ def _shards(linears: Iterable[_Linear], attention: AttentionShape, tp: int,
             out_r = max(kv // tp, 1) * head_dim
         elif leaf == "o_proj":
             in_r = heads // tp * head_dim if heads % tp == 0 else 0
+        elif split is _Split.REPLICATED:
+            pass                                 # every rank holds the whole layer
         elif split is _Split.COLUMN:
             if out_r % tp:
                 reasons.append(f"{spec.name}: out_features={out_r} is not divisible by tp={tp}")

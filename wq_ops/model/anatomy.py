@@ -67,10 +67,13 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
 def _expert_groups(moe: MoeSpec) -> tuple[tuple[LinearGroup, ...], tuple[LinearGroup, ...]]:
     """A routed MLP's groups: each expert's gate and up read its routed tokens (no producer can absorb a scale:
     the norm before them feeds the router too, and other experts), and its down reads act(gate) * up, whose
-    channels its own up's rows can absorb exactly."""
+    channels its own up's rows can absorb exactly. A shared expert's (DeepSeek-V3) likewise, on every token."""
     experts = range(moe.n_experts)
     gate_up = tuple(LinearGroup("mlp", (moe.expert(e, "gate"), moe.expert(e, "up")), None) for e in experts)
     down = tuple(LinearGroup("mlp", (moe.expert(e, "down"),), moe.expert(e, "up")) for e in experts)
+    if moe.shared is not None:     # the shared expert: its gate and up read the norm beside the router, as the rest
+        gate_up += (LinearGroup("mlp", (f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj"), None),)
+        down += (LinearGroup("mlp", (f"{moe.shared}.down_proj",), f"{moe.shared}.up_proj"),)
     return gate_up, down
 
 

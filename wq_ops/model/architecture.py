@@ -240,14 +240,21 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def _block_layout(block: nn.Module, moe: MoeSpec | None) -> BlockLayout:
     """A decoder layer's linears (in module order) and tensor shapes; for a routed MLP (`moe`), its router and
     its experts under the checkpoint's per-expert names (the module fuses the experts)."""
+    # A routed MLP's router and experts are the spec's (the module fuses the experts); a shared expert is an
+    # ordinary dense module of the block.
+    routed = ("mlp.experts", "mlp.gate") if moe else ()
+
+    def is_routed(name: str) -> bool:
+        return any(name == r or name.startswith(r + ".") for r in routed)
+
     linears = tuple(
         LinearSpec(name=n, in_features=m.in_features, out_features=m.out_features, has_bias=m.bias is not None)
-        for n, m in block.named_modules() if isinstance(m, nn.Linear) and not (moe and n.startswith("mlp."))
+        for n, m in block.named_modules() if isinstance(m, nn.Linear) and not is_routed(n)
     )
     outside = [s.name for s in linears if s.name.split(".", 1)[0] not in ("self_attn", "mlp")]
     if outside:
         raise CheckpointError(f"{type(block).__name__}: linear layers outside self_attn and mlp: {outside}")
-    params = {n: tuple(p.shape) for n, p in block.named_parameters() if not (moe and n.startswith("mlp."))}
+    params = {n: tuple(p.shape) for n, p in block.named_parameters() if not is_routed(n)}
     if moe is None:
         return BlockLayout(kind="dense", linears=linears, params=params)
     experts = tuple(LinearSpec(name=n, in_features=i, out_features=o, has_bias=False)

@@ -165,8 +165,13 @@ class DecoderBlock:
         if self.moe is not None:
             # transformers' own activation module (its experts'), so the same function runs.
             act = getattr(self._child("mlp").get_submodule("experts"), "act_fn", F.silu)
-            return moe_mlp(params, normed, self.moe, act=act, tap=self._tap if self._taps else None,
-                           tap_all_tokens=self.experts_see_all_tokens)
+            routed = moe_mlp(params, normed, self.moe, act=act, tap=self._tap if self._taps else None,
+                             tap_all_tokens=self.experts_see_all_tokens)
+            if self.moe.shared is None:
+                return routed
+            # The shared experts: a dense MLP on every token, added to the routed output (DeepSeek-V3's order).
+            shared = self.moe.shared
+            return routed + functional_call(self._child(shared), _sub(params, shared), (normed,))
         return functional_call(self._child("mlp"), _sub(params, "mlp"), (normed,))
 
     def _tap(self, name: str, x: Tensor) -> None:

@@ -4,8 +4,10 @@ checkpoint's per-expert tensors (transformers 5 fuses them into 3-D parameters a
 keeps the checkpoint's per-expert names, as vLLM's MoE loaders and llm-compressor's outputs do).
 
 Architectures: Qwen3-MoE (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`; some blocks dense through
-`mlp_only_layers` / `decoder_sparse_step`) and Mixtral (`block_sparse_moe.gate`,
-`block_sparse_moe.experts.{e}.{w1,w3,w2}`). Entry points: `moe_spec`, `moe_mlp`.
+`mlp_only_layers` / `decoder_sparse_step`), Mixtral (`block_sparse_moe.gate`,
+`block_sparse_moe.experts.{e}.{w1,w3,w2}`) and DeepSeek-V3 (sigmoid scores with `e_score_correction_bias`, top
+groups then top experts, a float32 router, a shared expert `mlp.shared_experts`, the first
+`first_k_dense_replace` blocks dense). Entry points: `moe_spec`, `moe_mlp`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from wq_ops.errors import CheckpointError
 
 __all__ = ["MoeSpec", "moe_spec", "moe_mlp", "route", "fused_params", "MOE_ARCHITECTURES", "Tap"]
 
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM")
 
 # on_input(linear name, its input (tokens, in)): what capture receives for an expert's linear (block-local name).
 Tap = Callable[[str, Tensor], None]
@@ -44,6 +46,11 @@ class MoeSpec:
     norm_topk: bool                # renormalise the top-k probabilities to sum to 1
     weights_in_logits_dtype: bool  # Qwen3-MoE casts the top-k weights back to the logits' dtype; Mixtral keeps float32
     sparse_blocks: tuple[int, ...]  # the decoder blocks whose MLP is routed
+    grouped: bool = False          # DeepSeek-V3: sigmoid scores plus a bias choose top groups, then top experts
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0    # the routed experts' weights times this
+    shared: str | None = None      # block-local name of the shared experts' dense MLP, added to the routed output
 
     @property
     def router(self) -> str:
@@ -61,8 +68,11 @@ class MoeSpec:
                 ((self.expert(e, "gate"), h, i), (self.expert(e, "up"), h, i), (self.expert(e, "down"), i, h))]
 
     def params(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the routed MLP, as the checkpoint names it (block-local)."""
+        """Every tensor of the routed MLP, as the checkpoint names it (block-local): the router's and the routed
+        experts' (a shared expert is an ordinary module of the block)."""
         shapes: dict[str, tuple[int, ...]] = {self.router + ".weight": (self.n_experts, self.hidden_size)}
+        if self.grouped:
+            shapes[self.router + ".e_score_correction_bias"] = (self.n_experts,)
         for name, fan_in, fan_out in self.linear_shapes():
             shapes[name + ".weight"] = (fan_out, fan_in)
         return shapes
@@ -79,6 +89,15 @@ def moe_spec(config: Any) -> MoeSpec | None:
         return MoeSpec(name, int(config.num_experts), int(config.num_experts_per_tok), int(config.hidden_size),
                        int(config.moe_intermediate_size), "mlp", "gate_proj", "up_proj", "down_proj",
                        norm_topk=bool(config.norm_topk_prob), weights_in_logits_dtype=True, sparse_blocks=sparse)
+    if name == "DeepseekV3ForCausalLM":
+        first_sparse = int(config.first_k_dense_replace or 0)
+        return MoeSpec(name, int(config.n_routed_experts), int(config.num_experts_per_tok), int(config.hidden_size),
+                       int(config.moe_intermediate_size), "mlp", "gate_proj", "up_proj", "down_proj",
+                       norm_topk=bool(config.norm_topk_prob), weights_in_logits_dtype=False,
+                       sparse_blocks=tuple(range(first_sparse, n_layers)), grouped=True,
+                       n_group=int(config.n_group or 1), topk_group=int(config.topk_group or 1),
+                       routed_scaling=float(config.routed_scaling_factor),
+                       shared="mlp.shared_experts" if int(config.n_shared_experts or 0) else None)
     if name == "MixtralForCausalLM":
         if float(getattr(config, "router_jitter_noise", 0.0) or 0.0) and getattr(config, "training", False):
             raise CheckpointError("Mixtral with router jitter noise: wq routes as at inference (no noise)")
@@ -88,11 +107,15 @@ def moe_spec(config: Any) -> MoeSpec | None:
     return None
 
 
-def route(router_weight: Tensor, x: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
+def route(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
     """x: (tokens, hidden). The top-k experts of each token (tokens, k) int64 and their weights (tokens, k), as
     transformers' routers compute them: softmax in float32 over the router's logits, top-k, renormalised
-    where the model says so."""
-    logits = F.linear(x, router_weight)                                    # (tokens, experts)
+    where the model says so; DeepSeek-V3's grouped sigmoid routing where the spec says so."""
+    router_weight = params[spec.router + ".weight"]
+    if spec.grouped:
+        return _grouped_route(router_weight, params[spec.router + ".e_score_correction_bias"], x, spec)
+    # transformers loads these routers in the model's dtype (a float32 one stored so is cast on load).
+    logits = F.linear(x, router_weight.to(x.dtype))                        # (tokens, experts)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, experts = torch.topk(probs, spec.top_k, dim=-1)
     if spec.norm_topk:
@@ -100,6 +123,26 @@ def route(router_weight: Tensor, x: Tensor, spec: MoeSpec) -> tuple[Tensor, Tens
     if spec.weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
     return experts, weights
+
+
+def _grouped_route(weight: Tensor, bias: Tensor, x: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3: sigmoid scores of float32 logits; the bias steers the choice (not the weights): the top
+    `topk_group` groups by the sum of their two best scores, then the top-k experts within them; weights are the
+    chosen scores, renormalised, times routed_scaling."""
+    logits = F.linear(x.to(torch.float32), weight.to(torch.float32))       # (tokens, experts)
+    scores = logits.sigmoid()
+    choice = scores + bias
+    per_group = spec.n_experts // spec.n_group
+    group_scores = choice.view(-1, spec.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)   # (tokens, groups)
+    groups = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1)
+    mask = group_mask.unsqueeze(-1).expand(-1, spec.n_group, per_group).reshape(-1, spec.n_experts)
+    choice = choice.masked_fill(~mask.bool(), float("-inf"))
+    experts = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, experts)
+    if spec.norm_topk:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return experts, weights * spec.routed_scaling
 
 
 def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Callable[[Tensor], Tensor] = F.silu,
@@ -111,7 +154,7 @@ def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Call
     token's instead (each expert also runs on all tokens, for its statistics only: the output is the routed
     one either way)."""
     flat = x.reshape(-1, x.shape[-1])                                      # (tokens, hidden)
-    experts, weights = route(params[spec.router + ".weight"], flat, spec)
+    experts, weights = route(params, flat, spec)
     out = torch.zeros_like(flat)
     hit = torch.zeros(spec.n_experts, dtype=torch.bool, device=flat.device)
     hit[experts.reshape(-1)] = True
@@ -140,12 +183,14 @@ def fused_params(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tenso
     parameters (`mlp.experts.gate_up_proj` (experts, 2 x intermediate, hidden), gate rows first;
     `mlp.experts.down_proj` (experts, hidden, intermediate)) and the router as `mlp.gate.weight`. For running
     transformers' own layer on wq's tensors (checks)."""
-    mine = spec.prefix + "."
-    out = {k: v for k, v in params.items() if not k.startswith(mine)}
+    routed = (spec.router + ".", spec.prefix + ".experts.")
+    out = {k: v for k, v in params.items() if not k.startswith(routed)}
     experts = range(spec.n_experts)
     out["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([params[spec.expert(e, "gate") + ".weight"],
                                                               params[spec.expert(e, "up") + ".weight"]])
                                                    for e in experts])
     out["mlp.experts.down_proj"] = torch.stack([params[spec.expert(e, "down") + ".weight"] for e in experts])
     out["mlp.gate.weight"] = params[spec.router + ".weight"]
+    if spec.grouped:
+        out["mlp.gate.e_score_correction_bias"] = params[spec.router + ".e_score_correction_bias"]
     return out
