@@ -101,3 +101,70 @@ def gpu_job_shards(tmp_path: Path, model: Path, calib: Path, name: str, **option
             "micro_batch_samples": 4, "runtime": "local", "gpus_per_actor": 1, "backend": "cuda"}
     result = run_job(JobConfig.from_dict({**base, **options}), cache_dir=tmp_path / "cache")
     return {p.name: p.read_bytes() for p in sorted(result.out_dir.glob("*.safetensors"))}
+
+
+def _fp8_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a matrix to float8_e4m3fn with one float32 scale per block, as DeepSeek-V3's release stores it:
+    (weight, weight_scale_inv) with weight * scale_inv ~ the original."""
+    rows, cols = weight.shape
+    r, c = block
+    w = weight.to(torch.float32)
+    padded = torch.zeros(-(-rows // r) * r, -(-cols // c) * c)
+    padded[:rows, :cols] = w
+    tiles = padded.view(padded.shape[0] // r, r, padded.shape[1] // c, c)
+    scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+    full = scale.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
+    return (w / full).to(torch.float8_e4m3fn), scale
+
+
+def write_fp8_checkpoint(source: Path, fp8_dir: Path, dequantized_dir: Path, *, block: tuple[int, int] = (32, 32),
+                         mtp_layer: bool = True) -> tuple[Path, Path]:
+    """From a tiny DeepSeek-V3 checkpoint, write the same model as its release is stored (every block's linear
+    in FP8 with block scales; embeddings, norms and routers as they were; with `mtp_layer`, one more layer past
+    num_hidden_layers, like its multi-token-prediction layer) and, beside it, that FP8 model dequantized to
+    bfloat16 in float64 (the reference a reader of the FP8 one must match)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    config = json.loads((source / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    if mtp_layer:       # a copy of the last layer, as layer n
+        prefix = f"model.layers.{n - 1}."
+        tensors.update({f"model.layers.{n}." + k[len(prefix):]: v.clone() for k, v in tensors.items()
+                        if k.startswith(prefix)})
+    fp8: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, value in sorted(tensors.items()):
+        is_linear = (name.startswith("model.layers.") and name.endswith("proj.weight") and value.dim() == 2)
+        if not is_linear:
+            fp8[name] = dequantized[name] = value
+            continue
+        weight, scale = _fp8_blocks(value, block)
+        fp8[name], fp8[name + "_scale_inv"] = weight, scale
+        full = scale.double().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:value.shape[0],
+                                                                                           :value.shape[1]]
+        dequantized[name] = (weight.double() * full).to(torch.bfloat16)
+    for directory, data, quantized in ((fp8_dir, fp8, True), (dequantized_dir, dequantized, False)):
+        directory.mkdir(parents=True)
+        names = sorted(n for n in data if not n.endswith("_scale_inv"))
+        half = len(names) // 2              # two shards, the scales in the second: many sit apart from their weight
+        shards = {"model-00001-of-00002.safetensors": names[:half],
+                  "model-00002-of-00002.safetensors": names[half:] + sorted(set(data) - set(names))}
+        for file, part in shards.items():
+            save_file({k: data[k].contiguous() for k in part}, str(directory / file), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        out_config = dict(config)
+        if quantized:
+            out_config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                 "fmt": "e4m3", "weight_block_size": list(block)}
+        (directory / "config.json").write_text(json.dumps(out_config))
+        for extra in source.iterdir():
+            if extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copy(extra, directory / extra.name)
+    return fp8_dir, dequantized_dir

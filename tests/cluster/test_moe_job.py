@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.factory import MOE_ARCHS, tiny_config, write_checkpoint, write_text
+from tests.factory import MOE_ARCHS, tiny_config, write_checkpoint, write_fp8_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
 from wq_ops.formats.compressed_tensors import decode_linear
@@ -68,6 +68,7 @@ def test_rtn_puts_every_expert_weight_within_half_a_step(tmp_path, checkpoints, 
     config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
     routers = [n for n in config["ignore"] if n.endswith(".gate")]
     assert len(routers) == len(spec.sparse_blocks)
+    assert result.report["source_not_written"] == []
     # Kept in the checkpoint's dtype: DeepSeek-V3's router is float32 (its checkpoint stores it so).
     want = torch.float32 if arch == "deepseek_v3" else torch.bfloat16
     assert {tensors[f"{r}.weight"].dtype for r in routers} == {want}
@@ -150,3 +151,26 @@ def test_all_tokens_feed_every_expert(tmp_path, checkpoints):
     # Block 1's experts, and block 2 (its inputs come from block 1's quantized experts); nothing before them.
     assert differ and all(".experts." in n or n.startswith("model.layers.2.") for n in differ), differ
     assert not any(n.startswith(("model.layers.0.", "model.layers.1.self_attn")) for n in differ)
+
+
+def test_an_fp8_release_quantizes_as_its_dequantized_weights_would(tmp_path, checkpoints):
+    """DeepSeek-V3 as released: block linears in FP8 with 32x32 block scales (partial blocks included), a
+    multi-token-prediction layer past num_hidden_layers. The artifact is byte for byte the one from the same
+    weights dequantized to bfloat16 beforehand; the report names the layer it left out and the block size."""
+    models, calib = checkpoints
+    fp8_dir, reference_dir = write_fp8_checkpoint(models["deepseek_v3"], tmp_path / "fp8", tmp_path / "reference")
+    base = {"out": str(tmp_path / "from_fp8"), "calib": str(calib), "samples": 8, "seq_len": 64,
+            "micro_batch_samples": 4, "group_size": 32, "method": "gptq", "runtime": "local"}
+    from_fp8 = run_job(JobConfig.from_dict({**base, "model": str(fp8_dir)}), cache_dir=tmp_path / "cache")
+    reference = run_job(JobConfig.from_dict({**base, "model": str(reference_dir), "out": str(tmp_path / "ref_out")}),
+                        cache_dir=tmp_path / "cache")
+    assert shards(from_fp8.out_dir) == shards(reference.out_dir)
+    n = tiny_config("deepseek_v3").num_hidden_layers
+    left_out = from_fp8.report["source_not_written"]
+    assert left_out and all(name.startswith(f"model.layers.{n}.") for name in left_out)
+    # The reference holds the same layer, dequantized: the same names less the scales.
+    assert reference.report["source_not_written"] == [x for x in left_out if not x.endswith("_scale_inv")]
+    assert "fp8_block" not in reference.report["source"]
+    assert from_fp8.report["source"]["fp8_block"] == [32, 32]
+    config = json.loads((from_fp8.out_dir / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"

@@ -46,10 +46,12 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
         config["intermediate_size"] = prepared.compatibility.padding.padded_size
     config["quantization_config"] = quantization_config(job.format, job.quant,
                                                         ignore=ignore + list(layout.outer_linears))
-    source = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
+    source: dict[str, Any] = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
               "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
               "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
               "modeling": modeling_name(prepared.hf_config)}
+    if prepared.checkpoint.fp8_block is not None:     # read dequantized from FP8 with these block scales
+        source["fp8_block"] = list(prepared.checkpoint.fp8_block)
     report = build_report(job=job.to_dict(), source=source, plan={"actors": [asdict(a) for a in plan.actors],
                                                                  "device_kind": plan.device_kind},
                           records=[r.to_json() for r in records], shard_names=shard_of, wall_seconds=wall_seconds,
@@ -58,6 +60,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["startup"] = startup          # seconds until the plan, and each actor's warm-start split
     report["handoff"] = handoffs         # wall clock of each actor's inputs arriving and outputs leaving
     report["memory"] = memory            # each actor's planned bytes and, on a GPU, its device peaks
+    report["source_not_written"] = list(prepared.not_written)   # source tensors the model does not read
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name in TOKENIZER_FILES:
         src = prepared.checkpoint.local_dir / name

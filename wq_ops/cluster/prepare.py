@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
 from wq_ops.io.artifact import ArtifactLayout, check_output_dir
 from wq_ops.io.checkpoint import Checkpoint, open_checkpoint
+from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
 from wq_ops.model.architecture import (
     SUPPORTED_ARCHITECTURES,
     ModelLayout,
@@ -49,6 +50,7 @@ class PreparedJob:
     artifact: ArtifactLayout
     source_config: dict[str, Any]
     compatibility: CompatReport
+    not_written: tuple[str, ...] = ()      # source tensors the model does not read (`_not_written`)
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
@@ -109,9 +111,10 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
             model = str(ensure_tiny_checkpoint(cache_dir / "models"))
     checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
     source_config = json.loads((checkpoint.local_dir / "config.json").read_text())
-    if source_config.get("quantization_config"):
-        method = source_config["quantization_config"].get("quant_method")
-        raise CheckpointError(f"{checkpoint.source}: already quantized ({method}); give the original weights")
+    try:
+        fp8_block = fp8_block_size(source_config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{checkpoint.source}: {e}") from None
     architectures = source_config.get("architectures") or [f"<none; model_type={source_config.get('model_type')}>"]
     if architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"unsupported architecture {architectures[0]}: wq quantizes dense "
@@ -124,6 +127,13 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if missing:
         raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
                               f"e.g. {missing[0]}")
+    if fp8_block is not None:          # read dequantized, in the dtype the model computes in
+        checkpoint = replace(checkpoint, fp8_block=fp8_block, fp8_dtype=str(layout.dtype).replace("torch.", ""))
+        log.info("source: FP8 with %dx%d block scales, read dequantized to %s", *fp8_block, checkpoint.fp8_dtype)
+    not_written = _not_written(layout, checkpoint)
+    if not_written:
+        log.warning("the source has %d tensor(s) the model does not read, which the artifact leaves out: %s",
+                    len(not_written), _describe_names(not_written))
     _check_quant_fits_layout(job, layout)
     compatibility = _check_tensor_parallel(job, layout, hf_config)
     if job.calib.seq_len > int(getattr(hf_config, "max_position_embeddings", job.calib.seq_len)):
@@ -147,7 +157,27 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
                                                        modeling=modeling_name(hf_config)))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
-                       artifact=artifact, source_config=source_config, compatibility=compatibility)
+                       artifact=artifact, source_config=source_config, compatibility=compatibility,
+                       not_written=not_written)
+
+
+def _not_written(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[str, ...]:
+    """Source tensors no block and no outer module reads (DeepSeek-V3's multi-token-prediction layer, a
+    stale rotary buffer), less the FP8 scales of the weights that are read: the report names them."""
+    read = {layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params}
+    read |= set(layout.outer_params)
+    companions = {n + SCALE_SUFFIX for n in read} if checkpoint.fp8_block is not None else set()
+    return tuple(sorted(set(checkpoint.weight_map) - read - companions))
+
+
+def _describe_names(names: tuple[str, ...]) -> str:
+    """A short account of many tensor names: how many under each `model.layers.N` or top-level prefix."""
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        prefix = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else parts[0]
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return ", ".join(f"{prefix} ({n})" for prefix, n in sorted(counts.items()))
 
 
 def modeling_name(hf_config: Any) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.errors import CheckpointError
+from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "TOKENIZER_FILES"]
 
@@ -45,6 +46,9 @@ class Checkpoint:
     cache_dir: str | None = None
     endpoint: str | None = None                  # the Hub the driver resolved against; actors use the same
     shards: tuple[str, ...] = field(default=())
+    # An FP8 block-scaled source (DeepSeek-V3): its block size, and the dtype its weights are read in.
+    fp8_block: tuple[int, int] | None = None
+    fp8_dtype: str = "bfloat16"
 
     @property
     def source(self) -> str:
@@ -204,7 +208,24 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
 
 def read_tensors(checkpoint: Checkpoint, names: Iterable[str], *,
                  device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Load the named tensors (only those) from their shards onto `device`."""
+    """Load the named tensors (only those) from their shards onto `device`. From an FP8 block-scaled source, a
+    float8 weight with a `_scale_inv` beside it comes back dequantized (`fp8_source`)."""
+    names = list(names)
+    if checkpoint.fp8_block is None:
+        return _read(checkpoint, names, device)
+    scales = [n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in checkpoint.weight_map]
+    raw = _read(checkpoint, names + scales, "cpu")
+    dtype = getattr(torch, checkpoint.fp8_dtype)
+    out = {}
+    for name in names:
+        value = raw[name]
+        if value.dtype == torch.float8_e4m3fn and name + SCALE_SUFFIX in raw:
+            value = dequantize_fp8_blocks(value, raw[name + SCALE_SUFFIX], checkpoint.fp8_block, dtype)
+        out[name] = value.to(device)
+    return out
+
+
+def _read(checkpoint: Checkpoint, names: Iterable[str], device: torch.device | str) -> dict[str, Tensor]:
     from safetensors import SafetensorError, safe_open
 
     out: dict[str, Tensor] = {}
