@@ -1,14 +1,16 @@
 """End-to-end single-GPU benchmark: wq against llm-compressor on the same checkpoint files and tokens.
 
-Makes Llama-architecture checkpoints with random bf16 weights (Llama-3-8B and Llama-3.2-1B shapes, sharded
-safetensors, a one-token tokenizer), a parquet of random calibration token ids, then runs each tool as
-its own process, timing the whole job from checkpoint to written artifact, and samples the GPU's used
+Makes checkpoints with random bf16 weights (Llama-3-8B and Llama-3.2-1B shapes; mixture-of-experts models cut
+to 4 decoder layers: Qwen3-30B-A3B's and Mixtral-8x7B's shapes, experts under the released checkpoints'
+per-expert names; sharded safetensors, a one-token tokenizer), a parquet of random calibration token ids, then
+runs each tool as its own process, timing the whole job from checkpoint to written artifact, and samples the GPU's used
 memory with nvidia-smi (the same probe for both tools, CUDA context included; the checkpoints are made in a
 child process, so this one holds no GPU memory meanwhile). Prints one table with
 wall time, GPU peak, the ratio llm-compressor / wq, and wq's per-phase times from its wq_report.json.
 
     python benchmarks/gpu_e2e.py --cases 8b:gptq --tools wq,llmcompressor --work /tmp/bench
     python benchmarks/gpu_e2e.py --cases 1b:gptq,1b:awq --json /tmp/bench/1b.json
+    python benchmarks/gpu_e2e.py --cases qwen3moe:gptq,mixtral:gptq --work /tmp/bench
 
 On the GPU machine Ray and llm-compressor come from the bundle (see ../shared/README.md):
     mkdir -p /tmp/site && tar xJf .device/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
@@ -34,19 +36,64 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # Mixtures of experts, 4 decoder layers of each (the released models have 48 and 32).
+    "qwen3moe": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1,
+                     num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     vocab_size=151936, tie_word_embeddings=False),
+    "mixtral": dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                    num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                    tie_word_embeddings=False),
 }
+# (transformers config class, architecture) per shape; Llama for the others.
+ARCHITECTURES = {"qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+                 "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+# The routed MLPs' routers, kept in bf16 by both tools (llm-compressor's habit: ignore them by name).
+ROUTERS = ["re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"]
 SHARD_BYTES = 5 * 2**30
 
 
 def checkpoint_path(shape: str, root: Path) -> Path:
-    return root / f"llama-{shape}-random"
+    return root / f"{'llama-' if shape not in ARCHITECTURES else ''}{shape}-random"
 
 
-def make_checkpoint(shape: str, root: Path, *, seed: int = 0) -> Path:
-    """A sharded bf16 safetensors Llama checkpoint with random weights (std 0.02, norms 1)."""
+def checkpoint_tensors(shape: str):  # type: ignore[no-untyped-def]
+    """(config, [(name, shape)]) of a checkpoint as it is released: transformers' own state-dict names, but a
+    routed MLP's experts under their per-expert checkpoint names (transformers 5 fuses them at load time)."""
+    import re
+
+    import torch
+    import transformers
+
+    from wq_ops.model.moe import moe_spec
+
+    config_class, architecture = ARCHITECTURES.get(shape, ("LlamaConfig", "LlamaForCausalLM"))
+    config = getattr(transformers, config_class)(**SHAPES[shape], max_position_embeddings=8192,
+                                                 rope_theta=500000.0, torch_dtype="bfloat16")
+    config.architectures = [architecture]
+    with torch.device("meta"):
+        skeleton = getattr(transformers, architecture)(config)
+    names = [(k, tuple(p.shape)) for k, p in skeleton.state_dict().items()
+             if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    spec = moe_spec(config)
+    if spec is None:
+        return config, names
+    routed = re.compile(r"model\.layers\.(\d+)\.mlp\.(experts|gate)\b")
+    out, done = [], set()
+    for name, dims in names:
+        match = routed.match(name)
+        if match is None or int(match[1]) not in spec.sparse_blocks:
+            out.append((name, dims))
+        elif match[1] not in done:
+            done.add(match[1])
+            out += [(f"model.layers.{match[1]}.{local}", tuple(d)) for local, d in spec.params().items()]
+    return config, out
+
+
+def make_checkpoint(shape: str, root: Path, *, seed: int = 0, device: str = "cuda") -> Path:
+    """A sharded bf16 safetensors checkpoint with random weights (std 0.02, norms 1)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = checkpoint_path(shape, root)
     if (out / "model.safetensors.index.json").exists():
@@ -54,20 +101,15 @@ def make_checkpoint(shape: str, root: Path, *, seed: int = 0) -> Path:
     tmp = root / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, torch_dtype="bfloat16")
-    config.architectures = ["LlamaForCausalLM"]
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    config, tensors_to_make = checkpoint_tensors(shape)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, p in skeleton.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if p.dim() == 1:
-            t = torch.ones(p.shape, dtype=torch.bfloat16)
+    for name, dims in tensors_to_make:
+        if len(dims) == 1:
+            t = torch.ones(dims, dtype=torch.bfloat16)
         else:
-            t = torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float32) * 0.02
+            t = torch.randn(dims, generator=gen, device=device, dtype=torch.float32) * 0.02
             t = t.to(torch.bfloat16).cpu()
         nbytes = t.numel() * t.element_size()
         if size + nbytes > SHARD_BYTES and shards[-1]:
@@ -191,14 +233,15 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from llmcompressor.modifiers.awq import AWQModifier
 ckpt, calib, out, method, n, seq = sys.argv[1:7]
+ROUTERS = sys.argv[7].split(",")
 ds = datasets.Dataset.from_parquet(calib).select(range(int(n)))
 ds = ds.map(lambda r: {"input_ids": r["input_ids"][:int(seq)], "attention_mask": [1] * int(seq)})
 model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
 tok = AutoTokenizer.from_pretrained(ckpt)
 if method == "gptq":
-    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", *ROUTERS])
 else:
-    recipe = AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"])
+    recipe = AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head", *ROUTERS])
 oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=int(seq),
         num_calibration_samples=int(n))
 model.save_pretrained(out, save_compressed=True)
@@ -209,22 +252,29 @@ tok.save_pretrained(out)
 def run_llmcompressor(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Namespace) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", LLMC_CHILD, str(ckpt), str(calib), str(out), method, str(args.samples),
-           str(args.seq_len)]
+           str(args.seq_len), ",".join(ROUTERS)]
     with GpuMemoryProbe() as probe:
         t = time.perf_counter()
-        proc = subprocess.run(cmd, text=True, capture_output=True, env=args.env)
+        try:
+            proc = subprocess.run(cmd, text=True, capture_output=True, env=args.env, timeout=args.timeout_s)
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b"")[-1500:]
+            return {"error": f"ran past {args.timeout_s} s (GPU peak so far {probe.peak_mib / 1024:.1f} GiB): "
+                             f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
         wall = time.perf_counter() - t
     if proc.returncode:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
     return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024}
 
 
+MODELING = ("import transformers.models.llama.modeling_llama, transformers.models.qwen3_moe.modeling_qwen3_moe, "
+            "transformers.models.mixtral.modeling_mixtral")
 # What each tool's job imports (the Llama modeling code and generation included), so that no timed run
 # compiles bytecode for the other.
 WARM_UP = {
-    "wq": "import ray, transformers.models.llama.modeling_llama, wq_ops.cluster.driver; "
-          "from wq_ops.kernels.build import load_extension; load_extension()",
-    "llmcompressor": "import transformers.models.llama.modeling_llama, datasets, llmcompressor",
+    "wq": "import ray, wq_ops.cluster.driver; " + MODELING +
+          "; from wq_ops.kernels.build import load_extension; load_extension()",
+    "llmcompressor": "import datasets, llmcompressor; " + MODELING,
 }
 
 
@@ -259,7 +309,8 @@ def warm_up(tool: str, env: dict[str, str]) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="8b:gptq", help="comma list of shape:method (8b|1b : gptq|awq)")
+    p.add_argument("--cases", default="8b:gptq", help="comma list of shape:method (SHAPE : gptq|awq); shapes: "
+                   + ", ".join(SHAPES))
     p.add_argument("--tools", default="wq,llmcompressor")
     p.add_argument("--work", default="/tmp/wq-bench")
     p.add_argument("--samples", type=int, default=128)
