@@ -156,13 +156,20 @@ def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Call
     flat = x.reshape(-1, x.shape[-1])                                      # (tokens, hidden)
     experts, weights = route(params, flat, spec)
     out = torch.zeros_like(flat)
-    hit = torch.zeros(spec.n_experts, dtype=torch.bool, device=flat.device)
-    hit[experts.reshape(-1)] = True
-    hit_list = hit.tolist() if tap is None else [True] * spec.n_experts    # capture visits every expert
+    # Every (token, slot) pair sorted by expert, stably: expert e's tokens are one slice, ascending as
+    # torch.where(experts == e) gives them, and the counts cost the one host sync of the pass (a sync per
+    # expert left a GPU idle between 128 experts' small launches).
+    routed = experts.reshape(-1)
+    order = torch.argsort(routed, stable=True)
+    tokens_by_expert, slots_by_expert = order // spec.top_k, order % spec.top_k
+    counts = torch.bincount(routed, minlength=spec.n_experts).tolist()
+    start = 0
     for e in range(spec.n_experts):
-        if not hit_list[e]:
+        token = tokens_by_expert[start:start + counts[e]]                  # the tokens routed to e, and where
+        slot = slots_by_expert[start:start + counts[e]]
+        start += counts[e]
+        if not counts[e] and tap is None:                                  # capture visits every expert
             continue
-        token, slot = torch.where(experts == e)                            # the tokens routed to e, and where
         state = flat[token]                                                # (n_e, hidden)
         gate_name, up_name, down_name = spec.expert(e, "gate"), spec.expert(e, "up"), spec.expert(e, "down")
         hidden = act(F.linear(state, params[gate_name + ".weight"])) * F.linear(state, params[up_name + ".weight"])
