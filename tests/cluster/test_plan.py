@@ -151,3 +151,32 @@ def test_awq_plans_its_kept_search_samples_only_for_the_replayed_search():
     module, layer = _plan(method="awq", awq_loss="module"), _plan(method="awq")
     for a, b in zip(module.actors, layer.actors):
         assert a.memory.workspace - b.memory.workspace == 3 * 32 * 2048 * 14336 * 2
+
+
+def _moe_plan(n_experts=128, **options):
+    """A Qwen3-30B-A3B-shaped model (4 routed blocks), the experts under the checkpoint's per-expert names."""
+    config = tiny_config("qwen3_moe", hidden_size=2048, moe_intermediate_size=768, num_experts=n_experts,
+                         num_experts_per_tok=8, mlp_only_layers=[], decoder_sparse_step=1, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936)
+    layout = describe_model(config)
+    names = {layout.block_tensor_name(i, n): "model.safetensors" for i in range(4) for n in layout.block(i).params}
+    names.update({n: "model.safetensors" for n in layout.outer_params})
+    ckpt = Checkpoint(local_dir=None, weight_map=names)  # type: ignore[arg-type]
+    job = JobConfig.from_dict({"out": "o", "samples": 128, "seq_len": 2048, "actors": 1, "method": "gptq", **options})
+    return make_plan(layout, ckpt, job, capacity_bytes=80 * GIB)
+
+
+def test_moe_memory_counts_routed_tokens_and_one_hessian_per_expert_input():
+    """A routed MLP runs one expert at a time on its tokens: the workspace holds top-k experts' outputs per
+    token, whatever the number of experts; each expert's gate and up share one Hessian; GPTQ stacks one
+    expert's gate and up, never every expert's."""
+    m128, m256 = _moe_plan().actors[0].memory, _moe_plan(n_experts=256).actors[0].memory
+    h, i = 2048, 768
+    assert m128.workspace == m256.workspace
+    # The mlp stage's Hessians (quantized propagation: one stage at a time): 128 more experts, each a gate/up
+    # Hessian (2048^2) and a down one (768^2), float32.
+    assert m256.hessians - m128.hessians == 128 * 4 * (h * h + i * i)
+    # Before: every expert's output at once in the workspace, 128 x 3584 values per token (31 GB here).
+    assert m128.workspace < 4 * GIB
+    all_tokens = _moe_plan(moe_calibration="all").actors[0].memory
+    assert all_tokens.workspace - m128.workspace == 2 * 8 * 2048 * (2 * i + h) * 2

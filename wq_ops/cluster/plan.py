@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wq_ops.config import JobConfig, Method, Propagation, SpanMode
+from wq_ops.config import JobConfig, Method, MoeCalibration, Propagation, SpanMode
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import BlockLayout, ModelLayout
+from wq_ops.model.moe import MoeSpec
 
 __all__ = ["BlockPlan", "MemoryEstimate", "ActorPlan", "JobPlan", "make_plan", "check_fits", "split_spans",
            "pipeline_spans", "pipeline_finish_times", "smallest_streaming_actors", "QUANTIZE_COST", "HEADROOM"]
@@ -180,9 +181,13 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     # (those of one stage with one input width bound such a group from above: o_proj is counted with q, k
     # and v) and keeps a stacked copy, float32 weights and targets, and codes (twice under act-order); the
     # other methods one linear's float32 weights, dequantized copy and codes.
-    stacked: dict[tuple[str, int], int] = {}
+    # A routed MLP's experts are groups of their own: one expert's gate and up are stacked, never all experts'.
+    moe = block.moe
+    experts = _expert_linears(moe) if moe is not None else {}
+    stacked: dict[tuple[str, int] | tuple[str, int, int], int] = {}
     for s in linears:
-        stacked[s.stage, s.in_features] = stacked.get((s.stage, s.in_features), 0) + s.in_features * s.out_features
+        key = (s.stage, s.in_features) if s.name not in experts else (s.stage, s.in_features, experts[s.name])
+        stacked[key] = stacked.get(key, 0) + s.in_features * s.out_features
     if gptq:
         solving = max(stacked.values()) * (elt + 4 + 4 + 1 + 1)
     else:
@@ -196,14 +201,17 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     # Float32 statistics (at most one Hessian per linear, fewer where inputs are shared): of one stage at a
     # time (quantized propagation), of every stage of one block, or of two blocks (float propagation,
     # overlapped), or of every resident block.
-    every_stage = sum(4 * s.in_features * s.in_features for s in linears)
+    # An expert's up shares its gate's Hessian (its routed tokens).
+    hessian_linears = [s for s in linears if not (moe is not None and s.name.endswith("." + moe.up_name)
+                                                  and s.name in experts)]
+    every_stage = sum(4 * s.in_features * s.in_features for s in hessian_linears)
     if resident:
         stats = resident * every_stage
     elif job.run.propagation is Propagation.FLOAT:   # one pass captures every stage of the block
         stats = (2 if overlapped else 1) * every_stage
     else:
         per_stage_bytes: dict[str, int] = {}
-        for s in linears:
+        for s in hessian_linears:
             per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
         stats = max(per_stage_bytes.values())
     # hessian_of's mirrored copy of the largest Hessian; for GPTQ also three more of its size at once: its
@@ -220,13 +228,23 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         # Kept tail inputs (o_proj's, then down_proj's: at most the widest input) come on top.
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
-    # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals.
-    widest = sum(s.out_features for s in linears) + 4 * layout.hidden_size
+    # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals. A
+    # routed MLP runs one expert at a time, each on its routed tokens: top-k experts' outputs per token, and
+    # with --moe-calibration all one expert's on every token besides.
+    widest = sum(s.out_features for s in linears if s.name not in experts) + 4 * layout.hidden_size
+    if moe is not None:
+        per_expert = 2 * moe.expert_intermediate + moe.hidden_size
+        widest += per_expert * (moe.top_k + (job.quant.moe.calibration is MoeCalibration.ALL))
     workspace = 2 * mb * t * widest * elt
     kept = min(n, job.quant.kept_search_samples)
     if kept:                                   # AWQ's replayed search samples' inputs, kept by every resident block
         workspace += (resident or (2 if overlapped else 1)) * 3 * kept * t * max_in * elt
     return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
+
+
+def _expert_linears(moe: MoeSpec) -> dict[str, int]:
+    """Block-local name of every routed expert's linear -> its expert."""
+    return {moe.expert(e, which): e for e in range(moe.n_experts) for which in ("gate", "up", "down")}
 
 
 def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...]], *, capacity_bytes: int,
