@@ -262,6 +262,7 @@ def run_llmcompressor(ckpt: Path, calib: Path, out: Path, method: str, args: arg
             return {"error": f"ran past {args.timeout_s} s (GPU peak so far {probe.peak_mib / 1024:.1f} GiB): "
                              f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
         wall = time.perf_counter() - t
+    out.with_suffix(".log").write_text(proc.stdout + proc.stderr)    # its progress lines: where the time went
     if proc.returncode:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
     return {"wall_s": wall, "gpu_peak_gib": probe.peak_mib / 1024}
