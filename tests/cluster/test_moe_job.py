@@ -174,3 +174,35 @@ def test_an_fp8_release_quantizes_as_its_dequantized_weights_would(tmp_path, che
     assert from_fp8.report["source"]["fp8_block"] == [32, 32]
     config = json.loads((from_fp8.out_dir / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_gptq_v1_artifact_holds_every_expert_under_its_name(tmp_path, checkpoints, arch):
+    """--format gptq writes every expert under the checkpoint's per-expert names; AutoGPTQ's reader
+    dequantizes each RTN expert weight to within half a step of the source; the routers stay as the source
+    holds them and are excluded in the config's `dynamic` (GPTQModel's negative patterns)."""
+    from tests.formats.test_gptq import dequantize_like_autogptq
+
+    out = quantize(tmp_path, checkpoints, arch, "v1", method="rtn", moe_min_tokens=0, format="gptq").out_dir
+    tensors = artifact_tensors(out)
+    models, _ = checkpoints
+    checkpoint = open_checkpoint(str(models[arch]))
+    spec = moe_spec(tiny_config(arch))
+    routers = [f"model.layers.{b}.{spec.router}" for b in spec.sparse_blocks]
+    source = read_tensors(checkpoint, [n for n in checkpoint.weight_map if ".experts." in n]
+                          + [f"{r}.weight" for r in routers])
+    experts = [n for n in source if ".experts." in n]
+    assert len(experts) == 3 * spec.n_experts * len(spec.sparse_blocks)
+    for name in experts:
+        module = name.removesuffix(".weight")
+        qweight, qzeros, scales, g_idx = (tensors[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx"))
+        got = dequantize_like_autogptq(qweight, qzeros, scales, g_idx, bits=4)
+        w = source[name].float()
+        step = scales.float().t().repeat_interleave(32, dim=1)
+        assert got.shape == w.shape, module
+        assert bool(((w - got).abs() <= step * (0.5 + 2**4 * 2**-10) + w.abs() * 4 * torch.finfo(torch.float32).eps)
+                    .all()), module
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(config["dynamic"]) == {"-:" + r.replace(".", r"\.") + "$" for r in routers}
+    for r in routers:
+        assert torch.equal(tensors[f"{r}.weight"], source[f"{r}.weight"])
