@@ -8,6 +8,7 @@ and the top GPU kernels and CPU ops from torch.profiler.
 
     python benchmarks/block_profile.py --shape 8b --cases gptq:quantized,gptq:float
     python benchmarks/block_profile.py --shape 1b --cases awq:quantized --samples 128
+    python benchmarks/block_profile.py --shape qwen3moe --cases gptq:quantized    # a routed block (block 0)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_e2e import SHAPES  # noqa: E402
+from benchmarks.gpu_e2e import SHAPES, checkpoint_tensors  # noqa: E402
 from wq_ops.block.quantized import quantize_block_  # noqa: E402
 from wq_ops.block.work import BlockTask  # noqa: E402
 from wq_ops.config import AWQParams, Format, Propagation, QuantConfig  # noqa: E402
@@ -38,6 +39,7 @@ TIMED = [
     ("wq_ops.block.quantized", "capture_stage"),
     ("wq_ops.block.quantized", "capture_group"),
     ("wq_ops.calib.capture", "accumulate_input_stats_"),
+    ("wq_ops.model.block", "moe_mlp"),
     ("wq_ops.block.processors", "quantize_gptq"),
     ("wq_ops.quant.gptq", "hessian_factor"),
     ("wq_ops.quant.gptq", "compute_grid"),
@@ -54,31 +56,29 @@ TIMED = [
 
 
 def make_block(shape: str, *, samples: int, seq_len: int, micro: int, device: torch.device) -> tuple[Any, ...]:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, dtype="bfloat16")
-    config.architectures = ["LlamaForCausalLM"]
+    config, _ = checkpoint_tensors(shape)
     layout = describe_model(config)
+    kind = layout.block(0)                # a mixture of experts' block 0 is routed in the benchmark's shapes
     meta = instantiate_on_meta(config)
     gen = torch.Generator(device=device).manual_seed(0)
-    params = {name: (torch.ones(s, device=device) if "norm" in name
+    params = {name: (torch.ones(s, device=device) if len(s) == 1
                      else torch.randn(s, generator=gen, device=device) * 0.02).to(torch.bfloat16)
-              for name, s in layout.block_params.items()}
+              for name, s in kind.params.items()}
     rotary = type(meta.model.rotary_emb)(config=config).to(device)
     ctx = make_sequence_context(rotary, seq_len=seq_len, hidden_size=config.hidden_size, window=None,
                                 device=device, dtype=torch.bfloat16)
     probe = make_sequence_context(rotary, seq_len=16, hidden_size=config.hidden_size, window=None,
                                   device=device, dtype=torch.bfloat16)
-    anatomy = discover_anatomy(DecoderBlock(meta.model.layers[0], probe), params, layout.linears,
+    anatomy = discover_anatomy(DecoderBlock(meta.model.layers[0], probe, moe=kind.moe), params, kind.linears,
                                hidden_size=config.hidden_size)
     x = torch.randn(samples, seq_len, config.hidden_size, generator=gen, device=device).to(torch.bfloat16)
-    return layout, DecoderBlock(meta.model.layers[0], ctx), params, anatomy, list(x.split(micro))
+    return kind, DecoderBlock(meta.model.layers[0], ctx, moe=kind.moe), params, anatomy, list(x.split(micro))
 
 
 def run_block(setup: tuple[Any, ...], quant: QuantConfig, propagation: Propagation) -> dict[str, float]:
-    layout, block, params, anatomy, batches = setup
+    kind, block, params, anatomy, batches = setup
     task = BlockTask(quant=quant, fmt=Format.COMPRESSED_TENSORS, block_index=0, prefix="model.layers",
-                     linears=layout.linears)
+                     linears=kind.linears, moe=kind.moe, kept=kind.kept)
     outcome, outputs = quantize_block_(block, params, anatomy, list(batches), task, propagation=propagation,
                                        stash_tails=True,      # what the plan picks for 8B and 1B on an H100
                                        clock=CudaEventClock(torch.device("cuda")))
