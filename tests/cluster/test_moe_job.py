@@ -156,7 +156,8 @@ def test_all_tokens_feed_every_expert(tmp_path, checkpoints):
 def test_an_fp8_release_quantizes_as_its_dequantized_weights_would(tmp_path, checkpoints):
     """DeepSeek-V3 as released: block linears in FP8 with 32x32 block scales (partial blocks included), a
     multi-token-prediction layer past num_hidden_layers. The artifact is byte for byte the one from the same
-    weights dequantized to bfloat16 beforehand; the report names the layer it left out and the block size."""
+    weights dequantized to bfloat16 beforehand; the MTP layer is carried into it unquantized (dequantized from
+    FP8), its linears in the config's ignore; the report names it and the block size."""
     models, calib = checkpoints
     fp8_dir, reference_dir = write_fp8_checkpoint(models["deepseek_v3"], tmp_path / "fp8", tmp_path / "reference")
     base = {"out": str(tmp_path / "from_fp8"), "calib": str(calib), "samples": 8, "seq_len": 64,
@@ -166,14 +167,31 @@ def test_an_fp8_release_quantizes_as_its_dequantized_weights_would(tmp_path, che
                         cache_dir=tmp_path / "cache")
     assert shards(from_fp8.out_dir) == shards(reference.out_dir)
     n = tiny_config("deepseek_v3").num_hidden_layers
-    left_out = from_fp8.report["source_not_written"]
-    assert left_out and all(name.startswith(f"model.layers.{n}.") for name in left_out)
-    # The reference holds the same layer, dequantized: the same names less the scales.
-    assert reference.report["source_not_written"] == [x for x in left_out if not x.endswith("_scale_inv")]
+    carried = from_fp8.report["source_carried"]
+    assert from_fp8.report["source_not_written"] == []
+    # The reference holds the same layer, dequantized: the same names, and no scales to consume.
+    assert carried and all(name.startswith(f"model.layers.{n}.") for name in carried)
+    assert reference.report["source_carried"] == carried and not any(x.endswith("_scale_inv") for x in carried)
+    from safetensors import safe_open
+
+    written = artifact_tensors(from_fp8.out_dir)
+    source = json.loads((reference_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in carried:
+        with safe_open(str(reference_dir / source[name]), "pt") as f:
+            assert torch.equal(written[name], f.get_tensor(name)), name
     assert "fp8_block" not in reference.report["source"]
     assert from_fp8.report["source"]["fp8_block"] == [32, 32]
-    config = json.loads((from_fp8.out_dir / "config.json").read_text())
-    assert config["quantization_config"]["format"] == "pack-quantized"
+    config = json.loads((from_fp8.out_dir / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    ignored = set(config["ignore"])
+    assert f"model.layers.{n}.self_attn.q_a_proj" in ignored and f"model.layers.{n}.mlp.experts.0.down_proj" in ignored
+    assert f"model.layers.{n}.mlp.gate" in ignored and not any("norm" in x for x in ignored if f".{n}." in x)
+    # transformers builds no such layer and loads the artifact regardless (the keys are unexpected, not missing).
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(from_fp8.out_dir, use_kernels=False,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
+    assert len(model.model.layers) == n
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])

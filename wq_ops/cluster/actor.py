@@ -166,10 +166,11 @@ class BlockActor:
         self._outer.append(self._outer_writer.submit(stage_outer, spec.artifact, "embed", spec.rank, host, seconds))
 
     def stage_head(self, spec: ActorSpec) -> None:
-        """Start staging the tensors after the last block (final norm, untied lm_head), copied unchanged:
-        nothing depends on them, so they are written while the blocks compute."""
+        """Start staging the tensors after the last block (final norm, untied lm_head, and the layers carried
+        past the blocks), copied unchanged: nothing depends on them, so they are written while the blocks
+        compute."""
         self._use(spec)
-        names = [n for n in spec.layout.outer_params if n != spec.layout.embed_name]
+        names = [n for n in spec.layout.outer_params if n != spec.layout.embed_name] + list(spec.carried)
 
         def read_and_stage() -> ShardRecord:
             t = time.perf_counter()

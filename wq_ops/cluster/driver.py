@@ -197,7 +197,7 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
     specs = [runtime.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
                                    layout=layout, job=job, artifact=prepared.artifact, pad_intermediate=pad,
-                                   stash_tails=a.stash_tails))
+                                   stash_tails=a.stash_tails, carried=prepared.carried))
              for a in plan.actors]
     # Each actor runs its calls in the order made here; activations pass from one actor to the next as
     # refs, resolved by the receiving actor, never by the driver.

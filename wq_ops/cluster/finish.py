@@ -20,9 +20,16 @@ from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
 
-__all__ = ["write_artifact"]
+__all__ = ["write_artifact", "carried_modules"]
 
 log = logging.getLogger(__name__)
+
+
+def carried_modules(carried: tuple[str, ...]) -> list[str]:
+    """The modules of carried tensors a loader could take for quantized linears (every weight but norms and
+    embeddings): the config's ignore lists them, so they load as the float weights they are."""
+    return sorted(n.removesuffix(".weight") for n in carried if n.endswith(".weight")
+                  and not any(k in n.rsplit(".", 2)[-2] for k in ("norm", "embed")))
 
 
 def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRecord], *, wall_seconds: float,
@@ -41,6 +48,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
                      for s in layout.block(i).linears} - quantized_linears)
     # Modules never quantized whatever the options (routers): a loader must not expect them packed.
     ignore += sorted(layout.block_tensor_name(i, k) for i in range(layout.n_blocks) for k in layout.block(i).kept)
+    ignore += carried_modules(prepared.carried)
     config = dict(prepared.source_config)
     if prepared.compatibility.padding is not None:
         config["intermediate_size"] = prepared.compatibility.padding.padded_size
@@ -61,6 +69,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["handoff"] = handoffs         # wall clock of each actor's inputs arriving and outputs leaving
     report["memory"] = memory            # each actor's planned bytes and, on a GPU, its device peaks
     report["source_not_written"] = list(prepared.not_written)   # source tensors the model does not read
+    report["source_carried"] = list(prepared.carried)           # copied unquantized: layers past the blocks
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name in TOKENIZER_FILES:
         src = prepared.checkpoint.local_dir / name

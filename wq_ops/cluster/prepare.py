@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ class PreparedJob:
     artifact: ArtifactLayout
     source_config: dict[str, Any]
     compatibility: CompatReport
-    not_written: tuple[str, ...] = ()      # source tensors the model does not read (`_not_written`)
+    not_written: tuple[str, ...] = ()      # source tensors the model does not read, left out (`_not_written`)
+    carried: tuple[str, ...] = ()          # source tensors past the decoder blocks, copied unquantized
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
@@ -130,7 +132,11 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if fp8_block is not None:          # read dequantized, in the dtype the model computes in
         checkpoint = replace(checkpoint, fp8_block=fp8_block, fp8_dtype=str(layout.dtype).replace("torch.", ""))
         log.info("source: FP8 with %dx%d block scales, read dequantized to %s", *fp8_block, checkpoint.fp8_dtype)
-    not_written = _not_written(layout, checkpoint)
+    carried, not_written = _past_the_blocks(layout, checkpoint, _not_written(layout, checkpoint))
+    if carried:
+        log.info("carried into the artifact unquantized (read dequantized where the source is FP8): %d tensor(s) "
+                 "of layers past num_hidden_layers (multi-token prediction, for speculative decoding): %s",
+                 len(carried), _describe_names(carried))
     if not_written:
         log.warning("the source has %d tensor(s) the model does not read, which the artifact leaves out: %s",
                     len(not_written), _describe_names(not_written))
@@ -158,7 +164,20 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                                                        modeling=modeling_name(hf_config)))
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility,
-                       not_written=not_written)
+                       not_written=not_written, carried=carried)
+
+
+def _past_the_blocks(layout: ModelLayout, checkpoint: Checkpoint,
+                     unread: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split the tensors no module reads into (carried, left out). Carried: those of layers numbered past the
+    decoder blocks (DeepSeek-V3's multi-token-prediction layer `model.layers.61`, which transformers does not
+    build and vLLM loads for speculative decoding), copied unquantized; their FP8 scales are consumed by the
+    read. Left out: the rest (a stale rotary buffer)."""
+    past = re.compile(re.escape(layout.block_prefix) + r"\.(\d+)\.")
+    beyond = [n for n in unread if (m := past.match(n)) is not None and int(m[1]) >= layout.n_blocks]
+    scales = {n for n in beyond if n.endswith(SCALE_SUFFIX) and n.removesuffix(SCALE_SUFFIX) in beyond}
+    carried = tuple(n for n in beyond if n not in scales)
+    return carried, tuple(n for n in unread if n not in beyond)
 
 
 def _not_written(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[str, ...]:
