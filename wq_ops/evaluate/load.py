@@ -15,13 +15,15 @@ from typing import Any
 __all__ = ["load_causal_lm", "load_tokenizer"]
 
 
-def load_causal_lm(model: str | Path, *, device: str = "cpu") -> Any:
+def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto") -> Any:
     """The causal LM at `model` (a directory or a Hub repo id) on `device`, in eval mode, with transformers'
-    own modules (no Hub kernels)."""
+    own modules (no Hub kernels). dtype: "auto" (the checkpoint's) or a torch dtype; float32 on a CPU without
+    bfloat16 instructions runs several times faster than bfloat16, and holds bfloat16 weights exactly."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    loaded: Any = AutoModelForCausalLM.from_pretrained(str(model), use_kernels=False)   # .to is typed oddly
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(model), use_kernels=False,    # .to is typed oddly
+                                                       dtype=dtype)
     return loaded.to(torch.device(device)).eval()
 
 
