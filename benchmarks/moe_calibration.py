@@ -99,7 +99,7 @@ def main() -> int:
         if not out.exists():
             subprocess.run([sys.executable, "-m", "jobs.eval", "--model", str(path), "--text", str(text),
                             "--seq-len", "512", "--max-windows", str(args.eval_windows), "--threads", str(args.cpus),
-                            "--device", "cpu", "--json", str(out)], check=True, cwd=REPO, capture_output=True)
+                            "--dtype", "float32", "--device", "cpu", "--json", str(out)], check=True, cwd=REPO, capture_output=True)
         return json.loads(out.read_text())["ppl"]
 
     rows = [("float MoE", "-", ppl(model), None)]
@@ -123,7 +123,7 @@ def main() -> int:
         f"--samples {args.samples} --seq-len {args.seq_len} --eval-windows {args.eval_windows}`. The model: "
         f"SmolLM2-135M upcycled into a Mixtral ({N_EXPERTS} copies of each MLP, top-{TOP_K} with renormalised "
         "weights, so the float MoE is SmolLM2 exactly; see the script). Calibration: WikiText-2 validation "
-        "windows; evaluation: the first windows of 512 tokens of the raw test split.",
+        "windows; evaluation: the first windows of 512 tokens of the raw test split, computed in float32.",
         "",
         "| weights | starved expert linears | ppl | vs float | quantize wall s |",
         "| --- | --- | --- | --- | --- |",
