@@ -99,7 +99,8 @@ def main() -> int:
         if not out.exists():
             subprocess.run([sys.executable, "-m", "jobs.eval", "--model", str(path), "--text", str(text),
                             "--seq-len", "512", "--max-windows", str(args.eval_windows), "--threads", str(args.cpus),
-                            "--dtype", "float32", "--device", "cpu", "--json", str(out)], check=True, cwd=REPO, capture_output=True)
+                            "--dtype", "float32", "--device", "cpu", "--json", str(out)],
+                           check=True, cwd=REPO, capture_output=True)
         return json.loads(out.read_text())["ppl"]
 
     rows = [("float MoE", "-", ppl(model), None)]
