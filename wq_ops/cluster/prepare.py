@@ -132,7 +132,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if fp8_block is not None:          # read dequantized, in the dtype the model computes in
         checkpoint = replace(checkpoint, fp8_block=fp8_block, fp8_dtype=str(layout.dtype).replace("torch.", ""))
         log.info("source: FP8 with %dx%d block scales, read dequantized to %s", *fp8_block, checkpoint.fp8_dtype)
-    carried, not_written = _past_the_blocks(layout, checkpoint, _not_written(layout, checkpoint))
+    carried, not_written = _unread_tensors(layout, checkpoint)
     if carried:
         log.info("carried into the artifact unquantized (read dequantized where the source is FP8): %d tensor(s) "
                  "of layers past num_hidden_layers (multi-token prediction, for speculative decoding): %s",
@@ -167,26 +167,31 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                        not_written=not_written, carried=carried)
 
 
-def _past_the_blocks(layout: ModelLayout, checkpoint: Checkpoint,
-                     unread: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Split the tensors no module reads into (carried, left out). Carried: those of layers numbered past the
-    decoder blocks (DeepSeek-V3's multi-token-prediction layer `model.layers.61`, which transformers does not
-    build and vLLM loads for speculative decoding), copied unquantized; their FP8 scales are consumed by the
-    read. Left out: the rest (a stale rotary buffer)."""
-    past = re.compile(re.escape(layout.block_prefix) + r"\.(\d+)\.")
-    beyond = [n for n in unread if (m := past.match(n)) is not None and int(m[1]) >= layout.n_blocks]
-    scales = {n for n in beyond if n.endswith(SCALE_SUFFIX) and n.removesuffix(SCALE_SUFFIX) in beyond}
-    carried = tuple(n for n in beyond if n not in scales)
-    return carried, tuple(n for n in unread if n not in beyond)
-
-
-def _not_written(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[str, ...]:
-    """Source tensors no block and no outer module reads (DeepSeek-V3's multi-token-prediction layer, a
-    stale rotary buffer), less the FP8 scales of the weights that are read: the report names them."""
+def _unread_tensors(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Source tensors no block and no outer module reads, less the FP8 scales of the weights that are read,
+    as (carried, left out). Carried: those of layers numbered past the decoder blocks (DeepSeek-V3's
+    multi-token-prediction layer `model.layers.61`, which transformers does not build and vLLM loads for
+    speculative decoding), copied unquantized. Left out: the rest (a stale rotary buffer); the report names
+    both."""
     read = {layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params}
     read |= set(layout.outer_params)
-    companions = {n + SCALE_SUFFIX for n in read} if checkpoint.fp8_block is not None else set()
-    return tuple(sorted(set(checkpoint.weight_map) - read - companions))
+    past = re.compile(re.escape(layout.block_prefix) + r"\.(\d+)\.")
+    carried: list[str] = []
+    left_out: list[str] = []
+    for name in sorted(checkpoint.weight_map):
+        if name in read:
+            continue
+        weight = name.removesuffix(SCALE_SUFFIX)
+        if checkpoint.fp8_block is not None and weight != name and (
+                weight in read or (weight in checkpoint.weight_map and _past(past, weight, layout.n_blocks))):
+            continue                       # an FP8 scale, consumed where its weight is read dequantized
+        (carried if _past(past, name, layout.n_blocks) else left_out).append(name)
+    return tuple(carried), tuple(left_out)
+
+
+def _past(pattern: re.Pattern[str], name: str, n_blocks: int) -> bool:
+    match = pattern.match(name)
+    return match is not None and int(match[1]) >= n_blocks
 
 
 def _describe_names(names: tuple[str, ...]) -> str:
