@@ -21,6 +21,13 @@ from wq_ops.errors import ConfigError
     ({"propagation": "sideways"}, "propagation='sideways'"),
     ({"awq_max_shrink": 1.0}, "awq_max_shrink=1.0"),
     ({"awq_loss": "output"}, "awq_loss='output'"),
+    ({"gpus_per_actor": "nan"}, "gpus_per_actor='nan': expected a finite number"),
+    ({"damp": float("inf")}, "damp=inf: expected a finite number"),
+    ({"actor_memory_gib": "-inf"}, "actor_memory_gib='-inf': expected a finite number"),
+    ({"ignore": 5}, "ignore=5: expected a pattern or a list of patterns"),
+    ({"ignore": ["lm_head", 3]}, "expected a pattern or a list of patterns"),
+    ({"calib": 5}, "calib=5: expected a string"),
+    ({"model": ["a"]}, "model=['a']: expected a string"),
 ])
 def test_bad_values_name_the_field(options, field):
     with pytest.raises(ConfigError) as e:

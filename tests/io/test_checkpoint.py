@@ -5,7 +5,7 @@ import torch
 
 from tests.factory import write_checkpoint
 from wq_ops.errors import CheckpointError
-from wq_ops.io.checkpoint import open_checkpoint, read_tensors, shard_header
+from wq_ops.io.checkpoint import open_checkpoint, read_config, read_tensors, shard_header
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,62 @@ def test_not_a_checkpoint(tmp_path):
         open_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match="not a Hub repo id"):
         open_checkpoint("/no/such/dir")
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors",
+                                   "..\\x.safetensors", "C:/x.safetensors"])
+def test_index_naming_a_shard_outside_the_checkpoint_is_refused(ckpt_dir, tmp_path, shard):
+    d = _copy(ckpt_dir, tmp_path / "m")
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.norm.weight"] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        open_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"weight_map": ["a"]}', "not a safetensors index"),
+    ("[1, 2]", "not a safetensors index"),
+    ("{not json", "not a safetensors index"),
+    ('{"weight_map": {"model.norm.weight": 3}}', "maps to 3, not a shard file name"),
+])
+def test_malformed_index_is_one_clear_error(ckpt_dir, tmp_path, text, message):
+    d = _copy(ckpt_dir, tmp_path / "m")
+    (d / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("header,message", [
+    (b"[1, 2]", "its header is a JSON list"),
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', "should span"),
+    (b'{"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}', "malformed header entry"),
+    (b'{"a": 7}', "malformed header entry"),
+    (b"[" * 100000, "not a readable safetensors file"),
+])
+def test_malformed_safetensors_header_is_one_clear_error(tmp_path, header, message):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match=message):
+        shard_header(path)
+
+
+@pytest.mark.parametrize("text,message", [("[1]", "found a list"), ("{oops", "not a readable JSON config")])
+def test_malformed_config_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        read_config(path)
+
+
+def test_side_file_linked_from_outside_is_refused(ckpt_dir, tmp_path):
+    d = _copy(ckpt_dir, tmp_path / "m")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for publishing")
+    (d / "merges.txt").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="merges.txt: a symlink to .*secret.txt, outside the checkpoint"):
+        open_checkpoint(str(d)).side_files()
+    (d / "merges.txt").unlink()
+    (d / "merges.txt").symlink_to(d / "tokenizer.json")        # a link inside the checkpoint is fine
+    assert "merges.txt" in open_checkpoint(str(d)).side_files()

@@ -28,6 +28,7 @@ from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig, Propagation
 from wq_ops.errors import ConfigError, WqError
 from wq_ops.io.hub_push import check_push_access, push_artifact
+from wq_ops.io.redact import redact
 
 __all__ = ["JobResult", "run_job", "prepare_job"]
 
@@ -283,8 +284,9 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     result = JobResult(out_dir=Path(job.out), plan=plan, report=report, index_path=index)
     if job.push_to_hub:
         assert hub_token is not None
+        message = redact(job.commit_message or f"wq: {job.quant.method.value} w{job.quant.bits}a16 of "
+                                               f"{job.model or 'the bundled tiny model'}")
         pushed = push_artifact(result.out_dir, job.push_to_hub, revision=job.push_revision, private=job.private,
-                               commit_message=job.commit_message or f"wq: {job.quant.method.value} "
-                               f"w{job.quant.bits}a16 of {job.model or 'the bundled tiny model'}", token=hub_token)
+                               commit_message=message, token=hub_token)
         log.info("pushed %s to %s: %s", result.out_dir, job.push_to_hub, pushed)
     return result

@@ -15,7 +15,7 @@ from wq_ops.cluster.prepare import PreparedJob, modeling_name
 from wq_ops.cluster.protocol import ShardRecord
 from wq_ops.formats import quantization_config
 from wq_ops.io.artifact import finalize_artifact
-from wq_ops.io.checkpoint import TOKENIZER_FILES
+from wq_ops.io.redact import redact, redact_values
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
@@ -60,8 +60,8 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
               "modeling": modeling_name(prepared.hf_config)}
     if prepared.checkpoint.fp8_block is not None:     # read dequantized from FP8 with these block scales
         source["fp8_block"] = list(prepared.checkpoint.fp8_block)
-    report = build_report(job=job.to_dict(), source=source, plan={"actors": [asdict(a) for a in plan.actors],
-                                                                 "device_kind": plan.device_kind},
+    report = build_report(job=redact_values(job.to_dict()), source=source,
+                          plan={"actors": [asdict(a) for a in plan.actors], "device_kind": plan.device_kind},
                           records=[r.to_json() for r in records], shard_names=shard_of, wall_seconds=wall_seconds,
                           versions=library_versions())
     report["compatibility"] = prepared.compatibility.to_dict()
@@ -71,13 +71,11 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["source_not_written"] = list(prepared.not_written)   # source tensors the model does not read
     report["source_carried"] = list(prepared.carried)           # copied unquantized: layers past the blocks
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
-    for name in TOKENIZER_FILES:
-        src = prepared.checkpoint.local_dir / name
-        if src.is_file():
-            files[name] = src.read_bytes()
+    for name, src in prepared.checkpoint.side_files().items():
+        files[name] = src.read_bytes()
     files["wq_report.json"] = (json.dumps(report, indent=1) + "\n").encode()
     files["wq_report.html"] = render_html(report).encode()
-    files["README.md"] = render_model_card(report, command=command).encode()
+    files["README.md"] = render_model_card(report, command=redact(command)).encode()
     index = finalize_artifact(artifact, shards={Path(p): n for p, n in shard_of.items()}, weight_map=weight_map,
                               total_size=sum(r.nbytes for r in records), files=files)
     log.info("wrote %s (%d shards, %.2f GiB) in %.1f s", job.out, len(shard_of),

@@ -22,8 +22,8 @@ from wq_ops.errors import CheckpointError, ConfigError
 from wq_ops.formats import format_module
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
-from wq_ops.io.artifact import ArtifactLayout, check_output_dir
-from wq_ops.io.checkpoint import Checkpoint, open_checkpoint
+from wq_ops.io.artifact import ArtifactLayout, check_output_apart, check_output_dir
+from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
 from wq_ops.model.architecture import (
     SUPPORTED_ARCHITECTURES,
@@ -112,7 +112,9 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         with transformers_import_lock():     # its writer imports transformers, maybe beside the actor's import
             model = str(ensure_tiny_checkpoint(cache_dir / "models"))
     checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
-    source_config = json.loads((checkpoint.local_dir / "config.json").read_text())
+    check_output_apart(Path(job.out), checkpoint.source_root)
+    checkpoint.side_files()              # refuse a side file linked from outside before any work
+    source_config = read_config(checkpoint.local_dir / "config.json")
     try:
         fp8_block = fp8_block_size(source_config)
     except CheckpointError as e:

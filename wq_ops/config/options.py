@@ -10,6 +10,8 @@ other options (`Dependent`: e.g. the CUDA backend where the actors have GPUs).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Mapping
@@ -241,9 +243,12 @@ def convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{name}={value!r}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{name}={value!r}: expected a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
+        return number
     if o.kind is Kind.GROUP_SIZE:
         if isinstance(value, str) and value.strip().lower() in ("channel", "per-channel", "none"):
             return None
@@ -261,9 +266,15 @@ def convert(name: str, value: Any) -> Any:
         except (ConfigError, TypeError):
             raise ConfigError(f"{name}={value!r}: expected a comma list of integers, e.g. 1,2,4,8") from None
     if o.kind is Kind.PATTERNS:
-        items = [value] if isinstance(value, str) else list(value)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{name}={value!r}: expected a pattern or a list of patterns (strings)")
         return tuple(p.strip() for item in items for p in str(item).split(",") if p.strip())
-    return value                      # STR and CHOICE: the dataclasses check them
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) and not (o.kind is Kind.CHOICE and isinstance(value, Enum)):
+        raise ConfigError(f"{name}={value!r}: expected a string")
+    return value                      # STR and CHOICE: the dataclasses check their values
 
 
 def _integer(name: str, value: Any) -> int:

@@ -20,7 +20,7 @@ from torch import Tensor
 from wq_ops.errors import ArtifactError
 
 __all__ = ["write_atomic", "save_tensors_atomic", "write_json_atomic", "ArtifactLayout", "check_output_dir",
-           "finalize_artifact", "INDEX_NAME"]
+           "finalize_artifact", "check_output_apart", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 STAGING_DIR = ".wq-staging"
@@ -112,6 +112,22 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ArtifactError(f"--out {out_dir}: cannot create or write it ({existing} is not a writable directory)")
+
+
+def check_output_apart(out_dir: Path, source: Path) -> None:
+    """Refuse an output directory that is the checkpoint's, lies inside it, or contains it (symlinks
+    resolved): writing there would overwrite or delete the source's own files."""
+    out, src = out_dir.expanduser().resolve(), source.expanduser().resolve()
+    if out == src:
+        where = "is the checkpoint directory itself"
+    elif out.is_relative_to(src):
+        where = f"lies inside the checkpoint directory {src}"
+    elif src.is_relative_to(out):
+        where = f"contains the checkpoint directory {src}"
+    else:
+        return
+    raise ArtifactError(f"--out {out_dir}: {where}; writing the artifact there would overwrite or delete the "
+                        "source. Choose a directory outside the checkpoint")
 
 
 def finalize_artifact(layout: ArtifactLayout, *, shards: Mapping[Path, str], weight_map: Mapping[str, str],

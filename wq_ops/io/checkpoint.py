@@ -21,7 +21,7 @@ from torch import Tensor
 from wq_ops.errors import CheckpointError
 from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "TOKENIZER_FILES"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "TOKENIZER_FILES"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -53,6 +53,29 @@ class Checkpoint:
     @property
     def source(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.local_dir)
+
+    @property
+    def source_root(self) -> Path:
+        """The folder whose files are the source: the checkpoint directory, or for the Hub the repo's cache
+        folder (`models--ORG--NAME`, whose `snapshots/` link into its `blobs/`)."""
+        return self.local_dir if self.repo_id is None else self.local_dir.parent.parent
+
+    def side_files(self) -> dict[str, Path]:
+        """The tokenizer's and generation's files the artifact copies (name -> path), each checked: a symlink
+        must resolve inside the checkpoint directory (for the Hub, into the repo's own `blobs/`), so that no
+        other file's contents are copied into the artifact and published with it."""
+        root = self.local_dir.resolve() if self.repo_id is None else (self.source_root / "blobs").resolve()
+        found = {}
+        for name in TOKENIZER_FILES:
+            path = self.local_dir / name
+            if not path.is_file():
+                continue
+            real = path.resolve()
+            if not real.is_relative_to(root):
+                raise CheckpointError(f"{path}: a symlink to {real}, outside the checkpoint "
+                                      f"({root}); copy the file into the checkpoint instead")
+            found[name] = path
+        return found
 
     def shard_path(self, filename: str) -> Path:
         """The local path of one shard, downloading it (this shard only) for a Hub checkpoint."""
@@ -86,22 +109,37 @@ def shard_header(path: Path) -> dict[str, dict]:
             if n > min(size - 8, 100 * 2**20):
                 raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
+                              "not an object)")
     header.pop("__metadata__", None)
     data_bytes = size - 8 - n
     for name, entry in header.items():
+        if not _well_formed(entry):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {str(entry)[:120]}")
         start, end = entry["data_offsets"]
         numel = 1
         for d in entry["shape"]:
             numel *= d
         want = numel * _DTYPE_BYTES.get(entry["dtype"], 0)
-        if end > data_bytes or end - start != want:
+        if not 0 <= start <= end <= data_bytes or end - start != want:
             raise CheckpointError(
                 f"{path}: tensor {name} ({entry['dtype']} {entry['shape']}) should span {want} bytes at "
                 f"[{start}, {end}) of {data_bytes} data bytes: the shard is truncated or corrupt; re-download it"
             )
     return header
+
+
+def _well_formed(entry: object) -> bool:
+    """A header entry: {"dtype": known name, "shape": [int >= 0, ...], "data_offsets": [int, int]}."""
+    if not isinstance(entry, dict):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    ints = (lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs))  # noqa: E731
+    return (entry.get("dtype") in _DTYPE_BYTES and ints(shape) and ints(offsets)
+            and isinstance(offsets, list) and len(offsets) == 2)
 
 
 def _looks_like_repo_id(model: str) -> bool:
@@ -125,17 +163,45 @@ def open_checkpoint(model: str, *, revision: str | None = None, cache_dir: str |
 def _weight_map_of(directory: Path, read_index: bool = True) -> tuple[dict[str, str], bool]:
     index = directory / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        return dict(weight_map), True
+        return _read_index(index), True
     single = directory / SINGLE_NAME
     if single.is_file():
         return {name: SINGLE_NAME for name in shard_header(single)}, False
     others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     hint = f" (it holds {', '.join(others[:3])}: convert to safetensors first)" if others else ""
     raise CheckpointError(f"{directory}: no {INDEX_NAME} and no {SINGLE_NAME}{hint}")
+
+
+def read_config(path: Path) -> dict[str, object]:
+    """A checkpoint's config.json: a JSON object, or a CheckpointError naming the file."""
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model settings, found a {type(config).__name__}")
+    return config
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """An index's weight map, checked: tensor name -> shard file name, every shard a plain relative name
+    inside the checkpoint (an absolute name or `..` would read files outside it)."""
+    try:
+        data = json.loads(index.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a safetensors index (expected an object with a non-empty "
+                              f"\"weight_map\" object of tensor name -> shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {shard!r}, not a shard file name")
+        parts = shard.replace("\\", "/").split("/")
+        if shard.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] or "\0" in shard:
+            raise CheckpointError(f"{index}: shard name {shard!r} (of tensor {name}) points outside the "
+                                  "checkpoint directory; shard names must be plain relative file names")
+    return dict(weight_map)
 
 
 def _open_local(directory: Path, *, verify: bool) -> Checkpoint:
@@ -194,7 +260,7 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
         if name in siblings:
             fetch(name)
     if INDEX_NAME in siblings:
-        weight_map = json.loads(fetch(INDEX_NAME).read_text())["weight_map"]
+        weight_map = _read_index(fetch(INDEX_NAME))
     elif SINGLE_NAME in siblings:
         weight_map = {n: SINGLE_NAME for n in shard_header(fetch(SINGLE_NAME))}
     else:

@@ -1,0 +1,58 @@
+"""Data safety of a job's output: the source is never written, a failed or concurrent job never damages an
+artifact, resume never reuses a block computed from other weights, and no secret is recorded."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import jobs.quantize as cli
+from tests.factory import write_checkpoint, write_text
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    d = tmp_path_factory.mktemp("safety")
+    sharded = write_checkpoint(d / "sharded", "llama", num_hidden_layers=2)
+    single = write_checkpoint(d / "single", "llama", num_hidden_layers=2, max_shard_size="100MB")
+    assert (single / "model.safetensors").is_file() and not (single / "model.safetensors.index.json").exists()
+    return sharded, single, write_text(d / "calib.txt")
+
+
+def _args(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--out", str(out), "--calib", str(calib), "--samples", "4", "--seq-len", "32",
+            "--group-size", "64", *extra]
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "parent", "symlink"])
+@pytest.mark.parametrize("which", ["sharded", "single"])
+def test_out_that_is_inside_or_contains_the_input_is_refused(tmp_path, sources, capsys, monkeypatch, where, which):
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    source = shutil.copytree(sources[0] if which == "sharded" else sources[1], tmp_path / "src" / "model")
+    before = _contents(tmp_path / "src")
+    out = {"itself": source, "inside": source / "quantized", "parent": source.parent,
+           "symlink": tmp_path / "link"}[where]
+    if where == "symlink":
+        out.symlink_to(source)
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(_args(source, out, sources[2], *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("wq: error: --out ") and "would overwrite or delete the source" in err, err
+        assert _contents(tmp_path / "src") == before
+
+
+def test_a_hub_token_is_never_recorded(tmp_path, sources, monkeypatch):
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456"
+    out = tmp_path / "o"
+    assert cli.main(_args(sources[0], out, sources[2], "--commit-message", f"requantized, token {token}")) == 0
+    written = b"".join(_contents(out).values())
+    assert token.encode() not in written
+    report = json.loads((out / "wq_report.json").read_text())
+    assert report["job"]["commit_message"] == "requantized, token hf_***"
+    assert "--commit-message 'requantized, token hf_***'" in (out / "README.md").read_text()
