@@ -13,7 +13,7 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -172,7 +172,7 @@ def _weight_map_of(directory: Path, read_index: bool = True) -> tuple[dict[str, 
     raise CheckpointError(f"{directory}: no {INDEX_NAME} and no {SINGLE_NAME}{hint}")
 
 
-def read_config(path: Path) -> dict[str, object]:
+def read_config(path: Path) -> dict[str, Any]:
     """A checkpoint's config.json: a JSON object, or a CheckpointError naming the file."""
     try:
         config = json.loads(path.read_bytes())
