@@ -80,3 +80,31 @@ def test_a_damaged_staged_shard_is_computed_again(tmp_path, llama):
     run_job(job(out, llama), cache_dir=tmp_path)
     assert int(damaged.name[6:11]) not in resumed_blocks(out)
     assert artifact_files(out) == artifact_files(whole)
+
+
+def test_a_source_changed_in_place_restarts_that_block_and_every_later_one(tmp_path, llama):
+    """Same shard sizes, headers and mtimes, other weights in block 2: blocks 0 and 1 resume, 2 and 3 are
+    computed from the new weights, and the artifact is the new model's."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, calib = llama
+    source = shutil.copytree(model, tmp_path / "m")
+    out = tmp_path / "o"
+    with pytest.raises(Exception, match="injected crash"):
+        run_job(job(out, (source, calib), fail_after_blocks=3, actors=1), cache_dir=tmp_path)
+    assert staged_blocks(out)[:3] == [f"block-{b:05d}.safetensors" for b in range(3)]
+    name = "model.layers.2.mlp.down_proj.weight"
+    shard = source / json.loads((source / "model.safetensors.index.json").read_text())["weight_map"][name]
+    st = shard.stat()
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].flip(0).contiguous()        # same dtype and shape: same header and size
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size
+    run_job(job(out, (source, calib), actors=1), cache_dir=tmp_path)
+    assert resumed_blocks(out) == [0, 1]
+    fresh = run_job(job(tmp_path / "fresh", (source, calib), actors=1), cache_dir=tmp_path).out_dir
+    assert artifact_files(out) == artifact_files(fresh)

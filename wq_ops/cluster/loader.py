@@ -23,6 +23,7 @@ from wq_ops.device.transport import queue_to_device
 from wq_ops.formats import dense_tensors
 from wq_ops.formats.block_tensors import PAD_COLUMNS, PAD_ROWS
 from wq_ops.io.checkpoint import read_tensors
+from wq_ops.io.digest import tensors_sha256
 
 __all__ = ["Loaded", "BlockLoader"]
 
@@ -33,6 +34,7 @@ class Loaded:
     ready: Any                           # a CUDA event the compute stream waits on, or None on CPU
     seconds: float
     finished: ShardRecord | None = None  # staged by an earlier run: params are what it computed with
+    source_sha256: str = ""              # of the source tensors read (`tensors_sha256`); "" when none were read
 
 
 class BlockLoader:
@@ -53,6 +55,8 @@ class BlockLoader:
                              spec.pad_intermediate)
         else:
             host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block(index).params])
+        # What the block is computed from, recorded with its staged shard so a resume can tell a changed source.
+        source_sha256 = tensors_sha256(host) if finished is None and staged else ""
         cut = len(prefix)
         device = self.job.device
         kept = tuple(k + "." for k in layout.block(index).kept)
@@ -69,7 +73,8 @@ class BlockLoader:
                 ready.record(self.copy_stream)
         else:
             params = {n[cut:]: v.to(dtype_of(n[cut:], v)) for n, v in host.items()}
-        return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished)
+        return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished,
+                      source_sha256=source_sha256)
 
     def load_float(self, index: int) -> Loaded:
         return self.load(index, staged=False)

@@ -17,6 +17,7 @@ import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
+from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
 from wq_ops.errors import CheckpointError, ConfigError
 from wq_ops.formats import format_module
@@ -90,10 +91,12 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     quant["modeling"] = modeling                         # the classes that ran, not the option that chose them
     h.update(json.dumps(quant, sort_keys=True).encode())
     h.update(checkpoint.source.encode())
-    if checkpoint.repo_id is None:
-        for shard in checkpoint.shards:
-            st = (checkpoint.local_dir / shard).stat()
-            h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if checkpoint.repo_id is None:      # a Hub revision pins the files; a local one: their headers and sizes
+        for shard in checkpoint.shards:  # (the tensors' bytes: each staged block's digest, `drop_stale_blocks`)
+            path = checkpoint.local_dir / shard
+            with open(path, "rb") as f:
+                header = f.read(int.from_bytes(f.read(8), "little"))
+            h.update(f"{shard}:{path.stat().st_size}:".encode() + hashlib.sha256(header).digest())
     h.update(json.dumps(sorted(checkpoint.weight_map.items())).encode())
     h.update(token_ids.numpy().tobytes())
     import wq_ops
@@ -164,6 +167,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
                                                        modeling=modeling_name(hf_config)))
+    drop_stale_blocks(artifact, layout, checkpoint)
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility,
                        not_written=not_written, carried=carried)

@@ -63,6 +63,7 @@ class ShardRecord:
     seconds: dict[str, float] = field(default_factory=dict)     # by phase: load, forward, solve, pack, write
     resumed: bool = False                # staged by an earlier run of the same job, replayed, not recomputed
     finished_at: float = 0.0             # wall clock (time.time()) when it was staged: pipeline timelines
+    source_sha256: str = ""              # a block's source tensors as read (`tensors_sha256`): resume checks it
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (the staged record file, the report)."""

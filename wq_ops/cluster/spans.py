@@ -141,7 +141,8 @@ class SpanRunner:
                                                propagation=spec.job.run.propagation, stash_tails=spec.stash_tails,
                                                clock=job.clock())
         del loaded.params
-        return to_host_queued(outcome, load_seconds=loaded.seconds, cuda=job.device.type == "cuda")
+        return to_host_queued(outcome, load_seconds=loaded.seconds, cuda=job.device.type == "cuda",
+                              source_sha256=loaded.source_sha256)
 
     def calibrate_block(self, index: int, loaded: Loaded) -> tuple[FloatCalibration, Any]:
         """On the compute thread, float propagation: block `index`'s statistics, its float outputs becoming
@@ -177,7 +178,8 @@ class SpanRunner:
             with stream:
                 outcome = solve_block_(job.block(index), loaded.params, job.ensure_anatomy(index, loaded.params),
                                        calibration, job.task(index))
-                return to_host_queued(outcome, load_seconds=loaded.seconds, cuda=job.device.type == "cuda")
+                return to_host_queued(outcome, load_seconds=loaded.seconds, cuda=job.device.type == "cuda",
+                                      source_sha256=loaded.source_sha256)
         finally:
             if side:
                 self.solve_stream.synchronize()   # also after an error: nothing queued may still read them

@@ -37,13 +37,15 @@ class StagedReport:
     clock: PhaseClock
     load_seconds: float
     copy_seconds: float
+    source_sha256: str = ""              # of the block's source tensors as read (`tensors_sha256`)
 
     def seconds(self) -> dict[str, float]:
         phases = self.clock.seconds()
         return {"load": self.load_seconds, **phases, "pack": phases.get("pack", 0.0) + self.copy_seconds}
 
 
-def to_host_queued(outcome: BlockOutcome, *, load_seconds: float, cuda: bool) -> tuple[HostOutcome, StagedReport]:
+def to_host_queued(outcome: BlockOutcome, *, load_seconds: float, cuda: bool,
+                   source_sha256: str = "") -> tuple[HostOutcome, StagedReport]:
     """A solved block's artifact tensors and report numbers on their way to the host, and its report. On a
     GPU the copies (into pinned memory) are queued on the current stream and not waited for here: the
     writer waits for them, and the compute thread goes on to queue the next block's work (a waited copy
@@ -52,7 +54,7 @@ def to_host_queued(outcome: BlockOutcome, *, load_seconds: float, cuda: bool) ->
     host = after_queued_copies(({k: queue_to_host(v) for k, v in outcome.tensors.items()},
                                 queue_to_host(outcome.report.numbers)), cuda=cuda)
     return host, StagedReport(outcome.report, outcome.clock, load_seconds=load_seconds,
-                              copy_seconds=time.perf_counter() - t)
+                              copy_seconds=time.perf_counter() - t, source_sha256=source_sha256)
 
 
 def stage_block(artifact: ArtifactLayout, index: int, rank: int, queued: HostOutcome,
@@ -65,7 +67,8 @@ def stage_block(artifact: ArtifactLayout, index: int, rank: int, queued: HostOut
     nbytes, sha = _write_shard(path, host)
     record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
                          nbytes=nbytes, sha256=sha, rank=rank, layers=layers,
-                         seconds={**seconds, "write": time.perf_counter() - t}, finished_at=time.time())
+                         seconds={**seconds, "write": time.perf_counter() - t}, finished_at=time.time(),
+                         source_sha256=report.source_sha256)
     write_json_atomic(artifact.staged_block_record(index), record.to_json())
     return record
 
