@@ -150,7 +150,7 @@ def test_the_fingerprint_follows_the_classes_that_ran(tmp_path, llama):
     from wq_ops.cluster.driver import prepare_job
 
     model_dir, calib = llama
-    prints = {m: prepare_job(job(tmp_path, model=str(model_dir), calib=str(calib), modeling=m),
+    prints = {m: prepare_job(job(tmp_path, model=str(model_dir), calib=str(calib), modeling=m, dry_run=True),
                              cache_dir=tmp_path).artifact.fingerprint for m in ("auto", "native", "transformers")}
     assert prints["auto"] == prints["native"] != prints["transformers"]
 

@@ -26,7 +26,9 @@ def _args(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
 
 
 def _contents(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file under `directory` but wq's own working files (staging, lease)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and not str(p.relative_to(directory)).startswith(".wq-")}
 
 
 @pytest.mark.parametrize("where", ["itself", "inside", "parent", "symlink"])
@@ -56,3 +58,44 @@ def test_a_hub_token_is_never_recorded(tmp_path, sources, monkeypatch):
     report = json.loads((out / "wq_report.json").read_text())
     assert report["job"]["commit_message"] == "requantized, token hf_***"
     assert "--commit-message 'requantized, token hf_***'" in (out / "README.md").read_text()
+
+
+def test_a_second_job_into_the_same_out_stops_naming_the_first(tmp_path, sources, capsys, monkeypatch):
+    from wq_ops.io.lease import OutputLease
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    first = OutputLease.acquire(out)                  # a job running elsewhere holds --out
+    try:
+        assert cli.main(_args(sources[0], out, sources[2])) == 2
+        assert "another wq job is writing it (host" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".wq-lease.json"]
+    finally:
+        first.release()
+    assert cli.main(_args(sources[0], out, sources[2])) == 0
+    assert not (out / ".wq-lease.json").exists()      # released at the end
+
+
+def test_overwrite_replaces_an_artifact_and_a_failed_one_keeps_it(tmp_path, sources, capsys, monkeypatch):
+    import wq_ops.io.artifact as artifact
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    assert cli.main(_args(sources[0], out, sources[2], "--bits", "8")) == 0
+    before = _contents(out)
+    real = artifact.write_json_atomic
+
+    def disk_full(path, obj):
+        if path.name == "model.safetensors.index.json":
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(artifact, "write_json_atomic", disk_full)
+    assert cli.main(_args(sources[0], out, sources[2], "--overwrite")) == 2
+    assert "could not write the artifact in" in capsys.readouterr().err
+    assert _contents(out) == before                    # the old artifact, whole
+    monkeypatch.setattr(artifact, "write_json_atomic", real)
+    assert cli.main(_args(sources[0], out, sources[2], "--overwrite")) == 0
+    report = json.loads((out / "wq_report.json").read_text())
+    assert report["job"]["bits"] == 4 and report["totals"]["blocks_resumed"] == 2   # the failed run's blocks
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

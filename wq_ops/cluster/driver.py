@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +27,7 @@ from wq_ops.cluster.runtime import ActorHandle, ActorRuntime, Pending
 from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig, Propagation
 from wq_ops.errors import ConfigError, WqError
+from wq_ops.io.artifact import check_room
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.redact import redact
 
@@ -249,32 +250,49 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
         t = time.perf_counter()
         return prepare_job(job, cache_dir=cache_dir), time.perf_counter() - t
 
-    with ThreadPoolExecutor(1, thread_name_prefix="wq-prepare") as pool:
-        preparing = pool.submit(timed_prepare)
-        actors: list[ActorHandle] = []
-        try:
-            runtime.start(job)
-            runtime_s = time.perf_counter() - start
-            created_at = time.time()
-            actors = runtime.start_actors(job)
-            prepared, prepare_s = preparing.result()
-            if job.push_to_hub and not job.dry_run:
-                assert hub_token is not None
-                check_push_access(job.push_to_hub, token=hub_token)   # 401/403 now, not after hours of work
-            capacity, startup = _actor_capacity(job, runtime, actors, created_at=created_at)
-            plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
-            ready_s = time.perf_counter() - start
-            log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
-                     "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
-            if job.dry_run:
-                return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
-            log.info("%s", plan.describe())
-            check_fits(plan)
-            finished = _run_actors(prepared, plan, runtime, actors)
-            for split, seconds in zip(startup, finished.warm_ups):
-                split["warmup_s"] = seconds
-        finally:
-            runtime.stop(actors)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wq-prepare")
+    preparing = pool.submit(timed_prepare)
+    try:
+        return _run_prepared(job, runtime, preparing, start=start, command=command, hub_token=hub_token)
+    finally:
+        pool.shutdown(wait=True)
+        if not preparing.cancelled() and preparing.exception() is None:
+            lease = preparing.result()[0].lease
+            if lease is not None:
+                lease.release()
+
+
+def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple[PreparedJob, float]], *,
+                  start: float, command: str, hub_token: str | None) -> JobResult:
+    """run_job once the preparation is under way: the runtime and actors, the plan, the actors' work, the
+    artifact and its push."""
+    actors: list[ActorHandle] = []
+    try:
+        runtime.start(job)
+        runtime_s = time.perf_counter() - start
+        created_at = time.time()
+        actors = runtime.start_actors(job)
+        prepared, prepare_s = preparing.result()
+        if job.push_to_hub and not job.dry_run:
+            assert hub_token is not None
+            check_push_access(job.push_to_hub, token=hub_token)   # 401/403 now, not after hours of work
+        capacity, startup = _actor_capacity(job, runtime, actors, created_at=created_at)
+        plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
+        ready_s = time.perf_counter() - start
+        log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
+                 "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
+        if job.dry_run:
+            return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
+        log.info("%s", plan.describe())
+        check_fits(plan)
+        log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))
+        finished = _run_actors(prepared, plan, runtime, actors)
+        for split, seconds in zip(startup, finished.warm_ups):
+            split["warmup_s"] = seconds
+    finally:
+        runtime.stop(actors)
+    assert prepared.lease is not None
+    prepared.lease.check()               # another job took --out over: write nothing
     report, index = write_artifact(prepared, plan, finished.records, wall_seconds=time.perf_counter() - start,
                                    command=command,
                                    startup={"runtime": runtime.name, "ready_s": round(ready_s, 3),

@@ -23,9 +23,16 @@ from wq_ops.errors import CheckpointError, ConfigError
 from wq_ops.formats import format_module
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
-from wq_ops.io.artifact import ArtifactLayout, check_output_apart, check_output_dir
+from wq_ops.io.artifact import (
+    ArtifactLayout,
+    check_output_apart,
+    check_output_dir,
+    remove_leftovers,
+    restore_set_aside,
+)
 from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
+from wq_ops.io.lease import OutputLease
 from wq_ops.model.architecture import (
     SUPPORTED_ARCHITECTURES,
     ModelLayout,
@@ -54,6 +61,7 @@ class PreparedJob:
     compatibility: CompatReport
     not_written: tuple[str, ...] = ()      # source tensors the model does not read, left out (`_not_written`)
     carried: tuple[str, ...] = ()          # source tensors past the decoder blocks, copied unquantized
+    lease: OutputLease | None = None       # held on --out until the job ends (None: a dry run)
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
@@ -151,6 +159,25 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         raise ConfigError(f"seq_len={job.calib.seq_len}: longer than the model's max_position_embeddings="
                           f"{hf_config.max_position_embeddings}")
     check_output_dir(Path(job.out), overwrite=job.overwrite)
+    if job.dry_run:                          # writes nothing
+        return _prepare_output(job, checkpoint, layout, compatibility, hf_config, source_config, not_written,
+                               carried, None)
+    restore_set_aside(Path(job.out))
+    lease = OutputLease.acquire(Path(job.out))   # one job at a time writes --out
+    try:
+        remove_leftovers(Path(job.out))
+        check_output_dir(Path(job.out), overwrite=job.overwrite)
+        return _prepare_output(job, checkpoint, layout, compatibility, hf_config, source_config, not_written,
+                               carried, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout, compatibility: CompatReport,
+                    hf_config: Any, source_config: dict[str, Any], not_written: tuple[str, ...],
+                    carried: tuple[str, ...], lease: OutputLease | None) -> PreparedJob:
+    """The calibration tokens, the staging fingerprint and the staged blocks still valid, under the lease."""
 
     def load_tokenizer() -> Any:
         with transformers_import_lock():     # from_pretrained imports the tokenizer's class lazily
@@ -167,10 +194,11 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
                                                        modeling=modeling_name(hf_config)))
-    drop_stale_blocks(artifact, layout, checkpoint)
+    if lease is not None:
+        drop_stale_blocks(artifact, layout, checkpoint)
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility,
-                       not_written=not_written, carried=carried)
+                       not_written=not_written, carried=carried, lease=lease)
 
 
 def _unread_tensors(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[tuple[str, ...], tuple[str, ...]]:
