@@ -225,8 +225,8 @@ def finalize_artifact(layout: ArtifactLayout, *, shards: Mapping[Path, str], wei
                 os.replace(where / final, staged)
         error = sys.exc_info()[1]
         if isinstance(error, OSError):
-            kept = "the artifact there is unchanged" if replacing else "no artifact was written"
-            raise ArtifactError(f"--out {out}: could not write the artifact in {where} ({error}); {kept}, and the "
+            outcome = "the artifact there is unchanged" if replacing else "no artifact was written"
+            raise ArtifactError(f"--out {out}: could not write the artifact in {where} ({error}); {outcome}, and the "
                                 "staged blocks are kept: rerun the job to finish it") from None
         raise
     if replacing:
