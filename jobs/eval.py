@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.seq_len < 2 or (args.max_windows is not None and args.max_windows < 1):   # before loading anything
+        print(f"wq-eval: error: --seq-len {args.seq_len} --max-windows {args.max_windows}: a window needs at least 2 "
+              "tokens and at least 1 window is scored", file=sys.stderr)
+        return 2
     try:
         text = join_text(Path(args.text).read_text(encoding="utf-8"), Join(args.join))
         ids = load_tokenizer(args.model)(text, return_tensors="pt", verbose=False)["input_ids"][0]

@@ -97,3 +97,44 @@ def test_pretokenized_rows_too_short_or_too_few_are_refused(tmp_path):
 
 def _no_tokenizer():
     raise AssertionError("pre-tokenized rows need no tokenizer")
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("nul.txt", b"\x00" * 5000, "5000 of its 5000 characters are control characters"),
+    ("binary.json", bytes(range(256)) * 8, "not UTF-8 JSON lines"),
+    ("binary.parquet", b"PAR1" + bytes(range(256)) * 4, "not a readable parquet file"),
+    ("rows.jsonl", b'{"text": 5}\n', r"rows.jsonl:1: field 'text' is a int, not text"),
+    ("rows.jsonl", b'{"text": "fine"}\n[1, 2]\n', r"rows.jsonl:2: no field 'text'"),
+    ("rows.jsonl", b'{"text": "fine"}\n{oops\n', r"rows.jsonl:2: not a JSON line"),
+])
+def test_calibration_that_is_not_text_is_one_clear_error(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ConfigError, match=message):
+        load_texts(str(tmp_path / name))
+
+
+def test_parquet_with_a_non_text_column_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(ConfigError, match="column 'text' holds int values"):
+        load_texts(str(tmp_path / "n.parquet"))
+
+
+def test_text_too_short_for_the_windows_is_refused_unless_allowed():
+    ids = torch.arange(200)
+    with pytest.raises(ConfigError, match=r"200 tokens for 8 windows of 128: only \d+ of their 1024 token "
+                                          r"positions \(\d+%\) are distinct text.*--calib-allow-repeats"):
+        sample_windows(ids, n_samples=8, seq_len=128, seed=0, allow_repeats=False)
+    assert sample_windows(ids, n_samples=8, seq_len=128, seed=0, allow_repeats=True).shape == (8, 128)
+    assert sample_windows(torch.arange(4000), n_samples=8, seq_len=128, seed=0, allow_repeats=False).shape == (8, 128)
+
+
+def test_distinct_positions_counts_the_union_of_windows(gen):
+    from wq_ops.calib.data import distinct_positions
+
+    for _ in range(50):
+        starts = torch.randint(0, 100, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen).tolist()
+        length = int(torch.randint(1, 30, (1,), generator=gen))
+        assert distinct_positions(starts, length) == len({p for s in starts for p in range(s, s + length)})

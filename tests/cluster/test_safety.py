@@ -99,3 +99,34 @@ def test_overwrite_replaces_an_artifact_and_a_failed_one_keeps_it(tmp_path, sour
     report = json.loads((out / "wq_report.json").read_text())
     assert report["job"]["bits"] == 4 and report["totals"]["blocks_resumed"] == 2   # the failed run's blocks
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_calibration_too_short_or_not_text_is_refused_before_work(tmp_path, sources, capsys, monkeypatch):
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    short = write_text(tmp_path / "short.txt", n_chars=200)
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\x00" * 20000)
+    out = tmp_path / "o"
+    flags = ["--samples", "8", "--seq-len", "128"]
+    assert cli.main([*_args(sources[0], out, short), *flags]) == 2
+    assert "are distinct text" in capsys.readouterr().err
+    assert cli.main([*_args(sources[0], out, nul), *flags]) == 2
+    assert "control characters" in capsys.readouterr().err
+    assert not out.exists()                            # refused before anything was written
+    assert cli.main([*_args(sources[0], out, short), *flags, "--calib-allow-repeats"]) == 0
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so_and_takes_pre_tokenized_calibration(tmp_path, sources, capsys,
+                                                                                          monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    model = shutil.copytree(sources[0], tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    assert cli.main(_args(model, tmp_path / "o", sources[2])) == 2
+    assert "the checkpoint has no tokenizer" in capsys.readouterr().err
+    ids = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"input_ids": [[(7 * i + j) % 200 for j in range(32)] for i in range(4)]}), ids)
+    assert cli.main(_args(model, tmp_path / "o", ids)) == 0

@@ -32,3 +32,17 @@ def test_an_unknown_dtype_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         wq_eval.main(["--model", "m", "--text", str(TEXT), "--dtype", "float8"])
     assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seq-len", "1"], "a window needs at least 2 tokens"),
+    (["--seq-len", "0"], "a window needs at least 2 tokens"),
+    (["--max-windows", "0"], "at least 1 window is scored"),
+    (["--seq-len", "100000"], "seq_len=100000: longer than the model's max_position_embeddings="),
+])
+def test_windows_that_cannot_be_scored_are_refused(tmp_path, capsys, flags, message):
+    model = ensure_tiny_checkpoint(tmp_path / "cache")
+    assert wq_eval.main(["--model", str(model), "--text", str(TEXT), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("wq-eval: error:") and message in last and "nan" not in err

@@ -9,6 +9,8 @@ files); or, with no source, the public-domain text bundled in `wq_ops/bundled/te
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,39 +21,66 @@ from wq_ops.errors import ConfigError
 
 __all__ = ["load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens", "BUNDLED_TEXT_DIR"]
 
+log = logging.getLogger(__name__)
+
 BUNDLED_TEXT_DIR = Path(__file__).resolve().parents[1] / "bundled" / "text"
 _TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
 
 
+def _strings(path: Path, column: str, values: list[Any]) -> list[str]:
+    """A column's values, each a string (or empty); anything else is an error naming the file."""
+    bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise ConfigError(f"--calib {path}: column {column!r} holds {type(bad).__name__} values ({str(bad)[:40]}), "
+                          "not text; pass --text-column, or pre-tokenized rows in an input_ids column")
+    return [v for v in values if v]
+
+
 def _read_parquet(path: Path, column: str) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"--calib {path}: not a readable parquet file ({e})") from None
     if column not in table.column_names:
         raise ConfigError(f"{path}: no column {column!r} (columns: {table.column_names}); pass --text-column")
-    return [t for t in table.column(column).to_pylist() if t]
+    return _strings(path, column, table.column(column).to_pylist())
 
 
 def _read_arrow(path: Path, column: str) -> list[str]:
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as source:
-        try:
-            table = pa.ipc.open_stream(source).read_all()     # what `datasets` writes
-        except pa.ArrowInvalid:
-            table = pa.ipc.open_file(source).read_all()
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()     # what `datasets` writes
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"--calib {path}: not a readable Arrow file ({e})") from None
     if column not in table.column_names:
         raise ConfigError(f"{path}: no column {column!r} (columns: {table.column_names}); pass --text-column")
-    return [t for t in table.column(column).to_pylist() if t]
+    return _strings(path, column, table.column(column).to_pylist())
 
 
 def _read_jsonl(path: Path, column: str) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--calib {path}: not UTF-8 JSON lines") from None
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
-            row = json.loads(line)
-            if column not in row:
-                raise ConfigError(f"{path}:{n}: no field {column!r}; pass --text-column")
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ConfigError(f"--calib {path}:{n}: not a JSON line ({e})") from None
+            if not isinstance(row, dict) or column not in row:
+                raise ConfigError(f"--calib {path}:{n}: no field {column!r}; pass --text-column")
+            if not isinstance(row[column], str):
+                raise ConfigError(f"--calib {path}:{n}: field {column!r} is a {type(row[column]).__name__}, not text")
             texts.append(row[column])
     return texts
 
@@ -90,11 +119,26 @@ def load_texts(source: str | None, *, text_column: str = "text") -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
         if not files:
             raise ConfigError(f"--calib {source}: no text files ({', '.join(_TEXT_SUFFIXES)}), parquet or arrow files")
-        texts = [p.read_text(encoding="utf-8") for p in files]
+        texts = []
+        for f in files:
+            texts += _read_file(f, text_column)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ConfigError(f"--calib {source}: holds no text")
+    _check_not_binary(source, texts)
     return texts
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]+")  # control characters but tab and line breaks
+_CONTROL_SHARE = 0.05       # real text has next to none; a binary file or a block of NUL bytes is mostly that
+
+
+def _check_not_binary(source: str, texts: list[str]) -> None:
+    n = sum(len(t) for t in texts)
+    control = sum(len(run) for t in texts for run in _CONTROL.findall(t))
+    if control > _CONTROL_SHARE * n:
+        raise ConfigError(f"--calib {source}: {control} of its {n} characters are control characters (NUL and "
+                          "the like): not text. Give natural text, or pre-tokenized rows in parquet")
 
 
 def tokenize_corpus(texts: list[str], tokenizer: Any) -> Tensor:
@@ -104,15 +148,38 @@ def tokenize_corpus(texts: list[str], tokenizer: Any) -> Tensor:
     return ids.to(torch.int64)
 
 
-def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int) -> Tensor:
-    """(n_samples, seq_len) int64 windows of `ids` at uniform random starts drawn from `seed`."""
+MIN_DISTINCT = 0.5          # of the windows' token positions, at least this share distinct text
+
+
+def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int, allow_repeats: bool = True) -> Tensor:
+    """(n_samples, seq_len) int64 windows of `ids` at uniform random starts drawn from `seed`. Windows may
+    overlap (GPTQ's sampling); unless `allow_repeats`, a text so short that fewer than MIN_DISTINCT of the
+    windows' positions are distinct text is refused (the statistics would weigh a few sentences many times)."""
     n_tokens = int(ids.numel())
     if n_tokens < seq_len:
         raise ConfigError(f"calibration text has {n_tokens} tokens, fewer than seq_len={seq_len}; "
                           "give more text (--calib) or a shorter --seq-len")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=gen)
+    distinct = distinct_positions(starts.tolist(), seq_len)
+    share = distinct / (n_samples * seq_len)
+    if share < MIN_DISTINCT:
+        message = (f"calibration text has {n_tokens} tokens for {n_samples} windows of {seq_len}: only {distinct} "
+                   f"of their {n_samples * seq_len} token positions ({share:.0%}) are distinct text")
+        if not allow_repeats:
+            raise ConfigError(f"{message}; give more text (--calib), fewer --samples or a shorter --seq-len, or "
+                              "accept it with --calib-allow-repeats")
+        log.warning("%s (--calib-allow-repeats)", message)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def distinct_positions(starts: list[int], seq_len: int) -> int:
+    """How many token positions the windows [s, s + seq_len) cover together."""
+    covered, end = 0, -1
+    for s in sorted(starts):
+        covered += min(seq_len, s + seq_len - max(s, end)) if s + seq_len > end else 0
+        end = max(end, s + seq_len)
+    return covered
 
 
 TOKEN_COLUMN = "input_ids"
@@ -137,7 +204,7 @@ def _token_rows(source: str | None) -> list[list[int]] | None:
 
 
 def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *, n_samples: int, seq_len: int,
-                       seed: int, text_column: str = "text") -> Tensor:
+                       seed: int, text_column: str = "text", allow_repeats: bool = False) -> Tensor:
     """(n_samples, seq_len) int64. Text: windows at random starts (seed) of the corpus, tokenized by
     load_tokenizer() (called only for text: loading a tokenizer imports its whole library, a second of
     start-up). Pre-tokenized parquet (an `input_ids` column): its first n_samples rows, each cut to
@@ -145,7 +212,8 @@ def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *,
     rows = _token_rows(source)
     if rows is None:
         texts = load_texts(source, text_column=text_column)
-        return sample_windows(tokenize_corpus(texts, load_tokenizer()), n_samples=n_samples, seq_len=seq_len, seed=seed)
+        return sample_windows(tokenize_corpus(texts, load_tokenizer()), n_samples=n_samples, seq_len=seq_len, seed=seed,
+                              allow_repeats=allow_repeats)
     if len(rows) < n_samples:
         raise ConfigError(f"--calib {source}: {len(rows)} pre-tokenized rows, fewer than samples={n_samples}")
     short = [i for i, r in enumerate(rows[:n_samples]) if r is None or len(r) < seq_len]

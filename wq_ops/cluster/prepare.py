@@ -44,6 +44,8 @@ from wq_ops.model.native_llama import NATIVE_ARCHITECTURES, NativeLlamaConfig, r
 
 __all__ = ["PreparedJob", "prepare_job", "modeling_name"]
 
+_TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
 log = logging.getLogger(__name__)
 
 
@@ -180,13 +182,25 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
     """The calibration tokens, the staging fingerprint and the staged blocks still valid, under the lease."""
 
     def load_tokenizer() -> Any:
+        no_tokenizer = (f"{checkpoint.source}: the checkpoint has no tokenizer (tokenizer.json, tokenizer.model "
+                        "or vocab.json), so text calibration cannot be tokenized; give pre-tokenized calibration "
+                        "instead: a parquet file with an input_ids column (--calib ids.parquet)")
+        if not any((checkpoint.local_dir / n).is_file() for n in _TOKENIZER_VOCABULARIES):
+            raise CheckpointError(no_tokenizer)
         with transformers_import_lock():     # from_pretrained imports the tokenizer's class lazily
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
+            try:
+                return AutoTokenizer.from_pretrained(checkpoint.local_dir, trust_remote_code=job.trust_remote_code)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{checkpoint.source}: transformers cannot load its tokenizer "
+                                      f"({type(e).__name__}: {str(e)[:200]}); pre-tokenized calibration needs "
+                                      "none: a parquet file with an input_ids column (--calib ids.parquet)") from None
 
     ids = calibration_tokens(job.calib.source, load_tokenizer, n_samples=job.calib.n_samples,
-                             seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column)
+                             seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column,
+                             # the bundled demo: its small bundled text, overlapping windows by design
+                             allow_repeats=job.calib.allow_repeats or not job.model and job.calib.source is None)
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                           f"{layout.vocab_size}")

@@ -137,6 +137,7 @@ class CalibConfig:
     seq_len: int = 2048
     seed: int = default_of("seed")
     text_column: str = default_of("text_column")   # column read from parquet files and datasets directories
+    allow_repeats: bool = default_of("calib_allow_repeats")   # windows mostly over the same text: accepted
 
     def __post_init__(self) -> None:
         positive_int(self.n_samples, "samples")

@@ -172,6 +172,8 @@ OPTIONS: tuple[Option, ...] = (
            "2048; 512 for the bundled model"), "tokens per sample", False),
     Option("seed", f"{C}.seed", Kind.INT, 0, "calibration sampling seed", False),
     Option("text_column", f"{C}.text_column", Kind.STR, "text", "column or field holding the text", False),
+    Option("calib_allow_repeats", f"{C}.allow_repeats", Kind.BOOL, False, "accept calibration text too short for "
+           "the windows, so that most of their tokens repeat others (reported)", False),
     # --- where it runs: results do not depend on it --------------------------------------------------------
     Option("actors", f"{R}.actors", Kind.INT, 1, "block actors, one per GPU", False),
     Option("gpus_per_actor", f"{R}.gpus_per_actor", Kind.FLOAT, 0.0, "GPUs per actor; 0 runs on CPU", False),

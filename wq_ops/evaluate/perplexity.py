@@ -44,7 +44,14 @@ def join_text(text: str, join: Join) -> str:
 def perplexity(model: Any, ids: Tensor, *, seq_len: int, max_windows: int | None = None,
                device: torch.device | str = "cpu") -> PerplexityResult:
     """model: a causal LM returning `.logits`; ids: (n_tokens,) int64. max_windows: score only the
-    first windows (None: all)."""
+    first windows (None: all). seq_len must leave a prediction in each window and fit the model's positions."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ConfigError(f"seq_len={seq_len!r}: a window needs at least 2 tokens (one prediction)")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise ConfigError(f"seq_len={seq_len}: longer than the model's max_position_embeddings={positions}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows={max_windows}: expected at least 1 (or none: every window)")
     n_windows = int(ids.numel()) // seq_len
     if n_windows == 0:
         raise ConfigError(f"the text has {int(ids.numel())} tokens, fewer than one window of seq_len={seq_len}")
