@@ -130,3 +130,21 @@ def test_a_checkpoint_without_a_tokenizer_says_so_and_takes_pre_tokenized_calibr
     ids = tmp_path / "ids.parquet"
     pq.write_table(pa.table({"input_ids": [[(7 * i + j) % 200 for j in range(32)] for i in range(4)]}), ids)
     assert cli.main(_args(model, tmp_path / "o", ids)) == 0
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"])
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_nan_in_the_weights_names_the_tensor(tmp_path, sources, capsys, monkeypatch, tensor, method):
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    model = shutil.copytree(sources[0], tmp_path / "m")
+    shard = model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+    tensors = load_file(shard)
+    tensors[tensor].view(-1)[3] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    assert cli.main(_args(model, out, sources[2], "--method", method)) == 2
+    err = capsys.readouterr().err
+    assert f"tensor {tensor} holds 1 NaN and 0 Inf values: the checkpoint is corrupt" in err, err
+    assert not (out / "model.safetensors.index.json").exists()

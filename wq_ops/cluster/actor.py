@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.cluster.actor_job import ActorJob
+from wq_ops.cluster.blame import blamed
 from wq_ops.cluster.loader import BlockLoader
 from wq_ops.cluster.protocol import (
     ActivationRef,
@@ -44,6 +45,7 @@ from wq_ops.config import Backend, RunConfig
 from wq_ops.device.compute_thread import ComputeThread
 from wq_ops.device.transport import HostTensor
 from wq_ops.device.warm_up import JobShapes, release_warm_up_memory, warm_up_device
+from wq_ops.errors import QuantizationError
 from wq_ops.io.checkpoint import read_tensors
 from wq_ops.model.architecture import import_transformers
 
@@ -193,7 +195,10 @@ class BlockActor:
                  inputs: list[ActivationRef] | None = None) -> Iterator[ShardRecord]:
         """Quantize `blocks`, yielding each block's record once its shard is staged (`SpanRunner.run_span`).
         A generator itself: Ray streams only a generator method's items."""
-        yield from self._use(spec)[1].run_span(blocks, inputs)
+        try:
+            yield from self._use(spec)[1].run_span(blocks, inputs)
+        except QuantizationError as e:
+            raise blamed(spec, blocks, e) from None
 
     def emit_outputs(self, spec: ActorSpec) -> list[ActivationRef]:
         """Hand this actor's final activations to the object store, one ref per micro-batch."""
@@ -210,11 +215,20 @@ class BlockActor:
 
     def forward_microbatch(self, spec: ActorSpec, m: int, x: HostTensor | None) -> HostTensor | None:
         """Micro-batch `m` through the span (`StreamedSpan.forward`)."""
-        return self._streamed_span(spec).forward(m, x)
+        span = self._streamed_span(spec)
+        try:
+            return span.forward(m, x)
+        except QuantizationError as e:
+            raise blamed(spec, list(span.span), e) from None
 
     def solve_span(self, spec: ActorSpec) -> Iterator[ShardRecord]:
         """Quantize the span's blocks from their statistics (`StreamedSpan.solve`); a generator, as run_span."""
-        yield from self._streamed_span(spec).solve()
+        span = self._streamed_span(spec)
+        blocks = list(span.span)
+        try:
+            yield from span.solve()
+        except QuantizationError as e:
+            raise blamed(spec, blocks, e) from None
 
     def _streamed_span(self, spec: ActorSpec) -> StreamedSpan:
         self._use(spec)

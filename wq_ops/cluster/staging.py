@@ -6,12 +6,14 @@ unchanged."""
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import Tensor
 
 from wq_ops.block.clock import PhaseClock
@@ -19,6 +21,7 @@ from wq_ops.block.records import PendingReport
 from wq_ops.block.work import BlockOutcome
 from wq_ops.cluster.protocol import ShardRecord
 from wq_ops.device.transport import Queued, after_queued_copies, queue_to_host
+from wq_ops.errors import QuantizationError
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 
 __all__ = ["StagedReport", "HostOutcome", "to_host_queued", "stage_block", "stage_outer", "file_sha256", "in_order",
@@ -61,7 +64,16 @@ def stage_block(artifact: ArtifactLayout, index: int, rank: int, queued: HostOut
                 report: StagedReport) -> ShardRecord:
     """Write block `index`'s shard and its record; raises a failed packing check before anything is written."""
     host, numbers = queued.wait()
+    # Scales and unquantized tensors (small; the packed codes are integers): NaN weights give NaN scales.
+    bad = next((k for k, v in sorted(host.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+               None)
+    if bad is not None:
+        raise QuantizationError(f"block {index}: {bad} holds NaN or Inf values; nothing was staged")
     layers, seconds = report.report.resolve(numbers), report.seconds()
+    for layer in layers:
+        if layer.quantized and not math.isfinite(layer.output_error):
+            raise QuantizationError(f"block {index}: {layer.name}'s output error is not finite (its weights or "
+                                    "inputs hold NaN or Inf); nothing was staged")
     t = time.perf_counter()                  # the write itself, not the wait for the block's GPU work
     path = artifact.staged_block(index)
     nbytes, sha = _write_shard(path, host)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wq_ops.errors import CheckpointError
+from wq_ops.errors import CheckpointError, QuantizationError
 from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup, Params, SequenceContext
 from wq_ops.model.moe import MoeSpec
@@ -35,6 +35,9 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
 
     staged = probe_block.forward(p32, x)
     own = probe_block.layer_forward(p32, x)
+    if not bool(torch.isfinite(own).all()):     # not the layout's fault: the driver names the weight
+        raise QuantizationError(f"{type(block.layer).__name__}: its forward gives NaN or Inf on random inputs "
+                                "(its weights hold NaN or Inf)")
     if not torch.allclose(staged, own, rtol=1e-4, atol=1e-5):
         raise CheckpointError(f"{type(block.layer).__name__}: its forward is not x + attn(norm(x)) then "
                               "h + mlp(norm(h)); wq cannot run this layer in stages")

@@ -49,7 +49,8 @@ def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
         h_finite, failed = torch.stack([finite, info != 0]).tolist()
         if not h_finite:
             raise QuantizationError(
-                "the Hessian holds NaN or Inf: the calibration activations overflowed; check the checkpoint's "
+                "the Hessian holds NaN or Inf: the calibration activations reaching this layer overflowed or "
+                "came from weights holding NaN/Inf (this block's or an earlier one's); check the checkpoint's "
                 "weights and dtype, or calibrate in a wider dtype"
             )
         if not failed:

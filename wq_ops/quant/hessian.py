@@ -131,7 +131,8 @@ def output_error_tensor(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
     d = w.to(wide) - w_hat.to(wide)
     h = quadratic_operand(h) if wide is torch.float32 else h
     num, den = quadratic_sum(d, h), quadratic_sum(w, h)
-    return torch.where(den > 0, num / den, torch.zeros_like(num))
+    # NaN (weights or inputs holding NaN/Inf) stays NaN: the driver refuses it and names the tensor.
+    return torch.where(den == 0, torch.zeros_like(num), num / den)
 
 
 @dataclass(frozen=True)
