@@ -37,7 +37,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
-    logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = str(args.pop("log_level")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        print(f"wq: error: --log-level {level.lower()}: expected debug, info, warning, error or critical",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = _read_yaml(Path(args.pop("config"))) if "config" in args else {}
         options.update(args)
@@ -77,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _read_yaml(path: Path) -> dict:
     """The options of a YAML job file; a file that is not a mapping is an error naming it."""
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise WqError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise WqError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data

@@ -148,3 +148,63 @@ def test_nan_in_the_weights_names_the_tensor(tmp_path, sources, capsys, monkeypa
     err = capsys.readouterr().err
     assert f"tensor {tensor} holds 1 NaN and 0 Inf values: the checkpoint is corrupt" in err, err
     assert not (out / "model.safetensors.index.json").exists()
+
+
+def test_shards_stored_in_another_dtype_than_the_config_says_are_refused_before_work(tmp_path, sources, capsys,
+                                                                                      monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    model = shutil.copytree(sources[0], tmp_path / "m")
+    for shard in model.glob("model-*.safetensors"):
+        save_file({k: v.to(torch.float16) for k, v in load_file(shard).items()}, str(shard), metadata={"format": "pt"})
+    assert cli.main(_args(model, tmp_path / "o", sources[2])) == 2
+    assert ("config.json gives dtype bfloat16 but model.embed_tokens.weight is stored as float16"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_more_actors_than_blocks_is_refused_before_any_actor_starts(tmp_path, sources, capsys, monkeypatch):
+    from wq_ops.cluster import ray_runtime
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("actors were started")
+
+    monkeypatch.setattr(ray_runtime.RayRuntime, "start", no_start)
+    assert cli.main(_args(sources[0], tmp_path / "o", sources[2], "--actors", "100")) == 2
+    assert "actors=100: the model has only 2 decoder blocks; use at most 2" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_staging_names_the_place_and_keeps_what_was_staged(tmp_path, sources, capsys,
+                                                                             monkeypatch):
+    from wq_ops.cluster import staging
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    real, written = staging.save_tensors_atomic, []
+
+    def fills_up(path, tensors, metadata=None):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(staging, "save_tensors_atomic", fills_up)
+    out = tmp_path / "o"
+    assert cli.main(_args(sources[0], out, sources[2], "--log-level", "debug")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("wq: error: cannot stage ") and "No space left on device" in err
+    assert "free space there or choose another --out" in err and str(out / ".wq-staging") in err
+    assert written and written[0].is_file()            # the block staged before is kept for the rerun
+    monkeypatch.setattr(staging, "save_tensors_atomic", real)
+    assert cli.main(_args(sources[0], out, sources[2])) == 0
+
+
+def test_yaml_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert cli.main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"wq: error: {bad}: not valid YAML")
+    bad.write_text("- a\n- b\n")
+    assert cli.main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad}: expected a mapping" in capsys.readouterr().err

@@ -67,3 +67,16 @@ def test_job_from_the_hub_equals_the_job_from_disk(hub, tmp_path):
     for shard in sorted(local.out_dir.glob("model-*.safetensors")):
         assert shard.read_bytes() == (remote.out_dir / shard.name).read_bytes()
     assert remote.report is not None and remote.report["source"]["revision"] == hub.repos["org/tiny"].sha
+
+
+def test_an_unreachable_hub_is_one_clear_error(monkeypatch, tmp_path):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:                 # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    with pytest.raises(CheckpointError, match=f"--model org/tiny: cannot reach the Hub at {endpoint}"):
+        open_checkpoint("org/tiny", cache_dir=str(tmp_path / "cache"))

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from wq_ops.cluster.actor import BlockActor
 from wq_ops.cluster.finish import write_artifact
-from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan
+from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan, split_spans
 from wq_ops.cluster.prepare import PreparedJob, prepare_job
 from wq_ops.cluster.protocol import ActivationRef, ActorSpec, ShardRecord
 from wq_ops.cluster.runtime import ActorHandle, ActorRuntime, Pending
@@ -28,6 +28,7 @@ from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig, Propagation
 from wq_ops.errors import ConfigError, WqError
 from wq_ops.io.artifact import check_room
+from wq_ops.io.checkpoint import read_config
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.redact import redact
 
@@ -234,6 +235,21 @@ def _present(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def _check_actor_count(job: JobConfig) -> None:
+    """More actors than decoder blocks, refused before any actor starts, where config.json is at hand (a local
+    checkpoint); otherwise the plan refuses it once the checkpoint is read."""
+    if job.run.actors == 1 or not job.model or not Path(job.model, "config.json").is_file():
+        return
+    try:
+        config = read_config(Path(job.model, "config.json"))
+    except WqError:
+        return                       # the preparation reports it, with its context
+    text = config.get("text_config")
+    blocks = (text if isinstance(text, dict) else config).get("num_hidden_layers")
+    if isinstance(blocks, int) and not isinstance(blocks, bool) and 0 < blocks < job.run.actors:
+        split_spans(blocks, job.run.actors)       # raises the plan's own message
+
+
 def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None) -> JobResult:
     """Quantize `job.model` into `job.out`. Raises a WqError subclass, naming the problem, for anything
     that can be checked before the work starts; writes nothing in `job.out` but staging until the end.
@@ -245,6 +261,7 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     if job.push_to_hub and not job.dry_run and hub_token is None:
         raise ConfigError("push_to_hub: no Hub token was given to the job")
     runtime = choose_runtime(job.run)
+    _check_actor_count(job)
 
     def timed_prepare() -> tuple[PreparedJob, float]:
         t = time.perf_counter()

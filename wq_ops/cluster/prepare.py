@@ -30,7 +30,7 @@ from wq_ops.io.artifact import (
     remove_leftovers,
     restore_set_aside,
 )
-from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config
+from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
 from wq_ops.io.lease import OutputLease
 from wq_ops.model.architecture import (
@@ -144,6 +144,8 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if missing:
         raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
                               f"e.g. {missing[0]}")
+    if fp8_block is None:
+        _check_storage_dtype(checkpoint, layout)
     if fp8_block is not None:          # read dequantized, in the dtype the model computes in
         checkpoint = replace(checkpoint, fp8_block=fp8_block, fp8_dtype=str(layout.dtype).replace("torch.", ""))
         log.info("source: FP8 with %dx%d block scales, read dequantized to %s", *fp8_block, checkpoint.fp8_dtype)
@@ -213,6 +215,26 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility,
                        not_written=not_written, carried=carried, lease=lease)
+
+
+_HEADER_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _check_storage_dtype(checkpoint: Checkpoint, layout: ModelLayout) -> None:
+    """The weights the model computes with (the embedding and block 0's linear layers) must be stored in the
+    dtype config.json states: a mismatch would surface only once the first block computes."""
+    names = [layout.embed_name] + [layout.block_tensor_name(0, s.name) + ".weight" for s in layout.block(0).linears]
+    for shard, in_shard in checkpoint.files_for(n for n in names if n in checkpoint.weight_map).items():
+        header = shard_header(checkpoint.shard_path(shard)) if checkpoint.repo_id is None else None
+        if header is None:              # a Hub shard is read where an actor needs it, not here
+            return
+        for name in in_shard:
+            stored = _HEADER_DTYPES.get(header[name]["dtype"])
+            if stored is not None and stored != layout.dtype:
+                raise CheckpointError(
+                    f"{checkpoint.source}: config.json gives dtype {str(layout.dtype).replace('torch.', '')} but "
+                    f"{name} is stored as {str(stored).replace('torch.', '')}; set config.json's dtype (or "
+                    "torch_dtype) to the shards' dtype, or convert the shards")
 
 
 def _unread_tensors(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[tuple[str, ...], tuple[str, ...]]:

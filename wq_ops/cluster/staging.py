@@ -21,7 +21,7 @@ from wq_ops.block.records import PendingReport
 from wq_ops.block.work import BlockOutcome
 from wq_ops.cluster.protocol import ShardRecord
 from wq_ops.device.transport import Queued, after_queued_copies, queue_to_host
-from wq_ops.errors import QuantizationError
+from wq_ops.errors import ArtifactError, QuantizationError
 from wq_ops.io.artifact import ArtifactLayout, save_tensors_atomic, write_json_atomic
 
 __all__ = ["StagedReport", "HostOutcome", "to_host_queued", "stage_block", "stage_outer", "file_sha256", "in_order",
@@ -105,7 +105,11 @@ def file_sha256(path: Path) -> str:
 
 def _write_shard(path: Path, tensors: dict[str, Tensor]) -> tuple[int, str]:
     """Stage a shard atomically; returns (tensor bytes, sha256 of the file)."""
-    save_tensors_atomic(path, tensors)
+    try:
+        save_tensors_atomic(path, tensors)
+    except OSError as e:
+        raise ArtifactError(f"cannot stage {path.name} in {path.parent} ({e}); free space there or choose another "
+                            "--out: the blocks staged so far are kept, and a rerun resumes from them") from None
     return sum(t.numel() * t.element_size() for t in tensors.values()), file_sha256(path)
 
 

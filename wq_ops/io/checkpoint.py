@@ -227,6 +227,13 @@ def _open_local(directory: Path, *, verify: bool) -> Checkpoint:
     return Checkpoint(local_dir=directory, weight_map=weight_map, shards=shards)
 
 
+def _network_error(error: BaseException) -> bool:
+    """A failure to reach the Hub: an OSError, or an HTTP client's transport error (huggingface_hub's client
+    library, whatever its module is called)."""
+    names = {c.__name__ for c in type(error).__mro__}
+    return isinstance(error, OSError) or bool(names & {"TransportError", "RequestError", "ConnectionError"})
+
+
 def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> Checkpoint:
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import (
@@ -246,6 +253,11 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
         raise CheckpointError(f"--model {repo_id}: no revision {revision!r}") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"--model {repo_id}: the Hub answered {e}") from None
+    except Exception as e:
+        if not _network_error(e):
+            raise
+        raise CheckpointError(f"--model {repo_id}: cannot reach the Hub at {endpoint} ({e}); check the network "
+                              "(HF_ENDPOINT, proxies), or give a local checkpoint directory") from None
     sha = info.sha
     siblings = {s.rfilename for s in (info.siblings or [])}
 
@@ -254,6 +266,10 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
             return Path(hf_hub_download(repo_id, name, revision=sha, cache_dir=cache_dir, endpoint=endpoint))
         except EntryNotFoundError:
             raise CheckpointError(f"{repo_id}@{sha}: no file {name}") from None
+        except Exception as e:
+            if not _network_error(e):
+                raise
+            raise CheckpointError(f"{repo_id}@{sha}: cannot download {name} from {endpoint} ({e})") from None
 
     config = fetch("config.json")
     for name in TOKENIZER_FILES:
