@@ -138,7 +138,8 @@ def _well_formed(entry: object) -> bool:
         return False
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     ints = (lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs))  # noqa: E731
-    return (entry.get("dtype") in _DTYPE_BYTES and ints(shape) and ints(offsets)
+    dtype = entry.get("dtype")
+    return (isinstance(dtype, str) and dtype in _DTYPE_BYTES and ints(shape) and ints(offsets)
             and isinstance(offsets, list) and len(offsets) == 2)
 
 
