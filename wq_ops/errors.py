@@ -5,7 +5,7 @@ and what to do next. Input is checked at the boundaries, before any work starts.
 """
 
 __all__ = ["WqError", "ConfigError", "CheckpointError", "KernelError", "ArtifactError", "ResourceError",
-           "QuantizationError"]
+           "QuantizationError", "ActorLostError"]
 
 
 class WqError(Exception):
@@ -34,3 +34,7 @@ class ResourceError(WqError):
 
 class QuantizationError(WqError):
     """A layer could not be quantized, e.g. its Hessian cannot be made positive definite."""
+
+
+class ActorLostError(WqError):
+    """Actors died more often than --max-actor-restarts allows (preempted nodes, OOM kills)."""

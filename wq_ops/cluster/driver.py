@@ -26,7 +26,7 @@ from wq_ops.cluster.protocol import ActivationRef, ActorSpec, ShardRecord
 from wq_ops.cluster.runtime import ActorHandle, ActorRuntime, Pending
 from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig, Propagation
-from wq_ops.errors import ConfigError, WqError
+from wq_ops.errors import ActorLostError, ConfigError, WqError
 from wq_ops.io.artifact import check_room
 from wq_ops.io.checkpoint import read_config
 from wq_ops.io.hub_push import check_push_access, push_artifact
@@ -303,7 +303,28 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
         log.info("%s", plan.describe())
         check_fits(plan)
         log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))
-        finished = _run_actors(prepared, plan, runtime, actors)
+        restarts: list[dict[str, Any]] = []
+        while True:
+            try:
+                finished = _run_actors(prepared, plan, runtime, actors)
+                break
+            except Exception as e:
+                if not runtime.actor_lost(e):
+                    raise
+                cause = " ".join(str(e).split())[:300]
+                if len(restarts) >= job.run.max_actor_restarts:
+                    raise ActorLostError(
+                        f"an actor was lost ({cause}) after {len(restarts)} restart(s), the most "
+                        f"--max-actor-restarts allows; the staged blocks are kept: rerun the job to resume") from None
+                restarts.append({"restart": len(restarts) + 1, "at": time.time(), "cause": cause})
+                log.warning("an actor was lost (%s); restart %d of at most %d: new actors resume from the staged "
+                            "blocks", cause, len(restarts), job.run.max_actor_restarts)
+                runtime.stop_actors(actors)
+                actors = []
+                actors = runtime.start_actors(job)
+                capacity, _ = _actor_capacity(job, runtime, actors, created_at=time.time())
+                plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
+                check_fits(plan)       # the new actors may have landed on other nodes
         for split, seconds in zip(startup, finished.warm_ups):
             split["warmup_s"] = seconds
     finally:
@@ -315,7 +336,7 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
                                    startup={"runtime": runtime.name, "ready_s": round(ready_s, 3),
                                             "runtime_start_s": round(runtime_s, 3),
                                             "prepare_s": round(prepare_s, 3), "actors": startup},
-                                   handoffs=finished.handoffs, memory=finished.memory)
+                                   handoffs=finished.handoffs, memory=finished.memory, restarts=restarts)
     result = JobResult(out_dir=Path(job.out), plan=plan, report=report, index_path=index)
     if job.push_to_hub:
         assert hub_token is not None

@@ -34,9 +34,9 @@ def carried_modules(carried: tuple[str, ...]) -> list[str]:
 
 def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRecord], *, wall_seconds: float,
                    command: str, startup: dict[str, Any], handoffs: list[dict],
-                   memory: list[dict]) -> tuple[dict[str, Any], Path]:
+                   memory: list[dict], restarts: list[dict] | None = None) -> tuple[dict[str, Any], Path]:
     """Write the artifact from the staged shards' records; returns the report and the index's path. startup,
-    handoffs, memory: the report's sections of the same names."""
+    handoffs, memory: the report's sections of the same names; restarts: its `actor_restarts`."""
     job, layout, artifact = prepared.job, prepared.layout, prepared.artifact
     shard_of: dict[str, str] = {}
     for r in records:
@@ -70,6 +70,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["memory"] = memory            # each actor's planned bytes and, on a GPU, its device peaks
     report["source_not_written"] = list(prepared.not_written)   # source tensors the model does not read
     report["source_carried"] = list(prepared.carried)           # copied unquantized: layers past the blocks
+    report["actor_restarts"] = list(restarts or [])             # actors lost and replaced during the job
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name, src in prepared.checkpoint.side_files().items():
         files[name] = src.read_bytes()

@@ -123,6 +123,12 @@ class LocalRuntime:
     def get_all(self, pendings: Sequence[Pending[T]], timeout: float | None = None) -> list[T]:
         return [_value(p) for p in pendings]
 
+    def stop_actors(self, actors: list[ActorHandle]) -> None:
+        self.stop(actors)
+
+    def actor_lost(self, error: BaseException) -> bool:
+        return False                     # the in-process actor dies only with the driver
+
     def stop(self, actors: list[ActorHandle]) -> None:
         """Wait for an actor still starting (its thread would hold the process open anyway), let it finish
         staging, and give the process its torch thread count back, whether the job worked or not."""

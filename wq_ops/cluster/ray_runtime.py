@@ -146,7 +146,7 @@ class RayRuntime:
 
         return cast(list[T], ray.get([_ref(p) for p in pendings], timeout=timeout))
 
-    def stop(self, actors: list[ActorHandle]) -> None:
+    def stop_actors(self, actors: list[ActorHandle]) -> None:
         import ray
 
         for actor in actors:
@@ -157,6 +157,31 @@ class RayRuntime:
 
             remove_placement_group(self._group)
             self._group = None
+
+    def actor_lost(self, error: BaseException) -> bool:
+        """A dead actor, or an activation it owned (lost with it), anywhere in the error's causes: a call to a
+        live actor that needed the dead one's outputs fails with the owner's death as its cause."""
+        from ray import exceptions
+
+        lost = (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.WorkerCrashedError,
+                exceptions.NodeDiedError)
+        seen: set[int] = set()
+        todo: list[BaseException | None] = [error]
+        while todo:
+            e = todo.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            if isinstance(e, lost):
+                return True
+            cause = getattr(e, "cause", None)
+            todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+        return False
+
+    def stop(self, actors: list[ActorHandle]) -> None:
+        import ray
+
+        self.stop_actors(actors)
         if self._started:
             ray.shutdown()
 

@@ -75,5 +75,12 @@ class ActorRuntime(Protocol):
     def get_all(self, pendings: Sequence[Pending[T]], timeout: float | None = None) -> list[T]:
         """The values of several calls, in order; raises the first error."""
 
+    def stop_actors(self, actors: list[ActorHandle]) -> None:
+        """End the actors (and their placement), keeping what `start` started, so that new ones can start."""
+
+    def actor_lost(self, error: BaseException) -> bool:
+        """Whether `error` means an actor's process is gone (a preempted node, an OOM kill), which a new actor
+        can make good, rather than a failure of the job itself."""
+
     def stop(self, actors: list[ActorHandle]) -> None:
         """End the actors and whatever `start` started."""

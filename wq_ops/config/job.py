@@ -156,6 +156,7 @@ class RunConfig:
     micro_batch_samples: int = default_of("micro_batch_samples")   # calibration samples per forward call
     actor_memory_gib: float | None = default_of("actor_memory_gib")   # None: measured from the actor's device
     address: str | None = default_of("address")               # Ray cluster address; None: local (see runtime)
+    max_actor_restarts: int = default_of("max_actor_restarts")   # lost actors replaced, per job
     propagation: Propagation = default_of("propagation")
     span_mode: SpanMode = default_of("span_mode")
     runtime: Runtime = default_of("runtime")
@@ -170,6 +171,9 @@ class RunConfig:
         positive_int(self.actors, "actors")
         positive_int(self.cpus_per_actor, "cpus_per_actor")
         positive_int(self.micro_batch_samples, "micro_batch_samples")
+        if isinstance(self.max_actor_restarts, bool) or not isinstance(self.max_actor_restarts, int) \
+                or self.max_actor_restarts < 0:
+            raise ConfigError(f"max_actor_restarts={self.max_actor_restarts!r}: expected an integer >= 0")
         if isinstance(self.gpus_per_actor, bool) or not isinstance(self.gpus_per_actor, (int, float)) \
                 or self.gpus_per_actor < 0:
             raise ConfigError(f"gpus_per_actor={self.gpus_per_actor!r}: expected a number >= 0 (0 runs on CPU)")

@@ -181,6 +181,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("micro_batch_samples", f"{R}.micro_batch_samples", Kind.INT, 8, "calibration samples per forward", False),
     Option("actor_memory_gib", f"{R}.actor_memory_gib", Kind.FLOAT, None, "memory per actor (none: measured)",
            False),
+    Option("max_actor_restarts", f"{R}.max_actor_restarts", Kind.INT, 3, "actors lost (a preempted node, an OOM "
+           "kill) are replaced this many times per job; the new ones resume from the staged blocks", False),
     Option("address", f"{R}.address", Kind.STR, None, "Ray cluster address (none: $RAY_ADDRESS, else a local Ray, "
            "or none for one actor: see --runtime)", False),
     Option("propagation", f"{R}.propagation", Kind.CHOICE, Propagation.QUANTIZED, "block inputs from the quantized "
