@@ -20,8 +20,10 @@ from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig
 from wq_ops.config.options import add_arguments
 from wq_ops.device.cuda_context import start_primary_context
-from wq_ops.errors import WqError
+from wq_ops.errors import ActorLostError, WqError
 from wq_ops.io.hub_push import resolve_token
+
+RERUN_RESUMES = 75                     # EX_TEMPFAIL: actors kept dying; a rerun resumes from the staged blocks
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")       # unattended logs, not terminals
         token = resolve_token(None) if job.push_to_hub else None
         result = run_job(job, cache_dir=cache, command=command, hub_token=token)
+    except ActorLostError as e:         # a rerun resumes: jobs.retry runs the driver again
+        print(f"wq: error: {e}", file=sys.stderr)
+        return RERUN_RESUMES
     except (WqError, OSError, yaml.YAMLError) as e:
         print(f"wq: error: {e}", file=sys.stderr)
         return 2

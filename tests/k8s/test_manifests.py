@@ -237,6 +237,9 @@ def test_the_one_off_rayjob_is_a_valid_jobs_quantize_command_line():
     [job] = _docs("oneoff")
     assert job["kind"] == "RayJob" and job["spec"]["clusterSelector"] == {"ray.io/cluster": "wq"}
     argv = shlex.split(job["spec"]["entrypoint"])
+    # The driver is run again if it dies (no backoffLimit: KubeRay refuses it beside a clusterSelector).
+    assert argv[:6] == ["python", "-m", "jobs.retry", "--attempts", "3", "--"] and "backoffLimit" not in job["spec"]
+    argv = argv[6:]
     assert argv[:3] == ["python", "-m", "jobs.quantize"]
     args = parse_quantize_argv(argv[3:])
     [cluster] = [d for d in render(K8S / "base") if d["kind"] == "RayCluster"]
