@@ -80,3 +80,24 @@ def test_an_unreachable_hub_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     with pytest.raises(CheckpointError, match=f"--model org/tiny: cannot reach the Hub at {endpoint}"):
         open_checkpoint("org/tiny", cache_dir=str(tmp_path / "cache"))
+
+
+def test_more_actors_than_blocks_of_a_hub_model_start_no_actor(hub, tmp_path, monkeypatch):
+    from wq_ops.cluster import ray_runtime
+    from wq_ops.cluster.driver import run_job
+    from wq_ops.config import JobConfig
+    from wq_ops.errors import ConfigError
+
+    src = write_checkpoint(tmp_path / "src", num_hidden_layers=4)
+    hub.add_repo_from_dir("org/tiny", src)
+    monkeypatch.setattr(ray_runtime.RayRuntime, "start", lambda self, job: None)
+
+    def no_actors(self, job):
+        raise AssertionError("actors were started")
+
+    monkeypatch.setattr(ray_runtime.RayRuntime, "start_actors", no_actors)
+    job = JobConfig.from_dict({"model": "org/tiny", "out": str(tmp_path / "o"), "actors": 10,
+                               "calib": str(write_text(tmp_path / "c.txt")), "samples": 4, "seq_len": 32})
+    with pytest.raises(ConfigError, match="actors=10: the model has only 4 decoder blocks"):
+        run_job(job, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "o").exists()

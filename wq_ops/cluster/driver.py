@@ -235,19 +235,24 @@ def _present(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _check_actor_count(job: JobConfig) -> None:
-    """More actors than decoder blocks, refused before any actor starts, where config.json is at hand (a local
-    checkpoint); otherwise the plan refuses it once the checkpoint is read."""
-    if job.run.actors == 1 or not job.model or not Path(job.model, "config.json").is_file():
-        return
+def _check_actor_count(job: JobConfig) -> bool:
+    """More actors than decoder blocks, refused before any actor starts where config.json is at hand (a local
+    checkpoint, the bundled model); returns whether it could check (otherwise the preparation checks it, and
+    the driver waits for that before starting several actors)."""
+    if job.run.actors == 1 or not job.model:
+        return True
+    if not Path(job.model, "config.json").is_file():
+        return False
     try:
         config = read_config(Path(job.model, "config.json"))
     except WqError:
-        return                       # the preparation reports it, with its context
+        return False                 # the preparation reports it, with its context
     text = config.get("text_config")
     blocks = (text if isinstance(text, dict) else config).get("num_hidden_layers")
-    if isinstance(blocks, int) and not isinstance(blocks, bool) and 0 < blocks < job.run.actors:
-        split_spans(blocks, job.run.actors)       # raises the plan's own message
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        return False
+    split_spans(blocks, job.run.actors)       # raises the plan's own message
+    return True
 
 
 def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None) -> JobResult:
@@ -261,7 +266,7 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     if job.push_to_hub and not job.dry_run and hub_token is None:
         raise ConfigError("push_to_hub: no Hub token was given to the job")
     runtime = choose_runtime(job.run)
-    _check_actor_count(job)
+    counted = _check_actor_count(job)
 
     def timed_prepare() -> tuple[PreparedJob, float]:
         t = time.perf_counter()
@@ -270,7 +275,8 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     pool = ThreadPoolExecutor(1, thread_name_prefix="wq-prepare")
     preparing = pool.submit(timed_prepare)
     try:
-        return _run_prepared(job, runtime, preparing, start=start, command=command, hub_token=hub_token)
+        return _run_prepared(job, runtime, preparing, start=start, command=command, hub_token=hub_token,
+                             wait_for_prepare=not counted)
     finally:
         pool.shutdown(wait=True)
         if not preparing.cancelled() and preparing.exception() is None:
@@ -280,13 +286,16 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
 
 
 def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple[PreparedJob, float]], *,
-                  start: float, command: str, hub_token: str | None) -> JobResult:
+                  start: float, command: str, hub_token: str | None, wait_for_prepare: bool) -> JobResult:
     """run_job once the preparation is under way: the runtime and actors, the plan, the actors' work, the
-    artifact and its push."""
+    artifact and its push. wait_for_prepare: start the actors only once the preparation has checked the job
+    (the block count was not at hand: no actor spawned for a job that cannot use it)."""
     actors: list[ActorHandle] = []
     try:
         runtime.start(job)
         runtime_s = time.perf_counter() - start
+        if wait_for_prepare:
+            preparing.result()
         created_at = time.time()
         actors = runtime.start_actors(job)
         prepared, prepare_s = preparing.result()

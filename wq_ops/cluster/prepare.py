@@ -17,6 +17,7 @@ import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
 from wq_ops.calib.data import calibration_tokens
+from wq_ops.cluster.plan import split_spans
 from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
 from wq_ops.errors import CheckpointError, ConfigError
@@ -157,6 +158,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if not_written:
         log.warning("the source has %d tensor(s) the model does not read, which the artifact leaves out: %s",
                     len(not_written), _describe_names(not_written))
+    split_spans(layout.n_blocks, job.run.actors)   # more actors than blocks: refused before any actor starts
     _check_quant_fits_layout(job, layout)
     compatibility = _check_tensor_parallel(job, layout, hf_config)
     if job.calib.seq_len > int(getattr(hf_config, "max_position_embeddings", job.calib.seq_len)):
