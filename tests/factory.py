@@ -4,7 +4,7 @@ index, tokenizer), for tests that need a model but not a trained one."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -168,3 +168,24 @@ def write_fp8_checkpoint(source: Path, fp8_dir: Path, dequantized_dir: Path, *, 
             if extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):
                 shutil.copy(extra, directory / extra.name)
     return fp8_dir, dequantized_dir
+
+
+def artifact_files(out: Path) -> dict[str, bytes]:
+    """An artifact's config, index and shards (what must be byte-identical between two runs)."""
+    names = ["config.json", "model.safetensors.index.json", *sorted(p.name for p in out.glob("model-*.safetensors"))]
+    return {n: (out / n).read_bytes() for n in names}
+
+
+def fail_index_writes(monkeypatch: Any) -> Callable[[], None]:
+    """Make writing an artifact's index fail as a full disk does; returns what undoes it."""
+    import wq_ops.io.artifact as artifact
+
+    real = artifact.write_json_atomic
+
+    def disk_full(path: Path, obj: Any) -> None:
+        if path.name == "model.safetensors.index.json":
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(artifact, "write_json_atomic", disk_full)
+    return lambda: monkeypatch.setattr(artifact, "write_json_atomic", real)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factory import write_checkpoint, write_text
+from tests.factory import artifact_files, write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
 from wq_ops.errors import ActorLostError
@@ -29,11 +29,6 @@ def job(out: Path, llama, **options) -> JobConfig:
     base = {"out": str(out), "model": str(model), "calib": str(calib), "samples": 16, "seq_len": 128,
             "micro_batch_samples": 4, "group_size": 64, "actors": 2}
     return JobConfig.from_dict({**base, **options})
-
-
-def artifact_files(out: Path) -> dict[str, bytes]:
-    names = ["config.json", "model.safetensors.index.json", *sorted(p.name for p in out.glob("model-*.safetensors"))]
-    return {n: (out / n).read_bytes() for n in names}
 
 
 def block_actor_pids() -> list[int]:

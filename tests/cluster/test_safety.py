@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import jobs.quantize as cli
-from tests.factory import write_checkpoint, write_text
+from tests.factory import fail_index_writes, write_checkpoint, write_text
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +77,15 @@ def test_a_second_job_into_the_same_out_stops_naming_the_first(tmp_path, sources
 
 
 def test_overwrite_replaces_an_artifact_and_a_failed_one_keeps_it(tmp_path, sources, capsys, monkeypatch):
-    import wq_ops.io.artifact as artifact
-
     monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "o"
     assert cli.main(_args(sources[0], out, sources[2], "--bits", "8")) == 0
     before = _contents(out)
-    real = artifact.write_json_atomic
-
-    def disk_full(path, obj):
-        if path.name == "model.safetensors.index.json":
-            raise OSError(28, "No space left on device")
-        real(path, obj)
-
-    monkeypatch.setattr(artifact, "write_json_atomic", disk_full)
+    undo = fail_index_writes(monkeypatch)
     assert cli.main(_args(sources[0], out, sources[2], "--overwrite")) == 2
     assert "could not write the artifact in" in capsys.readouterr().err
     assert _contents(out) == before                    # the old artifact, whole
-    monkeypatch.setattr(artifact, "write_json_atomic", real)
+    undo()
     assert cli.main(_args(sources[0], out, sources[2], "--overwrite")) == 0
     report = json.loads((out / "wq_report.json").read_text())
     assert report["job"]["bits"] == 4 and report["totals"]["blocks_resumed"] == 2   # the failed run's blocks

@@ -92,26 +92,19 @@ def test_an_overwrite_replaces_the_whole_artifact(tmp_path, monkeypatch, exchang
 
 
 def test_a_failed_overwrite_leaves_the_old_artifact_whole_and_the_staged_shards(tmp_path, monkeypatch):
-    import wq_ops.io.artifact as artifact
+    from tests.factory import fail_index_writes
 
     out = tmp_path / "out"
     _finalize(_staged(out, "old", 1.0), b'{"old": 1}')
     before = _files(out)
     layout = _staged(out, "new", 2.0)
-    real = artifact.write_json_atomic
-
-    def disk_full(path, obj):
-        if path.name == "model.safetensors.index.json":
-            raise OSError(28, "No space left on device")
-        real(path, obj)
-
-    monkeypatch.setattr(artifact, "write_json_atomic", disk_full)
+    undo = fail_index_writes(monkeypatch)
     with pytest.raises(ArtifactError, match="No space left on device.*the artifact there is unchanged, and the "
                                             "staged blocks are kept"):
         _finalize(layout, b'{"new": 1}')
     assert _files(out) == before                          # readers still see the old artifact, complete
     assert layout.staged_block(0).is_file()               # a rerun resumes from the staged shard
-    monkeypatch.setattr(artifact, "write_json_atomic", real)
+    undo()
     from wq_ops.io.artifact import remove_leftovers
 
     remove_leftovers(out)                                 # what the next job does under its lease
