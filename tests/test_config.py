@@ -104,3 +104,12 @@ def test_only_the_replayed_awq_search_keeps_samples():
     assert QuantConfig(method="awq", awq=AWQParams(search_samples=7, loss="module")).kept_search_samples == 7
     assert QuantConfig(method="awq", awq=AWQParams(search_samples=7)).kept_search_samples == 0      # layer, the default
     assert QuantConfig(method="gptq").kept_search_samples == 0
+
+
+def test_a_null_leaves_an_option_at_its_default_where_none_is_not_a_value():
+    """A YAML key with nothing after it (`ignore:`): the default where None means nothing for the option; for
+    options whose None means something (a group per row) or whose default depends on others, it is checked."""
+    job = JobConfig.from_dict({"out": "x", "ignore": None, "bits": None, "group_size": None})
+    assert job.quant.ignore == () and job.quant.bits == 4 and job.quant.group_size is None
+    with pytest.raises(ConfigError, match="samples=None"):
+        JobConfig.from_dict({"out": "x", "samples": None})

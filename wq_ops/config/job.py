@@ -234,7 +234,10 @@ class JobConfig:
         """Build from flat options named like the command line's flags (`group_size`, `samples`, ...), with the
         command line's defaults (the option table's). Unknown keys are an error that lists the known ones; an
         option of another method than the job's is an error too (it would be ignored)."""
-        given = {k: convert(k, v) if k in {o.name for o in OPTIONS} else v for k, v in options.items()}
+        # A null (YAML `ignore:` with nothing after it) leaves an option unset where None is not one of its values.
+        by_name = {o.name: o for o in OPTIONS}
+        given = {k: convert(k, v) if k in by_name else v for k, v in options.items()
+                 if not (v is None and k in by_name and not by_name[k].takes_none)}
         given = fill_defaults(given)
         method = parse_enum(Method, given.get("method", default_of("method")), "method")
         misfits = method_misfits(options, method)

@@ -70,6 +70,13 @@ class Option:
     cli: bool = True                  # False: YAML and the Python entry only (a testing hook)
 
     @property
+    def takes_none(self) -> bool:
+        """A null given for it reaches its checks: None is one of its values (a group per row; unset paths and
+        addresses), or its default depends on the others (`out: null` is an error, not the default path).
+        Otherwise a null leaves it at its default."""
+        return self.default is None or isinstance(self.default, Dependent) or self.kind is Kind.GROUP_SIZE
+
+    @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
