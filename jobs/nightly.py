@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the jobs it would submit; "
                    "submits and writes nothing")
     p.add_argument("--poll-s", dest="poll_s", type=float, default=10.0, help="seconds between job status polls")
-    p.add_argument("--log-level", dest="log_level", default="INFO")
+    p.add_argument("--log-level", dest="log_level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="(default: INFO)")
     return p
 
 

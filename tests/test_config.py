@@ -22,6 +22,8 @@ from wq_ops.errors import ConfigError
     ({"awq_max_shrink": 1.0}, "awq_max_shrink=1.0"),
     ({"awq_loss": "output"}, "awq_loss='output'"),
     ({"gpus_per_actor": "nan"}, "gpus_per_actor='nan': expected a finite number"),
+    ({"group_size": -1}, "group_size=-1: write 'channel'"),
+    ({"ignore": "re:(unclosed"}, "ignore='re:(unclosed': not a regular expression"),
     ({"damp": float("inf")}, "damp=inf: expected a finite number"),
     ({"actor_memory_gib": "-inf"}, "actor_memory_gib='-inf': expected a finite number"),
     ({"ignore": 5}, "ignore=5: expected a pattern or a list of patterns"),
@@ -36,7 +38,7 @@ def test_bad_values_name_the_field(options, field):
 
 
 def test_unknown_keys_are_listed():
-    with pytest.raises(ConfigError, match="unknown option.*group_szie.*known options"):
+    with pytest.raises(ConfigError, match=r"unknown option.*group_szie \(did you mean group_size\?\).*known options"):
         JobConfig.from_dict({"out": "x", "group_szie": 64})
 
 

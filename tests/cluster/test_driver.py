@@ -2,6 +2,7 @@
 refusal that must happen before any work."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,22 @@ def test_ignored_layers_stay_dense(tmp_path, llama):
     assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["ignore"]
     index = json.loads((result.out_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.3.mlp.down_proj.weight" in index and "model.layers.3.mlp.up_proj.weight_packed" in index
+
+
+def test_llm_compressor_regex_patterns_keep_layers_dense_and_a_pattern_matching_nothing_is_refused(tmp_path, llama):
+    model_dir, calib = llama
+    result = run_job(job(tmp_path / "re", model=str(model_dir), calib=str(calib), group_size=64,
+                         ignore=["re:.*gate_proj$", "re:model\\.layers\\.0\\."]), cache_dir=tmp_path)
+    index = json.loads((result.out_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.3.mlp.gate_proj.weight" in index and "model.layers.3.mlp.up_proj.weight_packed" in index
+    assert "model.layers.0.self_attn.q_proj.weight" in index and "model.layers.1.self_attn.q_proj.weight_packed" \
+        in index
+    for pattern in ["re:gate_proj$", "*.mlp.gate"]:     # re: matches from the name's start; fnmatch the whole name
+        with pytest.raises(ConfigError, match=f"ignore='{re.escape(pattern)}': this .* matches no linear module "
+                                              "of the model"):
+            run_job(job(tmp_path / "none", model=str(model_dir), calib=str(calib), ignore=[pattern]),
+                    cache_dir=tmp_path)
+        assert nothing_written(tmp_path / "none")
 
 
 def nothing_written(out: Path) -> bool:

@@ -228,3 +228,29 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     assert cli.main([*common, "--address", "http://h:8265"]) == 3
     wl.write_text("recipes: {rtn-w4: {method: rtn, bits: 5}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\n")
     assert cli.main(common) == 2 and "recipes.rtn-w4: bits=5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("publish", [False, True], ids=["state-kept", "state-lost"])
+def test_an_unreachable_hub_is_one_line_and_decides_nothing(tmp_path, monkeypatch, capsys, publish):
+    """No network: the real Hub client against a port nothing listens on. One error line, exit 2, no state
+    written and no claim of a rebuild (with publish and no state, the state would be rebuilt from the cards)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    wl = tmp_path / "watch.yaml"
+    wl.write_text("recipes: {rtn-w4: {method: rtn}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}, "
+                  "{repo: org/b, recipes: [rtn-w4]}, {author: org, pattern: 'c-*', recipes: [rtn-w4]}]\n"
+                  f"publish: {str(publish).lower()}\ndestination: 'quant/{{name}}-{{recipe}}'\n")
+    state = tmp_path / "s.json"
+    code = cli.main(["--watch-list", str(wl), "--state", str(state), "--artifacts", str(tmp_path / "a"),
+                     "--dry-run", "--log-level", "debug"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("wq-nightly:")]
+    assert code == 2 and len(errors) == 1, captured.err
+    assert f"the Hub at {endpoint} is unreachable" in errors[0] and "nothing was" in errors[0]
+    assert "rebuilt" not in captured.err + captured.out and not state.exists()

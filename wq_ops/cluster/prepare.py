@@ -22,7 +22,7 @@ from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
 from wq_ops.errors import CheckpointError, ConfigError
 from wq_ops.formats import format_module
-from wq_ops.formats.block_tensors import is_ignored
+from wq_ops.formats.block_tensors import is_ignored, matches
 from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
 from wq_ops.io.artifact import (
     ArtifactLayout,
@@ -92,6 +92,21 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
         )
 
 
+def _check_ignore_patterns(job: JobConfig, layout: ModelLayout) -> None:
+    """Every --ignore pattern must match a linear module of the model: one that matches none is a typo that
+    would quantize what the user meant to keep."""
+    names = [layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks) for s in layout.block(i).linears]
+    names += list(layout.outer_linears)
+    for pattern in job.quant.ignore:
+        if not any(matches(n, pattern) for n in names):
+            example = names[min(len(names) - 1, 3)]
+            kind = "regular expression (re:, matched from the name's start)" if pattern.startswith("re:") \
+                else "fnmatch pattern"
+            raise ConfigError(f"ignore={pattern!r}: this {kind} matches no linear module of the model, so it "
+                              f"would keep nothing unquantized; module names look like {example!r} (e.g. "
+                              f"'{layout.block_prefix}.*.mlp.down_proj' or 're:.*down_proj$')")
+
+
 def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor, *, padded_size: int | None,
                  modeling: str) -> str:
     """Names the staging folder: same model revision, quantization settings and calibration tokens =>
@@ -159,6 +174,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         log.warning("the source has %d tensor(s) the model does not read, which the artifact leaves out: %s",
                     len(not_written), _describe_names(not_written))
     split_spans(layout.n_blocks, job.run.actors)   # more actors than blocks: refused before any actor starts
+    _check_ignore_patterns(job, layout)
     _check_quant_fits_layout(job, layout)
     compatibility = _check_tensor_parallel(job, layout, hf_config)
     if job.calib.seq_len > int(getattr(hf_config, "max_position_embeddings", job.calib.seq_len)):

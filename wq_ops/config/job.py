@@ -5,6 +5,7 @@ environment or the command line: every function gets its config as an argument."
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
@@ -101,10 +102,18 @@ class QuantConfig:
         object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ConfigError(f"ignore={pattern!r}: not a regular expression ({e})") from None
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"bits={self.bits!r}: expected one of 2, 3, 4, 8")
         if not isinstance(self.sym, bool):
             raise ConfigError(f"sym={self.sym!r}: expected true or false")
+        if self.group_size == -1:
+            raise ConfigError("group_size=-1: write 'channel' (--group-size channel) for one group per row")
         if self.group_size is not None:
             positive_int(self.group_size, "group_size")
             if self.group_size % 32:

@@ -10,6 +10,7 @@ other options (`Dependent`: e.g. the CUDA backend where the actors have GPUs).
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -224,7 +225,9 @@ def fill_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
     come with the dataclasses. Unknown names are an error that lists the known ones."""
     unknown = sorted(set(given) - set(_BY_NAME))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(_BY_NAME))}")
+        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, _BY_NAME, n=1))
+                 else u for u in unknown]
+        raise ConfigError(f"unknown option(s) {', '.join(hints)}; known options: {', '.join(sorted(_BY_NAME))}")
     filled = dict(given)
     for o in OPTIONS:
         if o.name not in filled and isinstance(o.default, Dependent):

@@ -5,6 +5,7 @@ Formats decide names and layout here; the values come from the quantizer (`wq_op
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Mapping, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from wq_ops.formats.checks import Checks
 from wq_ops.formats.padding import pad_input_columns, pad_output_rows
 from wq_ops.quant.result import QuantResult
 
-__all__ = ["block_tensors", "is_ignored", "PAD_ROWS", "PAD_COLUMNS"]
+__all__ = ["block_tensors", "is_ignored", "matches", "PAD_ROWS", "PAD_COLUMNS"]
 
 # Layers padded by --tp-policy pad: the MLP's intermediate dim is their output (gate, up) or input (down).
 PAD_ROWS = ("mlp.gate_proj", "mlp.up_proj")
@@ -24,8 +25,16 @@ PAD_COLUMNS = ("mlp.down_proj",)
 
 
 def is_ignored(full_name: str, patterns: Sequence[str]) -> bool:
-    """Whether a module (its full name) matches one of the fnmatch `patterns` that keep it unquantized."""
-    return any(fnmatch.fnmatchcase(full_name, p) for p in patterns)
+    """Whether a module (its full name) matches one of the `patterns` that keep it unquantized: fnmatch, or a
+    regular expression after `re:` matched from the name's start (llm-compressor's and compressed-tensors'
+    convention: `re:.*gate_proj$`)."""
+    return any(matches(full_name, p) for p in patterns)
+
+
+def matches(full_name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], full_name) is not None
+    return fnmatch.fnmatchcase(full_name, pattern)
 
 
 def block_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult], linears: Sequence[str], *,

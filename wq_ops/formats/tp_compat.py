@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from fnmatch import fnmatchcase
 from typing import Any, Iterable, Protocol
 
 from wq_ops.config import Format, QuantConfig, TpPolicy
 from wq_ops.errors import ConfigError
+from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.formats.loader import LoaderRequirements, loader_requirements
 from wq_ops.formats.marlin import MARLIN_BITS, MARLIN_GROUP_SIZES, MARLIN_MIN_THREAD_K, MARLIN_MIN_THREAD_N
 
@@ -325,8 +325,7 @@ def _quantized_linears(layout: ModelShape, quant: QuantConfig) -> tuple[_Linear,
     found: dict[str, _Linear] = {}
     for i in range(layout.n_blocks):
         for spec in layout.block_linears(i):
-            if spec.name not in found and not any(fnmatchcase(layout.block_tensor_name(i, spec.name), p)
-                                                  for p in quant.ignore):
+            if spec.name not in found and not is_ignored(layout.block_tensor_name(i, spec.name), quant.ignore):
                 found[spec.name] = _Linear(spec.name, spec.in_features, spec.out_features)
     return tuple(found.values())
 

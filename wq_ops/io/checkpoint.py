@@ -21,7 +21,8 @@ from torch import Tensor
 from wq_ops.errors import CheckpointError
 from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "TOKENIZER_FILES"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "network_error",
+           "TOKENIZER_FILES"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -228,7 +229,7 @@ def _open_local(directory: Path, *, verify: bool) -> Checkpoint:
     return Checkpoint(local_dir=directory, weight_map=weight_map, shards=shards)
 
 
-def _network_error(error: BaseException) -> bool:
+def network_error(error: BaseException) -> bool:
     """A failure to reach the Hub: an OSError, or an HTTP client's transport error (huggingface_hub's client
     library, whatever its module is called)."""
     names = {c.__name__ for c in type(error).__mro__}
@@ -255,7 +256,7 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
     except HfHubHTTPError as e:
         raise CheckpointError(f"--model {repo_id}: the Hub answered {e}") from None
     except Exception as e:
-        if not _network_error(e):
+        if not network_error(e):
             raise
         raise CheckpointError(f"--model {repo_id}: cannot reach the Hub at {endpoint} ({e}); check the network "
                               "(HF_ENDPOINT, proxies), or give a local checkpoint directory") from None
@@ -268,7 +269,7 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
         except EntryNotFoundError:
             raise CheckpointError(f"{repo_id}@{sha}: no file {name}") from None
         except Exception as e:
-            if not _network_error(e):
+            if not network_error(e):
                 raise
             raise CheckpointError(f"{repo_id}@{sha}: cannot download {name} from {endpoint} ({e})") from None
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 from wq_ops.errors import CheckpointError
+from wq_ops.io.checkpoint import network_error
 
-__all__ = ["HubSource", "HfHubSource", "CardFacts", "parse_model_card"]
+__all__ = ["HubSource", "HfHubSource", "HubUnreachable", "CardFacts", "parse_model_card"]
 
 
 class HubSource(Protocol):
@@ -31,6 +32,10 @@ class HubSource(Protocol):
     def model_card(self, repo_id: str) -> str | None:
         """README.md of the repo's default branch; None if the repo or the file does not exist."""
         ...
+
+
+class HubUnreachable(CheckpointError):
+    """The Hub could not be reached at all (no network, a wrong HF_ENDPOINT): a run decides nothing."""
 
 
 class HfHubSource:
@@ -50,7 +55,15 @@ class HfHubSource:
         try:
             return sorted(m.id for m in self.api.list_models(author=author))
         except Exception as e:
-            raise CheckpointError(f"listing the models of {author!r}: the Hub did not answer ({e!r})") from None
+            raise self._failed(f"listing the models of {author!r}", e) from None
+
+    def _failed(self, what: str, error: Exception) -> CheckpointError:
+        """HubUnreachable where the Hub could not be reached at all (the run stops: nothing can be decided),
+        else a CheckpointError for this one query."""
+        if network_error(error):
+            return HubUnreachable(f"the Hub at {self.endpoint} is unreachable ({type(error).__name__}: "
+                                  f"{str(error)[:160]})")
+        return CheckpointError(f"{what}: the Hub did not answer ({error!r})")
 
     def current_revision(self, repo_id: str) -> str | None:
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -60,7 +73,7 @@ class HfHubSource:
         except (RepositoryNotFoundError, RevisionNotFoundError):
             return None
         except Exception as e:
-            raise CheckpointError(f"{repo_id}: the Hub did not answer ({e!r})") from None
+            raise self._failed(repo_id, e) from None
         if not info.sha:
             raise CheckpointError(f"{repo_id}: the Hub gave no commit sha for the default branch")
         return info.sha
@@ -79,11 +92,12 @@ class HfHubSource:
         except LocalEntryNotFoundError as e:
             # Raised when the Hub cannot be reached and nothing is cached; in some versions it subclasses
             # EntryNotFoundError, and "no card" would wrongly mean "never published".
-            raise CheckpointError(f"{repo_id}/README.md: the Hub did not answer ({e!r})") from None
+            raise HubUnreachable(f"the Hub at {self.endpoint} is unreachable ({type(e).__name__}: "
+                                 f"{str(e)[:160]})") from None
         except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
             return None
         except Exception as e:
-            raise CheckpointError(f"{repo_id}/README.md: the Hub did not answer ({e!r})") from None
+            raise self._failed(f"{repo_id}/README.md", e) from None
         return Path(path).read_text(encoding="utf-8")
 
 

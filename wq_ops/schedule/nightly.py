@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Callable, Mapping
 
 from wq_ops.errors import CheckpointError, ConfigError
-from wq_ops.schedule.hub import HubSource, parse_model_card
+from wq_ops.schedule.hub import HubSource, HubUnreachable, parse_model_card
 from wq_ops.schedule.state import Record, StateStore, Status
 from wq_ops.schedule.submit import JobState, JobSubmitter
 from wq_ops.schedule.watchlist import Recipe, WatchEntry, WatchList
@@ -146,6 +146,8 @@ def find_models(watch: WatchList, hub: HubSource) -> tuple[list[tuple[WatchEntry
             assert entry.author is not None          # WatchEntry guarantees one of repo / author
             try:
                 listed = hub.list_models(entry.author)
+            except HubUnreachable:
+                raise
             except CheckpointError as e:
                 problems.append(WatchProblem(entry.label, str(e)))
                 continue
@@ -156,6 +158,8 @@ def find_models(watch: WatchList, hub: HubSource) -> tuple[list[tuple[WatchEntry
         for repo in repos:
             try:
                 revision = hub.current_revision(repo)
+            except HubUnreachable:
+                raise
             except CheckpointError as e:
                 problems.append(WatchProblem(repo, str(e)))
                 continue
@@ -332,10 +336,18 @@ def run_nightly(watch: WatchList, *, hub: HubSource, submitter: JobSubmitter | N
     (submitter may be None) and writes nothing. Raises ConfigError (destinations that collide),
     ArtifactError (unreadable state), CheckpointError (lost state, and the Hub cannot serve the model cards
     to rebuild it); every per-model problem goes into the report instead."""
-    found, problems = find_models(watch, hub)
+    try:
+        found, problems = find_models(watch, hub)
+    except HubUnreachable as e:            # one line, and nothing decided: no rebuild, no state written
+        raise CheckpointError(f"{e}; nothing was checked, submitted or recorded: check the network and "
+                              "HF_ENDPOINT, then run again") from None
     records = store.load()
     if not store.exists() and watch.publish:
-        records = rebuild_records(watch, hub, found)
+        try:
+            records = rebuild_records(watch, hub, found)
+        except HubUnreachable as e:
+            raise CheckpointError(f"{e}; the lost state cannot be rebuilt from the model cards; nothing was "
+                                  "submitted or recorded: run again once the Hub answers") from None
         log.info("state %s missing: rebuilt %d record(s) from the destination repos' model cards",
                  store.path, len(records))
     work, settled = plan_work(watch, found, records)
