@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.report is None:
         print(result.plan.describe())
+        c = result.calibration
+        print(f"calibration: {c['source']}: {c['samples']} windows of {c['seq_len']} tokens, "
+              f"{c['distinct_windows']} distinct")
         try:
             check_fits(result.plan)
             print("dry run: the plan fits; nothing written")

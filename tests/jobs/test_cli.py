@@ -107,3 +107,13 @@ def test_the_command_line_exits_fast_with_everything_written(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.quantize", "--out", str(out), "--bits", "5"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "wq: error: bits=5" in bad.stderr
+
+
+def test_a_dry_run_prints_the_plan_and_the_calibration_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    assert cli.main(["--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan: " in printed and "dry run: the plan fits; nothing written" in printed
+    assert "calibration: the text bundled with wq: 32 windows of 512 tokens, 32 distinct" in printed
+    assert not out.exists()

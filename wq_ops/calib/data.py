@@ -19,7 +19,8 @@ from torch import Tensor
 
 from wq_ops.errors import ConfigError
 
-__all__ = ["load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens", "BUNDLED_TEXT_DIR"]
+__all__ = ["load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens", "describe_calibration",
+           "BUNDLED_TEXT_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int, allo
             raise ConfigError(f"{message}; give more text (--calib), fewer --samples or a shorter --seq-len, or "
                               "accept it with --calib-allow-repeats")
         log.warning("%s (--calib-allow-repeats)", message)
+    log.info("calibration: %d windows of %d tokens at random starts in %d tokens of text; %d of their %d token "
+             "positions (%.0f%%) distinct", n_samples, seq_len, n_tokens, distinct, n_samples * seq_len, 100 * share)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
@@ -221,3 +224,10 @@ def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *,
         raise ConfigError(f"--calib {source}: row {short[0]} has fewer than seq_len={seq_len} tokens "
                           f"({len(short)} such rows among the first {n_samples})")
     return torch.tensor([r[:seq_len] for r in rows[:n_samples]], dtype=torch.int64)
+
+
+def describe_calibration(source: str | None, ids: Tensor) -> dict[str, Any]:
+    """What the plan and the report say of the calibration set: its source, shape and distinct windows."""
+    distinct = int(torch.unique(ids, dim=0).shape[0])
+    return {"source": source or "the text bundled with wq", "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+            "tokens": int(ids.numel()), "distinct_windows": distinct}

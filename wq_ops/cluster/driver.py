@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +43,7 @@ class JobResult:
     plan: JobPlan
     report: dict[str, Any] | None        # None after a dry run
     index_path: Path | None
+    calibration: dict[str, Any] = field(default_factory=dict)   # source, shape, distinct windows
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,8 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
         log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
                  "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
         if job.dry_run:
-            return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None)
+            return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None,
+                             calibration=prepared.calibration)
         log.info("%s", plan.describe())
         check_fits(plan)
         log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))
@@ -346,7 +348,8 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
                                             "runtime_start_s": round(runtime_s, 3),
                                             "prepare_s": round(prepare_s, 3), "actors": startup},
                                    handoffs=finished.handoffs, memory=finished.memory, restarts=restarts)
-    result = JobResult(out_dir=Path(job.out), plan=plan, report=report, index_path=index)
+    result = JobResult(out_dir=Path(job.out), plan=plan, report=report, index_path=index,
+                       calibration=prepared.calibration)
     if job.push_to_hub:
         assert hub_token is not None
         message = redact(job.commit_message or f"wq: {job.quant.method.value} w{job.quant.bits}a16 of "

@@ -9,14 +9,14 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
-from wq_ops.calib.data import calibration_tokens
+from wq_ops.calib.data import calibration_tokens, describe_calibration
 from wq_ops.cluster.plan import split_spans
 from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
@@ -65,6 +65,7 @@ class PreparedJob:
     not_written: tuple[str, ...] = ()      # source tensors the model does not read, left out (`_not_written`)
     carried: tuple[str, ...] = ()          # source tensors past the decoder blocks, copied unquantized
     lease: OutputLease | None = None       # held on --out until the job ends (None: a dry run)
+    calibration: dict[str, Any] = field(default_factory=dict)   # source, shape, distinct windows
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
@@ -232,7 +233,8 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
         drop_stale_blocks(artifact, layout, checkpoint)
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility,
-                       not_written=not_written, carried=carried, lease=lease)
+                       not_written=not_written, carried=carried, lease=lease,
+                       calibration=describe_calibration(job.calib.source, ids))
 
 
 _HEADER_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
