@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         c = result.calibration
         print(f"calibration: {c['source']}: {c['samples']} windows of {c['seq_len']} tokens, "
               f"{c['distinct_windows']} distinct")
+        print(result.disk)
         try:
             check_fits(result.plan)
             print("dry run: the plan fits; nothing written")

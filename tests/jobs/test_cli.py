@@ -116,4 +116,5 @@ def test_a_dry_run_prints_the_plan_and_the_calibration_and_writes_nothing(tmp_pa
     printed = capsys.readouterr().out
     assert "plan: " in printed and "dry run: the plan fits; nothing written" in printed
     assert "calibration: the text bundled with wq: 32 windows of 512 tokens, 32 distinct" in printed
+    assert "disk: the artifact needs about " in printed and " GiB free at " in printed
     assert not out.exists()

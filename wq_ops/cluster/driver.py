@@ -44,6 +44,7 @@ class JobResult:
     report: dict[str, Any] | None        # None after a dry run
     index_path: Path | None
     calibration: dict[str, Any] = field(default_factory=dict)   # source, shape, distinct windows
+    disk: str = ""                       # the room the artifact needs at --out, and what is free there
 
 
 @dataclass(frozen=True)
@@ -309,8 +310,12 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
         log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
                  "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
         if job.dry_run:
+            try:
+                disk = check_room(prepared.artifact, plan.artifact_bytes_estimate)
+            except WqError as e:
+                disk = f"does not fit: {e}"
             return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None,
-                             calibration=prepared.calibration)
+                             calibration=prepared.calibration, disk=disk)
         log.info("%s", plan.describe())
         check_fits(plan)
         log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))
