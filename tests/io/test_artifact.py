@@ -138,3 +138,14 @@ def test_no_room_for_the_artifact_is_refused_with_the_numbers(tmp_path, monkeypa
     assert "needs about 1.00 GiB more" in check_room(layout, 2**30 + staged)   # the staged shard counts
     with pytest.raises(ArtifactError, match=r"needs about 2.00 GiB more; 1.00 GiB free at .*free space there"):
         check_room(layout, 2 * 2**30 + staged)
+
+
+def test_an_overwrite_through_a_symlinked_out_replaces_the_directory_it_points_at(tmp_path):
+    real = tmp_path / "volume" / "model"
+    real.parent.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    _finalize(_staged(real, "old", 1.0), b'{"old": 1}')
+    _finalize(_staged(link, "new", 2.0), b'{"new": 1}')
+    assert link.is_symlink() and json.loads((link / "config.json").read_text()) == {"new": 1}
+    assert sorted(p.name for p in real.parent.iterdir()) == ["model"]

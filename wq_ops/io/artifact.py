@@ -114,8 +114,10 @@ class ArtifactLayout:
 
 def _beside(out_dir: Path, role: str) -> Path:
     """The sibling directory a replacement uses: `.NAME.wq-next` (the new artifact being built) or
-    `.NAME.wq-old` (the old one, set aside by the two-rename fallback)."""
-    return out_dir.parent / f".{out_dir.name}.wq-{role}"
+    `.NAME.wq-old` (the old one, set aside by the two-rename fallback); beside the real directory where --out
+    is a symlink, which keeps pointing at it."""
+    real = out_dir.resolve()
+    return real.parent / f".{real.name}.wq-{role}"
 
 
 def restore_set_aside(out_dir: Path) -> None:
@@ -124,7 +126,7 @@ def restore_set_aside(out_dir: Path) -> None:
     old = _beside(out_dir, "old")
     if old.is_dir() and not out_dir.exists():
         try:
-            os.rename(old, out_dir)
+            os.rename(old, out_dir.resolve())
         except OSError:                  # another job restored it first
             return
         log.warning("%s: restored the previous artifact, set aside by a replacement that was interrupted", out_dir)
@@ -153,8 +155,9 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ArtifactError(f"--out {out_dir}: cannot create or write it ({existing} is not a writable directory)")
     if complete and out_dir.exists():
-        parent = out_dir.resolve().parent
-        if os.path.ismount(out_dir) or os.stat(parent).st_dev != os.stat(out_dir).st_dev \
+        real = out_dir.resolve()
+        parent = real.parent
+        if os.path.ismount(real) or os.stat(parent).st_dev != os.stat(real).st_dev \
                 or not os.access(parent, os.W_OK | os.X_OK):
             raise ArtifactError(
                 f"--out {out_dir}: replacing its artifact builds the new one beside it in {parent} and swaps the "
@@ -203,7 +206,7 @@ def finalize_artifact(layout: ArtifactLayout, *, shards: Mapping[Path, str], wei
     config.json, tokenizer, model card, reports), drop shards of an older incomplete artifact, then write the
     index last. A complete artifact already there is replaced whole (module docstring). On a failure (a full
     disk) the shards go back to staging, so a rerun resumes with them. Returns the index path."""
-    out = layout.out_dir
+    out = layout.out_dir.resolve()          # a symlinked --out: the directory it points at is replaced
     replacing = (out / INDEX_NAME).exists()
     where = _beside(out, "next") if replacing else out
     if replacing:
