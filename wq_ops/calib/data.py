@@ -152,10 +152,12 @@ def tokenize_corpus(texts: list[str], tokenizer: Any) -> Tensor:
 MIN_DISTINCT = 0.5          # of the windows' token positions, at least this share distinct text
 
 
-def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int, allow_repeats: bool = True) -> Tensor:
+def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int, allow_repeats: bool = True,
+                   repeats_expected: bool = False) -> Tensor:
     """(n_samples, seq_len) int64 windows of `ids` at uniform random starts drawn from `seed`. Windows may
     overlap (GPTQ's sampling); unless `allow_repeats`, a text so short that fewer than MIN_DISTINCT of the
-    windows' positions are distinct text is refused (the statistics would weigh a few sentences many times)."""
+    windows' positions are distinct text is refused (the statistics would weigh a few sentences many times);
+    allowed, it is logged as a warning, unless `repeats_expected` (the bundled demo's small text)."""
     n_tokens = int(ids.numel())
     if n_tokens < seq_len:
         raise ConfigError(f"calibration text has {n_tokens} tokens, fewer than seq_len={seq_len}; "
@@ -164,7 +166,7 @@ def sample_windows(ids: Tensor, *, n_samples: int, seq_len: int, seed: int, allo
     starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=gen)
     distinct = distinct_positions(starts.tolist(), seq_len)
     share = distinct / (n_samples * seq_len)
-    if share < MIN_DISTINCT:
+    if share < MIN_DISTINCT and not repeats_expected:
         message = (f"calibration text has {n_tokens} tokens for {n_samples} windows of {seq_len}: only {distinct} "
                    f"of their {n_samples * seq_len} token positions ({share:.0%}) are distinct text")
         if not allow_repeats:
@@ -207,7 +209,8 @@ def _token_rows(source: str | None) -> list[list[int]] | None:
 
 
 def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *, n_samples: int, seq_len: int,
-                       seed: int, text_column: str = "text", allow_repeats: bool = False) -> Tensor:
+                       seed: int, text_column: str = "text", allow_repeats: bool = False,
+                       repeats_expected: bool = False) -> Tensor:
     """(n_samples, seq_len) int64. Text: windows at random starts (seed) of the corpus, tokenized by
     load_tokenizer() (called only for text: loading a tokenizer imports its whole library, a second of
     start-up). Pre-tokenized parquet (an `input_ids` column): its first n_samples rows, each cut to
@@ -216,7 +219,7 @@ def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *,
     if rows is None:
         texts = load_texts(source, text_column=text_column)
         return sample_windows(tokenize_corpus(texts, load_tokenizer()), n_samples=n_samples, seq_len=seq_len, seed=seed,
-                              allow_repeats=allow_repeats)
+                              allow_repeats=allow_repeats, repeats_expected=repeats_expected)
     if len(rows) < n_samples:
         raise ConfigError(f"--calib {source}: {len(rows)} pre-tokenized rows, fewer than samples={n_samples}")
     short = [i for i, r in enumerate(rows[:n_samples]) if r is None or len(r) < seq_len]

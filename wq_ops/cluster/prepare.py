@@ -220,8 +220,9 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
 
     ids = calibration_tokens(job.calib.source, load_tokenizer, n_samples=job.calib.n_samples,
                              seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column,
+                             allow_repeats=job.calib.allow_repeats,
                              # the bundled demo: its small bundled text, overlapping windows by design
-                             allow_repeats=job.calib.allow_repeats or not job.model and job.calib.source is None)
+                             repeats_expected=not job.model and job.calib.source is None)
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                           f"{layout.vocab_size}")
