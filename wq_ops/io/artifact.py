@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -219,14 +218,13 @@ def finalize_artifact(layout: ArtifactLayout, *, shards: Mapping[Path, str], wei
                 if kept.name.startswith(".wq-"):
                     os.replace(kept, where / kept.name)
             _exchange(where, out)
-    except BaseException:
+    except BaseException as error:
         if replacing:
             for kept in where.glob(".wq-*"):     # back where they were; the old artifact is untouched
                 os.replace(kept, out / kept.name)
         for staged, final in shards.items():     # the staged work is kept for a rerun
             if (where / final).is_file() and not staged.exists():
                 os.replace(where / final, staged)
-        error = sys.exc_info()[1]
         if isinstance(error, OSError):
             outcome = "the artifact there is unchanged" if replacing else "no artifact was written"
             raise ArtifactError(f"--out {out}: could not write the artifact in {where} ({error}); {outcome}, and the "
