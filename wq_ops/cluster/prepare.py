@@ -31,7 +31,7 @@ from wq_ops.io.artifact import (
     remove_leftovers,
     restore_set_aside,
 )
-from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header
+from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header, shard_header_sha256
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
 from wq_ops.io.lease import OutputLease
 from wq_ops.model.architecture import (
@@ -121,9 +121,7 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     if checkpoint.repo_id is None:      # a Hub revision pins the files; a local one: their headers and sizes
         for shard in checkpoint.shards:  # (the tensors' bytes: each staged block's digest, `drop_stale_blocks`)
             path = checkpoint.local_dir / shard
-            with open(path, "rb") as f:
-                header = f.read(int.from_bytes(f.read(8), "little"))
-            h.update(f"{shard}:{path.stat().st_size}:".encode() + hashlib.sha256(header).digest())
+            h.update(f"{shard}:{path.stat().st_size}:".encode() + bytes.fromhex(shard_header_sha256(path)))
     h.update(json.dumps(sorted(checkpoint.weight_map.items())).encode())
     h.update(token_ids.numpy().tobytes())
     import wq_ops
@@ -244,11 +242,11 @@ _HEADER_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.flo
 def _check_storage_dtype(checkpoint: Checkpoint, layout: ModelLayout) -> None:
     """The weights the model computes with (the embedding and block 0's linear layers) must be stored in the
     dtype config.json states: a mismatch would surface only once the first block computes."""
+    if checkpoint.repo_id is not None:   # a Hub shard is downloaded where an actor needs it, not here
+        return
     names = [layout.embed_name] + [layout.block_tensor_name(0, s.name) + ".weight" for s in layout.block(0).linears]
     for shard, in_shard in checkpoint.files_for(n for n in names if n in checkpoint.weight_map).items():
-        header = shard_header(checkpoint.shard_path(shard)) if checkpoint.repo_id is None else None
-        if header is None:              # a Hub shard is read where an actor needs it, not here
-            return
+        header = shard_header(checkpoint.shard_path(shard))
         for name in in_shard:
             stored = _HEADER_DTYPES.get(header[name]["dtype"])
             if stored is not None and stored != layout.dtype:

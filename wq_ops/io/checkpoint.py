@@ -7,6 +7,7 @@ Hub checkpoints are pinned to one commit, and each shard is downloaded only wher
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -22,7 +23,7 @@ from wq_ops.errors import CheckpointError
 from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "network_error",
-           "TOKENIZER_FILES"]
+           "shard_header_sha256", "TOKENIZER_FILES"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -131,6 +132,13 @@ def shard_header(path: Path) -> dict[str, dict]:
                 f"[{start}, {end}) of {data_bytes} data bytes: the shard is truncated or corrupt; re-download it"
             )
     return header
+
+
+def shard_header_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's header bytes (names, dtypes, shapes, offsets, metadata); the file's
+    header is checked first (`shard_header`)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
 
 
 def _well_formed(entry: object) -> bool:
