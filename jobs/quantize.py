@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.report is None:
         print(result.plan.describe())
-        c = result.calibration
-        print(f"calibration: {c['source']}: {c['samples']} windows of {c['seq_len']} tokens, "
-              f"{c['distinct_windows']} distinct")
+        if result.calibration is not None:
+            print(result.calibration.describe())
         print(result.disk)
         try:
             check_fits(result.plan)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from wq_ops.errors import ConfigError
 
 __all__ = ["load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens", "describe_calibration",
+           "CalibrationSummary",
            "BUNDLED_TEXT_DIR"]
 
 log = logging.getLogger(__name__)
@@ -229,8 +231,21 @@ def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *,
     return torch.tensor([r[:seq_len] for r in rows[:n_samples]], dtype=torch.int64)
 
 
-def describe_calibration(source: str | None, ids: Tensor) -> dict[str, Any]:
-    """What the plan and the report say of the calibration set: its source, shape and distinct windows."""
-    distinct = int(torch.unique(ids, dim=0).shape[0])
-    return {"source": source or "the text bundled with wq", "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
-            "tokens": int(ids.numel()), "distinct_windows": distinct}
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """What the plan and the report say of the calibration set."""
+
+    source: str
+    samples: int
+    seq_len: int
+    distinct_windows: int
+
+    def describe(self) -> str:
+        return f"calibration: {self.source}: {self.samples} windows of {self.seq_len} tokens, " \
+               f"{self.distinct_windows} distinct"
+
+
+def describe_calibration(source: str | None, ids: Tensor) -> CalibrationSummary:
+    """ids: (n_samples, seq_len) int64, the calibration windows."""
+    return CalibrationSummary(source=source or "the text bundled with wq", samples=int(ids.shape[0]),
+                              seq_len=int(ids.shape[1]), distinct_windows=int(torch.unique(ids, dim=0).shape[0]))

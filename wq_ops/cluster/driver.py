@@ -14,10 +14,11 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from wq_ops.calib.data import CalibrationSummary
 from wq_ops.cluster.actor import BlockActor
 from wq_ops.cluster.finish import write_artifact
 from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan, split_spans
@@ -43,7 +44,7 @@ class JobResult:
     plan: JobPlan
     report: dict[str, Any] | None        # None after a dry run
     index_path: Path | None
-    calibration: dict[str, Any] = field(default_factory=dict)   # source, shape, distinct windows
+    calibration: CalibrationSummary | None = None   # source, shape, distinct windows
     disk: str = ""                       # the room the artifact needs at --out, and what is free there
 
 

@@ -71,7 +71,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["source_not_written"] = list(prepared.not_written)   # source tensors the model does not read
     report["source_carried"] = list(prepared.carried)           # copied unquantized: layers past the blocks
     report["actor_restarts"] = list(restarts or [])             # actors lost and replaced during the job
-    report["calibration"] = prepared.calibration                # source, shape, distinct windows
+    report["calibration"] = asdict(prepared.calibration) if prepared.calibration else None
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name, src in prepared.checkpoint.side_files().items():
         files[name] = src.read_bytes()

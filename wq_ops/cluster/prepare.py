@@ -9,14 +9,14 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
-from wq_ops.calib.data import calibration_tokens, describe_calibration
+from wq_ops.calib.data import CalibrationSummary, calibration_tokens, describe_calibration
 from wq_ops.cluster.plan import split_spans
 from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
@@ -65,7 +65,7 @@ class PreparedJob:
     not_written: tuple[str, ...] = ()      # source tensors the model does not read, left out (`_not_written`)
     carried: tuple[str, ...] = ()          # source tensors past the decoder blocks, copied unquantized
     lease: OutputLease | None = None       # held on --out until the job ends (None: a dry run)
-    calibration: dict[str, Any] = field(default_factory=dict)   # source, shape, distinct windows
+    calibration: CalibrationSummary | None = None   # source, shape, distinct windows
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
