@@ -288,6 +288,35 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
                 lease.release()
 
 
+def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, actors: list[ActorHandle]
+                        ) -> tuple[_ActorsDone, list[dict[str, Any]]]:
+    """Run the plan; where an actor is lost, end the actors, start a new set (anywhere with room), plan for
+    them and run again: they resume from the staged blocks. `actors` is updated in place, so that the caller
+    stops the live set whatever happens. Returns what the actors gave back and the restarts, for the report."""
+    job = prepared.job
+    restarts: list[dict[str, Any]] = []
+    while True:
+        try:
+            return _run_actors(prepared, plan, runtime, actors), restarts
+        except Exception as e:
+            if not runtime.actor_lost(e):
+                raise
+            cause = " ".join(str(e).split())[:300]
+            if len(restarts) >= job.run.max_actor_restarts:
+                raise ActorLostError(
+                    f"an actor was lost ({cause}) after {len(restarts)} restart(s), the most "
+                    f"--max-actor-restarts allows; the staged blocks are kept: rerun the job to resume") from None
+            restarts.append({"restart": len(restarts) + 1, "at": time.time(), "cause": cause})
+            log.warning("an actor was lost (%s); restart %d of at most %d: new actors resume from the staged "
+                        "blocks", cause, len(restarts), job.run.max_actor_restarts)
+            runtime.stop_actors(actors)
+            actors.clear()
+            actors.extend(runtime.start_actors(job))
+            capacity, _ = _actor_capacity(job, runtime, actors, created_at=time.time())
+            plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
+            check_fits(plan)       # the new actors may have landed on other nodes
+
+
 def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple[PreparedJob, float]], *,
                   start: float, command: str, hub_token: str | None, wait_for_prepare: bool) -> JobResult:
     """run_job once the preparation is under way: the runtime and actors, the plan, the actors' work, the
@@ -320,28 +349,7 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
         log.info("%s", plan.describe())
         check_fits(plan)
         log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))
-        restarts: list[dict[str, Any]] = []
-        while True:
-            try:
-                finished = _run_actors(prepared, plan, runtime, actors)
-                break
-            except Exception as e:
-                if not runtime.actor_lost(e):
-                    raise
-                cause = " ".join(str(e).split())[:300]
-                if len(restarts) >= job.run.max_actor_restarts:
-                    raise ActorLostError(
-                        f"an actor was lost ({cause}) after {len(restarts)} restart(s), the most "
-                        f"--max-actor-restarts allows; the staged blocks are kept: rerun the job to resume") from None
-                restarts.append({"restart": len(restarts) + 1, "at": time.time(), "cause": cause})
-                log.warning("an actor was lost (%s); restart %d of at most %d: new actors resume from the staged "
-                            "blocks", cause, len(restarts), job.run.max_actor_restarts)
-                runtime.stop_actors(actors)
-                actors = []
-                actors = runtime.start_actors(job)
-                capacity, _ = _actor_capacity(job, runtime, actors, created_at=time.time())
-                plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
-                check_fits(plan)       # the new actors may have landed on other nodes
+        finished, restarts = _run_with_restarts_(prepared, plan, runtime, actors)
         for split, seconds in zip(startup, finished.warm_ups):
             split["warmup_s"] = seconds
     finally:
