@@ -22,6 +22,7 @@ from wq_ops.config.options import add_arguments
 from wq_ops.device.cuda_context import start_primary_context
 from wq_ops.errors import ActorLostError, WqError
 from wq_ops.io.hub_push import resolve_token
+from wq_ops.report.progress import reporter_for
 
 RERUN_RESUMES = 75                     # EX_TEMPFAIL: actors kept dying; a rerun resumes from the staged blocks
 
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         cache = Path(os.environ.get("WQ_CACHE_DIR") or cache_root / "wq")
         command = shlex.join(["wq", *(argv if argv is not None else sys.argv[1:])])
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")       # unattended logs, not terminals
+        if not sys.stderr.isatty():         # downloads show bars on a terminal; logs get no bar fragments
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         token = resolve_token(None) if job.push_to_hub else None
-        result = run_job(job, cache_dir=cache, command=command, hub_token=token)
+        result = run_job(job, cache_dir=cache, command=command, hub_token=token, progress=reporter_for(sys.stderr))
     except ActorLostError as e:         # a rerun resumes: jobs.retry runs the driver again
         print(f"wq: error: {e}", file=sys.stderr)
         return RERUN_RESUMES

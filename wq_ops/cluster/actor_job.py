@@ -4,6 +4,7 @@ Made by the actor's first call of a job (`ActorJob.start`); the job's later call
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Mapping, cast
 
@@ -80,9 +81,13 @@ class ActorJob:
         return self.anatomies[id(kind)]
 
     def counted(self, record: ShardRecord) -> ShardRecord:
-        """Count the blocks this run computed. The fault-injection hook (fail_after_blocks) crashes the
+        """Count the blocks this run computed, and add the actor's GPU memory peak to its record (the progress
+        bar shows it). The fault-injection hook (fail_after_blocks) crashes the
         actor once that many are staged, to test resuming: the staged ones survive."""
         if not record.resumed:
+            if self.device.type == "cuda":
+                peak = int(torch.cuda.max_memory_allocated(self.device))
+                record = dataclasses.replace(record, device_peak_bytes=peak)
             self.computed += 1
             limit = self.spec.job.fail_after_blocks
             if limit is not None and self.computed >= limit:

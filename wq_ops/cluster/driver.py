@@ -32,6 +32,7 @@ from wq_ops.io.artifact import check_room
 from wq_ops.io.checkpoint import read_config
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.redact import redact
+from wq_ops.report.progress import BlockProgress, LogReporter, ProgressReporter, TimeLeft
 
 __all__ = ["JobResult", "run_job", "prepare_job"]
 
@@ -128,9 +129,9 @@ def _start_streams(runtime: ActorRuntime, prepared: PreparedJob, plan: JobPlan, 
 
 
 def _follow(runtime: ActorRuntime, spans: list[Iterator[Pending[ShardRecord]]], forwards: list[Pending[Any]],
-            plan: JobPlan, n_blocks: int) -> list[ShardRecord]:
-    """The blocks' records as the actors stage them, with a progress line each; the first failure anywhere
-    stops the job with its cause."""
+            progress: _Progress) -> list[ShardRecord]:
+    """The blocks' records as the actors stage them, each told to the progress reporter; the first failure
+    anywhere stops the job with its cause."""
     events: queue.Queue = queue.Queue()
 
     def follow(span: Iterator[Pending[ShardRecord]]) -> None:
@@ -154,7 +155,6 @@ def _follow(runtime: ActorRuntime, spans: list[Iterator[Pending[ShardRecord]]], 
         followers.append(threading.Thread(target=watch, args=(forwards,), daemon=True))
     for f in followers:
         f.start()
-    progress = _Progress(plan, n_blocks)
     records: list[ShardRecord] = []
     running = len(followers)
     while running:
@@ -170,34 +170,38 @@ def _follow(runtime: ActorRuntime, spans: list[Iterator[Pending[ShardRecord]]], 
 
 
 class _Progress:
-    """One log line per block staged: blocks done, the actor's share, the block's seconds and mean output
-    error, the rate and the time left."""
+    """What the driver tells the reporter as blocks are staged: counts, the block's seconds and mean output
+    error, tokens/s, the time left (`TimeLeft`) and the actor's GPU memory peak."""
 
-    def __init__(self, plan: JobPlan, n_blocks: int) -> None:
-        self.plan, self.n_blocks = plan, n_blocks
-        self.start = time.perf_counter()
-        self.done = self.resumed = 0
+    def __init__(self, plan: JobPlan, n_blocks: int, n_tokens: int, reporter: ProgressReporter, *,
+                 sequential: bool) -> None:
+        self.plan, self.n_blocks, self.n_tokens, self.reporter = plan, n_blocks, n_tokens, reporter
+        self.start = time.time()          # wall clock: the records say when the actors staged them
+        self.done = self.computed = 0
         self.per_actor = [0] * len(plan.actors)
+        self.time_left = TimeLeft([len(a.blocks) for a in plan.actors], sequential=sequential, started_at=self.start)
 
     def block_done(self, record: ShardRecord) -> None:
+        now = time.time()
         self.done += 1
-        elapsed = time.perf_counter() - self.start
-        errors = [layer.output_error for layer in record.layers if layer.quantized]
+        self.computed += not record.resumed
         self.per_actor[record.rank] += 1
-        actor = f"{self.per_actor[record.rank]}/{len(self.plan.actors[record.rank].blocks)}"
-        if record.resumed:
-            self.resumed += 1
-            log.info("block=%d done=%d/%d actor=%d actor_done=%s resumed (staged by an earlier run of this job)",
-                     record.block, self.done, self.n_blocks, record.rank, actor)
-            return
-        rate = (self.done - self.resumed) / elapsed if elapsed > 0 else 0.0
-        log.info("block=%d done=%d/%d actor=%d actor_done=%s seconds=%.2f mean_error=%.3e elapsed_s=%.1f "
-                 "blocks_per_min=%.1f eta_s=%.1f", record.block, self.done, self.n_blocks, record.rank, actor,
-                 sum(record.seconds.values()), sum(errors) / max(len(errors), 1), elapsed, 60 * rate,
-                 (self.n_blocks - self.done) / rate if rate > 0 else 0.0)
+        # When the actor staged it, not when its record arrived: an actor hands a block's record on once the
+        # next block is computed (its shard is written meanwhile), so arrivals lag a block.
+        self.time_left.add(record.rank, at=min(record.finished_at or now, now), resumed=record.resumed)
+        errors = [layer.output_error for layer in record.layers if layer.quantized]
+        elapsed = now - self.start
+        self.reporter.update(BlockProgress(
+            block=record.block if record.block is not None else -1, rank=record.rank, done=self.done,
+            total=self.n_blocks, actor_done=self.per_actor[record.rank],
+            actor_total=len(self.plan.actors[record.rank].blocks), resumed=record.resumed,
+            block_seconds=sum(record.seconds.values()), mean_error=sum(errors) / len(errors) if errors else None,
+            elapsed_s=elapsed, tokens_per_s=self.n_tokens * self.computed / elapsed if elapsed > 0 else 0.0,
+            eta_s=self.time_left.eta(now), device_peak_bytes=record.device_peak_bytes))
 
 
-def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, actors: list[ActorHandle]) -> _ActorsDone:
+def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, actors: list[ActorHandle],
+                reporter: ProgressReporter) -> _ActorsDone:
     """Run the plan: the staged shards' records, and what the report says of each actor."""
     job, layout = prepared.job, prepared.layout
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
@@ -214,7 +218,14 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
         spans, forwards = _start_streams(runtime, prepared, plan, actors, specs)
     else:
         spans = _start_spans(runtime, job, plan, actors, specs)
-    records = _follow(runtime, spans, forwards, plan, layout.n_blocks)
+    # Quantized propagation chains the actors (each needs the previous one's quantized outputs): one at a time.
+    sequential = job.run.propagation is Propagation.QUANTIZED and not plan.streamed
+    progress = _Progress(plan, layout.n_blocks, prepared.token_ids.numel(), reporter, sequential=sequential)
+    reporter.start(layout.n_blocks)
+    try:
+        records = _follow(runtime, spans, forwards, progress)
+    finally:
+        reporter.close()
     outer = list({id(x): x for x in (actors[0], actors[-1])}.values())
     try:
         for staged in runtime.get_all([runtime.call(actor, BlockActor.outer_records) for actor in outer]):
@@ -258,9 +269,11 @@ def _check_actor_count(job: JobConfig) -> bool:
     return True
 
 
-def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None) -> JobResult:
+def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: str | None = None,
+            progress: ProgressReporter | None = None) -> JobResult:
     """Quantize `job.model` into `job.out`. Raises a WqError subclass, naming the problem, for anything
     that can be checked before the work starts; writes nothing in `job.out` but staging until the end.
+    progress: where each staged block is told (default: one log line per block).
 
     Start-up runs in parallel: this thread starts the runtime (Ray, or none in-process) and the warm actors
     (process, CUDA context, kernels, library warm-up) while a helper thread reads the checkpoint's config and
@@ -279,7 +292,7 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     preparing = pool.submit(timed_prepare)
     try:
         return _run_prepared(job, runtime, preparing, start=start, command=command, hub_token=hub_token,
-                             wait_for_prepare=not counted)
+                             wait_for_prepare=not counted, reporter=progress or LogReporter())
     finally:
         pool.shutdown(wait=True)
         if not preparing.cancelled() and preparing.exception() is None:
@@ -288,8 +301,8 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
                 lease.release()
 
 
-def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, actors: list[ActorHandle]
-                        ) -> tuple[_ActorsDone, list[dict[str, Any]]]:
+def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, actors: list[ActorHandle],
+                        reporter: ProgressReporter) -> tuple[_ActorsDone, list[dict[str, Any]]]:
     """Run the plan; where an actor is lost, end the actors, start a new set (anywhere with room), plan for
     them and run again: they resume from the staged blocks. `actors` is updated in place, so that the caller
     stops the live set whatever happens. Returns what the actors gave back and the restarts, for the report."""
@@ -297,7 +310,7 @@ def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRunt
     restarts: list[dict[str, Any]] = []
     while True:
         try:
-            return _run_actors(prepared, plan, runtime, actors), restarts
+            return _run_actors(prepared, plan, runtime, actors, reporter), restarts
         except Exception as e:
             if not runtime.actor_lost(e):
                 raise
@@ -318,7 +331,8 @@ def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRunt
 
 
 def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple[PreparedJob, float]], *,
-                  start: float, command: str, hub_token: str | None, wait_for_prepare: bool) -> JobResult:
+                  start: float, command: str, hub_token: str | None, wait_for_prepare: bool,
+                  reporter: ProgressReporter) -> JobResult:
     """run_job once the preparation is under way: the runtime and actors, the plan, the actors' work, the
     artifact and its push. wait_for_prepare: start the actors only once the preparation has checked the job
     (the block count was not at hand: no actor spawned for a job that cannot use it)."""
@@ -349,7 +363,7 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
         log.info("%s", plan.describe())
         check_fits(plan)
         log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))
-        finished, restarts = _run_with_restarts_(prepared, plan, runtime, actors)
+        finished, restarts = _run_with_restarts_(prepared, plan, runtime, actors, reporter)
         for split, seconds in zip(startup, finished.warm_ups):
             split["warmup_s"] = seconds
     finally:

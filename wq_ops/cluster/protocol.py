@@ -64,6 +64,7 @@ class ShardRecord:
     resumed: bool = False                # staged by an earlier run of the same job, replayed, not recomputed
     finished_at: float = 0.0             # wall clock (time.time()) when it was staged: pipeline timelines
     source_sha256: str = ""              # a block's source tensors as read (`tensors_sha256`): resume checks it
+    device_peak_bytes: int | None = None     # the actor's GPU memory peak so far, when staged (progress; None: CPU)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (the staged record file, the report)."""
