@@ -16,13 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from wq_ops.cluster.runtime_choice import choose_runtime
-from wq_ops.config import JobConfig
+from wq_ops.api import quantize
 from wq_ops.config.options import add_arguments
-from wq_ops.device.cuda_context import start_primary_context
 from wq_ops.errors import ActorLostError, WqError
-from wq_ops.io.hub_push import resolve_token
-from wq_ops.report.progress import reporter_for
 
 RERUN_RESUMES = 75                     # EX_TEMPFAIL: actors kept dying; a rerun resumes from the staged blocks
 
@@ -49,34 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = _read_yaml(Path(args.pop("config"))) if "config" in args else {}
         options.update(args)
-        if "address" not in options and os.environ.get("RAY_ADDRESS"):
-            options["address"] = os.environ["RAY_ADDRESS"]
-        job = JobConfig.from_dict(options)
-        if job.run.gpus_per_actor > 0 and choose_runtime(job.run).name == "local":
-            # The in-process actor's CUDA context, made while torch imports (the driver imports it).
-            # torch's own default, set first: the CUDA driver reads it once, at cuInit.
-            os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
-            start_primary_context(0)
-        from wq_ops.cluster.driver import run_job
-        from wq_ops.cluster.plan import check_fits
-        cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        cache = Path(os.environ.get("WQ_CACHE_DIR") or cache_root / "wq")
-        command = shlex.join(["wq", *(argv if argv is not None else sys.argv[1:])])
         if not sys.stderr.isatty():         # downloads show bars on a terminal; logs get no bar fragments
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        token = resolve_token(None) if job.push_to_hub else None
-        result = run_job(job, cache_dir=cache, command=command, hub_token=token, progress=reporter_for(sys.stderr))
+        command = shlex.join(["wq", *(argv if argv is not None else sys.argv[1:])])
+        result = quantize(progress=True, command=command, **options)
     except ActorLostError as e:         # a rerun resumes: jobs.retry runs the driver again
         print(f"wq: error: {e}", file=sys.stderr)
         return RERUN_RESUMES
     except (WqError, OSError, yaml.YAMLError) as e:
         print(f"wq: error: {e}", file=sys.stderr)
         return 2
-    if result.report is None:
+    if result.dry_run:
         print(result.plan.describe())
         if result.calibration is not None:
             print(result.calibration.describe())
         print(result.disk)
+        from wq_ops.cluster.plan import check_fits
+
         try:
             check_fits(result.plan)
             print("dry run: the plan fits; nothing written")
@@ -84,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dry run: the plan does not fit: {e}")
             return 2
     else:
-        t = result.report["totals"]
+        t = result.totals
         print(f"wrote {result.out_dir}: {t['layers_quantized']} layers quantized, mean output error "
               f"{t['mean_output_error']:.3e}, {t['wall_seconds']:.1f} s; report in {result.out_dir / 'wq_report.html'}")
     return 0

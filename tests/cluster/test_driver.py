@@ -97,7 +97,7 @@ def test_same_bytes_with_one_and_three_actors(tmp_path, llama, caplog):
         three = run_job(job(tmp_path / "b", model=str(model_dir), calib=str(calib), group_size=64, actors=3),
                         cache_dir=tmp_path)
     progress = [r.getMessage() for r in caplog.records if "done=" in r.getMessage()]
-    assert len(progress) == 4 and all("blocks_per_min=" in m and "eta_s=" in m for m in progress)
+    assert len(progress) == 4 and all("tokens_per_s=" in m and "eta_s=" in m for m in progress)
     assert any("actor=0 actor_done=2/2" in m for m in progress) and "done=4/4" in progress[-1]
     assert [len(a.blocks) for a in three.plan.actors] == [2, 1, 1]
     assert shards(one.out_dir) == shards(three.out_dir)

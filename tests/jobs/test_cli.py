@@ -8,13 +8,14 @@ import pytest
 import jobs.quantize as cli
 from wq_ops.cluster import driver
 from wq_ops.config import Method
+from wq_ops.device import cuda_context
 
 
 @pytest.fixture
 def captured(monkeypatch):
     seen = {}
 
-    def fake_run_job(job, *, cache_dir, command, hub_token=None):
+    def fake_run_job(job, *, cache_dir, command, hub_token=None, progress=None):
         seen["job"], seen["command"] = job, command
         raise SystemExit(0)
 
@@ -38,7 +39,7 @@ def test_the_command_line_module_imports_no_torch():
 ])
 def test_only_an_in_process_gpu_job_starts_its_cuda_context_early(tmp_path, captured, monkeypatch, flags, starts):
     started = []
-    monkeypatch.setattr(cli, "start_primary_context", lambda ordinal=0: started.append(ordinal))
+    monkeypatch.setattr(cuda_context, "start_primary_context", lambda ordinal=0: started.append(ordinal))
     monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
     with pytest.raises(SystemExit):
         cli.main(["--model", "m", "--out", str(tmp_path), *flags])
