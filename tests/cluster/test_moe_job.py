@@ -222,5 +222,7 @@ def test_gptq_v1_artifact_holds_every_expert_under_its_name(tmp_path, checkpoint
                     .all()), module
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert set(config["dynamic"]) == {"-:" + r.replace(".", r"\.") + "$" for r in routers}
+    side = json.loads((out / "quantize_config.json").read_text())      # GPTQModel reads this one
+    assert {k: side[k] for k in config} == config and side["damp_percent"] == 0.01
     for r in routers:
         assert torch.equal(tensors[f"{r}.weight"], source[f"{r}.weight"])

@@ -46,6 +46,7 @@ def test_golden_zero_points_pack_along_rows():
 def test_golden_quantization_config():
     q = QuantConfig(bits=4, group_size=128, sym=True)         # GPTQ, act-order on by default
     assert quantization_config(q, ignore=["model.layers.0.mlp.down_proj", "lm_head"]) == {
+        "version": "0.20.1",
         "config_groups": {"group_0": {
             "targets": ["Linear"],
             "weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128, "strategy": "group",
@@ -57,9 +58,30 @@ def test_golden_quantization_config():
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": ["lm_head", "model.layers.0.mlp.down_proj"],
+        "sparsity_config": {},
+        "transform_config": {},
+        "moe_sparsity_config": None,
     }
     channel = quantization_config(QuantConfig(bits=8, group_size=None, sym=False), ignore=[])
     assert channel["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=128),
+                                   QuantConfig(bits=8, group_size=None, sym=False)])
+def test_quantization_config_has_the_fields_compressed_tensors_own_writer_emits(tmp_path, quant):
+    """What ModelCompressor.update_config (llm-compressor's save path) writes for the same scheme: the same
+    fields and values, but `version`, which is the writing package's own (ours: the release we match)."""
+    import json
+
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    ours = quantization_config(quant, ignore=["lm_head"])
+    (tmp_path / "config.json").write_text("{}")
+    ModelCompressor(quantization_config=QuantizationConfig.model_validate(ours)).update_config(str(tmp_path))
+    theirs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert set(theirs) == set(ours), f"only theirs: {set(theirs) - set(ours)}; only ours: {set(ours) - set(theirs)}"
+    assert {k: v for k, v in theirs.items() if k != "version"} == {k: v for k, v in ours.items() if k != "version"}
 
 
 @pytest.mark.parametrize("sym", [True, False])

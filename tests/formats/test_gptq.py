@@ -84,6 +84,20 @@ def test_golden_quantization_config():
     assert channel["dynamic"] == {r"-:model\.layers\.3\.mlp\.down_proj$": {}}
 
 
+def test_quantize_config_json_holds_what_autogptq_and_gptqmodel_read():
+    import wq_ops
+    from wq_ops.formats import side_files
+
+    q = QuantConfig(bits=4, group_size=64, sym=True)
+    ignore = ["lm_head", "model.layers.1.mlp.down_proj"]
+    files = side_files(Format.GPTQ, q, ignore=ignore)
+    assert list(files) == ["quantize_config.json"]
+    assert files["quantize_config.json"] == {
+        **quantization_config(q, ignore=ignore), "damp_percent": 0.01, "true_sequential": True, "pack_dtype": "int32",
+        "meta": {"quantizer": [f"wq:{wq_ops.__version__}"]}}
+    assert side_files(Format.COMPRESSED_TENSORS, q, ignore=ignore) == {}
+
+
 def test_transformers_reads_the_config():
     from transformers import GPTQConfig
 

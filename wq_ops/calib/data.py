@@ -18,9 +18,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from wq_ops.config import BUNDLED_CALIB
 from wq_ops.errors import ConfigError
 
-__all__ = ["load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens", "describe_calibration",
+__all__ = ["is_bundled", "load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens",
+           "describe_calibration",
            "CalibrationSummary",
            "BUNDLED_TEXT_DIR"]
 
@@ -102,9 +104,14 @@ def _read_file(path: Path, column: str) -> list[str]:
         raise ConfigError(f"--calib {path}: not UTF-8 text (and not .parquet, .arrow or .jsonl)") from None
 
 
+def is_bundled(source: str | None) -> bool:
+    """The text bundled with wq: the bundled tiny model's default (None), or asked for by name."""
+    return source is None or source == BUNDLED_CALIB
+
+
 def load_texts(source: str | None, *, text_column: str = "text") -> list[str]:
     """The calibration texts, in a deterministic order."""
-    if source is None:
+    if source is None or is_bundled(source):      # None narrows the type for mypy
         return [p.read_text(encoding="utf-8") for p in sorted(BUNDLED_TEXT_DIR.glob("*.txt"))]
     path = Path(source).expanduser()
     if not path.exists():
@@ -195,7 +202,7 @@ TOKEN_COLUMN = "input_ids"
 def _token_rows(source: str | None) -> list[list[int]] | None:
     """Pre-tokenized samples: the `input_ids` column of a parquet file (or of a folder's parquet files,
     sorted), one sample per row. None when the source is not pre-tokenized."""
-    if source is None:
+    if source is None or is_bundled(source):      # None narrows the type for mypy
         return None
     path = Path(source)
     files = [path] if path.suffix == ".parquet" else sorted(path.glob("*.parquet")) if path.is_dir() else []
@@ -247,5 +254,6 @@ class CalibrationSummary:
 
 def describe_calibration(source: str | None, ids: Tensor) -> CalibrationSummary:
     """ids: (n_samples, seq_len) int64, the calibration windows."""
-    return CalibrationSummary(source=source or "the text bundled with wq", samples=int(ids.shape[0]),
+    name = "the text bundled with wq" if is_bundled(source) else str(source)
+    return CalibrationSummary(source=name, samples=int(ids.shape[0]),
                               seq_len=int(ids.shape[1]), distinct_windows=int(torch.unique(ids, dim=0).shape[0]))

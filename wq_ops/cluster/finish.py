@@ -13,7 +13,7 @@ from typing import Any
 from wq_ops.cluster.plan import GIB, JobPlan
 from wq_ops.cluster.prepare import PreparedJob, modeling_name
 from wq_ops.cluster.protocol import ShardRecord
-from wq_ops.formats import quantization_config
+from wq_ops.formats import quantization_config, side_files
 from wq_ops.io.artifact import finalize_artifact
 from wq_ops.io.redact import redact, redact_values
 from wq_ops.report.html import render_html
@@ -52,8 +52,8 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     config = dict(prepared.source_config)
     if prepared.compatibility.padding is not None:
         config["intermediate_size"] = prepared.compatibility.padding.padded_size
-    config["quantization_config"] = quantization_config(job.format, job.quant,
-                                                        ignore=ignore + list(layout.outer_linears))
+    ignored = ignore + list(layout.outer_linears)
+    config["quantization_config"] = quantization_config(job.format, job.quant, ignore=ignored)
     source: dict[str, Any] = {"model": job.model or "wq bundled tiny model", "repo_id": prepared.checkpoint.repo_id,
               "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
               "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
@@ -73,6 +73,8 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["actor_restarts"] = list(restarts or [])             # actors lost and replaced during the job
     report["calibration"] = asdict(prepared.calibration) if prepared.calibration else None
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
+    for name, content in side_files(job.format, job.quant, ignore=ignored).items():
+        files[name] = (json.dumps(content, indent=2) + "\n").encode()
     for name, src in prepared.checkpoint.side_files().items():
         files[name] = src.read_bytes()
     files["wq_report.json"] = (json.dumps(report, indent=1) + "\n").encode()

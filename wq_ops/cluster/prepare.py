@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from wq_ops.bundled.tiny_model import ensure_tiny_checkpoint
-from wq_ops.calib.data import CalibrationSummary, calibration_tokens, describe_calibration
+from wq_ops.calib.data import CalibrationSummary, calibration_tokens, describe_calibration, is_bundled
 from wq_ops.cluster.plan import split_spans
 from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
@@ -220,7 +220,7 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
                              seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column,
                              allow_repeats=job.calib.allow_repeats,
                              # the bundled demo: its small bundled text, overlapping windows by design
-                             repeats_expected=not job.model and job.calib.source is None)
+                             repeats_expected=not job.model and is_bundled(job.calib.source))
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                           f"{layout.vocab_size}")

@@ -15,9 +15,19 @@ from wq_ops.config.enums import (
                                  parse_enum,
                                  positive_int,
 )
-from wq_ops.config.job import AWQParams, CalibConfig, GPTQParams, JobConfig, MoeParams, QuantConfig, RunConfig
+from wq_ops.config.job import (
+                                 BUNDLED_CALIB,
+                                 AWQParams,
+                                 CalibConfig,
+                                 GPTQParams,
+                                 JobConfig,
+                                 MoeParams,
+                                 QuantConfig,
+                                 RunConfig,
+                                 missing_calibration,
+)
 from wq_ops.config.options import OPTIONS
 
 __all__ = ["Method", "Format", "Backend", "Propagation", "Modeling", "AwqLoss", "SpanMode", "TpPolicy", "Runtime",
            "MoeCalibration", "QuantConfig", "GPTQParams", "AWQParams", "MoeParams", "CalibConfig", "RunConfig",
-           "JobConfig", "OPTIONS", "parse_enum", "positive_int"]
+           "JobConfig", "OPTIONS", "parse_enum", "positive_int", "BUNDLED_CALIB", "missing_calibration"]

@@ -137,11 +137,24 @@ class QuantConfig:
         return self.awq.search_samples if self.method is Method.AWQ and self.awq.loss is AwqLoss.MODULE else 0
 
 
+# The text bundled with wq, named: the default for the bundled tiny model, a deliberate choice for any other.
+BUNDLED_CALIB = "wq:bundled"
+
+
+def missing_calibration(model: str) -> str:
+    """Why a real model needs --calib, and what to give."""
+    return (f"calib: none given for {model}; the text bundled with wq (12k tokens of public-domain speeches) "
+            "is the default for its bundled tiny model only. Give --calib with text like the model's use: a .txt, "
+            ".jsonl or .parquet file or folder, e.g. WikiText-2's train split or a C4 shard for a base model, chat "
+            "transcripts for a chat model (RTN reads it only for the report's errors); or --calib "
+            f"{BUNDLED_CALIB} to use the bundled text anyway")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration data: where it comes from and how much of it."""
 
-    source: str | None = default_of("calib")     # file or directory; None: the small text bundled with wq
+    source: str | None = default_of("calib")     # file or directory; None or BUNDLED_CALIB: the text bundled with wq
     n_samples: int = 128                         # the job's default depends on the model (options: samples)
     seq_len: int = 2048
     seed: int = default_of("seed")
@@ -218,6 +231,8 @@ class JobConfig:
     commit_message: str | None = default_of("commit_message")
 
     def __post_init__(self) -> None:
+        if self.model is not None and self.calib.source is None:
+            raise ConfigError(missing_calibration(str(self.model)))
         if self.quant.backend is Backend.CUDA and self.run.gpus_per_actor <= 0:
             raise ConfigError("backend=cuda: the actors have no GPU (gpus_per_actor=0); give --gpus-per-actor 1, "
                               "or --backend reference to run on CPU")

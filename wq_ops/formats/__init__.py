@@ -16,7 +16,7 @@ from wq_ops.formats import compressed_tensors, gptq
 from wq_ops.formats.checks import Checks
 from wq_ops.quant.result import QuantResult, dequantize
 
-__all__ = ["encode_linear", "quantization_config", "format_module", "scale_dtype", "dense_tensors"]
+__all__ = ["encode_linear", "quantization_config", "side_files", "format_module", "scale_dtype", "dense_tensors"]
 
 _MODULES: dict[Format, ModuleType] = {
     Format.COMPRESSED_TENSORS: compressed_tensors,
@@ -47,6 +47,12 @@ def encode_linear(fmt: Format, module: str, result: QuantResult, *, quant: Quant
 
 def quantization_config(fmt: Format, quant: QuantConfig, *, ignore: list[str]) -> dict[str, Any]:
     return format_module(fmt).quantization_config(quant, ignore=ignore)
+
+
+def side_files(fmt: Format, quant: QuantConfig, *, ignore: list[str]) -> dict[str, dict[str, Any]]:
+    """JSON files a format's readers expect beside config.json, by file name (none for compressed-tensors)."""
+    files: dict[str, dict[str, Any]] = format_module(fmt).side_files(quant, ignore=ignore)
+    return files
 
 
 def scale_dtype(fmt: Format, *, model_dtype: torch.dtype) -> torch.dtype:

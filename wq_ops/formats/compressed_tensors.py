@@ -22,9 +22,12 @@ from wq_ops.formats.checks import Checks, require
 from wq_ops.pack import pack_rows, unpack_rows
 from wq_ops.quant.result import QuantResult
 
-__all__ = ["encode_linear", "decode_linear", "quantization_config", "tensor_names"]
+__all__ = ["encode_linear", "decode_linear", "quantization_config", "side_files", "tensor_names"]
 
 FORMAT = "pack-quantized"
+# The compressed-tensors release whose writer (ModelCompressor.update_config) emits the fields below; it
+# writes its own version as `version`. tests/formats checks ours against the installed writer's, field by field.
+WRITER_VERSION = "0.20.1"
 
 
 def tensor_names(module: str, *, sym: bool) -> tuple[str, ...]:
@@ -81,6 +84,7 @@ def quantization_config(quant: QuantConfig, *, ignore: list[str]) -> dict[str, A
         "actorder": "weight" if quant.act_order else None,
     }
     return {
+        "version": WRITER_VERSION,
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                       "output_activations": None, "format": None}},
         "quant_method": "compressed-tensors",
@@ -89,4 +93,13 @@ def quantization_config(quant: QuantConfig, *, ignore: list[str]) -> dict[str, A
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": sorted(ignore),
+        # Empty as the writer leaves them: no sparsity, no transforms (rotations), no per-expert sparsity.
+        "sparsity_config": {},
+        "transform_config": {},
+        "moe_sparsity_config": None,
     }
+
+
+def side_files(quant: QuantConfig, *, ignore: list[str]) -> dict[str, dict[str, Any]]:
+    """Files beside config.json: none (its readers take everything from config.json's quantization_config)."""
+    return {}

@@ -27,7 +27,7 @@ from wq_ops.formats.checks import Checks
 from wq_ops.pack import pack_columns, pack_rows, unpack_columns, unpack_rows
 from wq_ops.quant.result import QuantResult
 
-__all__ = ["encode_linear", "decode_linear", "quantization_config", "tensor_names", "SCALE_DTYPE"]
+__all__ = ["encode_linear", "decode_linear", "quantization_config", "side_files", "tensor_names", "SCALE_DTYPE"]
 
 CHECKPOINT_FORMAT = "gptq"
 # v1 readers cast scales to float16 (AutoGPTQ and GPTQModel register them as float16 buffers), so the grid
@@ -130,3 +130,18 @@ def quantization_config(quant: QuantConfig, *, ignore: list[str]) -> dict[str, A
         # GPTQModel's `dynamic` overrides, read by vLLM and GPTQModel: "-:" + regex means "not quantized".
         config["dynamic"] = {f"-:{re.escape(name)}$": {} for name in skipped}
     return config
+
+
+def side_files(quant: QuantConfig, *, ignore: list[str]) -> dict[str, dict[str, Any]]:
+    """quantize_config.json, which AutoGPTQ and GPTQModel read beside config.json (GPTQModel's loader reads only
+    it): config.json's quantization_config with the fields their QuantizeConfig holds. damp_percent is the
+    job's GPTQ damping (the default's for another method: their configs require one in (0, 1))."""
+    import wq_ops
+
+    return {"quantize_config.json": {
+        **quantization_config(quant, ignore=ignore),
+        "damp_percent": quant.gptq.damp_frac,
+        "true_sequential": True,           # one block's linears in order, each on the previous ones' outputs
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"wq:{wq_ops.__version__}"]},
+    }}

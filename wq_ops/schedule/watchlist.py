@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from wq_ops.config import CalibConfig, Format, Method, QuantConfig, RunConfig, parse_enum, positive_int
+from wq_ops.config import BUNDLED_CALIB, CalibConfig, Format, Method, QuantConfig, RunConfig, parse_enum, positive_int
 from wq_ops.errors import ConfigError
 
 __all__ = ["Recipe", "WatchEntry", "JobResources", "WatchList", "DESTINATION_FIELDS", "render_destination"]
@@ -46,7 +46,7 @@ class Recipe:
     group_size: int | None = 128       # None: one group per output row ('channel' in YAML)
     format: Format = Format.COMPRESSED_TENSORS
     sym: bool = True
-    calib: str | None = None           # path as the cluster sees it; None: the text bundled with wq
+    calib: str | None = None           # path as the cluster sees it; required (None is an error naming what to give)
     samples: int | None = None         # None: the quantize job's default
     seq_len: int | None = None         # None: the quantize job's default
 
@@ -62,7 +62,11 @@ class Recipe:
             object.__setattr__(self, "group_size", None)
         if not isinstance(self.sym, bool):
             raise ConfigError(f"{where}.sym={self.sym!r}: expected true or false")
-        if self.calib is not None and (not isinstance(self.calib, str) or not self.calib):
+        if self.calib is None:          # recipes quantize real models: the bundled text is not for them
+            raise ConfigError(f"{where}.calib: missing; give the calibration text every watched model is quantized "
+                              "with, a path the cluster's pods can read (e.g. /data/calib/wikitext-2-train.txt on "
+                              f"the shared volume), or '{BUNDLED_CALIB}' for wq's bundled demo text")
+        if not isinstance(self.calib, str) or not self.calib:
             raise ConfigError(f"{where}.calib={self.calib!r}: expected a path")
         try:   # the quantize job's own checks, so a bad recipe fails here rather than on the cluster
             QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, sym=self.sym)
