@@ -3,6 +3,7 @@ callback, and a Ray the user already started."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,20 @@ def files(out: Path) -> dict[str, bytes]:
             and p.name != "wq_report.json"}
 
 
+def instants(value, key=""):
+    """Every (key, value) of the report whose key names an instant (ends in `_at`), at any depth."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from instants(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from instants(v, key)
+    elif key.endswith("_at"):
+        yield key, value
+
+
 def test_the_api_writes_the_artifact_the_command_line_writes(tmp_path):
+    started = time.time()
     assert cli.main(["--out", str(tmp_path / "cli"), "--samples", "8", "--seq-len", "128"]) == 0
     seen = []
     result = quantize(out=tmp_path / "api", progress=seen.append, **SMALL)
@@ -41,6 +55,12 @@ def test_the_api_writes_the_artifact_the_command_line_writes(tmp_path):
     worst = result.worst_layers(3)
     assert worst[0].name == totals["worst_layer"]["name"]
     assert [w.output_error for w in worst] == sorted((w.output_error for w in worst), reverse=True)
+    # The report's schema: versioned, and every instant in one format (epoch seconds, during this job).
+    report = result.report
+    assert report["schema_version"] == 2 and report["time_format"] == "unix epoch seconds (UTC)"
+    found = dict(instants(report))
+    assert {"created_at", "finished_at"} <= set(found)
+    assert all(isinstance(v, float) and started <= v <= time.time() for _, v in instants(report))
 
 
 def test_a_dry_run_returns_the_plan_and_writes_nothing(tmp_path):

@@ -319,7 +319,7 @@ def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRunt
                 raise ActorLostError(
                     f"an actor was lost ({cause}) after {len(restarts)} restart(s), the most "
                     f"--max-actor-restarts allows; the staged blocks are kept: rerun the job to resume") from None
-            restarts.append({"restart": len(restarts) + 1, "at": time.time(), "cause": cause})
+            restarts.append({"restart": len(restarts) + 1, "restarted_at": round(time.time(), 3), "cause": cause})
             log.warning("an actor was lost (%s); restart %d of at most %d: new actors resume from the staged "
                         "blocks", cause, len(restarts), job.run.max_actor_restarts)
             runtime.stop_actors(actors)

@@ -1,13 +1,19 @@
-"""Build `wq_report.json`'s content from the actors' shard records. Pure: dicts in, a dict out."""
+"""Build `wq_report.json`'s content from the actors' shard records. Pure: dicts in, a dict out.
+
+Schema (`schema_version`): 2 since every instant is one format, Unix epoch seconds (UTC) under a key ending
+in `_at` (`created_at`, blocks' `finished_at`, handoffs, restarts); durations are seconds under `_s` or
+`seconds` keys. Version 1 had an ISO `created`."""
 
 from __future__ import annotations
 
 import math
 import platform
-from datetime import datetime, timezone
+import time
 from typing import Any, Mapping, Sequence
 
-__all__ = ["build_report", "library_versions"]
+__all__ = ["build_report", "library_versions", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 2
 
 
 def library_versions() -> dict[str, str]:
@@ -55,8 +61,10 @@ def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Map
         for phase, s in b["seconds"].items():
             a["seconds"][phase] = round(a["seconds"].get(phase, 0.0) + s, 4)
     return {
+        "schema_version": SCHEMA_VERSION,
+        "time_format": "unix epoch seconds (UTC)",
         "wq_version": versions.get("wq"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": round(time.time(), 3),
         "job": dict(job),
         "source": dict(source),
         "versions": dict(versions),
