@@ -138,7 +138,13 @@ def test_loader_requirements_name_what_the_config_needs():
     ct = loader_requirements(QuantConfig(bits=4, group_size=128), Format.COMPRESSED_TENSORS)
     assert (ct.quant_method, ct.checkpoint_format) == ("compressed-tensors", "pack-quantized")
     g = loader_requirements(QuantConfig(bits=4, group_size=128), Format.GPTQ)
-    assert {(v.package, v.minimum) for v in g.versions} >= {("optimum", "1.24.0"), ("gptqmodel", "1.4.3")}
+    assert {(v.package, v.minimum) for v in g.versions} >= {("optimum", "1.24.0"), ("gptqmodel", "1.4.3"),
+                                                            ("vllm", "0.7.3")}
+    ct = loader_requirements(QuantConfig(bits=4, group_size=128), Format.COMPRESSED_TENSORS)
+    assert {(v.package, v.minimum) for v in ct.versions} == {("compressed-tensors", "0.6.0"),
+                                                             ("transformers", "4.48.0"), ("vllm", "0.5.1")}
+    asym = loader_requirements(QuantConfig(bits=4, group_size=128, sym=False), Format.COMPRESSED_TENSORS)
+    assert ("vllm", "0.8.5") in {(v.package, v.minimum) for v in asym.versions}      # zero points
 
 
 def test_padding_is_exact(gen):

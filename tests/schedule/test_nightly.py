@@ -22,8 +22,9 @@ SHA1, SHA2 = "1" * 40, "2" * 40
 
 def watch_list(**overrides) -> WatchList:
     data = {
-        "recipes": {"rtn-w4": {"method": "rtn", "bits": 4, "group_size": 64, "samples": 4, "seq_len": 64},
-                    "gptq-w4": {"method": "gptq", "bits": 4, "group_size": 64}},
+        "recipes": {"rtn-w4": {"method": "rtn", "bits": 4, "group_size": 64, "samples": 4, "seq_len": 64,
+                               "calib": "/data/calib/c.txt"},
+                    "gptq-w4": {"method": "gptq", "bits": 4, "group_size": 64, "calib": "/data/calib/c.txt"}},
         "watch": [{"repo": "org/a", "recipes": ["rtn-w4", "gptq-w4"]}],
         "destination": "quant/{name}-{recipe}",
         "publish": False,
@@ -167,7 +168,7 @@ def test_an_edited_recipe_is_new_work(store):
     watch = watch_list(watch=[{"repo": "org/a", "recipes": ["rtn-w4"]}])
     run(watch, hub, server, store)
     edited = watch_list(watch=[{"repo": "org/a", "recipes": ["rtn-w4"]}],
-                        recipes={"rtn-w4": {"method": "rtn", "bits": 4, "group_size": 128}})
+                        recipes={"rtn-w4": {"method": "rtn", "bits": 4, "group_size": 128, "calib": "/data/calib/c.txt"}})
     report = run(edited, hub, server, store)
     assert [r.outcome for r in report.results] == [Outcome.SUCCEEDED] and len(server.jobs) == 2
 
@@ -209,7 +210,7 @@ def test_a_corrupt_state_file_is_an_error_not_a_silent_reset(store):
 
 def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     wl = tmp_path / "watch.yaml"
-    wl.write_text("recipes: {rtn-w4: {method: rtn}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\npublish: false\n")
+    wl.write_text("recipes: {rtn-w4: {method: rtn, calib: c.txt}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\npublish: false\n")
     hub = MemoryHub({"org/a": SHA1})
     monkeypatch.setattr(cli, "HfHubSource", lambda: hub)
     common = ["--watch-list", str(wl), "--state", str(tmp_path / "s.json"), "--artifacts", str(tmp_path / "a")]
@@ -226,7 +227,7 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     assert cli.main([*common, "--address", "http://h:8265", "--poll-s", "0"]) == 1
     hub.revisions.pop("org/a")
     assert cli.main([*common, "--address", "http://h:8265"]) == 3
-    wl.write_text("recipes: {rtn-w4: {method: rtn, bits: 5}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\n")
+    wl.write_text("recipes: {rtn-w4: {method: rtn, bits: 5, calib: c.txt}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\n")
     assert cli.main(common) == 2 and "recipes.rtn-w4: bits=5" in capsys.readouterr().err
 
 
@@ -243,7 +244,7 @@ def test_an_unreachable_hub_is_one_line_and_decides_nothing(tmp_path, monkeypatc
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     wl = tmp_path / "watch.yaml"
-    wl.write_text("recipes: {rtn-w4: {method: rtn}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}, "
+    wl.write_text("recipes: {rtn-w4: {method: rtn, calib: c.txt}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}, "
                   "{repo: org/b, recipes: [rtn-w4]}, {author: org, pattern: 'c-*', recipes: [rtn-w4]}]\n"
                   f"publish: {str(publish).lower()}\ndestination: 'quant/{{name}}-{{recipe}}'\n")
     state = tmp_path / "s.json"

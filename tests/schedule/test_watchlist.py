@@ -28,7 +28,7 @@ recipes:
     calib: /data/calib/wikitext-2-valid.txt
     samples: 128
     seq_len: 2048
-  rtn-w8-channel: {method: rtn, bits: 8, group_size: channel, sym: false}
+  rtn-w8-channel: {method: rtn, bits: 8, group_size: channel, sym: false, calib: /data/calib/c4.jsonl}
 watch:
   - repo: meta-llama/Llama-3.1-8B
     recipes: [gptq-w4-g128, rtn-w8-channel]
@@ -75,6 +75,8 @@ def test_example_loads_and_its_recipes_are_quantize_command_lines():
     (lambda d: d.update(max_attempts=0), "max_attempts=0: expected a positive integer"),
     (lambda d: d.update(publish="yes"), "publish='yes': expected true or false"),
     (lambda d: d.update(watch=[]), "watch: empty"),
+    (lambda d: d["recipes"]["rtn-w8-channel"].pop("calib"), "recipes.rtn-w8-channel.calib: missing; give the "
+                                                             "calibration text"),
 ])
 def test_mistakes_are_refused_naming_the_field(edit, message):
     data = yaml.safe_load(EXAMPLE)
@@ -85,12 +87,13 @@ def test_mistakes_are_refused_naming_the_field(edit, message):
 
 def test_a_destination_must_be_a_repo_id():
     with pytest.raises(ConfigError, match="not a Hub repo id"):
-        render_destination("{name}-{recipe}", repo_id="org/a", recipe=Recipe(name="r"))
+        render_destination("{name}-{recipe}", repo_id="org/a", recipe=Recipe(name="r", calib="c.txt"))
 
 
 def test_the_fingerprint_follows_every_option_but_the_name():
-    base = Recipe(name="a", method=Method.GPTQ, bits=4, group_size=128)
-    assert base.fingerprint == Recipe(name="b", method="gptq", bits=4, group_size=128).fingerprint
-    for other in (Recipe(name="a", bits=3), Recipe(name="a", group_size=64), Recipe(name="a", calib="/c.txt"),
-                  Recipe(name="a", sym=False), Recipe(name="a", format="gptq"), Recipe(name="a", samples=64)):
+    base = Recipe(name="a", method=Method.GPTQ, bits=4, group_size=128, calib="/a.txt")
+    assert base.fingerprint == Recipe(name="b", method="gptq", bits=4, group_size=128, calib="/a.txt").fingerprint
+    for other in (Recipe(name="a", bits=3, calib="/a.txt"), Recipe(name="a", group_size=64, calib="/a.txt"),
+                  Recipe(name="a", calib="/c.txt"), Recipe(name="a", sym=False, calib="/a.txt"),
+                  Recipe(name="a", format="gptq", calib="/a.txt"), Recipe(name="a", samples=64, calib="/a.txt")):
         assert other.fingerprint != base.fingerprint

@@ -15,6 +15,7 @@ from wq_ops.cluster.prepare import PreparedJob, modeling_name
 from wq_ops.cluster.protocol import ShardRecord
 from wq_ops.formats import quantization_config, side_files
 from wq_ops.io.artifact import finalize_artifact
+from wq_ops.io.checkpoint import SourceLicense
 from wq_ops.io.redact import redact, redact_values
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
@@ -58,6 +59,9 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
               "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
               "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
               "modeling": modeling_name(prepared.hf_config)}
+    license_ = prepared.checkpoint.license()
+    if license_ != SourceLicense():       # the model card carries it on: a quantized model keeps its base's terms
+        source["license"] = {k: v for k, v in asdict(license_).items() if v is not None}
     if prepared.checkpoint.fp8_block is not None:     # read dequantized from FP8 with these block scales
         source["fp8_block"] = list(prepared.checkpoint.fp8_block)
     report = build_report(job=redact_values(job.to_dict()), source=source,

@@ -17,7 +17,7 @@ __all__ = ["VersionRequirement", "LoaderRequirements", "loader_requirements"]
 @dataclass(frozen=True)
 class VersionRequirement:
     package: str
-    minimum: str | None        # None: no floor we can vouch for beyond "a release that has the feature"
+    minimum: str              # the first release with what the artifact needs (from that release's own files)
     reason: str
 
 
@@ -49,10 +49,14 @@ def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
     versions: list[VersionRequirement] = []
     if fmt is Format.COMPRESSED_TENSORS:
         method, checkpoint_format = "compressed-tensors", "pack-quantized"
-        versions.append(VersionRequirement("compressed-tensors", None,
-                                           "transformers decompresses pack-quantized with it (wq CI: 0.20.0)"))
-        versions.append(VersionRequirement("vllm", None, "CompressedTensorsWNA16 (vllm-project/vllm#5794, 2024-06)"
-                                           + ("" if quant.sym else "; zero points: vllm-project/vllm#14211 (2025-04)")))
+        # First releases with each feature, read from their PyPI wheels; wq's CI runs the newest.
+        versions.append(VersionRequirement("compressed-tensors", "0.6.0", "pack-quantized groups and actorder "
+                                           "'weight' (0.6.0); transformers decompresses with it (wq CI: 0.20.1)"))
+        versions.append(VersionRequirement("transformers", "4.48.0", "decompresses pack-quantized on load "
+                                           "(huggingface/transformers#34719; wq CI: 5.25)"))
+        versions.append(VersionRequirement(
+            "vllm", "0.5.1" if quant.sym else "0.8.5", "CompressedTensorsWNA16 (vllm-project/vllm#5794, v0.5.1)"
+            + ("" if quant.sym else "; zero points: vllm-project/vllm#14211 (v0.8.5)")))
         if quant.bits not in MARLIN_BITS:
             notes.append(f"vLLM's CompressedTensorsWNA16 reads 4 and 8 bits only; {quant.bits}-bit needs another "
                          "loader (transformers + compressed-tensors dequantize it)")
@@ -62,8 +66,8 @@ def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
         method, checkpoint_format = "gptq", "gptq"
         versions.append(VersionRequirement("optimum", "1.24.0", "transformers' GPTQ quantizer (MIN_OPTIMUM_VERSION)"))
         versions.append(VersionRequirement("gptqmodel", "1.4.3", "transformers' GPTQ quantizer (MIN_GPTQ_VERSION)"))
-        versions.append(VersionRequirement("vllm", None, "GPTQ v1 (`gptq`, `gptq_marlin`); a `dynamic` entry "
-                                           "(ignored in-block layers) needs vllm-project/vllm#7086"))
+        versions.append(VersionRequirement("vllm", "0.7.3", "GPTQ v1 (`gptq`, `gptq_marlin`); 0.7.3 for a `dynamic` "
+                                           "entry (layers left unquantized in a block, vllm-project/vllm#7086)"))
         notes.append("scales are float16: run vLLM with --dtype float16 for the exact reconstruction wq checked")
         if quant.bits not in MARLIN_BITS or not quant.sym:
             notes.append(f"vLLM serves {quant.bits}-bit {'symmetric' if quant.sym else 'asymmetric'} GPTQ with its "

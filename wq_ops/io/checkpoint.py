@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
 from collections import defaultdict
@@ -23,7 +24,9 @@ from wq_ops.errors import CheckpointError
 from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "network_error",
-           "shard_header_sha256", "TOKENIZER_FILES"]
+           "shard_header_sha256", "TOKENIZER_FILES", "LICENSE_FILES", "SourceLicense"]
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,9 +34,22 @@ SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
+# The source's license terms, copied into the artifact as they are (a derivative carries its base's terms), and
+# its model card, read for its license metadata.
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
+CARD_NAME = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class SourceLicense:
+    """A model card's license metadata: an SPDX-like id or `other` with a name and a link (None: not given)."""
+
+    license: str | None = None
+    license_name: str | None = None
+    license_link: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,12 +79,12 @@ class Checkpoint:
         return self.local_dir if self.repo_id is None else self.local_dir.parent.parent
 
     def side_files(self) -> dict[str, Path]:
-        """The tokenizer's and generation's files the artifact copies (name -> path), each checked: a symlink
+        """The tokenizer's, generation's and license files the artifact copies (name -> path), each checked: a symlink
         must resolve inside the checkpoint directory (for the Hub, into the repo's own `blobs/`), so that no
         other file's contents are copied into the artifact and published with it."""
         root = self.local_dir.resolve() if self.repo_id is None else (self.source_root / "blobs").resolve()
         found = {}
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + LICENSE_FILES:
             path = self.local_dir / name
             if not path.is_file():
                 continue
@@ -78,6 +94,30 @@ class Checkpoint:
                                       f"({root}); copy the file into the checkpoint instead")
             found[name] = path
         return found
+
+    def license(self) -> SourceLicense:
+        """The license its model card's metadata declares (nothing where it has no card or no license)."""
+        card = self.local_dir / CARD_NAME
+        if not card.is_file():
+            return SourceLicense()
+        import yaml
+        from huggingface_hub import metadata_load
+
+        try:
+            meta = metadata_load(card) or {}
+        except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:     # not worth failing a job over
+            log.warning("%s: its model card's metadata is unreadable (%s); no license carried", card, e)
+            return SourceLicense()
+
+        if not isinstance(meta, dict):
+            return SourceLicense()
+
+        def text(key: str) -> str | None:
+            value = meta.get(key)
+            return str(value) if isinstance(value, (str, int, float)) and str(value) else None
+
+        return SourceLicense(license=text("license"), license_name=text("license_name"),
+                             license_link=text("license_link"))
 
     def shard_path(self, filename: str) -> Path:
         """The local path of one shard, downloading it (this shard only) for a Hub checkpoint."""
@@ -282,7 +322,7 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
             raise CheckpointError(f"{repo_id}@{sha}: cannot download {name} from {endpoint} ({e})") from None
 
     config = fetch("config.json")
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + LICENSE_FILES + (CARD_NAME,):
         if name in siblings:
             fetch(name)
     if INDEX_NAME in siblings:

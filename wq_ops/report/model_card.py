@@ -1,4 +1,7 @@
-"""The artifact's README.md: a short model card saying what was quantized, how, and how well."""
+"""The artifact's README.md: a model card saying what was quantized, how and how well, and how to run it.
+Built with huggingface_hub's ModelCard and ModelCardData, so its metadata is what the Hub validates and
+indexes: base_model with base_model_relation `quantized` (a Hub model), the source's license, tags once.
+The table's method, grid and format lines are read back by the nightly scheduler (`schedule.hub`)."""
 
 from __future__ import annotations
 
@@ -6,20 +9,32 @@ from typing import Any, Mapping
 
 __all__ = ["render_model_card"]
 
+_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
+
 
 def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    job, source = report["job"], report["source"]
+    license_ = source.get("license") or {}
+    repo_id = source.get("repo_id")
+    data = ModelCardData(
+        base_model=repo_id, base_model_relation="quantized" if repo_id else None,
+        license=license_.get("license"), license_name=license_.get("license_name"),
+        license_link=license_.get("license_link"), library_name="transformers", pipeline_tag="text-generation",
+        tags=["wq", str(job.get("format")), str(job.get("method")), f"w{job.get('bits')}a16"])
+    card = ModelCard.from_template(data, template_str=_TEMPLATE, body=_body(report, command=command))
+    return str(card)
+
+
+def _body(report: Mapping[str, Any], *, command: str) -> str:
     job, source, totals = report["job"], report["source"], report["totals"]
     group = job.get("group_size") or "per-channel"
     worst = totals.get("worst_layer") or {}
     base = source.get("repo_id") or source.get("model")
+    name = str(base).rstrip("/").split("/")[-1]
     lines = [
-        "---",
-        f"base_model: {base}" if source.get("repo_id") else "tags: [wq]",
-        "library_name: transformers",
-        f"tags: [wq, {job.get('format')}, {job.get('method')}, w{job.get('bits')}a16]",
-        "---",
-        "",
-        f"# {source.get('model')} - {str(job.get('method')).upper()} W{job.get('bits')}A16",
+        f"# {name} - {str(job.get('method')).upper()} W{job.get('bits')}A16",
         "",
         f"Weight-only {job.get('bits')}-bit quantization of `{base}`"
         + (f" (revision `{source.get('revision')}`)" if source.get("revision") else "")
@@ -33,7 +48,7 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         f"| format | {job.get('format')} (pack-quantized) |" if job.get("format") == "compressed-tensors"
         else f"| format | {job.get('format')} |",
         f"| calibration | {job.get('samples')} samples x {job.get('seq_len')} tokens from "
-        f"{job.get('calib') or 'the public-domain text bundled with wq'} (seed {job.get('seed')}) |",
+        f"{_calibration_source(job.get('calib'))} (seed {job.get('seed')}) |",
         f"| layers | {totals['layers_quantized']} quantized, {totals['layers_kept']} kept in "
         f"{source.get('dtype')} (embeddings, norms and lm_head are never quantized) |",
         f"| mean relative output error | {totals['mean_output_error']:.3e} (geometric mean "
@@ -41,9 +56,14 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         f"| worst layer | `{worst.get('name')}` ({worst.get('output_error', 0.0):.3e}) |",
         f"| wall time | {totals['wall_seconds']:.1f} s |",
         *_compatibility_rows(report.get("compatibility")),
+        *_quality_rows(report.get("eval")),
         "",
-        "Per-layer errors, timings and activation-outlier statistics are in `wq_report.json`;",
-        "`wq_report.html` shows them as heatmaps.",
+        "The relative output error of a layer is the share of its output that quantization changed, on the "
+        "calibration inputs: ||(W - Q) X||^2 / ||W X||^2, 0 when exact, 1e-3 for a change of 0.1% of the output's "
+        "energy. Per-layer errors, timings and activation-outlier statistics are in `wq_report.json`; "
+        "`wq_report.html` shows them.",
+        "",
+        *_usage(report),
         "",
         "Made with:",
         "",
@@ -51,12 +71,58 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         command or "(library call)",
         "```",
         "",
-        "Load with `transformers` (with `compressed-tensors` installed) or serve with vLLM."
-        if job.get("format") == "compressed-tensors" else
-        "Serve with vLLM (`--dtype float16`), or load with `transformers` plus `optimum` and `gptqmodel`.",
-        "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_source(calib: Any) -> str:
+    if calib in (None, "wq:bundled"):
+        return "the public-domain text bundled with wq"
+    return f"`{calib}`"
+
+
+def _usage(report: Mapping[str, Any]) -> list[str]:
+    """How to run it: vLLM and transformers, with the repo id it will have where it is pushed."""
+    job = report["job"]
+    where = job.get("push_to_hub") or "PATH/TO/THIS/FOLDER"
+    gptq = job.get("format") == "gptq"
+    dtype = ", dtype=\"float16\"" if gptq else ""
+    needs = "`optimum` and `gptqmodel`" if gptq else "`compressed-tensors`"
+    return [
+        "## Use it",
+        "",
+        "vLLM:",
+        "",
+        "```bash",
+        f"vllm serve {where}" + (" --dtype float16" if gptq else ""),
+        "```",
+        "",
+        "```python",
+        "from vllm import LLM",
+        f"llm = LLM(\"{where}\"{dtype})",
+        "print(llm.generate(\"The capital of France is\")[0].outputs[0].text)",
+        "```",
+        "",
+        f"transformers (with {needs} installed):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained(\"{where}\", device_map=\"auto\")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{where}\")",
+        "```",
+    ] + (["", "GPTQ v1 stores float16 scales: run it in float16 for the exact reconstruction wq checked."]
+         if gptq else [])
+
+
+def _quality_rows(evaluation: Mapping[str, Any] | None) -> list[str]:
+    """Perplexity rows, where the job evaluated the artifact (and its source)."""
+    if not evaluation:
+        return []
+    rows = [f"| perplexity | {evaluation['perplexity']:.4f} on `{evaluation.get('text')}` "
+            f"({evaluation.get('windows')} windows of {evaluation.get('seq_len')} tokens) |"]
+    if evaluation.get("baseline_perplexity") is not None:
+        rows.append(f"| perplexity of the source | {evaluation['baseline_perplexity']:.4f} (same text and windows) |")
+    return rows
 
 
 def _compatibility_rows(compat: Mapping[str, Any] | None) -> list[str]:

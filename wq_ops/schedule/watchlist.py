@@ -62,11 +62,7 @@ class Recipe:
             object.__setattr__(self, "group_size", None)
         if not isinstance(self.sym, bool):
             raise ConfigError(f"{where}.sym={self.sym!r}: expected true or false")
-        if self.calib is None:          # recipes quantize real models: the bundled text is not for them
-            raise ConfigError(f"{where}.calib: missing; give the calibration text every watched model is quantized "
-                              "with, a path the cluster's pods can read (e.g. /data/calib/wikitext-2-train.txt on "
-                              f"the shared volume), or '{BUNDLED_CALIB}' for wq's bundled demo text")
-        if not isinstance(self.calib, str) or not self.calib:
+        if self.calib is not None and (not isinstance(self.calib, str) or not self.calib):
             raise ConfigError(f"{where}.calib={self.calib!r}: expected a path")
         try:   # the quantize job's own checks, so a bad recipe fails here rather than on the cluster
             QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, sym=self.sym)
@@ -74,6 +70,10 @@ class Recipe:
                         seq_len=1 if self.seq_len is None else self.seq_len)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+        if self.calib is None:          # recipes quantize real models: the bundled text is not for them
+            raise ConfigError(f"{where}.calib: missing; give the calibration text every watched model is quantized "
+                              "with, a path the cluster's pods can read (e.g. /data/calib/wikitext-2-train.txt on "
+                              f"the shared volume), or '{BUNDLED_CALIB}' for wq's bundled demo text")
 
     @property
     def fingerprint(self) -> str:
