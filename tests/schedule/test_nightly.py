@@ -168,7 +168,8 @@ def test_an_edited_recipe_is_new_work(store):
     watch = watch_list(watch=[{"repo": "org/a", "recipes": ["rtn-w4"]}])
     run(watch, hub, server, store)
     edited = watch_list(watch=[{"repo": "org/a", "recipes": ["rtn-w4"]}],
-                        recipes={"rtn-w4": {"method": "rtn", "bits": 4, "group_size": 128, "calib": "/data/calib/c.txt"}})
+                        recipes={"rtn-w4": {"method": "rtn", "bits": 4, "group_size": 128,
+                                            "calib": "/data/calib/c.txt"}})
     report = run(edited, hub, server, store)
     assert [r.outcome for r in report.results] == [Outcome.SUCCEEDED] and len(server.jobs) == 2
 
@@ -210,7 +211,8 @@ def test_a_corrupt_state_file_is_an_error_not_a_silent_reset(store):
 
 def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     wl = tmp_path / "watch.yaml"
-    wl.write_text("recipes: {rtn-w4: {method: rtn, calib: c.txt}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\npublish: false\n")
+    wl.write_text("recipes: {rtn-w4: {method: rtn, calib: c.txt}}\n"
+                  "watch: [{repo: org/a, recipes: [rtn-w4]}]\npublish: false\n")
     hub = MemoryHub({"org/a": SHA1})
     monkeypatch.setattr(cli, "HfHubSource", lambda: hub)
     common = ["--watch-list", str(wl), "--state", str(tmp_path / "s.json"), "--artifacts", str(tmp_path / "a")]
@@ -227,7 +229,8 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     assert cli.main([*common, "--address", "http://h:8265", "--poll-s", "0"]) == 1
     hub.revisions.pop("org/a")
     assert cli.main([*common, "--address", "http://h:8265"]) == 3
-    wl.write_text("recipes: {rtn-w4: {method: rtn, bits: 5, calib: c.txt}}\nwatch: [{repo: org/a, recipes: [rtn-w4]}]\n")
+    wl.write_text("recipes: {rtn-w4: {method: rtn, bits: 5, calib: c.txt}}\n"
+                  "watch: [{repo: org/a, recipes: [rtn-w4]}]\n")
     assert cli.main(common) == 2 and "recipes.rtn-w4: bits=5" in capsys.readouterr().err
 
 
