@@ -48,7 +48,7 @@ def test_out_left_empty_is_an_error():
 
 
 def test_round_trip_through_options():
-    job = JobConfig.from_dict({"out": "o", "model": "m", "method": "awq", "bits": 3, "group_size": "channel",
+    job = JobConfig.from_dict({"out": "o", "model": "m", "calib": "c.txt", "method": "awq", "bits": 3, "group_size": "channel",
                                "sym": False, "ignore": "a.*,b", "samples": 4, "actors": 2, "gpus_per_actor": 1})
     assert job.quant.method is Method.AWQ and job.quant.group_size is None and job.quant.ignore == ("a.*", "b")
     assert JobConfig.from_dict(job.to_dict()) == job
@@ -56,16 +56,23 @@ def test_round_trip_through_options():
     assert set(job.to_dict()) == {o.name for o in OPTIONS if o.method in (None, Method.AWQ)}
 
 
+def test_only_the_bundled_model_calibrates_on_the_bundled_text_by_default():
+    assert JobConfig.from_dict({}).calib.source is None
+    with pytest.raises(ConfigError, match="calib: none given for org/m; the text bundled with wq"):
+        JobConfig.from_dict({"model": "org/m"})
+    assert JobConfig.from_dict({"model": "org/m", "calib": "wq:bundled"}).calib.source == "wq:bundled"
+
+
 def test_the_python_entry_takes_the_command_lines_defaults():
-    gptq = JobConfig.from_dict({"model": "m"})
+    gptq = JobConfig.from_dict({"model": "m", "calib": "c.txt"})
     assert gptq.quant.act_order is True and gptq.quant.sym is True and gptq.out == "out/m-gptq-w4"
     assert gptq.calib.n_samples == 128 and gptq.calib.seq_len == 2048 and gptq.quant.backend.value == "reference"
-    awq = JobConfig.from_dict({"model": "org/name", "method": "awq", "bits": 3})
+    awq = JobConfig.from_dict({"model": "org/name", "calib": "c.txt", "method": "awq", "bits": 3})
     assert awq.quant.act_order is False and awq.out == "out/name-awq-w3"
     demo = JobConfig.from_dict({})
     assert demo.calib.n_samples == 32 and demo.calib.seq_len == 512
-    assert JobConfig.from_dict({"model": "m", "sym": False}).quant.sym is False
-    gpu = JobConfig.from_dict({"model": "m", "gpus_per_actor": 1})
+    assert JobConfig.from_dict({"model": "m", "calib": "c.txt", "sym": False}).quant.sym is False
+    gpu = JobConfig.from_dict({"model": "m", "calib": "c.txt", "gpus_per_actor": 1})
     assert gpu.quant.backend.value == "cuda"
 
 

@@ -33,7 +33,8 @@ from wq_ops.device.warm_up import (
 
 
 def _job(model, **options) -> JobConfig:
-    return JobConfig.from_dict({"out": "o", "model": model, "samples": 6, "seq_len": 64, "micro_batch_samples": 4,
+    return JobConfig.from_dict({"out": "o", "model": model, "calib": "wq:bundled",
+                                "samples": 6, "seq_len": 64, "micro_batch_samples": 4,
                                 **options})
 
 
@@ -116,7 +117,8 @@ def test_shapes_reach_the_in_process_actor(tmp_path, monkeypatch, arch, modeling
 
 def test_without_a_local_config_the_actor_imports_transformers(tmp_path):
     """A Hub model not yet fetched, or the bundled default: the guess is transformers (time only)."""
-    assert job_needs_transformers(JobConfig.from_dict({"out": str(tmp_path / "o"), "model": "org/name"}))
+    assert job_needs_transformers(JobConfig.from_dict({"out": str(tmp_path / "o"), "model": "org/name",
+                                                       "calib": "wq:bundled"}))
     assert job_needs_transformers(JobConfig.from_dict({"out": str(tmp_path / "o")}))
 
 

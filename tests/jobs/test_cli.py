@@ -42,20 +42,21 @@ def test_only_an_in_process_gpu_job_starts_its_cuda_context_early(tmp_path, capt
     monkeypatch.setattr(cuda_context, "start_primary_context", lambda ordinal=0: started.append(ordinal))
     monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
     with pytest.raises(SystemExit):
-        cli.main(["--model", "m", "--out", str(tmp_path), *flags])
+        cli.main(["--model", "m", "--calib", "c.txt", "--out", str(tmp_path), *flags])
     assert started == ([0] if starts else [])
     # torch's default module loading, set before the driver reads it (at cuInit); a user's choice stays.
     assert os.environ.get("CUDA_MODULE_LOADING") == ("LAZY" if starts else None)
     if starts:
         monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
         with pytest.raises(SystemExit):
-            cli.main(["--model", "m", "--out", str(tmp_path), *flags])
+            cli.main(["--model", "m", "--calib", "c.txt", "--out", str(tmp_path), *flags])
         assert os.environ["CUDA_MODULE_LOADING"] == "EAGER"
 
 
 def test_yaml_then_flags_override(tmp_path, captured):
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("model: /models/x\nmethod: awq\nbits: 3\ngroup_size: 64\nsamples: 16\nignore: ['*.down_proj']\n")
+    cfg.write_text("model: /models/x\ncalib: c.txt\nmethod: awq\nbits: 3\ngroup_size: 64\nsamples: 16\n"
+                   "ignore: ['*.down_proj']\n")
     with pytest.raises(SystemExit):
         cli.main(["--config", str(cfg), "--bits", "4", "--out", str(tmp_path / "o"), "--asym"])
     job = captured["job"]
@@ -67,15 +68,16 @@ def test_yaml_then_flags_override(tmp_path, captured):
 
 def test_gptq_defaults_to_act_order(tmp_path, captured):
     with pytest.raises(SystemExit):
-        cli.main(["--model", "m", "--out", str(tmp_path)])
+        cli.main(["--model", "m", "--calib", "c.txt", "--out", str(tmp_path)])
     assert captured["job"].quant.act_order is True
     with pytest.raises(SystemExit):
-        cli.main(["--model", "m", "--out", str(tmp_path), "--no-act-order", "--group-size", "channel"])
+        cli.main(["--model", "m", "--calib", "c.txt", "--out", str(tmp_path), "--no-act-order",
+                  "--group-size", "channel"])
     assert captured["job"].quant.act_order is False and captured["job"].quant.group_size is None
 
 
 def test_bad_values_exit_2_naming_the_field(tmp_path, capsys):
-    assert cli.main(["--model", "m", "--out", str(tmp_path), "--bits", "5"]) == 2
+    assert cli.main(["--model", "m", "--calib", "c.txt", "--out", str(tmp_path), "--bits", "5"]) == 2
     assert "wq: error: bits=5: expected one of 2, 3, 4, 8" in capsys.readouterr().err
     cfg = tmp_path / "job.yaml"
     cfg.write_text("grup_size: 64\n")
@@ -86,7 +88,7 @@ def test_bad_values_exit_2_naming_the_field(tmp_path, capsys):
 def test_ray_address_comes_from_the_environment(tmp_path, captured, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     with pytest.raises(SystemExit):
-        cli.main(["--model", "m", "--out", str(tmp_path)])
+        cli.main(["--model", "m", "--calib", "c.txt", "--out", str(tmp_path)])
     assert captured["job"].run.address == "ray://head:10001"
 
 
@@ -119,3 +121,11 @@ def test_a_dry_run_prints_the_plan_and_the_calibration_and_writes_nothing(tmp_pa
     assert "calibration: the text bundled with wq: 32 windows of 512 tokens, 32 distinct" in printed
     assert "disk: the artifact needs about " in printed and " GiB free at " in printed
     assert not out.exists()
+
+
+def test_a_real_model_without_calibration_text_is_refused_naming_good_choices(tmp_path, capsys):
+    assert cli.main(["--model", "org/some-model", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wq: error: calib: none given for org/some-model") and err.count("\n") == 1
+    assert "WikiText-2" in err and "--calib wq:bundled" in err
+    assert not (tmp_path / "o").exists()

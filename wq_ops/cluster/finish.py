@@ -59,6 +59,8 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
               "revision": prepared.checkpoint.revision, "architecture": layout.architecture,
               "n_blocks": layout.n_blocks, "dtype": str(layout.dtype).replace("torch.", ""),
               "modeling": modeling_name(prepared.hf_config)}
+    # The source's tensors in the model's dtype (an FP8 source: as read), beside the artifact's for the ratio.
+    source["tensor_bytes"] = sum(layout.block_nbytes(i) for i in range(layout.n_blocks)) + layout.outer_nbytes()
     license_ = prepared.checkpoint.license()
     if license_ != SourceLicense():       # the model card carries it on: a quantized model keeps its base's terms
         source["license"] = {k: v for k, v in asdict(license_).items() if v is not None}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from wq_ops.report.verdict import ERROR_SCALE, quality_verdict, size_verdict, tensor_parallel_verdict
+
 __all__ = ["render_model_card"]
 
 _TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
@@ -54,13 +56,12 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
         f"| mean relative output error | {totals['mean_output_error']:.3e} (geometric mean "
         f"{totals['geomean_output_error']:.3e}) |",
         f"| worst layer | `{worst.get('name')}` ({worst.get('output_error', 0.0):.3e}) |",
+        f"| size | {size_verdict(report)} |",
         f"| wall time | {totals['wall_seconds']:.1f} s |",
         *_compatibility_rows(report.get("compatibility")),
         *_quality_rows(report.get("eval")),
         "",
-        "The relative output error of a layer is the share of its output that quantization changed, on the "
-        "calibration inputs: ||(W - Q) X||^2 / ||W X||^2, 0 when exact, 1e-3 for a change of 0.1% of the output's "
-        "energy. Per-layer errors, timings and activation-outlier statistics are in `wq_report.json`; "
+        ERROR_SCALE + " Per-layer errors, timings and activation-outlier statistics are in `wq_report.json`; "
         "`wq_report.html` shows them.",
         "",
         *_usage(report),
@@ -115,25 +116,15 @@ def _usage(report: Mapping[str, Any]) -> list[str]:
 
 
 def _quality_rows(evaluation: Mapping[str, Any] | None) -> list[str]:
-    """Perplexity rows, where the job evaluated the artifact (and its source)."""
-    if not evaluation:
-        return []
-    rows = [f"| perplexity | {evaluation['perplexity']:.4f} on `{evaluation.get('text')}` "
-            f"({evaluation.get('windows')} windows of {evaluation.get('seq_len')} tokens) |"]
-    if evaluation.get("baseline_perplexity") is not None:
-        rows.append(f"| perplexity of the source | {evaluation['baseline_perplexity']:.4f} (same text and windows) |")
-    return rows
+    """Perplexity, where the job evaluated the artifact (and its source)."""
+    quality = quality_verdict(evaluation)
+    return [f"| quality | {quality} |"] if quality else []
 
 
 def _compatibility_rows(compat: Mapping[str, Any] | None) -> list[str]:
-    """The vLLM tensor-parallel sizes the artifact loads with, from the report's compatibility section."""
-    if not compat:
+    """The vLLM tensor-parallel sizes the artifact loads with, and the padding applied for them."""
+    verdict = tensor_parallel_verdict(compat)
+    if verdict is None or compat is None:
         return []
-    checks = compat.get("tensor_parallel", [])
-    ok = [str(c["tp"]) for c in checks if c.get("ok")]
-    fallback = [str(c["tp"]) for c in checks if c.get("loadable") and not c.get("ok")]
-    no = [str(c["tp"]) for c in checks if not c.get("loadable")]
-    return [f"| vLLM tensor parallel | loads at {', '.join(ok) or 'none'} with the default kernels"
-            + (f"; at {', '.join(fallback)} with a fallback kernel" if fallback else "")
-            + (f"; not at {', '.join(no)}" if no else "") + " (details: wq_report.json, compatibility) |"] + (
+    return [f"| vLLM tensor parallel | {verdict} (details: wq_report.json, compatibility) |"] + (
         [f"| Padding | {compat['padding_applied']['description']} |"] if compat.get("padding_applied") else [])
