@@ -48,8 +48,9 @@ def test_out_left_empty_is_an_error():
 
 
 def test_round_trip_through_options():
-    job = JobConfig.from_dict({"out": "o", "model": "m", "calib": "c.txt", "method": "awq", "bits": 3, "group_size": "channel",
-                               "sym": False, "ignore": "a.*,b", "samples": 4, "actors": 2, "gpus_per_actor": 1})
+    job = JobConfig.from_dict({"out": "o", "model": "m", "calib": "c.txt", "method": "awq", "bits": 3,
+                               "group_size": "channel", "sym": False, "ignore": "a.*,b", "samples": 4, "actors": 2,
+                               "gpus_per_actor": 1})
     assert job.quant.method is Method.AWQ and job.quant.group_size is None and job.quant.ignore == ("a.*", "b")
     assert JobConfig.from_dict(job.to_dict()) == job
     # Every option but GPTQ's, which an AWQ job does not take.

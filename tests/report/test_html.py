@@ -1,6 +1,6 @@
 """wq_report.html in a real browser (headless Chromium, Debian's `chromium` package): the lead section and
 every other section render, and no legend is cut off, on a real job's report and on one of a single block.
-CI installs chromium and sets WQ_REQUIRE_BROWSER=1, so there the test cannot skip."""
+CI installs chromium and sets WQ_REQUIRE_TOOLS=1, so there the test cannot skip."""
 
 import copy
 import json
@@ -36,8 +36,8 @@ document.body.setAttribute('data-check', JSON.stringify({cut, missing, svgs: doc
 def browser() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if found is None:
-        if os.environ.get("WQ_REQUIRE_BROWSER"):
-            pytest.fail("WQ_REQUIRE_BROWSER is set but no chromium is installed (apt-get install chromium)")
+        if os.environ.get("WQ_REQUIRE_TOOLS"):
+            pytest.fail("WQ_REQUIRE_TOOLS is set but no chromium is installed (apt-get install chromium)")
         pytest.skip("no headless browser here (apt-get install chromium); CI installs one and requires it")
     return found
 

@@ -4,9 +4,10 @@ The CUDA sources live in the checkout's top-level `kernels/` folder (not a Pytho
 Hugging Face's import name); a wheel ships the same files as package data in `wq_ops/kernels/sources/`.
 torch's JIT extension builder compiles the families' .cu files and the bindings with nvcc and ninja into its
 extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/wq); a rebuild happens only
-when a source changes. Targets: sm_90a (Hopper: the H100/H200 this is tuned on) and compute_80 PTX, which
-the driver compiles for any newer GPU. Nothing falls back to the PyTorch reference: a failed build is
-a KernelError.
+when a source changes. Targets: sm_90a (Hopper: the H100/H200 this is tuned on), sm_80 (A100: no JIT there),
+and compute_80 PTX, which the driver compiles for any other newer GPU. `build_extension` compiles with no GPU
+present (a container image's build step: `python -m jobs.build_kernels`); `load_extension` loads that build.
+Nothing falls back to the PyTorch reference: a failed build is a KernelError.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import ModuleType
 
 from wq_ops.errors import KernelError
 
-__all__ = ["load_extension", "source_root", "SOURCES", "CUDA_FLAGS"]
+__all__ = ["load_extension", "build_extension", "source_root", "SOURCES", "CUDA_FLAGS"]
 
 
 def source_root() -> Path:
@@ -36,7 +37,8 @@ def source_root() -> Path:
 ROOT = source_root()
 SOURCES = [ROOT / "extension.cpp"] + sorted(ROOT.glob("*/binding.cpp")) + sorted(ROOT.glob("*/*.cu"))
 # No --use_fast_math: the kernels reproduce the reference's IEEE division and rounding bit for bit.
-CUDA_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=compute_80"]
+CUDA_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_80,code=compute_80"]
 HOST_FLAGS = ["-O3", "-std=c++17"]
 
 
@@ -71,17 +73,34 @@ def _unique_sources(digest: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def load_extension() -> ModuleType:
+    """The extension, built here first unless a finished build of these sources is in the cache."""
     import torch
 
     if not torch.cuda.is_available():
         raise KernelError("backend=cuda needs a CUDA GPU, and torch sees none; use backend=reference on CPU")
-    digest = _source_digest()
-    name = f"wq_cuda_kernels_{digest}"
+    name = _extension_name()
     built = _load_built(name)
-    if built is not None:
-        return built
+    return built if built is not None else _compile(name)
+
+
+def build_extension() -> Path:
+    """Compile the extension into the cache (nothing to do where a finished build is there) and return its
+    library's path. Needs nvcc and torch's CUDA build, not a GPU."""
+    name = _extension_name()
+    library = _build_directory(name) / f"{name}.so"
+    if _load_built(name) is None:
+        _compile(name)
+    return library
+
+
+def _extension_name() -> str:
+    return f"wq_cuda_kernels_{_source_digest()}"
+
+
+def _compile(name: str) -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    digest = name.rsplit("_", 1)[-1]
     try:
         return load(name=name, sources=_unique_sources(digest), extra_cflags=HOST_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
                     extra_include_paths=[str(ROOT / "include"), str(ROOT)], build_directory=str(_build_directory(name)),
