@@ -1,6 +1,7 @@
 """A small stand-in for the Hugging Face Hub, serving what huggingface_hub's download and upload paths ask for.
 
-Download: model info (`/api/models/{repo}[/revision/{rev}]`) and files (`/{repo}/resolve/{rev}/{path}`).
+Download: model and dataset info (`/api/models|datasets/{repo}[/revision/{rev}]`) and files
+(`/[datasets/]{repo}/resolve/{rev}/{path}`; a dataset repo is added as "datasets/ORG/NAME").
 Upload (the LFS path, Xet disabled): `/api/whoami-v2`, `/api/repos/create`, `/api/models/{repo}/auth-check/write`,
 `/api/models/{repo}/branch/{name}`, `/api/models/{repo}/preupload/{rev}`, the LFS batch endpoint
 `/{repo}.git/info/lfs/objects/batch`, `PUT /lfs-upload/{oid}`, `/api/validate-yaml` and the ndjson
@@ -239,9 +240,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if not self._refuse(m.group(1)):
                     self._json(200, {})
                 return None
-            m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
+            m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
             if m:
-                repo_id, rev = m.group(1), m.group(2)
+                # A dataset repo is kept under "datasets/ORG/NAME", as its file URLs name it.
+                repo_id = m.group(2) if m.group(1) == "models" else f"datasets/{m.group(2)}"
+                rev = m.group(3)
                 if repo_id not in hub.repos:
                     return self._error(404, "RepoNotFound", head)
                 repo = hub.repos[repo_id]
@@ -251,7 +254,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": state.sha, "private": repo.private,
                                    "siblings": [{"rfilename": f} for f in sorted(state.files)]}).encode()
                 return self._send(200, body, {"Content-Type": "application/json"}, head)
-            m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+            m = re.match(r"^/((?:datasets/)?[^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
             if m:
                 repo_id, rev, filename = m.groups()
                 if repo_id not in hub.repos:

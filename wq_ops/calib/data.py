@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from wq_ops.calib.hub_dataset import download_hub_dataset, parse_hub_dataset
 from wq_ops.config import BUNDLED_CALIB
 from wq_ops.errors import ConfigError
 
@@ -113,10 +114,13 @@ def load_texts(source: str | None, *, text_column: str = "text") -> list[str]:
     """The calibration texts, in a deterministic order."""
     if source is None or is_bundled(source):      # None narrows the type for mypy
         return [p.read_text(encoding="utf-8") for p in sorted(BUNDLED_TEXT_DIR.glob("*.txt"))]
+    dataset = parse_hub_dataset(source)
     path = Path(source).expanduser()
-    if not path.exists():
+    if dataset is not None:
+        texts = [t for f in download_hub_dataset(dataset) for t in _read_file(f, text_column)]
+    elif not path.exists():
         raise ConfigError(f"--calib {source}: no such file or directory")
-    if path.is_file():
+    elif path.is_file():
         texts = _read_file(path, text_column)
     elif (path / "dataset_info.json").exists() or (path / "state.json").exists() or any(path.glob("*.arrow")):
         files = sorted(path.glob("*.arrow"))

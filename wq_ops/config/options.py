@@ -172,8 +172,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("moe_min_tokens", f"{M}.min_tokens", Kind.INT, 256, "mixture-of-experts models: an expert whose "
            "statistics come from fewer tokens is quantized with RTN (counted in the report as starved)", True),
     # --- calibration: the tokens themselves enter the fingerprint -------------------------------------------
-    Option("calib", f"{C}.source", Kind.STR, None, "text file, folder of text files, parquet, jsonl or datasets "
-           "folder (none: the bundled text)", False),
+    Option("calib", f"{C}.source", Kind.STR, None, "text file, folder of text files, parquet, jsonl, a datasets "
+           "folder, or a Hub dataset hf://ORG/NAME[:CONFIG][@SPLIT]; required but for the bundled model (wq:bundled: "
+           "the text bundled with wq)", False),
     Option("samples", f"{C}.n_samples", Kind.INT, Dependent(lambda o: 32 if _bundled(o) else 128,
            "128; 32 for the bundled model"), "calibration samples", False),
     Option("seq_len", f"{C}.seq_len", Kind.INT, Dependent(lambda o: 512 if _bundled(o) else 2048,
