@@ -23,7 +23,10 @@ def test_the_source_names_repo_config_and_split():
 
 
 @pytest.fixture
-def dataset_repo(hub, tmp_path):  # noqa: F811
+def dataset_repo(hub, tmp_path, monkeypatch):  # noqa: F811
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))    # tests write under tmp_path
     root = tmp_path / "ds"
     for config in ("wikitext-2-raw-v1", "wikitext-103-raw-v1"):
         for split in ("train", "validation"):
