@@ -33,8 +33,31 @@ BUNDLED_TEXT_DIR = Path(__file__).resolve().parents[1] / "bundled" / "text"
 _TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
 
 
-def _strings(path: Path, column: str, values: list[Any]) -> list[str]:
-    """A column's values, each a string (or empty); anything else is an error naming the file."""
+# Formats one chat (a list of {"role", "content"} messages) as text: the model's chat template.
+ChatFormat = Callable[[list[dict[str, Any]]], str]
+CHAT_COLUMN = "messages"
+
+
+def _chats(path: Path, column: str, values: list[Any], chat: ChatFormat) -> list[str]:
+    """A column of chats, each formatted by `chat`; a value that is not a list of {role, content} is an error
+    naming the file and row."""
+    texts = []
+    for n, value in enumerate(values):
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                  and isinstance(m.get("content"), str) for m in value):
+            raise ConfigError(f"--calib {path}: row {n} of column {column!r} is not a chat (a list of "
+                              f"{{role, content}} messages): {str(value)[:60]}")
+        texts.append(chat(value))
+    return texts
+
+
+def _strings(path: Path, column: str, values: list[Any], chat: ChatFormat | None = None) -> list[str]:
+    """A column's values, each a string (or empty), or with `chat` each a chat formatted as text; anything
+    else is an error naming the file."""
+    if chat is not None:
+        return _chats(path, column, values, chat)
     bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
     if bad is not None:
         raise ConfigError(f"--calib {path}: column {column!r} holds {type(bad).__name__} values ({str(bad)[:40]}), "
@@ -42,7 +65,7 @@ def _strings(path: Path, column: str, values: list[Any]) -> list[str]:
     return [v for v in values if v]
 
 
-def _read_parquet(path: Path, column: str) -> list[str]:
+def _read_parquet(path: Path, column: str, chat: ChatFormat | None = None) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -52,10 +75,10 @@ def _read_parquet(path: Path, column: str) -> list[str]:
         raise ConfigError(f"--calib {path}: not a readable parquet file ({e})") from None
     if column not in table.column_names:
         raise ConfigError(f"{path}: no column {column!r} (columns: {table.column_names}); pass --text-column")
-    return _strings(path, column, table.column(column).to_pylist())
+    return _strings(path, column, table.column(column).to_pylist(), chat)
 
 
-def _read_arrow(path: Path, column: str) -> list[str]:
+def _read_arrow(path: Path, column: str, chat: ChatFormat | None = None) -> list[str]:
     import pyarrow as pa
 
     try:
@@ -68,10 +91,10 @@ def _read_arrow(path: Path, column: str) -> list[str]:
         raise ConfigError(f"--calib {path}: not a readable Arrow file ({e})") from None
     if column not in table.column_names:
         raise ConfigError(f"{path}: no column {column!r} (columns: {table.column_names}); pass --text-column")
-    return _strings(path, column, table.column(column).to_pylist())
+    return _strings(path, column, table.column(column).to_pylist(), chat)
 
 
-def _read_jsonl(path: Path, column: str) -> list[str]:
+def _read_jsonl(path: Path, column: str, chat: ChatFormat | None = None) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -85,20 +108,26 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
                 raise ConfigError(f"--calib {path}:{n}: not a JSON line ({e})") from None
             if not isinstance(row, dict) or column not in row:
                 raise ConfigError(f"--calib {path}:{n}: no field {column!r}; pass --text-column")
+            if chat is not None:
+                texts += _chats(Path(f"{path}:{n}"), column, [row[column]], chat)
+                continue
             if not isinstance(row[column], str):
                 raise ConfigError(f"--calib {path}:{n}: field {column!r} is a {type(row[column]).__name__}, not text")
             texts.append(row[column])
     return texts
 
 
-def _read_file(path: Path, column: str) -> list[str]:
+def _read_file(path: Path, column: str, chat: ChatFormat | None = None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _read_parquet(path, column)
+        return _read_parquet(path, column, chat)
     if suffix == ".arrow":
-        return _read_arrow(path, column)
+        return _read_arrow(path, column, chat)
     if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, column)
+        return _read_jsonl(path, column, chat)
+    if chat is not None:
+        raise ConfigError(f"--calib {path}: chats (--chat-template) come from a '{CHAT_COLUMN}' column of parquet, "
+                          "Arrow or JSON lines, not plain text")
     try:
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError:
@@ -110,32 +139,35 @@ def is_bundled(source: str | None) -> bool:
     return source is None or source == BUNDLED_CALIB
 
 
-def load_texts(source: str | None, *, text_column: str = "text") -> list[str]:
-    """The calibration texts, in a deterministic order."""
+def load_texts(source: str | None, *, text_column: str = "text", chat: ChatFormat | None = None) -> list[str]:
+    """The calibration texts, in a deterministic order. chat: the rows are chats, in the CHAT_COLUMN column,
+    each formatted as text by this function (the model's chat template)."""
+    if chat is not None:
+        text_column = CHAT_COLUMN
     if source is None or is_bundled(source):      # None narrows the type for mypy
         return [p.read_text(encoding="utf-8") for p in sorted(BUNDLED_TEXT_DIR.glob("*.txt"))]
     dataset = parse_hub_dataset(source)
     path = Path(source).expanduser()
     if dataset is not None:
-        texts = [t for f in download_hub_dataset(dataset) for t in _read_file(f, text_column)]
+        texts = [t for f in download_hub_dataset(dataset) for t in _read_file(f, text_column, chat)]
     elif not path.exists():
         raise ConfigError(f"--calib {source}: no such file or directory")
     elif path.is_file():
-        texts = _read_file(path, text_column)
+        texts = _read_file(path, text_column, chat)
     elif (path / "dataset_info.json").exists() or (path / "state.json").exists() or any(path.glob("*.arrow")):
         files = sorted(path.glob("*.arrow"))
         if not files:
             raise ConfigError(f"--calib {source}: a datasets folder without .arrow files (use save_to_disk)")
-        texts = [t for f in files for t in _read_arrow(f, text_column)]
+        texts = [t for f in files for t in _read_arrow(f, text_column, chat)]
     elif any(path.glob("*.parquet")):
-        texts = [t for f in sorted(path.glob("*.parquet")) for t in _read_parquet(f, text_column)]
+        texts = [t for f in sorted(path.glob("*.parquet")) for t in _read_parquet(f, text_column, chat)]
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
         if not files:
             raise ConfigError(f"--calib {source}: no text files ({', '.join(_TEXT_SUFFIXES)}), parquet or arrow files")
         texts = []
         for f in files:
-            texts += _read_file(f, text_column)
+            texts += _read_file(f, text_column, chat)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ConfigError(f"--calib {source}: holds no text")
@@ -223,16 +255,21 @@ def _token_rows(source: str | None) -> list[list[int]] | None:
 
 def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *, n_samples: int, seq_len: int,
                        seed: int, text_column: str = "text", allow_repeats: bool = False,
-                       repeats_expected: bool = False) -> Tensor:
+                       repeats_expected: bool = False, chat_template: bool = False) -> Tensor:
     """(n_samples, seq_len) int64. Text: windows at random starts (seed) of the corpus, tokenized by
     load_tokenizer() (called only for text: loading a tokenizer imports its whole library, a second of
     start-up). Pre-tokenized parquet (an `input_ids` column): its first n_samples rows, each cut to
     seq_len, as given, so that another tool fed the same rows calibrates on the same tokens."""
     rows = _token_rows(source)
     if rows is None:
-        texts = load_texts(source, text_column=text_column)
-        return sample_windows(tokenize_corpus(texts, load_tokenizer()), n_samples=n_samples, seq_len=seq_len, seed=seed,
-                              allow_repeats=allow_repeats, repeats_expected=repeats_expected)
+        tokenizer = load_tokenizer() if chat_template else None
+        chat = _chat_format(tokenizer) if tokenizer is not None else None
+        texts = load_texts(source, text_column=text_column, chat=chat)
+        ids = tokenize_corpus(texts, tokenizer if tokenizer is not None else load_tokenizer())
+        return sample_windows(ids, n_samples=n_samples, seq_len=seq_len, seed=seed, allow_repeats=allow_repeats,
+                              repeats_expected=repeats_expected)
+    if chat_template:
+        raise ConfigError(f"--calib {source}: pre-tokenized rows (input_ids) take no --chat-template")
     if len(rows) < n_samples:
         raise ConfigError(f"--calib {source}: {len(rows)} pre-tokenized rows, fewer than samples={n_samples}")
     short = [i for i, r in enumerate(rows[:n_samples]) if r is None or len(r) < seq_len]
@@ -240,6 +277,19 @@ def calibration_tokens(source: str | None, load_tokenizer: Callable[[], Any], *,
         raise ConfigError(f"--calib {source}: row {short[0]} has fewer than seq_len={seq_len} tokens "
                           f"({len(short)} such rows among the first {n_samples})")
     return torch.tensor([r[:seq_len] for r in rows[:n_samples]], dtype=torch.int64)
+
+
+def _chat_format(tokenizer: Any) -> ChatFormat:
+    """The model's chat template as a function of one chat (a ConfigError where the tokenizer has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat-template: the model's tokenizer has no chat template (tokenizer_config.json's "
+                          "chat_template, or chat_template.jinja); calibrate on plain text instead")
+
+    def format_chat(messages: list[dict[str, Any]]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return text if isinstance(text, str) else str(text)
+
+    return format_chat
 
 
 @dataclass(frozen=True)

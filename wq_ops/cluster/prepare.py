@@ -220,7 +220,8 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
                              seq_len=job.calib.seq_len, seed=job.calib.seed, text_column=job.calib.text_column,
                              allow_repeats=job.calib.allow_repeats,
                              # the bundled demo: its small bundled text, overlapping windows by design
-                             repeats_expected=not job.model and is_bundled(job.calib.source))
+                             repeats_expected=not job.model and is_bundled(job.calib.source),
+                             chat_template=job.calib.chat_template)
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                           f"{layout.vocab_size}")

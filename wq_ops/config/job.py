@@ -160,6 +160,7 @@ class CalibConfig:
     seed: int = default_of("seed")
     text_column: str = default_of("text_column")   # column read from parquet files and datasets directories
     allow_repeats: bool = default_of("calib_allow_repeats")   # windows mostly over the same text: accepted
+    chat_template: bool = default_of("chat_template")   # rows are chats ('messages'): the model's template applied
 
     def __post_init__(self) -> None:
         positive_int(self.n_samples, "samples")

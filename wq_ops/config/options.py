@@ -181,6 +181,8 @@ OPTIONS: tuple[Option, ...] = (
            "2048; 512 for the bundled model"), "tokens per sample", False),
     Option("seed", f"{C}.seed", Kind.INT, 0, "calibration sampling seed", False),
     Option("text_column", f"{C}.text_column", Kind.STR, "text", "column or field holding the text", False),
+    Option("chat_template", f"{C}.chat_template", Kind.BOOL, False, "calibration rows are chats: read the "
+           "'messages' column (lists of {role, content}) and apply the model's chat template to each", False),
     Option("calib_allow_repeats", f"{C}.allow_repeats", Kind.BOOL, False, "accept calibration text too short for "
            "the windows, so that most of their tokens repeat others (reported)", False),
     # --- where it runs: results do not depend on it --------------------------------------------------------
