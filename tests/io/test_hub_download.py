@@ -25,7 +25,7 @@ def hub(monkeypatch, tmp_path):
     server.server.shutdown()
 
 
-def test_driver_reads_metadata_only_and_actors_fetch_their_shards(hub, tmp_path):
+def test_driver_reads_metadata_only_and_actors_fetch_their_shards(hub, tmp_path, caplog):
     src = write_checkpoint(tmp_path / "src", num_hidden_layers=4)
     sha = hub.add_repo_from_dir("org/tiny", src)
     ckpt = open_checkpoint("org/tiny", cache_dir=str(tmp_path / "cache"))
@@ -34,7 +34,12 @@ def test_driver_reads_metadata_only_and_actors_fetch_their_shards(hub, tmp_path)
     assert "config.json" in fetched and "model.safetensors.index.json" in fetched
     assert not any(f.startswith("model-") for f in fetched)          # no weights read by the driver
     name = "model.layers.3.mlp.up_proj.weight"
-    t = read_tensors(ckpt, [name])[name]
+    with caplog.at_level("INFO", logger="wq_ops.io.checkpoint"):
+        t = read_tensors(ckpt, [name])[name]
+        read_tensors(ckpt, [name])                  # cached now: fetched and logged once
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([x for x in lines if x.startswith("downloading model-")]) == 1
+    assert len([x for x in lines if x.startswith("downloaded model-") and " GiB in " in x]) == 1
     shard = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
     assert {p.rsplit("/", 1)[-1] for p in hub.fetched()} - fetched == {shard}
     from safetensors import safe_open

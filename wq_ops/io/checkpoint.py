@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import struct
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,10 +124,21 @@ class Checkpoint:
         """The local path of one shard, downloading it (this shard only) for a Hub checkpoint."""
         if self.repo_id is None:
             return self.local_dir / filename
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        return Path(hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=self.cache_dir,
+        cached = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.cache_dir, revision=self.revision)
+        if isinstance(cached, str):
+            return Path(cached)
+        # One line per shard fetched (Ray job logs show no bar; on a terminal huggingface_hub draws its own).
+        start = time.perf_counter()
+        log.info("downloading %s from %s@%s", filename, self.repo_id, (self.revision or "")[:12])
+        path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=self.cache_dir,
                                     endpoint=self.endpoint))
+        seconds = time.perf_counter() - start
+        size = path.stat().st_size
+        log.info("downloaded %s: %.2f GiB in %.1f s (%.0f MiB/s)", filename, size / 2**30, seconds,
+                 size / 2**20 / max(seconds, 1e-6))
+        return path
 
     def files_for(self, names: Iterable[str]) -> dict[str, list[str]]:
         """Group tensor names by the shard file that holds them."""
