@@ -80,8 +80,8 @@ def test_a_misspelt_option_is_an_error_with_a_hint(tmp_path):
 
 def test_the_api_takes_the_cluster_address_from_the_environment_as_the_cli_does(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    assert job_config("m", out="o").run.address == "ray://head:10001"
-    assert job_config("m", out="o", address="ray://other:10001").run.address == "ray://other:10001"
+    assert job_config("m", out="o", calib="c.txt").run.address == "ray://head:10001"
+    assert job_config("m", out="o", calib="c.txt", address="ray://other:10001").run.address == "ray://other:10001"
 
 
 def test_importing_the_api_imports_no_torch_ray_or_transformers():
@@ -96,6 +96,7 @@ def test_importing_the_api_imports_no_torch_ray_or_transformers():
 def test_inside_a_ray_driver_the_user_started_the_actors_join_it_and_it_stays_up(tmp_path):
     import ray
 
+    ray.shutdown()                   # a Ray another test in this process left up is not this test's user's
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         result = quantize(out=tmp_path / "o", actors=2, progress=False, **SMALL)
