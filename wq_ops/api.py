@@ -13,7 +13,6 @@ torch imports. Inside a Ray driver the user already has (`ray.init()` done), the
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from wq_ops.cluster.runtime_choice import choose_runtime
 from wq_ops.config import JobConfig
-from wq_ops.config.options import fill_defaults
 from wq_ops.report.progress import BarReporter, BlockProgress, CallbackReporter, LogReporter, ProgressReporter
 
 if TYPE_CHECKING:
@@ -30,9 +28,6 @@ if TYPE_CHECKING:
     from wq_ops.cluster.plan import JobPlan
 
 __all__ = ["quantize", "job_config", "QuantizeResult", "LayerError", "BlockProgress", "cache_dir"]
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class LayerError:
@@ -91,7 +86,6 @@ def job_config(model: str | os.PathLike[str] | None = None, **options: Any) -> J
         given["model"] = os.fspath(model)
     if given.get("address") is None and os.environ.get("RAY_ADDRESS"):
         given["address"] = os.environ["RAY_ADDRESS"]
-    fill_defaults(given)                 # unknown names fail here, before anything else is read
     return JobConfig.from_dict(given)
 
 

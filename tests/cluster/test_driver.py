@@ -93,7 +93,7 @@ def test_artifact_loads_in_transformers_and_matches_our_weights(tmp_path, llama)
 def test_same_bytes_with_one_and_three_actors(tmp_path, llama, caplog):
     model_dir, calib = llama
     one = run_job(job(tmp_path / "a", model=str(model_dir), calib=str(calib), group_size=64), cache_dir=tmp_path)
-    with caplog.at_level("INFO", logger="wq_ops.cluster.driver"):
+    with caplog.at_level("INFO", logger="wq_ops.report.progress"):
         three = run_job(job(tmp_path / "b", model=str(model_dir), calib=str(calib), group_size=64, actors=3),
                         cache_dir=tmp_path)
     progress = [r.getMessage() for r in caplog.records if "done=" in r.getMessage()]

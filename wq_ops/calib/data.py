@@ -23,8 +23,7 @@ from wq_ops.config import BUNDLED_CALIB
 from wq_ops.errors import ConfigError
 
 __all__ = ["is_bundled", "load_texts", "tokenize_corpus", "sample_windows", "calibration_tokens",
-           "describe_calibration",
-           "CalibrationSummary",
+           "describe_calibration", "CalibrationSummary",
            "BUNDLED_TEXT_DIR"]
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from wq_ops.config import BUNDLED_CALIB
 from wq_ops.report.verdict import ERROR_SCALE, quality_verdict, size_verdict, tensor_parallel_verdict
 
 __all__ = ["render_model_card"]
@@ -77,7 +78,7 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
 
 
 def _calibration_source(calib: Any) -> str:
-    if calib in (None, "wq:bundled"):
+    if calib in (None, BUNDLED_CALIB):
         return "the public-domain text bundled with wq"
     return f"`{calib}`"
 

@@ -7,7 +7,6 @@ tqdm), one key=value log line per block otherwise (`LogReporter`), or a caller's
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TextIO
@@ -15,7 +14,7 @@ from typing import Any, Callable, Protocol, TextIO
 __all__ = ["BlockProgress", "ProgressReporter", "LogReporter", "BarReporter", "CallbackReporter", "TimeLeft",
            "reporter_for"]
 
-log = logging.getLogger("wq_ops.cluster.driver")      # the driver's own lines: one logger for a job's story
+log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
@@ -179,9 +178,9 @@ class TimeLeft:
         others = [p for p in (self._interval(r) for r in range(len(self.totals))) if p is not None]
         if others:
             return statistics.median(others)
-        firsts = [times[0] - self._start(r) for r, times in enumerate(self.computed) if times]
         if self.computed[rank]:
             return self.computed[rank][0] - self._start(rank)
+        firsts = [times[0] - self._start(r) for r, times in enumerate(self.computed) if times]
         return max(firsts) if firsts else None
 
     def _interval(self, rank: int) -> float | None:
@@ -201,6 +200,7 @@ class TimeLeft:
     def eta(self, now: float) -> float | None:
         """Seconds left at time `now` (0 once every block is staged; None while nothing tells the pace)."""
         left = []
+        overhead = self.overhead()
         for rank, (planned, done) in enumerate(zip(self.totals, self.done)):
             remaining = planned - done
             if remaining == 0:
@@ -214,12 +214,11 @@ class TimeLeft:
                 under_way = min(now - self.computed[rank][-1], pace) if running else 0.0
                 left.append(max(remaining * pace - under_way, 0.0))
             else:                         # its first block, with the overhead the others' first blocks had
-                first = self.overhead() + remaining * pace
+                first = overhead + remaining * pace
                 left.append(max(first - (now - self._start(rank) if running else 0.0), 0.0))
         if not left:
             return 0.0
-        total = sum(left) if self.sequential else max(left)
-        return total if math.isfinite(total) else None
+        return sum(left) if self.sequential else max(left)
 
     def _start(self, rank: int) -> float:
         """When actor `rank` could begin: the job's start; in a sequential job, when the previous actors'
