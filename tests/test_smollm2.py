@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs import eval as jobs_eval
 from tests.conftest import SHARED
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
@@ -49,7 +50,9 @@ def ppl(model_dir: Path) -> float:
 def artifacts(smollm2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-runs")
     for method in ("rtn", "gptq", "awq"):
-        quantize(smollm2_dir, root / method, method=method)
+        # The GPTQ job also scores its artifact and the source on the actors (--eval, --eval-baseline).
+        evaluation = {"eval": str(TEST_TEXT), "eval_seq_len": 512, "eval_max_windows": 4, "eval_baseline": True}
+        quantize(smollm2_dir, root / method, method=method, **(evaluation if method == "gptq" else {}))
     return root
 
 
@@ -62,6 +65,20 @@ def test_artifacts_load_and_methods_rank(smollm2_dir, artifacts):
     report = json.loads((artifacts / "gptq" / "wq_report.json").read_text())
     assert report["totals"]["layers_quantized"] == 210
     assert {a["rank"] for a in report["actors"]} == {0, 1}
+
+
+def test_eval_on_the_actors_gives_jobs_eval_number(smollm2_dir, artifacts, tmp_path):
+    """--eval ran block-pipelined on the two actors, in bfloat16 as the job computes; jobs.eval loads the
+    written artifact (and the source) whole with transformers: the same perplexity to its 4 decimals."""
+    section = json.loads((artifacts / "gptq" / "wq_report.json").read_text())["eval"]
+    assert (section["windows"], section["seq_len"]) == (4, 512)
+    for model, key in ((artifacts / "gptq", "perplexity"), (smollm2_dir, "baseline_perplexity")):
+        out = tmp_path / f"{key}.json"
+        assert jobs_eval.main(["--model", str(model), "--text", str(TEST_TEXT), "--seq-len", "512", "--max-windows",
+                               "4", "--threads", "2", "--device", "cpu", "--json", str(out)]) == 0
+        assert round(section[key], 4) == json.loads(out.read_text())["ppl"], key
+    assert section["baseline_perplexity"] < section["perplexity"]
+    assert f"perplexity {section['perplexity']:.4f}" in (artifacts / "gptq" / "README.md").read_text()
 
 
 def test_group_size_128_stops_before_work_naming_layers(smollm2_dir, tmp_path):

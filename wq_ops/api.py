@@ -63,6 +63,12 @@ class QuantizeResult:
         return dict(self.report["totals"]) if self.report else {}
 
     @property
+    def perplexity(self) -> float | None:
+        """The artifact's perplexity on `eval`'s text (None where the job was not asked to evaluate)."""
+        evaluation = self.report.get("eval") if self.report else None
+        return float(evaluation["perplexity"]) if evaluation else None
+
+    @property
     def report_html(self) -> Path:
         return self.out_dir / "wq_report.html"
 

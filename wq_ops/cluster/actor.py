@@ -28,6 +28,7 @@ from torch import Tensor
 
 from wq_ops.cluster.actor_job import ActorJob
 from wq_ops.cluster.blame import blamed
+from wq_ops.cluster.eval_span import EvalSpan
 from wq_ops.cluster.loader import BlockLoader
 from wq_ops.cluster.protocol import (
     ActivationRef,
@@ -38,7 +39,7 @@ from wq_ops.cluster.protocol import (
     ShardRecord,
     StartupMarks,
 )
-from wq_ops.cluster.spans import SpanRunner, put_activations
+from wq_ops.cluster.spans import SpanRunner, from_object_store, put_activations, to_object_store
 from wq_ops.cluster.staging import stage_outer
 from wq_ops.cluster.streamed import StreamedSpan
 from wq_ops.config import Backend, RunConfig
@@ -235,6 +236,37 @@ class BlockActor:
         if self._streamed is None:
             raise RuntimeError(f"actor {spec.rank}: no span is open (open_span comes first)")
         return self._streamed
+
+    # --- --eval, once the span is quantized --------------------------------------------------------------
+    def eval_forward(self, spec: ActorSpec, blocks: list[int], windows: Tensor | None,
+                     inputs: list[ActivationRef] | None, quantized: bool) -> list[ActivationRef]:
+        """--eval: the windows' activations through this actor's span, with the artifact's weights (quantized)
+        or the source's, handed to the next actor. The first actor is given the windows and embeds them."""
+        span, batches = self._eval_inputs(spec, windows, inputs, quantized)
+        return to_object_store(span.forward(blocks, batches))
+
+    def eval_score(self, spec: ActorSpec, blocks: list[int], windows: Tensor,
+                   inputs: list[ActivationRef] | None, quantized: bool) -> list[float]:
+        """--eval on the last actor: its span, then each window's mean next-token NLL (`EvalSpan.score`);
+        inputs None: this actor is also the first, and embeds the windows."""
+        span, batches = self._eval_inputs(spec, windows if inputs is None else None, inputs, quantized)
+        return span.score(span.forward(blocks, batches), windows)
+
+    def _eval_inputs(self, spec: ActorSpec, windows: Tensor | None, inputs: list[ActivationRef] | None,
+                     quantized: bool) -> tuple[EvalSpan, list[Tensor]]:
+        """The evaluation's pass on this actor, and its input micro-batches: the windows embedded (first
+        actor) or the previous actor's outputs. The calibration's activations and resident span go first:
+        the quantization is over when the driver sends these calls."""
+        job, runner = self._use(spec)
+        job.batches = []
+        if self._streamed is not None:
+            self._streamed.close()
+            self._streamed = None
+        span = EvalSpan(job, runner.loader, self._on_compute, quantized=quantized)
+        if inputs is not None:
+            return span, from_object_store(inputs, self.device)
+        assert windows is not None, "the first actor embeds the windows"
+        return span, span.embed(windows)
 
     # --- the job's end ---------------------------------------------------------------------------------
     def handoff_times(self) -> HandoffTimes:

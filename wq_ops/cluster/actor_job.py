@@ -37,7 +37,7 @@ class ActorJob:
         with torch.device(device):
             self.rotary: nn.Module = rotary_cls(config=spec.hf_config)
         self.blocks = cast(nn.ModuleList, self.model.get_submodule(spec.layout.block_prefix))
-        self.contexts: dict[int | None, SequenceContext] = {}
+        self.contexts: dict[tuple[int, int | None], SequenceContext] = {}    # by (sequence length, window)
         self.anatomies: dict[int, BlockAnatomy] = {}    # by block kind (id of its BlockLayout)
         self.batches: list[Tensor] = []
         self.inputs_at: float | None = None         # the previous actor's outputs resolved here
@@ -64,11 +64,13 @@ class ActorJob:
         """A block's phase clock: CUDA events on a GPU (no wait per phase), else wall time."""
         return CudaEventClock(self.device) if self.device.type == "cuda" else WallClock()
 
-    def block(self, index: int) -> DecoderBlock:
-        """Block `index`'s module (meta device) with the context of its attention window."""
+    def block(self, index: int, *, seq_len: int | None = None) -> DecoderBlock:
+        """Block `index`'s module (meta device) with the context of its attention window, for sequences of
+        seq_len tokens (None: the calibration's)."""
         kind = self.spec.layout.block(index)
         all_tokens = self.spec.job.quant.moe.calibration is MoeCalibration.ALL
-        return DecoderBlock(self.blocks[index], self._context(index), moe=kind.moe, experts_see_all_tokens=all_tokens)
+        return DecoderBlock(self.blocks[index], self._context(index, seq_len or self.spec.job.calib.seq_len),
+                            moe=kind.moe, experts_see_all_tokens=all_tokens)
 
     def ensure_anatomy(self, index: int, params: Mapping[str, Tensor]) -> BlockAnatomy:
         """A block's structure (linear groups by stage), probed once per kind of block, on the first block of
@@ -98,11 +100,11 @@ class ActorJob:
     def _window(self, index: int) -> int | None:
         return attention_window(self.blocks[index], self.spec.hf_config, self.spec.layout.architecture)
 
-    def _context(self, index: int) -> SequenceContext:
-        window = self._window(index)
-        if window not in self.contexts:
-            self.contexts[window] = self._make_context(seq_len=self.spec.job.calib.seq_len, window=window)
-        return self.contexts[window]
+    def _context(self, index: int, seq_len: int) -> SequenceContext:
+        key = (seq_len, self._window(index))
+        if key not in self.contexts:
+            self.contexts[key] = self._make_context(seq_len=seq_len, window=key[1])
+        return self.contexts[key]
 
     def _probe_context(self, index: int) -> SequenceContext:
         """A short context for probing the block's structure (16 tokens, the same window rule)."""

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from wq_ops.calib.data import CalibrationSummary
 from wq_ops.cluster.actor import BlockActor
+from wq_ops.cluster.evaluation import evaluate_on_actors
 from wq_ops.cluster.finish import write_artifact
 from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan, split_spans
 from wq_ops.cluster.prepare import PreparedJob, prepare_job
@@ -57,6 +58,7 @@ class _ActorsDone:
     handoffs: list[dict[str, Any]]       # each actor's inputs arriving and outputs leaving (wall clock)
     memory: list[dict[str, Any]]         # each actor's planned bytes and, on a GPU, its device peaks
     warm_ups: list[float | None]         # each actor's GPU warm-up seconds (None on CPU)
+    evaluation: dict[str, Any] | None    # --eval's perplexities (None: not asked)
 
 
 def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[ActorHandle], *,
@@ -233,6 +235,7 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
         handoffs = runtime.get_all([runtime.call(actor, BlockActor.handoff_times) for actor in actors])
         peaks = runtime.get_all([runtime.call(actor, BlockActor.memory_peak) for actor in actors])
         warm_ups = runtime.get_all([runtime.call(actor, BlockActor.warm_up_seconds) for actor in actors])
+        evaluation = None if prepared.eval_ids is None else evaluate_on_actors(runtime, prepared, plan, actors, specs)
     except Exception as e:
         raise _unwrap(e) from None
     return _ActorsDone(
@@ -241,7 +244,7 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
         # What each actor's device really held at most, beside what the plan said it would need.
         memory=[{"rank": a.rank, "planned_bytes": a.memory.total, **_present(vars(p))}
                 for a, p in zip(plan.actors, peaks)],
-        warm_ups=warm_ups)
+        warm_ups=warm_ups, evaluation=evaluation)
 
 
 def _present(fields: dict[str, Any]) -> dict[str, Any]:
@@ -301,6 +304,11 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
                 lease.release()
 
 
+def _plan(prepared: PreparedJob, capacity: int) -> JobPlan:
+    return make_plan(prepared.layout, prepared.checkpoint, prepared.job, capacity_bytes=capacity,
+                     eval_windows=0 if prepared.eval_ids is None else len(prepared.eval_ids))
+
+
 def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, actors: list[ActorHandle],
                         reporter: ProgressReporter) -> tuple[_ActorsDone, list[dict[str, Any]]]:
     """Run the plan; where an actor is lost, end the actors, start a new set (anywhere with room), plan for
@@ -326,7 +334,7 @@ def _run_with_restarts_(prepared: PreparedJob, plan: JobPlan, runtime: ActorRunt
             actors.clear()
             actors.extend(runtime.start_actors(job))
             capacity, _ = _actor_capacity(job, runtime, actors, created_at=time.time())
-            plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
+            plan = _plan(prepared, capacity)
             check_fits(plan)       # the new actors may have landed on other nodes
 
 
@@ -349,7 +357,7 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
             assert hub_token is not None
             check_push_access(job.push_to_hub, token=hub_token)   # 401/403 now, not after hours of work
         capacity, startup = _actor_capacity(job, runtime, actors, created_at=created_at)
-        plan = make_plan(prepared.layout, prepared.checkpoint, job, capacity_bytes=capacity)
+        plan = _plan(prepared, capacity)
         ready_s = time.perf_counter() - start
         log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
                  "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
@@ -375,7 +383,8 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
                                    startup={"runtime": runtime.name, "ready_s": round(ready_s, 3),
                                             "runtime_start_s": round(runtime_s, 3),
                                             "prepare_s": round(prepare_s, 3), "actors": startup},
-                                   handoffs=finished.handoffs, memory=finished.memory, restarts=restarts)
+                                   handoffs=finished.handoffs, memory=finished.memory, restarts=restarts,
+                                   evaluation=finished.evaluation)
     result = JobResult(out_dir=Path(job.out), plan=plan, report=report, index_path=index,
                        calibration=prepared.calibration)
     if job.push_to_hub:

@@ -35,9 +35,11 @@ def carried_modules(carried: tuple[str, ...]) -> list[str]:
 
 def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardRecord], *, wall_seconds: float,
                    command: str, startup: dict[str, Any], handoffs: list[dict],
-                   memory: list[dict], restarts: list[dict] | None = None) -> tuple[dict[str, Any], Path]:
+                   memory: list[dict], restarts: list[dict] | None = None,
+                   evaluation: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
     """Write the artifact from the staged shards' records; returns the report and the index's path. startup,
-    handoffs, memory: the report's sections of the same names; restarts: its `actor_restarts`."""
+    handoffs, memory: the report's sections of the same names; restarts: its `actor_restarts`; evaluation:
+    its `eval` (--eval's perplexities; None: not evaluated)."""
     job, layout, artifact = prepared.job, prepared.layout, prepared.artifact
     shard_of: dict[str, str] = {}
     for r in records:
@@ -78,6 +80,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
     report["source_carried"] = list(prepared.carried)           # copied unquantized: layers past the blocks
     report["actor_restarts"] = list(restarts or [])             # actors lost and replaced during the job
     report["calibration"] = asdict(prepared.calibration) if prepared.calibration else None
+    report["eval"] = evaluation          # --eval: perplexity of the artifact (and of its source), else None
     files: dict[str, bytes] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     for name, content in side_files(job.format, job.quant, ignore=ignored).items():
         files[name] = (json.dumps(content, indent=2) + "\n").encode()

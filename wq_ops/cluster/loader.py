@@ -20,6 +20,7 @@ from wq_ops.cluster.protocol import ShardRecord
 from wq_ops.cluster.staging import file_sha256
 from wq_ops.config import Propagation
 from wq_ops.device.transport import queue_to_device
+from wq_ops.errors import ArtifactError
 from wq_ops.formats import dense_tensors
 from wq_ops.formats.block_tensors import PAD_COLUMNS, PAD_ROWS
 from wq_ops.io.checkpoint import read_tensors
@@ -44,19 +45,30 @@ class BlockLoader:
     def load(self, index: int, *, staged: bool = True) -> Loaded:
         """Read block `index` and start its copy to the device on the copy stream: from its shards, or, for a
         block an earlier run finished (unless staged=False), the weights it was quantized to."""
+        finished = self.finished(index) if staged else None
+        quantized = finished is not None and self.job.spec.job.run.propagation is Propagation.QUANTIZED
+        # What the block is computed from, recorded with its staged shard so a resume can tell a changed source.
+        return self._read(index, finished, quantized=quantized, hash_source=finished is None and staged)
+
+    def load_staged(self, index: int) -> Loaded:
+        """Block `index`'s weights as the artifact holds them (its staged shard, dequantized): what --eval scores."""
+        finished = self.finished(index)
+        if finished is None:
+            raise ArtifactError(f"block {index}: no staged shard matching its record to evaluate")
+        return self._read(index, finished, quantized=True, hash_source=False)
+
+    def _read(self, index: int, finished: ShardRecord | None, *, quantized: bool, hash_source: bool) -> Loaded:
         spec = self.job.spec
         layout, job = spec.layout, spec.job
         t = time.perf_counter()
         prefix = f"{layout.block_prefix}.{index}."
-        finished = self.finished(index) if staged else None
-        if finished is not None and job.run.propagation is Propagation.QUANTIZED:
+        if quantized:
             stored = load_file(str(spec.artifact.staged_block(index)))
             host = _unpadded(dense_tensors(job.format, stored, quant=job.quant, dtype=layout.dtype),
                              spec.pad_intermediate)
         else:
             host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block(index).params])
-        # What the block is computed from, recorded with its staged shard so a resume can tell a changed source.
-        source_sha256 = tensors_sha256(host) if finished is None and staged else ""
+        source_sha256 = tensors_sha256(host) if hash_source else ""
         cut = len(prefix)
         device = self.job.device
         kept = tuple(k + "." for k in layout.block(index).kept)

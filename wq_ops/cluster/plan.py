@@ -55,6 +55,7 @@ class ActorPlan:
     host_staging_bytes: int        # activations it hands to the next actor, in the object store
     streamed: bool = False         # its span stays resident while the calibration micro-batches stream through
     stash_tails: bool = False      # keeps o_proj and down_proj's inputs rather than rerun the stages (GPTQ, RTN)
+    evaluation: MemoryEstimate | None = None   # --eval's pass over its span, after quantizing (None: no --eval)
 
     @property
     def first(self) -> bool:
@@ -69,6 +70,9 @@ class JobPlan:
     artifact_bytes_estimate: int
     note: str = ""                 # why the span mode is what it is, when the job did not choose it
     hint: str = ""                 # what would make a plan that does not fit fit
+    eval_windows: int = 0          # --eval: windows scored after quantizing (0: no evaluation)
+    eval_seq_len: int = 0
+    eval_baseline: bool = False
 
     @property
     def streamed(self) -> bool:
@@ -81,14 +85,21 @@ class JobPlan:
             mode += ", each stage's last linear's inputs kept (one forward per block)"
         lines = [f"plan: {len(self.blocks)} blocks on {len(self.actors)} {self.device_kind} actor(s), {mode}; "
                  f"artifact about {_gib(self.artifact_bytes_estimate)}" + (f" ({self.note})" if self.note else "")]
-        lines.append("actor  blocks        weights  hessians  activations  workspace  total     capacity")
+        evaluated = any(a.evaluation is not None for a in self.actors)
+        lines.append("actor  blocks        weights  hessians  activations  workspace  total     capacity"
+                     + ("  eval" if evaluated else ""))
         for a in self.actors:
             m = a.memory
             span = f"{a.blocks[0]}-{a.blocks[-1]}" if a.blocks else "-"
             lines.append(
                 f"{a.rank:<6} {span:<13} {_gib(m.weights):>7}  {_gib(m.hessians):>8}  {_gib(m.activations):>11}  "
                 f"{_gib(m.workspace):>9}  {_gib(m.total):>8}  {_gib(a.capacity_bytes):>8}"
+                + (f"  {_gib(a.evaluation.total):>6}" if a.evaluation is not None else "")
             )
+        if self.eval_windows:
+            lines.append(f"eval: {self.eval_windows} windows of {self.eval_seq_len} tokens after quantizing, the "
+                         "artifact's blocks replayed actor to actor" + (" (and the source's)" if self.eval_baseline
+                                                                         else ""))
         return "\n".join(lines)
 
 
@@ -228,18 +239,45 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         # Kept tail inputs (o_proj's, then down_proj's: at most the widest input) come on top.
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
-    # One micro-batch through the widest stage: every linear's output at once, plus norms and residuals. A
-    # routed MLP runs one expert at a time, each on its routed tokens: top-k experts' outputs per token, and
-    # with --moe-calibration all one expert's on every token besides.
-    widest = sum(s.out_features for s in linears if s.name not in experts) + 4 * layout.hidden_size
-    if moe is not None:
-        per_expert = 2 * moe.expert_intermediate + moe.hidden_size
-        widest += per_expert * (moe.top_k + (job.quant.moe.calibration is MoeCalibration.ALL))
-    workspace = 2 * mb * t * widest * elt
+    workspace = 2 * mb * t * _widest(block, layout, job, capture=True) * elt
     kept = min(n, job.quant.kept_search_samples)
     if kept:                                   # AWQ's replayed search samples' inputs, kept by every resident block
         workspace += (resident or (2 if overlapped else 1)) * 3 * kept * t * max_in * elt
     return MemoryEstimate(weights=weights, hessians=hessians, activations=activations, workspace=workspace)
+
+
+def _widest(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, capture: bool) -> int:
+    """Values per token of one micro-batch through the block's widest stage: every linear's output at once, plus
+    norms and residuals. A routed MLP runs one expert at a time, each on its routed tokens: top-k experts'
+    outputs per token, and while capturing with --moe-calibration all one expert's on every token besides."""
+    moe = block.moe
+    experts = _expert_linears(moe) if moe is not None else {}
+    widest = sum(s.out_features for s in block.linears if s.name not in experts) + 4 * layout.hidden_size
+    if moe is not None:
+        per_expert = 2 * moe.expert_intermediate + moe.hidden_size
+        widest += per_expert * (moe.top_k + (capture and job.quant.moe.calibration is MoeCalibration.ALL))
+    return widest
+
+
+def _eval_memory(layout: ModelLayout, job: JobConfig, span: tuple[int, ...], n_windows: int, *, first: bool,
+                 last: bool) -> MemoryEstimate:
+    """--eval's pass over the span once the blocks are quantized (their statistics are gone by then): a block
+    and the next one's dense weights, the windows' activations (a block's outputs replace its inputs as they
+    are made: one copy and a micro-batch), a micro-batch through the widest stage; the first actor runs the
+    embedding table, the last the final norm and lm_head, one window's logits at a time in float32."""
+    elt = layout.dtype.itemsize
+    t, mb = job.evaluation.seq_len, min(job.run.micro_batch_samples, n_windows)
+    kinds = {id(layout.block(i)): layout.block(i) for i in span}.values()
+    weights = 2 * max(b.nbytes(layout.dtype) for b in kinds)
+    table = layout.vocab_size * layout.hidden_size * elt
+    workspace = 2 * mb * t * max(_widest(b, layout, job, capture=False) for b in kinds) * elt
+    if first:
+        weights += table
+    if last:
+        weights += table                                     # lm_head (tied: the embedding table again)
+        workspace = max(workspace, t * layout.vocab_size * (elt + 4 + 4))   # logits, float32 copy, log-softmax
+    activations = (n_windows + mb) * t * layout.hidden_size * elt
+    return MemoryEstimate(weights=weights, hessians=0, activations=activations, workspace=workspace)
 
 
 def _expert_linears(moe: MoeSpec) -> dict[str, int]:
@@ -248,7 +286,7 @@ def _expert_linears(moe: MoeSpec) -> dict[str, int]:
 
 
 def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...]], *, capacity_bytes: int,
-                 streamed: bool) -> tuple[ActorPlan, ...]:
+                 streamed: bool, eval_windows: int = 0) -> tuple[ActorPlan, ...]:
     staging = job.calib.n_samples * job.calib.seq_len * layout.hidden_size * layout.dtype.itemsize
     last_block = layout.n_blocks - 1
     # GPTQ and RTN under quantized propagation keep the stages' tail inputs (one forward per block instead
@@ -260,9 +298,11 @@ def _actor_plans(layout: ModelLayout, job: JobConfig, spans: list[tuple[int, ...
         memory = _memory(layout, job, span, **kw)  # type: ignore[arg-type]
         stashed = _memory(layout, job, span, stash_tails=True, **kw) if may_stash else None  # type: ignore[arg-type]
         stash = stashed is not None and stashed.total <= int(capacity_bytes * HEADROOM)
+        evaluation = _eval_memory(layout, job, span, eval_windows, first=0 in span, last=last_block in span) \
+            if eval_windows else None
         plans.append(ActorPlan(rank=r, blocks=span, memory=stashed if stash and stashed else memory,
                                capacity_bytes=capacity_bytes, host_staging_bytes=0 if last_block in span else staging,
-                               streamed=streamed, stash_tails=stash))
+                               streamed=streamed, stash_tails=stash, evaluation=evaluation))
     return tuple(plans)
 
 
@@ -279,8 +319,10 @@ def smallest_streaming_actors(layout: ModelLayout, job: JobConfig, *, capacity_b
     return None
 
 
-def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, capacity_bytes: int) -> JobPlan:
-    """Blocks and their tensors, actor spans and per-actor memory. Does not check the fit (`check_fits`)."""
+def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, capacity_bytes: int,
+              eval_windows: int = 0) -> JobPlan:
+    """Blocks and their tensors, actor spans and per-actor memory (and, with eval_windows, --eval's pass over
+    that many windows). Does not check the fit (`check_fits`)."""
     blocks = []
     for i in range(layout.n_blocks):
         names = tuple(layout.block_tensor_name(i, local) for local in layout.block(i).params)
@@ -295,13 +337,14 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
     actors: tuple[ActorPlan, ...] = ()
     if streamed:
         actors = _actor_plans(layout, job, split_spans(layout.n_blocks, n_actors), capacity_bytes=capacity_bytes,
-                              streamed=True)
+                              streamed=True, eval_windows=eval_windows)
         if mode is SpanMode.AUTO and not _fits(actors):
             streamed, note = False, "resident spans would not fit: one block at a time"
     if not streamed:
         spans = pipeline_spans(layout.n_blocks, n_actors, QUANTIZE_COST[job.quant.method]) if float_propagation \
             else split_spans(layout.n_blocks, n_actors)
-        actors = _actor_plans(layout, job, spans, capacity_bytes=capacity_bytes, streamed=False)
+        actors = _actor_plans(layout, job, spans, capacity_bytes=capacity_bytes, streamed=False,
+                              eval_windows=eval_windows)
     if streamed:
         fewest = smallest_streaming_actors(layout, job, capacity_bytes=capacity_bytes)
         hint = (f"with --actors {fewest} (or more) the resident spans fit" if fewest is not None and
@@ -318,7 +361,9 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
     artifact = int(quantized * job.quant.bits / 8 + quantized / group * (elt + (0 if job.quant.sym else 1))
                    + rest + layout.outer_nbytes())
     return JobPlan(blocks=tuple(blocks), actors=actors, device_kind=job.run.device_kind,
-                   artifact_bytes_estimate=artifact, note=note, hint=hint)
+                   artifact_bytes_estimate=artifact, note=note, hint=hint, eval_windows=eval_windows,
+                   eval_seq_len=job.evaluation.seq_len if eval_windows else 0,
+                   eval_baseline=job.evaluation.baseline and eval_windows > 0)
 
 
 def check_fits(plan: JobPlan) -> None:
@@ -334,4 +379,13 @@ def check_fits(plan: JobPlan) -> None:
                 f"{budget / GIB:.2f} GiB ({HEADROOM:.0%} of {a.capacity_bytes / GIB:.2f}); {plan.hint}; "
                 "activations grow with --samples x --seq-len: lower them, lower --micro-batch-samples, or use "
                 "actors with more memory"
+            )
+        e = a.evaluation
+        if e is not None and e.total > budget:
+            raise ResourceError(
+                f"actor {a.rank} (blocks {a.blocks[0]}-{a.blocks[-1]}): --eval needs {e.total / GIB:.2f} GiB of "
+                f"{plan.device_kind} memory (weights {e.weights / GIB:.2f}, activations {e.activations / GIB:.2f} for "
+                f"{plan.eval_windows} windows of {plan.eval_seq_len} tokens, workspace {e.workspace / GIB:.2f}) but "
+                f"may use {budget / GIB:.2f} GiB; lower --eval-max-windows or --eval-seq-len, or leave --eval out "
+                "and run jobs.eval afterwards"
             )

@@ -5,13 +5,14 @@ Entry point: `prepare_job`."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from wq_ops.cluster.plan import split_spans
 from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
 from wq_ops.errors import CheckpointError, ConfigError
+from wq_ops.evaluate.perplexity import eval_windows, join_text
 from wq_ops.formats import format_module
 from wq_ops.formats.block_tensors import is_ignored, matches
 from wq_ops.formats.tp_compat import DEFAULT_TP_SIZES, CompatReport, attention_shape, check_tp_sizes, padding_for_sizes
@@ -66,6 +68,7 @@ class PreparedJob:
     carried: tuple[str, ...] = ()          # source tensors past the decoder blocks, copied unquantized
     lease: OutputLease | None = None       # held on --out until the job ends (None: a dry run)
     calibration: CalibrationSummary | None = None   # source, shape, distinct windows
+    eval_ids: torch.Tensor | None = None   # --eval: the text's windows (n_windows, eval_seq_len); None: no eval
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
@@ -200,6 +203,7 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
                     carried: tuple[str, ...], lease: OutputLease | None) -> PreparedJob:
     """The calibration tokens, the staging fingerprint and the staged blocks still valid, under the lease."""
 
+    @functools.cache              # calibration text and --eval text share one
     def load_tokenizer() -> Any:
         no_tokenizer = (f"{checkpoint.source}: the checkpoint has no tokenizer (tokenizer.json, tokenizer.model "
                         "or vocab.json), so text calibration cannot be tokenized; give pre-tokenized calibration "
@@ -225,6 +229,7 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
     if int(ids.max()) >= layout.vocab_size:
         raise ConfigError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                           f"{layout.vocab_size}")
+    eval_ids = _evaluation_windows(job, load_tokenizer, layout, hf_config)
     padded_size = None if compatibility.padding is None else compatibility.padding.padded_size
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
@@ -234,7 +239,34 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
                        artifact=artifact, source_config=source_config, compatibility=compatibility,
                        not_written=not_written, carried=carried, lease=lease,
-                       calibration=describe_calibration(job.calib.source, ids))
+                       calibration=describe_calibration(job.calib.source, ids), eval_ids=eval_ids)
+
+
+def _evaluation_windows(job: JobConfig, tokenizer: Callable[[], Any], layout: ModelLayout,
+                        hf_config: Any) -> torch.Tensor | None:
+    """--eval's text, tokenized by the model's tokenizer as `jobs.eval` does and cut into its windows
+    (n_windows, seq_len); None without --eval. Refused before any work: a file that cannot be read, too
+    few tokens for a window, windows longer than the model's positions."""
+    spec = job.evaluation
+    if spec.text is None:
+        return None
+    try:
+        text = Path(spec.text).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"eval={spec.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"eval={spec.text}: cannot read it ({e.strerror or type(e).__name__})") from None
+    ids = tokenizer()(join_text(text, spec.join), return_tensors="pt", verbose=False)["input_ids"][0]
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    try:
+        windows = eval_windows(ids, seq_len=spec.seq_len, max_windows=spec.max_windows,
+                               max_positions=positions if isinstance(positions, int) else None)
+    except ConfigError as e:
+        raise ConfigError(f"eval={spec.text}: {str(e).replace('seq_len=', 'eval_seq_len=')}") from None
+    if int(windows.max()) >= layout.vocab_size:
+        raise ConfigError(f"eval={spec.text}: the tokenizer produced id {int(windows.max())} but the model's "
+                          f"vocabulary has {layout.vocab_size}")
+    return windows
 
 
 _HEADER_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

@@ -25,7 +25,7 @@ from wq_ops.cluster.staging import HostOutcome, StagedReport, done, in_order, st
 from wq_ops.config import Propagation
 from wq_ops.device.transport import HostTensor, from_host, to_host
 
-__all__ = ["Compute", "SpanRunner", "put_activations", "take_activations"]
+__all__ = ["Compute", "SpanRunner", "put_activations", "take_activations", "to_object_store", "from_object_store"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,11 +37,25 @@ class Compute(Protocol):
     def __call__(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
 
-def put_activations(job: ActorJob, batches: list[Tensor]) -> list[ActivationRef]:
-    """Hand activation micro-batches to the object store, one ref each, for the next actor."""
+def to_object_store(batches: list[Tensor]) -> list[ActivationRef]:
+    """Activation micro-batches into the object store, one ref each, for the next actor."""
     import ray
 
-    refs = [ActivationRef(ray.put(to_host(b))) for b in batches]
+    return [ActivationRef(ray.put(to_host(b))) for b in batches]
+
+
+def from_object_store(inputs: list[ActivationRef], device: torch.device) -> list[Tensor]:
+    """The previous actor's output micro-batches, on `device`."""
+    import ray
+
+    refs: list[Any] = list(inputs)              # Ray object refs, typed as ActivationRefs across the protocol
+    hosts: list[HostTensor] = ray.get(refs)
+    return [from_host(h, device) for h in hosts]
+
+
+def put_activations(job: ActorJob, batches: list[Tensor]) -> list[ActivationRef]:
+    """Hand activation micro-batches to the object store for the next actor, marking when (the report's)."""
+    refs = to_object_store(batches)
     job.mark_handed_on()
     return refs
 
@@ -49,11 +63,7 @@ def put_activations(job: ActorJob, batches: list[Tensor]) -> list[ActivationRef]
 def take_activations(job: ActorJob, inputs: list[ActivationRef] | None) -> None:
     """The previous actor's output micro-batches (when given) become this actor's activations."""
     if inputs is not None:
-        import ray
-
-        refs: list[Any] = list(inputs)              # Ray object refs, typed as ActivationRefs across the protocol
-        hosts: list[HostTensor] = ray.get(refs)
-        job.batches = [from_host(h, job.device) for h in hosts]
+        job.batches = from_object_store(inputs, job.device)
         job.inputs_at = time.time()
 
 

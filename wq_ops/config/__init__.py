@@ -11,6 +11,7 @@ from wq_ops.config.enums import (
                                  Propagation,
                                  Runtime,
                                  SpanMode,
+                                 TextJoin,
                                  TpPolicy,
                                  parse_enum,
                                  positive_int,
@@ -19,6 +20,7 @@ from wq_ops.config.job import (
                                  BUNDLED_CALIB,
                                  AWQParams,
                                  CalibConfig,
+                                 EvalConfig,
                                  GPTQParams,
                                  JobConfig,
                                  MoeParams,
@@ -29,5 +31,6 @@ from wq_ops.config.job import (
 from wq_ops.config.options import OPTIONS
 
 __all__ = ["Method", "Format", "Backend", "Propagation", "Modeling", "AwqLoss", "SpanMode", "TpPolicy", "Runtime",
-           "MoeCalibration", "QuantConfig", "GPTQParams", "AWQParams", "MoeParams", "CalibConfig", "RunConfig",
-           "JobConfig", "OPTIONS", "parse_enum", "positive_int", "BUNDLED_CALIB", "missing_calibration"]
+           "TextJoin", "MoeCalibration", "QuantConfig", "GPTQParams", "AWQParams", "MoeParams", "CalibConfig",
+           "EvalConfig", "RunConfig", "JobConfig", "OPTIONS", "parse_enum", "positive_int", "BUNDLED_CALIB",
+           "missing_calibration"]

@@ -85,6 +85,13 @@ class Runtime(str, Enum):
     LOCAL = "local"       # one actor inside the driver's process (no Ray): single-machine, single-actor jobs
 
 
+class TextJoin(str, Enum):
+    """How a text file becomes the string that is tokenized (`wq_ops.evaluate.perplexity` states the rules)."""
+
+    WIKITEXT = "wikitext"   # each line one row, rows joined by a blank line: the HF-rows convention of the papers
+    RAW = "raw"             # the file as is
+
+
 def parse_enum(kind: type[Enum], value: Any, name: str) -> Any:
     """`value` as a member of the str enum `kind`; a ConfigError naming the field and the allowed values."""
     if isinstance(value, kind):

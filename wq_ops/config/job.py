@@ -20,6 +20,7 @@ from wq_ops.config.enums import (
     Propagation,
     Runtime,
     SpanMode,
+    TextJoin,
     TpPolicy,
     parse_enum,
     positive_int,
@@ -27,7 +28,8 @@ from wq_ops.config.enums import (
 from wq_ops.config.options import OPTIONS, convert, default_of, fill_defaults, method_misfits
 from wq_ops.errors import ConfigError
 
-__all__ = ["GPTQParams", "AWQParams", "MoeParams", "QuantConfig", "CalibConfig", "RunConfig", "JobConfig"]
+__all__ = ["GPTQParams", "AWQParams", "MoeParams", "QuantConfig", "CalibConfig", "EvalConfig", "RunConfig",
+           "JobConfig"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,31 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity after quantizing (none by default): which text, in which windows, and whether the source is
+    scored too. It changes the report, never the artifact."""
+
+    text: str | None = default_of("eval")          # text file; None: no evaluation
+    baseline: bool = default_of("eval_baseline")   # also score the source model
+    seq_len: int = default_of("eval_seq_len")
+    max_windows: int | None = default_of("eval_max_windows")   # None: every whole window of the text
+    join: TextJoin = default_of("eval_join")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "join", parse_enum(TextJoin, self.join, "eval_join"))
+        if self.text is not None and (not isinstance(self.text, str) or not self.text):
+            raise ConfigError(f"eval={self.text!r}: expected the path of a text file")
+        if not isinstance(self.baseline, bool):
+            raise ConfigError(f"eval_baseline={self.baseline!r}: expected true or false")
+        if self.baseline and self.text is None:
+            raise ConfigError("eval_baseline: nothing to compare with; give the text to score with --eval FILE")
+        if positive_int(self.seq_len, "eval_seq_len") < 2:
+            raise ConfigError(f"eval_seq_len={self.seq_len}: a window needs at least 2 tokens (one prediction)")
+        if self.max_windows is not None:
+            positive_int(self.max_windows, "eval_max_windows")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how the job runs: Ray cluster, actors, resources."""
 
@@ -219,6 +246,7 @@ class JobConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     overwrite: bool = default_of("overwrite")
     dry_run: bool = default_of("dry_run")
     trust_remote_code: bool = default_of("trust_remote_code")
@@ -271,7 +299,7 @@ class JobConfig:
         if given.get("out") is None:
             raise ConfigError("out: missing; give the output directory (--out DIR)")
         sections: dict[str, dict[str, Any]] = {"job": {}, "quant": {}, "quant.gptq": {}, "quant.awq": {},
-                                               "quant.moe": {}, "calib": {}, "run": {}}
+                                               "quant.moe": {}, "calib": {}, "run": {}, "evaluation": {}}
         for o in OPTIONS:
             if o.name in given:
                 section, name = o.target.rsplit(".", 1)
@@ -279,7 +307,7 @@ class JobConfig:
         quant = QuantConfig(**sections["quant"], gptq=GPTQParams(**sections["quant.gptq"]),
                             awq=AWQParams(**sections["quant.awq"]), moe=MoeParams(**sections["quant.moe"]))
         return cls(**sections["job"], quant=quant, calib=CalibConfig(**sections["calib"]),
-                   run=RunConfig(**sections["run"]))
+                   run=RunConfig(**sections["run"]), evaluation=EvalConfig(**sections["evaluation"]))
 
     def to_dict(self) -> dict[str, Any]:
         """The flat options that rebuild this config (for reports, fingerprints and `from_dict`): every

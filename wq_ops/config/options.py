@@ -27,6 +27,7 @@ from wq_ops.config.enums import (
     Propagation,
     Runtime,
     SpanMode,
+    TextJoin,
     TpPolicy,
 )
 from wq_ops.errors import ConfigError
@@ -107,7 +108,7 @@ def _default_backend(options: Mapping[str, Any]) -> Backend:
     return Backend.CUDA if float(options.get("gpus_per_actor") or 0) > 0 else Backend.REFERENCE
 
 
-J, Q, G, A, M, C, R = "job", "quant", "quant.gptq", "quant.awq", "quant.moe", "calib", "run"
+J, Q, G, A, M, C, R, E = "job", "quant", "quant.gptq", "quant.awq", "quant.moe", "calib", "run", "evaluation"
 OPTIONS: tuple[Option, ...] = (
     # --- the job ---------------------------------------------------------------------------------------
     Option("model", f"{J}.model", Kind.STR, None, "local checkpoint directory or Hub repo id (none: the bundled "
@@ -185,6 +186,17 @@ OPTIONS: tuple[Option, ...] = (
            "'messages' column (lists of {role, content}) and apply the model's chat template to each", False),
     Option("calib_allow_repeats", f"{C}.allow_repeats", Kind.BOOL, False, "accept calibration text too short for "
            "the windows, so that most of their tokens repeat others (reported)", False),
+    # --- perplexity after quantizing: the report's, not the artifact's ------------------------------------
+    Option("eval", f"{E}.text", Kind.STR, None, "text file to score the artifact's perplexity on once it is "
+           "quantized, block-pipelined on the actors (e.g. WikiText-2's wiki.test.raw); the report and card show it",
+           False),
+    Option("eval_baseline", f"{E}.baseline", Kind.BOOL, False, "with --eval, also score the source model on the "
+           "same windows", False),
+    Option("eval_seq_len", f"{E}.seq_len", Kind.INT, 2048, "--eval: tokens per window (non-overlapping)", False),
+    Option("eval_max_windows", f"{E}.max_windows", Kind.INT, None, "--eval: score only the first windows (none: "
+           "every whole window of the text)", False),
+    Option("eval_join", f"{E}.join", Kind.CHOICE, TextJoin.WIKITEXT, "--eval: wikitext joins the file's lines "
+           "with a blank line (the papers' convention), raw takes it as is", False, choices=TextJoin),
     # --- where it runs: results do not depend on it --------------------------------------------------------
     Option("actors", f"{R}.actors", Kind.INT, 1, "block actors, one per GPU", False),
     Option("gpus_per_actor", f"{R}.gpus_per_actor", Kind.FLOAT, 0.0, "GPUs per actor; 0 runs on CPU", False),

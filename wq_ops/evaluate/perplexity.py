@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wq_ops.config.enums import TextJoin
 from wq_ops.errors import ConfigError
 
-__all__ = ["Join", "PerplexityResult", "join_text", "perplexity"]
+__all__ = ["Join", "PerplexityResult", "join_text", "eval_windows", "window_nll", "perplexity_of", "perplexity"]
 
-
-class Join(str, Enum):
-    WIKITEXT = "wikitext"
-    RAW = "raw"
+Join = TextJoin          # the option's enum (--join, --eval-join)
 
 
 @dataclass(frozen=True)
@@ -40,16 +37,15 @@ def join_text(text: str, join: Join) -> str:
     return "\n\n".join(text.splitlines(keepends=True)) if join is Join.WIKITEXT else text
 
 
-@torch.no_grad()
-def perplexity(model: Any, ids: Tensor, *, seq_len: int, max_windows: int | None = None,
-               device: torch.device | str = "cpu") -> PerplexityResult:
-    """model: a causal LM returning `.logits`; ids: (n_tokens,) int64. max_windows: score only the
-    first windows (None: all). seq_len must leave a prediction in each window and fit the model's positions."""
+def eval_windows(ids: Tensor, *, seq_len: int, max_windows: int | None = None,
+                 max_positions: int | None = None) -> Tensor:
+    """The token stream `ids` (n_tokens,) cut into (n_windows, seq_len) windows, the tail dropped; only the
+    first max_windows (None: all). max_positions: the model's max_position_embeddings, which seq_len must not
+    pass. Every refusal is a ConfigError naming the value."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ConfigError(f"seq_len={seq_len!r}: a window needs at least 2 tokens (one prediction)")
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and seq_len > positions:
-        raise ConfigError(f"seq_len={seq_len}: longer than the model's max_position_embeddings={positions}")
+    if isinstance(max_positions, int) and seq_len > max_positions:
+        raise ConfigError(f"seq_len={seq_len}: longer than the model's max_position_embeddings={max_positions}")
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"max_windows={max_windows}: expected at least 1 (or none: every window)")
     n_windows = int(ids.numel()) // seq_len
@@ -57,11 +53,29 @@ def perplexity(model: Any, ids: Tensor, *, seq_len: int, max_windows: int | None
         raise ConfigError(f"the text has {int(ids.numel())} tokens, fewer than one window of seq_len={seq_len}")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    nlls = []
-    for w in range(n_windows):
-        window = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0).to(device)       # (1, T)
-        logits = model(window).logits[0, :-1].float()                              # (T - 1, vocab)
-        nlls.append(float(F.cross_entropy(logits, window[0, 1:])))
+    return ids[:n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+def window_nll(logits: Tensor, window: Tensor) -> float:
+    """One window's mean next-token NLL: logits (T, vocab) in the model's dtype, scored in float32 against
+    window (T,), over its T - 1 predictions."""
+    return float(F.cross_entropy(logits[:-1].float(), window[1:].to(logits.device)))
+
+
+def perplexity_of(nlls: Sequence[float], *, seq_len: int) -> PerplexityResult:
+    """PPL = exp(mean over windows of each window's mean NLL), the windows' NLLs in order."""
     mean_nll = sum(nlls) / len(nlls)
-    return PerplexityResult(ppl=math.exp(mean_nll), n_windows=n_windows, n_tokens=n_windows * seq_len,
+    return PerplexityResult(ppl=math.exp(mean_nll), n_windows=len(nlls), n_tokens=len(nlls) * seq_len,
                             seq_len=seq_len, mean_nll=mean_nll)
+
+
+@torch.no_grad()
+def perplexity(model: Any, ids: Tensor, *, seq_len: int, max_windows: int | None = None,
+               device: torch.device | str = "cpu") -> PerplexityResult:
+    """model: a causal LM returning `.logits`; ids: (n_tokens,) int64. max_windows: score only the
+    first windows (None: all). seq_len must leave a prediction in each window and fit the model's positions."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    windows = eval_windows(ids, seq_len=seq_len, max_windows=max_windows,
+                           max_positions=positions if isinstance(positions, int) else None)
+    nlls = [window_nll(model(window.unsqueeze(0).to(device)).logits[0], window) for window in windows]
+    return perplexity_of(nlls, seq_len=seq_len)
