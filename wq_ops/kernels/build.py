@@ -78,29 +78,31 @@ def load_extension() -> ModuleType:
 
     if not torch.cuda.is_available():
         raise KernelError("backend=cuda needs a CUDA GPU, and torch sees none; use backend=reference on CPU")
-    name = _extension_name()
+    digest = _source_digest()
+    name = _extension_name(digest)
     built = _load_built(name)
-    return built if built is not None else _compile(name)
+    return built if built is not None else _compile(name, digest)
 
 
 def build_extension() -> Path:
     """Compile the extension into the cache (nothing to do where a finished build is there) and return its
     library's path. Needs nvcc and torch's CUDA build, not a GPU."""
-    name = _extension_name()
+    digest = _source_digest()
+    name = _extension_name(digest)
     library = _build_directory(name) / f"{name}.so"
     if _load_built(name) is None:
-        _compile(name)
+        _compile(name, digest)
     return library
 
 
-def _extension_name() -> str:
-    return f"wq_cuda_kernels_{_source_digest()}"
+def _extension_name(digest: str) -> str:
+    return f"wq_cuda_kernels_{digest}"
 
 
-def _compile(name: str) -> ModuleType:
+def _compile(name: str, digest: str) -> ModuleType:
+    """Build the extension `name` from the sources whose digest is `digest`."""
     from torch.utils.cpp_extension import load
 
-    digest = name.rsplit("_", 1)[-1]
     try:
         return load(name=name, sources=_unique_sources(digest), extra_cflags=HOST_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
                     extra_include_paths=[str(ROOT / "include"), str(ROOT)], build_directory=str(_build_directory(name)),
