@@ -71,10 +71,12 @@ def test_awq_leaves_a_starved_expert_unscaled_and_unclipped(routed, method):
 
 def test_gptq_beats_rtn_on_every_fed_expert(routed):
     # Float propagation: every linear's statistics come from the float block, the same in both runs, so each
-    # layer's error compares on one Hessian.
+    # layer's error compares on one Hessian. GPTQ solves on the min-max grid, so it is measured against RTN
+    # on that grid; RTN's clipping search (its default) also uses each expert's Hessian, and lowers its error.
     gptq, _ = run(routed, "float", method="gptq", moe_min_tokens=16)
-    rtn, _ = run(routed, "float", method="rtn", moe_min_tokens=16)
-    for e in range(3):
-        for which in ("gate_proj", "up_proj", "down_proj"):
-            name = f"mlp.experts.{e}.{which}"
-            assert gptq[name].output_error < rtn[name].output_error, name
+    rtn, _ = run(routed, "float", method="rtn", moe_min_tokens=16, rtn_clip_search=False)
+    searched, _ = run(routed, "float", method="rtn", moe_min_tokens=16)
+    names = [f"mlp.experts.{e}.{which}" for e in range(3) for which in ("gate_proj", "up_proj", "down_proj")]
+    for name in names:
+        assert gptq[name].output_error < rtn[name].output_error, name
+    assert sum(searched[n].output_error for n in names) < sum(rtn[n].output_error for n in names)

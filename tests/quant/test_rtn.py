@@ -60,3 +60,58 @@ def test_clip_shrinks_the_range(gen):
     half = compute_grid(w, bits=4, group_size=32, sym=True, scale_dtype=torch.float32,
                         clip=torch.full((8, 2), 0.5))
     assert torch.allclose(half.scale, full.scale * 0.5)
+
+
+def _naive_clip_search(w, importance, bits, group_size, sym):
+    """Group by group, in float64: each candidate factor's grid (the quantizer's own, so the same bf16 scales),
+    its weighted squared error, the first factor of least error."""
+    from wq_ops.quant.rtn import CLIP_MAX_SHRINK, CLIP_STEPS
+
+    out, n = w.shape
+    gs = group_size or n
+    best = torch.ones(out, n // gs, dtype=torch.float64)
+    for r in range(out):
+        for g in range(n // gs):
+            cols = slice(g * gs, (g + 1) * gs)
+            errors = []
+            for k in range(CLIP_STEPS + 1):
+                factor = 1.0 - CLIP_MAX_SHRINK * k / CLIP_STEPS
+                q = quantize_rtn(w[r:r + 1, cols], bits=bits, group_size=None, sym=sym, scale_dtype=torch.bfloat16,
+                                 clip=torch.full((1, 1), factor))
+                delta = dequantize(q).double() - w[r:r + 1, cols].double()
+                errors.append((float((delta ** 2 * importance[cols].double()).sum()), factor))
+            least = min(e for e, _ in errors)
+            best[r, g] = next(f for e, f in errors if e <= least * (1 + 1e-9))
+    return best
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_matches_a_per_group_float64_search(gen, bits, sym):
+    from wq_ops.quant.rtn import search_clip
+
+    w = torch.randn(6, 128, generator=gen) ** 3                   # heavy tails: clipping pays
+    importance = torch.rand(128, generator=gen) ** 2 + 0.01
+    found = search_clip(w, bits=bits, group_size=32, sym=sym, scale_dtype=torch.bfloat16, importance=importance)
+    expected = _naive_clip_search(w, importance, bits, 32, sym)
+    assert found.shape == (6, 4) and bool(((found.double() - expected).abs() < 1e-6).all())
+    assert bool((found < 1).any()) and bool((found >= 0.8 - 1e-6).all())
+
+
+def test_clip_search_never_loses_to_min_max_on_its_measure(gen):
+    from wq_ops.quant.rtn import search_clip
+
+    w = torch.randn(32, 256, generator=gen) * torch.rand(1, 256, generator=gen)
+    importance = torch.rand(256, generator=gen)
+    clip = search_clip(w, bits=4, group_size=64, sym=True, scale_dtype=torch.bfloat16, importance=importance)
+
+    def error(q):
+        return ((dequantize(q) - w) ** 2 * importance).reshape(32, 4, 64).sum(-1)
+
+    searched = error(quantize_rtn(w, bits=4, group_size=64, sym=True, scale_dtype=torch.bfloat16, clip=clip))
+    plain = error(quantize_rtn(w, bits=4, group_size=64, sym=True, scale_dtype=torch.bfloat16))
+    assert bool((searched <= plain * (1 + 1e-6)).all()) and float(searched.sum()) < float(plain.sum())
+    # A group whose columns carry no weight in the measure keeps min-max (the first candidate, on a tie).
+    flat = search_clip(w, bits=4, group_size=64, sym=True, scale_dtype=torch.bfloat16,
+                       importance=torch.zeros(256))
+    assert bool((flat == 1).all())

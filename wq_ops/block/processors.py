@@ -21,7 +21,7 @@ from wq_ops.model.block import LinearGroup
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import hessian_of, output_error_tensor, quadratic_operand
 from wq_ops.quant.result import QuantResult, dequantize
-from wq_ops.quant.rtn import quantize_rtn
+from wq_ops.quant.rtn import quantize_rtn, search_clip
 
 __all__ = ["Processor", "PROCESSORS", "processor_for"]
 
@@ -81,8 +81,12 @@ class _HessianProcessor:
                                  damp_frac=quant.gptq.damp_frac, act_order=quant.act_order,
                                  block_size=quant.gptq.block_size,
                                  scale_dtype=work.scales_dtype, solver=kernels_for(quant.backend).gptq)
+        clip = None
+        if quant.rtn_clip_search and self.method is Method.RTN:
+            clip = search_clip(w.to(torch.float32), bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                               scale_dtype=work.scales_dtype, importance=h.diagonal())
         return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                            scale_dtype=work.scales_dtype)
+                            scale_dtype=work.scales_dtype, clip=clip)
 
 
 class _AwqProcessor:

@@ -95,6 +95,7 @@ class QuantConfig:
     group_size: int | None = default_of("group_size")   # None: one group spans the whole input dim
     sym: bool = default_of("sym")            # symmetric grid (zero point fixed at 2**(bits-1)); False stores zeros
     ignore: tuple[str, ...] = default_of("ignore")       # module-name patterns (fnmatch) left unquantized
+    rtn_clip_search: bool = default_of("rtn_clip_search")   # RTN: each group's clip range searched, not min-max
     backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
     gptq: GPTQParams = field(default_factory=GPTQParams)
     awq: AWQParams = field(default_factory=AWQParams)
@@ -114,6 +115,8 @@ class QuantConfig:
             raise ConfigError(f"bits={self.bits!r}: expected one of 2, 3, 4, 8")
         if not isinstance(self.sym, bool):
             raise ConfigError(f"sym={self.sym!r}: expected true or false")
+        if not isinstance(self.rtn_clip_search, bool):
+            raise ConfigError(f"rtn_clip_search={self.rtn_clip_search!r}: expected true or false")
         if self.group_size == -1:
             raise ConfigError("group_size=-1: write 'channel' (--group-size channel) for one group per row")
         if self.group_size is not None:

@@ -157,6 +157,9 @@ OPTIONS: tuple[Option, ...] = (
            True, negative="--no-act-order", method=Method.GPTQ),
     Option("block_size", f"{G}.block_size", Kind.INT, 128, "GPTQ columns per lazy-update block", True,
            method=Method.GPTQ),
+    Option("rtn_clip_search", f"{Q}.rtn_clip_search", Kind.BOOL, True, "RTN: search each group's clipping range "
+           "for the least output error under the diagonal of its input Hessian (41 ranges from min-max down to "
+           "0.8 x it); --no-rtn-clip-search takes min-max", True, negative="--no-rtn-clip-search", method=Method.RTN),
     Option("awq_grid", f"{A}.grid", Kind.INT, 20, "AWQ scale-search grid points", True, method=Method.AWQ),
     Option("awq_clip_grid", f"{A}.clip_grid", Kind.INT, 20, "AWQ clip-search steps", True, method=Method.AWQ),
     Option("awq_max_shrink", f"{A}.max_shrink", Kind.FLOAT, 0.5, "AWQ clips a group's range to at least "
