@@ -66,12 +66,12 @@ def test_eval_on_the_actors_gives_jobs_eval_number(tmp_path, texts, arch, method
     assert section["windows"] == 7 and section["seq_len"] == 96 and section["tokens"] == 7 * 96
     if arch in MOE:
         # transformers runs MoE experts with grouped_mm by default, which rounds bfloat16 sums in another
-        # order (on this model 1e-4 to 1e-3 of the perplexity); its eager loop, the linears wq runs, gives
-        # wq's number to jobs.eval's 4 decimals.
+        # order (on these random models 1e-4 to 2e-3 of the perplexity); its eager loop, the linears wq runs,
+        # gives wq's number to jobs.eval's 4 decimals.
         assert round(section["perplexity"], 4) == _eager_experts(result.out_dir, texts[1])
         assert round(section["baseline_perplexity"], 4) == _eager_experts(model, texts[1])
-        assert section["perplexity"] == pytest.approx(_jobs_eval(result.out_dir, texts[1], tmp_path), rel=2e-3)
-        assert section["baseline_perplexity"] == pytest.approx(_jobs_eval(model, texts[1], tmp_path), rel=2e-3)
+        assert section["perplexity"] == pytest.approx(_jobs_eval(result.out_dir, texts[1], tmp_path), rel=5e-3)
+        assert section["baseline_perplexity"] == pytest.approx(_jobs_eval(model, texts[1], tmp_path), rel=5e-3)
     else:
         # jobs.eval prints 4 decimals: the same number, from the artifact on disk and from the source.
         assert round(section["perplexity"], 4) == _jobs_eval(result.out_dir, texts[1], tmp_path)
