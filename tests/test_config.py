@@ -4,6 +4,17 @@ from wq_ops.config import OPTIONS, AWQParams, CalibConfig, GPTQParams, JobConfig
 from wq_ops.errors import ConfigError
 
 
+def cli_options(argv: list[str]) -> dict:
+    """The options the command line's parser sets from argv (those not given are left to the table)."""
+    import argparse
+
+    from wq_ops.config.options import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return vars(parser.parse_args(argv))
+
+
 @pytest.mark.parametrize("options,field", [
     ({"bits": 5}, "bits=5"),
     ({"group_size": 48}, "group_size=48"),
@@ -119,7 +130,33 @@ def test_only_the_replayed_awq_search_keeps_samples():
 def test_a_null_leaves_an_option_at_its_default_where_none_is_not_a_value():
     """A YAML key with nothing after it (`ignore:`): the default where None means nothing for the option; for
     options whose None means something (a group per row) or whose default depends on others, it is checked."""
-    job = JobConfig.from_dict({"out": "x", "ignore": None, "bits": None, "group_size": None})
-    assert job.quant.ignore == () and job.quant.bits == 4 and job.quant.group_size is None
+    job = JobConfig.from_dict({"out": "x", "ignore": None, "block_size": None, "group_size": None})
+    assert job.quant.ignore == () and job.quant.gptq.block_size == 128 and job.quant.group_size is None
     with pytest.raises(ConfigError, match="samples=None"):
         JobConfig.from_dict({"out": "x", "samples": None})
+    with pytest.raises(ConfigError, match="bits=None"):         # its default depends on --scheme
+        JobConfig.from_dict({"out": "x", "bits": None})
+
+
+@pytest.mark.parametrize("scheme,bits,sym", [("W4A16", 4, True), ("W4A16_ASYM", 4, False), ("W8A16", 8, True)])
+def test_a_scheme_sets_the_grid_and_flags_still_override(scheme, bits, sym):
+    quant = JobConfig.from_dict({"out": "o", "scheme": scheme}).quant
+    assert (quant.bits, quant.sym, quant.group_size, quant.scheme.value) == (bits, sym, 128, scheme)
+    assert JobConfig.from_dict({"out": "o", "scheme": scheme, "bits": 3}).quant.bits == 3
+    assert JobConfig.from_dict({"out": "o", "scheme": scheme, "group_size": "channel"}).quant.group_size is None
+    assert JobConfig.from_dict({"scheme": scheme}).out.endswith(f"-gptq-w{bits}")
+    # The same through the command line: the preset's defaults, the flag's override.
+    args = cli_options(["--scheme", scheme, "--asym"])
+    assert JobConfig.from_dict({"out": "o", **args}).quant.sym is False
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16"])
+def test_a_scheme_wq_does_not_write_is_refused_by_name(scheme):
+    with pytest.raises(ConfigError, match=f"scheme={scheme}: wq does not write this preset yet.*W4A16, W4A16_ASYM, "
+                                          "W8A16"):
+        JobConfig.from_dict({"out": "o", "scheme": scheme})
+
+
+def test_a_scheme_that_cannot_combine_with_an_option_names_both():
+    with pytest.raises(ConfigError, match=r"format=gptq with an asymmetric grid \(scheme=W4A16_ASYM\)"):
+        JobConfig.from_dict({"out": "o", "scheme": "W4A16_ASYM", "format": "gptq"})

@@ -10,6 +10,7 @@ from wq_ops.config.enums import (
                                  MoeCalibration,
                                  Propagation,
                                  Runtime,
+                                 Scheme,
                                  SpanMode,
                                  TextJoin,
                                  TpPolicy,
@@ -31,6 +32,6 @@ from wq_ops.config.job import (
 from wq_ops.config.options import OPTIONS
 
 __all__ = ["Method", "Format", "Backend", "Propagation", "Modeling", "AwqLoss", "SpanMode", "TpPolicy", "Runtime",
-           "TextJoin", "MoeCalibration", "QuantConfig", "GPTQParams", "AWQParams", "MoeParams", "CalibConfig",
+           "Scheme", "TextJoin", "MoeCalibration", "QuantConfig", "GPTQParams", "AWQParams", "MoeParams", "CalibConfig",
            "EvalConfig", "RunConfig", "JobConfig", "OPTIONS", "parse_enum", "positive_int", "BUNDLED_CALIB",
            "missing_calibration"]

@@ -85,6 +85,24 @@ class Runtime(str, Enum):
     LOCAL = "local"       # one actor inside the driver's process (no Ray): single-machine, single-actor jobs
 
 
+class Scheme(str, Enum):
+    """Presets named as llm-compressor's (compressed-tensors' preset schemes), so habits carry over."""
+
+    W4A16 = "W4A16"               # 4-bit integer weights, groups of 128, symmetric; activations as they are
+    W4A16_ASYM = "W4A16_ASYM"     # the same with zero points
+    W8A16 = "W8A16"               # 8-bit integer weights, groups of 128 (--group-size channel: per channel)
+    W8A8 = "W8A8"                 # the schemes below quantize activations or store floats: not written yet
+    FP8_DYNAMIC = "FP8_DYNAMIC"
+    FP8 = "FP8"
+    FP8_BLOCK = "FP8_BLOCK"
+    NVFP4 = "NVFP4"
+    NVFP4A16 = "NVFP4A16"
+
+
+# The integer weight-only presets wq writes: (bits, symmetric); each with groups of 128 (the option's default).
+SCHEME_GRIDS = {Scheme.W4A16: (4, True), Scheme.W4A16_ASYM: (4, False), Scheme.W8A16: (8, True)}
+
+
 class TextJoin(str, Enum):
     """How a text file becomes the string that is tokenized (`wq_ops.evaluate.perplexity` states the rules)."""
 

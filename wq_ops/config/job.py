@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from wq_ops.config.enums import (
+    SCHEME_GRIDS,
     AwqLoss,
     Backend,
     Format,
@@ -19,6 +20,7 @@ from wq_ops.config.enums import (
     MoeCalibration,
     Propagation,
     Runtime,
+    Scheme,
     SpanMode,
     TextJoin,
     TpPolicy,
@@ -91,10 +93,11 @@ class QuantConfig:
     """What to do to each linear layer of each decoder block."""
 
     method: Method = default_of("method")
-    bits: int = default_of("bits")
+    bits: int = 4                            # the job's default depends on --scheme (options: bits)
     group_size: int | None = default_of("group_size")   # None: one group spans the whole input dim
-    sym: bool = default_of("sym")            # symmetric grid (zero point fixed at 2**(bits-1)); False stores zeros
+    sym: bool = True                         # symmetric grid (zero point fixed at 2**(bits-1)); False stores zeros
     ignore: tuple[str, ...] = default_of("ignore")       # module-name patterns (fnmatch) left unquantized
+    scheme: Scheme | None = default_of("scheme")   # the preset that set bits and sym's defaults, if one did
     rtn_clip_search: bool = default_of("rtn_clip_search")   # RTN: each group's clip range searched, not min-max
     backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
     gptq: GPTQParams = field(default_factory=GPTQParams)
@@ -103,6 +106,12 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
+        if self.scheme is not None:
+            object.__setattr__(self, "scheme", parse_enum(Scheme, self.scheme, "scheme"))
+            if self.scheme not in SCHEME_GRIDS:
+                raise ConfigError(f"scheme={self.scheme.value}: wq does not write this preset yet (it quantizes "
+                                  "activations or stores float weights); the integer weight-only presets are "
+                                  f"{', '.join(s.value for s in SCHEME_GRIDS)}")
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         for pattern in self.ignore:
@@ -278,8 +287,9 @@ class JobConfig:
         if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or self.push_to_hub.count("/") != 1):
             raise ConfigError(f"push_to_hub={self.push_to_hub!r}: expected a Hub repo id ORG/NAME")
         if parse_enum(Format, self.format, "format") is Format.GPTQ and not self.quant.sym:
-            raise ConfigError("format=gptq with an asymmetric grid: GPTQ v1 stores zero - 1, so a zero point of 0 "
-                              "cannot be stored; use --sym, or --format compressed-tensors for --asym")
+            given = f" (scheme={self.quant.scheme.value})" if self.quant.scheme is not None else ""
+            raise ConfigError(f"format=gptq with an asymmetric grid{given}: GPTQ v1 stores zero - 1, so a zero point "
+                              "of 0 cannot be stored; use --sym, or --format compressed-tensors for --asym")
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f"out={self.out!r}: expected an output directory path")
         object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))

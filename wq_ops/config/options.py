@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any, Callable, Mapping
 
 from wq_ops.config.enums import (
+    SCHEME_GRIDS,
     AwqLoss,
     Backend,
     Format,
@@ -26,6 +27,7 @@ from wq_ops.config.enums import (
     MoeCalibration,
     Propagation,
     Runtime,
+    Scheme,
     SpanMode,
     TextJoin,
     TpPolicy,
@@ -100,7 +102,17 @@ def _default_out(options: Mapping[str, Any]) -> str:
     model = str(options.get("model") or "tiny-llama").rstrip("/").split("/")[-1]
     method = options.get("method", Method.GPTQ)
     method = method.value if isinstance(method, Enum) else str(method)
-    return f"out/{model}-{method}-w{options.get('bits', 4)}"
+    return f"out/{model}-{method}-w{options.get('bits', _scheme_grid(options)[0])}"
+
+
+def _scheme_grid(options: Mapping[str, Any]) -> tuple[int, bool]:
+    """(bits, symmetric) of the --scheme given (4-bit symmetric without one, or for a scheme wq does not write:
+    the config refuses that one, naming it)."""
+    try:
+        scheme = Scheme(options.get("scheme")) if options.get("scheme") is not None else Scheme.W4A16
+    except ValueError:
+        scheme = Scheme.W4A16
+    return SCHEME_GRIDS.get(scheme, SCHEME_GRIDS[Scheme.W4A16])
 
 
 def _default_backend(options: Mapping[str, Any]) -> Backend:
@@ -139,11 +151,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("commit_message", f"{J}.commit_message", Kind.STR, None, "Hub commit message", False),
     # --- quantization ----------------------------------------------------------------------------------
     Option("method", f"{Q}.method", Kind.CHOICE, Method.GPTQ, "algorithm", True, choices=Method),
-    Option("bits", f"{Q}.bits", Kind.INT, 4, "2, 3, 4 or 8", True),
+    Option("scheme", f"{Q}.scheme", Kind.CHOICE, None, "preset named as llm-compressor's: W4A16 (4-bit, groups of "
+           "128, symmetric), W4A16_ASYM (with zero points), W8A16 (8-bit, groups of 128); it sets --bits and --sym, "
+           "which still override (the FP8, NVFP4 and W8A8 presets are not written yet)", False, choices=Scheme),
+    Option("bits", f"{Q}.bits", Kind.INT, Dependent(lambda o: _scheme_grid(o)[0], "4; 8 for --scheme W8A16"),
+           "2, 3, 4 or 8", True),
     Option("group_size", f"{Q}.group_size", Kind.GROUP_SIZE, 128, "columns per scale: a multiple of 32, or "
            "'channel'", True),
     # Symmetric by default: transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618).
-    Option("sym", f"{Q}.sym", Kind.BOOL, True, "symmetric grid; --asym stores zero points (vLLM loads them; "
+    Option("sym", f"{Q}.sym", Kind.BOOL, Dependent(lambda o: _scheme_grid(o)[1], "symmetric; asymmetric for "
+           "--scheme W4A16_ASYM"), "symmetric grid; --asym stores zero points (vLLM loads them; "
            "transformers cannot yet, llm-compressor#1618)", True, negative="--asym"),
     Option("ignore", f"{Q}.ignore", Kind.PATTERNS, (), "module-name pattern to leave unquantized (repeatable, or "
            "comma-separated)", True),
