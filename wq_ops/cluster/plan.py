@@ -188,10 +188,10 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     linears = block.linears
     max_in = max(s.in_features for s in linears)
     gptq = job.quant.method is Method.GPTQ
-    # What the largest solve holds besides the block's tensors. GPTQ stacks the linears that share an input
-    # (those of one stage with one input width bound such a group from above: o_proj is counted with q, k
-    # and v) and keeps a stacked copy, float32 weights and targets, and codes (twice under act-order); the
-    # other methods one linear's float32 weights, dequantized copy and codes.
+    # What the largest solve holds besides the block's tensors. GPTQ and RTN stack the linears that share an
+    # input (those of one stage with one input width bound such a group from above: o_proj is counted with q,
+    # k and v); GPTQ keeps a stacked copy, float32 weights and targets, and codes (twice under act-order); RTN
+    # float32 weights, dequantized copy and codes; AWQ the same of one linear.
     # A routed MLP's experts are groups of their own: one expert's gate and up are stacked, never all experts'.
     moe = block.moe
     experts = _expert_linears(moe) if moe is not None else {}
@@ -201,6 +201,9 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         stacked[key] = stacked.get(key, 0) + s.in_features * s.out_features
     if gptq:
         solving = max(stacked.values()) * (elt + 4 + 4 + 1 + 1)
+    elif job.quant.method is Method.RTN:
+        # RTN solves a stacked group at once too; its clipping search holds about four float32 temporaries of it.
+        solving = max(stacked.values()) * (4 + 4 + 1 + (16 if job.quant.rtn_clip_search else 0))
     else:
         solving = max(s.in_features * s.out_features for s in linears) * (4 + 4 + 1)
     # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.
