@@ -97,3 +97,16 @@ def test_the_fingerprint_follows_every_option_but_the_name():
                   Recipe(name="a", calib="/c.txt"), Recipe(name="a", sym=False, calib="/a.txt"),
                   Recipe(name="a", format="gptq", calib="/a.txt"), Recipe(name="a", samples=64, calib="/a.txt")):
         assert other.fingerprint != base.fingerprint
+
+
+def test_a_recipe_can_score_its_artifacts():
+    """eval, eval_baseline, eval_max_windows: the quantize job's --eval flags, checked by its own rules."""
+    data = yaml.safe_load(EXAMPLE)
+    data["recipes"]["rtn-w8-channel"].update(eval="/data/eval/wiki.test.raw", eval_baseline=True, eval_max_windows=40)
+    rtn = WatchList.from_dict(data).recipes[1]
+    args = quantize_parser().parse_args(rtn.flags())
+    assert (args.eval, args.eval_baseline, args.eval_max_windows) == ("/data/eval/wiki.test.raw", True, 40)
+    assert "--eval" not in WatchList.from_dict(yaml.safe_load(EXAMPLE)).recipes[1].flags()
+    data["recipes"]["rtn-w8-channel"].update(eval=None)
+    with pytest.raises(ConfigError, match="eval_baseline: nothing to compare with"):
+        WatchList.from_dict(data)

@@ -14,7 +14,17 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from wq_ops.config import BUNDLED_CALIB, CalibConfig, Format, Method, QuantConfig, RunConfig, parse_enum, positive_int
+from wq_ops.config import (
+    BUNDLED_CALIB,
+    CalibConfig,
+    EvalConfig,
+    Format,
+    Method,
+    QuantConfig,
+    RunConfig,
+    parse_enum,
+    positive_int,
+)
 from wq_ops.errors import ConfigError
 
 __all__ = ["Recipe", "WatchEntry", "JobResources", "WatchList", "DESTINATION_FIELDS", "render_destination"]
@@ -49,6 +59,9 @@ class Recipe:
     calib: str | None = None           # path as the cluster sees it; required (None is an error naming what to give)
     samples: int | None = None         # None: the quantize job's default
     seq_len: int | None = None         # None: the quantize job's default
+    eval: str | None = None            # text to score each artifact's perplexity on (--eval), as the cluster sees it
+    eval_baseline: bool = False        # also score the source model (--eval-baseline)
+    eval_max_windows: int | None = None   # None: every whole window of the text
 
     def __post_init__(self) -> None:
         where = f"recipes.{self.name}"
@@ -68,6 +81,7 @@ class Recipe:
             QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, sym=self.sym)
             CalibConfig(n_samples=1 if self.samples is None else self.samples,
                         seq_len=1 if self.seq_len is None else self.seq_len)
+            EvalConfig(text=self.eval, baseline=self.eval_baseline, max_windows=self.eval_max_windows)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         if self.calib is None:          # recipes quantize real models: the bundled text is not for them
@@ -95,6 +109,10 @@ class Recipe:
             out += ["--samples", str(self.samples)]
         if self.seq_len is not None:
             out += ["--seq-len", str(self.seq_len)]
+        if self.eval is not None:
+            out += ["--eval", self.eval] + (["--eval-baseline"] if self.eval_baseline else [])
+        if self.eval_max_windows is not None:
+            out += ["--eval-max-windows", str(self.eval_max_windows)]
         return out
 
     @classmethod
