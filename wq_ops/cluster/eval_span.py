@@ -7,7 +7,6 @@ and travel actor to actor as refs, as the calibration set's do."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch.func import functional_call
 
 from wq_ops.block.calibration import replay_block_
 from wq_ops.cluster.actor_job import ActorJob
-from wq_ops.cluster.loader import BlockLoader, Loaded
+from wq_ops.cluster.loader import BlockLoader, Loaded, prefetched
 from wq_ops.cluster.spans import Compute
 from wq_ops.errors import CheckpointError
 from wq_ops.evaluate.perplexity import window_nll
@@ -50,14 +49,8 @@ class EvalSpan:
     def forward(self, blocks: list[int], batches: list[Tensor]) -> list[Tensor]:
         """The span's outputs for the windows' micro-batches (consumed), block by block, the next block's
         weights loading while one computes."""
-        load = self.loader.load_staged if self.quantized else self.loader.load_float
-        with ThreadPoolExecutor(1, thread_name_prefix="wq-eval-load") as loader:
-            next_load: Future[Loaded] | None = loader.submit(load, blocks[0]) if blocks else None
-            for k, index in enumerate(blocks):
-                assert next_load is not None
-                loaded = next_load.result()
-                next_load = loader.submit(load, blocks[k + 1]) if k + 1 < len(blocks) else None
-                batches = self.compute(self._replay, index, loaded, batches)
+        for index, loaded in prefetched(self.loader.load_staged if self.quantized else self.loader.load_float, blocks):
+            batches = self.compute(self._replay, index, loaded, batches)
         return batches
 
     def _replay(self, index: int, loaded: Loaded, batches: list[Tensor]) -> list[Tensor]:

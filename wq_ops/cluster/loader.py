@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -26,7 +27,7 @@ from wq_ops.formats.block_tensors import PAD_COLUMNS, PAD_ROWS
 from wq_ops.io.checkpoint import read_tensors
 from wq_ops.io.digest import tensors_sha256
 
-__all__ = ["Loaded", "BlockLoader"]
+__all__ = ["Loaded", "BlockLoader", "prefetched"]
 
 
 @dataclass
@@ -113,6 +114,18 @@ class BlockLoader:
             compute.wait_event(loaded.ready)
             for tensor in loaded.params.values():
                 tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
+
+
+def prefetched(load: Callable[[int], Loaded], blocks: list[int]) -> Iterator[tuple[int, Loaded]]:
+    """(index, its tensors) for each block in order, the next block's `load` running on a helper thread
+    while the caller computes with this one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as pool:
+        upcoming: Future[Loaded] | None = pool.submit(load, blocks[0]) if blocks else None
+        for k, index in enumerate(blocks):
+            assert upcoming is not None
+            loaded = upcoming.result()
+            upcoming = pool.submit(load, blocks[k + 1]) if k + 1 < len(blocks) else None
+            yield index, loaded
 
 
 def _unpadded(tensors: dict[str, Tensor], pad: int) -> dict[str, Tensor]:

@@ -260,9 +260,10 @@ def _evaluation_windows(job: JobConfig, tokenizer: Callable[[], Any], layout: Mo
     positions = getattr(hf_config, "max_position_embeddings", None)
     try:
         windows = eval_windows(ids, seq_len=spec.seq_len, max_windows=spec.max_windows,
-                               max_positions=positions if isinstance(positions, int) else None)
+                               max_positions=positions if isinstance(positions, int) else None,
+                               seq_len_name="eval_seq_len")
     except ConfigError as e:
-        raise ConfigError(f"eval={spec.text}: {str(e).replace('seq_len=', 'eval_seq_len=')}") from None
+        raise ConfigError(f"eval={spec.text}: {e}") from None
     if int(windows.max()) >= layout.vocab_size:
         raise ConfigError(f"eval={spec.text}: the tokenizer produced id {int(windows.max())} but the model's "
                           f"vocabulary has {layout.vocab_size}")

@@ -19,7 +19,7 @@ from torch import Tensor
 from wq_ops.block.calibration import FloatCalibration, calibrate_float_all_, replay_block_, solve_block_
 from wq_ops.block.quantized import quantize_block_
 from wq_ops.cluster.actor_job import ActorJob
-from wq_ops.cluster.loader import BlockLoader, Loaded
+from wq_ops.cluster.loader import BlockLoader, Loaded, prefetched
 from wq_ops.cluster.protocol import ActivationRef, ShardRecord
 from wq_ops.cluster.staging import HostOutcome, StagedReport, done, in_order, stage_block, to_host_queued
 from wq_ops.config import Propagation
@@ -85,13 +85,8 @@ class SpanRunner:
         take_activations(job, inputs)
         kept = [b.clone() for b in job.batches]
         batches = job.batches
-        with ThreadPoolExecutor(1, thread_name_prefix="wq-load") as loader:
-            next_load: Future[Loaded] | None = loader.submit(self.loader.load_float, blocks[0]) if blocks else None
-            for k, index in enumerate(blocks):
-                assert next_load is not None
-                loaded = next_load.result()
-                next_load = loader.submit(self.loader.load_float, blocks[k + 1]) if k + 1 < len(blocks) else None
-                batches = self.compute(self.replay, index, loaded, batches)
+        for index, loaded in prefetched(self.loader.load_float, blocks):
+            batches = self.compute(self.replay, index, loaded, batches)
         refs = put_activations(job, batches)
         job.batches = kept
         return refs

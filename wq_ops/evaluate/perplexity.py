@@ -37,20 +37,22 @@ def join_text(text: str, join: Join) -> str:
     return "\n\n".join(text.splitlines(keepends=True)) if join is Join.WIKITEXT else text
 
 
-def eval_windows(ids: Tensor, *, seq_len: int, max_windows: int | None = None,
-                 max_positions: int | None = None) -> Tensor:
+def eval_windows(ids: Tensor, *, seq_len: int, max_windows: int | None = None, max_positions: int | None = None,
+                 seq_len_name: str = "seq_len") -> Tensor:
     """The token stream `ids` (n_tokens,) cut into (n_windows, seq_len) windows, the tail dropped; only the
     first max_windows (None: all). max_positions: the model's max_position_embeddings, which seq_len must not
-    pass. Every refusal is a ConfigError naming the value."""
+    pass. Every refusal is a ConfigError naming the value (seq_len as the caller's option `seq_len_name`)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ConfigError(f"seq_len={seq_len!r}: a window needs at least 2 tokens (one prediction)")
+        raise ConfigError(f"{seq_len_name}={seq_len!r}: a window needs at least 2 tokens (one prediction)")
     if isinstance(max_positions, int) and seq_len > max_positions:
-        raise ConfigError(f"seq_len={seq_len}: longer than the model's max_position_embeddings={max_positions}")
+        raise ConfigError(f"{seq_len_name}={seq_len}: longer than the model's "
+                          f"max_position_embeddings={max_positions}")
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"max_windows={max_windows}: expected at least 1 (or none: every window)")
     n_windows = int(ids.numel()) // seq_len
     if n_windows == 0:
-        raise ConfigError(f"the text has {int(ids.numel())} tokens, fewer than one window of seq_len={seq_len}")
+        raise ConfigError(f"the text has {int(ids.numel())} tokens, fewer than one window of "
+                          f"{seq_len_name}={seq_len}")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     return ids[:n_windows * seq_len].reshape(n_windows, seq_len)
