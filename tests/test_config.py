@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from wq_ops.config import OPTIONS, AWQParams, CalibConfig, GPTQParams, JobConfig, Method, QuantConfig, RunConfig
@@ -150,11 +152,47 @@ def test_a_scheme_sets_the_grid_and_flags_still_override(scheme, bits, sym):
     assert JobConfig.from_dict({"out": "o", **args}).quant.sym is False
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16"])
+@pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16"])
 def test_a_scheme_wq_does_not_write_is_refused_by_name(scheme):
     with pytest.raises(ConfigError, match=f"scheme={scheme}: wq does not write this preset yet.*W4A16, W4A16_ASYM, "
-                                          "W8A16"):
+                                          "W8A16, W8A8, FP8_DYNAMIC, FP8, FP8_BLOCK"):
         JobConfig.from_dict({"out": "o", "scheme": scheme})
+
+
+@pytest.mark.parametrize("scheme,method,weights,layout,activations", [
+    ("W8A8", "gptq", "int", "group", ("int", "token", True, None)),
+    ("FP8_DYNAMIC", "rtn", "float", "group", ("float", "token", True, None)),
+    ("FP8", "rtn", "float", "tensor", ("float", "tensor", False, None)),
+    ("FP8_BLOCK", "rtn", "float", "block", ("float", "group", True, 128)),
+])
+def test_an_activation_scheme_sets_its_method_layout_and_activations(scheme, method, weights, layout, activations):
+    job = JobConfig.from_dict({"scheme": scheme})
+    quant = job.quant
+    assert (quant.method.value, quant.bits, quant.sym, quant.group_size) == (method, 8, True, None)
+    assert (quant.weight_type.value, quant.layout.value) == (weights, layout)
+    a = quant.activations
+    assert (a.type.value, a.strategy.value, a.dynamic, a.group_size) == activations
+    assert job.out.endswith(f"-{scheme.lower()}")
+    assert "scheme" in job.fingerprint_options()         # the scheme changes the artifact beyond bits and sym
+    assert JobConfig.from_dict({"out": "o", "scheme": scheme, "group_size": "channel"}).quant.group_size is None
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"scheme": "FP8_DYNAMIC", "method": "gptq"}, "scheme=FP8_DYNAMIC: method=gptq solves for an integer grid"),
+    ({"scheme": "FP8", "method": "awq"}, "scheme=FP8: method=awq solves for an integer grid"),
+    ({"scheme": "W8A8", "group_size": 128}, "scheme=W8A8: group_size=128: the scheme stores one scale per output "
+                                            "channel"),
+    ({"scheme": "FP8_BLOCK", "group_size": 64}, "one scale per 128x128 block"),
+    ({"scheme": "W8A8", "bits": 4}, "scheme=W8A8: bits=4: the scheme's weights are 8-bit"),
+    ({"scheme": "FP8", "sym": False}, "scheme=FP8: its weights are symmetric"),
+    ({"scheme": "FP8_DYNAMIC", "format": "gptq"}, "format=gptq stores integer weight-only schemes; "
+                                                  "scheme=FP8_DYNAMIC"),
+    ({"scheme": "W8A8", "format": "gptq"}, "format=gptq stores integer weight-only schemes"),
+    ({"scheme": "FP8_BLOCK", "tp_sizes": [2], "tp_policy": "pad"}, "tp_policy=pad pads integer codes"),
+])
+def test_an_activation_scheme_refuses_what_it_fixes_by_name(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        JobConfig.from_dict({"out": "o", **options})
 
 
 def test_a_scheme_that_cannot_combine_with_an_option_names_both():

@@ -1,7 +1,8 @@
 """One `Processor` per method: how a stage's groups of linears are quantized from their captured input
 statistics, and whether a stage goes a group at a time (GPTQ and RTN: each group's inputs are captured with
 the groups before it quantized, GPTQ's true-sequential order) or whole (AWQ: a group's scale folds into an
-earlier linear of its stage, which must still be float). Chosen in one table: `PROCESSORS`."""
+earlier linear of its stage, which must still be float). Chosen in one table: `PROCESSORS`; FP8 weights
+(rounded to nearest, whatever the method table says) by `processor_for`."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from wq_ops.block.awq_stage import quantize_awq_stage
 from wq_ops.block.records import pending_layer
 from wq_ops.block.work import BlockWork
 from wq_ops.calib.capture import GroupCapture
-from wq_ops.config import Method
+from wq_ops.config import Method, QuantConfig
+from wq_ops.config.schemes import NumberType
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
+from wq_ops.quant.fp8 import fp8_scale_of, quantize_fp8
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import hessian_of, output_error_tensor, quadratic_operand
-from wq_ops.quant.result import QuantResult, dequantize
+from wq_ops.quant.result import FloatResult, QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn, search_clip
 
 __all__ = ["Processor", "PROCESSORS", "processor_for"]
@@ -89,6 +92,43 @@ class _HessianProcessor:
                             scale_dtype=work.scales_dtype, clip=clip)
 
 
+class _FloatProcessor:
+    """FP8 weights, a layer at a time: each rounded to nearest on its own scales (one per channel, tensor or
+    block: stacking layers would share a tensor's or a block's scale), the output error measured under the
+    group's input Hessian. With static activations, each layer's input scale is the calibration inputs'
+    largest magnitude over 448."""
+
+    by_stage = False
+
+    def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
+                 captures: dict[str, GroupCapture]) -> None:
+        task, quant = work.task, work.task.quant
+        static = quant.activations is not None and not quant.activations.dynamic
+        for group in groups:
+            cap = captures[group.names[0]]
+            h = quadratic_operand(hessian_of(cap.stats))
+            input_scale = None
+            if static:                  # one scale per layer (the only static activation layout, FP8's)
+                input_scale = fp8_scale_of(cap.stats.abs_max.max(), scale_dtype=work.scales_dtype)
+            for name in group.names:
+                if is_ignored(task.full_name(name), quant.ignore):
+                    work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
+                                                     error=None, result=None, seconds=0.0))
+                    continue
+                t = time.perf_counter()
+                w = work.work[name + ".weight"]
+                result = quantize_fp8(w, layout=quant.layout, scale_dtype=work.scales_dtype)
+                if input_scale is not None:
+                    result = FloatResult(values=result.values, scale=result.scale, block=result.block,
+                                         input_scale=input_scale)
+                w_hat = dequantize(result, work.dtype)
+                work.results[name] = result
+                work.work[name + ".weight"] = w_hat
+                work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
+                                                 error=output_error_tensor(w, w_hat, h), result=result,
+                                                 seconds=time.perf_counter() - t))
+
+
 class _AwqProcessor:
     """AWQ, a stage at a time: every group's scales searched and folded first, then each layer clipped and
     quantized (`quantize_awq_stage`)."""
@@ -107,15 +147,18 @@ PROCESSORS: dict[Method, Processor] = {
 }
 
 
-def processor_for(method: Method) -> Processor:
-    return PROCESSORS[method]
+_FLOAT = _FloatProcessor()
+
+
+def processor_for(quant: QuantConfig) -> Processor:
+    return _FLOAT if quant.weight_type is NumberType.FLOAT else PROCESSORS[quant.method]
 
 
 def solve_stage(work: BlockWork, stage: str, captures: dict[str, GroupCapture],
                 groups: Sequence[LinearGroup] | None = None) -> None:
     """Quantize the stage's groups (or `groups` of it, for a processor that goes a group at a time) with the
     job's method, timed as the "solve" phase."""
-    processor = processor_for(work.task.quant.method)
+    processor = processor_for(work.task.quant)
     if groups is None:
         groups = work.block_anatomy.stage_groups(stage)
     elif processor.by_stage:

@@ -44,7 +44,7 @@ def quantize_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: 
         return solve_block_(block, params, anatomy, calibration, task), outputs
     work = BlockWork.start(block, anatomy, params, task, clock)
     with torch.no_grad():
-        if processor_for(task.quant.method).by_stage:
+        if processor_for(task.quant).by_stage:
             outputs = _by_stage_(work, batches, keep=task.quant.kept_search_samples)
         else:
             outputs = _by_group_(work, batches, stash_tails=stash_tails)

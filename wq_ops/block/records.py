@@ -17,7 +17,7 @@ from wq_ops.formats.checks import raise_failed
 from wq_ops.model.block import LinearGroup
 from wq_ops.quant import awq
 from wq_ops.quant.hessian import InputStats, OutlierSummary, outlier_channels, outlier_summary
-from wq_ops.quant.result import QuantResult
+from wq_ops.quant.result import WeightResult
 
 __all__ = ["LayerRecord", "BlockRecord", "PendingLayer", "PendingReport", "pending_layer", "pending_report"]
 
@@ -61,7 +61,7 @@ class PendingLayer:
     group: str
     quantized: bool
     error: Tensor | None                  # output_error_tensor; None for a layer left unquantized
-    result: QuantResult | None
+    result: WeightResult | None
     seconds: float
     channels: Tensor                      # outlier_channels of the layer's input
     search: awq.ScaleSearch | None = None
@@ -70,7 +70,7 @@ class PendingLayer:
 
 
 def pending_layer(name: str, block_index: int, group: LinearGroup, stats: InputStats, *, error: Tensor | None,
-                  result: QuantResult | None, seconds: float, search: awq.ScaleSearch | None = None,
+                  result: WeightResult | None, seconds: float, search: awq.ScaleSearch | None = None,
                   starved: bool = False) -> PendingLayer:
     """A layer's record with its numbers on the device: quantized where it has an output error."""
     return PendingLayer(name=name, block=block_index, group=group.names[0], quantized=error is not None,
@@ -126,7 +126,7 @@ def pending_report(layers: Sequence[PendingLayer], checks: Sequence[Tensor] = ()
             values.append(r.error.reshape(1))
         row_loss = r.result.row_loss if r.result is not None else None
         if row_loss is not None:
-            values.append(row_loss.sum().reshape(1))                 # as QuantResult.loss sums it
+            values.append(row_loss.sum().reshape(1))                 # as WeightResult.loss sums it
         if r.search is not None:
             values.append(r.search.numbers())
         slots.append(_Slot(

@@ -19,7 +19,7 @@ from wq_ops.formats.checks import Checks
 from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import BlockAnatomy, DecoderBlock
 from wq_ops.model.moe import MoeSpec
-from wq_ops.quant.result import QuantResult
+from wq_ops.quant.result import WeightResult
 
 __all__ = ["BlockTask", "BlockWork", "BlockOutcome"]
 
@@ -81,7 +81,7 @@ class BlockWork:
     work: dict[str, Tensor]
     dtype: torch.dtype
     scales_dtype: torch.dtype              # the grid is rounded to the dtype the format stores scales in
-    results: dict[str, QuantResult] = field(default_factory=dict)
+    results: dict[str, WeightResult] = field(default_factory=dict)
     layers: list[PendingLayer] = field(default_factory=list)
 
     @classmethod

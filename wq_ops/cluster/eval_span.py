@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -19,7 +20,9 @@ from wq_ops.cluster.loader import BlockLoader, Loaded, prefetched
 from wq_ops.cluster.spans import Compute
 from wq_ops.errors import CheckpointError
 from wq_ops.evaluate.perplexity import window_nll
+from wq_ops.formats import quantized_modules
 from wq_ops.io.checkpoint import read_tensors
+from wq_ops.quant.activations import fake_quantize_input
 
 __all__ = ["EvalSpan"]
 
@@ -55,9 +58,35 @@ class EvalSpan:
 
     def _replay(self, index: int, loaded: Loaded, batches: list[Tensor]) -> list[Tensor]:
         self.loader.await_copy(loaded)
-        outputs = replay_block_(self.job.block(index, seq_len=self.seq_len), loaded.params, batches)
+        block = self.job.block(index, seq_len=self.seq_len)
+        served = self.job.spec.job.quant.activations
+        if not self.quantized or served is None:
+            outputs = replay_block_(block, loaded.params, batches)
+        else:
+            # The artifact's activation quantization, as an engine applies it, on each quantized linear's input.
+            scales = self._input_scales(index)
+            device = self.job.device
+            on_device = {name: s.to(device) for name, s in scales.items() if s is not None}
+
+            def transform(name: str, x: Tensor) -> Tensor:
+                return fake_quantize_input(x, served, static_scale=on_device.get(name))
+
+            with block.quantizing_inputs(scales, transform):
+                outputs = replay_block_(block, loaded.params, batches)
         del loaded.params
         return outputs
+
+    def _input_scales(self, index: int) -> dict[str, Tensor | None]:
+        """Each quantized linear of block `index` (block-local name) and its stored input scale (None: dynamic),
+        read from its staged shard (the header, and the scales themselves)."""
+        spec = self.job.spec
+        prefix = f"{spec.layout.block_prefix}.{index}."
+        with safe_open(str(spec.artifact.staged_block(index)), framework="pt") as f:
+            names = list(f.keys())
+            quantized = sorted(quantized_modules(spec.job.format, spec.job.quant, names))
+            local = [(m, m[len(prefix):]) for m in quantized]
+            return {n: (f.get_tensor(m + ".input_scale").to(torch.float32).reshape(())
+                        if m + ".input_scale" in names else None) for m, n in local}
 
     def score(self, batches: list[Tensor], windows: Tensor) -> list[float]:
         """Each window's mean next-token NLL from the last block's outputs (consumed): final norm, lm_head,

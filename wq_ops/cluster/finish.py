@@ -13,7 +13,7 @@ from typing import Any
 from wq_ops.cluster.plan import GIB, JobPlan
 from wq_ops.cluster.prepare import PreparedJob, modeling_name
 from wq_ops.cluster.protocol import ShardRecord
-from wq_ops.formats import quantization_config, side_files
+from wq_ops.formats import quantization_config, quantized_modules, side_files
 from wq_ops.io.artifact import finalize_artifact
 from wq_ops.io.checkpoint import SourceLicense
 from wq_ops.io.redact import redact, redact_values
@@ -46,7 +46,7 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
         position = 0 if r.part == "embed" else layout.n_blocks + 1 if r.part == "head" else r.block + 1  # type: ignore[operator]
         shard_of[r.staged_path] = artifact.shard_name(position)
     weight_map = {name: shard_of[r.staged_path] for r in records for name in r.tensor_names}
-    quantized_linears = {name.rsplit(".", 1)[0] for name in weight_map if name.endswith((".weight_packed", ".qweight"))}
+    quantized_linears = quantized_modules(job.format, job.quant, weight_map)
     ignore = sorted({layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks)
                      for s in layout.block(i).linears} - quantized_linears)
     # Modules never quantized whatever the options (routers): a loader must not expect them packed.

@@ -96,6 +96,29 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
         )
 
 
+def _check_scheme_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
+    """A scheme that quantizes activations in groups of columns (FP8_BLOCK: 128) needs every quantized layer's
+    input width a multiple of it (engines' kernels and compressed-tensors refuse the rest); --eval does not
+    quantize routed experts' inputs yet, so it refuses to score an activation scheme on a routed model."""
+    served = job.quant.activations
+    if served is None:
+        return
+    if job.evaluation.text is not None and any(layout.block(i).moe is not None for i in range(layout.n_blocks)):
+        raise ConfigError(f"eval with scheme={job.quant.scheme.value if job.quant.scheme else None}: wq's evaluation "
+                          "does not quantize routed experts' inputs yet; leave out --eval, or use a weight-only scheme")
+    if served.group_size is None:
+        return
+    bad = {spec.name: spec.in_features for i in range(layout.n_blocks) for spec in layout.block(i).linears
+           if spec.in_features % served.group_size
+           and not is_ignored(layout.block_tensor_name(i, spec.name), job.quant.ignore)}
+    if bad:
+        listed = ", ".join(f"{n} (in={w})" for n, w in bad.items())
+        raise ConfigError(f"scheme={job.quant.scheme.value if job.quant.scheme else None} quantizes activations in "
+                          f"groups of {served.group_size} columns, which do not divide the input width of {listed}; "
+                          f"keep them unquantized with --ignore (e.g. --ignore "
+                          f"'{layout.block_prefix}.*.{next(iter(bad))}'), or use FP8_DYNAMIC")
+
+
 def _check_ignore_patterns(job: JobConfig, layout: ModelLayout) -> None:
     """Every --ignore pattern must match a linear module of the model: one that matches none is a typo that
     would quantize what the user meant to keep."""
@@ -178,6 +201,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     split_spans(layout.n_blocks, job.run.actors)   # more actors than blocks: refused before any actor starts
     _check_ignore_patterns(job, layout)
     _check_quant_fits_layout(job, layout)
+    _check_scheme_fits_layout(job, layout)
     compatibility = _check_tensor_parallel(job, layout, hf_config)
     if job.calib.seq_len > int(getattr(hf_config, "max_position_embeddings", job.calib.seq_len)):
         raise ConfigError(f"seq_len={job.calib.seq_len}: longer than the model's max_position_embeddings="

@@ -64,9 +64,10 @@ def stage_block(artifact: ArtifactLayout, index: int, rank: int, queued: HostOut
                 report: StagedReport) -> ShardRecord:
     """Write block `index`'s shard and its record; raises a failed packing check before anything is written."""
     host, numbers = queued.wait()
-    # Scales and unquantized tensors (small; the packed codes are integers): NaN weights give NaN scales.
-    bad = next((k for k, v in sorted(host.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())),
-               None)
+    # Scales and unquantized tensors (small; the packed codes are integers): NaN weights give NaN scales, so FP8
+    # values (which torch cannot test) need no check of their own.
+    bad = next((k for k, v in sorted(host.items()) if v.is_floating_point() and v.element_size() > 1
+                and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise QuantizationError(f"block {index}: {bad} holds NaN or Inf values; nothing was staged")
     layers, seconds = report.report.resolve(numbers), report.seconds()

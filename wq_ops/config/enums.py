@@ -91,16 +91,12 @@ class Scheme(str, Enum):
     W4A16 = "W4A16"               # 4-bit integer weights, groups of 128, symmetric; activations as they are
     W4A16_ASYM = "W4A16_ASYM"     # the same with zero points
     W8A16 = "W8A16"               # 8-bit integer weights, groups of 128 (--group-size channel: per channel)
-    W8A8 = "W8A8"                 # the schemes below quantize activations or store floats: not written yet
-    FP8_DYNAMIC = "FP8_DYNAMIC"
-    FP8 = "FP8"
-    FP8_BLOCK = "FP8_BLOCK"
-    NVFP4 = "NVFP4"
+    W8A8 = "W8A8"                 # INT8 weights per channel, INT8 activations per token (dynamic)
+    FP8_DYNAMIC = "FP8_DYNAMIC"   # FP8 E4M3 weights per channel, FP8 activations per token (dynamic)
+    FP8 = "FP8"                   # FP8 weights per tensor, static per-tensor activation scales
+    FP8_BLOCK = "FP8_BLOCK"       # FP8 weights per 128x128 block, activations per group of 128 (dynamic)
+    NVFP4 = "NVFP4"               # the two below: not written yet
     NVFP4A16 = "NVFP4A16"
-
-
-# The integer weight-only presets wq writes: (bits, symmetric); each with groups of 128 (the option's default).
-SCHEME_GRIDS = {Scheme.W4A16: (4, True), Scheme.W4A16_ASYM: (4, False), Scheme.W8A16: (8, True)}
 
 
 class TextJoin(str, Enum):

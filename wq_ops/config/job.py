@@ -11,7 +11,6 @@ from enum import Enum
 from typing import Any, Mapping
 
 from wq_ops.config.enums import (
-    SCHEME_GRIDS,
     AwqLoss,
     Backend,
     Format,
@@ -28,6 +27,7 @@ from wq_ops.config.enums import (
     positive_int,
 )
 from wq_ops.config.options import OPTIONS, convert, default_of, fill_defaults, method_misfits
+from wq_ops.config.schemes import SCHEMES, ActivationQuant, NumberType, SchemeSpec, WeightLayout
 from wq_ops.errors import ConfigError
 
 __all__ = ["GPTQParams", "AWQParams", "MoeParams", "QuantConfig", "CalibConfig", "EvalConfig", "RunConfig",
@@ -92,12 +92,13 @@ class MoeParams:
 class QuantConfig:
     """What to do to each linear layer of each decoder block."""
 
-    method: Method = default_of("method")
-    bits: int = 4                            # the job's default depends on --scheme (options: bits)
-    group_size: int | None = default_of("group_size")   # None: one group spans the whole input dim
+    # The job's defaults of method, bits, group_size and sym depend on --scheme (options); these are W4A16's.
+    method: Method = Method.GPTQ
+    bits: int = 4
+    group_size: int | None = 128             # None: one group spans the whole input dim
     sym: bool = True                         # symmetric grid (zero point fixed at 2**(bits-1)); False stores zeros
     ignore: tuple[str, ...] = default_of("ignore")       # module-name patterns (fnmatch) left unquantized
-    scheme: Scheme | None = default_of("scheme")   # the preset that set bits and sym's defaults, if one did
+    scheme: Scheme | None = default_of("scheme")   # the preset: weights' type and layout, activations (SCHEMES)
     rtn_clip_search: bool = default_of("rtn_clip_search")   # RTN: each group's clip range searched, not min-max
     backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
     gptq: GPTQParams = field(default_factory=GPTQParams)
@@ -108,10 +109,9 @@ class QuantConfig:
         object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
         if self.scheme is not None:
             object.__setattr__(self, "scheme", parse_enum(Scheme, self.scheme, "scheme"))
-            if self.scheme not in SCHEME_GRIDS:
-                raise ConfigError(f"scheme={self.scheme.value}: wq does not write this preset yet (it quantizes "
-                                  "activations or stores float weights); the integer weight-only presets are "
-                                  f"{', '.join(s.value for s in SCHEME_GRIDS)}")
+            if self.scheme not in SCHEMES:
+                raise ConfigError(f"scheme={self.scheme.value}: wq does not write this preset yet; the presets it "
+                                  f"writes are {', '.join(s.value for s in SCHEMES)}")
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         for pattern in self.ignore:
@@ -135,10 +135,49 @@ class QuantConfig:
                     f"group_size={self.group_size}: must be a multiple of 32 (engines' kernels read whole "
                     "32-value words per group), or 'channel' for one group per row"
                 )
+        self._check_scheme()
         if self.backend is Backend.CUDA and self.method is Method.AWQ and self.group_size is not None \
                 and self.group_size > 256:
             raise ConfigError(f"group_size={self.group_size}: the CUDA AWQ search handles groups of 32 to 256 "
                               "columns; use --backend reference for wider groups")
+
+    def _check_scheme(self) -> None:
+        """The options a preset fixes (an activation or float scheme: bits, symmetry, one scale per channel,
+        tensor or block; float weights: rounded to nearest) are errors that name the scheme if changed."""
+        spec = self.spec
+        if spec is None or not spec.group_size_fixed:
+            return
+        name = f"scheme={spec_name(self)}"
+        if self.bits != spec.bits:
+            raise ConfigError(f"{name}: bits={self.bits}: the scheme's weights are {spec.bits}-bit; drop --bits")
+        if not self.sym:
+            raise ConfigError(f"{name}: its weights are symmetric (engines read no zero point); drop --asym")
+        if self.group_size is not None:
+            where = {WeightLayout.GROUP: "output channel", WeightLayout.TENSOR: "tensor",
+                     WeightLayout.BLOCK: "128x128 block"}[spec.layout]
+            raise ConfigError(f"{name}: group_size={self.group_size}: the scheme stores one scale per {where}; "
+                              "drop --group-size (or give 'channel')")
+        if spec.weights is NumberType.FLOAT and self.method is not Method.RTN:
+            raise ConfigError(f"{name}: method={self.method.value} solves for an integer grid; FP8 weights are "
+                              "rounded to nearest: --method rtn (the scheme's default)")
+
+    @property
+    def spec(self) -> SchemeSpec | None:
+        """The preset's meaning, None without --scheme (the integer weight-only grid the options describe)."""
+        return None if self.scheme is None else SCHEMES[self.scheme]
+
+    @property
+    def weight_type(self) -> NumberType:
+        return NumberType.INT if self.spec is None else self.spec.weights
+
+    @property
+    def layout(self) -> WeightLayout:
+        return WeightLayout.GROUP if self.spec is None else self.spec.layout
+
+    @property
+    def activations(self) -> ActivationQuant | None:
+        """How engines quantize each linear's input (None: weight-only)."""
+        return None if self.spec is None else self.spec.activations
 
     @property
     def act_order(self) -> bool:
@@ -149,6 +188,10 @@ class QuantConfig:
     def kept_search_samples(self) -> int:
         """Calibration samples a block keeps for AWQ's replayed scale search (0 where nothing is replayed)."""
         return self.awq.search_samples if self.method is Method.AWQ and self.awq.loss is AwqLoss.MODULE else 0
+
+
+def spec_name(quant: QuantConfig) -> str:
+    return quant.scheme.value if quant.scheme is not None else "none"
 
 
 # The text bundled with wq, named: the default for the bundled tiny model, a deliberate choice for any other.
@@ -286,10 +329,18 @@ class JobConfig:
             raise ConfigError("tp_policy=pad: give the sizes to pad for with --tp-sizes, e.g. 1,2,4,8")
         if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or self.push_to_hub.count("/") != 1):
             raise ConfigError(f"push_to_hub={self.push_to_hub!r}: expected a Hub repo id ORG/NAME")
-        if parse_enum(Format, self.format, "format") is Format.GPTQ and not self.quant.sym:
+        object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
+        if self.format is Format.GPTQ and not self.quant.sym:
             given = f" (scheme={self.quant.scheme.value})" if self.quant.scheme is not None else ""
             raise ConfigError(f"format=gptq with an asymmetric grid{given}: GPTQ v1 stores zero - 1, so a zero point "
                               "of 0 cannot be stored; use --sym, or --format compressed-tensors for --asym")
+        spec = self.quant.spec
+        if self.format is Format.GPTQ and spec is not None and spec.group_size_fixed:
+            raise ConfigError(f"format=gptq stores integer weight-only schemes; scheme={spec_name(self.quant)} "
+                              "is written as compressed-tensors: --format compressed-tensors")
+        if self.tp_policy is TpPolicy.PAD and self.quant.weight_type is NumberType.FLOAT:
+            raise ConfigError(f"tp_policy=pad pads integer codes; scheme={spec_name(self.quant)} stores FP8 weights: "
+                              "use --tp-policy refuse, or leave out the --tp-sizes it cannot load")
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f"out={self.out!r}: expected an output directory path")
         object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
@@ -305,7 +356,7 @@ class JobConfig:
         given = {k: convert(k, v) if k in by_name else v for k, v in options.items()
                  if not (v is None and k in by_name and not by_name[k].takes_none)}
         given = fill_defaults(given)
-        method = parse_enum(Method, given.get("method", default_of("method")), "method")
+        method = parse_enum(Method, given["method"], "method")
         misfits = method_misfits(options, method)
         if misfits:
             raise ConfigError(f"method={method.value}: {'; '.join(misfits)}; remove it, or choose that method")

@@ -18,7 +18,6 @@ from enum import Enum
 from typing import Any, Callable, Mapping
 
 from wq_ops.config.enums import (
-    SCHEME_GRIDS,
     AwqLoss,
     Backend,
     Format,
@@ -32,6 +31,7 @@ from wq_ops.config.enums import (
     TextJoin,
     TpPolicy,
 )
+from wq_ops.config.schemes import SCHEMES, SchemeSpec
 from wq_ops.errors import ConfigError
 
 __all__ = ["Kind", "Dependent", "Option", "OPTIONS", "option", "default_of", "fill_defaults", "convert",
@@ -100,19 +100,21 @@ def _bundled(options: Mapping[str, Any]) -> bool:
 
 def _default_out(options: Mapping[str, Any]) -> str:
     model = str(options.get("model") or "tiny-llama").rstrip("/").split("/")[-1]
+    if options.get("scheme") is not None and _scheme(options).activations is not None:
+        return f"out/{model}-{str(options['scheme']).lower()}"
     method = options.get("method", Method.GPTQ)
     method = method.value if isinstance(method, Enum) else str(method)
-    return f"out/{model}-{method}-w{options.get('bits', _scheme_grid(options)[0])}"
+    return f"out/{model}-{method}-w{options.get('bits', _scheme(options).bits)}"
 
 
-def _scheme_grid(options: Mapping[str, Any]) -> tuple[int, bool]:
-    """(bits, symmetric) of the --scheme given (4-bit symmetric without one, or for a scheme wq does not write:
-    the config refuses that one, naming it)."""
+def _scheme(options: Mapping[str, Any]) -> SchemeSpec:
+    """The preset given with --scheme (W4A16 without one, or for a name wq does not write: the config refuses
+    that one, naming it)."""
     try:
         scheme = Scheme(options.get("scheme")) if options.get("scheme") is not None else Scheme.W4A16
     except ValueError:
         scheme = Scheme.W4A16
-    return SCHEME_GRIDS.get(scheme, SCHEME_GRIDS[Scheme.W4A16])
+    return SCHEMES.get(scheme, SCHEMES[Scheme.W4A16])
 
 
 def _default_backend(options: Mapping[str, Any]) -> Backend:
@@ -150,16 +152,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("private", f"{J}.private", Kind.BOOL, False, "create the Hub repo private", False),
     Option("commit_message", f"{J}.commit_message", Kind.STR, None, "Hub commit message", False),
     # --- quantization ----------------------------------------------------------------------------------
-    Option("method", f"{Q}.method", Kind.CHOICE, Method.GPTQ, "algorithm", True, choices=Method),
+    # The scheme goes before the options whose defaults it sets (fill_defaults runs in table order).
     Option("scheme", f"{Q}.scheme", Kind.CHOICE, None, "preset named as llm-compressor's: W4A16 (4-bit, groups of "
-           "128, symmetric), W4A16_ASYM (with zero points), W8A16 (8-bit, groups of 128); it sets --bits and --sym, "
-           "which still override (the FP8, NVFP4 and W8A8 presets are not written yet)", False, choices=Scheme),
-    Option("bits", f"{Q}.bits", Kind.INT, Dependent(lambda o: _scheme_grid(o)[0], "4; 8 for --scheme W8A16"),
-           "2, 3, 4 or 8", True),
-    Option("group_size", f"{Q}.group_size", Kind.GROUP_SIZE, 128, "columns per scale: a multiple of 32, or "
-           "'channel'", True),
+           "128, symmetric), W4A16_ASYM (with zero points), W8A16 (8-bit, groups of 128), W8A8 (INT8 weights per "
+           "channel, INT8 activations per token at run time), FP8_DYNAMIC (FP8 weights per channel, FP8 activations "
+           "per token), FP8 (FP8 weights per tensor, static activation scales from calibration), FP8_BLOCK (FP8 "
+           "weights per 128x128 block, activations per group of 128); it sets --method, --bits, --sym and "
+           "--group-size, which still override where the scheme allows", True, choices=Scheme),
+    Option("method", f"{Q}.method", Kind.CHOICE, Dependent(lambda o: _scheme(o).method, "gptq; rtn for the FP8 "
+           "schemes"), "algorithm", True, choices=Method),
+    Option("bits", f"{Q}.bits", Kind.INT, Dependent(lambda o: _scheme(o).bits, "4; 8 for --scheme W8A16, W8A8, "
+           "FP8*"), "2, 3, 4 or 8", True),
+    Option("group_size", f"{Q}.group_size", Kind.GROUP_SIZE, Dependent(lambda o: _scheme(o).group_size, "128; "
+           "channel for --scheme W8A8 and FP8*"), "columns per scale: a multiple of 32, or 'channel'", True),
     # Symmetric by default: transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618).
-    Option("sym", f"{Q}.sym", Kind.BOOL, Dependent(lambda o: _scheme_grid(o)[1], "symmetric; asymmetric for "
+    Option("sym", f"{Q}.sym", Kind.BOOL, Dependent(lambda o: _scheme(o).sym, "symmetric; asymmetric for "
            "--scheme W4A16_ASYM"), "symmetric grid; --asym stores zero points (vLLM loads them; "
            "transformers cannot yet, llm-compressor#1618)", True, negative="--asym"),
     Option("ignore", f"{Q}.ignore", Kind.PATTERNS, (), "module-name pattern to leave unquantized (repeatable, or "

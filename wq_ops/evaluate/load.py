@@ -5,12 +5,17 @@ transformers 5.25 kernelizes every model it loads when Hugging Face's `kernels` 
 Hub at load time. An evaluation must measure the weights, not whichever Hub kernel a machine could reach,
 and must run offline, so it loads with `use_kernels=False`: transformers' own PyTorch modules, on any host.
 A user's plain `AutoModelForCausalLM.from_pretrained(artifact)` loads our artifacts too (tests/cluster).
+
+An artifact whose scheme quantizes activations (W8A8, FP8) is loaded with its weights dequantized, and its
+linears' inputs quantized as an engine does (`served_inputs`): its perplexity is the served model's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from wq_ops.evaluate.served_inputs import quantize_inputs_, served_activations, static_input_scales
 
 __all__ = ["load_causal_lm", "load_tokenizer"]
 
@@ -19,12 +24,36 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
     """The causal LM at `model` (a directory or a Hub repo id) on `device`, in eval mode, with transformers'
     own modules (no Hub kernels). dtype: "auto" (the checkpoint's) or a torch dtype; float32 on a CPU without
     bfloat16 instructions runs several times faster than bfloat16, and holds bfloat16 weights exactly."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import warnings
 
-    loaded: Any = AutoModelForCausalLM.from_pretrained(str(model), use_kernels=False,    # .to is typed oddly
-                                                       dtype=dtype)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
+
+    quantization = getattr(AutoConfig.from_pretrained(str(model)), "quantization_config", None)
+    quantization = quantization if isinstance(quantization, dict) else {}
+    activations = served_activations(quantization)
+    kwargs: dict[str, Any] = {}
+    if activations is not None:
+        # Weights dequantized on load (compressed-tensors' own decompressor); transformers warns that the rest
+        # of the config comes from the checkpoint, which is what is meant.
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(model), use_kernels=False,    # .to is typed oddly
+                                                           dtype=dtype, **kwargs)
+    if activations is not None:
+        scales = None if activations.dynamic else static_input_scales(_local_dir(model))
+        quantize_inputs_(loaded, activations, ignore=list(quantization.get("ignore", [])), static_scales=scales)
     return loaded.to(torch.device(device)).eval()
+
+
+def _local_dir(model: str | Path) -> Path:
+    """The directory holding a model's files: itself, or the Hub snapshot transformers just downloaded."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model), allow_patterns=["*.safetensors", "*.json"]))
 
 
 def load_tokenizer(model: str | Path) -> Any:

@@ -5,18 +5,19 @@ module; `encode_linear`, `quantization_config` and `scale_dtype` dispatch throug
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from wq_ops.config import Backend, Format, QuantConfig
 from wq_ops.errors import ConfigError
-from wq_ops.formats import compressed_tensors, gptq
+from wq_ops.formats import compressed_tensors, gptq, naive_quantized
 from wq_ops.formats.checks import Checks
-from wq_ops.quant.result import QuantResult, dequantize
+from wq_ops.quant.result import QuantResult, WeightResult, dequantize
 
-__all__ = ["encode_linear", "quantization_config", "side_files", "format_module", "scale_dtype", "dense_tensors"]
+__all__ = ["encode_linear", "quantization_config", "side_files", "format_module", "scale_dtype", "dense_tensors",
+           "quantized_modules"]
 
 _MODULES: dict[Format, ModuleType] = {
     Format.COMPRESSED_TENSORS: compressed_tensors,
@@ -35,14 +36,23 @@ def format_module(fmt: Format) -> ModuleType:
         raise ConfigError(f"format={fmt.value}: not available yet; use {Format.COMPRESSED_TENSORS.value}") from None
 
 
-def encode_linear(fmt: Format, module: str, result: QuantResult, *, quant: QuantConfig,
+def encode_linear(fmt: Format, module: str, result: WeightResult, *, quant: QuantConfig,
                   scale_dtype: torch.dtype, checks: Checks | None = None) -> dict[str, Tensor]:
     """The artifact tensors of one quantized linear (full module name) in format `fmt`, packed on the GPU
     with the CUDA backend when the codes are there. checks: where conditions on device values are queued
     rather than read back at once (the caller raises them: `wq_ops.formats.checks`)."""
+    if _naive(fmt, quant):
+        return naive_quantized.encode_linear(module, result, quant=quant, scale_dtype=scale_dtype, checks=checks)
+    if not isinstance(result, QuantResult):
+        raise ConfigError(f"format={fmt.value}: stores integer codes, not {type(result).__name__}")
     backend = quant.backend if result.codes.is_cuda else Backend.REFERENCE
     return format_module(fmt).encode_linear(module, result, sym=quant.sym, scale_dtype=scale_dtype, backend=backend,
                                             checks=checks)
+
+
+def _naive(fmt: Format, quant: QuantConfig) -> bool:
+    """Whether the scheme's weights are stored one value each (W8A8's int8, FP8), not packed."""
+    return fmt is Format.COMPRESSED_TENSORS and compressed_tensors.format_name(quant) != compressed_tensors.FORMAT
 
 
 def quantization_config(fmt: Format, quant: QuantConfig, *, ignore: list[str]) -> dict[str, Any]:
@@ -62,20 +72,31 @@ def scale_dtype(fmt: Format, *, model_dtype: torch.dtype) -> torch.dtype:
     return _FIXED_SCALE_DTYPES.get(fmt, model_dtype)
 
 
+def _marker(fmt: Format, quant: QuantConfig) -> str:
+    return "." + (naive_quantized.MARKER if _naive(fmt, quant) else _PACKED_LEAF[fmt])
+
+
+def quantized_modules(fmt: Format, quant: QuantConfig, names: Iterable[str]) -> set[str]:
+    """The modules among an artifact's tensor `names` that the format stores quantized."""
+    marker = _marker(fmt, quant)
+    return {n[: -len(marker)] for n in names if n.endswith(marker)}
+
+
 def dense_tensors(fmt: Format, tensors: dict[str, Tensor], *, quant: QuantConfig,
                   dtype: torch.dtype) -> dict[str, Tensor]:
     """The dense tensors an artifact's tensors stand for: each quantized linear's `.weight` dequantized to
     `dtype` (exactly the weights the quantizer computed the next block's inputs with), everything else as
     stored. Used to replay a finished block when a job resumes."""
     module_of = format_module(fmt)
-    marker = "." + _PACKED_LEAF[fmt]
-    quantized = {n[: -len(marker)] for n in tensors if n.endswith(marker)}
+    naive = _naive(fmt, quant)
+    quantized = quantized_modules(fmt, quant, tensors)
     out: dict[str, Tensor] = {}
     for name, value in tensors.items():
         module, leaf = name.rsplit(".", 1)
         if module not in quantized or leaf == "bias":
             out[name] = value
     for module in quantized:
-        result = module_of.decode_linear(module, tensors, bits=quant.bits, group_size=quant.group_size)
+        result = naive_quantized.decode_linear(module, tensors, quant=quant) if naive else \
+            module_of.decode_linear(module, tensors, bits=quant.bits, group_size=quant.group_size)
         out[module + ".weight"] = dequantize(result, dtype)
     return out

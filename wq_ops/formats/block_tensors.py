@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from wq_ops.config import Format, QuantConfig
+from wq_ops.errors import ConfigError
 from wq_ops.formats import encode_linear
 from wq_ops.formats.checks import Checks
 from wq_ops.formats.padding import pad_input_columns, pad_output_rows
-from wq_ops.quant.result import QuantResult
+from wq_ops.quant.result import QuantResult, WeightResult
 
 __all__ = ["block_tensors", "is_ignored", "matches", "PAD_ROWS", "PAD_COLUMNS"]
 
@@ -37,7 +38,7 @@ def matches(full_name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(full_name, pattern)
 
 
-def block_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult], linears: Sequence[str], *,
+def block_tensors(work: Mapping[str, Tensor], results: Mapping[str, WeightResult], linears: Sequence[str], *,
                   quant: QuantConfig, fmt: Format, full: Mapping[str, str], prefix: str, dtype: torch.dtype,
                   scales_dtype: torch.dtype, pad_intermediate: int = 0,
                   checks: Checks | None = None, kept: Sequence[str] = ()) -> dict[str, Tensor]:
@@ -52,10 +53,11 @@ def block_tensors(work: Mapping[str, Tensor], results: Mapping[str, QuantResult]
     for name in linears:
         result = results.get(name)
         if result is not None:
-            if pad_intermediate and name in PAD_ROWS:
-                result = pad_output_rows(result, pad_intermediate)
-            elif pad_intermediate and name in PAD_COLUMNS:
-                result = pad_input_columns(result, pad_intermediate)
+            if pad_intermediate and name in PAD_ROWS + PAD_COLUMNS:
+                if not isinstance(result, QuantResult):            # the config refuses it before work
+                    raise ConfigError(f"{full[name]}: --tp-policy pad pads integer codes, not FP8 values")
+                result = pad_output_rows(result, pad_intermediate) if name in PAD_ROWS \
+                    else pad_input_columns(result, pad_intermediate)
             tensors.update(encode_linear(fmt, full[name], result, quant=quant, scale_dtype=scales_dtype,
                                          checks=checks))
             quantized_weights.add(name + ".weight")

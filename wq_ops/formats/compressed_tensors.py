@@ -1,4 +1,6 @@
-"""The compressed-tensors `pack-quantized` format, as vLLM, transformers and llm-compressor read it.
+"""compressed-tensors' `quantization_config` for every scheme, and its `pack-quantized` format (integer
+weight-only schemes), as vLLM, transformers and llm-compressor read them. The formats of W8A8 and FP8
+(`int-quantized`, `float-quantized`) are `naive_quantized`'s.
 
 Per quantized linear `L` (spec: compressed-tensors' PackedQuantizationCompressor):
 - `L.weight_packed`  int32 (out, ceil(in * bits / 32)): each row a little-endian bit stream of codes
@@ -18,16 +20,24 @@ import torch
 from torch import Tensor
 
 from wq_ops.config import Backend, QuantConfig
+from wq_ops.config.schemes import FP8_BLOCK_SHAPE, NumberType, WeightLayout
 from wq_ops.formats.checks import Checks, require
 from wq_ops.pack import pack_rows, unpack_rows
 from wq_ops.quant.result import QuantResult
 
-__all__ = ["encode_linear", "decode_linear", "quantization_config", "side_files", "tensor_names"]
+__all__ = ["encode_linear", "decode_linear", "quantization_config", "side_files", "tensor_names", "format_name"]
 
 FORMAT = "pack-quantized"
 # The compressed-tensors release whose writer (ModelCompressor.update_config) emits the fields below; it
 # writes its own version as `version`. tests/formats checks ours against the installed writer's, field by field.
 WRITER_VERSION = "0.20.1"
+
+
+def format_name(quant: QuantConfig) -> str:
+    """config.json's `format` for the job's scheme (what compressed-tensors' writer infers for it)."""
+    if quant.weight_type is NumberType.FLOAT:
+        return "float-quantized"
+    return "int-quantized" if quant.activations is not None else FORMAT
 
 
 def tensor_names(module: str, *, sym: bool) -> tuple[str, ...]:
@@ -37,7 +47,7 @@ def tensor_names(module: str, *, sym: bool) -> tuple[str, ...]:
 
 def encode_linear(module: str, result: QuantResult, *, sym: bool, scale_dtype: torch.dtype,
                   backend: Backend = Backend.REFERENCE, checks: Checks | None = None) -> dict[str, Tensor]:
-    """The artifact tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj").
+    """The pack-quantized tensors of one quantized linear. module: its full name ("model.layers.0.mlp.up_proj").
     backend: what packs the codes (the same bytes either way; CUDA needs them on the GPU). checks: where
     the conditions on the result are queued rather than read back at once (see `checks`)."""
     out_features, in_features = result.shape
@@ -75,21 +85,28 @@ def quantization_config(quant: QuantConfig, *, ignore: list[str]) -> dict[str, A
     included even when tied: engines apply the scheme to every Linear not listed here)."""
     weights: dict[str, Any] = {
         "num_bits": quant.bits,
-        "type": "int",
+        "type": quant.weight_type.value,
         "symmetric": quant.sym,
         "group_size": quant.group_size,
         "strategy": "group" if quant.group_size is not None else "channel",
         "dynamic": False,
-        # Static groups: act-order changes the solve, not the layout, so no g_idx is stored.
-        "actorder": "weight" if quant.act_order else None,
     }
+    if quant.layout is WeightLayout.TENSOR:
+        weights["strategy"] = "tensor"
+    elif quant.layout is WeightLayout.BLOCK:
+        weights.update(strategy="block", block_structure=list(FP8_BLOCK_SHAPE))
+    if quant.act_order or format_name(quant) == FORMAT:
+        # Static groups: act-order changes the solve, not the layout, so no g_idx is stored. (pack-quantized
+        # artifacts have always said null when off; the writer leaves it out, as the newer formats do.)
+        weights["actorder"] = "weight" if quant.act_order else None
+    activations = None if quant.activations is None else quant.activations.to_args()
     return {
         "version": WRITER_VERSION,
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": None}},
         "quant_method": "compressed-tensors",
         "kv_cache_scheme": None,
-        "format": FORMAT,
+        "format": format_name(quant),
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": sorted(ignore),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +206,25 @@ class DecoderBlock:
                               dict(position_embeddings=self.ctx.position_embeddings,
                                    attention_mask=self.ctx.attention_mask))
         return out[0] if isinstance(out, tuple) else out
+
+    @contextmanager
+    def quantizing_inputs(self, names: Iterable[str], transform: Callable[[str, Tensor], Tensor]) -> Iterator[None]:
+        """While active, each named linear (block-local; not a routed expert's) computes on transform(name, x)
+        instead of its input x: an engine's activation quantization, for evaluating what it serves."""
+        handles = []
+        for name in names:
+            if self.moe is not None and name.startswith(self.moe.prefix + ".experts."):
+                raise ValueError(f"{name}: a routed expert's input is not hooked (experts run in moe_mlp)")
+
+            def hook(_m: nn.Module, args: tuple[Tensor, ...], name: str = name) -> tuple[Tensor, ...]:
+                return (transform(name, args[0]), *args[1:])
+
+            handles.append(self.layer.get_submodule(name).register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextmanager
     def capturing(self, names: tuple[str, ...], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:

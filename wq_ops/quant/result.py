@@ -1,4 +1,5 @@
-"""`QuantResult`: the integer codes and grid of one quantized weight matrix, and how to dequantize them.
+"""`QuantResult`: the integer codes and grid of one quantized weight matrix; `FloatResult`: its FP8 values
+and scales; and how to dequantize either (`WeightResult`).
 
 Codes are unsigned (0 .. 2**bits - 1) in the weight's original column order; formats shift them to the
 signed convention they store. Scales are float32 values that are exact in the storage dtype, so the
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from wq_ops.kernels.quant_pack.reference import dequantize_codes, expand_groups
 
-__all__ = ["QuantResult", "dequantize", "expand_groups"]
+__all__ = ["QuantResult", "FloatResult", "WeightResult", "dequantize", "expand_groups", "expand_blocks"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,53 @@ class QuantResult:
                             damp_frac=self.damp_frac) for a, b in zip(cuts, cuts[1:])]
 
 
-def dequantize(result: QuantResult, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(codes - zero) * scale, as (out, in) `dtype`. Computed in float32, then cast once, so a bf16
-    result equals the engine's bf16 product of the stored bf16 scale and the small integer (q - z)."""
+@dataclass(frozen=True)
+class FloatResult:
+    """FP8 E4M3 weights: values (out, in) float8_e4m3fn, and float32 scales exact in the storage dtype, one per
+    output channel (out, 1), one for the whole tensor (1, 1), or one per block (ceil(out / bh), ceil(in / bw))
+    with block = (bh, bw). The weight is values x scale. input_scale: () float32, the static scale of the
+    layer's input activations (FP8 with static activations), else None."""
+
+    values: Tensor
+    scale: Tensor
+    block: tuple[int, int] | None = None
+    input_scale: Tensor | None = None
+
+    bits = 8
+    group_size = None
+    row_loss = None
+    damp_frac = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.shape[0]), int(self.values.shape[1]))
+
+    @property
+    def loss(self) -> None:
+        return None
+
+    def expanded_scale(self) -> Tensor:
+        """(out, in) float32: each weight's scale."""
+        out_features, in_features = self.shape
+        if self.block is not None:
+            return expand_blocks(self.scale, self.block, (out_features, in_features))
+        return self.scale.expand(out_features, in_features)
+
+
+WeightResult = QuantResult | FloatResult
+
+
+def expand_blocks(per_block: Tensor, block: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+    """(ceil(out / bh), ceil(in / bw)) -> (out, in): each block's value over its rows and columns (the last
+    blocks may be partial)."""
+    bh, bw = block
+    return per_block.repeat_interleave(bh, dim=0)[: shape[0]].repeat_interleave(bw, dim=1)[:, : shape[1]]
+
+
+def dequantize(result: WeightResult, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(codes - zero) * scale, or FP8 values * scale, as (out, in) `dtype`. Computed in float32 (exact: the
+    factors have 8 and at most 8 significant bits), then cast once, so a bf16 result equals the engine's bf16
+    product of the stored bf16 scale and the small integer (q - z) or the FP8 value."""
+    if isinstance(result, FloatResult):
+        return (result.values.to(torch.float32) * result.expanded_scale()).to(dtype)
     return dequantize_codes(result.codes, result.scale.to(torch.float32), result.zero).to(dtype)

@@ -1,0 +1,93 @@
+"""What each `--scheme` preset means: the weights' number type and layout, the activations an engine quantizes
+at run time, and the method that suits it. The presets are compressed-tensors' (llm-compressor's names), so a
+wq artifact's `quantization_config` reads as theirs would. One table: `SCHEMES`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from wq_ops.config.enums import Method, Scheme
+
+__all__ = ["NumberType", "WeightLayout", "ActivationStrategy", "ActivationQuant", "SchemeSpec", "SCHEMES",
+           "FP8_BLOCK_SHAPE"]
+
+# DeepSeek-V3's layout: one weight scale per 128 x 128 block, activations per group of 128 columns.
+FP8_BLOCK_SHAPE = (128, 128)
+
+
+class NumberType(str, Enum):
+    INT = "int"            # integer codes on a scaled grid
+    FLOAT = "float"        # FP8 E4M3 values times a scale
+
+
+class WeightLayout(str, Enum):
+    """Which weights share one scale."""
+
+    GROUP = "group"        # a run of group_size columns of one row (group_size None: the whole row)
+    TENSOR = "tensor"      # the whole matrix
+    BLOCK = "block"        # a FP8_BLOCK_SHAPE tile
+
+
+class ActivationStrategy(str, Enum):
+    TOKEN = "token"        # one scale per token (row of the input), computed at run time
+    TENSOR = "tensor"      # one scale per layer, fixed from calibration
+    GROUP = "group"        # one scale per group of columns of each token, at run time
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How an engine quantizes a linear layer's input (8 bits, symmetric): dynamic scales from each input as it
+    arrives, or a static one the artifact stores (`input_scale`)."""
+
+    type: NumberType
+    strategy: ActivationStrategy
+    dynamic: bool
+    group_size: int | None = None
+
+    def to_args(self) -> dict[str, Any]:
+        """compressed-tensors' QuantizationArgs fields, as its writer emits them (a static scale: the largest
+        magnitude over every calibration batch, its `static_minmax` observer)."""
+        args: dict[str, Any] = {"num_bits": 8, "type": self.type.value, "symmetric": True,
+                                "group_size": self.group_size, "strategy": self.strategy.value, "dynamic": self.dynamic}
+        if not self.dynamic:
+            args["observer"] = "static_minmax"
+        return args
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """A preset: weight bits, symmetry, type and layout; the default group size (integer groups only); the
+    activations' quantization (None: weight-only); the method a job takes by default."""
+
+    bits: int
+    sym: bool
+    weights: NumberType
+    layout: WeightLayout
+    group_size: int | None
+    activations: ActivationQuant | None
+    method: Method
+
+    @property
+    def group_size_fixed(self) -> bool:
+        """Whether the layout leaves no choice of group size (per channel, per tensor, per block)."""
+        return self.activations is not None or self.weights is NumberType.FLOAT
+
+
+_FP8 = NumberType.FLOAT
+SCHEMES: dict[Scheme, SchemeSpec] = {
+    Scheme.W4A16: SchemeSpec(4, True, NumberType.INT, WeightLayout.GROUP, 128, None, Method.GPTQ),
+    Scheme.W4A16_ASYM: SchemeSpec(4, False, NumberType.INT, WeightLayout.GROUP, 128, None, Method.GPTQ),
+    Scheme.W8A16: SchemeSpec(8, True, NumberType.INT, WeightLayout.GROUP, 128, None, Method.GPTQ),
+    # INT8 weights per channel; INT8 activations per token, at run time.
+    Scheme.W8A8: SchemeSpec(8, True, NumberType.INT, WeightLayout.GROUP, None,
+                            ActivationQuant(NumberType.INT, ActivationStrategy.TOKEN, True), Method.GPTQ),
+    # FP8 is close enough to the weights that llm-compressor's presets round to nearest (no calibration solve).
+    Scheme.FP8_DYNAMIC: SchemeSpec(8, True, _FP8, WeightLayout.GROUP, None,
+                                   ActivationQuant(_FP8, ActivationStrategy.TOKEN, True), Method.RTN),
+    Scheme.FP8: SchemeSpec(8, True, _FP8, WeightLayout.TENSOR, None,
+                           ActivationQuant(_FP8, ActivationStrategy.TENSOR, False), Method.RTN),
+    Scheme.FP8_BLOCK: SchemeSpec(8, True, _FP8, WeightLayout.BLOCK, None,
+                                 ActivationQuant(_FP8, ActivationStrategy.GROUP, True, FP8_BLOCK_SHAPE[1]), Method.RTN),
+}
