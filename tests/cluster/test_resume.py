@@ -37,8 +37,10 @@ def resumed_blocks(out: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("options", [{}, {"method": "awq", "format": "gptq"}, {"propagation": "float"},
-                                     {"propagation": "float", "span_mode": "block"}],
-                         ids=["gptq", "awq-gptq-format", "float-streamed", "float-block"])
+                                     {"propagation": "float", "span_mode": "block"},
+                                     {"scheme": "FP8", "group_size": "channel"},
+                                     {"scheme": "W8A8", "group_size": "channel"}],
+                         ids=["gptq", "awq-gptq-format", "float-streamed", "float-block", "fp8-static", "w8a8"])
 def test_crash_then_rerun_is_byte_identical(tmp_path, llama, options):
     whole = run_job(job(tmp_path / "whole", llama, **options), cache_dir=tmp_path).out_dir
     out = tmp_path / "crashed"

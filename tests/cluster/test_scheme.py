@@ -5,11 +5,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.factory import write_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
+from wq_ops.errors import ConfigError
 from wq_ops.evaluate.load import load_causal_lm
+from wq_ops.quant.fp8 import fp8_scale_of
 
 
 @pytest.mark.parametrize("scheme,bits,sym", [("W8A16", 8, True), ("W4A16_ASYM", 4, False)])
@@ -34,3 +37,81 @@ def test_a_scheme_writes_its_preset(tmp_path, scheme, bits, sym):
         got = load_causal_lm(result.out_dir, dtype=torch.float32)(ids).logits
     # 8-bit groups of 128 on this random 3-block model: 3.4% of the logits' norm.
     assert float((got - want).norm() / want.norm()) < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("activation-schemes")
+    return (write_checkpoint(d / "m", "llama"), write_text(d / "calib.txt"),
+            write_text(d / "eval.txt", n_chars=6000, seed=1))
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8", "FP8_BLOCK"])
+def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path, tiny, scheme):
+    """The artifact is the preset's (format, dtypes, scales' shapes); transformers loads it; the job's --eval,
+    which quantizes each linear's input on the actors, gives jobs.eval's number on the written artifact."""
+    from jobs import eval as eval_job
+
+    model, calib, text = tiny
+    job = JobConfig.from_dict({"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib),
+                               "samples": 6, "seq_len": 64, "runtime": "local", "scheme": scheme,
+                               "eval": str(text), "eval_seq_len": 96, "eval_max_windows": 5})
+    result = run_job(job, cache_dir=tmp_path / "cache")
+    config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    assert config["format"] == ("int-quantized" if scheme == "W8A8" else "float-quantized")
+    assert config["ignore"] == ["lm_head"]
+    assert result.report["job"]["scheme"] == scheme
+    tensors = {}
+    for path in result.out_dir.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == (torch.int8 if scheme == "W8A8" else torch.float8_e4m3fn)
+    assert ("model.layers.0.self_attn.q_proj.input_scale" in tensors) is (scheme == "FP8")
+    if scheme == "FP8":
+        # The static input scale: the calibration inputs' largest magnitude (the report's) over 448.
+        layer = next(x for x in result.report["layers"] if x["name"] == "model.layers.0.self_attn.q_proj")
+        want = fp8_scale_of(torch.tensor(layer["outliers"]["absmax"]), scale_dtype=torch.bfloat16)
+        assert float(tensors["model.layers.0.self_attn.q_proj.input_scale"]) == float(want)
+
+    printed = []
+    eval_job.print = printed.append            # type: ignore[attr-defined]
+    try:
+        assert eval_job.main(["--model", str(result.out_dir), "--text", str(text), "--seq-len", "96",
+                              "--max-windows", "5", "--device", "cpu"]) == 0
+    finally:
+        del eval_job.print                     # type: ignore[attr-defined]
+    ppl = float(printed[0].split("ppl=")[1].split()[0])
+    assert round(result.report["eval"]["perplexity"], 4) == ppl
+
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_logits = load_causal_lm(model, dtype=torch.float32)(ids).logits
+        got = load_causal_lm(result.out_dir, dtype=torch.float32)(ids).logits
+    # 8-bit weights and activations on this random 3-block model: INT8 4.4%, FP8 (3 mantissa bits, every
+    # weight and input rounded by up to 1/16) 13 to 14% of the logits' norm.
+    assert float((got - want_logits).norm() / want_logits.norm()) < (0.05 if scheme == "W8A8" else 0.2)
+
+
+def test_a_scheme_that_groups_activations_refuses_widths_it_cannot_group(tmp_path):
+    model = write_checkpoint(tmp_path / "m", "llama", intermediate_size=160)
+    calib = write_text(tmp_path / "calib.txt")
+    job = JobConfig.from_dict({"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib),
+                               "samples": 6, "seq_len": 64, "runtime": "local", "scheme": "FP8_BLOCK"})
+    with pytest.raises(ConfigError, match=r"groups of 128 columns, which do not divide the input width of "
+                                          r"mlp.down_proj \(in=160\).*--ignore 'model.layers.\*.mlp.down_proj'"):
+        run_job(job, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+    ignored = JobConfig.from_dict({**job.to_dict(), "ignore": ["model.layers.*.mlp.down_proj"]})
+    result = run_job(ignored, cache_dir=tmp_path / "cache")
+    config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.down_proj" in config["ignore"]
+
+
+def test_eval_of_an_activation_scheme_on_a_routed_model_is_refused_before_work(tmp_path):
+    model = write_checkpoint(tmp_path / "m", "qwen3_moe")
+    calib = write_text(tmp_path / "calib.txt")
+    job = JobConfig.from_dict({"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib),
+                               "samples": 6, "seq_len": 64, "runtime": "local", "scheme": "FP8_DYNAMIC",
+                               "eval": str(calib)})
+    with pytest.raises(ConfigError, match="does not quantize routed experts' inputs yet"):
+        run_job(job, cache_dir=tmp_path / "cache")
