@@ -198,3 +198,31 @@ def test_padding_stays_on_the_results_device():
     rows, cols = pad_output_rows(result, 16), pad_input_columns(result, 32)
     assert all(t.is_cuda for t in (rows.codes, rows.scale, rows.zero, cols.codes, cols.scale, cols.zero))
     assert not dequantize(rows, torch.float32)[64:].any() and not dequantize(cols, torch.float32)[:, 128:].any()
+
+
+def test_fp8_blocks_must_stay_whole_on_each_rank():
+    """vLLM's validate_fp8_block_shape: row-parallel inputs per rank, and each part of a fused (q/k/v, gate/up)
+    or split column-parallel output per rank, in whole 128-blocks; per-channel FP8 and W8A8 have no such rule
+    (and no Marlin tiles)."""
+    from wq_ops.config import JobConfig
+
+    block = JobConfig.from_dict({"out": "o", "scheme": "FP8_BLOCK"}).quant
+    channel = JobConfig.from_dict({"out": "o", "scheme": "FP8_DYNAMIC"}).quant
+    layout, attention = llama_layout(2048, 5632, 16, 2, 128), AttentionShape(16, 2, 128)     # TinyLlama-1.1B
+    report = check_tp_sizes(layout, attention, block, Format.COMPRESSED_TENSORS, tp_sizes=(1, 2, 4, 8))
+    by_tp = {c.tp: c for c in report.checks}
+    assert by_tp[1].ok and by_tp[2].ok and not by_tp[1].marlin_reasons
+    # tp=4: gate/up's 5632 / 4 = 1408 rows per rank, 11 blocks; k/v keep 128 rows (one KV head each).
+    assert by_tp[4].ok
+    # tp=8: 704 rows and columns per rank: not whole blocks; q/k/v still are.
+    assert not by_tp[8].loadable
+    assert any("mlp.down_proj (tp=8" in r and "input dim per rank is not a multiple of the FP8 block's 128" in r
+               for r in by_tp[8].layout_reasons)
+    assert any("mlp.gate_proj (tp=8" in r and "(fused into gate_up_proj)" in r for r in by_tp[8].layout_reasons)
+    assert report.loader.checkpoint_format == "float-quantized"
+    assert ("vllm", "0.11.0") in [(v.package, v.minimum) for v in report.loader.versions]
+    plain = check_tp_sizes(layout, attention, channel, Format.COMPRESSED_TENSORS, tp_sizes=(1, 2, 4, 8))
+    assert [c.ok for c in plain.checks] == [True, True, True, True]
+    # SmolLM2-135M: k/v's 192 rows are fused into qkv_proj, so not even tp=1 loads 128x128 blocks.
+    smol = check_tp_sizes(*SMOLLM2_135M, block, Format.COMPRESSED_TENSORS, tp_sizes=(1,))
+    assert any("self_attn.k_proj (tp=1, per rank out=192" in r for r in smol.checks[0].layout_reasons)

@@ -69,3 +69,18 @@ def test_the_source_license_and_its_files_come_from_the_checkpoint(tmp_path):
     assert checkpoint.license() == SourceLicense()
     (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n")
     assert checkpoint.license() == SourceLicense()          # unreadable metadata: warned, nothing carried
+
+
+def test_an_activation_scheme_card_names_the_scheme_its_activations_and_format():
+    r = report(repo_id="meta-llama/Llama-3.1-8B", revision="ab" * 20)
+    r["job"] = {**r["job"], "scheme": "FP8_DYNAMIC", "method": "rtn", "bits": 8, "group_size": None, "act_order": False}
+    r["compatibility"] = {"loader": {"checkpoint_format": "float-quantized"}}
+    card = render_model_card(r, command="")
+    assert front_matter(card)["tags"] == ["wq", "compressed-tensors", "rtn", "fp8_dynamic"]
+    assert "# Llama-3.1-8B - FP8_DYNAMIC" in card and "Weight-only" not in card
+    assert "| activations | FP8 E4M3 per token, scales computed by the engine from each input |" in card
+    assert "| format | compressed-tensors (float-quantized) |" in card
+    assert parse_model_card(card).group_size is None and parse_model_card(card).bits == 8
+    r["job"] = {**r["job"], "scheme": "W4A16"}                         # a weight-only preset keeps the old card
+    assert "Weight-only 4-bit" not in render_model_card(r, command="")  # bits stay the job's (8 here)
+    assert "Weight-only 8-bit quantization" in render_model_card(r, command="")

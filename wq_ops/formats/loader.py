@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from wq_ops.config import Format, QuantConfig
+from wq_ops.config.schemes import NumberType, WeightLayout
 from wq_ops.errors import ConfigError
+from wq_ops.formats.compressed_tensors import FORMAT as PACK_QUANTIZED
+from wq_ops.formats.compressed_tensors import format_name
 from wq_ops.formats.marlin import MARLIN_BITS, MARLIN_GROUP_SIZES
 
 __all__ = ["VersionRequirement", "LoaderRequirements", "loader_requirements"]
@@ -47,6 +50,8 @@ def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
     """What config.json declares and what a loader must support to read it."""
     notes: list[str] = []
     versions: list[VersionRequirement] = []
+    if fmt is Format.COMPRESSED_TENSORS and format_name(quant) != PACK_QUANTIZED:
+        return _naive_requirements(quant)
     if fmt is Format.COMPRESSED_TENSORS:
         method, checkpoint_format = "compressed-tensors", "pack-quantized"
         # First releases with each feature, read from their PyPI wheels; wq's CI runs the newest.
@@ -78,4 +83,31 @@ def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
         notes.append(f"group_size={quant.group_size}: Marlin runs group sizes 32, 64, 128 and channel only")
     return LoaderRequirements(format=fmt, quant_method=method, checkpoint_format=checkpoint_format,
                               bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                              versions=tuple(versions), notes=tuple(notes))
+
+
+def _naive_requirements(quant: QuantConfig) -> LoaderRequirements:
+    """W8A8 and FP8 (int-quantized, float-quantized): first releases read from the PyPI wheels of
+    compressed-tensors (config/base.py, quant_args.py) and vLLM (its compressed_tensors schemes)."""
+    name = format_name(quant)
+    block = quant.layout is WeightLayout.BLOCK
+    versions = [VersionRequirement("compressed-tensors", "0.11.0" if block else "0.5.0",
+                                   "block_structure as a list and the FP8_BLOCK preset (0.11.0)" if block else
+                                   f"{name} (0.5.0); transformers decompresses with it (wq CI: 0.20.1)")]
+    notes: list[str] = []
+    if quant.weight_type is NumberType.FLOAT:
+        kernel = {WeightLayout.GROUP: ("0.5.3", "per-channel FP8 weights with dynamic per-token activations"),
+                  WeightLayout.TENSOR: ("0.5.2", "per-tensor FP8 weights with static activation scales"),
+                  WeightLayout.BLOCK: ("0.11.0", "128x128-block FP8 weights, activations per group of 128 "
+                                       "(vllm-project/vllm#21337)")}[quant.layout]
+        versions.append(VersionRequirement("vllm", kernel[0], f"CompressedTensorsW8A8Fp8: {kernel[1]}"))
+        notes.append("FP8 activations need an FP8 GPU (Ada, Hopper, Blackwell); on older GPUs vLLM runs the weights "
+                     "with its FP8 Marlin kernel and leaves the activations in 16 bits (CompressedTensorsW8A16Fp8)")
+    else:
+        versions.append(VersionRequirement("vllm", "0.5.2", "CompressedTensorsW8A8Int8: per-channel INT8 weights "
+                                           "with dynamic per-token activations"))
+    notes.append("transformers (with compressed-tensors) loads it as is and decompresses the weights on first use; "
+                 "wq's --eval and jobs.eval quantize the activations as vLLM's kernels do (float32 scales)")
+    return LoaderRequirements(format=Format.COMPRESSED_TENSORS, quant_method="compressed-tensors",
+                              checkpoint_format=name, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                               versions=tuple(versions), notes=tuple(notes))

@@ -17,8 +17,11 @@ from enum import Enum
 from typing import Any, Iterable, Protocol
 
 from wq_ops.config import Format, QuantConfig, TpPolicy
+from wq_ops.config.schemes import FP8_BLOCK_SHAPE, WeightLayout
 from wq_ops.errors import ConfigError
 from wq_ops.formats.block_tensors import is_ignored
+from wq_ops.formats.compressed_tensors import FORMAT as PACK_QUANTIZED
+from wq_ops.formats.compressed_tensors import format_name
 from wq_ops.formats.loader import LoaderRequirements, loader_requirements
 from wq_ops.formats.marlin import MARLIN_BITS, MARLIN_GROUP_SIZES, MARLIN_MIN_THREAD_K, MARLIN_MIN_THREAD_N
 
@@ -276,10 +279,35 @@ def _marlin_reasons(shards: list[_Shard], quant: QuantConfig, fmt: Format, tp: i
     return reasons
 
 
+def _fp8_block_reasons(shards: list[_Shard], tp: int) -> list[str]:
+    """vLLM's validate_fp8_block_shape: a row-parallel shard's input dim, and each part of a column-parallel
+    shard that is split by tp or fused with others (q/k/v, gate/up), must be whole 128-blocks."""
+    block_n, block_k = FP8_BLOCK_SHAPE
+    reasons = []
+    fused_parts: dict[str, list[_Shard]] = {}
+    for shard in shards:
+        fused_parts.setdefault(shard.fused, []).append(shard)
+    for shard in shards:
+        where = f"{shard.name} (tp={tp}, per rank out={shard.out_features}, in={shard.in_features})"
+        if shard.split is _Split.ROW and tp > 1 and shard.in_features % block_k:
+            reasons.append(f"{where}: input dim per rank is not a multiple of the FP8 block's {block_k}")
+        merged = len(fused_parts[shard.fused]) > 1
+        if shard.split is _Split.COLUMN and (tp > 1 or merged) and shard.out_features % block_n:
+            reasons.append(f"{where}: output dim per rank is not a multiple of the FP8 block's {block_n}"
+                           + (f" (fused into {shard.fused})" if merged else ""))
+    return reasons
+
+
 def _check(linears: tuple[_Linear, ...], attention: AttentionShape, quant: QuantConfig, fmt: Format,
            tp: int) -> tuple[list[str], list[str]]:
     layout: list[str] = []
     shards = _shards(linears, attention, tp, layout)
+    if fmt is Format.COMPRESSED_TENSORS and format_name(quant) != PACK_QUANTIZED:
+        # W8A8 and FP8 run on vLLM's scaled-matmul kernels: no packing and no Marlin tiles; FP8 blocks must
+        # stay whole on each rank.
+        if quant.layout is WeightLayout.BLOCK:
+            layout.extend(_fp8_block_reasons(shards, tp))
+        return layout, []
     if fmt is Format.COMPRESSED_TENSORS and quant.bits not in MARLIN_BITS:
         layout.append(f"vLLM's compressed-tensors WNA16 scheme reads 4 or 8 bits, not {quant.bits}")
     for shard in shards:
@@ -305,8 +333,8 @@ def _padding_for(linears: tuple[_Linear, ...], attention: AttentionShape, quant:
     it must be whole groups, whole words (32 codes) and, for Marlin, a multiple of 128 (down_proj's k;
     gate+up's n, twice that, is then a multiple of 64)."""
     names = {s.name for s in linears}
-    if not all(n in names for n in _INTERMEDIATE):
-        return None
+    if not all(n in names for n in _INTERMEDIATE) or format_name(quant) != PACK_QUANTIZED:
+        return None                     # padding pads packed integer codes
     intermediate = next(s.out_features for s in linears if s.name == "mlp.up_proj")
     for unit in (math.lcm(quant.group_size or 1, 32, MARLIN_MIN_THREAD_K), math.lcm(quant.group_size or 1, 32)):
         step = tp * unit
@@ -365,7 +393,7 @@ def padding_for_sizes(layout: ModelShape, attention: AttentionShape, quant: Quan
     sizes = _checked_sizes(tp_sizes)
     linears = _quantized_linears(layout, quant)
     names = {s.name for s in linears}
-    if not all(n in names for n in _INTERMEDIATE):
+    if not all(n in names for n in _INTERMEDIATE) or format_name(quant) != PACK_QUANTIZED:
         return None
     before = [_check(linears, attention, quant, fmt, tp) for tp in sizes]
     unloadable = any(layout_r for layout_r, _ in before)

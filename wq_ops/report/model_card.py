@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from wq_ops.config import BUNDLED_CALIB
+from wq_ops.config import BUNDLED_CALIB, Scheme
+from wq_ops.config.schemes import SCHEMES, ActivationQuant, NumberType, SchemeSpec, WeightLayout
 from wq_ops.report.verdict import ERROR_SCALE, quality_verdict, size_verdict, tensor_parallel_verdict
 
 __all__ = ["render_model_card"]
@@ -25,21 +26,30 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
         base_model=repo_id, base_model_relation="quantized" if repo_id else None,
         license=license_.get("license"), license_name=license_.get("license_name"),
         license_link=license_.get("license_link"), library_name="transformers", pipeline_tag="text-generation",
-        tags=["wq", str(job.get("format")), str(job.get("method")), f"w{job.get('bits')}a16"])
+        tags=["wq", str(job.get("format")), str(job.get("method")),
+              str(job["scheme"]).lower() if _activation_scheme(job) else f"w{job.get('bits')}a16"])
     card = ModelCard.from_template(data, template_str=_TEMPLATE, body=_body(report, command=command))
     return str(card)
 
 
 def _body(report: Mapping[str, Any], *, command: str) -> str:
     job, source, totals = report["job"], report["source"], report["totals"]
+    spec = _activation_scheme(job)
     group = job.get("group_size") or "per-channel"
+    if spec is not None and spec.layout is not WeightLayout.GROUP:
+        group = "per-tensor" if spec.layout is WeightLayout.TENSOR else "128x128-block"
     worst = totals.get("worst_layer") or {}
     base = source.get("repo_id") or source.get("model")
     name = str(base).rstrip("/").split("/")[-1]
+    checkpoint_format = ((report.get("compatibility") or {}).get("loader") or {}).get("checkpoint_format",
+                                                                                      "pack-quantized")
+    what = (f"Weight-only {job.get('bits')}-bit quantization" if spec is None else
+            f"{job['scheme']} ({_number(spec.weights)} weights and activations) quantization")
     lines = [
-        f"# {name} - {str(job.get('method')).upper()} W{job.get('bits')}A16",
+        f"# {name} - " + (f"{str(job.get('method')).upper()} W{job.get('bits')}A16" if spec is None
+                          else str(job["scheme"])),
         "",
-        f"Weight-only {job.get('bits')}-bit quantization of `{base}`"
+        f"{what} of `{base}`"
         + (f" (revision `{source.get('revision')}`)" if source.get("revision") else "")
         + f", made with wq {report.get('wq_version')}.",
         "",
@@ -48,7 +58,8 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
         f"| method | {job.get('method')} ({'symmetric' if job.get('sym') else 'asymmetric'}, "
         f"act-order {'on, static groups' if job.get('act_order') else 'off'}) |",
         f"| bits / group size | {job.get('bits')} / {group} |",
-        f"| format | {job.get('format')} (pack-quantized) |" if job.get("format") == "compressed-tensors"
+        *([] if spec is None or spec.activations is None else [f"| activations | {_activations(spec.activations)} |"]),
+        f"| format | {job.get('format')} ({checkpoint_format}) |" if job.get("format") == "compressed-tensors"
         else f"| format | {job.get('format')} |",
         f"| calibration | {job.get('samples')} samples x {job.get('seq_len')} tokens from "
         f"{_calibration_source(job.get('calib'))} (seed {job.get('seed')}) |",
@@ -75,6 +86,25 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _activation_scheme(job: Mapping[str, Any]) -> SchemeSpec | None:
+    """The job's preset where it quantizes activations or stores FP8 (the card then names it), else None."""
+    try:
+        spec = SCHEMES.get(Scheme(job.get("scheme")))
+    except ValueError:
+        return None
+    return spec if spec is not None and spec.group_size_fixed else None
+
+
+def _number(kind: NumberType) -> str:
+    return "FP8 E4M3" if kind is NumberType.FLOAT else "INT8"
+
+
+def _activations(a: ActivationQuant) -> str:
+    per = {"token": "per token", "tensor": "per tensor", "group": f"per group of {a.group_size} columns"}
+    how = "scales computed by the engine from each input" if a.dynamic else "static scales from the calibration set"
+    return f"{_number(a.type)} {per[a.strategy.value]}, {how}"
 
 
 def _calibration_source(calib: Any) -> str:
