@@ -146,6 +146,12 @@ def test_a_scheme_sets_the_grid_and_flags_still_override(scheme, bits, sym):
     assert (quant.bits, quant.sym, quant.group_size, quant.scheme.value) == (bits, sym, 128, scheme)
     assert JobConfig.from_dict({"out": "o", "scheme": scheme, "bits": 3}).quant.bits == 3
     assert JobConfig.from_dict({"out": "o", "scheme": scheme, "group_size": "channel"}).quant.group_size is None
+    # SmoothQuant: on (alpha 0.5) where activations are INT8 and the method folds no scales of its own.
+    assert quant.smoothquant == (0.5 if scheme == "W8A8" else None)
+    if scheme == "W8A8":
+        assert JobConfig.from_dict({"out": "o", "scheme": scheme, "method": "awq"}).quant.smoothquant is None
+    off = cli_options(["--scheme", scheme, "--smoothquant", "off"])
+    assert JobConfig.from_dict({"out": "o", **off}).quant.smoothquant is None
     assert JobConfig.from_dict({"scheme": scheme}).out.endswith(f"-gptq-w{bits}")
     # The same through the command line: the preset's defaults, the flag's override.
     args = cli_options(["--scheme", scheme, "--asym"])
@@ -189,6 +195,12 @@ def test_an_activation_scheme_sets_its_method_layout_and_activations(scheme, met
                                                   "scheme=FP8_DYNAMIC"),
     ({"scheme": "W8A8", "format": "gptq"}, "format=gptq stores integer weight-only schemes"),
     ({"scheme": "FP8_BLOCK", "tp_sizes": [2], "tp_policy": "pad"}, "tp_policy=pad pads integer codes"),
+    ({"scheme": "W8A16", "smoothquant": 0.5}, "smoothquant=0.5: smoothing eases quantizing activations; "
+                                              "scheme=W8A16 leaves them in 16 bits"),
+    ({"scheme": "FP8_DYNAMIC", "smoothquant": 0.5}, "scheme=FP8_DYNAMIC quantizes to FP8"),
+    ({"scheme": "W8A8", "method": "awq", "smoothquant": 0.5}, "method=awq folds its own searched input scales"),
+    ({"scheme": "W8A8", "smoothquant": 1.5}, "smoothquant=1.5: expected a number in [0, 1] or 'off'"),
+    ({"scheme": "W8A8", "smoothquant": "half"}, "smoothquant='half': expected a number in [0, 1] or 'off'"),
 ])
 def test_an_activation_scheme_refuses_what_it_fixes_by_name(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -115,3 +115,49 @@ def test_eval_of_an_activation_scheme_on_a_routed_model_is_refused_before_work(t
                                "eval": str(calib)})
     with pytest.raises(ConfigError, match="does not quantize routed experts' inputs yet"):
         run_job(job, cache_dir=tmp_path / "cache")
+
+
+def test_smoothquant_folds_into_the_norms_and_reports_the_maxima_before_and_after(tmp_path, tiny):
+    """W8A8 smooths by default: each norm that feeds q/k/v or gate/up is divided by the factors its linears'
+    columns were multiplied by, the report has each smoothed layer's input absmax before (and after, as its
+    outliers), and the artifact (norms included) scores as --eval said. --smoothquant off keeps the norms."""
+    from jobs import eval as eval_job
+
+    model, calib, text = tiny
+    base = {"model": str(model), "calib": str(calib), "samples": 6, "seq_len": 64, "runtime": "local",
+            "scheme": "W8A8", "eval": str(text), "eval_seq_len": 96, "eval_max_windows": 5}
+    smoothed = run_job(JobConfig.from_dict({**base, "out": str(tmp_path / "sq")}), cache_dir=tmp_path / "c")
+    plain = run_job(JobConfig.from_dict({**base, "out": str(tmp_path / "off"), "smoothquant": "off"}),
+                    cache_dir=tmp_path / "c")
+    assert smoothed.report["job"]["smoothquant"] == 0.5 and plain.report["job"]["smoothquant"] is None
+    source = {}
+    for path in model.glob("*.safetensors"):
+        source.update(load_file(path))
+
+    def tensors(out):
+        found = {}
+        for path in out.glob("*.safetensors"):
+            found.update(load_file(path))
+        return found
+
+    sq, off = tensors(smoothed.out_dir), tensors(plain.out_dir)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        name = f"model.layers.1.{norm}.weight"
+        assert torch.equal(off[name], source[name])
+        assert not torch.equal(sq[name], source[name])
+    assert sq["model.layers.1.self_attn.q_proj.weight"].dtype == torch.int8
+    layers = {x["name"]: x for x in smoothed.report["layers"]}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"):
+        assert layers[name]["absmax_before_smoothing"] > layers[name]["outliers"]["absmax"]
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"):   # fed by a linear: not smoothed
+        assert layers[name]["absmax_before_smoothing"] is None
+    assert all(x["absmax_before_smoothing"] is None for x in plain.report["layers"])
+
+    printed = []
+    eval_job.print = printed.append            # type: ignore[attr-defined]
+    try:
+        assert eval_job.main(["--model", str(smoothed.out_dir), "--text", str(text), "--seq-len", "96",
+                              "--max-windows", "5", "--device", "cpu"]) == 0
+    finally:
+        del eval_job.print                     # type: ignore[attr-defined]
+    assert round(smoothed.report["eval"]["perplexity"], 4) == float(printed[0].split("ppl=")[1].split()[0])

@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from wq_ops.block.folding import fold_input_scales_
 from wq_ops.block.records import pending_layer
 from wq_ops.block.work import BlockWork
 from wq_ops.calib.capture import GroupCapture
@@ -101,19 +102,9 @@ def _search_and_fold(work: BlockWork, stage: str, groups: Sequence[LinearGroup],
         # the winner back from the GPU.
         s = search.scales.to(x_mean.device)
         scales[group.names[0]] = s
-        _scale_producer(work.work, group.producer, s, dtype)
-        for n in group.names:
-            work.work[n + ".weight"] = (work.work[n + ".weight"].to(torch.float32) * s).to(dtype)
+        fold_input_scales_(work.work, group.producer, group.names, s, dtype)
         cap.kept.clear()
     return scales, searches, hessians
-
-
-def _scale_producer(work: dict[str, Tensor], producer: str, s: Tensor, dtype: torch.dtype) -> None:
-    """Divide the producer's output channels by s: a norm's weight (and bias), or a linear's rows (and bias)."""
-    w = work[producer + ".weight"].to(torch.float32)
-    work[producer + ".weight"] = (w / (s if w.dim() == 1 else s.unsqueeze(1))).to(dtype)
-    if producer + ".bias" in work:
-        work[producer + ".bias"] = (work[producer + ".bias"].to(torch.float32) / s).to(dtype)
 
 
 def _layer_loss(weights: Mapping[str, Tensor], h: Tensor) -> Callable[[Mapping[str, Tensor]], Tensor]:

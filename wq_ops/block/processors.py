@@ -1,5 +1,5 @@
 """One `Processor` per method: how a stage's groups of linears are quantized from their captured input
-statistics, and whether a stage goes a group at a time (GPTQ and RTN: each group's inputs are captured with
+statistics (GPTQ and RTN after SmoothQuant's smoothing, where the job asks for it), and whether a stage goes a group at a time (GPTQ and RTN: each group's inputs are captured with
 the groups before it quantized, GPTQ's true-sequential order) or whole (AWQ: a group's scale folds into an
 earlier linear of its stage, which must still be float). Chosen in one table: `PROCESSORS`; FP8 weights
 (rounded to nearest, whatever the method table says) by `processor_for`."""
@@ -12,6 +12,7 @@ from typing import Protocol, Sequence
 import torch
 
 from wq_ops.block.awq_stage import quantize_awq_stage
+from wq_ops.block.folding import fold_input_scales_
 from wq_ops.block.records import pending_layer
 from wq_ops.block.work import BlockWork
 from wq_ops.calib.capture import GroupCapture
@@ -22,7 +23,8 @@ from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
 from wq_ops.quant.fp8 import fp8_scale_of, quantize_fp8
 from wq_ops.quant.gptq import quantize_gptq
-from wq_ops.quant.hessian import hessian_of, output_error_tensor, quadratic_operand
+from wq_ops.quant import smoothquant
+from wq_ops.quant.hessian import InputStats, hessian_of, output_error_tensor, quadratic_operand
 from wq_ops.quant.result import FloatResult, QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn, search_clip
 
@@ -54,17 +56,27 @@ class _HessianProcessor:
         for group in groups:
             cap = captures[group.names[0]]
             h = hessian_of(cap.stats)
+            stats, smoothed_from = cap.stats, None
+            starved = work.is_starved(group.names[0], cap.stats.n_tokens)
+            if quant.smoothquant is not None and _folds_into_norm(work, group) and not starved:
+                s = smoothquant.smoothing_scales(cap.stats.abs_max, [work.work[n + ".weight"] for n in group.names],
+                                                 alpha=quant.smoothquant)
+                fold_input_scales_(work.work, group.producer, group.names, s, work.dtype)   # type: ignore[arg-type]
+                h = h / torch.outer(s, s)                  # the Hessian of the smoothed input x / s
+                smoothed_from = cap.stats.abs_max.max()
+                stats = InputStats(xtx=cap.stats.xtx, abs_sum=cap.stats.abs_sum / s, abs_max=cap.stats.abs_max / s,
+                                   n_tokens=cap.stats.n_tokens)
             names = [n for n in group.names if not is_ignored(task.full_name(n), quant.ignore)]
             for name in group.names:
                 if name not in names:
-                    work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
-                                                     error=None, result=None, seconds=0.0))
+                    work.layers.append(pending_layer(task.full_name(name), task.block_index, group, stats,
+                                                     error=None, result=None, seconds=0.0,
+                                                     smoothed_from=smoothed_from))
             if not names:
                 continue
             t = time.perf_counter()
             weights = [work.work[n + ".weight"] for n in names]
             stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-            starved = work.is_starved(group.names[0], cap.stats.n_tokens)
             result = self._solve(work, stacked, h, rtn=starved)
             parts = result.split_rows([w.shape[0] for w in weights])
             seconds = (time.perf_counter() - t) / len(names)
@@ -73,9 +85,9 @@ class _HessianProcessor:
                 w_hat = dequantize(part, work.dtype)
                 work.results[name] = part
                 work.work[name + ".weight"] = w_hat
-                work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
+                work.layers.append(pending_layer(task.full_name(name), task.block_index, group, stats,
                                                  error=output_error_tensor(w, w_hat, h), result=part,
-                                                 seconds=seconds, starved=starved))
+                                                 seconds=seconds, starved=starved, smoothed_from=smoothed_from))
 
     def _solve(self, work: BlockWork, w: torch.Tensor, h: torch.Tensor, *, rtn: bool) -> QuantResult:
         quant = work.task.quant
@@ -90,6 +102,13 @@ class _HessianProcessor:
                                scale_dtype=work.scales_dtype, importance=h.diagonal())
         return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                             scale_dtype=work.scales_dtype, clip=clip)
+
+
+def _folds_into_norm(work: BlockWork, group: LinearGroup) -> bool:
+    """Whether the group's input comes from a norm that can absorb a per-channel scale (SmoothQuant's mapping:
+    q/k/v from the attention's norm, gate/up from the MLP's; a routed MLP's norm also feeds its router, so its
+    experts have no producer)."""
+    return group.producer is not None and work.work[group.producer + ".weight"].dim() == 1
 
 
 class _FloatProcessor:

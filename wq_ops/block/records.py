@@ -41,6 +41,7 @@ class LayerRecord:
     awq_loss: float | None = None
     tokens: int | None = None             # calibration tokens its statistics came from (an expert's: routed)
     starved: bool = False                 # an expert with fewer tokens than --moe-min-tokens: quantized with RTN
+    absmax_before_smoothing: float | None = None    # SmoothQuant: the input's absmax before (outliers: after)
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,17 @@ class PendingLayer:
     search: awq.ScaleSearch | None = None
     tokens: int | None = None
     starved: bool = False
+    smoothed_from: Tensor | None = None   # () the input's absmax before SmoothQuant's smoothing
 
 
 def pending_layer(name: str, block_index: int, group: LinearGroup, stats: InputStats, *, error: Tensor | None,
                   result: WeightResult | None, seconds: float, search: awq.ScaleSearch | None = None,
-                  starved: bool = False) -> PendingLayer:
-    """A layer's record with its numbers on the device: quantized where it has an output error."""
+                  starved: bool = False, smoothed_from: Tensor | None = None) -> PendingLayer:
+    """A layer's record with its numbers on the device: quantized where it has an output error. stats: of its
+    input as quantized (smoothed, where SmoothQuant ran: smoothed_from is then the absmax before)."""
     return PendingLayer(name=name, block=block_index, group=group.names[0], quantized=error is not None,
                         error=error, result=result, seconds=seconds, channels=outlier_channels(stats), search=search,
-                        tokens=stats.n_tokens, starved=starved)
+                        tokens=stats.n_tokens, starved=starved, smoothed_from=smoothed_from)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class _Slot:
     search_grid: int | None               # the scale search's n_grid; None without a search
     tokens: int | None = None
     starved: bool = False
+    has_smoothing: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,11 +133,14 @@ def pending_report(layers: Sequence[PendingLayer], checks: Sequence[Tensor] = ()
             values.append(row_loss.sum().reshape(1))                 # as WeightResult.loss sums it
         if r.search is not None:
             values.append(r.search.numbers())
+        if r.smoothed_from is not None:
+            values.append(r.smoothed_from.reshape(1))
         slots.append(_Slot(
             name=r.name, block=r.block, group=r.group, quantized=r.quantized,
             damp_frac=r.result.damp_frac if r.result is not None else None, seconds=r.seconds,
             channels_shape=tuple(r.channels.shape), has_error=r.error is not None, has_loss=row_loss is not None,
-            search_grid=r.search.n_grid if r.search is not None else None, tokens=r.tokens, starved=r.starved))
+            search_grid=r.search.n_grid if r.search is not None else None, tokens=r.tokens, starved=r.starved,
+            has_smoothing=r.smoothed_from is not None))
     values.extend(checks)
     numbers = torch.cat([v.to(torch.float64) for v in values]) if values else torch.empty(0, dtype=torch.float64)
     return PendingReport(numbers=numbers, slots=tuple(slots), checks=tuple(messages))
@@ -155,11 +162,15 @@ def _records(slots: Sequence[_Slot], numbers: Tensor) -> tuple[LayerRecord, ...]
         if r.search_grid is not None:
             found = awq.SearchSummary.of(numbers[at:at + r.search_grid + 2].tolist(), r.search_grid)
             at += r.search_grid + 2
+        before = None
+        if r.has_smoothing:
+            before, at = float(numbers[at]), at + 1
         out.append(LayerRecord(name=r.name, block=r.block, group=r.group, quantized=r.quantized, output_error=error,
                                proxy_loss=proxy_loss, damp_frac=r.damp_frac, seconds=r.seconds,
                                outliers=outlier_summary(channels),
                                awq_ratio=found.ratio if found else None,
                                awq_loss_unscaled=found.loss_unscaled if found else None,
-                               awq_loss=found.loss if found else None, tokens=r.tokens, starved=r.starved))
+                               awq_loss=found.loss if found else None, tokens=r.tokens, starved=r.starved,
+                               absmax_before_smoothing=before))
     assert at == numbers.numel(), (at, numbers.numel())
     return tuple(out)

@@ -100,6 +100,7 @@ class QuantConfig:
     ignore: tuple[str, ...] = default_of("ignore")       # module-name patterns (fnmatch) left unquantized
     scheme: Scheme | None = default_of("scheme")   # the preset: weights' type and layout, activations (SCHEMES)
     rtn_clip_search: bool = default_of("rtn_clip_search")   # RTN: each group's clip range searched, not min-max
+    smoothquant: float | None = None         # SmoothQuant's alpha; the job's default depends on --scheme (options)
     backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
     gptq: GPTQParams = field(default_factory=GPTQParams)
     awq: AWQParams = field(default_factory=AWQParams)
@@ -136,6 +137,7 @@ class QuantConfig:
                     "32-value words per group), or 'channel' for one group per row"
                 )
         self._check_scheme()
+        self._check_smoothquant()
         if self.backend is Backend.CUDA and self.method is Method.AWQ and self.group_size is not None \
                 and self.group_size > 256:
             raise ConfigError(f"group_size={self.group_size}: the CUDA AWQ search handles groups of 32 to 256 "
@@ -160,6 +162,23 @@ class QuantConfig:
         if spec.weights is NumberType.FLOAT and self.method is not Method.RTN:
             raise ConfigError(f"{name}: method={self.method.value} solves for an integer grid; FP8 weights are "
                               "rounded to nearest: --method rtn (the scheme's default)")
+
+    def _check_smoothquant(self) -> None:
+        alpha = self.smoothquant
+        if alpha is None:
+            return
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"smoothquant={alpha!r}: expected a number in [0, 1] (alpha), or off")
+        name = f"smoothquant={alpha}"
+        if self.activations is None:
+            raise ConfigError(f"{name}: smoothing eases quantizing activations; scheme={spec_name(self)} leaves "
+                              "them in 16 bits (use --scheme W8A8)")
+        if self.weight_type is NumberType.FLOAT:
+            raise ConfigError(f"{name}: scheme={spec_name(self)} quantizes to FP8, whose float grid keeps outliers; "
+                              "smoothing is for INT8 activations (--scheme W8A8)")
+        if self.method is Method.AWQ:
+            raise ConfigError(f"{name}: method=awq folds its own searched input scales; smoothing runs with gptq or "
+                              "rtn")
 
     @property
     def spec(self) -> SchemeSpec | None:

@@ -31,7 +31,7 @@ from wq_ops.config.enums import (
     TextJoin,
     TpPolicy,
 )
-from wq_ops.config.schemes import SCHEMES, SchemeSpec
+from wq_ops.config.schemes import SCHEMES, SMOOTHQUANT_ALPHA, NumberType, SchemeSpec
 from wq_ops.errors import ConfigError
 
 __all__ = ["Kind", "Dependent", "Option", "OPTIONS", "option", "default_of", "fill_defaults", "convert",
@@ -49,6 +49,7 @@ class Kind(str, Enum):
     GROUP_SIZE = "group_size"         # an integer, or 'channel' (None: one group per row)
     INT_LIST = "int_list"             # "1,2,4" or a list
     PATTERNS = "patterns"             # "a,b" or a list of fnmatch patterns
+    FRACTION_OR_OFF = "fraction_or_off"   # a number in [0, 1], or 'off' (None)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class Option:
         """A null given for it reaches its checks: None is one of its values (a group per row; unset paths and
         addresses), or its default depends on the others (`out: null` is an error, not the default path).
         Otherwise a null leaves it at its default."""
-        return self.default is None or isinstance(self.default, Dependent) or self.kind is Kind.GROUP_SIZE
+        return self.default is None or isinstance(self.default, Dependent) or self.kind in (Kind.GROUP_SIZE,
+                                                                                            Kind.FRACTION_OR_OFF)
 
     @property
     def flag(self) -> str:
@@ -115,6 +117,13 @@ def _scheme(options: Mapping[str, Any]) -> SchemeSpec:
     except ValueError:
         scheme = Scheme.W4A16
     return SCHEMES.get(scheme, SCHEMES[Scheme.W4A16])
+
+
+def _default_smoothquant(options: Mapping[str, Any]) -> float | None:
+    scheme, method = _scheme(options), options.get("method")
+    awq = (method.value if isinstance(method, Enum) else method) == Method.AWQ.value
+    return SMOOTHQUANT_ALPHA if scheme.activations is not None and scheme.weights is NumberType.INT and not awq \
+        else None
 
 
 def _default_backend(options: Mapping[str, Any]) -> Backend:
@@ -169,6 +178,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("sym", f"{Q}.sym", Kind.BOOL, Dependent(lambda o: _scheme(o).sym, "symmetric; asymmetric for "
            "--scheme W4A16_ASYM"), "symmetric grid; --asym stores zero points (vLLM loads them; "
            "transformers cannot yet, llm-compressor#1618)", True, negative="--asym"),
+    # SmoothQuant's alpha (0.5 balances activation and weight maxima); on by default where activations are INT8.
+    Option("smoothquant", f"{Q}.smoothquant", Kind.FRACTION_OR_OFF, Dependent(_default_smoothquant,
+           f"{SMOOTHQUANT_ALPHA} for --scheme W8A8 with gptq or rtn, else off"), "SmoothQuant: move activation outliers "
+           "into the weights before quantizing (each input channel divided by max|x|^ALPHA / max|w|^(1-ALPHA), "
+           "folded into the norm before it); ALPHA in [0, 1], or 'off'", True),
     Option("ignore", f"{Q}.ignore", Kind.PATTERNS, (), "module-name pattern to leave unquantized (repeatable, or "
            "comma-separated)", True),
     Option("backend", f"{Q}.backend", Kind.CHOICE, Dependent(_default_backend, "cuda with --gpus-per-actor > 0, "
@@ -304,6 +318,18 @@ def convert(name: str, value: Any) -> Any:
             raise ConfigError(f"{name}={value!r}: expected a number") from None
         if not math.isfinite(number):
             raise ConfigError(f"{name}={value!r}: expected a finite number")
+        return number
+    if o.kind is Kind.FRACTION_OR_OFF:
+        if isinstance(value, str) and value.strip().lower() in ("off", "none"):
+            return None
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected a number in [0, 1] or 'off'")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: expected a number in [0, 1] or 'off'") from None
+        if not 0.0 <= number <= 1.0:
+            raise ConfigError(f"{name}={value!r}: expected a number in [0, 1] or 'off'")
         return number
     if o.kind is Kind.GROUP_SIZE:
         if isinstance(value, str) and value.strip().lower() in ("channel", "per-channel", "none"):

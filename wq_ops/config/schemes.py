@@ -11,7 +11,10 @@ from typing import Any
 from wq_ops.config.enums import Method, Scheme
 
 __all__ = ["NumberType", "WeightLayout", "ActivationStrategy", "ActivationQuant", "SchemeSpec", "SCHEMES",
-           "FP8_BLOCK_SHAPE"]
+           "FP8_BLOCK_SHAPE", "SMOOTHQUANT_ALPHA"]
+
+# SmoothQuant's default alpha with INT8 activations (benchmarks/quality.md measures it on SmolLM2).
+SMOOTHQUANT_ALPHA = 0.5
 
 # DeepSeek-V3's layout: one weight scale per 128 x 128 block, activations per group of 128 columns.
 FP8_BLOCK_SHAPE = (128, 128)
