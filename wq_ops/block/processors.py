@@ -1,8 +1,9 @@
 """One `Processor` per method: how a stage's groups of linears are quantized from their captured input
-statistics (GPTQ and RTN after SmoothQuant's smoothing, where the job asks for it), and whether a stage goes a group at a time (GPTQ and RTN: each group's inputs are captured with
-the groups before it quantized, GPTQ's true-sequential order) or whole (AWQ: a group's scale folds into an
-earlier linear of its stage, which must still be float). Chosen in one table: `PROCESSORS`; FP8 weights
-(rounded to nearest, whatever the method table says) by `processor_for`."""
+statistics (GPTQ and RTN after SmoothQuant's smoothing, where the job asks for it), and whether a stage goes
+a group at a time (GPTQ and RTN: each group's inputs are captured with the groups before it quantized, GPTQ's
+true-sequential order) or whole (AWQ: a group's scale folds into an earlier linear of its stage, which must
+still be float). Chosen in one table: `PROCESSORS`; FP8 weights (rounded to nearest, whatever the method
+table says) by `processor_for`."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from wq_ops.config.schemes import NumberType
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
+from wq_ops.quant import smoothquant
 from wq_ops.quant.fp8 import fp8_scale_of, quantize_fp8
 from wq_ops.quant.gptq import quantize_gptq
-from wq_ops.quant import smoothquant
 from wq_ops.quant.hessian import InputStats, hessian_of, output_error_tensor, quadratic_operand
 from wq_ops.quant.result import FloatResult, QuantResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn, search_clip
