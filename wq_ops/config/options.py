@@ -181,8 +181,8 @@ OPTIONS: tuple[Option, ...] = (
     # SmoothQuant's alpha (0.5 balances activation and weight maxima); on by default where activations are INT8.
     Option("smoothquant", f"{Q}.smoothquant", Kind.FRACTION_OR_OFF, Dependent(_default_smoothquant,
            f"{SMOOTHQUANT_ALPHA} for --scheme W8A8 with gptq or rtn, else off"), "SmoothQuant: move activation "
-           "outliers into the weights before quantizing (each input channel divided by max|x|^ALPHA / max|w|^(1-ALPHA), "
-           "folded into the norm before it); ALPHA in [0, 1], or 'off'", True),
+           "outliers into the weights before quantizing (each input channel divided by max|x|^ALPHA / "
+           "max|w|^(1-ALPHA), folded into the norm before it); ALPHA in [0, 1], or 'off'", True),
     Option("ignore", f"{Q}.ignore", Kind.PATTERNS, (), "module-name pattern to leave unquantized (repeatable, or "
            "comma-separated)", True),
     Option("backend", f"{Q}.backend", Kind.CHOICE, Dependent(_default_backend, "cuda with --gpus-per-actor > 0, "
