@@ -1,6 +1,9 @@
-"""Perplexity of SmolLM2-135M quantized by wq: bf16 against RTN, GPTQ and AWQ at w4g64, w3g64 and w8g64.
+"""Perplexity of SmolLM2-135M quantized by wq: bf16 against RTN, GPTQ and AWQ at w4g64, w3g64 and w8g64,
+and the presets that quantize activations (rows named by --scheme: W8A8, FP8_DYNAMIC, FP8; `jobs.eval`
+quantizes each linear's input as the scheme says).
 
   python benchmarks/quality.py --model /tmp/smollm2-hf --work /tmp/wq-quality --write benchmarks/quality.md
+  python benchmarks/quality.py --model /tmp/smollm2-hf --work /tmp/wq-quality --rows W8A8,FP8_DYNAMIC,FP8
 
 Each row quantizes with the same calibration set (random windows of the tokenized WikiText-2 validation
 split) on local CPU actors, loads the artifact with transformers (compressed-tensors installed; transformers'
@@ -37,7 +40,8 @@ def main() -> int:
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--rows", help="comma list of method:bits to run, e.g. rtn:4,gptq:4 (all rows)")
+    p.add_argument("--rows", help="comma list of method:bits or --scheme names to run, e.g. rtn:4,gptq:4,W8A8 "
+                   "(default: every method:bits row)")
     p.add_argument("--write", help="write the markdown table here")
     p.add_argument("--wq-args", default="", help="more flags for every quantize job, e.g. '--awq-loss layer'")
     p.add_argument("--tag", default="", help="suffix of the artifact folders (keeps --wq-args variants apart)")
@@ -56,19 +60,27 @@ def main() -> int:
 
     results = [("bf16", "-", evaluate(args.model), 0.0)]
     base = evaluate(args.model)
-    rows = ROWS if not args.rows else [(m, int(b)) for m, b in (r.split(":") for r in args.rows.split(","))]
+    rows: list[tuple[str, int | None]] = list(ROWS) if not args.rows else [
+        (r.split(":")[0], int(r.split(":")[1]) if ":" in r else None) for r in args.rows.split(",")]
     for method, bits in rows:
-        out = work / (f"{method}-w{bits}g{args.group_size}" + (f"-{args.tag}" if args.tag else ""))
+        # A row without bits is a --scheme preset: it sets method, bits and grid itself.
+        grid = f"w{bits}g{args.group_size}" if bits is not None else method.lower()
+        out = work / (grid if bits is None else f"{method}-{grid}")
+        out = out.with_name(out.name + (f"-{args.tag}" if args.tag else ""))
+        chosen = ["--method", method, "--bits", str(bits), "--group-size", str(args.group_size)] if bits is not None \
+            else ["--scheme", method]
         start = time.perf_counter()
         if not (out / "model.safetensors.index.json").exists():
-            subprocess.run([sys.executable, "-m", "jobs.quantize", "--model", args.model, "--out", str(out),
-                            "--method", method, "--bits", str(bits), "--group-size", str(args.group_size),
+            subprocess.run([sys.executable, "-m", "jobs.quantize", "--model", args.model, "--out", str(out), *chosen,
                             "--calib", args.calib, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                             "--cpus-per-actor", str(args.cpus), "--log-level", "WARNING", *shlex.split(args.wq_args)],
                            check=True, cwd=REPO, capture_output=True)
-        seconds = json.loads((out / "wq_report.json").read_text())["totals"]["wall_seconds"]
-        results.append((method, f"w{bits}g{args.group_size}", evaluate(str(out)), seconds))
-        print(f"{method} w{bits}: ppl {results[-1][2]:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        report = json.loads((out / "wq_report.json").read_text())
+        if bits is None:                          # the preset's method, and SmoothQuant's alpha where it ran
+            method = f"{report['job']['method']}" + (f", smoothquant {report['job']['smoothquant']}"
+                                                      if report["job"].get("smoothquant") is not None else "")
+        results.append((method, grid, evaluate(str(out)), report["totals"]["wall_seconds"]))
+        print(f"{method} {grid}: ppl {results[-1][2]:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     lines = [
         "# Quality: SmolLM2-135M, WikiText-2 perplexity",

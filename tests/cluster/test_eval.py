@@ -153,11 +153,14 @@ def test_plan_states_the_eval_pass_and_refuses_it_with_the_numbers(tmp_path, tex
 
 
 @pytest.mark.gpu
-def test_eval_on_a_gpu_actor_gives_jobs_eval_number(tmp_path, texts):
+@pytest.mark.parametrize("options", [{}, {"scheme": "FP8_DYNAMIC", "group_size": "channel"},
+                                     {"scheme": "W8A8", "group_size": "channel"}], ids=["w4", "fp8-dynamic", "w8a8"])
+def test_eval_on_a_gpu_actor_gives_jobs_eval_number(tmp_path, texts, options):
+    """On a GPU actor, also for the schemes whose activations the evaluation quantizes."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     model = write_checkpoint(tmp_path / "m", "llama")
-    result = run_job(_job(tmp_path, model, texts, gpus_per_actor=1), cache_dir=tmp_path / "cache")
+    result = run_job(_job(tmp_path, model, texts, gpus_per_actor=1, **options), cache_dir=tmp_path / "cache")
     assert round(result.report["eval"]["perplexity"], 4) == _jobs_eval(result.out_dir, texts[1], tmp_path, "cuda")
     assert round(result.report["eval"]["baseline_perplexity"], 4) == _jobs_eval(model, texts[1], tmp_path, "cuda")
 

@@ -126,3 +126,19 @@ def test_fp8_activations_equal_compressed_tensors_own_fake_quantization_in_float
         scale, zero = compute_dynamic_scales_and_zp(x, args, module=torch.nn.Linear(1, 1))
         theirs = fake_quantize(x, scale, zero, args)
         assert torch.equal(fake_quantize_input(x, spec), theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", list(WeightLayout))
+def test_the_gpu_quantizes_weights_and_activations_as_the_cpu_does(gen, layout):
+    """The same FP8 values and scales, and the same quantized activations, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    w = (torch.randn(300, 384, generator=gen) * 0.05).to(torch.bfloat16)
+    cpu = quantize_fp8(w, layout=layout, scale_dtype=torch.bfloat16)
+    gpu = quantize_fp8(w.cuda(), layout=layout, scale_dtype=torch.bfloat16)
+    assert torch.equal(gpu.scale.cpu(), cpu.scale)
+    assert torch.equal(gpu.values.cpu().view(torch.uint8), cpu.values.view(torch.uint8))
+    x = (torch.randn(4, 33, 384, generator=gen) * 3).to(torch.bfloat16)
+    for spec in SPECS:
+        assert torch.equal(fake_quantize_input(x.cuda(), spec).cpu(), fake_quantize_input(x, spec)), spec

@@ -59,7 +59,7 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> 
     with no pass. Where a stage's module returns its last linear's output as is (anatomy.direct_tails), that
     linear's inputs are kept from its capture pass, so the stage's output needs that linear alone: each
     linear then runs once per micro-batch. Otherwise (or without stash_tails) the stage runs again with its
-    quantized weights."""
+    quantized weights. SmoothQuant changes the norm itself: its output is then computed again."""
     block, anatomy, params, clock = work.block, work.block_anatomy, work.work, work.clock
     xs = batches
     for stage, norm in STAGE_NORMS.items():
@@ -93,8 +93,14 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> 
                                                  keep_inputs=keep)
                 del trimmed
             clock.add("forward", mark)
+            norm_weight = params[norm + ".weight"]
             solve_stage(work, stage, {group.names[0]: capture}, groups=(group,))
             mark = clock.mark()
+            if params[norm + ".weight"] is not norm_weight:
+                # SmoothQuant folded its factors into the norm: the kept norm output is stale.
+                normed = [block.norm(params, norm, x) for x in xs]
+                if stashed and group.names[0] in anatomy.direct_heads:
+                    stashed = list(normed)
         if tail:
             normed.clear()
         # The stage's outputs: x + module(norm(x)). The block's inputs are the caller's, so the first stage
