@@ -11,6 +11,10 @@ wall time, GPU peak, the ratio llm-compressor / wq, and wq's per-phase times fro
     python benchmarks/gpu_e2e.py --cases 8b:gptq --tools wq,llmcompressor --work /tmp/bench
     python benchmarks/gpu_e2e.py --cases 1b:gptq,1b:awq --json /tmp/bench/1b.json
     python benchmarks/gpu_e2e.py --cases qwen3moe:gptq,mixtral:gptq --work /tmp/bench
+    python benchmarks/gpu_e2e.py --cases 8b:fp8,8b:w8a8 --work /tmp/bench
+
+Methods: gptq (W4A16 g128), awq (W4A16_ASYM), and the activation presets: fp8 (FP8_DYNAMIC, rounded to nearest:
+llm-compressor's QuantizationModifier) and w8a8 (W8A8: SmoothQuant at 0.5 then GPTQ, in both tools).
 
 On the GPU machine Ray and llm-compressor come from the bundle (see ../shared/README.md):
     mkdir -p /tmp/site && tar xJf .device/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
@@ -182,9 +186,15 @@ class GpuMemoryProbe:
         self._thread.join(timeout=5)
 
 
+# The activation presets: (wq's --scheme, llm-compressor's recipe) per benchmark method.
+SCHEMES = {"fp8": "FP8_DYNAMIC", "w8a8": "W8A8"}
+
+
 def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "jobs.quantize", "--model", str(ckpt), "--out", str(out), "--method", method,
-           "--bits", "4", "--group-size", "128", "--calib", str(calib), "--samples", str(args.samples),
+    chosen = ["--scheme", SCHEMES[method]] if method in SCHEMES else ["--method", method, "--bits", "4",
+                                                                      "--group-size", "128"]
+    cmd = [sys.executable, "-m", "jobs.quantize", "--model", str(ckpt), "--out", str(out), *chosen,
+           "--calib", str(calib), "--samples", str(args.samples),
            "--seq-len", str(args.seq_len), "--actors", "1", "--gpus-per-actor", "1", "--overwrite",
            *(["--asym"] if method == "awq" else []), *args.wq_args.split()]
     log = out.with_suffix(".log")
@@ -230,8 +240,9 @@ LLMC_CHILD = r"""
 import sys, time, torch, datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 from llmcompressor.modifiers.awq import AWQModifier
+from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 ckpt, calib, out, method, n, seq = sys.argv[1:7]
 ROUTERS = sys.argv[7].split(",")
 ds = datasets.Dataset.from_parquet(calib).select(range(int(n)))
@@ -240,6 +251,11 @@ model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
 tok = AutoTokenizer.from_pretrained(ckpt)
 if method == "gptq":
     recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", *ROUTERS])
+elif method == "fp8":
+    recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head", *ROUTERS])
+elif method == "w8a8":
+    recipe = [SmoothQuantModifier(smoothing_strength=0.5),
+              GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head", *ROUTERS])]
 else:
     recipe = AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head", *ROUTERS])
 oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=int(seq),
@@ -310,7 +326,7 @@ def warm_up(tool: str, env: dict[str, str]) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="8b:gptq", help="comma list of shape:method (SHAPE : gptq|awq); shapes: "
+    p.add_argument("--cases", default="8b:gptq", help="comma list of shape:method (SHAPE : gptq|awq|fp8|w8a8); shapes: "
                    + ", ".join(SHAPES))
     p.add_argument("--tools", default="wq,llmcompressor")
     p.add_argument("--work", default="/tmp/wq-bench")
