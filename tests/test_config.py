@@ -158,11 +158,10 @@ def test_a_scheme_sets_the_grid_and_flags_still_override(scheme, bits, sym):
     assert JobConfig.from_dict({"out": "o", **args}).quant.sym is False
 
 
-@pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16"])
-def test_a_scheme_wq_does_not_write_is_refused_by_name(scheme):
-    with pytest.raises(ConfigError, match=f"scheme={scheme}: wq does not write this preset yet.*W4A16, W4A16_ASYM, "
-                                          "W8A16, W8A8, FP8_DYNAMIC, FP8, FP8_BLOCK"):
-        JobConfig.from_dict({"out": "o", "scheme": scheme})
+def test_a_scheme_wq_does_not_know_is_refused_naming_the_ones_it_writes():
+    with pytest.raises(ConfigError, match="scheme='W4A4': expected one of W4A16, W4A16_ASYM, W8A16, W8A8, "
+                                          "FP8_DYNAMIC, FP8, FP8_BLOCK, NVFP4, NVFP4A16"):
+        JobConfig.from_dict({"out": "o", "scheme": "W4A4"})
 
 
 @pytest.mark.parametrize("scheme,method,weights,layout,activations", [
@@ -170,14 +169,17 @@ def test_a_scheme_wq_does_not_write_is_refused_by_name(scheme):
     ("FP8_DYNAMIC", "rtn", "float", "group", ("float", "token", True, None)),
     ("FP8", "rtn", "float", "tensor", ("float", "tensor", False, None)),
     ("FP8_BLOCK", "rtn", "float", "block", ("float", "group", True, 128)),
+    ("NVFP4", "rtn", "float", "tensor_group", ("float", "tensor_group", False, 16)),
+    ("NVFP4A16", "rtn", "float", "tensor_group", None),
 ])
 def test_an_activation_scheme_sets_its_method_layout_and_activations(scheme, method, weights, layout, activations):
     job = JobConfig.from_dict({"scheme": scheme})
     quant = job.quant
-    assert (quant.method.value, quant.bits, quant.sym, quant.group_size) == (method, 8, True, None)
+    bits = 4 if scheme.startswith("NVFP4") else 8
+    assert (quant.method.value, quant.bits, quant.sym, quant.group_size) == (method, bits, True, None)
     assert (quant.weight_type.value, quant.layout.value) == (weights, layout)
     a = quant.activations
-    assert (a.type.value, a.strategy.value, a.dynamic, a.group_size) == activations
+    assert (None if a is None else (a.type.value, a.strategy.value, a.dynamic, a.group_size)) == activations
     assert job.out.endswith(f"-{scheme.lower()}")
     assert "scheme" in job.fingerprint_options()         # the scheme changes the artifact beyond bits and sym
     assert JobConfig.from_dict({"out": "o", "scheme": scheme, "group_size": "channel"}).quant.group_size is None

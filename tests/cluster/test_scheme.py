@@ -46,7 +46,7 @@ def tiny(tmp_path_factory):
             write_text(d / "eval.txt", n_chars=6000, seed=1))
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8", "FP8_BLOCK"])
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16"])
 def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path, tiny, scheme):
     """The artifact is the preset's (format, dtypes, scales' shapes); transformers loads it; the job's --eval,
     which quantizes each linear's input on the actors, gives jobs.eval's number on the written artifact."""
@@ -58,15 +58,23 @@ def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path
                                "eval": str(text), "eval_seq_len": 96, "eval_max_windows": 5})
     result = run_job(job, cache_dir=tmp_path / "cache")
     config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
-    assert config["format"] == ("int-quantized" if scheme == "W8A8" else "float-quantized")
+    assert config["format"] == {"W8A8": "int-quantized", "NVFP4": "nvfp4-pack-quantized",
+                                "NVFP4A16": "nvfp4-pack-quantized"}.get(scheme, "float-quantized")
     assert config["ignore"] == ["lm_head"]
     assert result.report["job"]["scheme"] == scheme
     tensors = {}
     for path in result.out_dir.glob("*.safetensors"):
         tensors.update(load_file(path))
-    q = tensors["model.layers.0.self_attn.q_proj.weight"]
-    assert q.dtype == (torch.int8 if scheme == "W8A8" else torch.float8_e4m3fn)
-    assert ("model.layers.0.self_attn.q_proj.input_scale" in tensors) is (scheme == "FP8")
+    q = "model.layers.0.self_attn.q_proj"
+    if scheme.startswith("NVFP4"):
+        assert tensors[q + ".weight_packed"].dtype == torch.uint8
+        # q, k and v share one global scale (vLLM fuses them); an input global scale only where FP4 activations.
+        assert float(tensors[q + ".weight_global_scale"]) == \
+            float(tensors["model.layers.0.self_attn.v_proj.weight_global_scale"])
+        assert (q + ".input_global_scale" in tensors) is (scheme == "NVFP4")
+    else:
+        assert tensors[q + ".weight"].dtype == (torch.int8 if scheme == "W8A8" else torch.float8_e4m3fn)
+    assert (q + ".input_scale" in tensors) is (scheme == "FP8")
     if scheme == "FP8":
         # The static input scale: the calibration inputs' largest magnitude (the report's) over 448.
         layer = next(x for x in result.report["layers"] if x["name"] == "model.layers.0.self_attn.q_proj")
@@ -87,9 +95,11 @@ def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path
     with torch.no_grad():
         want_logits = load_causal_lm(model, dtype=torch.float32)(ids).logits
         got = load_causal_lm(result.out_dir, dtype=torch.float32)(ids).logits
-    # 8-bit weights and activations on this random 3-block model: INT8 4.4%, FP8 (3 mantissa bits, every
-    # weight and input rounded by up to 1/16) 13 to 14% of the logits' norm.
-    assert float((got - want_logits).norm() / want_logits.norm()) < (0.05 if scheme == "W8A8" else 0.2)
+    # On this random 3-block model, of the logits' norm: INT8 4.4%; FP8 (3 mantissa bits, every weight and input
+    # rounded by up to 1/16) 13 to 14%; NVFP4A16 (1 mantissa bit) 36.7%, near INT4 RTN in groups of 32 (31.7%);
+    # NVFP4, its inputs in FP4 too, 48.6%.
+    bound = {"W8A8": 0.05, "NVFP4": 0.6, "NVFP4A16": 0.45}.get(scheme, 0.2)
+    assert float((got - want_logits).norm() / want_logits.norm()) < bound
 
 
 def test_a_scheme_that_groups_activations_refuses_widths_it_cannot_group(tmp_path):

@@ -66,7 +66,7 @@ def test_compressed_tensors_decompresses_to_our_weights_bit_for_bit(gen, scheme)
     assert quantized_modules(Format.COMPRESSED_TENSORS, quant, tensors) == {NAME}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [*SCHEMES, "NVFP4A16", "NVFP4"])
 def test_quantization_config_is_what_compressed_tensors_writes_for_the_preset(tmp_path, scheme):
     """Field for field what ModelCompressor writes (llm-compressor's save path) for the same preset, built from
     compressed-tensors' own PRESET_SCHEMES; only `version` (the writer's own) differs."""
@@ -86,4 +86,5 @@ def test_quantization_config_is_what_compressed_tensors_writes_for_the_preset(tm
     theirs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert set(theirs) == set(ours)
     assert {k: v for k, v in theirs.items() if k != "version"} == {k: v for k, v in ours.items() if k != "version"}
-    assert ours["format"] == ("int-quantized" if scheme == "W8A8" else "float-quantized")
+    assert ours["format"] == {"W8A8": "int-quantized", "NVFP4A16": "nvfp4-pack-quantized",
+                              "NVFP4": "nvfp4-pack-quantized"}.get(scheme, "float-quantized")

@@ -226,3 +226,17 @@ def test_fp8_blocks_must_stay_whole_on_each_rank():
     # SmolLM2-135M: k/v's 192 rows are fused into qkv_proj, so not even tp=1 loads 128x128 blocks.
     smol = check_tp_sizes(*SMOLLM2_135M, block, Format.COMPRESSED_TENSORS, tp_sizes=(1,))
     assert any("self_attn.k_proj (tp=1, per rank out=192" in r for r in smol.checks[0].layout_reasons)
+
+
+def test_nvfp4_needs_whole_groups_of_16_on_each_rank():
+    from wq_ops.config import JobConfig
+
+    quant = JobConfig.from_dict({"out": "o", "scheme": "NVFP4"}).quant
+    layout, attention = llama_layout(2048, 5664, 16, 2, 128), AttentionShape(16, 2, 128)     # 5664 = 354 x 16
+    report = check_tp_sizes(layout, attention, quant, Format.COMPRESSED_TENSORS, tp_sizes=(1, 2, 4, 8))
+    assert [c.tp for c in report.checks if c.ok] == [1, 2]
+    assert any("mlp.down_proj (tp=4): input dim per rank 1416 is not whole groups of 16" in r
+               for r in report.checks[2].layout_reasons)
+    assert report.loader.checkpoint_format == "nvfp4-pack-quantized"
+    assert [(v.package, v.minimum) for v in report.loader.versions] == [("compressed-tensors", "0.13.0"),
+                                                                        ("vllm", "0.9.1")]

@@ -7,6 +7,7 @@ table says) by `processor_for`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Protocol, Sequence
 
@@ -18,15 +19,15 @@ from wq_ops.block.records import pending_layer
 from wq_ops.block.work import BlockWork
 from wq_ops.calib.capture import GroupCapture
 from wq_ops.config import Method, QuantConfig
-from wq_ops.config.schemes import NumberType
+from wq_ops.config.schemes import NumberType, WeightLayout
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
-from wq_ops.quant import smoothquant
+from wq_ops.quant import nvfp4, smoothquant
 from wq_ops.quant.fp8 import fp8_scale_of, quantize_fp8
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import InputStats, hessian_of, output_error_tensor, quadratic_operand
-from wq_ops.quant.result import FloatResult, QuantResult, dequantize
+from wq_ops.quant.result import QuantResult, WeightResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn, search_clip
 
 __all__ = ["Processor", "PROCESSORS", "processor_for"]
@@ -113,34 +114,44 @@ def _folds_into_norm(work: BlockWork, group: LinearGroup) -> bool:
 
 
 class _FloatProcessor:
-    """FP8 weights, a layer at a time: each rounded to nearest on its own scales (one per channel, tensor or
-    block: stacking layers would share a tensor's or a block's scale), the output error measured under the
-    group's input Hessian. With static activations, each layer's input scale is the calibration inputs'
-    largest magnitude over 448."""
+    """FP8 or NVFP4 weights, rounded to nearest a layer at a time, the output error measured under the group's
+    input Hessian. FP8: each layer on its own scales (one per channel, tensor or block: stacking layers would
+    share a tensor's or a block's scale). NVFP4: the group's layers (q/k/v, gate/up: what an engine fuses)
+    share one global scale. Static activation scales come from the calibration inputs' largest magnitude."""
 
     by_stage = False
 
     def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
                  captures: dict[str, GroupCapture]) -> None:
         task, quant = work.task, work.task.quant
+        fp4 = quant.layout is WeightLayout.TENSOR_GROUP
         static = quant.activations is not None and not quant.activations.dynamic
         for group in groups:
             cap = captures[group.names[0]]
             h = quadratic_operand(hessian_of(cap.stats))
-            input_scale = None
-            if static:                  # one scale per layer (the only static activation layout, FP8's)
-                input_scale = fp8_scale_of(cap.stats.abs_max.max(), scale_dtype=work.scales_dtype)
+            names = [n for n in group.names if not is_ignored(task.full_name(n), quant.ignore)]
             for name in group.names:
-                if is_ignored(task.full_name(name), quant.ignore):
+                if name not in names:
                     work.layers.append(pending_layer(task.full_name(name), task.block_index, group, cap.stats,
                                                      error=None, result=None, seconds=0.0))
-                    continue
+            if not names:
+                continue
+            input_amax = cap.stats.abs_max.max()
+            global_scale = nvfp4.global_scale_of(torch.stack([work.work[n + ".weight"].abs().max() for n in names])
+                                                 .max()) if fp4 else None
+            for name in names:
                 t = time.perf_counter()
                 w = work.work[name + ".weight"]
-                result = quantize_fp8(w, layout=quant.layout, scale_dtype=work.scales_dtype)
-                if input_scale is not None:
-                    result = FloatResult(values=result.values, scale=result.scale, block=result.block,
-                                         input_scale=input_scale)
+                result: WeightResult
+                if global_scale is not None:
+                    result = nvfp4.quantize_nvfp4(w, global_scale=global_scale)
+                    if static:          # NVFP4 activations: a global scale from calibration, local ones at run time
+                        result = dataclasses.replace(result, input_global_scale=nvfp4.global_scale_of(input_amax))
+                else:
+                    result = quantize_fp8(w, layout=quant.layout, scale_dtype=work.scales_dtype)
+                    if static:          # FP8: one scale per layer
+                        result = dataclasses.replace(result, input_scale=fp8_scale_of(input_amax,
+                                                                                      scale_dtype=work.scales_dtype))
                 w_hat = dequantize(result, work.dtype)
                 work.results[name] = result
                 work.work[name + ".weight"] = w_hat

@@ -26,6 +26,9 @@ from wq_ops.quant.activations import fake_quantize_input
 
 __all__ = ["EvalSpan"]
 
+# A static activation scale's tensor: FP8's per-tensor scale, NVFP4's global scale.
+_INPUT_SCALES = (".input_scale", ".input_global_scale")
+
 
 class EvalSpan:
     """quantized: the artifact's weights (True) or the source's (False)."""
@@ -85,8 +88,9 @@ class EvalSpan:
             names = list(f.keys())
             quantized = sorted(quantized_modules(spec.job.format, spec.job.quant, names))
             local = [(m, m[len(prefix):]) for m in quantized]
-            return {n: (f.get_tensor(m + ".input_scale").to(torch.float32).reshape(())
-                        if m + ".input_scale" in names else None) for m, n in local}
+            stored = {m: next((m + leaf for leaf in _INPUT_SCALES if m + leaf in names), None) for m, _ in local}
+            return {n: None if stored[m] is None else f.get_tensor(stored[m]).to(torch.float32).reshape(())
+                    for m, n in local}
 
     def score(self, batches: list[Tensor], windows: Tensor) -> list[float]:
         """Each window's mean next-token NLL from the last block's outputs (consumed): final norm, lm_head,

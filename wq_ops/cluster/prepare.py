@@ -21,6 +21,7 @@ from wq_ops.calib.data import CalibrationSummary, calibration_tokens, describe_c
 from wq_ops.cluster.plan import split_spans
 from wq_ops.cluster.resume_check import drop_stale_blocks
 from wq_ops.config import JobConfig, Modeling, TpPolicy
+from wq_ops.config.schemes import NVFP4_GROUP, WeightLayout
 from wq_ops.errors import CheckpointError, ConfigError
 from wq_ops.evaluate.perplexity import eval_windows, join_text
 from wq_ops.formats import format_module
@@ -97,26 +98,27 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
 
 
 def _check_scheme_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
-    """A scheme that quantizes activations in groups of columns (FP8_BLOCK: 128) needs every quantized layer's
-    input width a multiple of it (engines' kernels and compressed-tensors refuse the rest); --eval does not
-    quantize routed experts' inputs yet, so it refuses to score an activation scheme on a routed model."""
-    served = job.quant.activations
-    if served is None:
-        return
-    if job.evaluation.text is not None and any(layout.block(i).moe is not None for i in range(layout.n_blocks)):
-        raise ConfigError(f"eval with scheme={job.quant.scheme.value if job.quant.scheme else None}: wq's evaluation "
-                          "does not quantize routed experts' inputs yet; leave out --eval, or use a weight-only scheme")
-    if served.group_size is None:
+    """A scheme that scales groups of columns of its own (NVFP4's weights and activations: 16; FP8_BLOCK's
+    activations: 128) needs every quantized layer's input width a multiple of the group (engines' kernels and
+    compressed-tensors refuse the rest); --eval does not quantize routed experts' inputs yet, so it refuses to
+    score an activation scheme on a routed model."""
+    quant, served = job.quant, job.quant.activations
+    name = f"scheme={quant.scheme.value if quant.scheme else None}"
+    if served is not None and job.evaluation.text is not None and \
+            any(layout.block(i).moe is not None for i in range(layout.n_blocks)):
+        raise ConfigError(f"eval with {name}: wq's evaluation does not quantize routed experts' inputs yet; leave "
+                          "out --eval, or use a weight-only scheme")
+    unit = NVFP4_GROUP if quant.layout is WeightLayout.TENSOR_GROUP else (served.group_size if served else None)
+    if unit is None:
         return
     bad = {spec.name: spec.in_features for i in range(layout.n_blocks) for spec in layout.block(i).linears
-           if spec.in_features % served.group_size
-           and not is_ignored(layout.block_tensor_name(i, spec.name), job.quant.ignore)}
+           if spec.in_features % unit and not is_ignored(layout.block_tensor_name(i, spec.name), quant.ignore)}
     if bad:
         listed = ", ".join(f"{n} (in={w})" for n, w in bad.items())
-        raise ConfigError(f"scheme={job.quant.scheme.value if job.quant.scheme else None} quantizes activations in "
-                          f"groups of {served.group_size} columns, which do not divide the input width of {listed}; "
+        other = "FP8_DYNAMIC" if quant.layout is WeightLayout.BLOCK else "a scheme with integer weights"
+        raise ConfigError(f"{name} scales groups of {unit} columns, which do not divide the input width of {listed}; "
                           f"keep them unquantized with --ignore (e.g. --ignore "
-                          f"'{layout.block_prefix}.*.{next(iter(bad))}'), or use FP8_DYNAMIC")
+                          f"'{layout.block_prefix}.*.{next(iter(bad))}'), or use {other}")
 
 
 def _check_ignore_patterns(job: JobConfig, layout: ModelLayout) -> None:

@@ -95,8 +95,8 @@ class Scheme(str, Enum):
     FP8_DYNAMIC = "FP8_DYNAMIC"   # FP8 E4M3 weights per channel, FP8 activations per token (dynamic)
     FP8 = "FP8"                   # FP8 weights per tensor, static per-tensor activation scales
     FP8_BLOCK = "FP8_BLOCK"       # FP8 weights per 128x128 block, activations per group of 128 (dynamic)
-    NVFP4 = "NVFP4"               # the two below: not written yet
-    NVFP4A16 = "NVFP4A16"
+    NVFP4 = "NVFP4"               # FP4 E2M1 weights and activations, FP8 scales per 16 and a global scale
+    NVFP4A16 = "NVFP4A16"         # the same weights, activations in 16 bits
 
 
 class TextJoin(str, Enum):

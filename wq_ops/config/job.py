@@ -110,9 +110,6 @@ class QuantConfig:
         object.__setattr__(self, "method", parse_enum(Method, self.method, "method"))
         if self.scheme is not None:
             object.__setattr__(self, "scheme", parse_enum(Scheme, self.scheme, "scheme"))
-            if self.scheme not in SCHEMES:
-                raise ConfigError(f"scheme={self.scheme.value}: wq does not write this preset yet; the presets it "
-                                  f"writes are {', '.join(s.value for s in SCHEMES)}")
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         for pattern in self.ignore:

@@ -102,8 +102,9 @@ def _bundled(options: Mapping[str, Any]) -> bool:
 
 def _default_out(options: Mapping[str, Any]) -> str:
     model = str(options.get("model") or "tiny-llama").rstrip("/").split("/")[-1]
-    if options.get("scheme") is not None and _scheme(options).activations is not None:
-        return f"out/{model}-{str(options['scheme']).lower()}"
+    if options.get("scheme") is not None and _scheme(options).group_size_fixed:     # W8A8, FP8*, NVFP4*
+        scheme = options["scheme"]
+        return f"out/{model}-{(scheme.value if isinstance(scheme, Enum) else str(scheme)).lower()}"
     method = options.get("method", Method.GPTQ)
     method = method.value if isinstance(method, Enum) else str(method)
     return f"out/{model}-{method}-w{options.get('bits', _scheme(options).bits)}"

@@ -11,18 +11,20 @@ from typing import Any
 from wq_ops.config.enums import Method, Scheme
 
 __all__ = ["NumberType", "WeightLayout", "ActivationStrategy", "ActivationQuant", "SchemeSpec", "SCHEMES",
-           "FP8_BLOCK_SHAPE", "SMOOTHQUANT_ALPHA"]
+           "FP8_BLOCK_SHAPE", "NVFP4_GROUP", "SMOOTHQUANT_ALPHA"]
 
 # SmoothQuant's default alpha with INT8 activations (benchmarks/quality.md measures it on SmolLM2).
 SMOOTHQUANT_ALPHA = 0.5
 
 # DeepSeek-V3's layout: one weight scale per 128 x 128 block, activations per group of 128 columns.
 FP8_BLOCK_SHAPE = (128, 128)
+# NVFP4's group: 16 values of a row share one FP8 scale.
+NVFP4_GROUP = 16
 
 
 class NumberType(str, Enum):
     INT = "int"            # integer codes on a scaled grid
-    FLOAT = "float"        # FP8 E4M3 values times a scale
+    FLOAT = "float"        # FP8 E4M3 (8 bits) or FP4 E2M1 (4 bits, NVFP4) values times a scale
 
 
 class WeightLayout(str, Enum):
@@ -31,12 +33,14 @@ class WeightLayout(str, Enum):
     GROUP = "group"        # a run of group_size columns of one row (group_size None: the whole row)
     TENSOR = "tensor"      # the whole matrix
     BLOCK = "block"        # a FP8_BLOCK_SHAPE tile
+    TENSOR_GROUP = "tensor_group"    # NVFP4: FP8 scales per 16 columns of a row, times one global scale
 
 
 class ActivationStrategy(str, Enum):
     TOKEN = "token"        # one scale per token (row of the input), computed at run time
     TENSOR = "tensor"      # one scale per layer, fixed from calibration
     GROUP = "group"        # one scale per group of columns of each token, at run time
+    TENSOR_GROUP = "tensor_group"    # NVFP4: a global scale from calibration, FP8 scales per 16 columns at run time
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,21 @@ class ActivationQuant:
 
     type: NumberType
     strategy: ActivationStrategy
-    dynamic: bool
+    dynamic: bool           # every scale from the input itself; False: a stored one (NVFP4: the global one)
     group_size: int | None = None
+    bits: int = 8
 
     def to_args(self) -> dict[str, Any]:
         """compressed-tensors' QuantizationArgs fields, as its writer emits them (a static scale: the largest
         magnitude over every calibration batch, its `static_minmax` observer)."""
-        args: dict[str, Any] = {"num_bits": 8, "type": self.type.value, "symmetric": True,
-                                "group_size": self.group_size, "strategy": self.strategy.value, "dynamic": self.dynamic}
+        nvfp4 = self.strategy is ActivationStrategy.TENSOR_GROUP
+        args: dict[str, Any] = {"num_bits": self.bits, "type": self.type.value, "symmetric": True,
+                                "group_size": self.group_size, "strategy": self.strategy.value,
+                                "dynamic": "local" if nvfp4 else self.dynamic}
         if not self.dynamic:
             args["observer"] = "static_minmax"
+        if nvfp4:
+            args["scale_dtype"] = "torch.float8_e4m3fn"
         return args
 
 
@@ -93,4 +102,9 @@ SCHEMES: dict[Scheme, SchemeSpec] = {
                            ActivationQuant(_FP8, ActivationStrategy.TENSOR, False), Method.RTN),
     Scheme.FP8_BLOCK: SchemeSpec(8, True, _FP8, WeightLayout.BLOCK, None,
                                  ActivationQuant(_FP8, ActivationStrategy.GROUP, True, FP8_BLOCK_SHAPE[1]), Method.RTN),
+    # FP4 E2M1 weights, FP8 scales per 16 columns and a global scale (fused layers share it).
+    Scheme.NVFP4A16: SchemeSpec(4, True, _FP8, WeightLayout.TENSOR_GROUP, None, None, Method.RTN),
+    Scheme.NVFP4: SchemeSpec(4, True, _FP8, WeightLayout.TENSOR_GROUP, None,
+                             ActivationQuant(_FP8, ActivationStrategy.TENSOR_GROUP, False, NVFP4_GROUP, bits=4),
+                             Method.RTN),
 }

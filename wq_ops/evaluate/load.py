@@ -19,6 +19,9 @@ from wq_ops.evaluate.served_inputs import quantize_inputs_, served_activations, 
 
 __all__ = ["load_causal_lm", "load_tokenizer"]
 
+# compressed-tensors formats loaded with their weights dequantized (the others run compressed, as before).
+_DEQUANTIZED_FORMATS = ("int-quantized", "float-quantized", "nvfp4-pack-quantized")
+
 
 def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto") -> Any:
     """The causal LM at `model` (a directory or a Hub repo id) on `device`, in eval mode, with transformers'
@@ -33,9 +36,10 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
     quantization = quantization if isinstance(quantization, dict) else {}
     activations = served_activations(quantization)
     kwargs: dict[str, Any] = {}
-    if activations is not None:
-        # Weights dequantized on load (compressed-tensors' own decompressor); transformers warns that the rest
-        # of the config comes from the checkpoint, which is what is meant.
+    if activations is not None or quantization.get("format") in _DEQUANTIZED_FORMATS:
+        # Weights dequantized on load (compressed-tensors' own decompressor), in the dtype asked for (NVFP4's
+        # compressed modules would compute in the checkpoint's); transformers warns that the rest of the config
+        # comes from the checkpoint, which is what is meant.
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")

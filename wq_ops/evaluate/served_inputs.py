@@ -29,24 +29,29 @@ def served_activations(quantization_config: Mapping[str, Any] | None) -> Activat
     specs = [g.get("input_activations") for g in groups if g.get("input_activations")]
     if not specs:
         return None
-    if len(groups) != 1 or specs[0].get("num_bits") != 8 or not specs[0].get("symmetric", True):
-        raise ArtifactError(f"input_activations {specs}: wq evaluates one group of 8-bit symmetric activations")
+    if len(groups) != 1 or specs[0].get("num_bits") not in (4, 8) or not specs[0].get("symmetric", True):
+        raise ArtifactError(f"input_activations {specs}: wq evaluates one group of 8-bit or NVFP4 symmetric "
+                            "activations")
     args = specs[0]
     try:
+        # NVFP4's "local" dynamic: scales per group from the input, times a stored (static) global scale.
         return ActivationQuant(type=NumberType(args["type"]), strategy=ActivationStrategy(args["strategy"]),
-                               dynamic=bool(args["dynamic"]), group_size=args.get("group_size"))
+                               dynamic=args["dynamic"] is True, group_size=args.get("group_size"),
+                               bits=int(args["num_bits"]))
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"input_activations {args}: not a scheme wq evaluates ({e})") from None
 
 
 def static_input_scales(model_dir: Path) -> dict[str, Tensor]:
-    """Each linear's stored `input_scale` (by module name) from an artifact's safetensors files."""
+    """Each linear's stored static activation scale (by module name) from an artifact's safetensors files:
+    FP8's `input_scale`, NVFP4's `input_global_scale`."""
     scales: dict[str, Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                if name.endswith(".input_scale"):
-                    scales[name.removesuffix(".input_scale")] = f.get_tensor(name).to(torch.float32).reshape(())
+                for leaf in (".input_scale", ".input_global_scale"):
+                    if name.endswith(leaf):
+                        scales[name.removesuffix(leaf)] = f.get_tensor(name).to(torch.float32).reshape(())
     return scales
 
 
@@ -63,8 +68,8 @@ def quantize_inputs_(model: nn.Module, spec: ActivationQuant, *, ignore: list[st
         if not spec.dynamic:
             scale = (static_scales or {}).get(name)
             if scale is None:
-                raise ArtifactError(f"{name}: the scheme's activations are static but the artifact stores no "
-                                    f"{name}.input_scale")
+                raise ArtifactError(f"{name}: the scheme's activations have a static scale but the artifact stores "
+                                    f"neither {name}.input_scale nor {name}.input_global_scale")
 
         def hook(_m: nn.Module, args: tuple[Tensor, ...], scale: Tensor | None = scale) -> tuple[Tensor, ...]:
             return (fake_quantize_input(args[0], spec, static_scale=scale), *args[1:])

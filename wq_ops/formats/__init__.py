@@ -12,7 +12,7 @@ from torch import Tensor
 
 from wq_ops.config import Backend, Format, QuantConfig
 from wq_ops.errors import ConfigError
-from wq_ops.formats import compressed_tensors, gptq, naive_quantized
+from wq_ops.formats import compressed_tensors, gptq, naive_quantized, nvfp4_packed
 from wq_ops.formats.checks import Checks
 from wq_ops.quant.result import QuantResult, WeightResult, dequantize
 
@@ -41,7 +41,10 @@ def encode_linear(fmt: Format, module: str, result: WeightResult, *, quant: Quan
     """The artifact tensors of one quantized linear (full module name) in format `fmt`, packed on the GPU
     with the CUDA backend when the codes are there. checks: where conditions on device values are queued
     rather than read back at once (the caller raises them: `wq_ops.formats.checks`)."""
-    if _naive(fmt, quant):
+    layout = _layout(fmt, quant)
+    if layout == nvfp4_packed.FORMAT:
+        return nvfp4_packed.encode_linear(module, result, quant=quant)
+    if layout in _ONE_VALUE_EACH:
         return naive_quantized.encode_linear(module, result, quant=quant, scale_dtype=scale_dtype, checks=checks)
     if not isinstance(result, QuantResult):
         raise ConfigError(f"format={fmt.value}: stores integer codes, not {type(result).__name__}")
@@ -50,9 +53,14 @@ def encode_linear(fmt: Format, module: str, result: WeightResult, *, quant: Quan
                                             checks=checks)
 
 
-def _naive(fmt: Format, quant: QuantConfig) -> bool:
-    """Whether the scheme's weights are stored one value each (W8A8's int8, FP8), not packed."""
-    return fmt is Format.COMPRESSED_TENSORS and compressed_tensors.format_name(quant) != compressed_tensors.FORMAT
+# compressed-tensors' layouts that store each weight as one value (W8A8's int8, FP8), not packed.
+_ONE_VALUE_EACH = ("int-quantized", "float-quantized")
+
+
+def _layout(fmt: Format, quant: QuantConfig) -> str:
+    """The checkpoint format the scheme's weights are stored in: compressed-tensors' name for it (pack-quantized,
+    int-quantized, float-quantized, nvfp4-pack-quantized), or `fmt`'s own."""
+    return compressed_tensors.format_name(quant) if fmt is Format.COMPRESSED_TENSORS else fmt.value
 
 
 def quantization_config(fmt: Format, quant: QuantConfig, *, ignore: list[str]) -> dict[str, Any]:
@@ -73,7 +81,10 @@ def scale_dtype(fmt: Format, *, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def _marker(fmt: Format, quant: QuantConfig) -> str:
-    return "." + (naive_quantized.MARKER if _naive(fmt, quant) else _PACKED_LEAF[fmt])
+    """The tensor every quantized linear has in its layout, and only a quantized one."""
+    if _layout(fmt, quant) in (nvfp4_packed.FORMAT, *_ONE_VALUE_EACH):
+        return "." + naive_quantized.MARKER
+    return "." + _PACKED_LEAF[fmt]
 
 
 def quantized_modules(fmt: Format, quant: QuantConfig, names: Iterable[str]) -> set[str]:
@@ -88,7 +99,7 @@ def dense_tensors(fmt: Format, tensors: dict[str, Tensor], *, quant: QuantConfig
     `dtype` (exactly the weights the quantizer computed the next block's inputs with), everything else as
     stored. Used to replay a finished block when a job resumes."""
     module_of = format_module(fmt)
-    naive = _naive(fmt, quant)
+    layout = _layout(fmt, quant)
     quantized = quantized_modules(fmt, quant, tensors)
     out: dict[str, Tensor] = {}
     for name, value in tensors.items():
@@ -96,7 +107,11 @@ def dense_tensors(fmt: Format, tensors: dict[str, Tensor], *, quant: QuantConfig
         if module not in quantized or leaf == "bias":
             out[name] = value
     for module in quantized:
-        result = naive_quantized.decode_linear(module, tensors, quant=quant) if naive else \
-            module_of.decode_linear(module, tensors, bits=quant.bits, group_size=quant.group_size)
+        if layout == nvfp4_packed.FORMAT:
+            result: WeightResult = nvfp4_packed.decode_linear(module, tensors, quant=quant)
+        elif layout in _ONE_VALUE_EACH:
+            result = naive_quantized.decode_linear(module, tensors, quant=quant)
+        else:
+            result = module_of.decode_linear(module, tensors, bits=quant.bits, group_size=quant.group_size)
         out[module + ".weight"] = dequantize(result, dtype)
     return out

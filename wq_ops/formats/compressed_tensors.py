@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.config import Backend, QuantConfig
-from wq_ops.config.schemes import FP8_BLOCK_SHAPE, NumberType, WeightLayout
+from wq_ops.config.schemes import FP8_BLOCK_SHAPE, NVFP4_GROUP, NumberType, WeightLayout
 from wq_ops.formats.checks import Checks, require
 from wq_ops.pack import pack_rows, unpack_rows
 from wq_ops.quant.result import QuantResult
@@ -35,6 +35,8 @@ WRITER_VERSION = "0.20.1"
 
 def format_name(quant: QuantConfig) -> str:
     """config.json's `format` for the job's scheme (what compressed-tensors' writer infers for it)."""
+    if quant.layout is WeightLayout.TENSOR_GROUP:
+        return "nvfp4-pack-quantized"
     if quant.weight_type is NumberType.FLOAT:
         return "float-quantized"
     return "int-quantized" if quant.activations is not None else FORMAT
@@ -93,6 +95,8 @@ def quantization_config(quant: QuantConfig, *, ignore: list[str]) -> dict[str, A
     }
     if quant.layout is WeightLayout.TENSOR:
         weights["strategy"] = "tensor"
+    elif quant.layout is WeightLayout.TENSOR_GROUP:
+        weights.update(strategy="tensor_group", group_size=NVFP4_GROUP, scale_dtype="torch.float8_e4m3fn")
     elif quant.layout is WeightLayout.BLOCK:
         weights.update(strategy="block", block_structure=list(FP8_BLOCK_SHAPE))
     if quant.act_order or format_name(quant) == FORMAT:

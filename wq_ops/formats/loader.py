@@ -87,9 +87,11 @@ def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
 
 
 def _naive_requirements(quant: QuantConfig) -> LoaderRequirements:
-    """W8A8 and FP8 (int-quantized, float-quantized): first releases read from the PyPI wheels of
-    compressed-tensors (config/base.py, quant_args.py) and vLLM (its compressed_tensors schemes)."""
+    """W8A8, FP8 and NVFP4 (int-quantized, float-quantized, nvfp4-pack-quantized): first releases read from the
+    PyPI wheels of compressed-tensors (config/base.py, quant_args.py) and vLLM (its compressed_tensors schemes)."""
     name = format_name(quant)
+    if quant.layout is WeightLayout.TENSOR_GROUP:
+        return _nvfp4_requirements(quant, name)
     block = quant.layout is WeightLayout.BLOCK
     versions = [VersionRequirement("compressed-tensors", "0.11.0" if block else "0.5.0",
                                    "block_structure as a list and the FP8_BLOCK preset (0.11.0)" if block else
@@ -111,3 +113,20 @@ def _naive_requirements(quant: QuantConfig) -> LoaderRequirements:
     return LoaderRequirements(format=Format.COMPRESSED_TENSORS, quant_method="compressed-tensors",
                               checkpoint_format=name, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                               versions=tuple(versions), notes=tuple(notes))
+
+
+def _nvfp4_requirements(quant: QuantConfig, name: str) -> LoaderRequirements:
+    activations = quant.activations is not None
+    versions = (
+        VersionRequirement("compressed-tensors", "0.13.0", "nvfp4-pack-quantized (0.10.0) and the weights' "
+                           "scale_dtype field (0.13.0; 0.11 and 0.12 refuse fields they do not know)"),
+        VersionRequirement("vllm", "0.9.1" if activations else "0.9.0",
+                           "CompressedTensorsW4A4Fp4 (0.9.1)" if activations else "CompressedTensorsW4A16Fp4 (0.9.0)"),
+    )
+    notes = ["vLLM reads the config with the compressed-tensors installed beside it: 0.13.0 or newer"]
+    if activations:
+        notes.append("FP4 activations need a Blackwell GPU; elsewhere vLLM runs the weights with its FP4 Marlin "
+                     "kernel and leaves the activations in 16 bits")
+    return LoaderRequirements(format=Format.COMPRESSED_TENSORS, quant_method="compressed-tensors",
+                              checkpoint_format=name, bits=quant.bits, group_size=16, sym=quant.sym,
+                              versions=versions, notes=tuple(notes))

@@ -34,19 +34,19 @@ def encode_linear(module: str, result: WeightResult, *, quant: QuantConfig, scal
                   checks: Checks | None = None) -> dict[str, Tensor]:
     """The artifact tensors of one quantized linear (module: its full name). checks: where conditions on device
     values are queued rather than read back at once (`wq_ops.formats.checks`)."""
-    if isinstance(result, FloatResult) != (quant.weight_type is NumberType.FLOAT):
-        raise ArtifactError(f"{module}: a {type(result).__name__} is not the scheme's {quant.weight_type.value} "
-                            "weights")
-    if isinstance(result, FloatResult):
+    float_weights = quant.weight_type is NumberType.FLOAT
+    if isinstance(result, FloatResult) and float_weights:
         scale = result.scale.reshape(1) if quant.layout is WeightLayout.TENSOR else result.scale
         tensors = {f"{module}.weight": result.values, f"{module}.weight_scale": scale.to(scale_dtype)}
         if result.input_scale is not None:
             tensors[f"{module}.input_scale"] = result.input_scale.reshape(1).to(scale_dtype)
         return tensors
-    half = 2 ** (result.bits - 1)
-    require((result.zero == half).all(), f"{module}: a symmetric scheme needs every zero point at {half}", checks)
-    signed = (result.codes.to(torch.int16) - half).to(torch.int8)
-    return {f"{module}.weight": signed, f"{module}.weight_scale": result.scale.to(scale_dtype)}
+    if isinstance(result, QuantResult) and not float_weights:
+        half = 2 ** (result.bits - 1)
+        require((result.zero == half).all(), f"{module}: a symmetric scheme needs every zero point at {half}", checks)
+        signed = (result.codes.to(torch.int16) - half).to(torch.int8)
+        return {f"{module}.weight": signed, f"{module}.weight_scale": result.scale.to(scale_dtype)}
+    raise ArtifactError(f"{module}: a {type(result).__name__} is not the scheme's {quant.weight_type.value} weights")
 
 
 def decode_linear(module: str, tensors: dict[str, Tensor], *, quant: QuantConfig) -> WeightResult:

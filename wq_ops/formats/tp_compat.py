@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any, Iterable, Protocol
 
 from wq_ops.config import Format, QuantConfig, TpPolicy
-from wq_ops.config.schemes import FP8_BLOCK_SHAPE, WeightLayout
+from wq_ops.config.schemes import FP8_BLOCK_SHAPE, NVFP4_GROUP, WeightLayout
 from wq_ops.errors import ConfigError
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.formats.compressed_tensors import FORMAT as PACK_QUANTIZED
@@ -307,6 +307,9 @@ def _check(linears: tuple[_Linear, ...], attention: AttentionShape, quant: Quant
         # stay whole on each rank.
         if quant.layout is WeightLayout.BLOCK:
             layout.extend(_fp8_block_reasons(shards, tp))
+        elif quant.layout is WeightLayout.TENSOR_GROUP:          # NVFP4: whole groups of 16 on each rank
+            layout.extend(f"{s.name} (tp={tp}): input dim per rank {s.in_features} is not whole groups of "
+                          f"{NVFP4_GROUP}" for s in shards if s.in_features % NVFP4_GROUP)
         return layout, []
     if fmt is Format.COMPRESSED_TENSORS and quant.bits not in MARLIN_BITS:
         layout.append(f"vLLM's compressed-tensors WNA16 scheme reads 4 or 8 bits, not {quant.bits}")

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from wq_ops.kernels.quant_pack.reference import dequantize_codes, expand_groups
 
-__all__ = ["QuantResult", "FloatResult", "WeightResult", "dequantize", "expand_groups", "expand_blocks"]
+__all__ = ["QuantResult", "FloatResult", "Fp4Result", "WeightResult", "dequantize", "expand_groups", "expand_blocks",
+           "FP4_VALUES", "fp4_values"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,42 @@ class FloatResult:
         return self.scale.expand(out_features, in_features)
 
 
-WeightResult = QuantResult | FloatResult
+@dataclass(frozen=True)
+class Fp4Result:
+    """NVFP4 weights: codes (out, in) uint8 in 0..15 (sign bit 3, E2M1 magnitude index bits 0-2), scale
+    (out, in / 16) float8_e4m3fn per group of 16, global_scale () float32; weight = value x scale / global.
+    input_global_scale: () float32, the static global scale of the layer's input activations (NVFP4 W4A4)."""
+
+    codes: Tensor
+    scale: Tensor
+    global_scale: Tensor
+    input_global_scale: Tensor | None = None
+
+    bits = 4
+    group_size = 16
+    row_loss = None
+    damp_frac = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    @property
+    def loss(self) -> None:
+        return None
+
+
+WeightResult = QuantResult | FloatResult | Fp4Result
+
+# FP4 E2M1's magnitudes, by the index a code holds in its low 3 bits.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def fp4_values(codes: Tensor) -> Tensor:
+    """uint8 codes (sign bit 3, magnitude index bits 0-2) -> float32 E2M1 values."""
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=codes.device)
+    magnitude = table[(codes & 7).long()]
+    return torch.where((codes & 8) > 0, -magnitude, magnitude)
 
 
 def expand_blocks(per_block: Tensor, block: tuple[int, int], shape: tuple[int, int]) -> Tensor:
@@ -103,4 +139,8 @@ def dequantize(result: WeightResult, dtype: torch.dtype = torch.float32) -> Tens
     product of the stored bf16 scale and the small integer (q - z) or the FP8 value."""
     if isinstance(result, FloatResult):
         return (result.values.to(torch.float32) * result.expanded_scale()).to(dtype)
+    if isinstance(result, Fp4Result):
+        values = fp4_values(result.codes)
+        effective = result.scale.to(torch.float32) / result.global_scale.to(torch.float32)
+        return (values * expand_groups(effective, values.shape[1])).to(dtype)
     return dequantize_codes(result.codes, result.scale.to(torch.float32), result.zero).to(dtype)

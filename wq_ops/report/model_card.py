@@ -37,14 +37,16 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
     spec = _activation_scheme(job)
     group = job.get("group_size") or "per-channel"
     if spec is not None and spec.layout is not WeightLayout.GROUP:
-        group = "per-tensor" if spec.layout is WeightLayout.TENSOR else "128x128-block"
+        group = {WeightLayout.TENSOR: "per-tensor", WeightLayout.BLOCK: "128x128-block",
+                 WeightLayout.TENSOR_GROUP: "16"}[spec.layout]
     worst = totals.get("worst_layer") or {}
     base = source.get("repo_id") or source.get("model")
     name = str(base).rstrip("/").split("/")[-1]
     checkpoint_format = ((report.get("compatibility") or {}).get("loader") or {}).get("checkpoint_format",
                                                                                       "pack-quantized")
     what = (f"Weight-only {job.get('bits')}-bit quantization" if spec is None else
-            f"{job['scheme']} ({_number(spec.weights)} weights and activations) quantization")
+            f"{job['scheme']} ({_number(spec.weights, spec.bits)} weights"
+            + (" and activations" if spec.activations is not None else ", activations in 16 bits") + ") quantization")
     lines = [
         f"# {name} - " + (f"{str(job.get('method')).upper()} W{job.get('bits')}A16" if spec is None
                           else str(job["scheme"])),
@@ -94,17 +96,22 @@ def _activation_scheme(job: Mapping[str, Any]) -> SchemeSpec | None:
         spec = SCHEMES.get(Scheme(job.get("scheme")))
     except ValueError:
         return None
-    return spec if spec is not None and spec.group_size_fixed else None
+    return spec if spec is not None and spec.group_size_fixed else None  # (NVFP4A16 stores FP4: fixed too)
 
 
-def _number(kind: NumberType) -> str:
-    return "FP8 E4M3" if kind is NumberType.FLOAT else "INT8"
+def _number(kind: NumberType, bits: int) -> str:
+    if kind is NumberType.FLOAT:
+        return "FP4 E2M1" if bits == 4 else "FP8 E4M3"
+    return f"INT{bits}"
 
 
 def _activations(a: ActivationQuant) -> str:
+    if a.bits == 4:
+        return ("FP4 E2M1 per group of 16 columns, FP8 scales computed by the engine from each input times a "
+                "global scale from the calibration set")
     per = {"token": "per token", "tensor": "per tensor", "group": f"per group of {a.group_size} columns"}
     how = "scales computed by the engine from each input" if a.dynamic else "static scales from the calibration set"
-    return f"{_number(a.type)} {per[a.strategy.value]}, {how}"
+    return f"{_number(a.type, a.bits)} {per[a.strategy.value]}, {how}"
 
 
 def _calibration_source(calib: Any) -> str:
