@@ -156,10 +156,15 @@ def test_plan_states_the_eval_pass_and_refuses_it_with_the_numbers(tmp_path, tex
 @pytest.mark.parametrize("options", [{}, {"scheme": "FP8_DYNAMIC", "group_size": "channel"},
                                      {"scheme": "W8A8", "group_size": "channel"}], ids=["w4", "fp8-dynamic", "w8a8"])
 def test_eval_on_a_gpu_actor_gives_jobs_eval_number(tmp_path, texts, options):
-    """On a GPU actor, also for the schemes whose activations the evaluation quantizes."""
+    """On a GPU actor, also for the schemes whose activations the evaluation quantizes. Those score one window
+    per forward here, as jobs.eval does: a GPU's matmuls round differently with the batch's size, and quantizing
+    the activations turns those last-bit differences into other codes (with 4 windows a forward: 0.02 to 0.14%
+    of the perplexity on an H200)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     model = write_checkpoint(tmp_path / "m", "llama")
+    if options:
+        options = {**options, "micro_batch_samples": 1}
     result = run_job(_job(tmp_path, model, texts, gpus_per_actor=1, **options), cache_dir=tmp_path / "cache")
     assert round(result.report["eval"]["perplexity"], 4) == _jobs_eval(result.out_dir, texts[1], tmp_path, "cuda")
     assert round(result.report["eval"]["baseline_perplexity"], 4) == _jobs_eval(model, texts[1], tmp_path, "cuda")

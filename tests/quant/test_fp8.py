@@ -9,6 +9,7 @@ from wq_ops.quant.activations import fake_quantize_input
 from wq_ops.quant.fp8 import FP8_MAX, quantize_fp8
 from wq_ops.quant.result import dequantize
 
+FP8_LAYOUTS = [WeightLayout.GROUP, WeightLayout.TENSOR, WeightLayout.BLOCK]
 # Every finite non-negative E4M3 value, ascending (bit patterns 0x00..0x7E): the reference's grid.
 _POSITIVE = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64)
 
@@ -38,7 +39,7 @@ def reference_amax(w: torch.Tensor, layout: WeightLayout, block=(128, 128)) -> t
     return amax
 
 
-@pytest.mark.parametrize("layout", list(WeightLayout))
+@pytest.mark.parametrize("layout", FP8_LAYOUTS)
 @pytest.mark.parametrize("shape", [(96, 256), (200, 300), (1, 128)])
 def test_fp8_weights_match_a_float64_reference(gen, layout, shape):
     w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen).pow(3) * 4
@@ -129,7 +130,7 @@ def test_fp8_activations_equal_compressed_tensors_own_fake_quantization_in_float
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", list(WeightLayout))
+@pytest.mark.parametrize("layout", FP8_LAYOUTS)
 def test_the_gpu_quantizes_weights_and_activations_as_the_cpu_does(gen, layout):
     """The same FP8 values and scales, and the same quantized activations, bit for bit."""
     if not torch.cuda.is_available():

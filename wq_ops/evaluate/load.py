@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from wq_ops.errors import ArtifactError
 from wq_ops.evaluate.served_inputs import quantize_inputs_, served_activations, static_input_scales
 
 __all__ = ["load_causal_lm", "load_tokenizer"]
@@ -45,10 +46,29 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         loaded: Any = AutoModelForCausalLM.from_pretrained(str(model), use_kernels=False,    # .to is typed oddly
                                                            dtype=dtype, **kwargs)
+    if kwargs:
+        _compute_in_float(loaded)
     if activations is not None:
         scales = None if activations.dynamic else static_input_scales(_local_dir(model))
         quantize_inputs_(loaded, activations, ignore=list(quantization.get("ignore", [])), static_scales=scales)
     return loaded.to(torch.device(device)).eval()
+
+
+def _compute_in_float(model: Any) -> None:
+    """A model loaded with its weights dequantized computes in its float dtype only: compressed-tensors' own
+    input quantization is switched off where a transformers release keeps its module wrappers (5.17 does; 5.25
+    drops them), so the inputs are quantized once, by wq's hooks, as vLLM's kernels do. A linear left in a
+    quantized dtype (an FP8 kernel path) is an error: it would not compute what wq scores."""
+    import torch
+
+    for name, module in model.named_modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and isinstance(weight, torch.Tensor) \
+                and weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ArtifactError(f"{name}: transformers kept its weight in {weight.dtype} after dequantizing the "
+                                "artifact; wq scores it with float weights")
 
 
 def _local_dir(model: str | Path) -> Path:

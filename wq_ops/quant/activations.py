@@ -23,6 +23,12 @@ INT8_LIMIT = 127.0
 _FP8_LIMIT = float(torch.finfo(torch.float8_e4m3fn).max)
 
 
+def _over(amax: Tensor, limit: float) -> Tensor:
+    """amax / limit, divided on every device (torch's CUDA division by a Python number multiplies by its
+    reciprocal, a last-bit difference from the CPU)."""
+    return amax / torch.full_like(amax, limit)
+
+
 def fake_quantize_input(x: Tensor, spec: ActivationQuant, *, static_scale: Tensor | None = None) -> Tensor:
     """x: (..., in) any float dtype -> the same shape and dtype, each value quantized and dequantized as `spec`
     says. static_scale: () float32, the stored scale of a static spec (required then, unused otherwise): NVFP4's
@@ -41,14 +47,14 @@ def fake_quantize_input(x: Tensor, spec: ActivationQuant, *, static_scale: Tenso
             raise ValueError("a static activation scheme needs the layer's stored input scale")
         scale = static_scale.to(torch.float32)
     elif spec.strategy is ActivationStrategy.TOKEN:
-        scale = xf.abs().amax(dim=-1, keepdim=True) / limit                          # (..., 1)
+        scale = _over(xf.abs().amax(dim=-1, keepdim=True), limit)                    # (..., 1)
     elif spec.strategy is ActivationStrategy.GROUP:
         if spec.group_size is None or x.shape[-1] % spec.group_size:
             raise ValueError(f"input width {x.shape[-1]} is not a multiple of the group size {spec.group_size}")
         xf = xf.unflatten(-1, (-1, spec.group_size))                                 # (..., groups, group_size)
-        scale = xf.abs().amax(dim=-1, keepdim=True) / limit
+        scale = _over(xf.abs().amax(dim=-1, keepdim=True), limit)
     else:
-        scale = xf.abs().amax() / limit
+        scale = _over(xf.abs().amax(), limit)
     # An all-zero token keeps scale 1: its values stay 0 whatever the scale.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.type is NumberType.FLOAT:

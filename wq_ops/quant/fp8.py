@@ -32,6 +32,8 @@ def quantize_fp8(w: Tensor, *, layout: WeightLayout, scale_dtype: torch.dtype,
                  block: tuple[int, int] = FP8_BLOCK_SHAPE) -> FloatResult:
     """w: (out, in), any float dtype (math in float32). layout: GROUP is one scale per output channel ((out, 1)),
     TENSOR one for all ((1, 1)), BLOCK one per block ((ceil(out / bh), ceil(in / bw)), partial at the ends)."""
+    if layout is WeightLayout.TENSOR_GROUP:
+        raise ValueError("layout=tensor_group is NVFP4's (wq_ops.quant.nvfp4), not FP8's")
     w = w.to(torch.float32)
     out_features, in_features = w.shape
     if layout is WeightLayout.GROUP:
