@@ -39,6 +39,23 @@ def test_a_scheme_writes_its_preset(tmp_path, scheme, bits, sym):
     assert float((got - want).norm() / want.norm()) < 0.05
 
 
+def _tensors(directory):
+    found = {}
+    for path in directory.glob("*.safetensors"):
+        found.update(load_file(path))
+    return found
+
+
+def _jobs_eval(model, text, tmp_path) -> float:
+    """jobs.eval's perplexity of `model`, as it prints it (4 decimals), in the setting of the jobs' --eval."""
+    from jobs import eval as eval_job
+
+    out = tmp_path / "jobs_eval.json"
+    assert eval_job.main(["--model", str(model), "--text", str(text), "--seq-len", "96", "--max-windows", "5",
+                          "--device", "cpu", "--json", str(out)]) == 0
+    return json.loads(out.read_text())["ppl"]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("activation-schemes")
@@ -50,8 +67,6 @@ def tiny(tmp_path_factory):
 def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path, tiny, scheme):
     """The artifact is the preset's (format, dtypes, scales' shapes); transformers loads it; the job's --eval,
     which quantizes each linear's input on the actors, gives jobs.eval's number on the written artifact."""
-    from jobs import eval as eval_job
-
     model, calib, text = tiny
     job = JobConfig.from_dict({"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib),
                                "samples": 6, "seq_len": 64, "runtime": "local", "scheme": scheme,
@@ -62,9 +77,7 @@ def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path
                                 "NVFP4A16": "nvfp4-pack-quantized"}.get(scheme, "float-quantized")
     assert config["ignore"] == ["lm_head"]
     assert result.report["job"]["scheme"] == scheme
-    tensors = {}
-    for path in result.out_dir.glob("*.safetensors"):
-        tensors.update(load_file(path))
+    tensors = _tensors(result.out_dir)
     q = "model.layers.0.self_attn.q_proj"
     if scheme.startswith("NVFP4"):
         assert tensors[q + ".weight_packed"].dtype == torch.uint8
@@ -81,15 +94,7 @@ def test_an_activation_scheme_is_served_and_scored_as_an_engine_runs_it(tmp_path
         want = fp8_scale_of(torch.tensor(layer["outliers"]["absmax"]), scale_dtype=torch.bfloat16)
         assert float(tensors["model.layers.0.self_attn.q_proj.input_scale"]) == float(want)
 
-    printed = []
-    eval_job.print = printed.append            # type: ignore[attr-defined]
-    try:
-        assert eval_job.main(["--model", str(result.out_dir), "--text", str(text), "--seq-len", "96",
-                              "--max-windows", "5", "--device", "cpu"]) == 0
-    finally:
-        del eval_job.print                     # type: ignore[attr-defined]
-    ppl = float(printed[0].split("ppl=")[1].split()[0])
-    assert round(result.report["eval"]["perplexity"], 4) == ppl
+    assert round(result.report["eval"]["perplexity"], 4) == _jobs_eval(result.out_dir, text, tmp_path)
 
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -131,8 +136,6 @@ def test_smoothquant_folds_into_the_norms_and_reports_the_maxima_before_and_afte
     """W8A8 smooths by default: each norm that feeds q/k/v or gate/up is divided by the factors its linears'
     columns were multiplied by, the report has each smoothed layer's input absmax before (and after, as its
     outliers), and the artifact (norms included) scores as --eval said. --smoothquant off keeps the norms."""
-    from jobs import eval as eval_job
-
     model, calib, text = tiny
     base = {"model": str(model), "calib": str(calib), "samples": 6, "seq_len": 64, "runtime": "local",
             "scheme": "W8A8", "eval": str(text), "eval_seq_len": 96, "eval_max_windows": 5}
@@ -140,17 +143,7 @@ def test_smoothquant_folds_into_the_norms_and_reports_the_maxima_before_and_afte
     plain = run_job(JobConfig.from_dict({**base, "out": str(tmp_path / "off"), "smoothquant": "off"}),
                     cache_dir=tmp_path / "c")
     assert smoothed.report["job"]["smoothquant"] == 0.5 and plain.report["job"]["smoothquant"] is None
-    source = {}
-    for path in model.glob("*.safetensors"):
-        source.update(load_file(path))
-
-    def tensors(out):
-        found = {}
-        for path in out.glob("*.safetensors"):
-            found.update(load_file(path))
-        return found
-
-    sq, off = tensors(smoothed.out_dir), tensors(plain.out_dir)
+    source, sq, off = _tensors(model), _tensors(smoothed.out_dir), _tensors(plain.out_dir)
     for norm in ("input_layernorm", "post_attention_layernorm"):
         name = f"model.layers.1.{norm}.weight"
         assert torch.equal(off[name], source[name])
@@ -163,11 +156,4 @@ def test_smoothquant_folds_into_the_norms_and_reports_the_maxima_before_and_afte
         assert layers[name]["absmax_before_smoothing"] is None
     assert all(x["absmax_before_smoothing"] is None for x in plain.report["layers"])
 
-    printed = []
-    eval_job.print = printed.append            # type: ignore[attr-defined]
-    try:
-        assert eval_job.main(["--model", str(smoothed.out_dir), "--text", str(text), "--seq-len", "96",
-                              "--max-windows", "5", "--device", "cpu"]) == 0
-    finally:
-        del eval_job.print                     # type: ignore[attr-defined]
-    assert round(smoothed.report["eval"]["perplexity"], 4) == float(printed[0].split("ppl=")[1].split()[0])
+    assert round(smoothed.report["eval"]["perplexity"], 4) == _jobs_eval(smoothed.out_dir, text, tmp_path)
