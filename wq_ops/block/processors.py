@@ -60,14 +60,9 @@ class _HessianProcessor:
             h = hessian_of(cap.stats)
             stats, smoothed_from = cap.stats, None
             starved = work.is_starved(group.names[0], cap.stats.n_tokens)
-            if quant.smoothquant is not None and _folds_into_norm(work, group) and not starved:
-                s = smoothquant.smoothing_scales(cap.stats.abs_max, [work.work[n + ".weight"] for n in group.names],
-                                                 alpha=quant.smoothquant)
-                fold_input_scales_(work.work, group.producer, group.names, s, work.dtype)   # type: ignore[arg-type]
-                h = h / torch.outer(s, s)                  # the Hessian of the smoothed input x / s
-                smoothed_from = cap.stats.abs_max.max()
-                stats = InputStats(xtx=cap.stats.xtx, abs_sum=cap.stats.abs_sum / s, abs_max=cap.stats.abs_max / s,
-                                   n_tokens=cap.stats.n_tokens)
+            norm = _norm_producer(work, group)
+            if quant.smoothquant is not None and norm is not None and not starved:
+                h, stats, smoothed_from = _smooth_(work, group, norm, cap.stats, h, alpha=quant.smoothquant)
             names = [n for n in group.names if not is_ignored(task.full_name(n), quant.ignore)]
             for name in group.names:
                 if name not in names:
@@ -106,11 +101,24 @@ class _HessianProcessor:
                             scale_dtype=work.scales_dtype, clip=clip)
 
 
-def _folds_into_norm(work: BlockWork, group: LinearGroup) -> bool:
-    """Whether the group's input comes from a norm that can absorb a per-channel scale (SmoothQuant's mapping:
+def _norm_producer(work: BlockWork, group: LinearGroup) -> str | None:
+    """The norm the group's input comes from, where it can absorb a per-channel scale (SmoothQuant's mapping:
     q/k/v from the attention's norm, gate/up from the MLP's; a routed MLP's norm also feeds its router, so its
-    experts have no producer)."""
-    return group.producer is not None and work.work[group.producer + ".weight"].dim() == 1
+    experts have no producer); None otherwise."""
+    if group.producer is None or work.work[group.producer + ".weight"].dim() != 1:
+        return None
+    return group.producer
+
+
+def _smooth_(work: BlockWork, group: LinearGroup, norm: str, stats: InputStats, h: torch.Tensor, *,
+             alpha: float) -> tuple[torch.Tensor, InputStats, torch.Tensor]:
+    """SmoothQuant on one group: its factors folded into `norm` and its weights (in `work`, hence the `_`).
+    Returns the Hessian and statistics of the smoothed input x / s, and the input's absmax before."""
+    s = smoothquant.smoothing_scales(stats.abs_max, [work.work[n + ".weight"] for n in group.names], alpha=alpha)
+    fold_input_scales_(work.work, norm, group.names, s, work.dtype)
+    smoothed = InputStats(xtx=stats.xtx, abs_sum=stats.abs_sum / s, abs_max=stats.abs_max / s,
+                          n_tokens=stats.n_tokens)
+    return h / torch.outer(s, s), smoothed, stats.abs_max.max()
 
 
 class _FloatProcessor:
