@@ -389,7 +389,10 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
                        calibration=prepared.calibration)
     if job.push_to_hub:
         assert hub_token is not None
-        message = redact(job.commit_message or f"wq: {job.quant.method.value} w{job.quant.bits}a16 of "
+        spec = job.quant.spec
+        what = job.quant.scheme.value if spec is not None and spec.group_size_fixed and job.quant.scheme else \
+            f"w{job.quant.bits}a16"
+        message = redact(job.commit_message or f"wq: {job.quant.method.value} {what} of "
                                                f"{job.model or 'the bundled tiny model'}")
         pushed = push_artifact(result.out_dir, job.push_to_hub, revision=job.push_revision, private=job.private,
                                commit_message=message, token=hub_token)

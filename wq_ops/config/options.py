@@ -138,7 +138,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", f"{J}.model", Kind.STR, None, "local checkpoint directory or Hub repo id (none: the bundled "
            "tiny model)", True),
     Option("revision", f"{J}.revision", Kind.STR, None, "Hub branch, tag or commit", True),
-    Option("out", f"{J}.out", Kind.STR, Dependent(_default_out, "out/<model>-<method>-w<bits>"),
+    Option("out", f"{J}.out", Kind.STR, Dependent(_default_out, "out/<model>-<method>-w<bits>; out/<model>-<scheme> "
+                                                  "for W8A8, FP8* and NVFP4*"),
            "output directory", False),
     Option("format", f"{J}.format", Kind.CHOICE, Format.COMPRESSED_TENSORS, "artifact format", True, choices=Format),
     Option("overwrite", f"{J}.overwrite", Kind.BOOL, False, "replace a complete artifact in --out", False),
