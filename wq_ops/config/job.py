@@ -153,12 +153,13 @@ class QuantConfig:
             raise ConfigError(f"{name}: its weights are symmetric (engines read no zero point); drop --asym")
         if self.group_size is not None:
             where = {WeightLayout.GROUP: "output channel", WeightLayout.TENSOR: "tensor",
-                     WeightLayout.BLOCK: "128x128 block"}[spec.layout]
+                     WeightLayout.BLOCK: "128x128 block", WeightLayout.TENSOR_GROUP: "16 columns (times a global "
+                     "one)"}[spec.layout]
             raise ConfigError(f"{name}: group_size={self.group_size}: the scheme stores one scale per {where}; "
                               "drop --group-size (or give 'channel')")
         if spec.weights is NumberType.FLOAT and self.method is not Method.RTN:
-            raise ConfigError(f"{name}: method={self.method.value} solves for an integer grid; FP8 weights are "
-                              "rounded to nearest: --method rtn (the scheme's default)")
+            raise ConfigError(f"{name}: method={self.method.value} solves for an integer grid; FP8 and NVFP4 weights "
+                              "are rounded to nearest: --method rtn (the scheme's default)")
 
     def _check_smoothquant(self) -> None:
         alpha = self.smoothquant
@@ -355,11 +356,10 @@ class JobConfig:
             raise ConfigError(f"format=gptq stores integer weight-only schemes; scheme={spec_name(self.quant)} "
                               "is written as compressed-tensors: --format compressed-tensors")
         if self.tp_policy is TpPolicy.PAD and self.quant.weight_type is NumberType.FLOAT:
-            raise ConfigError(f"tp_policy=pad pads integer codes; scheme={spec_name(self.quant)} stores FP8 weights: "
+            raise ConfigError(f"tp_policy=pad pads integer codes; scheme={spec_name(self.quant)} stores float weights: "
                               "use --tp-policy refuse, or leave out the --tp-sizes it cannot load")
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f"out={self.out!r}: expected an output directory path")
-        object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
         object.__setattr__(self, "modeling", parse_enum(Modeling, self.modeling, "modeling"))
 
     @classmethod
