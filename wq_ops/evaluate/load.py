@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from wq_ops.errors import ArtifactError
-from wq_ops.evaluate.served_inputs import quantize_inputs_, served_activations, static_input_scales
+from wq_ops.evaluate.served_inputs import (
+    quantize_inputs_,
+    quantized_module_names,
+    served_activations,
+    static_input_scales,
+)
 
 __all__ = ["load_causal_lm", "load_tokenizer"]
 
@@ -49,8 +54,15 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
     if kwargs:
         _compute_in_float(loaded)
     if activations is not None:
-        scales = None if activations.dynamic else static_input_scales(_local_dir(model))
-        quantize_inputs_(loaded, activations, ignore=list(quantization.get("ignore", [])), static_scales=scales)
+        files = _local_dir(model)
+        scales = None if activations.dynamic else static_input_scales(files)
+        hooked = quantize_inputs_(loaded, activations, ignore=list(quantization.get("ignore", [])),
+                                  static_scales=scales)
+        missed = sorted(quantized_module_names(files) - hooked)
+        if missed:               # fused experts: transformers holds them as 3-D tensors, not linear modules
+            raise ArtifactError(f"{len(missed)} quantized layer(s), e.g. {missed[0]}, are not linear modules in "
+                                "transformers' model (fused experts), so their inputs cannot be quantized for "
+                                "scoring: a served perplexity needs vLLM")
     return loaded.to(torch.device(device)).eval()
 
 

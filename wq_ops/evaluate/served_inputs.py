@@ -17,7 +17,7 @@ from wq_ops.errors import ArtifactError
 from wq_ops.formats.block_tensors import is_ignored
 from wq_ops.quant.activations import fake_quantize_input
 
-__all__ = ["served_activations", "quantize_inputs_", "static_input_scales"]
+__all__ = ["served_activations", "quantize_inputs_", "static_input_scales", "quantized_module_names"]
 
 
 def served_activations(quantization_config: Mapping[str, Any] | None) -> ActivationQuant | None:
@@ -55,12 +55,21 @@ def static_input_scales(model_dir: Path) -> dict[str, Tensor]:
     return scales
 
 
+def quantized_module_names(model_dir: Path) -> set[str]:
+    """The modules an artifact stores quantized (each has a `weight_scale`, whatever the format)."""
+    names: set[str] = set()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(n.removesuffix(".weight_scale") for n in f.keys() if n.endswith(".weight_scale"))
+    return names
+
+
 def quantize_inputs_(model: nn.Module, spec: ActivationQuant, *, ignore: list[str],
-                     static_scales: Mapping[str, Tensor] | None = None) -> int:
+                     static_scales: Mapping[str, Tensor] | None = None) -> set[str]:
     """Hook every linear of `model` not matched by `ignore` (the config's patterns) so its input is quantized
-    as `spec` says; modifies the model in place (hooks), returns how many linears were hooked. static_scales:
+    as `spec` says; modifies the model in place (hooks), returns the hooked linears' names. static_scales:
     by module name, required for a static spec."""
-    hooked = 0
+    hooked: set[str] = set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_ignored(name, ignore):
             continue
@@ -75,5 +84,5 @@ def quantize_inputs_(model: nn.Module, spec: ActivationQuant, *, ignore: list[st
             return (fake_quantize_input(args[0], spec, static_scale=scale), *args[1:])
 
         module.register_forward_pre_hook(hook)
-        hooked += 1
+        hooked.add(name)
     return hooked
