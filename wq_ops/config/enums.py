@@ -21,6 +21,7 @@ class Method(str, Enum):
 class Format(str, Enum):
     COMPRESSED_TENSORS = "compressed-tensors"   # pack-quantized, as vLLM and llm-compressor read it
     GPTQ = "gptq"                               # GPTQ v1 layout (qweight/qzeros/scales/g_idx)
+    AWQ = "awq"                                 # AutoAWQ's GEMM layout (4-bit, groups; qweight/qzeros/scales)
 
 
 class Backend(str, Enum):

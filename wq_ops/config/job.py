@@ -352,9 +352,13 @@ class JobConfig:
             raise ConfigError(f"format=gptq with an asymmetric grid{given}: GPTQ v1 stores zero - 1, so a zero point "
                               "of 0 cannot be stored; use --sym, or --format compressed-tensors for --asym")
         spec = self.quant.spec
-        if self.format is Format.GPTQ and spec is not None and spec.group_size_fixed:
-            raise ConfigError(f"format=gptq stores integer weight-only schemes; scheme={spec_name(self.quant)} "
-                              "is written as compressed-tensors: --format compressed-tensors")
+        if self.format is not Format.COMPRESSED_TENSORS and spec is not None and spec.group_size_fixed:
+            raise ConfigError(f"format={self.format.value} stores integer weight-only schemes; scheme="
+                              f"{spec_name(self.quant)} is written as compressed-tensors: --format compressed-tensors")
+        if self.format is Format.AWQ and (self.quant.bits != 4 or self.quant.group_size is None):
+            raise ConfigError(f"format=awq: AutoAWQ's GEMM layout holds 4-bit codes in groups; bits={self.quant.bits}"
+                              f", group_size={self.quant.group_size or 'channel'}: use --bits 4 and a group size, or "
+                              "--format compressed-tensors")
         if self.tp_policy is TpPolicy.PAD and self.quant.weight_type is NumberType.FLOAT:
             raise ConfigError(f"tp_policy=pad pads integer codes; scheme={spec_name(self.quant)} stores float weights: "
                               "use --tp-policy refuse, or leave out the --tp-sizes it cannot load")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from wq_ops.config import Backend, Format, QuantConfig
 from wq_ops.errors import ConfigError
-from wq_ops.formats import compressed_tensors, gptq, naive_quantized, nvfp4_packed
+from wq_ops.formats import awq, compressed_tensors, gptq, naive_quantized, nvfp4_packed
 from wq_ops.formats.checks import Checks
 from wq_ops.quant.result import QuantResult, WeightResult, dequantize
 
@@ -22,11 +22,13 @@ __all__ = ["encode_linear", "quantization_config", "side_files", "format_module"
 _MODULES: dict[Format, ModuleType] = {
     Format.COMPRESSED_TENSORS: compressed_tensors,
     Format.GPTQ: gptq,
+    Format.AWQ: awq,
 }
 # The tensor that marks a quantized linear in each format (every module with one is decoded).
-_PACKED_LEAF: dict[Format, str] = {Format.COMPRESSED_TENSORS: "weight_packed", Format.GPTQ: "qweight"}
+_PACKED_LEAF: dict[Format, str] = {Format.COMPRESSED_TENSORS: "weight_packed", Format.GPTQ: "qweight",
+                                   Format.AWQ: "qweight"}
 # Formats whose readers fix the scale dtype; every other format stores scales in the model's dtype.
-_FIXED_SCALE_DTYPES: dict[Format, torch.dtype] = {Format.GPTQ: gptq.SCALE_DTYPE}
+_FIXED_SCALE_DTYPES: dict[Format, torch.dtype] = {Format.GPTQ: gptq.SCALE_DTYPE, Format.AWQ: awq.SCALE_DTYPE}
 
 
 def format_module(fmt: Format) -> ModuleType:

@@ -77,6 +77,13 @@ def loader_requirements(quant: QuantConfig, fmt: Format) -> LoaderRequirements:
         if quant.bits not in MARLIN_BITS or not quant.sym:
             notes.append(f"vLLM serves {quant.bits}-bit {'symmetric' if quant.sym else 'asymmetric'} GPTQ with its "
                          "`gptq` (exllama) kernel, not Marlin: float16 activations")
+    elif fmt is Format.AWQ:
+        method, checkpoint_format = "awq", "gemm"
+        versions.append(VersionRequirement("vllm", "0.2.0", "AWQConfig reads bits, group_size and zero_point "
+                                           "(vllm/model_executor/quantization_utils/awq.py in the 0.2.0 wheel)"))
+        notes.append("scales are float16: run vLLM with --dtype float16 for the exact reconstruction wq checked")
+        notes.append("layers left unquantized inside a block are listed in modules_to_not_convert; a loader that "
+                     "ignores that field would expect them packed (not checked against vLLM's releases)")
     else:
         raise ConfigError(f"format={fmt.value}: no loader requirements known")
     if quant.group_size not in MARLIN_GROUP_SIZES:

@@ -250,11 +250,12 @@ def _layout_reasons(shard: _Shard, quant: QuantConfig, fmt: Format, tp: int) -> 
         # qweight holds in * bits / 32 rows and vLLM's pack factor is Fraction(32, bits): 32 codes per word row.
         reasons.append(f"{where}: input dim {shard.in_features} is not a multiple of 32 (qweight packs 32 codes "
                        f"into {bits} int32 rows)")
-    elif (shard.in_features * bits) % 32:
+    elif fmt is not Format.AWQ and (shard.in_features * bits) % 32:      # AWQ packs along the output dim only
         reasons.append(f"{where}: input dim {shard.in_features} x {bits} bits is not a whole number of int32 words")
-    packs_output = fmt is Format.GPTQ or not quant.sym      # qzeros / weight_zero_point pack along the output dim
+    # qzeros / weight_zero_point pack along the output dim; AWQ's qweight does too.
+    packs_output = fmt in (Format.GPTQ, Format.AWQ) or not quant.sym
     if packs_output and (shard.out_features * bits) % 32:
-        what = "qzeros" if fmt is Format.GPTQ else "weight_zero_point"
+        what = {Format.GPTQ: "qzeros", Format.AWQ: "qweight and qzeros"}.get(fmt, "weight_zero_point")
         reasons.append(f"{where}: output dim {shard.out_features} x {bits} bits is not a whole number of int32 "
                        f"words ({what} packs along the output dim; vLLM needs out % {32 // math.gcd(32, bits)})")
     return reasons

@@ -124,9 +124,10 @@ def _usage(report: Mapping[str, Any]) -> list[str]:
     """How to run it: vLLM and transformers, with the repo id it will have where it is pushed."""
     job = report["job"]
     where = job.get("push_to_hub") or "PATH/TO/THIS/FOLDER"
-    gptq = job.get("format") == "gptq"
+    gptq = job.get("format") in ("gptq", "awq")             # float16 scales
     dtype = ", dtype=\"float16\"" if gptq else ""
-    needs = "`optimum` and `gptqmodel`" if gptq else "`compressed-tensors`"
+    needs = {"gptq": "`optimum` and `gptqmodel`", "awq": "its AWQ backend"}.get(str(job.get("format")),
+                                                                              "`compressed-tensors`")
     return [
         "## Use it",
         "",
@@ -149,8 +150,8 @@ def _usage(report: Mapping[str, Any]) -> list[str]:
         f"model = AutoModelForCausalLM.from_pretrained(\"{where}\", device_map=\"auto\")",
         f"tokenizer = AutoTokenizer.from_pretrained(\"{where}\")",
         "```",
-    ] + (["", "GPTQ v1 stores float16 scales: run it in float16 for the exact reconstruction wq checked."]
-         if gptq else [])
+    ] + (["", f"{'GPTQ v1' if job.get('format') == 'gptq' else 'AWQ'} stores float16 scales: run it in float16 "
+          "for the exact reconstruction wq checked."] if gptq else [])
 
 
 def _quality_rows(evaluation: Mapping[str, Any] | None) -> list[str]:
