@@ -144,22 +144,24 @@ class _FloatProcessor:
                                                      error=None, result=None, seconds=0.0))
             if not names:
                 continue
-            input_amax = cap.stats.abs_max.max()
             global_scale = nvfp4.global_scale_of(torch.stack([work.work[n + ".weight"].abs().max() for n in names])
                                                  .max()) if fp4 else None
+            # The group's one input: its static scale (FP8's per tensor; NVFP4's global, local ones at run time).
+            input_amax = cap.stats.abs_max.max()
+            input_scale = None if not static else nvfp4.global_scale_of(input_amax) if fp4 \
+                else fp8_scale_of(input_amax, scale_dtype=work.scales_dtype)
             for name in names:
                 t = time.perf_counter()
                 w = work.work[name + ".weight"]
                 result: WeightResult
                 if global_scale is not None:
                     result = nvfp4.quantize_nvfp4(w, global_scale=global_scale)
-                    if static:          # NVFP4 activations: a global scale from calibration, local ones at run time
-                        result = dataclasses.replace(result, input_global_scale=nvfp4.global_scale_of(input_amax))
+                    if input_scale is not None:
+                        result = dataclasses.replace(result, input_global_scale=input_scale)
                 else:
                     result = quantize_fp8(w, layout=quant.layout, scale_dtype=work.scales_dtype)
-                    if static:          # FP8: one scale per layer
-                        result = dataclasses.replace(result, input_scale=fp8_scale_of(input_amax,
-                                                                                      scale_dtype=work.scales_dtype))
+                    if input_scale is not None:
+                        result = dataclasses.replace(result, input_scale=input_scale)
                 w_hat = dequantize(result, work.dtype)
                 work.results[name] = result
                 work.work[name + ".weight"] = w_hat

@@ -55,8 +55,19 @@ class QuantResult:
                             damp_frac=self.damp_frac) for a, b in zip(cuts, cuts[1:])]
 
 
+class _RoundedToNearest:
+    """What the records ask of a result no solver produced (FP8, NVFP4): no proxy loss, no damping."""
+
+    row_loss = None
+    damp_frac = None
+
+    @property
+    def loss(self) -> None:
+        return None
+
+
 @dataclass(frozen=True)
-class FloatResult:
+class FloatResult(_RoundedToNearest):
     """FP8 E4M3 weights: values (out, in) float8_e4m3fn, and float32 scales exact in the storage dtype, one per
     output channel (out, 1), one for the whole tensor (1, 1), or one per block (ceil(out / bh), ceil(in / bw))
     with block = (bh, bw). The weight is values x scale. input_scale: () float32, the static scale of the
@@ -69,16 +80,10 @@ class FloatResult:
 
     bits = 8
     group_size = None
-    row_loss = None
-    damp_frac = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.values.shape[0]), int(self.values.shape[1]))
-
-    @property
-    def loss(self) -> None:
-        return None
 
     def expanded_scale(self) -> Tensor:
         """(out, in) float32: each weight's scale."""
@@ -89,7 +94,7 @@ class FloatResult:
 
 
 @dataclass(frozen=True)
-class Fp4Result:
+class Fp4Result(_RoundedToNearest):
     """NVFP4 weights: codes (out, in) uint8 in 0..15 (sign bit 3, E2M1 magnitude index bits 0-2), scale
     (out, in / 16) float8_e4m3fn per group of 16, global_scale () float32; weight = value x scale / global.
     input_global_scale: () float32, the static global scale of the layer's input activations (NVFP4 W4A4)."""
@@ -101,16 +106,10 @@ class Fp4Result:
 
     bits = 4
     group_size = 16
-    row_loss = None
-    damp_frac = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
-
-    @property
-    def loss(self) -> None:
-        return None
 
 
 WeightResult = QuantResult | FloatResult | Fp4Result
