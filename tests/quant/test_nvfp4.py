@@ -82,6 +82,7 @@ def test_the_gpu_quantizes_nvfp4_as_the_cpu_does(gen):
         pytest.skip("needs a CUDA GPU")
     w = (torch.randn(256, 512, generator=gen) * 0.05).to(torch.bfloat16)
     g = global_scale_of(w.float().abs().max())
+    assert torch.equal(global_scale_of(w.cuda().float().abs().max()).cpu(), g)
     cpu, gpu = quantize_nvfp4(w, global_scale=g), quantize_nvfp4(w.cuda(), global_scale=g.cuda())
     assert torch.equal(gpu.codes.cpu(), cpu.codes)
     assert torch.equal(gpu.scale.cpu().view(torch.uint8), cpu.scale.view(torch.uint8))

@@ -26,9 +26,11 @@ _TIES_UP = (False, True, False, True, False, True, False)
 
 def global_scale_of(amax: Tensor) -> Tensor:
     """() float32: 448 x 6 / amax, the global scale of a tensor (or of fused tensors) whose largest magnitude is
-    amax; 1 where amax is 0 or not finite."""
+    amax; 1 where amax is 0 or not finite. Computed as compressed-tensors does (its `generate_gparam`: a Python
+    number over a tensor, which torch evaluates as the number times the tensor's reciprocal), so the stored
+    scale is the one llm-compressor would write, to the bit."""
     amax = amax.to(torch.float32)
-    scale = torch.full_like(amax, _FP8_MAX * FP4_MAX) / amax
+    scale = torch.reciprocal(amax) * (_FP8_MAX * FP4_MAX)
     return torch.where((amax > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
 
 
