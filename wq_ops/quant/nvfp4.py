@@ -53,7 +53,8 @@ def quantize_nvfp4(w: Tensor, *, global_scale: Tensor, group_size: int = NVFP4_G
     g = global_scale.to(torch.float32)
     limit = torch.full_like(amax, FP4_MAX)
     scale = torch.clamp(amax / limit * g, -_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
-    # A group whose scale underflows FP8 stores the smallest subnormal: its values then round to 0 or near it.
+    # A group whose scale underflows FP8 stores the smallest subnormal, 2**-9, so its values keep codes up to 3
+    # (compressed-tensors writes 0.125 there, its FP8 epsilon, which rounds them all to 0).
     tiny = torch.tensor(2.0 ** -9, dtype=torch.float32, device=w.device).to(torch.float8_e4m3fn)
     scale = torch.where(scale.to(torch.float32) == 0, tiny, scale)
     effective = scale.to(torch.float32) / g                                       # (out, in / 16)
