@@ -111,8 +111,8 @@ def _default_out(options: Mapping[str, Any]) -> str:
 
 
 def _scheme(options: Mapping[str, Any]) -> SchemeSpec:
-    """The preset given with --scheme (W4A16 without one, or for a name wq does not write: the config refuses
-    that one, naming it)."""
+    """The preset given with --scheme (W4A16 without one, or for an unknown name: the config refuses that one,
+    naming the known ones)."""
     try:
         scheme = Scheme(options.get("scheme")) if options.get("scheme") is not None else Scheme.W4A16
     except ValueError:
@@ -168,14 +168,16 @@ OPTIONS: tuple[Option, ...] = (
            "128, symmetric), W4A16_ASYM (with zero points), W8A16 (8-bit, groups of 128), W8A8 (INT8 weights per "
            "channel, INT8 activations per token at run time), FP8_DYNAMIC (FP8 weights per channel, FP8 activations "
            "per token), FP8 (FP8 weights per tensor, static activation scales from calibration), FP8_BLOCK (FP8 "
-           "weights per 128x128 block, activations per group of 128); it sets --method, --bits, --sym and "
+           "weights per 128x128 block, activations per group of 128), NVFP4 (FP4 weights and activations, FP8 "
+           "scales per 16 and a global scale), NVFP4A16 (the same weights); it sets --method, --bits, --sym and "
            "--group-size, which still override where the scheme allows", True, choices=Scheme),
     Option("method", f"{Q}.method", Kind.CHOICE, Dependent(lambda o: _scheme(o).method, "gptq; rtn for the FP8 "
-           "schemes"), "algorithm", True, choices=Method),
+           "and NVFP4 schemes"), "algorithm", True, choices=Method),
     Option("bits", f"{Q}.bits", Kind.INT, Dependent(lambda o: _scheme(o).bits, "4; 8 for --scheme W8A16, W8A8, "
            "FP8*"), "2, 3, 4 or 8", True),
     Option("group_size", f"{Q}.group_size", Kind.GROUP_SIZE, Dependent(lambda o: _scheme(o).group_size, "128; "
-           "channel for --scheme W8A8 and FP8*"), "columns per scale: a multiple of 32, or 'channel'", True),
+           "channel for --scheme W8A8, FP8* and NVFP4* (whose layouts fix their scales)"),
+           "columns per scale: a multiple of 32, or 'channel'", True),
     # Symmetric by default: transformers cannot load asymmetric pack-quantized checkpoints yet (llm-compressor#1618).
     Option("sym", f"{Q}.sym", Kind.BOOL, Dependent(lambda o: _scheme(o).sym, "symmetric; asymmetric for "
            "--scheme W4A16_ASYM"), "symmetric grid; --asym stores zero points (vLLM loads them; "
