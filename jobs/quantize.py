@@ -60,14 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         if result.calibration is not None:
             print(result.calibration.describe())
         print(result.disk)
-        from wq_ops.cluster.plan import check_fits
+        from wq_ops.cluster.plan import JobPlan, check_fits
 
         try:
-            check_fits(result.plan)
+            if isinstance(result.plan, JobPlan):
+                check_fits(result.plan)
             print("dry run: the plan fits; nothing written")
         except WqError as e:
             print(f"dry run: the plan does not fit: {e}")
             return 2
+    elif result.model_free:
+        t = result.totals
+        print(f"wrote {result.out_dir}: {t['tensors_quantized']} tensors quantized without calibration, mean "
+              f"weight error {t['mean_weight_error']:.3e}, {t['wall_seconds']:.1f} s; report in "
+              f"{result.out_dir / 'wq_report.json'}")
     else:
         t = result.totals
         print(f"wrote {result.out_dir}: {t['layers_quantized']} layers quantized, mean output error "

@@ -193,7 +193,7 @@ def test_an_activation_scheme_sets_its_method_layout_and_activations(scheme, met
     ({"scheme": "FP8_BLOCK", "group_size": 64}, "one scale per 128x128 block"),
     ({"scheme": "NVFP4", "group_size": 32}, "scheme=NVFP4: group_size=32: the scheme stores one scale per 16 "
                                             "columns"),
-    ({"scheme": "NVFP4A16", "method": "gptq"}, "FP8 and NVFP4 weights are rounded to nearest"),
+    ({"scheme": "NVFP4A16", "method": "gptq"}, "NVFP4 and bitsandbytes weights are rounded to nearest"),
     ({"scheme": "W8A8", "bits": 4}, "scheme=W8A8: bits=4: the scheme's weights are 8-bit"),
     ({"scheme": "FP8", "sym": False}, "scheme=FP8: its weights are symmetric"),
     ({"scheme": "FP8_DYNAMIC", "format": "gptq"}, "format=gptq stores integer weight-only schemes; "

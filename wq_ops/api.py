@@ -25,6 +25,7 @@ from wq_ops.report.progress import BarReporter, BlockProgress, CallbackReporter,
 
 if TYPE_CHECKING:
     from wq_ops.calib.data import CalibrationSummary
+    from wq_ops.cluster.model_free import ShardPlan
     from wq_ops.cluster.plan import JobPlan
 
 __all__ = ["quantize", "job_config", "QuantizeResult", "LayerError", "BlockProgress", "cache_dir"]
@@ -47,7 +48,7 @@ class QuantizeResult:
     """What a job made. After a dry run: the plan, the calibration summary and the disk check only."""
 
     out_dir: Path
-    plan: "JobPlan"
+    plan: "JobPlan | ShardPlan"          # a model-free job's: its shards, tensors and memory
     report: dict[str, Any] | None        # wq_report.json's content (None after a dry run)
     layers: tuple[LayerError, ...]       # in block order
     calibration: "CalibrationSummary | None"
@@ -56,6 +57,10 @@ class QuantizeResult:
     @property
     def dry_run(self) -> bool:
         return self.report is None
+
+    @property
+    def model_free(self) -> bool:
+        return bool(self.report and self.report.get("model_free"))
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -106,6 +111,14 @@ def quantize(model: str | os.PathLike[str] | None = None, *,
     logs the lines only, a function is called with each block's `BlockProgress`. hub_token: for push_to_hub
     (default: HF_TOKEN or the huggingface_hub login). command: the command line to record in the report."""
     job = job_config(model, **options)
+    if job.model_free:
+        from wq_ops.cluster.model_free import run_model_free
+        from wq_ops.io.hub_push import resolve_token as resolve
+
+        done_free = run_model_free(job, cache_dir=cache_dir(), command=command,
+                                   hub_token=resolve(hub_token) if job.push_to_hub and not job.dry_run else None)
+        return QuantizeResult(out_dir=done_free.out_dir, plan=done_free.plan, report=done_free.report, layers=(),
+                              calibration=None, disk=done_free.disk)
     if job.run.gpus_per_actor > 0 and choose_runtime(job.run).name == "local":
         # The in-process actor's CUDA context, made while torch imports (the driver imports it). torch's
         # own default, set first: the CUDA driver reads it once, at cuInit.

@@ -35,7 +35,7 @@ def test_a_hub_model_card_names_its_base_model_relation_and_license():
     assert meta["tags"] == ["wq", "compressed-tensors", "gptq", "w4a16"] and card.count("tags:") == 1
     assert ModelCard(card).data.base_model == "meta-llama/Llama-3.1-8B"        # huggingface_hub reads it back
     assert parse_model_card(card) == CardFacts(base_model="meta-llama/Llama-3.1-8B", revision="ab" * 20,
-                                               method="gptq", bits=4, group_size=128, format="compressed-tensors")
+                                               method="gptq", bits=4, group="128", format="compressed-tensors")
     assert 'vllm serve me/Llama-w4' in card and 'LLM("me/Llama-w4")' in card
     assert 'AutoModelForCausalLM.from_pretrained("me/Llama-w4"' in card
 
@@ -80,7 +80,7 @@ def test_an_activation_scheme_card_names_the_scheme_its_activations_and_format()
     assert "# Llama-3.1-8B - FP8_DYNAMIC" in card and "Weight-only" not in card
     assert "| activations | FP8 E4M3 per token, scales computed by the engine from each input |" in card
     assert "| format | compressed-tensors (float-quantized) |" in card
-    assert parse_model_card(card).group_size is None and parse_model_card(card).bits == 8
+    assert parse_model_card(card).group == "per-channel" and parse_model_card(card).bits == 8
     r["job"] = {**r["job"], "scheme": "W4A16"}                         # a weight-only preset keeps the old card
     assert "Weight-only 4-bit" not in render_model_card(r, command="")  # bits stay the job's (8 here)
     assert "Weight-only 8-bit quantization" in render_model_card(r, command="")

@@ -61,7 +61,11 @@ def test_example_loads_and_its_recipes_are_quantize_command_lines():
     (lambda d: d["resources"].update(gpus=1), "resources: unknown key(s) gpus"),
     (lambda d: d["recipes"]["rtn-w8-channel"].update(bits=5), "recipes.rtn-w8-channel: bits=5: expected one of"),
     (lambda d: d["recipes"]["rtn-w8-channel"].update(group_size=100), "group_size=100: must be a multiple of 32"),
-    (lambda d: d["recipes"]["rtn-w8-channel"].update(method="hqq"), "method='hqq': expected one of gptq, awq, rtn"),
+    (lambda d: d["recipes"]["rtn-w8-channel"].update(method="sparsegpt"), "method='sparsegpt': expected one of gptq, "
+                                                                          "awq, rtn, hqq"),
+    (lambda d: d["recipes"]["rtn-w8-channel"].update(scheme="FP8"), "rtn-w8-channel: scheme=FP8: its weights are "
+                                                                    "symmetric"),
+    (lambda d: d["recipes"]["rtn-w8-channel"].update(model_free=True), "--model-free: --calib: it uses no calibration"),
     (lambda d: d["recipes"]["rtn-w8-channel"].update(format="gguf"), "format='gguf': expected one of"),
     (lambda d: d["recipes"]["rtn-w8-channel"].update(samples=0), "samples=0: expected a positive integer"),
     (lambda d: d["resources"].update(actors=0), "resources: actors=0: expected a positive integer"),
@@ -97,6 +101,30 @@ def test_the_fingerprint_follows_every_option_but_the_name():
                   Recipe(name="a", calib="/c.txt"), Recipe(name="a", sym=False, calib="/a.txt"),
                   Recipe(name="a", format="gptq", calib="/a.txt"), Recipe(name="a", samples=64, calib="/a.txt")):
         assert other.fingerprint != base.fingerprint
+
+
+def test_a_recipe_written_before_schemes_keeps_its_fingerprint():
+    """The hash wq computed before recipes took a scheme (measured at fce29ff): an old watch list's state stays
+    up to date, with nothing requantized."""
+    assert Recipe(name="a", calib="/a.txt").fingerprint == "1332750da48eb113"
+
+
+def test_a_recipe_names_a_scheme_or_the_model_free_path():
+    data = yaml.safe_load(EXAMPLE)
+    data["recipes"]["fp8-day0"] = {"scheme": "FP8_DYNAMIC", "model_free": True}
+    data["recipes"]["w4-g64"] = {"scheme": "W4A16_ASYM", "group_size": 64, "calib": "/c.txt"}
+    data["watch"][0]["recipes"] += ["fp8-day0", "w4-g64"]
+    watch = WatchList.from_dict(data)
+    fp8, w4 = watch.recipes[2:]
+    assert fp8.flags() == ["--scheme", "FP8_DYNAMIC", "--model-free", "--format", "compressed-tensors"]
+    args = quantize_parser().parse_args([*w4.flags(), *watch.resources.flags()])
+    assert (args.scheme, args.group_size, args.calib) == ("W4A16_ASYM", "64", "/c.txt")
+    assert not hasattr(args, "sym") and not hasattr(args, "method")        # the scheme's defaults apply
+    assert (w4.quant.sym, w4.quant.bits, w4.quant.method) == (False, 4, Method.GPTQ)
+    assert fp8.quant.method is Method.RTN and fp8.fingerprint != Recipe(name="x", scheme="FP8_DYNAMIC",
+                                                                        calib="/c.txt").fingerprint
+    assert watch.destination_for(watch.watch[0], "meta-llama/Llama-3.1-8B", fp8) == \
+        "my-org/Llama-3.1-8B-fp8-day0"
 
 
 def test_a_recipe_can_score_its_artifacts():

@@ -27,6 +27,7 @@ from wq_ops.quant import nvfp4, smoothquant
 from wq_ops.quant.fp8 import fp8_scale_of, quantize_fp8
 from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import InputStats, hessian_of, output_error_tensor, quadratic_operand
+from wq_ops.quant.hqq import quantize_hqq
 from wq_ops.quant.result import QuantResult, WeightResult, dequantize
 from wq_ops.quant.rtn import quantize_rtn, search_clip
 
@@ -93,6 +94,9 @@ class _HessianProcessor:
                                  damp_frac=quant.gptq.damp_frac, act_order=quant.act_order,
                                  block_size=quant.gptq.block_size,
                                  scale_dtype=work.scales_dtype, solver=kernels_for(quant.backend).gptq)
+        if self.method is Method.HQQ and not rtn:
+            return quantize_hqq(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                scale_dtype=work.scales_dtype)
         clip = None
         if quant.rtn_clip_search and self.method is Method.RTN:
             clip = search_clip(w.to(torch.float32), bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
@@ -184,6 +188,7 @@ class _AwqProcessor:
 PROCESSORS: dict[Method, Processor] = {
     Method.GPTQ: _HessianProcessor(Method.GPTQ),
     Method.RTN: _HessianProcessor(Method.RTN),
+    Method.HQQ: _HessianProcessor(Method.HQQ),     # calibration-free; the Hessian measures its output error
     Method.AWQ: _AwqProcessor(),
 }
 

@@ -124,8 +124,9 @@ def split_spans(n_blocks: int, n_actors: int) -> list[tuple[int, ...]]:
 # outputs, the statistics, solve and pack), in units of one plain float forward of the block over the
 # calibration set. From the per-block phase times of the H100 runs in benchmarks/RESULTS.md: GPTQ, 8B,
 # one pass ~0.38 s (half the "forward" phase, which made two), solve 0.44 s, pack 0.06 s: (0.38 + 0.44 +
-# 0.06) / 0.38 = 2.3. AWQ, 1B: (0.13 + 0.64 + 0.05) / 0.13 = 6.4. RTN, not measured there: about 1.5.
-QUANTIZE_COST = {Method.GPTQ: 2.3, Method.AWQ: 6.4, Method.RTN: 1.5}
+# 0.06) / 0.38 = 2.3. AWQ, 1B: (0.13 + 0.64 + 0.05) / 0.13 = 6.4. RTN, not measured there: about 1.5; HQQ
+# (20 elementwise passes over each weight, no calibration statistics of its own) not measured either: about 2.
+QUANTIZE_COST = {Method.GPTQ: 2.3, Method.AWQ: 6.4, Method.RTN: 1.5, Method.HQQ: 2.0}
 
 
 def pipeline_finish_times(spans: list[int], quantize_cost: float) -> list[float]:
@@ -204,6 +205,9 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     elif job.quant.method is Method.RTN:
         # RTN solves a stacked group at once too; its clipping search holds about four float32 temporaries of it.
         solving = max(stacked.values()) * (4 + 4 + 1 + (16 if job.quant.rtn_clip_search else 0))
+    elif job.quant.method is Method.HQQ:
+        # HQQ's iterations hold about four float32 temporaries of the stacked group (error, codes, shrinkage).
+        solving = max(stacked.values()) * (4 + 4 + 1 + 16)
     else:
         solving = max(s.in_features * s.out_features for s in linears) * (4 + 4 + 1)
     # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.

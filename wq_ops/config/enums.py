@@ -16,12 +16,14 @@ class Method(str, Enum):
     GPTQ = "gptq"
     AWQ = "awq"
     RTN = "rtn"
+    HQQ = "hqq"       # half-quadratic optimisation of each group's grid: calibration-free, better than RTN
 
 
 class Format(str, Enum):
     COMPRESSED_TENSORS = "compressed-tensors"   # pack-quantized, as vLLM and llm-compressor read it
     GPTQ = "gptq"                               # GPTQ v1 layout (qweight/qzeros/scales/g_idx)
     AWQ = "awq"                                 # AutoAWQ's GEMM layout (4-bit, groups; qweight/qzeros/scales)
+    BITSANDBYTES = "bitsandbytes"               # transformers' Linear4bit state dicts (--scheme BNB_NF4, BNB_FP4)
 
 
 class Backend(str, Enum):
@@ -98,6 +100,8 @@ class Scheme(str, Enum):
     FP8_BLOCK = "FP8_BLOCK"       # FP8 weights per 128x128 block, activations per group of 128 (dynamic)
     NVFP4 = "NVFP4"               # FP4 E2M1 weights and activations, FP8 scales per 16 and a global scale
     NVFP4A16 = "NVFP4A16"         # the same weights, activations in 16 bits
+    BNB_NF4 = "BNB_NF4"           # bitsandbytes 4-bit NormalFloat (QLoRA's "-bnb-4bit"), double-quantized absmax
+    BNB_FP4 = "BNB_FP4"           # bitsandbytes 4-bit float, the same layout
 
 
 class TextJoin(str, Enum):

@@ -25,7 +25,7 @@ from wq_ops.config.enums import (
 )
 from wq_ops.config.options import OPTIONS, convert, default_of, fill_defaults, method_misfits
 from wq_ops.config.quant import AWQParams, GPTQParams, MoeParams, QuantConfig, spec_name
-from wq_ops.config.schemes import NumberType
+from wq_ops.config.schemes import NumberType, WeightLayout
 from wq_ops.errors import ConfigError
 
 __all__ = ["GPTQParams", "AWQParams", "MoeParams", "QuantConfig", "CalibConfig", "EvalConfig", "RunConfig",
@@ -135,13 +135,14 @@ class JobConfig:
     out: str
     model: str | None = default_of("model")     # local directory or Hub repo id; None: wq's bundled tiny model
     revision: str | None = default_of("revision")   # Hub revision (branch, tag or commit); None: the default branch
-    format: Format = default_of("format")
+    format: Format = Format.COMPRESSED_TENSORS   # the job's default depends on --scheme (options: format)
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     run: RunConfig = field(default_factory=RunConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     overwrite: bool = default_of("overwrite")
     dry_run: bool = default_of("dry_run")
+    model_free: bool = default_of("model_free")   # shard by shard, no model class, no calibration
     trust_remote_code: bool = default_of("trust_remote_code")
     modeling: Modeling = default_of("modeling")
     fail_after_blocks: int | None = default_of("fail_after_blocks")   # testing hook: crash an actor after this many
@@ -153,7 +154,17 @@ class JobConfig:
     commit_message: str | None = default_of("commit_message")
 
     def __post_init__(self) -> None:
-        if self.model is not None and self.calib.source is None:
+        object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
+        table = self.quant.weight_type is NumberType.TABLE
+        if table != (self.format is Format.BITSANDBYTES):
+            raise ConfigError(f"format={self.format.value} with scheme={spec_name(self.quant)}: bitsandbytes' layout "
+                              "holds its own schemes only; use --scheme BNB_NF4 or BNB_FP4 with --format bitsandbytes")
+        if table and not self.model_free:
+            raise ConfigError(f"scheme={spec_name(self.quant)}: bitsandbytes' rounding needs no calibration; quantize "
+                              "with --model-free")
+        if self.model_free:
+            self._check_model_free()
+        elif self.model is not None and self.calib.source is None:
             raise ConfigError(missing_calibration(str(self.model)))
         if self.quant.backend is Backend.CUDA and self.run.gpus_per_actor <= 0:
             raise ConfigError("backend=cuda: the actors have no GPU (gpus_per_actor=0); give --gpus-per-actor 1, "
@@ -167,13 +178,13 @@ class JobConfig:
             raise ConfigError("tp_policy=pad: give the sizes to pad for with --tp-sizes, e.g. 1,2,4,8")
         if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or self.push_to_hub.count("/") != 1):
             raise ConfigError(f"push_to_hub={self.push_to_hub!r}: expected a Hub repo id ORG/NAME")
-        object.__setattr__(self, "format", parse_enum(Format, self.format, "format"))
         if self.format is Format.GPTQ and not self.quant.sym:
             given = f" (scheme={self.quant.scheme.value})" if self.quant.scheme is not None else ""
             raise ConfigError(f"format=gptq with an asymmetric grid{given}: GPTQ v1 stores zero - 1, so a zero point "
                               "of 0 cannot be stored; use --sym, or --format compressed-tensors for --asym")
         spec = self.quant.spec
-        if self.format is not Format.COMPRESSED_TENSORS and spec is not None and spec.group_size_fixed:
+        if self.format not in (Format.COMPRESSED_TENSORS, Format.BITSANDBYTES) and spec is not None \
+                and spec.group_size_fixed:
             raise ConfigError(f"format={self.format.value} stores integer weight-only schemes; scheme="
                               f"{spec_name(self.quant)} is written as compressed-tensors: --format compressed-tensors")
         if self.format is Format.AWQ and (self.quant.bits != 4 or self.quant.group_size is None):
@@ -186,6 +197,35 @@ class JobConfig:
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f"out={self.out!r}: expected an output directory path")
         object.__setattr__(self, "modeling", parse_enum(Modeling, self.modeling, "modeling"))
+
+    def _check_model_free(self) -> None:
+        """What a job without calibration or a model class can do: weights rounded by rules alone."""
+        quant = self.quant
+        refusals = []
+        if self.model is None:
+            refusals.append("--model: give the checkpoint (the bundled model is quantized with calibration)")
+        if self.calib.source is not None:
+            refusals.append("--calib: it uses no calibration data; leave it out")
+        if quant.method not in (Method.RTN, Method.HQQ):
+            refusals.append(f"--method {quant.method.value}: needs calibration; use rtn or hqq")
+        if quant.weight_type is NumberType.FLOAT and quant.method is not Method.RTN:
+            refusals.append(f"--method {quant.method.value}: float weights are rounded to nearest (rtn)")
+        if quant.layout is WeightLayout.TENSOR_GROUP or (quant.activations is not None
+                                                         and not quant.activations.dynamic):
+            refusals.append(f"--scheme {spec_name(quant)}: needs calibration (static activation scales, or a global "
+                            "scale shared by the layers an engine fuses); use FP8_DYNAMIC, FP8_BLOCK, W8A8 or an "
+                            "integer weight-only scheme")
+        if quant.smoothquant is not None:
+            refusals.append("--smoothquant: its factors come from calibration activations; use --smoothquant off")
+        if self.format not in (Format.COMPRESSED_TENSORS, Format.BITSANDBYTES):
+            refusals.append(f"--format {self.format.value}: model-free artifacts are compressed-tensors or "
+                            "bitsandbytes")
+        if self.evaluation.text is not None:
+            refusals.append("--eval: needs the model class; score the artifact with python -m jobs.eval")
+        if self.tp_sizes is not None:
+            refusals.append("--tp-sizes: the checks need the model's layout; leave it out")
+        if refusals:
+            raise ConfigError("--model-free: " + "; ".join(refusals))
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "JobConfig":

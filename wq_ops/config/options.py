@@ -13,9 +13,8 @@ import argparse
 import difflib
 import math
 import os
-from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from wq_ops.config.enums import (
     AwqLoss,
@@ -31,69 +30,12 @@ from wq_ops.config.enums import (
     TextJoin,
     TpPolicy,
 )
+from wq_ops.config.option_spec import Dependent, Kind, Option
 from wq_ops.config.schemes import SCHEMES, SMOOTHQUANT_ALPHA, NumberType, SchemeSpec
 from wq_ops.errors import ConfigError
 
 __all__ = ["Kind", "Dependent", "Option", "OPTIONS", "option", "default_of", "fill_defaults", "convert",
            "add_arguments", "method_misfits"]
-
-
-class Kind(str, Enum):
-    """How a value is read from YAML or the command line."""
-
-    STR = "str"
-    INT = "int"
-    FLOAT = "float"
-    BOOL = "bool"
-    CHOICE = "choice"                 # a member of the option's enum, by value
-    GROUP_SIZE = "group_size"         # an integer, or 'channel' (None: one group per row)
-    INT_LIST = "int_list"             # "1,2,4" or a list
-    PATTERNS = "patterns"             # "a,b" or a list of fnmatch patterns
-    FRACTION_OR_OFF = "fraction_or_off"   # a number in [0, 1], or 'off' (None)
-
-
-@dataclass(frozen=True)
-class Dependent:
-    """A default that depends on the other options given: fn(options) with what was given so far; `shown`
-    is how the help text states it."""
-
-    fn: Callable[[Mapping[str, Any]], Any]
-    shown: str
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str                         # YAML key; the flag is --name with '-' for '_'
-    target: str                       # the config field it sets: "job.out", "quant.gptq.damp_frac", ...
-    kind: Kind
-    default: Any                      # a value, or a Dependent
-    help: str
-    fingerprint: bool                 # its value enters the staging fingerprint (it changes the artifact)
-    choices: type[Enum] | None = None
-    negative: str | None = None       # BOOL: the flag that sets it false (--asym, --no-act-order)
-    method: Method | None = None      # applies to this method only: given for another, it is an error
-    cli: bool = True                  # False: YAML and the Python entry only (a testing hook)
-
-    @property
-    def takes_none(self) -> bool:
-        """A null given for it reaches its checks: None is one of its values (a group per row; unset paths and
-        addresses), or its default depends on the others (`out: null` is an error, not the default path).
-        Otherwise a null leaves it at its default."""
-        return self.default is None or isinstance(self.default, Dependent) or self.kind in (Kind.GROUP_SIZE,
-                                                                                            Kind.FRACTION_OR_OFF)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def shown_default(self) -> str:
-        if isinstance(self.default, Dependent):
-            return self.default.shown
-        if isinstance(self.default, Enum):
-            return str(self.default.value)
-        if self.default is None:
-            return "none"
-        return str(self.default)
 
 
 def _bundled(options: Mapping[str, Any]) -> bool:
@@ -120,11 +62,23 @@ def _scheme(options: Mapping[str, Any]) -> SchemeSpec:
     return SCHEMES.get(scheme, SCHEMES[Scheme.W4A16])
 
 
+def _default_format(options: Mapping[str, Any]) -> Format:
+    return Format.BITSANDBYTES if _scheme(options).weights is NumberType.TABLE else Format.COMPRESSED_TENSORS
+
+
+def _default_method(options: Mapping[str, Any]) -> Method:
+    scheme = _scheme(options)
+    if options.get("model_free") and scheme.method is not Method.RTN:     # no calibration: GPTQ and AWQ cannot run
+        return Method.HQQ
+    return scheme.method
+
+
 def _default_smoothquant(options: Mapping[str, Any]) -> float | None:
     scheme, method = _scheme(options), options.get("method")
     awq = (method.value if isinstance(method, Enum) else method) == Method.AWQ.value
+    # SmoothQuant's factors come from calibration activations, which a model-free job has none of.
     return SMOOTHQUANT_ALPHA if scheme.activations is not None and scheme.weights is NumberType.INT and not awq \
-        else None
+        and not options.get("model_free") else None
 
 
 def _default_backend(options: Mapping[str, Any]) -> Backend:
@@ -141,9 +95,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", f"{J}.out", Kind.STR, Dependent(_default_out, "out/<model>-<method>-w<bits>; out/<model>-<scheme> "
                                                   "for W8A8, FP8* and NVFP4*"),
            "output directory", False),
-    Option("format", f"{J}.format", Kind.CHOICE, Format.COMPRESSED_TENSORS, "artifact format", True, choices=Format),
+    Option("format", f"{J}.format", Kind.CHOICE, Dependent(_default_format, "compressed-tensors; bitsandbytes for "
+           "--scheme BNB_NF4 and BNB_FP4"), "artifact format", True, choices=Format),
     Option("overwrite", f"{J}.overwrite", Kind.BOOL, False, "replace a complete artifact in --out", False),
     Option("dry_run", f"{J}.dry_run", Kind.BOOL, False, "print the plan and its memory, then exit", False),
+    # Before the quantization options: it changes the defaults of --smoothquant (off: no activations to smooth).
+    Option("model_free", f"{J}.model_free", Kind.BOOL, False, "day-0 path: quantize the checkpoint's linear "
+           "weights shard by shard from the safetensors alone, with no model class and no calibration (any "
+           "architecture; --method rtn or hqq, or --scheme FP8_DYNAMIC, FP8_BLOCK, W8A8); each shard is a Ray task, "
+           "--actors of them at once on a local Ray, every node's CPUs on a cluster", True),
     Option("trust_remote_code", f"{J}.trust_remote_code", Kind.BOOL, False, "run the checkpoint's own modeling "
            "code", True),
     # The classes that ran enter the fingerprint, not the option that chose them (prepare.py).
@@ -171,8 +131,8 @@ OPTIONS: tuple[Option, ...] = (
            "weights per 128x128 block, activations per group of 128), NVFP4 (FP4 weights and activations, FP8 "
            "scales per 16 and a global scale), NVFP4A16 (the same weights); it sets --method, --bits, --sym and "
            "--group-size, which still override where the scheme allows", True, choices=Scheme),
-    Option("method", f"{Q}.method", Kind.CHOICE, Dependent(lambda o: _scheme(o).method, "gptq; rtn for the FP8 "
-           "and NVFP4 schemes"), "algorithm", True, choices=Method),
+    Option("method", f"{Q}.method", Kind.CHOICE, Dependent(_default_method, "gptq; rtn for the FP8 and NVFP4 "
+           "schemes; with --model-free hqq for integer weights"), "algorithm", True, choices=Method),
     Option("bits", f"{Q}.bits", Kind.INT, Dependent(lambda o: _scheme(o).bits, "4; 8 for --scheme W8A16, W8A8, "
            "FP8*"), "2, 3, 4 or 8", True),
     Option("group_size", f"{Q}.group_size", Kind.GROUP_SIZE, Dependent(lambda o: _scheme(o).group_size, "128; "
@@ -199,9 +159,13 @@ OPTIONS: tuple[Option, ...] = (
            True, negative="--no-act-order", method=Method.GPTQ),
     Option("block_size", f"{G}.block_size", Kind.INT, 128, "GPTQ columns per lazy-update block", True,
            method=Method.GPTQ),
-    Option("rtn_clip_search", f"{Q}.rtn_clip_search", Kind.BOOL, True, "RTN: search each group's clipping range "
-           "for the least output error under the diagonal of its input Hessian (41 ranges from min-max down to "
-           "0.8 x it); --no-rtn-clip-search takes min-max", True, negative="--no-rtn-clip-search", method=Method.RTN),
+    # Off with --model-free: without a Hessian the search can only weigh every weight alike, and that plain
+    # squared-error clip scored worse than min-max on SmolLM2 (wq_ops/quant/hqq.py's table; quality.md).
+    Option("rtn_clip_search", f"{Q}.rtn_clip_search", Kind.BOOL, Dependent(lambda o: not o.get("model_free"),
+           "on; off with --model-free"), "RTN: search each group's clipping range for the least output error under "
+           "the diagonal of its input Hessian (41 ranges from min-max down to 0.8 x it; with --model-free, the "
+           "least squared weight error); --no-rtn-clip-search takes min-max", True, negative="--no-rtn-clip-search",
+           method=Method.RTN),
     Option("awq_grid", f"{A}.grid", Kind.INT, 20, "AWQ scale-search grid points", True, method=Method.AWQ),
     Option("awq_clip_grid", f"{A}.clip_grid", Kind.INT, 20, "AWQ clip-search steps", True, method=Method.AWQ),
     Option("awq_max_shrink", f"{A}.max_shrink", Kind.FLOAT, 0.5, "AWQ clips a group's range to at least "

@@ -88,7 +88,7 @@ class QuantConfig:
     sym: bool = True                         # symmetric grid (zero point fixed at 2**(bits-1)); False stores zeros
     ignore: tuple[str, ...] = default_of("ignore")       # module-name patterns (fnmatch) left unquantized
     scheme: Scheme | None = default_of("scheme")   # the preset: weights' type and layout, activations (SCHEMES)
-    rtn_clip_search: bool = default_of("rtn_clip_search")   # RTN: each group's clip range searched, not min-max
+    rtn_clip_search: bool = True      # RTN: each group's clip range searched, not min-max (options: off model-free)
     smoothquant: float | None = None         # SmoothQuant's alpha; the job's default depends on --scheme (options)
     backend: Backend = Backend.REFERENCE     # the job's default depends on its GPUs (options: backend)
     gptq: GPTQParams = field(default_factory=GPTQParams)
@@ -143,12 +143,12 @@ class QuantConfig:
         if self.group_size is not None:
             where = {WeightLayout.GROUP: "output channel", WeightLayout.TENSOR: "tensor",
                      WeightLayout.BLOCK: "128x128 block", WeightLayout.TENSOR_GROUP: "16 columns (times a global "
-                     "one)"}[spec.layout]
+                     "one)", WeightLayout.FLAT_BLOCK: "64 values (bitsandbytes' blocks)"}[spec.layout]
             raise ConfigError(f"{name}: group_size={self.group_size}: the scheme stores one scale per {where}; "
                               "drop --group-size (or give 'channel')")
-        if spec.weights is NumberType.FLOAT and self.method is not Method.RTN:
-            raise ConfigError(f"{name}: method={self.method.value} solves for an integer grid; FP8 and NVFP4 weights "
-                              "are rounded to nearest: --method rtn (the scheme's default)")
+        if spec.weights is not NumberType.INT and self.method is not Method.RTN:
+            raise ConfigError(f"{name}: method={self.method.value} solves for an integer grid; FP8, NVFP4 and "
+                              "bitsandbytes weights are rounded to nearest: --method rtn (the scheme's default)")
 
     def _check_smoothquant(self) -> None:
         alpha = self.smoothquant

@@ -11,7 +11,7 @@ from typing import Any
 from wq_ops.config.enums import Method, Scheme
 
 __all__ = ["NumberType", "WeightLayout", "ActivationStrategy", "ActivationQuant", "SchemeSpec", "SCHEMES",
-           "FP8_BLOCK_SHAPE", "NVFP4_GROUP", "SMOOTHQUANT_ALPHA"]
+           "FP8_BLOCK_SHAPE", "NVFP4_GROUP", "BNB_BLOCK", "SMOOTHQUANT_ALPHA"]
 
 # SmoothQuant's default alpha with INT8 activations (benchmarks/quality.md measures it on SmolLM2).
 SMOOTHQUANT_ALPHA = 0.5
@@ -20,11 +20,14 @@ SMOOTHQUANT_ALPHA = 0.5
 FP8_BLOCK_SHAPE = (128, 128)
 # NVFP4's group: 16 values of a row share one FP8 scale.
 NVFP4_GROUP = 16
+# bitsandbytes' block: 64 values of the flattened weight share one absmax (transformers' default blocksize).
+BNB_BLOCK = 64
 
 
 class NumberType(str, Enum):
     INT = "int"            # integer codes on a scaled grid
     FLOAT = "float"        # FP8 E4M3 (8 bits) or FP4 E2M1 (4 bits, NVFP4) values times a scale
+    TABLE = "table"        # bitsandbytes: 4-bit codes into a 16-value table (NF4, FP4) times a block's absmax
 
 
 class WeightLayout(str, Enum):
@@ -34,6 +37,7 @@ class WeightLayout(str, Enum):
     TENSOR = "tensor"      # the whole matrix
     BLOCK = "block"        # a FP8_BLOCK_SHAPE tile
     TENSOR_GROUP = "tensor_group"    # NVFP4: FP8 scales per 16 columns of a row, times one global scale
+    FLAT_BLOCK = "flat_block"        # bitsandbytes: runs of BNB_BLOCK values of the flattened weight
 
 
 class ActivationStrategy(str, Enum):
@@ -84,7 +88,7 @@ class SchemeSpec:
     @property
     def group_size_fixed(self) -> bool:
         """Whether the layout leaves no choice of group size (per channel, per tensor, per block)."""
-        return self.activations is not None or self.weights is NumberType.FLOAT
+        return self.activations is not None or self.weights is not NumberType.INT
 
 
 _FP8 = NumberType.FLOAT
@@ -107,4 +111,7 @@ SCHEMES: dict[Scheme, SchemeSpec] = {
     Scheme.NVFP4: SchemeSpec(4, True, _FP8, WeightLayout.TENSOR_GROUP, None,
                              ActivationQuant(_FP8, ActivationStrategy.TENSOR_GROUP, False, NVFP4_GROUP, bits=4),
                              Method.RTN),
+    # Calibration-free by design (what QLoRA users download): written by --model-free in transformers' layout.
+    Scheme.BNB_NF4: SchemeSpec(4, True, NumberType.TABLE, WeightLayout.FLAT_BLOCK, None, None, Method.RTN),
+    Scheme.BNB_FP4: SchemeSpec(4, True, NumberType.TABLE, WeightLayout.FLAT_BLOCK, None, None, Method.RTN),
 }

@@ -22,14 +22,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from torch import Tensor
 
 from wq_ops.errors import ArtifactError
 
-__all__ = ["write_atomic", "save_tensors_atomic", "write_json_atomic", "ArtifactLayout", "check_output_dir",
-           "finalize_artifact", "check_output_apart", "check_room", "restore_set_aside",
+__all__ = ["write_atomic", "save_tensors_atomic", "write_json_atomic", "ArtifactLayout", "ShardLayout",
+           "check_output_dir", "finalize_artifact", "check_output_apart", "check_room", "restore_set_aside",
            "remove_leftovers", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -111,6 +111,40 @@ class ArtifactLayout:
         return self.staging / f"{part}.safetensors"
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a model-free job's files go: output shard i stands for the source's shard i (`source_shards`, in
+    order), staged under the fingerprint with its record beside it (written after it: a shard is finished if
+    and only if its record exists)."""
+
+    out_dir: Path
+    source_shards: tuple[str, ...]
+    fingerprint: str
+
+    @property
+    def staging(self) -> Path:
+        return self.out_dir / STAGING_DIR / self.fingerprint
+
+    def shard_name(self, position: int) -> str:
+        return f"model-{position + 1:05d}-of-{len(self.source_shards):05d}.safetensors"
+
+    def staged_shard(self, position: int) -> Path:
+        return self.staging / f"shard-{position:05d}.safetensors"
+
+    def staged_record(self, position: int) -> Path:
+        return self.staging / f"shard-{position:05d}.json"
+
+
+class StagedLayout(Protocol):
+    """What finalizing an artifact needs of a layout: the output directory and the job's staging folder."""
+
+    @property
+    def out_dir(self) -> Path: ...
+
+    @property
+    def staging(self) -> Path: ...
+
+
 def _beside(out_dir: Path, role: str) -> Path:
     """The sibling directory a replacement uses: `.NAME.wq-next` (the new artifact being built) or
     `.NAME.wq-old` (the old one, set aside by the two-rename fallback); beside the real directory where --out
@@ -164,7 +198,7 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
                 "write into a subdirectory of it (e.g. --out " + str(out_dir / "model") + ")")
 
 
-def check_room(layout: ArtifactLayout, artifact_bytes: int) -> str:
+def check_room(layout: StagedLayout, artifact_bytes: int) -> str:
     """Refuse, with the numbers, an artifact the output's filesystem has no room for; else a line saying what
     it needs. Staged shards already count (they move into place); an artifact being replaced stays whole
     until the new one is complete, so the new one needs room beside it."""
@@ -199,7 +233,7 @@ def check_output_apart(out_dir: Path, source: Path) -> None:
                         "source. Choose a directory outside the checkpoint")
 
 
-def finalize_artifact(layout: ArtifactLayout, *, shards: Mapping[Path, str], weight_map: Mapping[str, str],
+def finalize_artifact(layout: StagedLayout, *, shards: Mapping[Path, str], weight_map: Mapping[str, str],
                       total_size: int, files: Mapping[str, bytes]) -> Path:
     """Move the staged shards (staged path -> final shard name) into place, write `files` (name -> bytes:
     config.json, tokenizer, model card, reports), drop shards of an older incomplete artifact, then write the

@@ -11,7 +11,7 @@ from wq_ops.config import BUNDLED_CALIB, Scheme
 from wq_ops.config.schemes import SCHEMES, ActivationQuant, NumberType, SchemeSpec, WeightLayout
 from wq_ops.report.verdict import ERROR_SCALE, quality_verdict, size_verdict, tensor_parallel_verdict
 
-__all__ = ["render_model_card"]
+__all__ = ["render_model_card", "card_group"]
 
 _TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 
@@ -35,10 +35,7 @@ def render_model_card(report: Mapping[str, Any], *, command: str) -> str:
 def _body(report: Mapping[str, Any], *, command: str) -> str:
     job, source, totals = report["job"], report["source"], report["totals"]
     spec = _activation_scheme(job)
-    group = job.get("group_size") or "per-channel"
-    if spec is not None and spec.layout is not WeightLayout.GROUP:
-        group = {WeightLayout.TENSOR: "per-tensor", WeightLayout.BLOCK: "128x128-block",
-                 WeightLayout.TENSOR_GROUP: "16"}[spec.layout]
+    group = card_group(job.get("scheme"), job.get("group_size"))
     worst = totals.get("worst_layer") or {}
     base = source.get("repo_id") or source.get("model")
     name = str(base).rstrip("/").split("/")[-1]
@@ -63,18 +60,20 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
         *([] if spec is None or spec.activations is None else [f"| activations | {_activations(spec.activations)} |"]),
         f"| format | {job.get('format')} ({checkpoint_format}) |" if job.get("format") == "compressed-tensors"
         else f"| format | {job.get('format')} |",
-        f"| calibration | {job.get('samples')} samples x {job.get('seq_len')} tokens from "
-        f"{_calibration_source(job.get('calib'))} (seed {job.get('seed')}) |",
-        f"| layers | {totals['layers_quantized']} quantized, {totals['layers_kept']} kept in "
-        f"{source.get('dtype')} (embeddings, norms and lm_head are never quantized) |",
-        f"| mean relative output error | {totals['mean_output_error']:.3e} (geometric mean "
-        f"{totals['geomean_output_error']:.3e}) |",
-        f"| worst layer | `{worst.get('name')}` ({worst.get('output_error', 0.0):.3e}) |",
+        *(_model_free_rows(report) if report.get("model_free") else [
+            f"| calibration | {job.get('samples')} samples x {job.get('seq_len')} tokens from "
+            f"{_calibration_source(job.get('calib'))} (seed {job.get('seed')}) |",
+            f"| layers | {totals['layers_quantized']} quantized, {totals['layers_kept']} kept in "
+            f"{source.get('dtype')} (embeddings, norms and lm_head are never quantized) |",
+            f"| mean relative output error | {totals['mean_output_error']:.3e} (geometric mean "
+            f"{totals['geomean_output_error']:.3e}) |",
+            f"| worst layer | `{worst.get('name')}` ({worst.get('output_error', 0.0):.3e}) |"]),
         f"| size | {size_verdict(report)} |",
         f"| wall time | {totals['wall_seconds']:.1f} s |",
         *_compatibility_rows(report.get("compatibility")),
         *_quality_rows(report.get("eval")),
         "",
+        "Per-tensor errors and timings are in `wq_report.json`." if report.get("model_free") else
         ERROR_SCALE + " Per-layer errors, timings and activation-outlier statistics are in `wq_report.json`; "
         "`wq_report.html` shows them.",
         "",
@@ -90,6 +89,29 @@ def _body(report: Mapping[str, Any], *, command: str) -> str:
     return "\n".join(lines)
 
 
+def card_group(scheme: str | None, group_size: int | None) -> str:
+    """The card's group size: the number, `per-channel`, or the layout a scheme fixes (`per-tensor`,
+    `128x128-block`, `16`). The nightly scheduler compares a recipe's with a card's through this."""
+    spec = _activation_scheme({"scheme": scheme})
+    if spec is not None and spec.layout is not WeightLayout.GROUP:
+        return {WeightLayout.TENSOR: "per-tensor", WeightLayout.BLOCK: "128x128-block",
+                WeightLayout.TENSOR_GROUP: "16", WeightLayout.FLAT_BLOCK: "64-flat"}[spec.layout]
+    return str(group_size) if group_size else "per-channel"
+
+
+def _model_free_rows(report: Mapping[str, Any]) -> list[str]:
+    """A model-free artifact's rows: no calibration, and the weights' own error (there were no inputs)."""
+    totals = report["totals"]
+    worst = totals.get("worst_tensor") or {}
+    return [
+        "| calibration | none: model-free, each linear weight rounded from the checkpoint alone (no model class) |",
+        f"| tensors | {totals['tensors_quantized']} quantized, {totals['tensors_kept']} kept as stored (embeddings, "
+        "norms, routers and lm_head by default; each reason in wq_report.json) |",
+        f"| mean relative weight error | {totals['mean_weight_error']:.3e} (\\|W - Q\\|^2 / \\|W\\|^2) |",
+        f"| worst tensor | `{worst.get('name')}` ({worst.get('weight_error') or 0.0:.3e}) |",
+    ]
+
+
 def _activation_scheme(job: Mapping[str, Any]) -> SchemeSpec | None:
     """The job's preset where it quantizes activations or stores FP8 (the card then names it), else None."""
     try:
@@ -100,6 +122,8 @@ def _activation_scheme(job: Mapping[str, Any]) -> SchemeSpec | None:
 
 
 def _number(kind: NumberType, bits: int) -> str:
+    if kind is NumberType.TABLE:
+        return "bitsandbytes 4-bit (NF4 or FP4 table)"
     if kind is NumberType.FLOAT:
         return "FP4 E2M1" if bits == 4 else "FP8 E4M3"
     return f"INT{bits}"
@@ -126,7 +150,8 @@ def _usage(report: Mapping[str, Any]) -> list[str]:
     where = job.get("push_to_hub") or "PATH/TO/THIS/FOLDER"
     gptq = job.get("format") in ("gptq", "awq")             # float16 scales
     dtype = ", dtype=\"float16\"" if gptq else ""
-    needs = {"gptq": "`optimum` and `gptqmodel`", "awq": "its AWQ backend"}.get(str(job.get("format")),
+    needs = {"gptq": "`optimum` and `gptqmodel`", "awq": "its AWQ backend",
+             "bitsandbytes": "`bitsandbytes`"}.get(str(job.get("format")),
                                                                               "`compressed-tensors`")
     return [
         "## Use it",

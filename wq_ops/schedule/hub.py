@@ -109,7 +109,7 @@ class CardFacts:
     revision: str
     method: str
     bits: int
-    group_size: int | None
+    group: str                  # as the card writes it: a number, per-channel, per-tensor, 128x128-block
     format: str
 
 
@@ -133,9 +133,5 @@ def parse_model_card(text: str) -> CardFacts | None:
         return None
     base, revision, method, grid, fmt = found
     assert base and revision and method and grid and fmt     # for the type checker: checked just above
-    group = grid.group(2)
-    if group != "per-channel" and not group.isdigit():
-        return None
     return CardFacts(base_model=base.group(1), revision=revision.group(1), method=method.group(1),
-                     bits=int(grid.group(1)), group_size=None if group == "per-channel" else int(group),
-                     format=fmt.group(1))
+                     bits=int(grid.group(1)), group=grid.group(2), format=fmt.group(1))

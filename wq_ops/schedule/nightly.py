@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Callable, Mapping
 
 from wq_ops.errors import CheckpointError, ConfigError
+from wq_ops.report.model_card import card_group
 from wq_ops.schedule.hub import HubSource, HubUnreachable, parse_model_card
 from wq_ops.schedule.state import Record, StateStore, Status
 from wq_ops.schedule.submit import JobState, JobSubmitter
@@ -206,10 +207,12 @@ def rebuild_records(watch: WatchList, hub: HubSource,
         facts = parse_model_card(card) if card is not None else None
         if facts is None or facts.base_model != repo:
             continue
-        if (facts.method, facts.bits, facts.group_size, facts.format) != \
-                (recipe.method.value, recipe.bits, recipe.group_size, recipe.format.value):
+        quant = recipe.quant
+        group = card_group(quant.scheme.value if quant.scheme else None, quant.group_size)
+        if (facts.method, facts.bits, facts.group, facts.format) != \
+                (quant.method.value, quant.bits, group, recipe.format.value):
             log.warning("rebuild: %s holds %s w%d g%s %s, not recipe %s; it will be replaced", dest, facts.method,
-                        facts.bits, facts.group_size, facts.format, recipe.name)
+                        facts.bits, facts.group, facts.format, recipe.name)
             continue
         records[(repo, recipe.name)] = Record(
             model=repo, recipe=recipe.name, revision=facts.revision, fingerprint=recipe.fingerprint,

@@ -12,16 +12,16 @@ import json
 import re
 import string
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from wq_ops.config import (
     BUNDLED_CALIB,
-    CalibConfig,
-    EvalConfig,
     Format,
+    JobConfig,
     Method,
     QuantConfig,
     RunConfig,
+    Scheme,
     parse_enum,
     positive_int,
 )
@@ -33,6 +33,9 @@ __all__ = ["Recipe", "WatchEntry", "JobResources", "WatchList", "DESTINATION_FIE
 DESTINATION_FIELDS = ("owner", "name", "recipe", "method", "bits", "group_size", "format")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A recipe's group_size when its YAML gives none: the job's default for its scheme (None already means a group
+# per row, so it cannot mark "not given").
+JOB_DEFAULT: Literal["job default"] = "job default"
 
 
 def _check_keys(where: str, data: Any, cls: type) -> Mapping[str, Any]:
@@ -48,15 +51,19 @@ def _check_keys(where: str, data: Any, cls: type) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One artifact to make of each watched model: the quantize job's algorithm and calibration flags."""
+    """One artifact to make of each watched model: the quantize job's scheme, algorithm and calibration flags.
+    method, bits, group_size, sym: None takes the job's default (the scheme's; without one, GPTQ W4 g128
+    symmetric). model_free: the day-0 path, no calibration (e.g. FP8_DYNAMIC tonight, GPTQ once supported)."""
 
     name: str
-    method: Method = Method.GPTQ
-    bits: int = 4
-    group_size: int | None = 128       # None: one group per output row ('channel' in YAML)
+    scheme: Scheme | None = None
+    method: Method | None = None
+    bits: int | None = None
+    group_size: int | Literal["job default"] | None = JOB_DEFAULT   # None: one group per row ('channel' in YAML)
     format: Format = Format.COMPRESSED_TENSORS
-    sym: bool = True
-    calib: str | None = None           # path as the cluster sees it; required (None is an error naming what to give)
+    sym: bool | None = None
+    model_free: bool = False
+    calib: str | None = None           # path as the cluster sees it; required but with model_free
     samples: int | None = None         # None: the quantize job's default
     seq_len: int | None = None         # None: the quantize job's default
     eval: str | None = None            # text to score each artifact's perplexity on (--eval), as the cluster sees it
@@ -67,41 +74,81 @@ class Recipe:
         where = f"recipes.{self.name}"
         if not isinstance(self.name, str) or not _RECIPE_NAME.match(self.name):
             raise ConfigError(f"recipe name {self.name!r}: expected letters, digits, '.', '_' or '-'")
-        object.__setattr__(self, "method", parse_enum(Method, self.method, f"{where}.method"))
+        if self.scheme is not None:
+            object.__setattr__(self, "scheme", parse_enum(Scheme, self.scheme, f"{where}.scheme"))
+        if self.method is not None:
+            object.__setattr__(self, "method", parse_enum(Method, self.method, f"{where}.method"))
         object.__setattr__(self, "format", parse_enum(Format, self.format, f"{where}.format"))
-        if isinstance(self.group_size, str):
+        if isinstance(self.group_size, str) and self.group_size != JOB_DEFAULT:
             if self.group_size.strip().lower() != "channel":
                 raise ConfigError(f"{where}.group_size={self.group_size!r}: expected an integer or 'channel'")
             object.__setattr__(self, "group_size", None)
-        if not isinstance(self.sym, bool):
-            raise ConfigError(f"{where}.sym={self.sym!r}: expected true or false")
+        for flag in ("sym", "model_free"):
+            if getattr(self, flag) is not None and not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{where}.{flag}={getattr(self, flag)!r}: expected true or false")
         if self.calib is not None and (not isinstance(self.calib, str) or not self.calib):
             raise ConfigError(f"{where}.calib={self.calib!r}: expected a path")
-        try:   # the quantize job's own checks, so a bad recipe fails here rather than on the cluster
-            QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, sym=self.sym)
-            CalibConfig(n_samples=1 if self.samples is None else self.samples,
-                        seq_len=1 if self.seq_len is None else self.seq_len)
-            EvalConfig(text=self.eval, baseline=self.eval_baseline, max_windows=self.eval_max_windows)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        if self.calib is None:          # recipes quantize real models: the bundled text is not for them
+        if self.calib is None and not self.model_free:   # real models: the bundled text is not for them
             raise ConfigError(f"{where}.calib: missing; give the calibration text every watched model is quantized "
                               "with, a path the cluster's pods can read (e.g. /data/calib/wikitext-2-train.txt on "
                               f"the shared volume), or '{BUNDLED_CALIB}' for wq's bundled demo text")
+        try:   # the quantize job's own checks, so a bad recipe fails here rather than on the cluster
+            object.__setattr__(self, "_quant", JobConfig.from_dict(
+                {"model": "org/model", "out": "out", **self._options()}).quant)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def _options(self) -> dict[str, Any]:
+        """The quantize job's options this recipe gives (those left to the job's defaults are absent)."""
+        given: dict[str, Any] = {"scheme": self.scheme, "method": self.method, "bits": self.bits, "sym": self.sym,
+                 "format": self.format, "calib": self.calib, "samples": self.samples, "seq_len": self.seq_len,
+                 "eval": self.eval, "eval_max_windows": self.eval_max_windows}
+        options = {k: v for k, v in given.items() if v is not None}
+        if self.group_size != JOB_DEFAULT:
+            options["group_size"] = self.group_size
+        if self.model_free:
+            options["model_free"] = True
+        if self.eval_baseline:
+            options["eval_baseline"] = True
+        return options
+
+    @property
+    def quant(self) -> QuantConfig:
+        """What the job will quantize with: the recipe's options over the job's defaults."""
+        quant: QuantConfig = getattr(self, "_quant")
+        return quant
 
     @property
     def fingerprint(self) -> str:
-        """Hash of every option that changes the artifact: a recipe edited under the same name is new work."""
-        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+        """Hash of every option that changes the artifact: a recipe edited under the same name is new work. The
+        grid enters as the job will run it (a recipe written before schemes existed keeps its hash); the scheme
+        and the model-free path only where given."""
+        quant = self.quant
+        options: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                                   if f.name not in ("name", "scheme", "model_free")}
+        options.update(method=quant.method, bits=quant.bits, group_size=quant.group_size, sym=quant.sym)
+        if self.scheme is not None:
+            options["scheme"] = self.scheme
+        if self.model_free:
+            options["model_free"] = True
         text = json.dumps(options, sort_keys=True, default=lambda v: v.value)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def flags(self) -> list[str]:
-        """The quantize command line's flags for this recipe."""
-        out = ["--method", self.method.value, "--bits", str(self.bits),
-               "--group-size", "channel" if self.group_size is None else str(self.group_size),
-               "--format", self.format.value]
-        if not self.sym:
+        """The quantize command line's flags for this recipe: the grid spelled out where no scheme is named (as
+        before schemes existed), else the scheme and only what the recipe changes of it."""
+        quant = self.quant
+        out = ["--scheme", self.scheme.value] if self.scheme is not None else []
+        if self.model_free:
+            out.append("--model-free")
+        if self.scheme is None or self.method is not None:
+            out += ["--method", quant.method.value]
+        if self.scheme is None or self.bits is not None:
+            out += ["--bits", str(quant.bits)]
+        if self.scheme is None or self.group_size != JOB_DEFAULT:
+            out += ["--group-size", "channel" if quant.group_size is None else str(quant.group_size)]
+        out += ["--format", self.format.value]
+        if not quant.sym and (self.scheme is None or self.sym is not None):
             out.append("--asym")
         if self.calib is not None:
             out += ["--calib", self.calib]
@@ -162,8 +209,9 @@ def _check_template(where: str, template: Any) -> str:
 def render_destination(template: str, *, repo_id: str, recipe: Recipe) -> str:
     """The destination repo id for `repo_id` made with `recipe`. Raises ConfigError if it is not an org/name."""
     owner, name = repo_id.split("/", 1)
-    dest = template.format(owner=owner, name=name, recipe=recipe.name, method=recipe.method.value,
-                           bits=recipe.bits, group_size="channel" if recipe.group_size is None else recipe.group_size,
+    quant = recipe.quant
+    dest = template.format(owner=owner, name=name, recipe=recipe.name, method=quant.method.value,
+                           bits=quant.bits, group_size="channel" if quant.group_size is None else quant.group_size,
                            format=recipe.format.value)
     if not _REPO_ID.match(dest):
         raise ConfigError(f"destination {template!r} gives {dest!r} for {repo_id} with recipe {recipe.name}: "
