@@ -96,7 +96,8 @@ def main() -> int:
     print(f"checkpoint {ckpt} ready in {time.perf_counter() - t:.1f} s", flush=True)
     tools = args.tools.split(",")
     for tool in tools:     # imports compiled once, so no timed run pays for bytecode
-        warm = {"wq": "import ray, wq_ops.cluster.model_free", "llmcompressor": "import llmcompressor"}.get(tool)
+        warm = {"wq": "import ray, wq_ops.cluster.model_free; from wq_ops.kernels.build import load_extension; "
+                      "load_extension()", "llmcompressor": "import llmcompressor"}.get(tool)
         if warm:
             subprocess.run([sys.executable, "-c", warm], check=True, env=env)
     read = timed([sys.executable, "-c", READ_CHILD, str(ckpt)], env, work / "read.log", args.timeout_s) \
