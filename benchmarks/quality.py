@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--write", help="write the markdown table here")
     p.add_argument("--wq-args", default="", help="more flags for every quantize job, e.g. '--awq-loss layer'")
     p.add_argument("--tag", default="", help="suffix of the artifact folders (keeps --wq-args variants apart)")
+    p.add_argument("--model-free", dest="model_free", action="store_true", help="quantize with --model-free (no "
+                   "calibration; the rows' folders get the suffix -mf)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -66,15 +68,16 @@ def main() -> int:
         # A row without bits is a --scheme preset: it sets method, bits and grid itself.
         grid = f"w{bits}g{args.group_size}" if bits is not None else method.lower()
         out = work / (grid if bits is None else f"{method}-{grid}")
-        out = out.with_name(out.name + (f"-{args.tag}" if args.tag else ""))
+        out = out.with_name(out.name + (f"-{args.tag}" if args.tag else "") + ("-mf" if args.model_free else ""))
         chosen = ["--method", method, "--bits", str(bits), "--group-size", str(args.group_size)] if bits is not None \
             else ["--scheme", method]
         start = time.perf_counter()
         if not (out / "model.safetensors.index.json").exists():
+            data = ["--model-free"] if args.model_free else ["--calib", args.calib, "--samples", str(args.samples),
+                                                             "--seq-len", str(args.seq_len)]
             subprocess.run([sys.executable, "-m", "jobs.quantize", "--model", args.model, "--out", str(out), *chosen,
-                            "--calib", args.calib, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                            "--cpus-per-actor", str(args.cpus), "--log-level", "WARNING", *shlex.split(args.wq_args)],
-                           check=True, cwd=REPO, capture_output=True)
+                            *data, "--cpus-per-actor", str(args.cpus), "--log-level", "WARNING",
+                            *shlex.split(args.wq_args)], check=True, cwd=REPO, capture_output=True)
         report = json.loads((out / "wq_report.json").read_text())
         if bits is None:                          # the preset's method, and SmoothQuant's alpha where it ran
             method = f"{report['job']['method']}" + (f", smoothquant {report['job']['smoothquant']}"
@@ -92,7 +95,8 @@ def main() -> int:
         f"python benchmarks/quality.py --model {args.model} --work {args.work} --samples {args.samples} "
         f"--seq-len {args.seq_len} --eval-windows {args.eval_windows}"
         + (f" --rows {args.rows}" if args.rows else "")
-        + (f" --wq-args '{args.wq_args}' --tag {args.tag}" if args.wq_args else "") + " --write benchmarks/quality.md",
+        + (f" --wq-args '{args.wq_args}' --tag {args.tag}" if args.wq_args else "")
+        + (" --model-free" if args.model_free else "") + " --write benchmarks/quality.md",
         "```",
         "",
         "- model: SmolLM2-135M-Instruct built by `../shared/tools/make-smollm2-checkpoint.sh` (bf16; its "
