@@ -268,3 +268,22 @@ def test_a_gpu_worker_writes_the_cpus_bytes(tmp_path):
         _run(model, tmp_path / f"cpu-{scheme}", **options)
         _run(model, tmp_path / f"gpu-{scheme}", gpus_per_actor=1, **options)
         assert artifact_files(tmp_path / f"gpu-{scheme}") == artifact_files(tmp_path / f"cpu-{scheme}")
+
+
+def test_model_free_hqq_writes_the_calibrated_jobs_hqq_weights(tmp_path):
+    """HQQ needs no data: the calibrated job with --method hqq (whose calibration only measures the error)
+    stores the very tensors the model-free job does, layer by layer."""
+    from tests.factory import write_text
+
+    model = write_checkpoint(tmp_path / "llama", "llama")
+    _run(model, tmp_path / "free", method="hqq", group_size=32)
+    calibrated = quantize(str(model), out=str(tmp_path / "calibrated"), method="hqq", group_size=32,
+                          calib=str(write_text(tmp_path / "calib.txt")), samples=4, seq_len=32, progress=False)
+    free, calib = _all_tensors(tmp_path / "free"), _all_tensors(calibrated.out_dir)
+    packed = sorted(n for n in free if n.endswith(".weight_packed"))
+    assert len(packed) == 3 * 7
+    for name in packed:
+        module = name.removesuffix(".weight_packed")
+        for leaf in ("weight_packed", "weight_scale", "weight_shape"):
+            assert torch.equal(free[f"{module}.{leaf}"], calib[f"{module}.{leaf}"]), f"{module}.{leaf}"
+    assert calibrated.report["totals"]["layers_quantized"] == 3 * 7
