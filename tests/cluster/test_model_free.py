@@ -156,8 +156,10 @@ def test_three_workers_a_lost_worker_and_a_resumed_run_write_the_same_bytes(tmp_
     assert artifact_files(tmp_path / "resumed") == one
 
 
-def test_a_known_architecture_loads_with_transformers(tmp_path):
-    model = write_checkpoint(tmp_path / "llama", "llama")
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_known_architecture_loads_with_transformers(tmp_path, tied):
+    """A tied lm_head has no tensor of its own, yet loaders take it for a linear: the ignore list names it."""
+    model = write_checkpoint(tmp_path / "llama", "llama", tie_word_embeddings=tied)
     _run(model, tmp_path / "out", scheme="W4A16", group_size=32)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -87,6 +87,8 @@ def _group_width(quant: QuantConfig) -> int | None:
 
 def ignored_linears(roles: dict[str, Role]) -> list[str]:
     """The modules compressed-tensors' `ignore` must list: weight-like tensors kept dense (an engine applies the
-    scheme to every linear not listed), not embeddings or norms, which are no linear layers."""
+    scheme to every linear not listed), not embeddings or norms, which are no linear layers; and `lm_head`
+    always, which the default rules keep: a tied one has no tensor of its own, but is a linear to the loaders."""
     return sorted({r.module for r in roles.values() if r.role is TensorRole.KEPT and r.module is not None
-                   and not any(is_ignored(r.module.rsplit(".", 1)[-1], (p,)) for p in ("*embed*", "*norm*"))})
+                   and not any(is_ignored(r.module.rsplit(".", 1)[-1], (p,)) for p in ("*embed*", "*norm*"))}
+                  | {"lm_head"})
