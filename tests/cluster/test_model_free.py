@@ -289,3 +289,13 @@ def test_model_free_hqq_writes_the_calibrated_jobs_hqq_weights(tmp_path):
         for leaf in ("weight_packed", "weight_scale", "weight_shape"):
             assert torch.equal(free[f"{module}.{leaf}"], calib[f"{module}.{leaf}"]), f"{module}.{leaf}"
     assert calibrated.report["totals"]["layers_quantized"] == 3 * 7
+
+
+def test_a_worker_that_cannot_fit_is_refused_with_the_numbers(tmp_path):
+    from wq_ops.errors import ResourceError
+
+    model = write_unknown_checkpoint(tmp_path / "nova")
+    with pytest.raises(ResourceError, match=r"the largest shard's task needs about [0-9.]+ MiB and --actor-memory-gib "
+                                            r"gives 0\.10 MiB"):
+        _run(model, tmp_path / "o", actor_memory_gib=0.0001)
+    assert not (tmp_path / "o").exists()

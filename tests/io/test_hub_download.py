@@ -106,3 +106,19 @@ def test_more_actors_than_blocks_of_a_hub_model_start_no_actor(hub, tmp_path, mo
     with pytest.raises(ConfigError, match="actors=10: the model has only 4 decoder blocks"):
         run_job(job, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "o").exists()
+
+
+def test_model_free_from_the_hub_equals_it_from_disk(hub, tmp_path, monkeypatch):
+    """--model-free plans from the shards' headers read through the Hub (no download by the driver), and each
+    task fetches its own shard: the artifact is the one made from the same files on disk."""
+    from tests.factory import artifact_files
+    from wq_ops.api import quantize
+
+    monkeypatch.setenv("WQ_CACHE_DIR", str(tmp_path / "cache"))
+    src = write_checkpoint(tmp_path / "src", num_hidden_layers=2)
+    hub.add_repo_from_dir("org/tiny", src)
+    options = {"model_free": True, "scheme": "FP8_DYNAMIC", "progress": False}
+    quantize(str(src), out=str(tmp_path / "a"), **options)
+    remote = quantize("org/tiny", out=str(tmp_path / "b"), **options)
+    assert artifact_files(tmp_path / "a") == artifact_files(tmp_path / "b")
+    assert remote.report["source"]["revision"] == hub.repos["org/tiny"].sha

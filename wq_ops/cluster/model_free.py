@@ -217,18 +217,32 @@ def _scheme_text(job: JobConfig) -> str:
 
 
 def _check_memory(plan: ShardPlan, job: JobConfig) -> None:
-    """Refuse, with the numbers, a task no node has the memory for (a local run: this machine's available)."""
+    """Refuse, with the numbers, a task that cannot fit: in --actor-memory-gib where given, else in this machine's
+    available memory shared by the workers (a cluster's nodes are checked once Ray is up: `_largest_node`)."""
     import psutil
 
     if job.run.actor_memory_gib is not None:
         have, where = job.run.actor_memory_gib * GIB, "--actor-memory-gib"
-    else:
+    elif job.run.address is None:
         have, where = psutil.virtual_memory().available / max(job.run.actors, 1), "this machine's available memory " \
             f"shared by {job.run.actors} worker(s)"
+    else:
+        return
     if plan.worker_bytes > have:
-        raise ResourceError(f"--model-free: the largest shard's task needs about {plan.worker_bytes / GIB:.2f} GiB "
-                            f"and {where} gives {have / GIB:.2f} GiB; run fewer workers (--actors) or give each more "
+        raise ResourceError(f"--model-free: the largest shard's task needs about {_size(plan.worker_bytes)} "
+                            f"and {where} gives {_size(int(have))}; run fewer workers (--actors) or give each more "
                             "memory (--actor-memory-gib on a cluster whose nodes have it)")
+
+
+def _largest_node(plan: ShardPlan) -> None:
+    """On a Ray cluster, refuse a task no node has the memory for (Ray would leave it pending forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+    if nodes and plan.worker_bytes > max(nodes):
+        raise ResourceError(f"--model-free: the largest shard's task needs about {_size(plan.worker_bytes)}; "
+                            f"the cluster's largest node offers Ray {_size(int(max(nodes)))}; use nodes with more "
+                            "memory, or reshard the checkpoint into smaller files")
 
 
 def run_model_free(job: JobConfig, *, cache_dir: Path, command: str = "",
@@ -308,7 +322,7 @@ def _run_tasks(job: JobConfig, checkpoint: Checkpoint, plan: ShardPlan, start: f
         log.info("resuming: %d of %d shard(s) were staged by an earlier run of this job", resumed,
                  len(plan.layout.source_shards))
     total = len(plan.layout.source_shards)
-    for record in _computed(job, todo):
+    for record in _computed(job, todo, plan):
         done.append(record)
         elapsed = time.perf_counter() - start
         computed = len(done) - resumed
@@ -320,7 +334,7 @@ def _run_tasks(job: JobConfig, checkpoint: Checkpoint, plan: ShardPlan, start: f
     return sorted(done, key=lambda r: r.position), resumed
 
 
-def _computed(job: JobConfig, tasks: list[ShardTask]) -> Iterator[ShardDone]:
+def _computed(job: JobConfig, tasks: list[ShardTask], plan: ShardPlan) -> Iterator[ShardDone]:
     """Each task's record as it finishes: in this process for one worker on no cluster, else as Ray tasks."""
     if not tasks:
         return
@@ -335,8 +349,10 @@ def _computed(job: JobConfig, tasks: list[ShardTask]) -> Iterator[ShardDone]:
     runtime = RayRuntime()
     runtime.start(job)
     try:
+        _largest_node(plan)
+        # The memory each task asks for: Ray then runs no more of them on a node than its memory holds.
         remote: Any = ray.remote(run_shard).options(
-            num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor,
+            num_cpus=job.run.cpus_per_actor, num_gpus=job.run.gpus_per_actor, memory=plan.worker_bytes,
             max_retries=job.run.max_actor_restarts, scheduling_strategy="SPREAD")
         pending = [remote.remote(task) for task in tasks]
         while pending:
