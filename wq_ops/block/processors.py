@@ -29,7 +29,7 @@ from wq_ops.quant.gptq import quantize_gptq
 from wq_ops.quant.hessian import InputStats, hessian_of, output_error_tensor, quadratic_operand
 from wq_ops.quant.hqq import quantize_hqq
 from wq_ops.quant.result import QuantResult, WeightResult, dequantize
-from wq_ops.quant.rtn import quantize_rtn, search_clip
+from wq_ops.quant.rtn import quantize_rtn
 
 __all__ = ["Processor", "PROCESSORS", "processor_for"]
 
@@ -99,8 +99,9 @@ class _HessianProcessor:
                                 scale_dtype=work.scales_dtype)
         clip = None
         if quant.rtn_clip_search and self.method is Method.RTN:
-            clip = search_clip(w.to(torch.float32), bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                               scale_dtype=work.scales_dtype, importance=h.diagonal())
+            search = kernels_for(quant.backend).clip_search
+            clip = search(w.to(torch.float32), bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                          scale_dtype=work.scales_dtype, importance=h.diagonal().to(torch.float32).contiguous())
         return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                             scale_dtype=work.scales_dtype, clip=clip)
 
