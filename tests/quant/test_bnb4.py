@@ -1,7 +1,6 @@
 """bitsandbytes 4-bit (NF4, FP4, with and without double quantization): against a float64 reference that picks
 table values by its own nearest search, and bit for bit against bitsandbytes' own quantize_4bit on the CPU."""
 
-import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
@@ -14,6 +13,15 @@ from wq_ops.quant.bnb4 import (
     quantize_bnb4,
     unpack_bnb4,
 )
+
+
+def _bnb():
+    """bitsandbytes' own functions, imported by the tests that compare with them (the GPU machine's image has
+    no bitsandbytes: a module-level import would stop `pytest -m gpu` at collection)."""
+    import bitsandbytes.functional as functional
+
+    return functional
+
 
 # Awkward sizes: one weight; odd counts (a padding nibble); counts that are not a multiple of 64 (a short last
 # block, which bitsandbytes divides where it multiplies the others by a reciprocal) or of 64 x 256 (a short
@@ -35,10 +43,10 @@ def _weights(gen: torch.Generator, shape: tuple[int, int], dtype: torch.dtype) -
 
 def test_tables_are_bitsandbytes_own():
     for quant_type in TYPES:
-        ours, theirs = code_table(quant_type), bnb_functional.get_4bit_type(quant_type.value, device="cpu")
+        ours, theirs = code_table(quant_type), _bnb().get_4bit_type(quant_type.value, device="cpu")
         assert ours.dtype == theirs.dtype == torch.float32
         assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())     # FP4's code 8 is +0.0
-    assert torch.equal(dynamic_map(), bnb_functional.create_dynamic_map())
+    assert torch.equal(dynamic_map(), _bnb().create_dynamic_map())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -47,7 +55,7 @@ def test_tables_are_bitsandbytes_own():
 @pytest.mark.parametrize("quant_type", TYPES)
 def test_matches_bitsandbytes_bit_for_bit(gen, quant_type, double_quant, shape, dtype):
     w = _weights(gen, shape, dtype)
-    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
+    packed, state = _bnb().quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
                                                  quant_type=quant_type.value)
     result = quantize_bnb4(w, quant_type=quant_type, double_quant=double_quant)
     assert result.codes.shape == shape and result.codes.dtype == torch.uint8
@@ -61,7 +69,7 @@ def test_matches_bitsandbytes_bit_for_bit(gen, quant_type, double_quant, shape, 
     else:
         assert result.nested is None and torch.equal(result.absmax, state.absmax)
     if shape[1] % 2 == 0:       # bitsandbytes dequantizes odd rows through torch.compile: tens of seconds here
-        assert torch.equal(dequantize_bnb4(result, dtype), bnb_functional.dequantize_4bit(packed, state))
+        assert torch.equal(dequantize_bnb4(result, dtype), _bnb().dequantize_4bit(packed, state))
 
 
 def _nearest_distance(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
