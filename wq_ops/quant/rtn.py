@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from wq_ops.errors import ConfigError
 from wq_ops.kernels.clip_search.reference import CLIP_MAX_SHRINK, CLIP_STEPS, search_clip
-from wq_ops.kernels.quant_pack.reference import grid_from_range, quantize_codes
+from wq_ops.kernels.quant_pack.reference import grid_from_range, n_groups_of, quantize_codes
 from wq_ops.quant.result import QuantResult, dequantize
 
 __all__ = ["Grid", "compute_grid", "quantize_codes", "quantize_rtn", "fake_quantize", "n_groups_of", "search_clip",
@@ -26,14 +25,6 @@ class Grid:
 
     scale: Tensor
     zero: Tensor
-
-
-def n_groups_of(in_features: int, group_size: int | None) -> int:
-    if group_size is None:
-        return 1
-    if in_features % group_size:
-        raise ConfigError(f"in_features={in_features} is not a multiple of group_size={group_size}")
-    return in_features // group_size
 
 
 def compute_grid(

@@ -8,21 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wq_ops.kernels.quant_pack.reference import grid_from_range
+from wq_ops.kernels.quant_pack.reference import grid_from_range, n_groups_of
 
 __all__ = ["search_clip", "CLIP_STEPS", "CLIP_MAX_SHRINK"]
 
 # The clipping search's grid: 41 ranges from min-max down to 80% of it, in steps of 0.5%.
 CLIP_STEPS = 40
 CLIP_MAX_SHRINK = 0.2
-
-
-def _n_groups(in_features: int, group_size: int | None) -> int:
-    if group_size is None:
-        return 1
-    if in_features % group_size:
-        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
-    return in_features // group_size
 
 
 def search_clip(w: Tensor, *, bits: int, group_size: int | None, sym: bool, scale_dtype: torch.dtype,
@@ -34,7 +26,7 @@ def search_clip(w: Tensor, *, bits: int, group_size: int | None, sym: bool, scal
     error; None: plain squared error). Min-max (factor 1) is tried first and kept on ties, so the chosen grid
     is never worse than min-max by this measure. w: (out, in) float32."""
     out_features, in_features = w.shape
-    n_groups = _n_groups(in_features, group_size)
+    n_groups = n_groups_of(in_features, group_size)
     wg = w.reshape(out_features, n_groups, in_features // n_groups)
     weight = None if importance is None else importance.to(w.dtype).reshape(1, n_groups, -1)
     wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)

@@ -16,11 +16,22 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["round_scale", "grid_from_range", "quantize_codes", "dequantize_codes", "expand_groups",
+from wq_ops.errors import ConfigError
+
+__all__ = ["n_groups_of", "round_scale", "grid_from_range", "quantize_codes", "dequantize_codes", "expand_groups",
            "pack_rows", "unpack_rows", "pack_columns", "unpack_columns", "packed_width", "quantize_pack",
            "unpack_dequantize"]
 
 _MASK32 = (1 << 32) - 1
+
+
+def n_groups_of(in_features: int, group_size: int | None) -> int:
+    """Groups of `group_size` columns in a row of `in_features` (None: one group, the whole row)."""
+    if group_size is None:
+        return 1
+    if in_features % group_size:
+        raise ConfigError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+    return in_features // group_size
 
 
 def round_scale(scale: Tensor, scale_dtype: torch.dtype, *, up: bool = False) -> Tensor:
