@@ -118,22 +118,26 @@ def test_hqq_w4_of_an_unknown_architecture(tmp_path):
     assert not (out / ".wq-staging").exists()
 
 
-def test_fp8_dynamic_of_an_unknown_architecture(tmp_path):
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "FP8_BLOCK"])
+def test_fp8_of_an_unknown_architecture(tmp_path, scheme):
     model = write_unknown_checkpoint(tmp_path / "nova")
     source = {n: t for f in sorted(model.glob("*.safetensors")) for n, t in load_file(str(f)).items()}
-    _run(model, tmp_path / "out", scheme="FP8_DYNAMIC")
-    quant = JobConfig.from_dict({"out": "x", "model": str(model), "model_free": True, "scheme": "FP8_DYNAMIC"}).quant
+    _run(model, tmp_path / "out", scheme=scheme)
+    quant = JobConfig.from_dict({"out": "x", "model": str(model), "model_free": True, "scheme": scheme}).quant
     tensors = _all_tensors(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "float-quantized"
-    assert "model.layers.1.mlp.odd_proj" not in config["ignore"]     # FP8 per channel: any width
-    module = "model.layers.1.self_attn.o_proj"
-    w = source[module + ".weight"].float()
-    assert tensors[module + ".weight"].dtype == torch.float8_e4m3fn
-    # FP8 E4M3 keeps 3 mantissa bits: half an ulp is 2**-4 of the value (or of the scale, near zero).
-    scale = tensors[module + ".weight_scale"].float()
-    bound = torch.maximum(w.abs() * 2**-4, scale * 2**-9) * 1.01
-    assert ((_decode(tensors, module, quant) - w).abs() <= bound).all()
+    assert "model.layers.1.mlp.odd_proj" not in config["ignore"]     # per channel or partial blocks: any width
+    for module in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.odd_proj"):
+        w = source[module + ".weight"].float()
+        assert tensors[module + ".weight"].dtype == torch.float8_e4m3fn
+        scale = tensors[module + ".weight_scale"].float()
+        if scheme == "FP8_BLOCK":            # one scale per 128 x 128 block, the last ones partial
+            assert scale.shape == (-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+            scale = scale.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+        # FP8 E4M3 keeps 3 mantissa bits: half an ulp is 2**-4 of the value (or of the scale, near zero).
+        bound = torch.maximum(w.abs() * 2**-4, scale * 2**-9) * 1.01
+        assert ((_decode(tensors, module, quant) - w).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W4A16"])
