@@ -116,6 +116,9 @@ def test_hqq_w4_of_an_unknown_architecture(tmp_path):
     assert "not a multiple" in reasons["model.layers.0.mlp.odd_proj.weight"]
     assert report["totals"]["tensors_quantized"] == LAYERS * 6
     assert not (out / ".wq-staging").exists()
+    card = (out / "README.md").read_text()
+    assert "| method | hqq (symmetric" in card and "| bits / group size | 4 / 64 |" in card
+    assert "| calibration | none: model-free" in card and f"| tensors | {LAYERS * 6} quantized" in card
 
 
 @pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "FP8_BLOCK"])

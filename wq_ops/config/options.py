@@ -129,8 +129,9 @@ OPTIONS: tuple[Option, ...] = (
            "channel, INT8 activations per token at run time), FP8_DYNAMIC (FP8 weights per channel, FP8 activations "
            "per token), FP8 (FP8 weights per tensor, static activation scales from calibration), FP8_BLOCK (FP8 "
            "weights per 128x128 block, activations per group of 128), NVFP4 (FP4 weights and activations, FP8 "
-           "scales per 16 and a global scale), NVFP4A16 (the same weights); it sets --method, --bits, --sym and "
-           "--group-size, which still override where the scheme allows", True, choices=Scheme),
+           "scales per 16 and a global scale), NVFP4A16 (the same weights), BNB_NF4 and BNB_FP4 (bitsandbytes 4-bit, "
+           "--model-free only); it sets --method, --bits, --sym and --group-size, which still override where the "
+           "scheme allows", True, choices=Scheme),
     Option("method", f"{Q}.method", Kind.CHOICE, Dependent(_default_method, "gptq; rtn for the FP8 and NVFP4 "
            "schemes; with --model-free hqq for integer weights"), "algorithm", True, choices=Method),
     Option("bits", f"{Q}.bits", Kind.INT, Dependent(lambda o: _scheme(o).bits, "4; 8 for --scheme W8A16, W8A8, "
