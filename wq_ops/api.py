@@ -25,8 +25,8 @@ from wq_ops.report.progress import BarReporter, BlockProgress, CallbackReporter,
 
 if TYPE_CHECKING:
     from wq_ops.calib.data import CalibrationSummary
-    from wq_ops.cluster.model_free import ShardPlan
     from wq_ops.cluster.plan import JobPlan
+    from wq_ops.cluster.shard_plan import ShardPlan
 
 __all__ = ["quantize", "job_config", "QuantizeResult", "LayerError", "BlockProgress", "cache_dir"]
 
