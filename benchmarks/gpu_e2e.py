@@ -187,7 +187,7 @@ class GpuMemoryProbe:
 
 
 # The activation presets: (wq's --scheme, llm-compressor's recipe) per benchmark method.
-SCHEMES = {"fp8": "FP8_DYNAMIC", "w8a8": "W8A8"}
+SCHEMES = {"fp8": "FP8_DYNAMIC", "w8a8": "W8A8", "nvfp4a16": "NVFP4A16", "nvfp4": "NVFP4"}
 
 
 def run_wq(ckpt: Path, calib: Path, out: Path, method: str, args: argparse.Namespace) -> dict:
