@@ -50,6 +50,8 @@ HQQ_KAPPA = 1.01         # beta's growth per iteration
 # windows of 512) at g128; both relative to min-max. sym / asym:
 #   grid                                           ppl g64          sq g64          out g128
 #   min-max RTN                                    27.28 / 24.74    1     / 1       1    / 1
+#   RTN, clip search by plain squared error        28.25 / 27.06    0.804 / 0.851   1.29 / 0.96
+#   RTN, clip search under the Hessian diagonal    24.30 / 23.11    0.855 / 0.902   0.69 / 0.75
 #   paper's HQQ (real zero: not storable)          27.00 / 24.75    0.993 / 0.988   -
 #   HQQ free to clip, least-lp iterate             27.93 / 25.52    0.893 / 0.893   -
 #   HQQ free to clip, least-squares iterate        25.99 / 25.94    0.877 / 0.880   1.35 / 1.15
