@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,7 +38,7 @@ from wq_ops.io.artifact import (
     remove_leftovers,
     restore_set_aside,
 )
-from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header_sha256
+from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, source_identity
 from wq_ops.io.fp8_source import fp8_block_size
 from wq_ops.io.hub_push import check_push_access, push_artifact
 from wq_ops.io.lease import OutputLease
@@ -74,8 +74,6 @@ def _open(job: JobConfig, cache_dir: Path) -> tuple[Checkpoint, dict[str, Any], 
         raise CheckpointError(f"{checkpoint.source}: {e}") from None
     if block is not None:                # read dequantized, in the dtype the model computes in
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
-        from dataclasses import replace
-
         checkpoint = replace(checkpoint, fp8_block=block, fp8_dtype=dtype)
     return checkpoint, config, False
 
@@ -84,12 +82,7 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint) -> str:
     """Same source files and options => same fingerprint; where the job runs does not enter."""
     h = hashlib.sha256()
     h.update(json.dumps(job.fingerprint_options(), sort_keys=True).encode())
-    h.update(checkpoint.source.encode())
-    if checkpoint.repo_id is None:
-        for shard in sorted(set(checkpoint.weight_map.values())):
-            path = checkpoint.local_dir / shard
-            h.update(f"{shard}:{path.stat().st_size}:".encode() + bytes.fromhex(shard_header_sha256(path)))
-    h.update(json.dumps(sorted(checkpoint.weight_map.items())).encode())
+    h.update(source_identity(checkpoint))
     import wq_ops
 
     h.update(wq_ops.__version__.encode())

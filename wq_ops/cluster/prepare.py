@@ -33,7 +33,7 @@ from wq_ops.io.artifact import (
     remove_leftovers,
     restore_set_aside,
 )
-from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header, shard_header_sha256
+from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header, source_identity
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
 from wq_ops.io.lease import OutputLease
 from wq_ops.model.architecture import (
@@ -80,12 +80,8 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
     quant["modeling"] = modeling                         # the classes that ran, not the option that chose them
     h.update(json.dumps(quant, sort_keys=True).encode())
-    h.update(checkpoint.source.encode())
-    if checkpoint.repo_id is None:      # a Hub revision pins the files; a local one: their headers and sizes
-        for shard in checkpoint.shards:  # (the tensors' bytes: each staged block's digest, `drop_stale_blocks`)
-            path = checkpoint.local_dir / shard
-            h.update(f"{shard}:{path.stat().st_size}:".encode() + bytes.fromhex(shard_header_sha256(path)))
-    h.update(json.dumps(sorted(checkpoint.weight_map.items())).encode())
+    # The files (the tensors' bytes: each staged block's digest, `drop_stale_blocks`).
+    h.update(source_identity(checkpoint))
     h.update(token_ids.numpy().tobytes())
     import wq_ops
 

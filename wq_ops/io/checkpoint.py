@@ -25,7 +25,7 @@ from wq_ops.errors import CheckpointError
 from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "network_error",
-           "shard_header_sha256", "TOKENIZER_FILES", "LICENSE_FILES", "SourceLicense"]
+           "shard_header_sha256", "source_identity", "TOKENIZER_FILES", "LICENSE_FILES", "SourceLicense"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,18 @@ def shard_header(path: Path) -> dict[str, dict]:
                 f"[{start}, {end}) of {data_bytes} data bytes: the shard is truncated or corrupt; re-download it"
             )
     return header
+
+
+def source_identity(checkpoint: Checkpoint) -> bytes:
+    """The bytes that name a checkpoint's files for a job's fingerprint: where it comes from (a Hub revision pins
+    its files), for a local one each shard's size and header digest, and the index's tensor -> shard map."""
+    parts = [checkpoint.source.encode()]
+    if checkpoint.repo_id is None:
+        for shard in checkpoint.shards:
+            path = checkpoint.local_dir / shard
+            parts.append(f"{shard}:{path.stat().st_size}:".encode() + bytes.fromhex(shard_header_sha256(path)))
+    parts.append(json.dumps(sorted(checkpoint.weight_map.items())).encode())
+    return b"".join(parts)
 
 
 def shard_header_sha256(path: Path) -> str:
