@@ -7,6 +7,8 @@ worker) calls. Entry point: `run_shard`."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,10 +156,10 @@ def quantize_weight(w: Tensor, quant: QuantConfig, *, scale_dtype: torch.dtype) 
                         clip=clip)
 
 
-def _relative_error(w: Tensor, w_hat: Tensor) -> tuple[float, float]:
-    """(||W - Q||^2, ||W||^2) in float64."""
+def _squared_error(w: Tensor, w_hat: Tensor) -> Tensor:
+    """(||W - Q||^2, ||W||^2) as a float64 pair, on w's device (read back once per tensor, not per expert)."""
     w64 = w.to(torch.float64)
-    return float((w64 - w_hat.to(torch.float64)).square().sum()), float(w64.square().sum())
+    return torch.stack([(w64 - w_hat.to(torch.float64)).square().sum(), w64.square().sum()])
 
 
 def _quantize(name: str, value: Tensor, role: Role, quant: QuantConfig) -> tuple[dict[str, Tensor], float]:
@@ -166,16 +168,18 @@ def _quantize(name: str, value: Tensor, role: Role, quant: QuantConfig) -> tuple
     scale_dtype = value.dtype if value.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
     slices = [value] if role.role is TensorRole.LINEAR else list(value.unbind(0))
     parts: list[dict[str, Tensor]] = []
-    error = norm = 0.0
+    sums = []
     for w in slices:
         result = quantize_weight(w, quant, scale_dtype=scale_dtype)
         if isinstance(result, Bnb4Result):
-            e, n = _relative_error(w, dequantize_bnb4(result))
+            sums.append(_squared_error(w, dequantize_bnb4(result)))
             parts.append(bitsandbytes.encode_linear(role.module, result, dtype=value.dtype))
         else:
-            e, n = _relative_error(w, dequantize(result))
+            sums.append(_squared_error(w, dequantize(result)))
             parts.append(encode_linear(Format.COMPRESSED_TENSORS, role.module, result, quant=quant,
                                        scale_dtype=scale_dtype))
+    error, norm = 0.0, 0.0
+    for e, n in torch.stack(sums).tolist():          # summed in slice order, in float64, as before
         error, norm = error + e, norm + n
     tensors = parts[0] if role.role is TensorRole.LINEAR else \
         {key: torch.stack([p[key].cpu() for p in parts]) for key in parts[0]}   # (experts, ...) each
@@ -185,8 +189,6 @@ def _quantize(name: str, value: Tensor, role: Role, quant: QuantConfig) -> tuple
 def run_shard(task: ShardTask) -> ShardDone:
     """Quantize one source shard into its staged artifact shard, then write its record: a task that dies before
     the record is rerun from the start (the shard is written atomically, so a half-written one never exists)."""
-    import socket
-
     start = time.perf_counter()
     torch.set_num_threads(task.threads)
     rerun = task.crash is not None and task.crash_marker is not None and Path(task.crash_marker).exists()
@@ -194,8 +196,6 @@ def run_shard(task: ShardTask) -> ShardDone:
         Path(task.crash_marker).parent.mkdir(parents=True, exist_ok=True)
         Path(task.crash_marker).touch()
         if task.crash == "exit":
-            import os
-
             os._exit(1)
         raise RuntimeError(f"fail_after_blocks: injected crash of the task of shard {task.position}")
     checkpoint = task.checkpoint
