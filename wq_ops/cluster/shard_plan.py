@@ -4,6 +4,7 @@ points: `plan_model_free`, `check_memory`, `check_largest_node`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from wq_ops.io.checkpoint import Checkpoint, shard_header
 __all__ = ["ShardPlan", "plan_model_free", "check_memory", "check_largest_node", "size_text", "GIB"]
 
 GIB = 2**30
-# A task's working set per element of the largest tensor it quantizes: the float32 copy, the search's and the
-# solver's float32 temporaries (HQQ and the clip search hold about four), the codes and the dequantized copy.
+# A task's working set per element of the largest matrix it quantizes (an expert's slice): the float32 copy,
+# the search's and the solver's float32 temporaries (HQQ and the clip search hold about four), the codes and the
+# dequantized copy.
 _WORK_BYTES_PER_ELEMENT = 4 * 7
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1}
@@ -65,8 +67,7 @@ def _headers(checkpoint: Checkpoint) -> dict[str, dict[str, dict]]:
     """Each shard's safetensors header (name -> dtype, shape): read from the files where they are local, and
     through the Hub's ranged reads (no download) for a Hub checkpoint."""
     if checkpoint.repo_id is None:
-        return {shard: shard_header(checkpoint.local_dir / shard) for shard in checkpoint.shards
-                or sorted(set(checkpoint.weight_map.values()))}
+        return {shard: shard_header(checkpoint.local_dir / shard) for shard in checkpoint.shards}
     from huggingface_hub import HfApi
 
     meta = HfApi(endpoint=checkpoint.endpoint).get_safetensors_metadata(checkpoint.repo_id,
@@ -78,9 +79,7 @@ def _headers(checkpoint: Checkpoint) -> dict[str, dict[str, dict]]:
 def _quantized_bytes(shape: list[int], job: JobConfig) -> int:
     """Estimated artifact bytes of one quantized tensor (codes, scales, zero points)."""
     quant = job.quant
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     rows = n // shape[-1]
     if quant.weight_type is NumberType.TABLE:         # two codes a byte, an 8-bit absmax per 64
         return n // 2 + n // 64
@@ -93,14 +92,14 @@ def _quantized_bytes(shape: list[int], job: JobConfig) -> int:
 
 def plan_model_free(job: JobConfig, checkpoint: Checkpoint, fingerprint: str, *, mxfp4: bool = False) -> ShardPlan:
     headers = _headers(checkpoint)
-    shards = tuple(sorted(set(checkpoint.weight_map.values())))
+    shards = checkpoint.shards
     roles: dict[str, Role] = {}
     shapes: dict[str, list[int]] = {}
     artifact = source = worker = 0
     for shard in shards:
         if shard not in headers:
             raise CheckpointError(f"{checkpoint.source}: no header for {shard}, which the index names")
-        out_bytes = largest = 0
+        out_bytes = working = 0
         for name in source_tensors(checkpoint, shard, mxfp4=mxfp4):
             try:
                 shape, dtype = header_entry(checkpoint, headers, name)
@@ -109,18 +108,18 @@ def plan_model_free(job: JobConfig, checkpoint: Checkpoint, fingerprint: str, *,
                                       "for it") from None
             role = tensor_role(name, shape, dtype, quant=job.quant)
             roles[name], shapes[name] = role, shape
-            n = 1
-            for s in shape:
-                n *= s
+            n = math.prod(shape)
             stored = n * _DTYPE_BYTES.get(dtype, 4)
             source += stored
             if role.role is TensorRole.KEPT:
                 out_bytes += stored
             else:
                 out_bytes += _quantized_bytes(shape, job)
-                largest = max(largest, n // shape[0] if role.role is TensorRole.EXPERTS else n, stored // 2)
+                # The tensor as read, and the solve's working set of one matrix (an expert's slice).
+                matrix = n // shape[0] if role.role is TensorRole.EXPERTS else n
+                working = max(working, stored + matrix * _WORK_BYTES_PER_ELEMENT)
         artifact += out_bytes
-        worker = max(worker, out_bytes + largest * _WORK_BYTES_PER_ELEMENT)
+        worker = max(worker, out_bytes + working)
     layout = ShardLayout(out_dir=Path(job.out), source_shards=shards, fingerprint=fingerprint)
     return ShardPlan(source=checkpoint.source, layout=layout, roles=roles, shapes=shapes, source_bytes=source,
                      artifact_bytes=artifact, worker_bytes=worker, workers=job.run.actors, scheme=_scheme_text(job),
@@ -136,7 +135,7 @@ def _scheme_text(job: JobConfig) -> str:
 
 def check_memory(plan: ShardPlan, job: JobConfig) -> None:
     """Refuse, with the numbers, a task that cannot fit: in --actor-memory-gib where given, else in this machine's
-    available memory shared by the workers (a cluster's nodes are checked once Ray is up: `_largest_node`)."""
+    available memory shared by the workers (a cluster's nodes are checked once Ray is up: `check_largest_node`)."""
     import psutil
 
     if job.run.actor_memory_gib is not None:
