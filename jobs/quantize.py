@@ -69,15 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         except WqError as e:
             print(f"dry run: the plan does not fit: {e}")
             return 2
-    elif result.model_free:
-        t = result.totals
-        print(f"wrote {result.out_dir}: {t['tensors_quantized']} tensors quantized without calibration, mean "
-              f"weight error {t['mean_weight_error']:.3e}, {t['wall_seconds']:.1f} s; report in "
-              f"{result.out_dir / 'wq_report.json'}")
     else:
-        t = result.totals
-        print(f"wrote {result.out_dir}: {t['layers_quantized']} layers quantized, mean output error "
-              f"{t['mean_output_error']:.3e}, {t['wall_seconds']:.1f} s; report in {result.out_dir / 'wq_report.html'}")
+        print(result.summary())
     return 0
 
 

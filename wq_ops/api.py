@@ -62,6 +62,16 @@ class QuantizeResult:
     def model_free(self) -> bool:
         return bool(self.report and self.report.get("model_free"))
 
+    def summary(self) -> str:
+        """One line on what the job wrote (the command line prints it)."""
+        t = self.totals
+        if self.model_free:
+            return (f"wrote {self.out_dir}: {t['tensors_quantized']} tensors quantized without calibration, mean "
+                    f"weight error {t['mean_weight_error']:.3e}, {t['wall_seconds']:.1f} s; report in "
+                    f"{self.out_dir / 'wq_report.json'}")
+        return (f"wrote {self.out_dir}: {t['layers_quantized']} layers quantized, mean output error "
+                f"{t['mean_output_error']:.3e}, {t['wall_seconds']:.1f} s; report in {self.report_html}")
+
     @property
     def totals(self) -> dict[str, Any]:
         """The report's totals: layers quantized and kept, mean and worst output error, wall seconds, ..."""
