@@ -100,6 +100,17 @@ def test_one_and_three_actors_write_the_same_bytes(tmp_path, checkpoints, method
     assert shards(one.out_dir) == shards(three.out_dir) and len(shards(one.out_dir)) == 5
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_experts_quantized_a_few_at_a_time_write_the_same_bytes(tmp_path, checkpoints, arch):
+    # 3 does not divide the experts: passes of 3, 3 and the rest.
+    whole = quantize(tmp_path, checkpoints, arch, "whole", runtime="local")
+    passes = quantize(tmp_path, checkpoints, arch, "passes", runtime="local", experts_per_pass=3)
+    assert moe_spec(tiny_config(arch)).n_experts % 3
+    assert shards(passes.out_dir) == shards(whole.out_dir)
+    layers = [x["name"] for x in passes.report["layers"]]
+    assert layers == [x["name"] for x in whole.report["layers"]]
+
+
 def test_a_crash_and_a_resume_write_the_same_bytes(tmp_path, checkpoints):
     whole = quantize(tmp_path, checkpoints, "mixtral", "whole", runtime="local")
     with pytest.raises(RuntimeError, match="injected crash"):

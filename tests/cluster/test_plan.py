@@ -180,3 +180,14 @@ def test_moe_memory_counts_routed_tokens_and_one_hessian_per_expert_input():
     assert m128.workspace < 4 * GIB
     all_tokens = _moe_plan(moe_calibration="all").actors[0].memory
     assert all_tokens.workspace - m128.workspace == 2 * 8 * 2048 * (2 * i + h) * 2
+
+
+def test_experts_per_pass_holds_only_those_experts_hessians():
+    """--experts-per-pass 32 of 128: a quarter of the experts' Hessians held at once (the attention stage's
+    are fewer still); float propagation, which captures every stage in one pass, holds them all."""
+    h, i = 2048, 768
+    every, quarter = _moe_plan().actors[0].memory, _moe_plan(experts_per_pass=32).actors[0].memory
+    assert every.hessians - quarter.hessians == 96 * 4 * (h * h + i * i)
+    assert _moe_plan(experts_per_pass=500).actors[0].memory.hessians == every.hessians
+    floated = _moe_plan(propagation="float").actors[0].memory.hessians
+    assert _moe_plan(propagation="float", experts_per_pass=32).actors[0].memory.hessians == floated

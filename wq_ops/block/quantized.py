@@ -17,10 +17,12 @@ from torch import Tensor
 
 from wq_ops.block.calibration import calibrate_float_all_, solve_block_
 from wq_ops.block.clock import PhaseClock, WallClock
+from wq_ops.block.experts import ExpertRunner, RoutedInputs, local_experts
 from wq_ops.block.processors import processor_for, solve_stage
 from wq_ops.block.work import BlockOutcome, BlockTask, BlockWork
 from wq_ops.calib.capture import capture_group, capture_inputs, capture_stage
 from wq_ops.config import Propagation
+from wq_ops.model.anatomy import shared_expert_groups
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup
 
 __all__ = ["quantize_block_"]
@@ -28,7 +30,8 @@ __all__ = ["quantize_block_"]
 
 def quantize_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: BlockAnatomy, batches: list[Tensor],
                     task: BlockTask, *, propagation: Propagation = Propagation.QUANTIZED, stash_tails: bool = False,
-                    clock: PhaseClock | None = None) -> tuple[BlockOutcome, list[Tensor]]:
+                    clock: PhaseClock | None = None,
+                    experts: ExpertRunner | None = None) -> tuple[BlockOutcome, list[Tensor]]:
     """params: block-local name -> tensor (model dtype, on the compute device); batches: the block's input
     micro-batches (B, T, hidden). Returns the outcome and the block's output micro-batches, computed with
     the quantized weights (or, with Propagation.FLOAT, the float ones: the MLP is then calibrated on the
@@ -36,7 +39,9 @@ def quantize_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: 
     `batches` (the list is emptied as the inputs are replaced); neither the input tensors nor `params` are
     modified. stash_tails: keep each stage's last linear's inputs for its outputs (a processor that goes a
     group at a time; see `_by_group_`) rather than recompute them: the plan says whether they fit
-    (ActorPlan.stash_tails). clock: times the phases (host wall time unless given)."""
+    (ActorPlan.stash_tails). clock: times the phases (host wall time unless given). experts: where a routed
+    MLP's experts are quantized (a processor that goes a group at a time; `wq_ops.block.experts`): by default
+    here, `task.experts_per_pass` at a time."""
     clock = clock if clock is not None else WallClock()
     if propagation is Propagation.FLOAT:
         # Float outputs come from the float weights: the capture pass gives them (one forward per block).
@@ -47,11 +52,12 @@ def quantize_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: 
         if processor_for(task.quant).by_stage:
             outputs = _by_stage_(work, batches, keep=task.quant.kept_search_samples)
         else:
-            outputs = _by_group_(work, batches, stash_tails=stash_tails)
+            runner = experts if experts is not None else local_experts(task.experts_per_pass)
+            outputs = _by_group_(work, batches, stash_tails=stash_tails, experts=runner)
     return work.outcome(), outputs
 
 
-def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> list[Tensor]:
+def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool, experts: ExpertRunner) -> list[Tensor]:
     """One linear group at a time in call order: each group's input is captured with every group before it
     already quantized, by a pass that gives the stage's last linear no output rows (no capture reads that
     output). A stage's norm is computed once, its output kept for the stage's passes (quantizing the linears
@@ -59,7 +65,8 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> 
     with no pass. Where a stage's module returns its last linear's output as is (anatomy.direct_tails), that
     linear's inputs are kept from its capture pass, so the stage's output needs that linear alone: each
     linear then runs once per micro-batch. Otherwise (or without stash_tails) the stage runs again with its
-    quantized weights. SmoothQuant changes the norm itself: its output is then computed again."""
+    quantized weights. SmoothQuant changes the norm itself: its output is then computed again. A routed MLP
+    goes through `_routed_stage_`."""
     block, anatomy, params, clock = work.block, work.block_anatomy, work.work, work.clock
     xs = batches
     for stage, norm in STAGE_NORMS.items():
@@ -73,6 +80,10 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> 
         tail = stash_tails and bool(groups) and stage in anatomy.direct_tails and len(groups[-1].names) == 1
         mark = clock.mark()
         normed = [block.norm(params, norm, x) for x in xs]
+        if stage == "mlp" and work.task.moe is not None:
+            clock.add("forward", mark)
+            xs = _routed_stage_(work, xs, normed, experts)
+            continue
         stashed: list[Tensor] = []
         for i, wave in enumerate(waves):
             if len(wave) > 1:
@@ -114,6 +125,38 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool) -> 
         clock.add("forward", mark)
         xs = outputs
     return xs
+
+
+def _routed_stage_(work: BlockWork, xs: list[Tensor], normed: list[Tensor], experts: ExpertRunner) -> list[Tensor]:
+    """A routed MLP, a group at a time: each input micro-batch routed once; the experts quantized by `experts`,
+    range by range, their outputs added in expert order; then the shared expert (DeepSeek-V3's), its gate/up
+    then its down, each captured through the shared expert alone. Returns x + mlp(norm(x)) per micro-batch,
+    written over the inputs, as `moe_mlp` and `DecoderBlock.mlp` compute it."""
+    block, params, clock, moe = work.block, work.work, work.clock, work.task.moe
+    assert moe is not None
+    mark = clock.mark()
+    inputs = RoutedInputs.of(params, normed, moe)
+    outs = [torch.zeros_like(flat) for flat in inputs.flats]
+    # The float experts leave the block's own tensors: each range returns its own artifact tensors.
+    routed = moe.prefix + ".experts."
+    expert_params = {k: params.pop(k) for k in [k for k in params if k.startswith(routed)]}
+    clock.add("forward", mark)
+    for part in experts(work, inputs, expert_params, outs):
+        work.parts.append((part.tensors, part.report))
+    expert_params.clear()
+    for group in shared_expert_groups(moe):
+        mark = clock.mark()
+        capture, _ = capture_group(block, group, functools.partial(block.shared_mlp, params), normed)
+        clock.add("forward", mark)
+        solve_stage(work, "mlp", {group.names[0]: capture}, groups=(group,))
+    mark = clock.mark()
+    outputs = []
+    for x, n, out in zip(xs, normed, outs):
+        y = out.reshape(n.shape)
+        outputs.append(x.add_(y + block.shared_mlp(params, n) if moe.shared is not None else y))
+    xs.clear()
+    clock.add("forward", mark)
+    return outputs
 
 
 def _by_stage_(work: BlockWork, batches: list[Tensor], *, keep: int) -> list[Tensor]:

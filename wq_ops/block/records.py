@@ -19,7 +19,8 @@ from wq_ops.quant import awq
 from wq_ops.quant.hessian import InputStats, OutlierSummary, outlier_channels, outlier_summary
 from wq_ops.quant.result import WeightResult
 
-__all__ = ["LayerRecord", "BlockRecord", "PendingLayer", "PendingReport", "pending_layer", "pending_report"]
+__all__ = ["LayerRecord", "BlockRecord", "PendingLayer", "PendingReport", "pending_layer", "pending_report",
+           "merged_reports"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,20 @@ def pending_report(layers: Sequence[PendingLayer], checks: Sequence[Tensor] = ()
     values.extend(checks)
     numbers = torch.cat([v.to(torch.float64) for v in values]) if values else torch.empty(0, dtype=torch.float64)
     return PendingReport(numbers=numbers, slots=tuple(slots), checks=tuple(messages))
+
+
+def merged_reports(reports: Sequence[PendingReport], device: torch.device) -> PendingReport:
+    """One report of several parts of a block (its own layers', then each expert range's, in that order), its
+    numbers on `device`: every part's layer numbers, then every part's checks."""
+    layers, checks = [], []
+    for r in reports:
+        n_checks = len(r.checks)
+        numbers = r.numbers.to(device)
+        layers.append(numbers[:numbers.numel() - n_checks])
+        checks.append(numbers[numbers.numel() - n_checks:])
+    numbers = torch.cat(layers + checks) if reports else torch.empty(0, dtype=torch.float64, device=device)
+    return PendingReport(numbers=numbers, slots=tuple(s for r in reports for s in r.slots),
+                         checks=tuple(c for r in reports for c in r.checks))
 
 
 def _records(slots: Sequence[_Slot], numbers: Tensor) -> tuple[LayerRecord, ...]:

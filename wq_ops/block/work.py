@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.block.clock import PhaseClock
-from wq_ops.block.records import LayerRecord, PendingLayer, PendingReport, pending_report
+from wq_ops.block.records import LayerRecord, PendingLayer, PendingReport, merged_reports, pending_report
 from wq_ops.config import Format, QuantConfig
 from wq_ops.formats import scale_dtype
 from wq_ops.formats.block_tensors import block_tensors
@@ -39,6 +39,7 @@ class BlockTask:
     pad_intermediate: int = 0
     moe: MoeSpec | None = None             # the block's routed MLP, if it has one
     kept: tuple[str, ...] = ()             # modules never quantized, stored in their own dtype (a router)
+    experts_per_pass: int = 0              # a routed MLP's experts quantized this many at a time (0: all at once)
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{self.block_index}.{local}"
@@ -83,6 +84,7 @@ class BlockWork:
     scales_dtype: torch.dtype              # the grid is rounded to the dtype the format stores scales in
     results: dict[str, WeightResult] = field(default_factory=dict)
     layers: list[PendingLayer] = field(default_factory=list)
+    parts: list[tuple[dict[str, Tensor], PendingReport]] = field(default_factory=list)   # expert ranges', packed
 
     @classmethod
     def start(cls, block: DecoderBlock, anatomy: BlockAnatomy, params: Mapping[str, Tensor], task: BlockTask,
@@ -106,6 +108,10 @@ class BlockWork:
                                 prefix=f"{task.prefix}.{task.block_index}", dtype=self.dtype,
                                 scales_dtype=self.scales_dtype, pad_intermediate=task.pad_intermediate, checks=checks,
                                 kept=task.kept)
-        self.clock.add("pack", mark)
         report = pending_report(self.layers, checks.values(), checks.messages)
+        if self.parts:               # a routed MLP's experts, quantized and packed a range at a time
+            for part_tensors, _ in self.parts:
+                tensors.update(part_tensors)
+            report = merged_reports([report] + [r for _, r in self.parts], report.numbers.device)
+        self.clock.add("pack", mark)
         return BlockOutcome(task.block_index, tensors, report, self.clock)

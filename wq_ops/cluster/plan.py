@@ -8,6 +8,7 @@ a block and the calibration set, not with the model: weights, Hessians, activati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from wq_ops.config import JobConfig, Method, MoeCalibration, Propagation, SpanMode
@@ -228,10 +229,14 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     elif job.run.propagation is Propagation.FLOAT:   # one pass captures every stage of the block
         stats = (2 if overlapped else 1) * every_stage
     else:
-        per_stage_bytes: dict[str, int] = {}
+        # A group at a time, a routed MLP's experts go --experts-per-pass at a time: only theirs are held.
+        per_pass = job.run.experts_per_pass if moe is not None and job.quant.method is not Method.AWQ else 0
+        share = min(per_pass, moe.n_experts) / moe.n_experts if per_pass and moe is not None else 1.0
+        per_stage_bytes: dict[str, float] = {}
         for s in hessian_linears:
-            per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + 4 * s.in_features * s.in_features
-        stats = max(per_stage_bytes.values())
+            held = share if s.name in experts else 1.0
+            per_stage_bytes[s.stage] = per_stage_bytes.get(s.stage, 0) + held * 4 * s.in_features * s.in_features
+        stats = math.ceil(max(per_stage_bytes.values()))
     # hessian_of's mirrored copy of the largest Hessian; for GPTQ also three more of its size at once: its
     # working copy, the damped reversed copy and the Cholesky factor, or later the factor Mu and its bf16
     # parts [hi; lo; hi] (1.5 of its size).

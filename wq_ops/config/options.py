@@ -214,6 +214,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("micro_batch_samples", f"{R}.micro_batch_samples", Kind.INT, 8, "calibration samples per forward", False),
     Option("actor_memory_gib", f"{R}.actor_memory_gib", Kind.FLOAT, None, "memory per actor (none: measured)",
            False),
+    Option("experts_per_pass", f"{R}.experts_per_pass", Kind.INT, 0, "mixture-of-experts models: an actor quantizes "
+           "a routed MLP's experts this many at a time, holding only their Hessians (0: all at once); the artifact "
+           "is the same either way", False),
     Option("max_actor_restarts", f"{R}.max_actor_restarts", Kind.INT, 3, "actors lost (a preempted node, an OOM "
            "kill) are replaced this many times per job; the new ones resume from the staged blocks", False),
     Option("address", f"{R}.address", Kind.STR, None, "Ray cluster address (none: $RAY_ADDRESS, else a local Ray, "

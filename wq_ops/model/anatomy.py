@@ -16,7 +16,7 @@ from wq_ops.model.architecture import LinearSpec
 from wq_ops.model.block import STAGE_NORMS, BlockAnatomy, DecoderBlock, LinearGroup, Params, SequenceContext
 from wq_ops.model.moe import MoeSpec
 
-__all__ = ["discover_anatomy"]
+__all__ = ["discover_anatomy", "expert_groups", "shared_expert_groups"]
 
 
 def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearSpec, ...], *,
@@ -71,13 +71,25 @@ def _expert_groups(moe: MoeSpec) -> tuple[tuple[LinearGroup, ...], tuple[LinearG
     """A routed MLP's groups: each expert's gate and up read its routed tokens (no producer can absorb a scale:
     the norm before them feeds the router too, and other experts), and its down reads act(gate) * up, whose
     channels its own up's rows can absorb exactly. A shared expert's (DeepSeek-V3) likewise, on every token."""
-    experts = range(moe.n_experts)
+    gate_up, down = expert_groups(moe, range(moe.n_experts))
+    shared = shared_expert_groups(moe)
+    return gate_up + shared[:1], down + shared[1:]
+
+
+def expert_groups(moe: MoeSpec, experts: range) -> tuple[tuple[LinearGroup, ...], tuple[LinearGroup, ...]]:
+    """The gate/up groups and the down groups of the routed `experts`, in expert order."""
     gate_up = tuple(LinearGroup("mlp", (moe.expert(e, "gate"), moe.expert(e, "up")), None) for e in experts)
     down = tuple(LinearGroup("mlp", (moe.expert(e, "down"),), moe.expert(e, "up")) for e in experts)
-    if moe.shared is not None:     # the shared expert: its gate and up read the norm beside the router, as the rest
-        gate_up += (LinearGroup("mlp", (f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj"), None),)
-        down += (LinearGroup("mlp", (f"{moe.shared}.down_proj",), f"{moe.shared}.up_proj"),)
     return gate_up, down
+
+
+def shared_expert_groups(moe: MoeSpec) -> tuple[LinearGroup, ...]:
+    """The shared expert's gate/up group and its down group (none without a shared expert): its gate and up
+    read the norm beside the router, as the routed experts do."""
+    if moe.shared is None:
+        return ()
+    return (LinearGroup("mlp", (f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj"), None),
+            LinearGroup("mlp", (f"{moe.shared}.down_proj",), f"{moe.shared}.up_proj"))
 
 
 @dataclass

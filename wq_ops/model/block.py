@@ -163,16 +163,26 @@ class DecoderBlock:
 
     def mlp(self, params: Params, normed: Tensor) -> Tensor:
         if self.moe is not None:
-            # transformers' own activation module (its experts'), so the same function runs.
-            act = getattr(self._child("mlp").get_submodule("experts"), "act_fn", F.silu)
-            routed = moe_mlp(params, normed, self.moe, act=act, tap=self._tap if self._taps else None,
+            routed = moe_mlp(params, normed, self.moe, act=self.expert_act, tap=self._tap if self._taps else None,
                              tap_all_tokens=self.experts_see_all_tokens)
             if self.moe.shared is None:
                 return routed
             # The shared experts: a dense MLP on every token, added to the routed output (DeepSeek-V3's order).
-            shared = self.moe.shared
-            return routed + functional_call(self._child(shared), _sub(params, shared), (normed,))
+            return routed + self.shared_mlp(params, normed)
         return functional_call(self._child("mlp"), _sub(params, "mlp"), (normed,))
+
+    @property
+    def expert_act(self) -> Callable[[Tensor], Tensor]:
+        """A routed MLP's activation: transformers' own module (its experts'), so the same function runs."""
+        assert self.moe is not None
+        act: Callable[[Tensor], Tensor] = getattr(self._child("mlp").get_submodule("experts"), "act_fn", F.silu)
+        return act
+
+    def shared_mlp(self, params: Params, normed: Tensor) -> Tensor:
+        """A routed MLP's shared expert (DeepSeek-V3's) on every token."""
+        assert self.moe is not None and self.moe.shared is not None
+        shared = self.moe.shared
+        return functional_call(self._child(shared), _sub(params, shared), (normed,))
 
     def _tap(self, name: str, x: Tensor) -> None:
         on_input = self._taps.get(name)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from wq_ops.errors import CheckpointError
 
-__all__ = ["MoeSpec", "moe_spec", "moe_mlp", "route", "fused_params", "MOE_ARCHITECTURES", "Tap"]
+__all__ = ["MoeSpec", "moe_spec", "moe_mlp", "route", "fused_params", "MOE_ARCHITECTURES", "Tap", "ByExpert",
+           "sort_by_expert"]
 
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM")
 
@@ -156,19 +157,10 @@ def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Call
     flat = x.reshape(-1, x.shape[-1])                                      # (tokens, hidden)
     experts, weights = route(params, flat, spec)
     out = torch.zeros_like(flat)
-    # Every (token, slot) pair sorted by expert, stably: expert e's tokens are one slice, ascending as
-    # torch.where(experts == e) gives them, and the counts cost the one host sync of the pass (a sync per
-    # expert left a GPU idle between 128 experts' small launches).
-    routed = experts.reshape(-1)
-    order = torch.argsort(routed, stable=True)
-    tokens_by_expert, slots_by_expert = order // spec.top_k, order % spec.top_k
-    counts = torch.bincount(routed, minlength=spec.n_experts).tolist()
-    start = 0
+    by_expert = sort_by_expert(experts, spec.n_experts)
     for e in range(spec.n_experts):
-        token = tokens_by_expert[start:start + counts[e]]                  # the tokens routed to e, and where
-        slot = slots_by_expert[start:start + counts[e]]
-        start += counts[e]
-        if not counts[e] and tap is None:                                  # capture visits every expert
+        token, slot = by_expert.of(e)                                      # the tokens routed to e, and where
+        if not token.numel() and tap is None:                              # capture visits every expert
             continue
         state = flat[token]                                                # (n_e, hidden)
         gate_name, up_name, down_name = spec.expert(e, "gate"), spec.expert(e, "up"), spec.expert(e, "down")
@@ -183,6 +175,37 @@ def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Call
         y = F.linear(hidden, params[down_name + ".weight"]) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out.reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class ByExpert:
+    """One micro-batch's (token, slot) pairs sorted by expert, stably: expert e's are one slice, its tokens
+    ascending as torch.where(experts == e) gives them. starts: host offsets, starts[e] to starts[e + 1]."""
+
+    tokens: Tensor                 # (tokens x top_k,) int64
+    slots: Tensor
+    starts: tuple[int, ...]
+
+    def of(self, e: int) -> tuple[Tensor, Tensor]:
+        """The tokens routed to expert e, and in which of their top-k slots."""
+        lo, hi = self.starts[e], self.starts[e + 1]
+        return self.tokens[lo:hi], self.slots[lo:hi]
+
+    def count(self, e: int) -> int:
+        return self.starts[e + 1] - self.starts[e]
+
+
+def sort_by_expert(experts: Tensor, n_experts: int) -> ByExpert:
+    """experts: (tokens, top_k) from `route`. One stable sort, and the counts in the pass's one host sync (a
+    sync per expert left a GPU idle between 128 experts' small launches)."""
+    top_k = experts.shape[-1]
+    routed = experts.reshape(-1)
+    order = torch.argsort(routed, stable=True)
+    counts = torch.bincount(routed, minlength=n_experts).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return ByExpert(order // top_k, order % top_k, tuple(starts))
 
 
 def fused_params(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tensor]:
