@@ -111,6 +111,17 @@ def test_experts_quantized_a_few_at_a_time_write_the_same_bytes(tmp_path, checkp
     assert layers == [x["name"] for x in whole.report["layers"]]
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpoints, arch):
+    """One block's experts over 2 expert actors (Ray), their weights never loaded by the block's actor: the
+    bytes of one in-process actor; and with 2 block actors, and passes of 3 experts on each expert actor."""
+    one = quantize(tmp_path, checkpoints, arch, "one", runtime="local")
+    split = quantize(tmp_path, checkpoints, arch, "split", expert_actors=2)
+    wide = quantize(tmp_path, checkpoints, arch, "wide", actors=2, expert_actors=2, experts_per_pass=3)
+    assert shards(split.out_dir) == shards(one.out_dir) == shards(wide.out_dir)
+    assert [x["name"] for x in split.report["layers"]] == [x["name"] for x in one.report["layers"]]
+
+
 def test_a_crash_and_a_resume_write_the_same_bytes(tmp_path, checkpoints):
     whole = quantize(tmp_path, checkpoints, "mixtral", "whole", runtime="local")
     with pytest.raises(RuntimeError, match="injected crash"):

@@ -9,7 +9,8 @@ state (`ActorJob`). The actor takes one call at a time, in the order the driver 
 `_run_actors` says which): `stage_head` (last actor), `embed` (first actor); then, one block resident at a
 time, `forward_span` (float propagation, all but the last), `run_span` (every actor), `emit_outputs`
 (quantized propagation, all but the last); or streamed, `open_span`, `forward_microbatch` per micro-batch,
-`solve_span`; then `outer_records` (first and last), `handoff_times`, `memory_peak`, `warm_up_seconds`.
+`solve_span`; then `outer_records` (first and last), `handoff_times`, `memory_peak`, `warm_up_seconds`. An
+expert actor (--expert-actors) takes `quantize_experts` calls from the block actors instead.
 On a GPU every computation runs on the actor's compute thread (`ComputeThread`), which warms the device up
 first, while the actor's own thread takes the first calls. The same class also runs inside the driver's
 process (`local_runtime`) for a job of one actor.
@@ -17,6 +18,7 @@ process (`local_runtime`) for a job of one actor.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -29,6 +31,7 @@ from torch import Tensor
 from wq_ops.cluster.actor_job import ActorJob
 from wq_ops.cluster.blame import blamed
 from wq_ops.cluster.eval_span import EvalSpan
+from wq_ops.cluster.expert_pool import ExpertsResult, RoutedTransfer, quantize_expert_range
 from wq_ops.cluster.loader import BlockLoader
 from wq_ops.cluster.protocol import (
     ActivationRef,
@@ -206,6 +209,17 @@ class BlockActor:
         job, _ = self._use(spec)
         batches, job.batches = job.batches, []
         return put_activations(job, batches)
+
+    # --- an expert actor (--expert-actors): a range of a routed block's experts -------------------------
+    def quantize_experts(self, spec: ActorSpec, rank: int, block: int, experts: range,
+                         routed: RoutedTransfer) -> ExpertsResult:
+        """Quantize `experts` of block `block` for the block's actor, which sent its `spec` and the routed
+        inputs (`expert_pool.quantize_expert_range`); this actor runs as `rank`."""
+        job, _ = self._use(dataclasses.replace(spec, rank=rank, expert_actors=()))
+        try:
+            return self._on_compute(quantize_expert_range, job, block, experts, routed)
+        except QuantizationError as e:
+            raise blamed(spec, [block], e) from None
 
     # --- streamed: micro-batches through a resident span (float propagation) ---------------------------
     def open_span(self, spec: ActorSpec, blocks: list[int], n_micro: int) -> None:

@@ -19,6 +19,7 @@ from wq_ops.device.timing import CudaEventClock
 from wq_ops.model.anatomy import discover_anatomy
 from wq_ops.model.architecture import attention_window, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, make_sequence_context
+from wq_ops.model.moe import MoeSpec
 
 __all__ = ["ActorJob"]
 
@@ -79,6 +80,8 @@ class ActorJob:
         kind = self.spec.layout.block(index)
         if id(kind) not in self.anatomies:
             probe = DecoderBlock(self.blocks[index], self._probe_context(index), moe=kind.moe)
+            if kind.moe is not None and kind.moe.expert(0, "gate") + ".weight" not in params:
+                params = {**params, **_stand_in_experts(kind.moe, next(iter(params.values())))}
             self.anatomies[id(kind)] = discover_anatomy(probe, params, kind.linears,
                                                         hidden_size=self.spec.layout.hidden_size)
         return self.anatomies[id(kind)]
@@ -115,3 +118,17 @@ class ActorJob:
     def _make_context(self, *, seq_len: int, window: int | None) -> SequenceContext:
         return make_sequence_context(self.rotary, seq_len=seq_len, hidden_size=self.spec.layout.hidden_size,
                                      window=window, device=self.device, dtype=self.spec.layout.dtype)
+
+
+def _stand_in_experts(moe: MoeSpec, like: Tensor) -> dict[str, Tensor]:
+    """Routed experts for probing a block whose experts load on expert actors: random, with an intermediate
+    width of 8 (the least whose rows transformers' grouped GEMM accepts: 16 bytes), not the model's (the probe
+    checks the block's stages against the layer's own forward, experts included, and groups the attention's
+    linears; the experts' groups come from the spec, not from their values)."""
+    gen = torch.Generator().manual_seed(0)
+    out, width = {}, 8
+    for e in range(moe.n_experts):
+        for which, shape in (("gate", (width, moe.hidden_size)), ("up", (width, moe.hidden_size)),
+                             ("down", (moe.hidden_size, width))):
+            out[moe.expert(e, which) + ".weight"] = torch.randn(shape, generator=gen).mul_(0.02).to(like)
+    return out

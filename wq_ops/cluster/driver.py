@@ -68,7 +68,8 @@ def _actor_capacity(job: JobConfig, runtime: ActorRuntime, actors: list[ActorHan
     spawn and imports, CUDA context, kernels, transformers (logged, and kept for the report; a GPU actor's
     warm-up goes on after it is ready, and its time is added at the job's end)."""
     try:
-        answers = runtime.get_all([runtime.call(a, BlockActor.capacity, job.run.actors) for a in actors], timeout=600)
+        answers = runtime.get_all([runtime.call(a, BlockActor.capacity, job.run.all_actors) for a in actors],
+                                  timeout=600)
     except Exception as e:
         raise _unwrap(e) from None
     startup: list[dict[str, float | str | None]] = [
@@ -207,9 +208,11 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
     """Run the plan: the staged shards' records, and what the report says of each actor."""
     job, layout = prepared.job, prepared.layout
     pad = prepared.compatibility.padding.extra if prepared.compatibility.padding else 0
+    # The runtime started the block actors, then the expert actors (--expert-actors), which only block actors call.
+    actors, experts = actors[:job.run.actors], tuple(actors[job.run.actors:])
     specs = [runtime.put(ActorSpec(rank=a.rank, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
                                    layout=layout, job=job, artifact=prepared.artifact, pad_intermediate=pad,
-                                   stash_tails=a.stash_tails, carried=prepared.carried))
+                                   stash_tails=a.stash_tails, carried=prepared.carried, expert_actors=experts))
              for a in plan.actors]
     # Each actor runs its calls in the order made here; activations pass from one actor to the next as
     # refs, resolved by the receiving actor, never by the driver.

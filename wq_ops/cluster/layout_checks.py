@@ -25,7 +25,23 @@ def check_options_fit_model(job: JobConfig, layout: ModelLayout, hf_config: Any)
     _check_ignore_patterns(job, layout)
     _check_quant_fits_layout(job, layout)
     _check_scheme_fits_layout(job, layout)
+    _check_expert_actors(job, layout)
     return _check_tensor_parallel(job, layout, hf_config)
+
+
+def _check_expert_actors(job: JobConfig, layout: ModelLayout) -> None:
+    """Expert actors need routed experts to quantize, and at least one expert each."""
+    k = job.run.expert_actors
+    if not k:
+        return
+    routed = [layout.block(i).moe for i in range(layout.n_blocks) if layout.block(i).moe is not None]
+    if not routed:
+        raise ConfigError(f"expert_actors={k}: {layout.architecture} has no routed experts (a dense model); leave "
+                          "out --expert-actors")
+    fewest = min(m.n_experts for m in routed if m is not None)
+    if k > fewest:
+        raise ConfigError(f"expert_actors={k}: a routed block has {fewest} experts, so at most {fewest} actors get "
+                          f"any; use --expert-actors {fewest} or fewer")
 
 
 def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:

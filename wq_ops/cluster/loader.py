@@ -68,7 +68,12 @@ class BlockLoader:
             host = _unpadded(dense_tensors(job.format, stored, quant=job.quant, dtype=layout.dtype),
                              spec.pad_intermediate)
         else:
-            host = read_tensors(spec.checkpoint, [prefix + local for local in layout.block(index).params])
+            locals_ = list(layout.block(index).params)
+            moe = layout.block(index).moe
+            if moe is not None and spec.expert_actors:     # the expert actors read the routed experts
+                routed = moe.prefix + ".experts."
+                locals_ = [n for n in locals_ if not n.startswith(routed)]
+            host = read_tensors(spec.checkpoint, [prefix + local for local in locals_])
         source_sha256 = tensors_sha256(host) if hash_source else ""
         cut = len(prefix)
         device = self.job.device

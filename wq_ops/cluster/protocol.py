@@ -46,6 +46,7 @@ class ActorSpec:
     pad_intermediate: int = 0            # zero rows/columns added to the MLP's intermediate dim (--tp-policy pad)
     stash_tails: bool = False            # the plan's: keep each stage's last linear's inputs (quantize_block_)
     carried: tuple[str, ...] = ()        # source tensors past the blocks, staged with the head unquantized
+    expert_actors: tuple[Any, ...] = ()  # Ray handles of the expert actors (--expert-actors): range j on actor j
 
 
 @dataclass(frozen=True)

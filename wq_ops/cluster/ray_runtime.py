@@ -17,7 +17,7 @@ from wq_ops.errors import ResourceError
 if TYPE_CHECKING:
     from wq_ops.cluster.actor import BlockActor
 
-__all__ = ["RayRuntime"]
+__all__ = ["RayRuntime", "call_remote", "get_remote"]
 
 # How long the actors' placement may wait for the cluster (an autoscaler may be starting nodes).
 _PLACEMENT_TIMEOUT_S = 600
@@ -52,13 +52,13 @@ class RayRuntime:
         else:
             # Exactly the CPUs the actors ask for: Ray starts idle workers for every logical CPU it is given,
             # and os.cpu_count() can be the whole host's count inside a container; the driver needs none.
-            ray.init(num_cpus=run.actors * run.cpus_per_actor, include_dashboard=False,
+            ray.init(num_cpus=run.all_actors * run.cpus_per_actor, include_dashboard=False,
                      logging_level=logging.WARNING)
         self._started = True
 
     def start_actors(self, job: JobConfig) -> list[ActorHandle]:
-        """One warm actor per --actors: each starts its process, device and kernels while the driver reads
-        the checkpoint's config and the calibration data."""
+        """One warm actor per --actors, then one per --expert-actors: each starts its process, device and
+        kernels while the driver reads the checkpoint's config and the calibration data."""
         import ray
 
         from wq_ops.cluster.actor import BlockActor
@@ -82,10 +82,10 @@ class RayRuntime:
         bundle = {"CPU": float(run.cpus_per_actor)}
         if run.gpus_per_actor:
             bundle["GPU"] = float(run.gpus_per_actor)
-        self._group = placement_group([bundle] * run.actors, strategy="PACK", name="wq-block-actors")
+        self._group = placement_group([bundle] * run.all_actors, strategy="PACK", name="wq-block-actors")
         ready, _ = ray.wait([self._group.ready()], timeout=_PLACEMENT_TIMEOUT_S)
         if not ready:
-            raise ResourceError(f"{run.actors} actors of {bundle} could not be placed on the Ray cluster within "
+            raise ResourceError(f"{run.all_actors} actors of {bundle} could not be placed on the Ray cluster within "
                                 f"{_PLACEMENT_TIMEOUT_S} s; lower --actors or their resources, or add nodes")
         nodes: dict[int, str] = placement_group_table(self._group)["bundles_to_node_id"]   # bundle -> node id
         node_order: dict[str, int] = {}
@@ -107,14 +107,14 @@ class RayRuntime:
 
         resources = ray.cluster_resources()
         if run.gpus_per_actor > 0:
-            need = run.actors * run.gpus_per_actor
+            need = run.all_actors * run.gpus_per_actor
             if resources.get("GPU", 0) < need:
-                raise ResourceError(f"{run.actors} actors x {run.gpus_per_actor} GPU need {need:g} GPUs; the Ray "
+                raise ResourceError(f"{run.all_actors} actors x {run.gpus_per_actor} GPU need {need:g} GPUs; the Ray "
                                     f"cluster has {resources.get('GPU', 0):g}")
             return
-        need_cpus = run.actors * run.cpus_per_actor
+        need_cpus = run.all_actors * run.cpus_per_actor
         if resources.get("CPU", 0) < need_cpus:
-            raise ResourceError(f"{run.actors} actors x {run.cpus_per_actor} CPUs need {need_cpus}; the Ray "
+            raise ResourceError(f"{run.all_actors} actors x {run.cpus_per_actor} CPUs need {need_cpus}; the Ray "
                                 f"cluster has {resources.get('CPU', 0):g}")
 
     def put(self, value: T) -> T:
@@ -124,8 +124,7 @@ class RayRuntime:
 
     def call(self, actor: ActorHandle, method: Callable[Concatenate["BlockActor", P], R], *args: P.args,
              **kwargs: P.kwargs) -> Pending[R]:
-        handle: Any = actor
-        return _RayPending(getattr(handle, method.__name__).remote(*args, **kwargs))
+        return call_remote(actor, method, *args, **kwargs)
 
     def stream(self, actor: ActorHandle, method: Callable[Concatenate["BlockActor", P], Iterator[R]],
                *args: P.args, **kwargs: P.kwargs) -> Iterator[Pending[R]]:
@@ -184,6 +183,20 @@ class RayRuntime:
         self.stop_actors(actors)
         if self._started:
             ray.shutdown()
+
+
+def call_remote(actor: Any, method: Callable[Concatenate["BlockActor", P], R], *args: P.args,
+                **kwargs: P.kwargs) -> Pending[R]:
+    """A call of `method` on a Ray actor, from the driver or from another actor (a block's actor calling its
+    expert actors)."""
+    return _RayPending(getattr(actor, method.__name__).remote(*args, **kwargs))
+
+
+def get_remote(pending: Pending[T]) -> T:
+    """The result of a `call_remote`, waited for."""
+    import ray
+
+    return cast(T, ray.get(_ref(pending)))
 
 
 def _ref(pending: Pending[Any]) -> Any:

@@ -19,6 +19,7 @@ from torch import Tensor
 from wq_ops.block.calibration import FloatCalibration, calibrate_float_all_, replay_block_, solve_block_
 from wq_ops.block.quantized import quantize_block_
 from wq_ops.cluster.actor_job import ActorJob
+from wq_ops.cluster.expert_pool import remote_experts
 from wq_ops.cluster.loader import BlockLoader, Loaded, prefetched
 from wq_ops.cluster.protocol import ActivationRef, ShardRecord
 from wq_ops.cluster.staging import HostOutcome, StagedReport, done, in_order, stage_block, to_host_queued
@@ -75,6 +76,9 @@ class SpanRunner:
                  overlap_solve: bool) -> None:
         self.job, self.loader, self.compute = job, loader, compute
         self.solve_stream, self.overlap_solve = solve_stream, overlap_solve
+        spec = job.spec
+        # --expert-actors: routed experts are quantized there (their weights never load here).
+        self.experts = remote_experts(spec.expert_actors, spec, job.device) if spec.expert_actors else None
 
     def forward_span(self, blocks: list[int], inputs: list[ActivationRef] | None) -> list[ActivationRef]:
         """Float propagation: the span's outputs with the float weights, handed to the object store first,
@@ -144,7 +148,7 @@ class SpanRunner:
         batches, job.batches = job.batches, []
         outcome, job.batches = quantize_block_(job.block(index), loaded.params, anatomy, batches, job.task(index),
                                                propagation=spec.job.run.propagation, stash_tails=spec.stash_tails,
-                                               clock=job.clock())
+                                               clock=job.clock(), experts=self.experts)
         del loaded.params
         return to_host_queued(outcome, load_seconds=loaded.seconds, cuda=job.device.type == "cuda",
                               source_sha256=loaded.source_sha256)

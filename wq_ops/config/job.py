@@ -99,6 +99,7 @@ class RunConfig:
     micro_batch_samples: int = default_of("micro_batch_samples")   # calibration samples per forward call
     actor_memory_gib: float | None = default_of("actor_memory_gib")   # None: measured from the actor's device
     experts_per_pass: int = default_of("experts_per_pass")   # a routed MLP's experts at a time; 0: all
+    expert_actors: int = default_of("expert_actors")         # actors quantizing routed experts; 0: the block's own
     address: str | None = default_of("address")               # Ray cluster address; None: local (see runtime)
     max_actor_restarts: int = default_of("max_actor_restarts")   # lost actors replaced, per job
     propagation: Propagation = default_of("propagation")
@@ -118,6 +119,15 @@ class RunConfig:
         if isinstance(self.experts_per_pass, bool) or not isinstance(self.experts_per_pass, int) \
                 or self.experts_per_pass < 0:
             raise ConfigError(f"experts_per_pass={self.experts_per_pass!r}: expected an integer >= 0 (0: all at once)")
+        if isinstance(self.expert_actors, bool) or not isinstance(self.expert_actors, int) or self.expert_actors < 0:
+            raise ConfigError(f"expert_actors={self.expert_actors!r}: expected an integer >= 0 (0: none)")
+        if self.expert_actors and self.propagation is not Propagation.QUANTIZED:
+            raise ConfigError("expert_actors with propagation=float: expert actors quantize a block's experts while "
+                              "its actor waits, which quantized propagation does; leave out --expert-actors or "
+                              "--propagation float")
+        if self.expert_actors and self.runtime is Runtime.LOCAL:
+            raise ConfigError("expert_actors with runtime=local: expert actors are Ray actors; use --runtime ray "
+                              "(or auto), or --experts-per-pass to bound one actor's memory instead")
         if isinstance(self.max_actor_restarts, bool) or not isinstance(self.max_actor_restarts, int) \
                 or self.max_actor_restarts < 0:
             raise ConfigError(f"max_actor_restarts={self.max_actor_restarts!r}: expected an integer >= 0")
@@ -130,6 +140,11 @@ class RunConfig:
     @property
     def device_kind(self) -> str:
         return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    @property
+    def all_actors(self) -> int:
+        """Block actors and expert actors: the Ray actors the job starts."""
+        return self.actors + self.expert_actors
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,11 @@ class JobConfig:
             self._check_model_free()
         elif self.model is not None and self.calib.source is None:
             raise ConfigError(missing_calibration(str(self.model)))
+        by_stage = self.quant.method is Method.AWQ and self.quant.weight_type is not NumberType.FLOAT
+        if self.run.expert_actors and (self.model_free or by_stage):
+            raise ConfigError(f"expert_actors with {'model_free' if self.model_free else 'method=awq'}: expert actors "
+                              "quantize routed experts a group at a time in the calibrated job (GPTQ, RTN, HQQ, FP8, "
+                              "NVFP4); leave out --expert-actors")
         if self.quant.backend is Backend.CUDA and self.run.gpus_per_actor <= 0:
             raise ConfigError("backend=cuda: the actors have no GPU (gpus_per_actor=0); give --gpus-per-actor 1, "
                               "or --backend reference to run on CPU")

@@ -217,6 +217,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("experts_per_pass", f"{R}.experts_per_pass", Kind.INT, 0, "mixture-of-experts models: an actor quantizes "
            "a routed MLP's experts this many at a time, holding only their Hessians (0: all at once); the artifact "
            "is the same either way", False),
+    Option("expert_actors", f"{R}.expert_actors", Kind.INT, 0, "mixture-of-experts models: actors besides --actors "
+           "(same resources each) that quantize the routed experts, each a range of every routed block's experts, "
+           "which then never load on the block's own actor (0: the block's actor quantizes them); Ray only; the "
+           "artifact is the same either way", False),
     Option("max_actor_restarts", f"{R}.max_actor_restarts", Kind.INT, 3, "actors lost (a preempted node, an OOM "
            "kill) are replaced this many times per job; the new ones resume from the staged blocks", False),
     Option("address", f"{R}.address", Kind.STR, None, "Ray cluster address (none: $RAY_ADDRESS, else a local Ray, "

@@ -1,0 +1,126 @@
+"""Routed experts quantized on expert actors (--expert-actors K): each routed block's experts are cut into K
+contiguous ranges (`expert_ranges`), range j always on expert actor j. The block's own actor loads no routed
+expert: it routes each micro-batch, puts the routed inputs in the object store once, and every expert actor
+reads its range's weights from the checkpoint, quantizes them (`quantize_experts_`, --experts-per-pass at a
+time) and hands back its artifact tensors, its records and, per micro-batch, its weighted outputs, which the
+block's actor adds in expert order. The artifact is the one the block's actor alone would write."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
+
+import torch
+from torch import Tensor
+
+from wq_ops.block.experts import ExpertRunner, ExpertsPart, RoutedInputs, add_routed_, expert_ranges, quantize_experts_
+from wq_ops.block.records import PendingReport, merged_reports
+from wq_ops.block.work import BlockWork
+from wq_ops.device.transport import HostTensor, from_host, to_host
+from wq_ops.io.checkpoint import read_tensors
+from wq_ops.model.moe import ByExpert
+
+if TYPE_CHECKING:
+    from wq_ops.cluster.actor_job import ActorJob
+    from wq_ops.cluster.protocol import ActorSpec
+
+__all__ = ["RoutedTransfer", "ExpertsResult", "remote_experts", "quantize_expert_range"]
+
+
+@dataclass(frozen=True)
+class RoutedTransfer:
+    """`RoutedInputs` on its way to the expert actors (one object-store copy, read by each)."""
+
+    flats: tuple[HostTensor, ...]
+    weights: tuple[HostTensor, ...]
+    tokens: tuple[Tensor, ...]
+    slots: tuple[Tensor, ...]
+    starts: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, inputs: RoutedInputs) -> "RoutedTransfer":
+        return cls(tuple(to_host(f) for f in inputs.flats), tuple(to_host(w) for w in inputs.weights),
+                   tuple(b.tokens.cpu() for b in inputs.by_expert), tuple(b.slots.cpu() for b in inputs.by_expert),
+                   tuple(b.starts for b in inputs.by_expert))
+
+    def on(self, device: torch.device) -> RoutedInputs:
+        return RoutedInputs(tuple(from_host(f, device) for f in self.flats),
+                            tuple(from_host(w, device) for w in self.weights),
+                            tuple(ByExpert(t.to(device), s.to(device), starts)
+                                  for t, s, starts in zip(self.tokens, self.slots, self.starts)))
+
+
+@dataclass(frozen=True)
+class ExpertsResult:
+    """What an expert actor hands back for its range of one block: the artifact tensors and the records'
+    numbers (host), the object-store refs of each micro-batch's weighted outputs, its time per phase."""
+
+    experts: range
+    tensors: dict[str, Tensor]
+    report: PendingReport
+    outputs: tuple[Any, ...]
+    seconds: dict[str, float]
+
+
+def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.device) -> ExpertRunner:
+    """An ExpertRunner for the block's actor: the ranges on `actors` (Ray handles, range j on actor j), all at
+    once; their outputs added into the block's in expert order as each range comes back."""
+
+    def run(work: BlockWork, inputs: RoutedInputs, expert_params: dict[str, Tensor],
+            outs: Sequence[Tensor]) -> Iterator[ExpertsPart]:
+        import ray
+
+        from wq_ops.cluster.actor import BlockActor
+        from wq_ops.cluster.ray_runtime import call_remote, get_remote
+
+        moe = work.task.moe
+        assert moe is not None
+        ranges = expert_ranges(moe.n_experts, len(actors))
+        # One object-store copy for every expert actor (Ray resolves the ref to the object before each call).
+        routed = cast(RoutedTransfer, ray.put(RoutedTransfer.of(inputs)))
+        first_rank = spec.job.run.actors            # expert actors' ranks follow the block actors'
+        pending = [call_remote(actor, BlockActor.quantize_experts, spec, first_rank + j, work.task.block_index,
+                               experts, routed) for j, (actor, experts) in enumerate(zip(actors, ranges))]
+        for experts, call in zip(ranges, pending):
+            result = get_remote(call)
+            mark = work.clock.mark()
+            for m, ref in enumerate(result.outputs):
+                add_routed_(outs[m], inputs.by_expert[m], experts, from_host(ray.get(ref), device))
+            work.clock.add("forward", mark)
+            yield ExpertsPart(experts, result.tensors, result.report)
+
+    return run
+
+
+def quantize_expert_range(job: "ActorJob", index: int, experts: range, routed: RoutedTransfer) -> ExpertsResult:
+    """On an expert actor's compute thread: read `experts`' weights of block `index` from the checkpoint,
+    quantize them --experts-per-pass at a time, and put each micro-batch's outputs in the object store."""
+    import ray
+
+    spec, device = job.spec, job.device
+    layout = spec.layout
+    moe = layout.block(index).moe
+    assert moe is not None
+    t = time.perf_counter()
+    prefix = f"{layout.block_prefix}.{index}."
+    names = [moe.expert(e, which) + ".weight" for e in experts for which in ("gate", "up", "down")]
+    host = read_tensors(spec.checkpoint, [prefix + n for n in names])
+    params = {n[len(prefix):]: v.to(device=device, dtype=layout.dtype) for n, v in host.items()}
+    del host
+    load_s = time.perf_counter() - t
+    inputs = routed.on(device)
+    task, block, clock = job.task(index), job.block(index), job.clock()
+    per_pass = task.experts_per_pass or len(experts)
+    outputs: list[list[Tensor]] = [[] for _ in inputs.flats]
+    tensors: dict[str, Tensor] = {}
+    reports = []
+    for lo in range(experts.start, experts.stop, per_pass):
+        part = quantize_experts_(block, params, task, range(lo, min(lo + per_pass, experts.stop)), inputs,
+                                 emit=lambda m, ys: outputs[m].append(ys), clock=clock)
+        tensors.update({k: v.cpu() for k, v in part.tensors.items()})
+        reports.append(part.report)
+    params.clear()
+    report = merged_reports(reports, torch.device("cpu"))
+    refs = tuple(ray.put(to_host(torch.cat(ys))) for ys in outputs)
+    return ExpertsResult(experts, tensors, report, refs, {"load": load_s, **clock.seconds()})
