@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from wq_ops.cluster.expert_plan import solve_working_set, without_routed_experts
 from wq_ops.config import JobConfig, Method, MoeCalibration, Propagation, SpanMode
+from wq_ops.config.schemes import NumberType
 from wq_ops.errors import ConfigError, ResourceError
 from wq_ops.io.checkpoint import Checkpoint
 from wq_ops.model.architecture import BlockLayout, ModelLayout
@@ -174,7 +176,9 @@ def pipeline_spans(n_blocks: int, n_actors: int, quantize_cost: float) -> list[t
 def _memory(layout: ModelLayout, job: JobConfig, span: tuple[int, ...], *, first: bool, last: bool,
             resident: int = 0, stash_tails: bool = False) -> MemoryEstimate:
     """The most a block of `span` needs (blocks may differ): `_block_memory` of each kind of block in it."""
-    kinds = {id(layout.block(i)): layout.block(i) for i in span}.values()
+    kinds = list({id(layout.block(i)): layout.block(i) for i in span}.values())
+    if job.run.expert_actors:           # the routed experts are the expert actors' (`expert_plan`)
+        kinds = [without_routed_experts(block) for block in kinds]
     return max((_block_memory(block, layout, job, first=first, last=last, resident=resident, stash_tails=stash_tails)
                 for block in kinds), key=lambda m: m.total)
 
@@ -190,10 +194,9 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     linears = block.linears
     max_in = max(s.in_features for s in linears)
     gptq = job.quant.method is Method.GPTQ
-    # What the largest solve holds besides the block's tensors. GPTQ and RTN stack the linears that share an
-    # input (those of one stage with one input width bound such a group from above: o_proj is counted with q,
-    # k and v); GPTQ keeps a stacked copy, float32 weights and targets, and codes (twice under act-order); RTN
-    # float32 weights, dequantized copy and codes; AWQ the same of one linear.
+    # What the largest solve holds besides the block's tensors (`solve_working_set`). GPTQ, RTN and HQQ stack
+    # the linears that share an input (those of one stage with one input width bound such a group from above:
+    # o_proj is counted with q, k and v).
     # A routed MLP's experts are groups of their own: one expert's gate and up are stacked, never all experts'.
     moe = block.moe
     experts = _expert_linears(moe) if moe is not None else {}
@@ -201,16 +204,8 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     for s in linears:
         key = (s.stage, s.in_features) if s.name not in experts else (s.stage, s.in_features, experts[s.name])
         stacked[key] = stacked.get(key, 0) + s.in_features * s.out_features
-    if gptq:
-        solving = max(stacked.values()) * (elt + 4 + 4 + 1 + 1)
-    elif job.quant.method is Method.RTN:
-        # RTN solves a stacked group at once too; its clipping search holds about four float32 temporaries of it.
-        solving = max(stacked.values()) * (4 + 4 + 1 + (16 if job.quant.rtn_clip_search else 0))
-    elif job.quant.method is Method.HQQ:
-        # HQQ's iterations hold about four float32 temporaries of the stacked group (error, codes, shrinkage).
-        solving = max(stacked.values()) * (4 + 4 + 1 + 16)
-    else:
-        solving = max(s.in_features * s.out_features for s in linears) * (4 + 4 + 1)
+    per_weight, stacks = solve_working_set(job, elt)
+    solving = per_weight * (max(stacked.values()) if stacks else max(s.in_features * s.out_features for s in linears))
     # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.
     # On a GPU, float propagation solves one block while the next calibrates (and a third is prefetched).
     overlapped = not resident and job.run.propagation is Propagation.FLOAT and job.run.gpus_per_actor > 0
@@ -250,6 +245,9 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         # but the last also keeps its span's inputs while its float outputs go ahead to the next actor.
         # Kept tail inputs (o_proj's, then down_proj's: at most the widest input) come on top.
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
+        # A routed MLP a group at a time adds its experts' outputs into one more copy (`_routed_stage_`).
+        by_stage = job.quant.method is Method.AWQ and job.quant.weight_type is not NumberType.FLOAT
+        copies += moe is not None and job.run.propagation is Propagation.QUANTIZED and not by_stage
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     workspace = 2 * mb * t * _widest(block, layout, job, capture=True) * elt
     kept = min(n, job.quant.kept_search_samples)

@@ -1,0 +1,83 @@
+"""The memory of expert actors (--expert-actors K): each quantizes a range of about E/K of every routed block's
+experts, one block at a time, --experts-per-pass of them at once. What the block actors then no longer hold:
+the routed experts' weights and Hessians (`without_routed_experts`). Entry points: `expert_actor_memory`,
+`fewest_expert_actors`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from wq_ops.config import JobConfig, Method
+from wq_ops.model.architecture import BlockLayout, ModelLayout
+from wq_ops.model.moe import MoeSpec
+
+__all__ = ["expert_actor_memory", "fewest_expert_actors", "without_routed_experts", "solve_working_set"]
+
+
+def solve_working_set(job: JobConfig, elt: int) -> tuple[int, bool]:
+    """Bytes a solve holds per weight of what it quantizes, and whether it quantizes a stacked group (the
+    linears that share an input) or one linear: GPTQ a stacked copy, float32 weights and targets, and codes;
+    RTN float32 weights, the dequantized copy and codes (its clipping search about four float32 temporaries
+    more); HQQ about four float32 temporaries more; AWQ one linear's float32 copy, dequantized copy and codes."""
+    method = job.quant.method
+    if method is Method.GPTQ:
+        return elt + 4 + 4 + 1 + 1, True
+    if method is Method.RTN:
+        return 4 + 4 + 1 + (16 if job.quant.rtn_clip_search else 0), True
+    if method is Method.HQQ:
+        return 4 + 4 + 1 + 16, True
+    return 4 + 4 + 1, False
+
+
+def without_routed_experts(block: BlockLayout) -> BlockLayout:
+    """A routed block as its own actor holds it when expert actors quantize its experts: no routed expert's
+    tensors (the router, attention and any shared expert stay)."""
+    if block.moe is None:
+        return block
+    routed = block.moe.prefix + ".experts."
+    return dataclasses.replace(block, linears=tuple(s for s in block.linears if not s.name.startswith(routed)),
+                               params={k: v for k, v in block.params.items() if not k.startswith(routed)})
+
+
+def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int) -> tuple[int, int, int, int]:
+    """(weights, hessians, activations, workspace) in bytes on one expert actor of `expert_actors`, for the
+    routed block that needs the most:
+    - weights: its range's experts as read, plus one pass's dequantized copies and the largest solve's
+      working set (one expert's gate and up stacked);
+    - hessians: one pass's experts' gate/up Hessians (their down Hessians come after those are solved), plus the
+      solve's copies of the largest one;
+    - activations: the block's routed inputs (every calibration token: an expert may be sent any of them), their
+      routing, and the range's weighted outputs (kept until the block's actor reads them: a range's share of
+      top-k rows per token, twice that for uneven routing, at most top-k);
+    - workspace: one micro-batch through one expert (gathered rows, gate, up and their product)."""
+    elt = layout.dtype.itemsize
+    n, t = job.calib.n_samples, job.calib.seq_len
+    mb = min(job.run.micro_batch_samples, n)
+    gptq = job.quant.method is Method.GPTQ
+    worst = (0, 0, 0, 0)
+    specs: dict[int, MoeSpec] = {id(b.moe): b.moe for b in layout.kinds() if b.moe is not None}
+    for moe in specs.values():
+        h, i, k = moe.hidden_size, moe.expert_intermediate, moe.top_k
+        per_range = -(-moe.n_experts // expert_actors)
+        per_pass = min(job.run.experts_per_pass or per_range, per_range)
+        expert = 3 * h * i * elt
+        weights = per_range * expert + per_pass * expert + 2 * i * h * solve_working_set(job, elt)[0]
+        widest_in = max(h, i)
+        hessians = per_pass * 4 * h * h + 4 * widest_in * widest_in * (4 if gptq else 1)
+        share = min(k, 2 * k * per_range / moe.n_experts)
+        activations = int(n * t * h * elt + n * t * k * (8 + 8 + 4) + n * t * share * h * elt)
+        workspace = mb * t * (h + 3 * i) * elt      # an expert sees each token at most once
+
+        estimate = (weights, hessians, activations, workspace)
+        if sum(estimate) > sum(worst):
+            worst = estimate
+    return worst
+
+
+def fewest_expert_actors(layout: ModelLayout, job: JobConfig, budget: int) -> int | None:
+    """The fewest expert actors each of which fits `budget` bytes (None: not even one expert each)."""
+    most = min((b.moe.n_experts for b in layout.kinds() if b.moe is not None), default=0)
+    for k in range(1, most + 1):
+        if sum(expert_actor_memory(layout, job, k)) <= budget:
+            return k
+    return None
