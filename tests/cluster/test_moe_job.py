@@ -13,6 +13,7 @@ import torch
 from tests.factory import MOE_ARCHS, tiny_config, write_checkpoint, write_fp8_checkpoint, write_text
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
+from wq_ops.errors import ConfigError
 from wq_ops.formats.compressed_tensors import decode_linear
 from wq_ops.io.checkpoint import open_checkpoint, read_tensors
 from wq_ops.model.moe import moe_spec
@@ -120,6 +121,38 @@ def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpo
     wide = quantize(tmp_path, checkpoints, arch, "wide", actors=2, expert_actors=2, experts_per_pass=3)
     assert shards(split.out_dir) == shards(one.out_dir) == shards(wide.out_dir)
     assert [x["name"] for x in split.report["layers"]] == [x["name"] for x in one.report["layers"]]
+
+
+def test_expert_actors_are_refused_where_there_is_nothing_for_them(tmp_path, checkpoints):
+    calib = checkpoints[1]
+    dense = write_checkpoint(tmp_path / "dense", "llama")
+    with pytest.raises(ConfigError, match="expert_actors=2: LlamaForCausalLM has no routed experts"):
+        run_job(JobConfig.from_dict({"model": str(dense), "out": str(tmp_path / "o"), "calib": str(calib),
+                                     "expert_actors": 2}), cache_dir=tmp_path / "cache")
+    n = moe_spec(tiny_config("mixtral")).n_experts
+    with pytest.raises(ConfigError, match=f"expert_actors={n + 1}: a routed block has {n} experts"):
+        quantize(tmp_path, checkpoints, "mixtral", "many", expert_actors=n + 1)
+
+
+def test_the_block_actor_reads_no_routed_expert_when_expert_actors_quantize_them(tmp_path, checkpoints):
+    from wq_ops.cluster.actor_job import ActorJob
+    from wq_ops.cluster.loader import BlockLoader
+    from wq_ops.cluster.prepare import prepare_job
+    from wq_ops.cluster.protocol import ActorSpec
+
+    models, calib = checkpoints
+    job = JobConfig.from_dict({"model": str(models["qwen3_moe"]), "out": str(tmp_path / "o"), "calib": str(calib),
+                               "samples": 8, "seq_len": 64, "group_size": 32, "expert_actors": 2, "dry_run": True})
+    prepared = prepare_job(job, cache_dir=tmp_path / "cache")
+    spec = dict(rank=0, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config, layout=prepared.layout,
+                job=job, artifact=prepared.artifact)
+    routed = moe_spec(tiny_config("qwen3_moe")).sparse_blocks[0]
+    read = {}
+    for handles in ((), ("an expert actor",)):
+        actor_job = ActorJob(ActorSpec(**spec, expert_actors=handles), torch.device("cpu"))
+        read[len(handles)] = set(BlockLoader(actor_job, None).load(routed).params)
+    assert {n for n in read[0] if ".experts." in n} and not {n for n in read[1] if ".experts." in n}
+    assert read[1] == {n for n in read[0] if ".experts." not in n}
 
 
 def test_a_crash_and_a_resume_write_the_same_bytes(tmp_path, checkpoints):

@@ -153,7 +153,7 @@ def test_awq_plans_its_kept_search_samples_only_for_the_replayed_search():
         assert a.memory.workspace - b.memory.workspace == 3 * 32 * 2048 * 14336 * 2
 
 
-def _moe_plan(n_experts=128, **options):
+def _moe_plan(n_experts=128, capacity_gib=80, **options):
     """A Qwen3-30B-A3B-shaped model (4 routed blocks), the experts under the checkpoint's per-expert names."""
     config = tiny_config("qwen3_moe", hidden_size=2048, moe_intermediate_size=768, num_experts=n_experts,
                          num_experts_per_tok=8, mlp_only_layers=[], decoder_sparse_step=1, num_hidden_layers=4,
@@ -163,7 +163,7 @@ def _moe_plan(n_experts=128, **options):
     names.update({n: "model.safetensors" for n in layout.outer_params})
     ckpt = Checkpoint(local_dir=None, weight_map=names)  # type: ignore[arg-type]
     job = JobConfig.from_dict({"out": "o", "samples": 128, "seq_len": 2048, "actors": 1, "method": "gptq", **options})
-    return make_plan(layout, ckpt, job, capacity_bytes=80 * GIB)
+    return make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
 
 
 def test_moe_memory_counts_routed_tokens_and_one_hessian_per_expert_input():
@@ -191,3 +191,32 @@ def test_experts_per_pass_holds_only_those_experts_hessians():
     assert _moe_plan(experts_per_pass=500).actors[0].memory.hessians == every.hessians
     floated = _moe_plan(propagation="float").actors[0].memory.hessians
     assert _moe_plan(propagation="float", experts_per_pass=32).actors[0].memory.hessians == floated
+
+
+def test_expert_actors_hold_the_routed_experts_and_the_block_actors_none():
+    """--expert-actors 4 on the Qwen3-30B-A3B shape: the block actor's weights lose the routed experts (this
+    block's and the prefetched next one's) and its Hessians theirs; each expert actor holds 32 experts and,
+    with --experts-per-pass 8, a quarter of their Hessians."""
+    h, i, e = 2048, 768, 128
+    alone, spread = _moe_plan(), _moe_plan(expert_actors=4)
+    experts = 3 * h * i * 2
+    assert alone.actors[0].memory.weights - spread.actors[0].memory.weights >= 2 * e * experts
+    assert spread.actors[0].memory.hessians < alone.actors[0].memory.hessians - e * 4 * h * h
+    assert alone.experts is None and spread.experts is not None and spread.experts_per_actor == 32
+    passes = _moe_plan(expert_actors=4, experts_per_pass=8).experts
+    assert spread.experts.hessians - passes.hessians == 24 * 4 * h * h
+    assert spread.experts.weights - passes.weights == 24 * experts
+    assert "x0-3   32 experts" in spread.describe()
+
+
+def test_experts_that_do_not_fit_are_refused_with_the_fewest_expert_actors_that_would():
+    """A 4 GiB device and a small calibration set: one actor cannot hold a routed block's 128 experts with
+    their Hessians; the refusal says how many expert actors would each fit, and with that many the job fits."""
+    small = dict(capacity_gib=4, samples=16, seq_len=512)
+    with pytest.raises(ResourceError, match=r"--expert-actors N spreads them over N more actors \((\d+) would") as e:
+        check_fits(_moe_plan(**small))
+    fewest = int(re.search(r"\((\d+) would each fit\)", str(e.value)).group(1))
+    assert fewest > 1
+    check_fits(_moe_plan(expert_actors=fewest, **small))
+    with pytest.raises(ResourceError, match=f"each of {fewest - 1} expert actors needs"):
+        check_fits(_moe_plan(expert_actors=fewest - 1, **small))

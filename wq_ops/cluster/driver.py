@@ -258,7 +258,10 @@ def _present(fields: dict[str, Any]) -> dict[str, Any]:
 def _check_actor_count(job: JobConfig) -> bool:
     """More actors than decoder blocks, refused before any actor starts where config.json is at hand (a local
     checkpoint, the bundled model); returns whether it could check (otherwise the preparation checks it, and
-    the driver waits for that before starting several actors)."""
+    the driver waits for that before starting several actors). Expert actors are checked against the routed
+    experts by the preparation: the driver waits for it."""
+    if job.run.expert_actors and job.model:
+        return False
     if job.run.actors == 1 or not job.model:
         return True
     if not Path(job.model, "config.json").is_file():

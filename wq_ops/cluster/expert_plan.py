@@ -46,9 +46,8 @@ def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int)
       working set (one expert's gate and up stacked);
     - hessians: one pass's experts' gate/up Hessians (their down Hessians come after those are solved), plus the
       solve's copies of the largest one;
-    - activations: the block's routed inputs (every calibration token: an expert may be sent any of them), their
-      routing, and the range's weighted outputs (kept until the block's actor reads them: a range's share of
-      top-k rows per token, twice that for uneven routing, at most top-k);
+    - activations: the block's routed inputs (every calibration token: an expert may be sent any of them) and
+      their routing (the range's weighted outputs go to the host as they are made);
     - workspace: one micro-batch through one expert (gathered rows, gate, up and their product)."""
     elt = layout.dtype.itemsize
     n, t = job.calib.n_samples, job.calib.seq_len
@@ -64,8 +63,7 @@ def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int)
         weights = per_range * expert + per_pass * expert + 2 * i * h * solve_working_set(job, elt)[0]
         widest_in = max(h, i)
         hessians = per_pass * 4 * h * h + 4 * widest_in * widest_in * (4 if gptq else 1)
-        share = min(k, 2 * k * per_range / moe.n_experts)
-        activations = int(n * t * h * elt + n * t * k * (8 + 8 + 4) + n * t * share * h * elt)
+        activations = n * t * h * elt + n * t * k * (8 + 8 + 4)
         workspace = mb * t * (h + 3 * i) * elt      # an expert sees each token at most once
 
         estimate = (weights, hessians, activations, workspace)

@@ -116,8 +116,9 @@ def quantize_expert_range(job: "ActorJob", index: int, experts: range, routed: R
     tensors: dict[str, Tensor] = {}
     reports = []
     for lo in range(experts.start, experts.stop, per_pass):
+        # Each micro-batch's outputs go to the host at once: the device holds one pass's, not the range's.
         part = quantize_experts_(block, params, task, range(lo, min(lo + per_pass, experts.stop)), inputs,
-                                 emit=lambda m, ys: outputs[m].append(ys), clock=clock)
+                                 emit=lambda m, ys: outputs[m].append(ys.cpu()), clock=clock)
         tensors.update({k: v.cpu() for k, v in part.tensors.items()})
         reports.append(part.report)
     params.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from wq_ops.cluster.expert_plan import expert_actor_memory, fewest_expert_actors
 from wq_ops.cluster.memory import MemoryEstimate, eval_memory, span_memory
 from wq_ops.config import JobConfig, Method, Propagation, SpanMode
 from wq_ops.errors import ConfigError, ResourceError
@@ -59,6 +60,9 @@ class JobPlan:
     eval_windows: int = 0          # --eval: windows scored after quantizing (0: no evaluation)
     eval_seq_len: int = 0
     eval_baseline: bool = False
+    expert_actors: int = 0         # --expert-actors: each quantizes a range of every routed block's experts
+    experts: MemoryEstimate | None = None      # what one of them needs (the largest range)
+    experts_per_actor: int = 0     # routed experts in the largest range
 
     @property
     def streamed(self) -> bool:
@@ -82,6 +86,15 @@ class JobPlan:
                 f"{_gib(m.workspace):>9}  {_gib(m.total):>8}  {_gib(a.capacity_bytes):>8}"
                 + (f"  {_gib(a.evaluation.total):>6}" if a.evaluation is not None else "")
             )
+        if self.experts is not None:
+            m, cap = self.experts, self.actors[0].capacity_bytes
+            name = f"x0-{self.expert_actors - 1}"
+            lines.append(
+                f"{name:<6} {f'{self.experts_per_actor} experts':<13} {_gib(m.weights):>7}  {_gib(m.hessians):>8}  "
+                f"{_gib(m.activations):>11}  {_gib(m.workspace):>9}  {_gib(m.total):>8}  {_gib(cap):>8}")
+            lines.append(f"experts: {self.expert_actors} expert actors (x0-{self.expert_actors - 1}), each quantizing "
+                         f"at most {self.experts_per_actor} of every routed block's experts; the block actors "
+                         "load no routed expert")
         if self.eval_windows:
             lines.append(f"eval: {self.eval_windows} windows of {self.eval_seq_len} tokens after quantizing, the "
                          "artifact's blocks replayed actor to actor" + (" (and the source's)" if self.eval_baseline
@@ -225,6 +238,16 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
         hint = "each actor holds one block at a time, so more actors do not lower this"
         if job.run.device_kind == "cpu":
             hint += "; CPU actors share the host's memory, so fewer actors get more each"
+    experts, per_actor = None, 0
+    routed = [b.moe for b in layout.kinds() if b.moe is not None]
+    if job.run.expert_actors:
+        experts = MemoryEstimate(*expert_actor_memory(layout, job, job.run.expert_actors))
+        per_actor = max(-(-m.n_experts // job.run.expert_actors) for m in routed)
+    if routed and not streamed:
+        fewest = fewest_expert_actors(layout, job, int(capacity_bytes * HEADROOM))
+        hint += ("; a routed block's experts: --expert-actors N spreads them over N more actors" +
+                 (f" ({fewest} would each fit)" if fewest is not None else " (not even one expert each fits)") +
+                 ", --experts-per-pass P holds P experts' Hessians at a time")
     elt = layout.dtype.itemsize
     quantized = sum(s.in_features * s.out_features for b in layout.blocks for s in b.linears)
     rest = sum(b.nbytes(layout.dtype) for b in layout.blocks) - quantized * elt
@@ -234,7 +257,8 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
     return JobPlan(blocks=tuple(blocks), actors=actors, device_kind=job.run.device_kind,
                    artifact_bytes_estimate=artifact, note=note, hint=hint, eval_windows=eval_windows,
                    eval_seq_len=job.evaluation.seq_len if eval_windows else 0,
-                   eval_baseline=job.evaluation.baseline and eval_windows > 0)
+                   eval_baseline=job.evaluation.baseline and eval_windows > 0, expert_actors=job.run.expert_actors,
+                   experts=experts, experts_per_actor=per_actor)
 
 
 def check_fits(plan: JobPlan) -> None:
@@ -251,6 +275,13 @@ def check_fits(plan: JobPlan) -> None:
                 "activations grow with --samples x --seq-len: lower them, lower --micro-batch-samples, or use "
                 "actors with more memory"
             )
+        x = plan.experts
+        if a.rank == 0 and x is not None and x.total > budget:
+            raise ResourceError(
+                f"each of {plan.expert_actors} expert actors needs up to {x.total / GIB:.2f} GiB of {plan.device_kind} "
+                f"memory for {plan.experts_per_actor} experts of a routed block (weights {x.weights / GIB:.2f}, "
+                f"Hessians {x.hessians / GIB:.2f}, activations {x.activations / GIB:.2f}, workspace "
+                f"{x.workspace / GIB:.2f}) but may use {budget / GIB:.2f} GiB; {plan.hint}")
         e = a.evaluation
         if e is not None and e.total > budget:
             raise ResourceError(
