@@ -47,11 +47,12 @@ def block_actor_pids() -> list[int]:
 
 class Killer(threading.Thread):
     """Kills one block actor (SIGKILL) each time the staged blocks reach the next count in `at`, once per set
-    of actors (a kill at a later point waits for the replacements)."""
+    of `n` actors (a kill at a later point waits for the replacements); with newest, the one started last."""
 
-    def __init__(self, out: Path, at: list[int]) -> None:
+    def __init__(self, out: Path, at: list[int], n: int = 2, newest: bool = False) -> None:
         super().__init__(daemon=True)
         self.out, self.at, self.killed, self.done = out, list(at), [], threading.Event()
+        self.n, self.newest = n, newest
 
     def staged(self) -> int:
         return len(list(self.out.glob(".wq-staging/*/block-*.json")))
@@ -61,8 +62,8 @@ class Killer(threading.Thread):
         while self.at and not self.done.is_set():
             pids = block_actor_pids()
             fresh = [p for p in pids if p not in killed_from]
-            if len(fresh) == 2 and self.staged() >= self.at[0]:
-                victim = fresh[len(self.killed) % 2]
+            if len(fresh) == self.n and self.staged() >= self.at[0]:
+                victim = fresh[-1] if self.newest else fresh[len(self.killed) % 2]
                 os.kill(victim, signal.SIGKILL)
                 self.killed.append((victim, self.staged()))
                 killed_from |= set(pids)
@@ -86,6 +87,29 @@ def test_killed_actors_are_replaced_and_the_artifact_is_byte_identical(tmp_path,
     assert [r["restart"] for r in restarts] == [1, 2]
     assert json.loads((out / "wq_report.json").read_text())["actor_restarts"] == restarts
     assert result.report["totals"]["blocks_resumed"] >= 1
+    assert artifact_files(out) == artifact_files(clean)
+
+
+def test_a_killed_expert_actor_is_replaced_and_the_artifact_is_byte_identical(tmp_path):
+    """A Mixtral of 6 blocks, one block actor and two expert actors; the actor started last (an expert actor:
+    they start after the block actors) is killed after the second block is staged."""
+    model = write_checkpoint(tmp_path / "mixtral", "mixtral", num_hidden_layers=6)
+    calib = write_text(tmp_path / "calib.txt", n_chars=60000)
+    base = {"model": str(model), "calib": str(calib), "samples": 16, "seq_len": 128, "micro_batch_samples": 4,
+            "group_size": 32}
+    clean = run_job(JobConfig.from_dict({**base, "out": str(tmp_path / "clean"), "runtime": "local"}),
+                    cache_dir=tmp_path).out_dir
+    out = tmp_path / "killed"
+    killer = Killer(out, at=[2], n=3, newest=True)
+    killer.start()
+    try:
+        result = run_job(JobConfig.from_dict({**base, "out": str(out), "expert_actors": 2}), cache_dir=tmp_path)
+    finally:
+        killer.done.set()
+        killer.join()
+    assert len(killer.killed) == 1, "the job ended before the kill"
+    assert [r["restart"] for r in result.report["actor_restarts"]] == [1]
+    assert result.report["totals"]["blocks_resumed"] >= 2
     assert artifact_files(out) == artifact_files(clean)
 
 
