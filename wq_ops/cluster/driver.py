@@ -24,9 +24,10 @@ from wq_ops.cluster.evaluation import evaluate_on_actors
 from wq_ops.cluster.finish import write_artifact
 from wq_ops.cluster.plan import GIB, JobPlan, check_fits, make_plan, split_spans
 from wq_ops.cluster.prepare import PreparedJob, prepare_job
-from wq_ops.cluster.protocol import ActivationRef, ActorSpec, ShardRecord
+from wq_ops.cluster.protocol import ActorSpec, ShardRecord
 from wq_ops.cluster.runtime import ActorHandle, ActorRuntime, Pending
 from wq_ops.cluster.runtime_choice import choose_runtime
+from wq_ops.cluster.span_calls import start_spans, start_streams
 from wq_ops.config import JobConfig, Propagation
 from wq_ops.errors import ActorLostError, ConfigError, WqError
 from wq_ops.io.artifact import check_room
@@ -87,48 +88,6 @@ def _unwrap(error: Exception) -> Exception:
     """Ray wraps an actor's exception; give back our own error where it is one."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, WqError) else error
-
-
-def _start_spans(runtime: ActorRuntime, job: JobConfig, plan: JobPlan, actors: list[ActorHandle],
-                 specs: list[ActorSpec]) -> list[Iterator[Pending[ShardRecord]]]:
-    """One block resident at a time. Quantized propagation chains the actors: the next one needs this one's
-    quantized outputs. Float propagation pipelines them span by span: each actor first pushes its span's
-    float outputs on, then quantizes while the next actor already works."""
-    spans = []
-    handoff: list[ActivationRef] | None = None
-    pipelined = job.run.propagation is Propagation.FLOAT
-    for actor, spec, a in zip(actors, specs, plan.actors):
-        last = a is plan.actors[-1]
-        blocks = list(a.blocks)
-        if pipelined and not last:
-            forwarded = runtime.passed(runtime.call(actor, BlockActor.forward_span, spec, blocks, handoff))
-            spans.append(runtime.stream(actor, BlockActor.run_span, spec, blocks, None))
-            handoff = forwarded
-            continue
-        spans.append(runtime.stream(actor, BlockActor.run_span, spec, blocks, handoff))
-        if not last:
-            handoff = runtime.passed(runtime.call(actor, BlockActor.emit_outputs, spec))
-    return spans
-
-
-def _start_streams(runtime: ActorRuntime, prepared: PreparedJob, plan: JobPlan, actors: list[ActorHandle],
-                   specs: list[ActorSpec]) -> tuple[list[Iterator[Pending[ShardRecord]]], list[Pending[Any]]]:
-    """Each micro-batch goes actor to actor through the resident spans (refs only: the receiving actor
-    resolves them), so actor k + 1 works on micro-batch m while actor k works on m + 1; then every actor
-    solves its span. Only the last actor's forward results (None) are kept: a failure anywhere reaches them
-    through the chain, and the driver holds no ref to an activation, so none is pinned or fetched here."""
-    n_micro = -(-len(prepared.token_ids) // prepared.job.run.micro_batch_samples)
-    for actor, spec, a in zip(actors, specs, plan.actors):
-        runtime.call(actor, BlockActor.open_span, spec, list(a.blocks), n_micro)
-    forwards: list[Pending[Any]] = []
-    for m in range(n_micro):
-        passed = None
-        for actor, spec in zip(actors, specs):
-            done = runtime.call(actor, BlockActor.forward_microbatch, spec, m, passed)
-            passed = runtime.passed(done)
-        forwards.append(done)
-    spans = [runtime.stream(actor, BlockActor.solve_span, spec) for actor, spec in zip(actors, specs)]
-    return spans, forwards
 
 
 def _follow(runtime: ActorRuntime, spans: list[Iterator[Pending[ShardRecord]]], forwards: list[Pending[Any]],
@@ -220,9 +179,9 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
     runtime.call(actors[0], BlockActor.embed, specs[0], runtime.put(prepared.token_ids))
     forwards: list[Pending[Any]] = []
     if plan.streamed:
-        spans, forwards = _start_streams(runtime, prepared, plan, actors, specs)
+        spans, forwards = start_streams(runtime, prepared, plan, actors, specs)
     else:
-        spans = _start_spans(runtime, job, plan, actors, specs)
+        spans = start_spans(runtime, job, plan, actors, specs)
     # Quantized propagation chains the actors (each needs the previous one's quantized outputs): one at a time.
     sequential = job.run.propagation is Propagation.QUANTIZED and not plan.streamed
     progress = _Progress(plan, layout.n_blocks, prepared.token_ids.numel(), reporter, sequential=sequential)
