@@ -123,6 +123,19 @@ def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpo
     assert [x["name"] for x in split.report["layers"]] == [x["name"] for x in one.report["layers"]]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_actors_on_a_gpu_write_the_bytes_of_one_gpu_actor(tmp_path, checkpoints, arch):
+    """GPU actors (CUDA kernels): one block actor and two expert actors sharing the GPU write what one
+    in-process GPU actor writes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpu = {"gpus_per_actor": 0.3, "backend": "cuda"}
+    one = quantize(tmp_path, checkpoints, arch, "one", runtime="local", **gpu)
+    split = quantize(tmp_path, checkpoints, arch, "split", expert_actors=2, experts_per_pass=3, **gpu)
+    assert shards(split.out_dir) == shards(one.out_dir)
+
+
 def test_expert_actors_are_refused_where_there_is_nothing_for_them(tmp_path, checkpoints):
     calib = checkpoints[1]
     dense = write_checkpoint(tmp_path / "dense", "llama")
