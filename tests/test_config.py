@@ -43,7 +43,6 @@ def cli_options(argv: list[str]) -> dict:
     ({"ignore": ["lm_head", 3]}, "expected a pattern or a list of patterns"),
     ({"calib": 5}, "calib=5: expected a string"),
     ({"model": ["a"]}, "model=['a']: expected a string"),
-    ({"experts_per_pass": -1}, "experts_per_pass=-1: expected an integer >= 0"),
     ({"expert_actors": -2}, "expert_actors=-2: expected an integer >= 0"),
     ({"expert_actors": 2, "propagation": "float"}, "expert_actors with propagation=float"),
     ({"expert_actors": 2, "runtime": "local"}, "expert_actors with runtime=local"),

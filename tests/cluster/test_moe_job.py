@@ -102,23 +102,13 @@ def test_one_and_three_actors_write_the_same_bytes(tmp_path, checkpoints, method
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_experts_quantized_a_few_at_a_time_write_the_same_bytes(tmp_path, checkpoints, arch):
-    # 3 does not divide the experts: passes of 3, 3 and the rest.
-    whole = quantize(tmp_path, checkpoints, arch, "whole", runtime="local")
-    passes = quantize(tmp_path, checkpoints, arch, "passes", runtime="local", experts_per_pass=3)
-    assert moe_spec(tiny_config(arch)).n_experts % 3
-    assert shards(passes.out_dir) == shards(whole.out_dir)
-    layers = [x["name"] for x in passes.report["layers"]]
-    assert layers == [x["name"] for x in whole.report["layers"]]
-
-
-@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpoints, arch):
     """One block's experts over 2 expert actors (Ray), their weights never loaded by the block's actor: the
-    bytes of one in-process actor; and with 2 block actors, and passes of 3 experts on each expert actor."""
+    bytes of one in-process actor; and with 2 block actors and 3 expert actors (ranges of 2, 1 and 1 expert
+    of a 4-expert block, or 3, 3 and 2 of 8)."""
     one = quantize(tmp_path, checkpoints, arch, "one", runtime="local")
     split = quantize(tmp_path, checkpoints, arch, "split", expert_actors=2)
-    wide = quantize(tmp_path, checkpoints, arch, "wide", actors=2, expert_actors=2, experts_per_pass=3)
+    wide = quantize(tmp_path, checkpoints, arch, "wide", actors=1, expert_actors=3)
     assert shards(split.out_dir) == shards(one.out_dir) == shards(wide.out_dir)
     assert [x["name"] for x in split.report["layers"]] == [x["name"] for x in one.report["layers"]]
 
@@ -132,7 +122,7 @@ def test_expert_actors_on_a_gpu_write_the_bytes_of_one_gpu_actor(tmp_path, check
         pytest.skip("needs a CUDA GPU")
     gpu = {"gpus_per_actor": 0.3, "backend": "cuda"}
     one = quantize(tmp_path, checkpoints, arch, "one", runtime="local", **gpu)
-    split = quantize(tmp_path, checkpoints, arch, "split", expert_actors=2, experts_per_pass=3, **gpu)
+    split = quantize(tmp_path, checkpoints, arch, "split", expert_actors=2, **gpu)
     assert shards(split.out_dir) == shards(one.out_dir)
 
 

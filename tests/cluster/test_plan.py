@@ -166,53 +166,44 @@ def _moe_plan(n_experts=128, capacity_gib=80, **options):
     return make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
 
 
-def test_moe_memory_counts_routed_tokens_and_one_hessian_per_expert_input():
+def test_moe_memory_counts_routed_tokens():
     """A routed MLP runs one expert at a time on its tokens: the workspace holds top-k experts' outputs per
-    token, whatever the number of experts; each expert's gate and up share one Hessian; GPTQ stacks one
-    expert's gate and up, never every expert's."""
+    token, whatever the number of experts; GPTQ stacks one expert's gate and up, never every expert's."""
     m128, m256 = _moe_plan().actors[0].memory, _moe_plan(n_experts=256).actors[0].memory
     h, i = 2048, 768
     assert m128.workspace == m256.workspace
-    # The mlp stage's Hessians (quantized propagation: one stage at a time): 128 more experts, each a gate/up
-    # Hessian (2048^2) and a down one (768^2), float32.
-    assert m256.hessians - m128.hessians == 128 * 4 * (h * h + i * i)
     # Before: every expert's output at once in the workspace, 128 x 3584 values per token (31 GB here).
     assert m128.workspace < 4 * GIB
     all_tokens = _moe_plan(moe_calibration="all").actors[0].memory
     assert all_tokens.workspace - m128.workspace == 2 * 8 * 2048 * (2 * i + h) * 2
 
 
-def test_experts_per_pass_holds_only_those_experts_hessians():
-    """--experts-per-pass 32 of 128: a quarter of the experts' Hessians held at once (the attention stage's
-    are fewer still); float propagation, which captures every stage in one pass, holds them all."""
+def test_a_routed_mlp_holds_one_experts_hessians_at_a_time():
+    """Quantized propagation takes the experts one at a time: 128 or 256 experts, the same Hessians; float
+    propagation, which captures every stage in one pass, holds every expert's."""
     h, i = 2048, 768
-    every, quarter = _moe_plan().actors[0].memory, _moe_plan(experts_per_pass=32).actors[0].memory
-    assert every.hessians - quarter.hessians == 96 * 4 * (h * h + i * i)
-    assert _moe_plan(experts_per_pass=500).actors[0].memory.hessians == every.hessians
+    assert _moe_plan().actors[0].memory.hessians == _moe_plan(n_experts=256).actors[0].memory.hessians
     floated = _moe_plan(propagation="float").actors[0].memory.hessians
-    assert _moe_plan(propagation="float", experts_per_pass=32).actors[0].memory.hessians == floated
+    assert _moe_plan(propagation="float", n_experts=256).actors[0].memory.hessians - floated == 128 * 4 * (h * h + i * i)
 
 
 def test_expert_actors_hold_the_routed_experts_and_the_block_actors_none():
     """--expert-actors 4 on the Qwen3-30B-A3B shape: the block actor's weights lose the routed experts (this
-    block's and the prefetched next one's) and its Hessians theirs; each expert actor holds 32 experts and,
-    with --experts-per-pass 8, a quarter of their Hessians."""
+    block's and the prefetched next one's); each expert actor holds 32 experts' weights, 64 with 2 actors."""
     h, i, e = 2048, 768, 128
     alone, spread = _moe_plan(), _moe_plan(expert_actors=4)
     experts = 3 * h * i * 2
     assert alone.actors[0].memory.weights - spread.actors[0].memory.weights >= 2 * e * experts
-    assert spread.actors[0].memory.hessians < alone.actors[0].memory.hessians - e * 4 * h * h
     assert alone.experts is None and spread.experts is not None and spread.experts_per_actor == 32
-    passes = _moe_plan(expert_actors=4, experts_per_pass=8).experts
-    assert spread.experts.hessians - passes.hessians == 24 * 4 * h * h
-    assert spread.experts.weights - passes.weights == 24 * experts
+    two = _moe_plan(expert_actors=2).experts
+    assert two.weights - spread.experts.weights == 32 * 3 * h * i * (2 + 1)      # as read, and packed
     assert "x0-3   32 experts" in spread.describe()
 
 
 def test_experts_that_do_not_fit_are_refused_with_the_fewest_expert_actors_that_would():
-    """A 4 GiB device and a small calibration set: one actor cannot hold a routed block's 128 experts with
-    their Hessians; the refusal says how many expert actors would each fit, and with that many the job fits."""
-    small = dict(capacity_gib=4, samples=16, seq_len=512)
+    """A 2.5 GiB device and a small calibration set: one actor cannot hold a routed block's 256 experts (and
+    the next block's); the refusal says how many expert actors would each fit, and with that many it fits."""
+    small = dict(n_experts=256, capacity_gib=2.5, samples=16, seq_len=512)
     with pytest.raises(ResourceError, match=r"--expert-actors N spreads them over N more actors \((\d+) would") as e:
         check_fits(_moe_plan(**small))
     fewest = int(re.search(r"\((\d+) would each fit\)", str(e.value)).group(1))

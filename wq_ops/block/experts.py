@@ -1,8 +1,8 @@
 """A routed MLP's experts, quantized a range at a time (`quantize_experts_`), wherever the range runs: on the
-block's own actor, a few experts per pass so that only their Hessians are held at once, or on another actor
-that holds only those experts' weights. The block's owner routes each input micro-batch once
+block's own actor or on another actor that holds only those experts' weights; either way one expert at a time,
+so that only one expert's Hessians are held. The block's owner routes each input micro-batch once
 (`RoutedInputs`); a range returns its experts' artifact tensors and pending records, and hands on each
-micro-batch's weighted expert outputs, which the owner adds in expert order (`add_routed_`). These are the
+expert's weighted outputs, which the owner adds in expert order (`add_routed_`). These are the
 operations of `wq_ops.model.moe.moe_mlp`, in its order, so neither the artifact nor the block's outputs
 depend on how the experts were split.
 
@@ -64,9 +64,9 @@ class ExpertsPart:
     report: PendingReport
 
 
-# emit(micro-batch, outputs): a range's weighted expert outputs of one micro-batch, in the model dtype: expert
-# by expert in order, each expert's rows in its routed tokens' order (what `add_routed_` adds).
-Emit = Callable[[int, Tensor], None]
+# emit(expert, outputs): one expert's weighted outputs in the model dtype, one tensor per micro-batch (its routed
+# tokens' rows, in their order), handed on as soon as the expert is quantized, experts in ascending order.
+Emit = Callable[[int, list[Tensor]], None]
 
 
 class ExpertRunner(Protocol):
@@ -86,20 +86,20 @@ def expert_ranges(n_experts: int, parts: int) -> list[range]:
     return [range(lo, hi) for lo, hi in zip(edges, edges[1:])]
 
 
-def local_experts(experts_per_pass: int = 0) -> ExpertRunner:
-    """The block's own actor quantizes every expert, `experts_per_pass` at a time (0: all in one pass)."""
+def local_experts() -> ExpertRunner:
+    """The block's own actor quantizes every expert, one at a time, adding each one's outputs as it is done."""
 
     def run(work: BlockWork, inputs: RoutedInputs, expert_params: dict[str, Tensor],
             outs: Sequence[Tensor]) -> Iterator[ExpertsPart]:
         moe = work.task.moe
         assert moe is not None
-        per_pass = experts_per_pass or moe.n_experts
-        for experts in expert_ranges(moe.n_experts, -(-moe.n_experts // per_pass)):
-            def emit(m: int, ys: Tensor, experts: range = experts) -> None:
-                add_routed_(outs[m], inputs.by_expert[m], experts, ys)
 
-            yield quantize_experts_(work.block, expert_params, work.task, experts, inputs, emit=emit,
-                                    clock=work.clock)
+        def emit(e: int, ys: list[Tensor]) -> None:
+            for out, by_expert, y in zip(outs, inputs.by_expert, ys):
+                add_routed_(out, by_expert, range(e, e + 1), y)
+
+        yield quantize_experts_(work.block, expert_params, work.task, range(moe.n_experts), inputs, emit=emit,
+                                clock=work.clock)
 
     return run
 
@@ -107,8 +107,8 @@ def local_experts(experts_per_pass: int = 0) -> ExpertRunner:
 def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: BlockTask, experts: range,
                       inputs: RoutedInputs, *, emit: Emit, clock: PhaseClock) -> ExpertsPart:
     """Quantize `experts` of the block's routed MLP with the job's method (params: block-local names, holding
-    at least these experts' weights, which are not modified), handing each micro-batch's outputs to `emit` as
-    they are made. clock: times the phases (the block's)."""
+    at least these experts' weights, which are not modified), handing each expert's outputs to `emit` once it
+    is quantized. clock: times the phases (the block's)."""
     moe = task.moe
     assert moe is not None and block.moe is not None
     act = block.expert_act
@@ -124,37 +124,34 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
     def weight(e: int, which: str) -> Tensor:
         return work.work[moe.expert(e, which) + ".weight"]
 
-    mark = work.clock.mark()
-    captures = {}
-    for e in experts:
+    # An expert at a time, over all its routed tokens at once (one statistics update and one GEMM per linear,
+    # not one per micro-batch): only one expert's Hessians are ever held.
+    every = torch.cat(inputs.flats) if all_tokens else None
+    for k, e in enumerate(experts):
+        mark = work.clock.mark()
+        routed = [by_expert.of(e) for by_expert in inputs.by_expert]
+        rows = torch.cat([flat[token] for flat, (token, _) in zip(inputs.flats, routed)])     # (n_e, hidden)
         stats = new_input_stats(moe.hidden_size, device)
-        for flat, by_expert in zip(inputs.flats, inputs.by_expert):
-            accumulate_input_stats_(stats, flat if all_tokens else flat[by_expert.of(e)[0]])
-        captures[moe.expert(e, "gate")] = GroupCapture(stats, [])
-    work.clock.add("forward", mark)
-    solve_stage(work, "mlp", captures, groups=gate_up)
-    captures.clear()
-
-    mark = work.clock.mark()
-    downs = {e: new_input_stats(moe.expert_intermediate, device) for e in experts}
-    for flat, by_expert in zip(inputs.flats, inputs.by_expert):
-        for e in experts:
-            source = flat if all_tokens else flat[by_expert.of(e)[0]]
-            hidden = act(F.linear(source, weight(e, "gate"))) * F.linear(source, weight(e, "up"))
-            accumulate_input_stats_(downs[e], hidden)
-    work.clock.add("forward", mark)
-    solve_stage(work, "mlp", {moe.expert(e, "down"): GroupCapture(downs.pop(e), []) for e in experts}, groups=down)
-
-    mark = work.clock.mark()
-    for m, (flat, weights, by_expert) in enumerate(zip(inputs.flats, inputs.weights, inputs.by_expert)):
-        ys = []
-        for e in experts:
-            token, slot = by_expert.of(e)
-            state = flat[token]
-            hidden = act(F.linear(state, weight(e, "gate"))) * F.linear(state, weight(e, "up"))
-            ys.append((F.linear(hidden, weight(e, "down")) * weights[token, slot, None]).to(flat.dtype))
-        emit(m, torch.cat(ys))
-    work.clock.add("forward", mark)
+        accumulate_input_stats_(stats, rows if every is None else every)
+        work.clock.add("forward", mark)
+        solve_stage(work, "mlp", {moe.expert(e, "gate"): GroupCapture(stats, [])}, groups=gate_up[k:k + 1])
+        del stats
+        mark = work.clock.mark()
+        hidden = act(F.linear(rows, weight(e, "gate"))) * F.linear(rows, weight(e, "up"))
+        stats = new_input_stats(moe.expert_intermediate, device)
+        accumulate_input_stats_(stats, hidden if every is None else
+                                act(F.linear(every, weight(e, "gate"))) * F.linear(every, weight(e, "up")))
+        work.clock.add("forward", mark)
+        solve_stage(work, "mlp", {moe.expert(e, "down"): GroupCapture(stats, [])}, groups=down[k:k + 1])
+        del stats
+        mark = work.clock.mark()
+        scale = torch.cat([w[token, slot] for w, (token, slot) in zip(inputs.weights, routed)])
+        y = (F.linear(hidden, weight(e, "down")) * scale[:, None]).to(rows.dtype)
+        emit(e, list(y.split([token.numel() for token, _ in routed])))
+        for name in (moe.expert(e, w) for w in ("gate", "up", "down")):
+            if name in work.results:        # its packed result is what the artifact takes: drop the dequantized copy
+                del work.work[name + ".weight"]
+        work.clock.add("forward", mark)
     # The records expert by expert (gate, up, down), whatever order the stages solved them in.
     order = {n: i for i, n in enumerate(names)}
     cut = len(task.full_name(""))

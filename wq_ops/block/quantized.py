@@ -41,7 +41,7 @@ def quantize_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: 
     group at a time; see `_by_group_`) rather than recompute them: the plan says whether they fit
     (ActorPlan.stash_tails). clock: times the phases (host wall time unless given). experts: where a routed
     MLP's experts are quantized (a processor that goes a group at a time; `wq_ops.block.experts`): by default
-    here, `task.experts_per_pass` at a time."""
+    here."""
     clock = clock if clock is not None else WallClock()
     if propagation is Propagation.FLOAT:
         # Float outputs come from the float weights: the capture pass gives them (one forward per block).
@@ -52,7 +52,7 @@ def quantize_block_(block: DecoderBlock, params: Mapping[str, Tensor], anatomy: 
         if processor_for(task.quant).by_stage:
             outputs = _by_stage_(work, batches, keep=task.quant.kept_search_samples)
         else:
-            runner = experts if experts is not None else local_experts(task.experts_per_pass)
+            runner = experts if experts is not None else local_experts()
             outputs = _by_group_(work, batches, stash_tails=stash_tails, experts=runner)
     return work.outcome(), outputs
 

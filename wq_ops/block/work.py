@@ -39,7 +39,6 @@ class BlockTask:
     pad_intermediate: int = 0
     moe: MoeSpec | None = None             # the block's routed MLP, if it has one
     kept: tuple[str, ...] = ()             # modules never quantized, stored in their own dtype (a router)
-    experts_per_pass: int = 0              # a routed MLP's experts quantized this many at a time (0: all at once)
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{self.block_index}.{local}"

@@ -59,8 +59,7 @@ class ActorJob:
         layout, job = self.spec.layout, self.spec.job
         return BlockTask(quant=job.quant, fmt=job.format, block_index=index, prefix=layout.block_prefix,
                          linears=layout.block(index).linears, pad_intermediate=self.spec.pad_intermediate,
-                         moe=layout.block(index).moe, kept=layout.block(index).kept,
-                         experts_per_pass=job.run.experts_per_pass)
+                         moe=layout.block(index).moe, kept=layout.block(index).kept)
 
     def clock(self) -> PhaseClock:
         """A block's phase clock: CUDA events on a GPU (no wait per phase), else wall time."""

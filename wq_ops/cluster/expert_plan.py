@@ -1,5 +1,5 @@
 """The memory of expert actors (--expert-actors K): each quantizes a range of about E/K of every routed block's
-experts, one block at a time, --experts-per-pass of them at once. What the block actors then no longer hold:
+experts, one block at a time, one expert at a time. What the block actors then no longer hold:
 the routed experts' weights and Hessians (`without_routed_experts`). Entry points: `expert_actor_memory`,
 `fewest_expert_actors`."""
 
@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from wq_ops.config import JobConfig, Method
+from wq_ops.config import JobConfig, Method, MoeCalibration
 from wq_ops.model.architecture import BlockLayout, ModelLayout
 from wq_ops.model.moe import MoeSpec
 
-__all__ = ["expert_actor_memory", "fewest_expert_actors", "without_routed_experts", "solve_working_set"]
+__all__ = ["expert_actor_memory", "fewest_expert_actors", "without_routed_experts", "solve_working_set",
+           "expert_temporaries"]
 
 
 def solve_working_set(job: JobConfig, elt: int) -> tuple[int, bool]:
@@ -39,34 +40,44 @@ def without_routed_experts(block: BlockLayout) -> BlockLayout:
                                params={k: v for k, v in block.params.items() if not k.startswith(routed)})
 
 
+def expert_temporaries(moe: MoeSpec, job: JobConfig, elt: int) -> int:
+    """Bytes one expert's quantization holds besides weights and Hessians (`quantize_experts_`): its routed rows
+    gathered from every micro-batch, act(gate) * up of them, and its float32 outputs; an expert's rows counted
+    at four times the mean (routing is uneven), at most every token. With --moe-calibration all, every token's
+    states once more and act(gate) * up of every token."""
+    tokens = job.calib.n_samples * job.calib.seq_len
+    h, i = moe.hidden_size, moe.expert_intermediate
+    rows = min(tokens, 4 * tokens * moe.top_k // moe.n_experts)
+    held = rows * (h * elt + 2 * i * elt + 4 * h)
+    if job.quant.moe.calibration is MoeCalibration.ALL:
+        held += tokens * (h * elt + 2 * i * elt)
+    return held
+
+
 def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int) -> tuple[int, int, int, int]:
     """(weights, hessians, activations, workspace) in bytes on one expert actor of `expert_actors`, for the
     routed block that needs the most:
-    - weights: its range's experts as read, plus one pass's dequantized copies and the largest solve's
-      working set (one expert's gate and up stacked);
-    - hessians: one pass's experts' gate/up Hessians (their down Hessians come after those are solved), plus the
-      solve's copies of the largest one;
+    - weights: its range's experts as read, one expert's dequantized copies, the range's packed results (at
+      most a byte a weight) and the largest solve's working set (one expert's gate and up stacked);
+    - hessians: one expert's gate/up Hessian (its down Hessian comes after that is solved), plus the solve's
+      copies of the largest one;
     - activations: the block's routed inputs (every calibration token: an expert may be sent any of them) and
       their routing (the range's weighted outputs go to the host as they are made);
-    - workspace: one micro-batch through one expert (gathered rows, gate, up and their product)."""
+    - workspace: one expert's temporaries (`expert_temporaries`)."""
     elt = layout.dtype.itemsize
     n, t = job.calib.n_samples, job.calib.seq_len
-    mb = min(job.run.micro_batch_samples, n)
     gptq = job.quant.method is Method.GPTQ
     worst = (0, 0, 0, 0)
     specs: dict[int, MoeSpec] = {id(b.moe): b.moe for b in layout.kinds() if b.moe is not None}
     for moe in specs.values():
         h, i, k = moe.hidden_size, moe.expert_intermediate, moe.top_k
         per_range = -(-moe.n_experts // expert_actors)
-        per_pass = min(job.run.experts_per_pass or per_range, per_range)
-        expert = 3 * h * i * elt
-        weights = per_range * expert + per_pass * expert + 2 * i * h * solve_working_set(job, elt)[0]
+        expert = 3 * h * i
+        weights = per_range * expert * (elt + 1) + expert * elt + 2 * i * h * solve_working_set(job, elt)[0]
         widest_in = max(h, i)
-        hessians = per_pass * 4 * h * h + 4 * widest_in * widest_in * (4 if gptq else 1)
+        hessians = 4 * h * h + 4 * widest_in * widest_in * (4 if gptq else 1)
         activations = n * t * h * elt + n * t * k * (8 + 8 + 4)
-        workspace = mb * t * (h + 3 * i) * elt      # an expert sees each token at most once
-
-        estimate = (weights, hessians, activations, workspace)
+        estimate = (weights, hessians, activations, expert_temporaries(moe, job, elt))
         if sum(estimate) > sum(worst):
             worst = estimate
     return worst

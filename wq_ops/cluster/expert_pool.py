@@ -1,8 +1,8 @@
 """Routed experts quantized on expert actors (--expert-actors K): each routed block's experts are cut into K
 contiguous ranges (`expert_ranges`), range j always on expert actor j. The block's own actor loads no routed
 expert: it routes each micro-batch, puts the routed inputs in the object store once, and every expert actor
-reads its range's weights from the checkpoint, quantizes them (`quantize_experts_`, --experts-per-pass at a
-time) and hands back its artifact tensors, its records and, per micro-batch, its weighted outputs, which the
+reads its range's weights from the checkpoint, quantizes them (`quantize_experts_`, one at a time) and hands
+back its artifact tensors, its records and, per micro-batch, its weighted outputs, which the
 block's actor adds in expert order. The artifact is the one the block's actor alone would write."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.devic
 
 def quantize_expert_range(job: "ActorJob", index: int, experts: range, routed: RoutedTransfer) -> ExpertsResult:
     """On an expert actor's compute thread: read `experts`' weights of block `index` from the checkpoint,
-    quantize them --experts-per-pass at a time, and put each micro-batch's outputs in the object store."""
+    quantize them, and put each micro-batch's outputs in the object store."""
     import ray
 
     spec, device = job.spec, job.device
@@ -111,17 +111,16 @@ def quantize_expert_range(job: "ActorJob", index: int, experts: range, routed: R
     load_s = time.perf_counter() - t
     inputs = routed.on(device)
     task, block, clock = job.task(index), job.block(index), job.clock()
-    per_pass = task.experts_per_pass or len(experts)
     outputs: list[list[Tensor]] = [[] for _ in inputs.flats]
-    tensors: dict[str, Tensor] = {}
-    reports = []
-    for lo in range(experts.start, experts.stop, per_pass):
-        # Each micro-batch's outputs go to the host at once: the device holds one pass's, not the range's.
-        part = quantize_experts_(block, params, task, range(lo, min(lo + per_pass, experts.stop)), inputs,
-                                 emit=lambda m, ys: outputs[m].append(ys.cpu()), clock=clock)
-        tensors.update({k: v.cpu() for k, v in part.tensors.items()})
-        reports.append(part.report)
+
+    def emit(e: int, ys: list[Tensor]) -> None:
+        # To the host at once: the device holds one expert's outputs, not the range's.
+        for kept, y in zip(outputs, ys):
+            kept.append(y.cpu())
+
+    part = quantize_experts_(block, params, task, experts, inputs, emit=emit, clock=clock)
     params.clear()
-    report = merged_reports(reports, torch.device("cpu"))
+    tensors = {k: v.cpu() for k, v in part.tensors.items()}
+    report = merged_reports([part.report], torch.device("cpu"))
     refs = tuple(ray.put(to_host(torch.cat(ys))) for ys in outputs)
     return ExpertsResult(experts, tensors, report, refs, {"load": load_s, **clock.seconds()})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from wq_ops.cluster.expert_plan import solve_working_set, without_routed_experts
+from wq_ops.cluster.expert_plan import expert_temporaries, solve_working_set, without_routed_experts
 from wq_ops.config import JobConfig, Method, MoeCalibration, Propagation
 from wq_ops.config.schemes import NumberType
 from wq_ops.model.architecture import BlockLayout, ModelLayout
@@ -62,6 +62,9 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     for s in linears:
         key = (s.stage, s.in_features) if s.name not in experts else (s.stage, s.in_features, experts[s.name])
         stacked[key] = stacked.get(key, 0) + s.in_features * s.out_features
+    # Quantized propagation a group at a time takes a routed MLP expert by expert (`_routed_stage_`).
+    by_stage = job.quant.method is Method.AWQ and job.quant.weight_type is not NumberType.FLOAT
+    routed_by_group = moe is not None and job.run.propagation is Propagation.QUANTIZED and not by_stage
     per_weight, stacks = solve_working_set(job, elt)
     solving = per_weight * (max(stacked.values()) if stacks else max(s.in_features * s.out_features for s in linears))
     # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.
@@ -82,9 +85,8 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     elif job.run.propagation is Propagation.FLOAT:   # one pass captures every stage of the block
         stats = (2 if overlapped else 1) * every_stage
     else:
-        # A group at a time, a routed MLP's experts go --experts-per-pass at a time: only theirs are held.
-        per_pass = job.run.experts_per_pass if moe is not None and job.quant.method is not Method.AWQ else 0
-        share = min(per_pass, moe.n_experts) / moe.n_experts if per_pass and moe is not None else 1.0
+        # A group at a time, a routed MLP's experts go one at a time (`quantize_experts_`): one expert's held.
+        share = 1 / moe.n_experts if moe is not None and routed_by_group else 1.0
         per_stage_bytes: dict[str, float] = {}
         for s in hessian_linears:
             held = share if s.name in experts else 1.0
@@ -104,10 +106,11 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         # Kept tail inputs (o_proj's, then down_proj's: at most the widest input) come on top.
         copies = 4 if job.run.propagation is Propagation.FLOAT and not last else 3
         # A routed MLP a group at a time adds its experts' outputs into one more copy (`_routed_stage_`).
-        by_stage = job.quant.method is Method.AWQ and job.quant.weight_type is not NumberType.FLOAT
-        copies += moe is not None and job.run.propagation is Propagation.QUANTIZED and not by_stage
+        copies += routed_by_group
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     workspace = 2 * mb * t * _widest(block, layout, job, capture=True) * elt
+    if routed_by_group and moe is not None and any(s.name in experts for s in linears):   # not on expert actors
+        workspace = max(workspace, expert_temporaries(moe, job, elt))
     kept = min(n, job.quant.kept_search_samples)
     if kept:                                   # AWQ's replayed search samples' inputs, kept by every resident block
         workspace += (resident or (2 if overlapped else 1)) * 3 * kept * t * max_in * elt

@@ -246,8 +246,7 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
     if routed and not streamed:
         fewest = fewest_expert_actors(layout, job, int(capacity_bytes * HEADROOM))
         hint += ("; a routed block's experts: --expert-actors N spreads them over N more actors" +
-                 (f" ({fewest} would each fit)" if fewest is not None else " (not even one expert each fits)") +
-                 ", --experts-per-pass P holds P experts' Hessians at a time")
+                 (f" ({fewest} would each fit)" if fewest is not None else " (not even one expert each fits)"))
     elt = layout.dtype.itemsize
     quantized = sum(s.in_features * s.out_features for b in layout.blocks for s in b.linears)
     rest = sum(b.nbytes(layout.dtype) for b in layout.blocks) - quantized * elt

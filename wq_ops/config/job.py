@@ -98,7 +98,6 @@ class RunConfig:
     cpus_per_actor: int = default_of("cpus_per_actor")        # also the actor's torch thread count
     micro_batch_samples: int = default_of("micro_batch_samples")   # calibration samples per forward call
     actor_memory_gib: float | None = default_of("actor_memory_gib")   # None: measured from the actor's device
-    experts_per_pass: int = default_of("experts_per_pass")   # a routed MLP's experts at a time; 0: all
     expert_actors: int = default_of("expert_actors")         # actors quantizing routed experts; 0: the block's own
     address: str | None = default_of("address")               # Ray cluster address; None: local (see runtime)
     max_actor_restarts: int = default_of("max_actor_restarts")   # lost actors replaced, per job
@@ -116,9 +115,6 @@ class RunConfig:
         positive_int(self.actors, "actors")
         positive_int(self.cpus_per_actor, "cpus_per_actor")
         positive_int(self.micro_batch_samples, "micro_batch_samples")
-        if isinstance(self.experts_per_pass, bool) or not isinstance(self.experts_per_pass, int) \
-                or self.experts_per_pass < 0:
-            raise ConfigError(f"experts_per_pass={self.experts_per_pass!r}: expected an integer >= 0 (0: all at once)")
         if isinstance(self.expert_actors, bool) or not isinstance(self.expert_actors, int) or self.expert_actors < 0:
             raise ConfigError(f"expert_actors={self.expert_actors!r}: expected an integer >= 0 (0: none)")
         if self.expert_actors and self.propagation is not Propagation.QUANTIZED:
@@ -127,7 +123,7 @@ class RunConfig:
                               "--propagation float")
         if self.expert_actors and self.runtime is Runtime.LOCAL:
             raise ConfigError("expert_actors with runtime=local: expert actors are Ray actors; use --runtime ray "
-                              "(or auto), or --experts-per-pass to bound one actor's memory instead")
+                              "(or auto)")
         if isinstance(self.max_actor_restarts, bool) or not isinstance(self.max_actor_restarts, int) \
                 or self.max_actor_restarts < 0:
             raise ConfigError(f"max_actor_restarts={self.max_actor_restarts!r}: expected an integer >= 0")

@@ -214,9 +214,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("micro_batch_samples", f"{R}.micro_batch_samples", Kind.INT, 8, "calibration samples per forward", False),
     Option("actor_memory_gib", f"{R}.actor_memory_gib", Kind.FLOAT, None, "memory per actor (none: measured)",
            False),
-    Option("experts_per_pass", f"{R}.experts_per_pass", Kind.INT, 0, "mixture-of-experts models: an actor quantizes "
-           "a routed MLP's experts this many at a time, holding only their Hessians (0: all at once); the artifact "
-           "is the same either way", False),
     Option("expert_actors", f"{R}.expert_actors", Kind.INT, 0, "mixture-of-experts models: actors besides --actors "
            "(same resources each) that quantize the routed experts, each a range of every routed block's experts, "
            "which then never load on the block's own actor (0: the block's actor quantizes them); Ray only; the "
