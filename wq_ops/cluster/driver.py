@@ -249,6 +249,8 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
     start = time.perf_counter()
     if job.push_to_hub and not job.dry_run and hub_token is None:
         raise ConfigError("push_to_hub: no Hub token was given to the job")
+    if job.dry_run and job.run.actor_memory_gib is not None:
+        return _dry_run_without_actors(job, cache_dir=cache_dir)
     runtime = choose_runtime(job.run)
     counted = _check_actor_count(job)
 
@@ -267,6 +269,24 @@ def run_job(job: JobConfig, *, cache_dir: Path, command: str = "", hub_token: st
             lease = preparing.result()[0].lease
             if lease is not None:
                 lease.release()
+
+
+def _dry_run_result(prepared: PreparedJob, plan: JobPlan) -> JobResult:
+    try:
+        disk = check_room(prepared.artifact, plan.artifact_bytes_estimate)
+    except WqError as e:
+        disk = f"does not fit: {e}"
+    return JobResult(out_dir=Path(prepared.job.out), plan=plan, report=None, index_path=None,
+                     calibration=prepared.calibration, disk=disk)
+
+
+def _dry_run_without_actors(job: JobConfig, *, cache_dir: Path) -> JobResult:
+    """--dry-run with --actor-memory-gib: the plan for the machines the flags name (--actors, --expert-actors,
+    --gpus-per-actor, --actor-memory-gib) with no runtime and no actor started, as nothing need be measured:
+    a job planned for a cluster that is not at hand (with a checkpoint's config.json and index alone)."""
+    prepared = prepare_job(job, cache_dir=cache_dir)
+    assert job.run.actor_memory_gib is not None
+    return _dry_run_result(prepared, _plan(prepared, int(job.run.actor_memory_gib * GIB)))
 
 
 def _plan(prepared: PreparedJob, capacity: int) -> JobPlan:
@@ -327,12 +347,7 @@ def _run_prepared(job: JobConfig, runtime: ActorRuntime, preparing: Future[tuple
         log.info("ready to start in %.1f s (%s runtime %.1f s; checkpoint, options and calibration data "
                  "%.1f s, meanwhile)", ready_s, runtime.name, runtime_s, prepare_s)
         if job.dry_run:
-            try:
-                disk = check_room(prepared.artifact, plan.artifact_bytes_estimate)
-            except WqError as e:
-                disk = f"does not fit: {e}"
-            return JobResult(out_dir=Path(job.out), plan=plan, report=None, index_path=None,
-                             calibration=prepared.calibration, disk=disk)
+            return _dry_run_result(prepared, plan)
         log.info("%s", plan.describe())
         check_fits(plan)
         log.info("%s", check_room(prepared.artifact, plan.artifact_bytes_estimate))

@@ -33,7 +33,14 @@ from wq_ops.io.artifact import (
     remove_leftovers,
     restore_set_aside,
 )
-from wq_ops.io.checkpoint import Checkpoint, open_checkpoint, read_config, shard_header, source_identity
+from wq_ops.io.checkpoint import (
+    Checkpoint,
+    index_without_shards,
+    open_checkpoint,
+    read_config,
+    shard_header,
+    source_identity,
+)
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
 from wq_ops.io.lease import OutputLease
 from wq_ops.model.architecture import (
@@ -72,7 +79,7 @@ class PreparedJob:
 
 
 def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor, *, padded_size: int | None,
-                 modeling: str) -> str:
+                 modeling: str, on_paper: bool = False) -> str:
     """Names the staging folder: same model revision, quantization settings and calibration tokens =>
     same fingerprint. Where the job runs (actors, address) does not enter: results do not depend on it."""
     h = hashlib.sha256()
@@ -80,8 +87,9 @@ def _fingerprint(job: JobConfig, checkpoint: Checkpoint, token_ids: torch.Tensor
     quant["padded_intermediate_size"] = padded_size      # the only effect --tp-sizes/--tp-policy have on bytes
     quant["modeling"] = modeling                         # the classes that ran, not the option that chose them
     h.update(json.dumps(quant, sort_keys=True).encode())
-    # The files (the tensors' bytes: each staged block's digest, `drop_stale_blocks`).
-    h.update(source_identity(checkpoint))
+    # The files (the tensors' bytes: each staged block's digest, `drop_stale_blocks`); a dry run from the
+    # index alone stages nothing.
+    h.update(b"index alone" if on_paper else source_identity(checkpoint))
     h.update(token_ids.numpy().tobytes())
     import wq_ops
 
@@ -98,7 +106,13 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     else:
         with transformers_import_lock():     # its writer imports transformers, maybe beside the actor's import
             model = str(ensure_tiny_checkpoint(cache_dir / "models"))
-    checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None)
+    # A dry run may plan from config.json and the index alone: the shards' headers are then not checked.
+    on_paper = job.dry_run and index_without_shards(model)
+    checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None,
+                                 verify=not on_paper)
+    if on_paper:
+        log.info("dry run from %s's config.json and index alone: none of its %d shards is there, so no shard "
+                 "header was read", model, len(checkpoint.shards))
     check_output_apart(Path(job.out), checkpoint.source_root)
     checkpoint.side_files()              # refuse a side file linked from outside before any work
     source_config = read_config(checkpoint.local_dir / "config.json")
@@ -118,7 +132,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if missing:
         raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
                               f"e.g. {missing[0]}")
-    if fp8_block is None:
+    if fp8_block is None and not on_paper:
         _check_storage_dtype(checkpoint, layout)
     if fp8_block is not None:          # read dequantized, in the dtype the model computes in
         checkpoint = replace(checkpoint, fp8_block=fp8_block, fp8_dtype=str(layout.dtype).replace("torch.", ""))
@@ -139,7 +153,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     check_output_dir(Path(job.out), overwrite=job.overwrite)
     if job.dry_run:                          # writes nothing
         return _prepare_output(job, checkpoint, layout, compatibility, hf_config, source_config, not_written,
-                               carried, None)
+                               carried, None, on_paper=on_paper)
     restore_set_aside(Path(job.out))
     lease = OutputLease.acquire(Path(job.out))   # one job at a time writes --out
     try:
@@ -154,7 +168,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
 
 def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout, compatibility: CompatReport,
                     hf_config: Any, source_config: dict[str, Any], not_written: tuple[str, ...],
-                    carried: tuple[str, ...], lease: OutputLease | None) -> PreparedJob:
+                    carried: tuple[str, ...], lease: OutputLease | None, *, on_paper: bool = False) -> PreparedJob:
     """The calibration tokens, the staging fingerprint and the staged blocks still valid, under the lease."""
 
     @functools.cache              # calibration text and --eval text share one
@@ -187,7 +201,7 @@ def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout,
     padded_size = None if compatibility.padding is None else compatibility.padding.padded_size
     artifact = ArtifactLayout(out_dir=Path(job.out), n_blocks=layout.n_blocks,
                               fingerprint=_fingerprint(job, checkpoint, ids, padded_size=padded_size,
-                                                       modeling=modeling_name(hf_config)))
+                                                       modeling=modeling_name(hf_config), on_paper=on_paper))
     if lease is not None:
         drop_stale_blocks(artifact, layout, checkpoint)
     return PreparedJob(job=job, checkpoint=checkpoint, hf_config=hf_config, layout=layout, token_ids=ids,
