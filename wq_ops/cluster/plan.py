@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from wq_ops.cluster.estimate import estimate_seconds
 from wq_ops.cluster.expert_plan import expert_actor_memory, fewest_expert_actors
 from wq_ops.cluster.memory import MemoryEstimate, eval_memory, span_memory
 from wq_ops.config import JobConfig, Method, Propagation, SpanMode
@@ -63,6 +64,7 @@ class JobPlan:
     expert_actors: int = 0         # --expert-actors: each quantizes a range of every routed block's experts
     experts: MemoryEstimate | None = None      # what one of them needs (the largest range)
     experts_per_actor: int = 0     # routed experts in the largest range
+    estimate: dict[str, float] | None = None   # seconds by part, from measured rates (`estimate_seconds`)
 
     @property
     def streamed(self) -> bool:
@@ -95,6 +97,12 @@ class JobPlan:
             lines.append(f"experts: {self.expert_actors} expert actors (x0-{self.expert_actors - 1}), each quantizing "
                          f"at most {self.experts_per_actor} of every routed block's experts; the block actors "
                          "load no routed expert")
+        if self.estimate is not None:
+            e = self.estimate
+            lines.append(f"estimate: about {e['total'] / 60:.0f} min on H100s (dense {e['dense'] / 60:.1f}, experts "
+                         f"{e['experts'] / 60:.1f}, expert loads {e['expert_loads'] / 60:.1f}, transfers "
+                         f"{e['transfers'] / 60:.1f}, start-up {e['startup'] / 60:.1f} min), from measured rates "
+                         "(docs/scaling.md)")
         if self.eval_windows:
             lines.append(f"eval: {self.eval_windows} windows of {self.eval_seq_len} tokens after quantizing, the "
                          "artifact's blocks replayed actor to actor" + (" (and the source's)" if self.eval_baseline
@@ -257,7 +265,8 @@ def make_plan(layout: ModelLayout, checkpoint: Checkpoint, job: JobConfig, *, ca
                    artifact_bytes_estimate=artifact, note=note, hint=hint, eval_windows=eval_windows,
                    eval_seq_len=job.evaluation.seq_len if eval_windows else 0,
                    eval_baseline=job.evaluation.baseline and eval_windows > 0, expert_actors=job.run.expert_actors,
-                   experts=experts, experts_per_actor=per_actor)
+                   experts=experts, experts_per_actor=per_actor,
+                   estimate=estimate_seconds(layout, job, source_bytes_per_weight=1 if checkpoint.fp8_block else elt))
 
 
 def check_fits(plan: JobPlan) -> None:
