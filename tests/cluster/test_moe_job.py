@@ -111,6 +111,8 @@ def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpo
     wide = quantize(tmp_path, checkpoints, arch, "wide", actors=1, expert_actors=3)
     assert shards(split.out_dir) == shards(one.out_dir) == shards(wide.out_dir)
     assert [x["name"] for x in split.report["layers"]] == [x["name"] for x in one.report["layers"]]
+    experts = [m for m in split.report["memory"] if m.get("expert_actor")]
+    assert [m["rank"] for m in experts] == [1, 2] and all(m["planned_bytes"] > 0 for m in experts)
 
 
 @pytest.mark.gpu

@@ -196,6 +196,7 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
             records.extend(staged)
         handoffs = runtime.get_all([runtime.call(actor, BlockActor.handoff_times) for actor in actors])
         peaks = runtime.get_all([runtime.call(actor, BlockActor.memory_peak) for actor in actors])
+        expert_peaks = runtime.get_all([runtime.call(actor, BlockActor.memory_peak) for actor in experts])
         warm_ups = runtime.get_all([runtime.call(actor, BlockActor.warm_up_seconds) for actor in actors])
         evaluation = None if prepared.eval_ids is None else evaluate_on_actors(runtime, prepared, plan, actors, specs)
     except Exception as e:
@@ -205,7 +206,9 @@ def _run_actors(prepared: PreparedJob, plan: JobPlan, runtime: ActorRuntime, act
         handoffs=[{"rank": a.rank, **_present(vars(h))} for a, h in zip(plan.actors, handoffs)],
         # What each actor's device really held at most, beside what the plan said it would need.
         memory=[{"rank": a.rank, "planned_bytes": a.memory.total, **_present(vars(p))}
-                for a, p in zip(plan.actors, peaks)],
+                for a, p in zip(plan.actors, peaks)]
+        + [{"rank": len(actors) + j, "expert_actor": True, "planned_bytes": plan.experts.total if plan.experts else 0,
+            **_present(vars(p))} for j, p in enumerate(expert_peaks)],
         warm_ups=warm_ups, evaluation=evaluation)
 
 
