@@ -139,25 +139,51 @@ def test_expert_actors_are_refused_where_there_is_nothing_for_them(tmp_path, che
         quantize(tmp_path, checkpoints, "mixtral", "many", expert_actors=n + 1)
 
 
-def test_the_block_actor_reads_no_routed_expert_when_expert_actors_quantize_them(tmp_path, checkpoints):
+def _actor_job(tmp_path, checkpoints, arch, **spec_fields):
+    """A CPU ActorJob of a dry-run-prepared job (no Ray), as an actor's first call makes it."""
     from wq_ops.cluster.actor_job import ActorJob
-    from wq_ops.cluster.loader import BlockLoader
     from wq_ops.cluster.prepare import prepare_job
     from wq_ops.cluster.protocol import ActorSpec
 
     models, calib = checkpoints
-    job = JobConfig.from_dict({"model": str(models["qwen3_moe"]), "out": str(tmp_path / "o"), "calib": str(calib),
+    job = JobConfig.from_dict({"model": str(models[arch]), "out": str(tmp_path / "o"), "calib": str(calib),
                                "samples": 8, "seq_len": 64, "group_size": 32, "expert_actors": 2, "dry_run": True})
     prepared = prepare_job(job, cache_dir=tmp_path / "cache")
-    spec = dict(rank=0, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config, layout=prepared.layout,
-                job=job, artifact=prepared.artifact)
+    return ActorJob(ActorSpec(rank=0, checkpoint=prepared.checkpoint, hf_config=prepared.hf_config,
+                              layout=prepared.layout, job=job, artifact=prepared.artifact, **spec_fields),
+                    torch.device("cpu"))
+
+
+def test_the_block_actor_reads_no_routed_expert_when_expert_actors_quantize_them(tmp_path, checkpoints):
+    from wq_ops.cluster.loader import BlockLoader
+
     routed = moe_spec(tiny_config("qwen3_moe")).sparse_blocks[0]
     read = {}
     for handles in ((), ("an expert actor",)):
-        actor_job = ActorJob(ActorSpec(**spec, expert_actors=handles), torch.device("cpu"))
-        read[len(handles)] = set(BlockLoader(actor_job, None).load(routed).params)
+        job = _actor_job(tmp_path, checkpoints, "qwen3_moe", expert_actors=handles)
+        read[len(handles)] = set(BlockLoader(job, None).load(routed).params)
     assert {n for n in read[0] if ".experts." in n} and not {n for n in read[1] if ".experts." in n}
     assert read[1] == {n for n in read[0] if ".experts." not in n}
+
+
+def test_an_expert_actor_reads_its_range_of_the_next_routed_block_ahead(tmp_path, checkpoints, monkeypatch):
+    from wq_ops.cluster import expert_pool
+
+    job = _actor_job(tmp_path, checkpoints, "qwen3_moe")
+    routed = moe_spec(tiny_config("qwen3_moe")).sparse_blocks
+    calls = []
+    real = expert_pool._read_range
+    monkeypatch.setattr(expert_pool, "_read_range", lambda j, i, e: calls.append((i, e)) or real(j, i, e))
+    reader = expert_pool.ExpertReader()
+    try:
+        first = reader.read(job, routed[0], range(1, 3))
+        names = [f"mlp.experts.{e}.{w}_proj.weight" for e in (1, 2) for w in ("gate", "up", "down")]
+        assert sorted(first) == sorted(names)
+        second = reader.read(job, routed[1], range(1, 3))      # read ahead while the first was quantized
+        assert calls[:2] == [(routed[0], range(1, 3)), (routed[1], range(1, 3))]
+        assert all(torch.equal(second[k], v) for k, v in expert_pool._read_range(job, routed[1], range(1, 3)).items())
+    finally:
+        reader.close()
 
 
 def test_a_crash_and_a_resume_write_the_same_bytes(tmp_path, checkpoints):

@@ -31,7 +31,7 @@ from torch import Tensor
 from wq_ops.cluster.actor_job import ActorJob
 from wq_ops.cluster.blame import blamed
 from wq_ops.cluster.eval_span import EvalSpan
-from wq_ops.cluster.expert_pool import ExpertsResult, RoutedTransfer, quantize_expert_range
+from wq_ops.cluster.expert_pool import ExpertReader, ExpertsResult, RoutedTransfer, quantize_expert_range
 from wq_ops.cluster.loader import BlockLoader
 from wq_ops.cluster.protocol import (
     ActivationRef,
@@ -122,6 +122,7 @@ class BlockActor:
         # The tensors before and after the blocks are copied unchanged: staged off the critical path.
         self._outer_writer = ThreadPoolExecutor(1, thread_name_prefix="wq-outer")
         self._outer: list[Future[ShardRecord]] = []
+        self._expert_reader: ExpertReader | None = None     # an expert actor's reads (made by its first call)
 
     def _on_compute(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """fn(*args, **kwargs) on the compute thread, waited for (here on CPU). The first waits for the
@@ -216,8 +217,10 @@ class BlockActor:
         """Quantize `experts` of block `block` for the block's actor, which sent its `spec` and the routed
         inputs (`expert_pool.quantize_expert_range`); this actor runs as `rank`."""
         job, _ = self._use(dataclasses.replace(spec, rank=rank, expert_actors=()))
+        if self._expert_reader is None:
+            self._expert_reader = ExpertReader()
         try:
-            return self._on_compute(quantize_expert_range, job, block, experts, routed)
+            return self._on_compute(quantize_expert_range, job, self._expert_reader, block, experts, routed)
         except QuantizationError as e:
             raise blamed(spec, [block], e) from None
 
@@ -299,6 +302,8 @@ class BlockActor:
         """Let the staging and compute threads finish (a warm-up still running included) and drop the
         device tensors (an in-process actor at the job's end; a Ray actor's process simply ends)."""
         self._outer_writer.shutdown(wait=True)
+        if self._expert_reader is not None:
+            self._expert_reader.close()
         if self._compute is not None:
             self._compute.close()
         if self._streamed is not None:

@@ -1,13 +1,15 @@
 """Routed experts quantized on expert actors (--expert-actors K): each routed block's experts are cut into K
 contiguous ranges (`expert_ranges`), range j always on expert actor j. The block's own actor loads no routed
 expert: it routes each micro-batch, puts the routed inputs in the object store once, and every expert actor
-reads its range's weights from the checkpoint, quantizes them (`quantize_experts_`, one at a time) and hands
-back its artifact tensors, its records and, per micro-batch, its weighted outputs, which the
-block's actor adds in expert order. The artifact is the one the block's actor alone would write."""
+reads its range's weights from the checkpoint (the next routed block's read ahead: `ExpertReader`), quantizes
+them (`quantize_experts_`, one at a time) and hands back its artifact tensors, its records and, per
+micro-batch, its weighted outputs, which the block's actor adds in expert order. The artifact is the one the
+block's actor alone would write."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from wq_ops.cluster.actor_job import ActorJob
     from wq_ops.cluster.protocol import ActorSpec
 
-__all__ = ["RoutedTransfer", "ExpertsResult", "remote_experts", "quantize_expert_range"]
+__all__ = ["RoutedTransfer", "ExpertsResult", "ExpertReader", "remote_experts", "quantize_expert_range"]
 
 
 @dataclass(frozen=True)
@@ -93,21 +95,58 @@ def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.devic
     return run
 
 
-def quantize_expert_range(job: "ActorJob", index: int, experts: range, routed: RoutedTransfer) -> ExpertsResult:
-    """On an expert actor's compute thread: read `experts`' weights of block `index` from the checkpoint,
-    quantize them, and put each micro-batch's outputs in the object store."""
-    import ray
+class ExpertReader:
+    """An expert actor's reads of its ranges from the checkpoint, one ahead: once a block's range is read, the
+    same range of the next routed block is read on a helper thread (to the host) while this one is quantized,
+    so that the disk is not on the critical path but for the first block."""
 
-    spec, device = job.spec, job.device
-    layout = spec.layout
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-expert-read")
+        self._ahead: dict[tuple[str, int, int, int], Future[dict[str, Tensor]]] = {}
+
+    def read(self, job: "ActorJob", index: int, experts: range) -> dict[str, Tensor]:
+        """`experts`' weights of block `index` (block-local names, on the host), then the next routed block's
+        same range read ahead."""
+        key = self._key(job, index, experts)
+        ahead = self._ahead.pop(key, None)
+        for stale in list(self._ahead):       # a range no call will ask for (another job, another range)
+            self._ahead.pop(stale)
+        host = ahead.result() if ahead is not None else _read_range(job, index, experts)
+        layout = job.spec.layout
+        following = next((i for i in range(index + 1, layout.n_blocks) if layout.block(i).moe is not None), None)
+        if following is not None:
+            self._ahead[self._key(job, following, experts)] = self._pool.submit(_read_range, job, following,
+                                                                               experts)
+        return host
+
+    @staticmethod
+    def _key(job: "ActorJob", index: int, experts: range) -> tuple[str, int, int, int]:
+        return str(job.spec.artifact.staging), index, experts.start, experts.stop
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._ahead.clear()
+
+
+def _read_range(job: "ActorJob", index: int, experts: range) -> dict[str, Tensor]:
+    layout = job.spec.layout
     moe = layout.block(index).moe
     assert moe is not None
-    t = time.perf_counter()
     prefix = f"{layout.block_prefix}.{index}."
     names = [moe.expert(e, which) + ".weight" for e in experts for which in ("gate", "up", "down")]
-    host = read_tensors(spec.checkpoint, [prefix + n for n in names])
-    params = {n[len(prefix):]: v.to(device=device, dtype=layout.dtype) for n, v in host.items()}
-    del host
+    host = read_tensors(job.spec.checkpoint, [prefix + n for n in names])
+    return {n[len(prefix):]: v for n, v in host.items()}
+
+
+def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, experts: range,
+                          routed: RoutedTransfer) -> ExpertsResult:
+    """On an expert actor's compute thread: `experts`' weights of block `index` (`reader`), quantized, and
+    each micro-batch's outputs put in the object store."""
+    import ray
+
+    device, dtype = job.device, job.spec.layout.dtype
+    t = time.perf_counter()
+    params = {n: v.to(device=device, dtype=dtype) for n, v in reader.read(job, index, experts).items()}
     load_s = time.perf_counter() - t
     inputs = routed.on(device)
     task, block, clock = job.task(index), job.block(index), job.clock()
