@@ -27,8 +27,8 @@ def deepseek_v3(tmp_path_factory):
 
 
 def plan(tmp_path, model, **options):
-    job = JobConfig.from_dict({"model": str(model), "calib": str(model / "calib-ids.parquet"), "out": str(tmp_path / "o"),
-                               "dry_run": True, "gpus_per_actor": 1, **options})
+    job = JobConfig.from_dict({"model": str(model), "calib": str(model / "calib-ids.parquet"),
+                               "out": str(tmp_path / "o"), "dry_run": True, "gpus_per_actor": 1, **options})
     return run_job(job, cache_dir=tmp_path / "cache")
 
 

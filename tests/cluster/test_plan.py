@@ -184,7 +184,8 @@ def test_a_routed_mlp_holds_one_experts_hessians_at_a_time():
     h, i = 2048, 768
     assert _moe_plan().actors[0].memory.hessians == _moe_plan(n_experts=256).actors[0].memory.hessians
     floated = _moe_plan(propagation="float").actors[0].memory.hessians
-    assert _moe_plan(propagation="float", n_experts=256).actors[0].memory.hessians - floated == 128 * 4 * (h * h + i * i)
+    more = _moe_plan(propagation="float", n_experts=256).actors[0].memory.hessians - floated
+    assert more == 128 * 4 * (h * h + i * i)
 
 
 def test_expert_actors_hold_the_routed_experts_and_the_block_actors_none():
