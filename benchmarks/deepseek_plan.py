@@ -23,7 +23,8 @@ from wq_ops.config import JobConfig  # noqa: E402
 from wq_ops.errors import WqError  # noqa: E402
 
 # (name, GPUs, GiB per GPU, block actors): every GPU but the block actors' runs an expert actor.
-CLUSTERS = [("1 x H100 80 GB", 1, 80, 1), ("8 x H100 80 GB", 8, 80, 1), ("8 x H200 141 GB", 8, 141, 1),
+CLUSTERS = [("1 x H100 80 GB", 1, 80, 1), ("1 x H200 141 GB", 1, 141, 1), ("8 x H100 80 GB", 8, 80, 1),
+            ("8 x H200 141 GB", 8, 141, 1),
             ("16 x H100 80 GB", 16, 80, 1), ("16 x H100 80 GB, 2 block actors", 16, 80, 2)]
 
 

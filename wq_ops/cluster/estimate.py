@@ -2,8 +2,8 @@
 docs/scaling.md tabulates it for clusters not at hand. A model of quantized propagation (the blocks one after
 another): each block's own actor computes its dense part (attention, a dense MLP or a shared expert) while
 its next block loads; a routed block's experts are quantized one at a time by its actor or, with
---expert-actors, range by range on the expert actors at once, each reading its range from disk when called
-(no prefetch) and receiving the routed inputs and returning its outputs through the host. Rates, not
+--expert-actors, range by range on the expert actors at once, each reading its range of the next routed block
+while this one runs, and receiving the routed inputs and returning its outputs through the host. Rates, not
 guarantees: uneven routing, other disks and networks move it. Entry point: `estimate_seconds`."""
 
 from __future__ import annotations
@@ -33,16 +33,26 @@ class Rates:
 
 
 # Dense rates: the 8B GPTQ runs of benchmarks/RESULTS.md (H100, 128 x 2048 tokens, 32 blocks): forward phase
-# 10.7 s, solve 4.3 s; a block has 218M weights and its linears' in^2 x out sum to 1.49e12. Expert rates:
-# benchmarks/expert_rates.py on the H100 (see RESULTS.md). Disk: 1.34 GB/s measured on that machine.
+# 10.7 s, solve 4.3 s; a block has 218M weights and its linears' in^2 x out sum to 1.49e12.
+# Expert rates: the eleventh session's H100 blocks (RESULTS.md, before experts went one at a time over all
+# their rows, so an upper bound): per routed block, Qwen3-30B-A3B (128 experts of 2048 x 768, 16384 rows each)
+# forward 4.9 s and solve 1.1 s, Mixtral-8x7B (8 of 4096 x 14336, 65536 rows each) forward 1.4 s and solve 0.9 s.
+# Per expert, forward = f x rows x 3hi + c1 and solve = s x (h^2 2i + i^2 h) + c2 through both points:
+# f = 1.2e-14, c1 = 0.037 s, s = 7.9e-14 (the dense solve's 9.0e-14 agrees), c2 = 0.008 s.
+# Disk: 1.34 GB/s measured on that machine (docs/scaling.md). Host copies: 10 GB/s, the object store's
+# in-node rate assumed in docs/scaling.md. Start-up: Ray, actors and preparation, about 30 s in those runs.
 H100 = Rates(
     dense_forward=10.7 / 32 / (218_103_808 * 262_144),
     dense_solve=4.3 / 32 / 1.49e12,
-    expert_forward=0.0, expert_solve=0.0, expert_fixed=0.0,      # filled from the device run below
+    expert_forward=(1.4 / 8 - 4.9 / 128) / (65536 * 3 * 4096 * 14336 - 16384 * 3 * 2048 * 768),
+    expert_solve=(0.9 / 8 - 1.1 / 128) / (4096 ** 2 * 2 * 14336 + 14336 ** 2 * 4096 - 2048 ** 2 * 2 * 768
+                                           - 768 ** 2 * 2048),
+    expert_fixed=0.037 + 0.008,
     disk=1.34e9,
     host_copy=10e9,
     startup=30.0,
-    source="H100: benchmarks/RESULTS.md (8B GPTQ), benchmarks/expert_rates.py",
+    source="H100, benchmarks/RESULTS.md: 8B GPTQ (dense) and the Qwen3-30B-A3B and Mixtral-8x7B blocks of the "
+           "eleventh session (experts)",
 )
 
 
@@ -74,7 +84,7 @@ def estimate_seconds(layout: ModelLayout, job: JobConfig, *, source_bytes_per_we
     quantized propagation on GPU actors; None where the model does not apply (CPU actors, float propagation,
     another method, or rates not measured). source_bytes_per_weight: what the checkpoint stores a weight in
     (1 for an FP8 release, 2 for bf16), for the expert actors' reads."""
-    if job.run.gpus_per_actor <= 0 or job.quant.method is not Method.GPTQ or not rates.expert_forward:
+    if job.run.gpus_per_actor <= 0 or job.quant.method is not Method.GPTQ:
         return None
     if job.run.propagation.value != "quantized":
         return None
@@ -82,6 +92,7 @@ def estimate_seconds(layout: ModelLayout, job: JobConfig, *, source_bytes_per_we
     k = job.run.expert_actors
     elt = layout.dtype.itemsize
     parts = {"startup": rates.startup, "dense": 0.0, "experts": 0.0, "expert_loads": 0.0, "transfers": 0.0}
+    first_routed = True
     for index in range(layout.n_blocks):
         block = layout.block(index)
         moe = block.moe
@@ -96,15 +107,23 @@ def estimate_seconds(layout: ModelLayout, job: JobConfig, *, source_bytes_per_we
             parts["experts"] += experts
             parts["expert_loads"] += max(0.0, load - dense - experts)        # what the compute does not hide
             continue
-        parts["dense"] += max(dense, _dense_weights(block) * source_bytes_per_weight / rates.disk)
+        dense = max(dense, _dense_weights(block) * source_bytes_per_weight / rates.disk)
         largest = -(-moe.n_experts // k)
-        parts["experts"] += largest * _expert_seconds(moe, tokens, rates)
-        # Each expert actor reads its range when called; the actors on one node share its disk.
-        on_node = min(k, gpus_per_node)
-        parts["expert_loads"] += on_node * largest * 3 * moe.hidden_size * moe.expert_intermediate \
-            * source_bytes_per_weight / rates.disk
-        # The routed inputs to the host once and onto each expert actor's GPU; the top-k outputs per token back.
+        experts = largest * _expert_seconds(moe, tokens, rates)
+        # Host copies: the block's actor puts the routed inputs in the object store (two copies) and each
+        # expert actor takes them onto its GPU (one, side by side); each puts its outputs there (two of its share,
+        # side by side) and the block's actor takes all of them onto its GPU (two).
         inputs, outputs = tokens * moe.hidden_size * elt, tokens * moe.top_k * moe.hidden_size * elt
-        parts["transfers"] += (2 * inputs + 2 * outputs) / rates.host_copy
+        transfers = (3 * inputs + 2 * outputs * (1 + 1 / k)) / rates.host_copy
+        # Each expert actor reads its range of the next routed block while this one runs (read ahead); the
+        # actors on one node share its disk. The first routed block's read waits.
+        read = min(k, gpus_per_node) * largest * 3 * moe.hidden_size * moe.expert_intermediate \
+            * source_bytes_per_weight / rates.disk
+        busy = dense + experts + transfers
+        parts["dense"] += dense
+        parts["experts"] += experts
+        parts["transfers"] += transfers
+        parts["expert_loads"] += read if first_routed else max(0.0, read - busy)
+        first_routed = False
     parts["total"] = sum(parts.values())
     return parts
