@@ -115,6 +115,17 @@ def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpo
     assert [m["rank"] for m in experts] == [1, 2] and all(m["planned_bytes"] > 0 for m in experts)
 
 
+@pytest.mark.parametrize("options", [{"method": "rtn"}, {"method": "hqq"}, {"scheme": "FP8_DYNAMIC"},
+                                     {"method": "gptq", "moe_calibration": "all", "moe_min_tokens": 40}],
+                         ids=["rtn", "hqq", "fp8-dynamic", "gptq-all-tokens"])
+def test_expert_actors_write_the_same_bytes_for_every_method_they_take(tmp_path, checkpoints, options):
+    if "scheme" in options:
+        options = {**options, "group_size": "channel"}
+    one = quantize(tmp_path, checkpoints, "deepseek_v3", "one", runtime="local", **options)
+    split = quantize(tmp_path, checkpoints, "deepseek_v3", "split", expert_actors=3, **options)
+    assert shards(split.out_dir) == shards(one.out_dir)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_expert_actors_on_a_gpu_write_the_bytes_of_one_gpu_actor(tmp_path, checkpoints, arch):

@@ -61,3 +61,20 @@ def test_pinned_staging_writes_the_bytes_pageable_copies_do(tmp_path, monkeypatc
                         lambda t, dtype, device: t.to(dtype).to(device, non_blocking=True))
     pageable = gpu_job_shards(tmp_path, model, calib, "pageable", propagation=propagation)
     assert pinned == pageable and len(pinned) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_every_dtype_an_artifact_holds_travels_between_actors_bit_for_bit(dtype):
+    """to_host / from_host (what an expert actor's packed tensors and outputs travel as): the same bits, the
+    same dtype and shape, through pickling as Ray's object store would."""
+    import pickle
+
+    from wq_ops.device.transport import from_host, to_host
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (3, 5, 8), dtype=torch.uint8, generator=gen)
+    value = raw.view(dtype)                       # (3, 5, 8 / itemsize): every bit pattern, NaNs included
+    back = from_host(pickle.loads(pickle.dumps(to_host(value))), "cpu")
+    assert back.dtype == dtype and back.shape == value.shape
+    assert torch.equal(back.view(torch.uint8), value.view(torch.uint8))

@@ -56,13 +56,19 @@ class RoutedTransfer:
 @dataclass(frozen=True)
 class ExpertsResult:
     """What an expert actor hands back for its range of one block: the artifact tensors and the records'
-    numbers (host), the object-store refs of each micro-batch's weighted outputs, its time per phase."""
+    numbers (as NumPy arrays: float8 and bfloat16 included), the object-store refs of each micro-batch's
+    weighted outputs, its time per phase."""
 
     experts: range
-    tensors: dict[str, Tensor]
-    report: PendingReport
+    tensors: dict[str, HostTensor]
+    numbers: HostTensor
+    slots: tuple[Any, ...]
+    checks: tuple[str, ...]
     outputs: tuple[Any, ...]
     seconds: dict[str, float]
+
+    def report(self) -> PendingReport:
+        return PendingReport(numbers=from_host(self.numbers, "cpu"), slots=self.slots, checks=self.checks)
 
 
 def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.device) -> ExpertRunner:
@@ -90,7 +96,7 @@ def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.devic
             for m, ref in enumerate(result.outputs):
                 add_routed_(outs[m], inputs.by_expert[m], experts, from_host(ray.get(ref), device))
             work.clock.add("forward", mark)
-            yield ExpertsPart(experts, result.tensors, result.report)
+            yield ExpertsPart(experts, {k: from_host(v, "cpu") for k, v in result.tensors.items()}, result.report())
 
     return run
 
@@ -159,7 +165,8 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
 
     part = quantize_experts_(block, params, task, experts, inputs, emit=emit, clock=clock)
     params.clear()
-    tensors = {k: v.cpu() for k, v in part.tensors.items()}
+    tensors = {k: to_host(v) for k, v in part.tensors.items()}
     report = merged_reports([part.report], torch.device("cpu"))
     refs = tuple(ray.put(to_host(torch.cat(ys))) for ys in outputs)
-    return ExpertsResult(experts, tensors, report, refs, {"load": load_s, **clock.seconds()})
+    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs,
+                         {"load": load_s, **clock.seconds()})

@@ -18,7 +18,11 @@ __all__ = ["HostTensor", "to_host", "from_host", "Queued", "after_queued_copies"
 
 T = TypeVar("T")
 
-_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+# Each dtype as a NumPy-native one of its width (NumPy has no bfloat16 or float8): viewed back on arrival.
+_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.float64, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8,
+         torch.uint8: torch.uint8, torch.int8: torch.int8, torch.int16: torch.int16, torch.int32: torch.int32,
+         torch.int64: torch.int64}
 
 
 @dataclass(frozen=True)
