@@ -76,7 +76,6 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool, exp
             return module(params, normed)
 
         groups = anatomy.stage_groups(stage)
-        waves = anatomy.stage_waves(stage)
         tail = stash_tails and bool(groups) and stage in anatomy.direct_tails and len(groups[-1].names) == 1
         mark = clock.mark()
         normed = [block.norm(params, norm, x) for x in xs]
@@ -85,16 +84,8 @@ def _by_group_(work: BlockWork, batches: list[Tensor], *, stash_tails: bool, exp
             xs = _routed_stage_(work, xs, normed, experts)
             continue
         stashed: list[Tensor] = []
-        for i, wave in enumerate(waves):
-            if len(wave) > 1:
-                # Independent groups (a routed MLP's experts): one pass captures them all, then they are solved.
-                captures, _ = capture_stage(block, wave, functools.partial(module, params), normed)
-                clock.add("forward", mark)
-                solve_stage(work, stage, captures, groups=wave)
-                mark = clock.mark()
-                continue
-            (group,) = wave
-            keep = tail and i == len(waves) - 1
+        for i, group in enumerate(groups):
+            keep = tail and i == len(groups) - 1
             if group.names[0] in anatomy.direct_heads:      # its input is the norm's output: no pass needed
                 capture, stashed = capture_inputs(normed), list(normed) if keep else []
             else:

@@ -64,7 +64,7 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
         return BlockAnatomy(groups=groups, direct_tails=tails, direct_heads=heads)
     gate_up, down = _expert_groups(moe)
     return BlockAnatomy(groups=groups + gate_up + down, direct_tails=tuple(t for t in tails if t != "mlp"),
-                        direct_heads=heads, waves=(gate_up, down))
+                        direct_heads=heads)
 
 
 def _expert_groups(moe: MoeSpec) -> tuple[tuple[LinearGroup, ...], tuple[LinearGroup, ...]]:

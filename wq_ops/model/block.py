@@ -68,23 +68,16 @@ class BlockAnatomy:
     """groups: in call order. direct_tails: the stages whose module returns its last linear's output as is
     (Llama's o_proj and down_proj): that output can be computed from the linear's stashed input alone.
     direct_heads: the groups (by first name) whose input is their stage's norm output itself (Llama's q/k/v
-    and gate/up): their statistics need no pass through the module. waves: for a routed MLP, the groups whose
-    inputs do not depend on each other's quantization, captured and solved together (every expert's gate/up,
-    then every expert's down); empty: one group at a time."""
+    and gate/up): their statistics need no pass through the module. A routed MLP's groups (each expert's
+    gate/up, then each expert's down, then the shared expert's) are quantized expert by expert
+    (`wq_ops.block.experts`), not in this order, under quantized propagation."""
 
     groups: tuple[LinearGroup, ...]
     direct_tails: tuple[str, ...] = ()
     direct_heads: tuple[str, ...] = ()
-    waves: tuple[tuple[LinearGroup, ...], ...] = ()
 
     def stage_groups(self, stage: str) -> tuple[LinearGroup, ...]:
         return tuple(g for g in self.groups if g.stage == stage)
-
-    def stage_waves(self, stage: str) -> tuple[tuple[LinearGroup, ...], ...]:
-        """The stage's groups in the order quantized propagation takes them: waves of independent groups where
-        the anatomy has them (a routed MLP), else one group at a time."""
-        waves = tuple(w for w in self.waves if w and w[0].stage == stage)
-        return waves or tuple((g,) for g in self.stage_groups(stage))
 
 
 # Norm classes (with their epsilon and width) found to compute weight * rms_norm(x): checked once each.
