@@ -139,6 +139,21 @@ def test_expert_actors_on_a_gpu_write_the_bytes_of_one_gpu_actor(tmp_path, check
     assert shards(split.out_dir) == shards(one.out_dir)
 
 
+def test_a_replayed_block_keeps_its_routed_experts_on_the_host_when_expert_actors_quantize_them(tmp_path,
+                                                                                                 checkpoints):
+    """Resume and --eval replay staged blocks on the block actor, whose memory was planned without the routed
+    experts: those stay on the host (moe_mlp moves each expert's weights to the device as it reaches it). A
+    fresh load reads none; without expert actors everything goes to the device."""
+    from wq_ops.cluster.loader import BlockLoader
+
+    routed = moe_spec(tiny_config("qwen3_moe")).sparse_blocks[0]
+    with_experts = BlockLoader(_actor_job(tmp_path, checkpoints, "qwen3_moe", expert_actors=("x",)), None)
+    alone = BlockLoader(_actor_job(tmp_path, checkpoints, "qwen3_moe"), None)
+    assert with_experts.host_resident(routed, quantized=True) == "mlp.experts."
+    assert with_experts.host_resident(routed, quantized=False) is None
+    assert alone.host_resident(routed, quantized=True) is None
+
+
 def test_expert_actors_are_refused_where_there_is_nothing_for_them(tmp_path, checkpoints):
     calib = checkpoints[1]
     dense = write_checkpoint(tmp_path / "dense", "llama")

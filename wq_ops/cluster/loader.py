@@ -83,16 +83,30 @@ class BlockLoader:
             # A module kept unquantized (a router) computes in its own dtype: DeepSeek-V3's is float32.
             return value.dtype if local.startswith(kept) else layout.dtype
 
+        on_host = self.host_resident(index, quantized=quantized)
+
+        def here(local: str, value: Tensor) -> Tensor:
+            return value.to(dtype_of(local, value))
+
         ready = None
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
-                params = {n[cut:]: queue_to_device(v, dtype_of(n[cut:], v), device) for n, v in host.items()}
+                params = {n[cut:]: here(n[cut:], v) if on_host and n[cut:].startswith(on_host)
+                          else queue_to_device(v, dtype_of(n[cut:], v), device) for n, v in host.items()}
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
         else:
-            params = {n[cut:]: v.to(dtype_of(n[cut:], v)) for n, v in host.items()}
+            params = {n[cut:]: here(n[cut:], v) for n, v in host.items()}
         return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished,
                       source_sha256=source_sha256)
+
+    def host_resident(self, index: int, *, quantized: bool) -> str | None:
+        """The prefix of block `index`'s tensors that stay on the host when it loads: a staged block replayed
+        where expert actors quantize the experts (this actor's memory was planned without them) keeps its
+        routed experts there, and they go to the device one expert at a time as the replay reaches them
+        (`moe_mlp` moves a weight to its input's device); None: all go to the device."""
+        moe = self.job.spec.layout.block(index).moe
+        return moe.prefix + ".experts." if quantized and moe is not None and self.job.spec.expert_actors else None
 
     def load_float(self, index: int) -> Loaded:
         return self.load(index, staged=False)
@@ -118,7 +132,8 @@ class BlockLoader:
             compute = torch.cuda.current_stream(self.job.device)
             compute.wait_event(loaded.ready)
             for tensor in loaded.params.values():
-                tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
+                if tensor.is_cuda:              # (a replayed block's routed experts may stay on the host)
+                    tensor.record_stream(compute)   # made on the copy stream, used (and freed) on this one
 
 
 def prefetched(load: Callable[[int], Loaded], blocks: list[int]) -> Iterator[tuple[int, Loaded]]:

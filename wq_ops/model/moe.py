@@ -164,15 +164,16 @@ def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Call
             continue
         state = flat[token]                                                # (n_e, hidden)
         gate_name, up_name, down_name = spec.expert(e, "gate"), spec.expert(e, "up"), spec.expert(e, "down")
-        hidden = act(F.linear(state, params[gate_name + ".weight"])) * F.linear(state, params[up_name + ".weight"])
+        # A weight held on the host (a replayed block whose experts were quantized elsewhere) comes over now.
+        gate, up, down = (params[n + ".weight"].to(flat.device) for n in (gate_name, up_name, down_name))
+        hidden = act(F.linear(state, gate)) * F.linear(state, up)
         if tap is not None and tap_all_tokens:
             tap(gate_name, flat)
-            tap(down_name, act(F.linear(flat, params[gate_name + ".weight"]))
-                * F.linear(flat, params[up_name + ".weight"]))
+            tap(down_name, act(F.linear(flat, gate)) * F.linear(flat, up))
         elif tap is not None:
             tap(gate_name, state)
             tap(down_name, hidden)
-        y = F.linear(hidden, params[down_name + ".weight"]) * weights[token, slot, None]
+        y = F.linear(hidden, down) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out.reshape(x.shape)
 
