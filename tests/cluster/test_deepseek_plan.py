@@ -32,11 +32,12 @@ def plan(tmp_path, model, **options):
     return run_job(job, cache_dir=tmp_path / "cache")
 
 
-def test_a_cluster_not_at_hand_is_planned_from_the_index_alone(tmp_path, deepseek_v3):
-    import ray
+def test_a_cluster_not_at_hand_is_planned_from_the_index_alone(tmp_path, deepseek_v3, monkeypatch):
+    from wq_ops.cluster import driver
 
+    # No runtime started, no actor asked for its memory.
+    monkeypatch.setattr(driver, "choose_runtime", lambda run: pytest.fail("a dry run on paper chose a runtime"))
     result = plan(tmp_path, deepseek_v3, actors=1, expert_actors=15, actor_memory_gib=80)
-    assert not ray.is_initialized()               # no runtime started, no actor asked for its memory
     p = result.plan
     assert len(p.blocks) == 61 and p.expert_actors == 15 and p.experts_per_actor == 18
     check_fits(p)
