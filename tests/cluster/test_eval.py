@@ -95,6 +95,18 @@ def test_actors_pass_the_windows_on_as_one_actor_scores_them(tmp_path, texts):
         assert three.report["eval"][key] == pytest.approx(one.report["eval"][key], rel=1e-6, abs=0)
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_eval_with_expert_actors_scores_what_one_actor_scores(tmp_path, texts):
+    """With expert actors the block actor replays staged routed blocks with their experts kept on the host (its
+    memory was planned without them): the same artifact, the same window NLLs as one in-process actor."""
+    model = write_checkpoint(tmp_path / "m", "qwen3_moe")
+    one = run_job(_job(tmp_path, model, texts, "one"), cache_dir=tmp_path / "cache")
+    split = run_job(_job(tmp_path, model, texts, "split", runtime="ray", expert_actors=2),
+                    cache_dir=tmp_path / "cache")
+    for key in ("perplexity", "baseline_perplexity", "mean_nll"):
+        assert split.report["eval"][key] == one.report["eval"][key]
+
+
 def test_no_eval_leaves_the_report_without_one(tmp_path, texts):
     model = write_checkpoint(tmp_path / "m", "llama")
     result = run_job(_job(tmp_path, model, texts, eval=None, eval_baseline=False), cache_dir=tmp_path / "cache")

@@ -142,16 +142,15 @@ def test_expert_actors_on_a_gpu_write_the_bytes_of_one_gpu_actor(tmp_path, check
 def test_a_replayed_block_keeps_its_routed_experts_on_the_host_when_expert_actors_quantize_them(tmp_path,
                                                                                                  checkpoints):
     """Resume and --eval replay staged blocks on the block actor, whose memory was planned without the routed
-    experts: those stay on the host (moe_mlp moves each expert's weights to the device as it reaches it). A
-    fresh load reads none; without expert actors everything goes to the device."""
+    experts: those stay on the host (moe_mlp moves each expert's weights to the device as it reaches it), and so
+    do the source's for --eval-baseline. Without expert actors everything goes to the device."""
     from wq_ops.cluster.loader import BlockLoader
 
     routed = moe_spec(tiny_config("qwen3_moe")).sparse_blocks[0]
     with_experts = BlockLoader(_actor_job(tmp_path, checkpoints, "qwen3_moe", expert_actors=("x",)), None)
     alone = BlockLoader(_actor_job(tmp_path, checkpoints, "qwen3_moe"), None)
-    assert with_experts.host_resident(routed, quantized=True) == "mlp.experts."
-    assert with_experts.host_resident(routed, quantized=False) is None
-    assert alone.host_resident(routed, quantized=True) is None
+    assert with_experts.host_resident(routed) == "mlp.experts." and alone.host_resident(routed) is None
+    assert any(".experts." in n for n in with_experts.load_float(routed).params)     # --eval-baseline runs them
 
 
 def test_expert_actors_are_refused_where_there_is_nothing_for_them(tmp_path, checkpoints):

@@ -49,7 +49,8 @@ class BlockLoader:
         finished = self.finished(index) if staged else None
         quantized = finished is not None and self.job.spec.job.run.propagation is Propagation.QUANTIZED
         # What the block is computed from, recorded with its staged shard so a resume can tell a changed source.
-        return self._read(index, finished, quantized=quantized, hash_source=finished is None and staged)
+        to_quantize = finished is None and staged
+        return self._read(index, finished, quantized=quantized, hash_source=to_quantize, to_quantize=to_quantize)
 
     def load_staged(self, index: int) -> Loaded:
         """Block `index`'s weights as the artifact holds them (its staged shard, dequantized): what --eval scores."""
@@ -58,7 +59,8 @@ class BlockLoader:
             raise ArtifactError(f"block {index}: no staged shard matching its record to evaluate")
         return self._read(index, finished, quantized=True, hash_source=False)
 
-    def _read(self, index: int, finished: ShardRecord | None, *, quantized: bool, hash_source: bool) -> Loaded:
+    def _read(self, index: int, finished: ShardRecord | None, *, quantized: bool, hash_source: bool,
+              to_quantize: bool = False) -> Loaded:
         spec = self.job.spec
         layout, job = spec.layout, spec.job
         t = time.perf_counter()
@@ -70,7 +72,7 @@ class BlockLoader:
         else:
             locals_ = list(layout.block(index).params)
             moe = layout.block(index).moe
-            if moe is not None and spec.expert_actors:     # the expert actors read the routed experts
+            if moe is not None and spec.expert_actors and to_quantize:    # the expert actors read those
                 routed = moe.prefix + ".experts."
                 locals_ = [n for n in locals_ if not n.startswith(routed)]
             host = read_tensors(spec.checkpoint, [prefix + local for local in locals_])
@@ -83,7 +85,7 @@ class BlockLoader:
             # A module kept unquantized (a router) computes in its own dtype: DeepSeek-V3's is float32.
             return value.dtype if local.startswith(kept) else layout.dtype
 
-        on_host = self.host_resident(index, quantized=quantized)
+        on_host = None if to_quantize else self.host_resident(index)
 
         def here(local: str, value: Tensor) -> Tensor:
             return value.to(dtype_of(local, value))
@@ -100,13 +102,14 @@ class BlockLoader:
         return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished,
                       source_sha256=source_sha256)
 
-    def host_resident(self, index: int, *, quantized: bool) -> str | None:
-        """The prefix of block `index`'s tensors that stay on the host when it loads: a staged block replayed
-        where expert actors quantize the experts (this actor's memory was planned without them) keeps its
-        routed experts there, and they go to the device one expert at a time as the replay reaches them
-        (`moe_mlp` moves a weight to its input's device); None: all go to the device."""
+    def host_resident(self, index: int) -> str | None:
+        """The prefix of block `index`'s tensors that stay on the host when it loads to be run, not quantized
+        (a staged block replayed on resume or for --eval, the source's for --eval-baseline) where expert actors
+        quantize the experts: this actor's memory was planned without them, so its routed experts stay there and
+        go to the device one expert at a time as the pass reaches them (`moe_mlp` moves a weight to its input's
+        device). None: all go to the device. (To be quantized, such a block's actor reads no routed expert.)"""
         moe = self.job.spec.layout.block(index).moe
-        return moe.prefix + ".experts." if quantized and moe is not None and self.job.spec.expert_actors else None
+        return moe.prefix + ".experts." if moe is not None and self.job.spec.expert_actors else None
 
     def load_float(self, index: int) -> Loaded:
         return self.load(index, staged=False)
