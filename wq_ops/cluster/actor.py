@@ -31,7 +31,13 @@ from torch import Tensor
 from wq_ops.cluster.actor_job import ActorJob
 from wq_ops.cluster.blame import blamed
 from wq_ops.cluster.eval_span import EvalSpan
-from wq_ops.cluster.expert_pool import ExpertReader, ExpertsResult, RoutedTransfer, quantize_expert_range
+from wq_ops.cluster.expert_pool import (
+    ExpertReader,
+    ExpertsResult,
+    RoutedTransfer,
+    quantize_expert_range,
+    remote_experts,
+)
 from wq_ops.cluster.loader import BlockLoader
 from wq_ops.cluster.protocol import (
     ActivationRef,
@@ -39,9 +45,11 @@ from wq_ops.cluster.protocol import (
     Capacity,
     HandoffTimes,
     MemoryPeak,
+    Pending,
     ShardRecord,
     StartupMarks,
 )
+from wq_ops.cluster.ray_calls import call_remote
 from wq_ops.cluster.spans import SpanRunner, from_object_store, put_activations, to_object_store
 from wq_ops.cluster.staging import stage_outer
 from wq_ops.cluster.streamed import StreamedSpan
@@ -136,8 +144,12 @@ class BlockActor:
         """The job `spec` names, and its pipeline: made by the job's first call, reused by the later ones."""
         if self._job is None or self._runner is None or not self._job.same_job(spec):
             self._job = ActorJob(spec, self.device)
+            # --expert-actors: routed experts are quantized there (their weights never load here).
+            experts = remote_experts(spec.expert_actors, spec, self.device, BlockActor._submit_experts) \
+                if spec.expert_actors else None
             self._runner = SpanRunner(self._job, BlockLoader(self._job, self.copy_stream), self._on_compute,
-                                      solve_stream=self.solve_stream, overlap_solve=self.overlap_solve)
+                                      solve_stream=self.solve_stream, overlap_solve=self.overlap_solve,
+                                      experts=experts)
             self._streamed = None
         return self._job, self._runner
 
@@ -212,6 +224,12 @@ class BlockActor:
         return put_activations(job, batches)
 
     # --- an expert actor (--expert-actors): a range of a routed block's experts -------------------------
+    @staticmethod
+    def _submit_experts(actor: Any, spec: ActorSpec, rank: int, block: int, experts: range,
+                        routed: RoutedTransfer) -> Pending[ExpertsResult]:
+        """A block actor's call of an expert actor's `quantize_experts` (`expert_pool.remote_experts`)."""
+        return call_remote(actor, BlockActor.quantize_experts, spec, rank, block, experts, routed)
+
     def quantize_experts(self, spec: ActorSpec, rank: int, block: int, experts: range,
                          routed: RoutedTransfer) -> ExpertsResult:
         """Quantize `experts` of block `block` for the block's actor, which sent its `spec` and the routed

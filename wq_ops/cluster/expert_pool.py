@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -19,6 +19,8 @@ from torch import Tensor
 from wq_ops.block.experts import ExpertRunner, ExpertsPart, RoutedInputs, add_routed_, expert_ranges, quantize_experts_
 from wq_ops.block.records import PendingReport, merged_reports
 from wq_ops.block.work import BlockWork
+from wq_ops.cluster.protocol import Pending
+from wq_ops.cluster.ray_calls import get_remote
 from wq_ops.device.transport import HostTensor, from_host, to_host
 from wq_ops.io.checkpoint import read_tensors
 from wq_ops.model.moe import ByExpert
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from wq_ops.cluster.actor_job import ActorJob
     from wq_ops.cluster.protocol import ActorSpec
 
-__all__ = ["RoutedTransfer", "ExpertsResult", "ExpertReader", "remote_experts", "quantize_expert_range"]
+__all__ = ["RoutedTransfer", "ExpertsResult", "ExpertReader", "Submit", "remote_experts", "quantize_expert_range"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,12 @@ class ExpertsResult:
         return PendingReport(numbers=from_host(self.numbers, "cpu"), slots=self.slots, checks=self.checks)
 
 
-def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.device) -> ExpertRunner:
+# submit(expert actor, spec, its rank, block, range, routed inputs' ref): its call of `quantize_experts`, made by
+# the block actor (which names its own method: this module imports no actor).
+Submit = Callable[[Any, "ActorSpec", int, int, range, RoutedTransfer], Pending[ExpertsResult]]
+
+
+def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.device, submit: Submit) -> ExpertRunner:
     """An ExpertRunner for the block's actor: the ranges on `actors` (Ray handles, range j on actor j), all at
     once; their outputs added into the block's in expert order as each range comes back."""
 
@@ -79,17 +86,14 @@ def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.devic
             outs: Sequence[Tensor]) -> Iterator[ExpertsPart]:
         import ray
 
-        from wq_ops.cluster.actor import BlockActor
-        from wq_ops.cluster.ray_runtime import call_remote, get_remote
-
         moe = work.task.moe
         assert moe is not None
         ranges = expert_ranges(moe.n_experts, len(actors))
         # One object-store copy for every expert actor (Ray resolves the ref to the object before each call).
         routed = cast(RoutedTransfer, ray.put(RoutedTransfer.of(inputs)))
         first_rank = spec.job.run.actors            # expert actors' ranks follow the block actors'
-        pending = [call_remote(actor, BlockActor.quantize_experts, spec, first_rank + j, work.task.block_index,
-                               experts, routed) for j, (actor, experts) in enumerate(zip(actors, ranges))]
+        pending = [submit(actor, spec, first_rank + j, work.task.block_index, experts, routed)
+                   for j, (actor, experts) in enumerate(zip(actors, ranges))]
         for experts, call in zip(ranges, pending):
             result = get_remote(call)
             mark = work.clock.mark()

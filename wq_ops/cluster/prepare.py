@@ -35,7 +35,6 @@ from wq_ops.io.artifact import (
 )
 from wq_ops.io.checkpoint import (
     Checkpoint,
-    index_without_shards,
     open_checkpoint,
     read_config,
     shard_header,
@@ -107,7 +106,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         with transformers_import_lock():     # its writer imports transformers, maybe beside the actor's import
             model = str(ensure_tiny_checkpoint(cache_dir / "models"))
     # A dry run may plan from config.json and the index alone: the shards' headers are then not checked.
-    on_paper = job.dry_run and index_without_shards(model)
+    on_paper = job.dry_run and _index_without_shards(model)
     checkpoint = open_checkpoint(model, revision=job.revision, cache_dir=str(cache_dir / "hub") if job.model else None,
                                  verify=not on_paper)
     if on_paper:
@@ -164,6 +163,18 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     except BaseException:
         lease.release()
         raise
+
+
+def _index_without_shards(model: str) -> bool:
+    """Whether `model` is a local checkpoint whose index names shards none of which is there: described by its
+    config.json and index alone (a job planned for weights that are elsewhere)."""
+    if not Path(model).expanduser().is_dir():
+        return False
+    try:
+        checkpoint = open_checkpoint(model, verify=False)
+    except CheckpointError:
+        return False                     # opened again below, where the error is reported with its context
+    return bool(checkpoint.shards) and not any((checkpoint.local_dir / s).exists() for s in checkpoint.shards)
 
 
 def _prepare_output(job: JobConfig, checkpoint: Checkpoint, layout: ModelLayout, compatibility: CompatReport,

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
+    Generic,
     NewType,
+    TypeVar,
 )
 
 from wq_ops.block.records import LayerRecord
@@ -26,7 +28,18 @@ from wq_ops.quant.hessian import OutlierSummary
 if TYPE_CHECKING:       # transformers is imported only where the job's blocks run its classes
     from transformers import PretrainedConfig
 
-__all__ = ["ActorSpec", "ShardRecord", "StartupMarks", "Capacity", "HandoffTimes", "MemoryPeak", "ActivationRef"]
+__all__ = ["ActorSpec", "ShardRecord", "StartupMarks", "Capacity", "HandoffTimes", "MemoryPeak", "ActivationRef",
+           "ActorHandle", "Pending"]
+
+R = TypeVar("R")
+
+# An actor as a runtime hands it out: a Ray actor handle, or the in-process actor.
+ActorHandle = NewType("ActorHandle", object)
+
+
+class Pending(Generic[R]):
+    """The result of an actor call still to come (a Ray object ref, or an in-process call's outcome): the
+    runtime that made it gives its value (`ActorRuntime.get`)."""
 
 # An activation micro-batch in the object store, put there by one actor and fetched by the next: the driver
 # only passes these on (Ray resolves refs given as call arguments, not refs inside a list).

@@ -1,5 +1,5 @@
 """The Ray runtime: block actors as Ray actors, on the cluster at --address or on a local Ray it starts. A
-call names the actor's method by the method itself; only here does its name become Ray's string.
+call names the actor's method by the method itself; only in `ray_calls` does its name become Ray's string.
 
 Where the actors run is decided, not left to chance: they go into one placement group (one bundle per actor,
 packed onto as few nodes as fit them), and ranks are given to bundles node by node, so that neighbouring
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Concatenate, Iterator, ParamSpec, Sequence, TypeVar, cast
 
+from wq_ops.cluster.ray_calls import RayPending, call_remote, ref_of
 from wq_ops.cluster.runtime import ActorHandle, Pending
 from wq_ops.config import JobConfig, RunConfig
 from wq_ops.errors import ResourceError
@@ -17,7 +18,7 @@ from wq_ops.errors import ResourceError
 if TYPE_CHECKING:
     from wq_ops.cluster.actor import BlockActor
 
-__all__ = ["RayRuntime", "call_remote", "get_remote"]
+__all__ = ["RayRuntime"]
 
 # How long the actors' placement may wait for the cluster (an autoscaler may be starting nodes).
 _PLACEMENT_TIMEOUT_S = 600
@@ -25,11 +26,6 @@ _PLACEMENT_TIMEOUT_S = 600
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-
-class _RayPending(Pending[R]):
-    def __init__(self, ref: Any) -> None:
-        self.ref = ref
 
 
 class RayRuntime:
@@ -130,20 +126,20 @@ class RayRuntime:
                *args: P.args, **kwargs: P.kwargs) -> Iterator[Pending[R]]:
         handle: Any = actor
         refs = getattr(handle, method.__name__).options(num_returns="streaming").remote(*args, **kwargs)
-        return (_RayPending(ref) for ref in refs)
+        return (RayPending(ref) for ref in refs)
 
     def passed(self, pending: Pending[T]) -> T:
-        return cast(T, _ref(pending))
+        return cast(T, ref_of(pending))
 
     def get(self, pending: Pending[T], timeout: float | None = None) -> T:
         import ray
 
-        return cast(T, ray.get(_ref(pending), timeout=timeout))
+        return cast(T, ray.get(ref_of(pending), timeout=timeout))
 
     def get_all(self, pendings: Sequence[Pending[T]], timeout: float | None = None) -> list[T]:
         import ray
 
-        return cast(list[T], ray.get([_ref(p) for p in pendings], timeout=timeout))
+        return cast(list[T], ray.get([ref_of(p) for p in pendings], timeout=timeout))
 
     def stop_actors(self, actors: list[ActorHandle]) -> None:
         import ray
@@ -183,23 +179,3 @@ class RayRuntime:
         self.stop_actors(actors)
         if self._started:
             ray.shutdown()
-
-
-def call_remote(actor: Any, method: Callable[Concatenate["BlockActor", P], R], *args: P.args,
-                **kwargs: P.kwargs) -> Pending[R]:
-    """A call of `method` on a Ray actor, from the driver or from another actor (a block's actor calling its
-    expert actors)."""
-    return _RayPending(getattr(actor, method.__name__).remote(*args, **kwargs))
-
-
-def get_remote(pending: Pending[T]) -> T:
-    """The result of a `call_remote`, waited for."""
-    import ray
-
-    return cast(T, ray.get(_ref(pending)))
-
-
-def _ref(pending: Pending[Any]) -> Any:
-    if not isinstance(pending, _RayPending):
-        raise TypeError(f"not a Ray call's result: {type(pending).__name__}")
-    return pending.ref

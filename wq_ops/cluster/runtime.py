@@ -12,15 +12,14 @@ from typing import (
     TYPE_CHECKING,
     Callable,
     Concatenate,
-    Generic,
     Iterator,
-    NewType,
     ParamSpec,
     Protocol,
     Sequence,
     TypeVar,
 )
 
+from wq_ops.cluster.protocol import ActorHandle, Pending
 from wq_ops.config import JobConfig
 
 if TYPE_CHECKING:
@@ -31,15 +30,6 @@ __all__ = ["ActorHandle", "Pending", "ActorRuntime"]
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-# An actor as a runtime hands it out: a Ray actor handle, or the in-process actor.
-ActorHandle = NewType("ActorHandle", object)
-
-
-class Pending(Generic[R]):
-    """The result of an actor call still to come (a Ray object ref, or an in-process call's outcome): the
-    runtime that made it gives its value (`ActorRuntime.get`)."""
-
 
 class ActorRuntime(Protocol):
     """What the driver needs of a runtime. Calls to one actor run in the order they were made."""

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from wq_ops.block.calibration import FloatCalibration, calibrate_float_all_, replay_block_, solve_block_
+from wq_ops.block.experts import ExpertRunner
 from wq_ops.block.quantized import quantize_block_
 from wq_ops.cluster.actor_job import ActorJob
-from wq_ops.cluster.expert_pool import remote_experts
 from wq_ops.cluster.loader import BlockLoader, Loaded, prefetched
 from wq_ops.cluster.protocol import ActivationRef, ShardRecord
 from wq_ops.cluster.staging import HostOutcome, StagedReport, done, in_order, stage_block, to_host_queued
@@ -70,15 +70,14 @@ def take_activations(job: ActorJob, inputs: list[ActivationRef] | None) -> None:
 
 class SpanRunner:
     """One job's blocks on one actor, one block resident at a time. solve_stream: the side stream of the
-    overlapped float solve (None on CPU); overlap_solve: solve block i while block i + 1 calibrates."""
+    overlapped float solve (None on CPU); overlap_solve: solve block i while block i + 1 calibrates; experts:
+    where routed experts are quantized (the expert actors'), None: here."""
 
     def __init__(self, job: ActorJob, loader: BlockLoader, compute: Compute, *, solve_stream: Any,
-                 overlap_solve: bool) -> None:
+                 overlap_solve: bool, experts: ExpertRunner | None = None) -> None:
         self.job, self.loader, self.compute = job, loader, compute
         self.solve_stream, self.overlap_solve = solve_stream, overlap_solve
-        spec = job.spec
-        # --expert-actors: routed experts are quantized there (their weights never load here).
-        self.experts = remote_experts(spec.expert_actors, spec, job.device) if spec.expert_actors else None
+        self.experts = experts
 
     def forward_span(self, blocks: list[int], inputs: list[ActivationRef] | None) -> list[ActivationRef]:
         """Float propagation: the span's outputs with the float weights, handed to the object store first,

@@ -278,16 +278,6 @@ def _read_index(index: Path) -> dict[str, str]:
     return dict(weight_map)
 
 
-def index_without_shards(model: str) -> bool:
-    """Whether `model` is a local directory whose index names shards none of which is there: a checkpoint
-    described by its config.json and index alone (to plan a job for weights that are elsewhere)."""
-    directory = Path(model).expanduser()
-    if not (directory / INDEX_NAME).is_file() or not (directory / "config.json").is_file():
-        return False
-    shards = set(_read_index(directory / INDEX_NAME).values())
-    return bool(shards) and not any((directory / shard).exists() for shard in shards)
-
-
 def _open_local(directory: Path, *, verify: bool) -> Checkpoint:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face checkpoint directory")
