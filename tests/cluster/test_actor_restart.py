@@ -31,8 +31,23 @@ def job(out: Path, llama, **options) -> JobConfig:
     return JobConfig.from_dict({**base, **options})
 
 
+def _descends_from_us(pid: int) -> bool:
+    """Whether `pid` is a descendant of this test process: a worker of the Ray this session started, not of
+    another run's Ray on the same machine."""
+    me = os.getpid()
+    while pid > 1:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        pid = int(fields[1])                  # the parent
+        if pid == me:
+            return True
+    return False
+
+
 def block_actor_pids() -> list[int]:
-    """The processes of Ray's block actors on this machine (their titles name the actor class)."""
+    """The processes of this session's Ray block actors (their titles name the actor class)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -40,7 +55,7 @@ def block_actor_pids() -> list[int]:
                 title = (entry / "cmdline").read_bytes().split(b"\0")[0]
             except OSError:
                 continue
-            if title.startswith(b"ray::BlockActor"):
+            if title.startswith(b"ray::BlockActor") and _descends_from_us(int(entry.name)):
                 pids.append(int(entry.name))
     return sorted(pids)
 
