@@ -8,7 +8,6 @@ block's actor alone would write."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
@@ -19,7 +18,7 @@ from torch import Tensor
 from wq_ops.block.experts import ExpertRunner, ExpertsPart, RoutedInputs, add_routed_, expert_ranges, quantize_experts_
 from wq_ops.block.records import PendingReport, merged_reports
 from wq_ops.block.work import BlockWork
-from wq_ops.cluster.protocol import Pending
+from wq_ops.cluster.protocol import ActorSpec, Pending
 from wq_ops.cluster.ray_calls import get_remote
 from wq_ops.device.transport import HostTensor, from_host, to_host
 from wq_ops.io.checkpoint import read_tensors
@@ -27,7 +26,6 @@ from wq_ops.model.moe import ByExpert
 
 if TYPE_CHECKING:
     from wq_ops.cluster.actor_job import ActorJob
-    from wq_ops.cluster.protocol import ActorSpec
 
 __all__ = ["RoutedTransfer", "ExpertsResult", "ExpertReader", "Submit", "remote_experts", "quantize_expert_range"]
 
@@ -59,7 +57,7 @@ class RoutedTransfer:
 class ExpertsResult:
     """What an expert actor hands back for its range of one block: the artifact tensors and the records'
     numbers (as NumPy arrays: float8 and bfloat16 included), the object-store refs of each micro-batch's
-    weighted outputs, its time per phase."""
+    weighted outputs."""
 
     experts: range
     tensors: dict[str, HostTensor]
@@ -67,7 +65,6 @@ class ExpertsResult:
     slots: tuple[Any, ...]
     checks: tuple[str, ...]
     outputs: tuple[Any, ...]
-    seconds: dict[str, float]
 
     def report(self) -> PendingReport:
         return PendingReport(numbers=from_host(self.numbers, "cpu"), slots=self.slots, checks=self.checks)
@@ -75,10 +72,10 @@ class ExpertsResult:
 
 # submit(expert actor, spec, its rank, block, range, routed inputs' ref): its call of `quantize_experts`, made by
 # the block actor (which names its own method: this module imports no actor).
-Submit = Callable[[Any, "ActorSpec", int, int, range, RoutedTransfer], Pending[ExpertsResult]]
+Submit = Callable[[Any, ActorSpec, int, int, range, RoutedTransfer], Pending[ExpertsResult]]
 
 
-def remote_experts(actors: Sequence[Any], spec: "ActorSpec", device: torch.device, submit: Submit) -> ExpertRunner:
+def remote_experts(actors: Sequence[Any], spec: ActorSpec, device: torch.device, submit: Submit) -> ExpertRunner:
     """An ExpertRunner for the block's actor: the ranges on `actors` (Ray handles, range j on actor j), all at
     once; their outputs added into the block's in expert order as each range comes back."""
 
@@ -155,9 +152,7 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
     import ray
 
     device, dtype = job.device, job.spec.layout.dtype
-    t = time.perf_counter()
     params = {n: v.to(device=device, dtype=dtype) for n, v in reader.read(job, index, experts).items()}
-    load_s = time.perf_counter() - t
     inputs = routed.on(device)
     task, block, clock = job.task(index), job.block(index), job.clock()
     outputs: list[list[Tensor]] = [[] for _ in inputs.flats]
@@ -172,5 +167,4 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
     tensors = {k: to_host(v) for k, v in part.tensors.items()}
     report = merged_reports([part.report], torch.device("cpu"))
     refs = tuple(ray.put(to_host(torch.cat(ys))) for ys in outputs)
-    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs,
-                         {"load": load_s, **clock.seconds()})
+    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs)
