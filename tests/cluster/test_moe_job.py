@@ -211,6 +211,17 @@ def test_an_expert_actor_reads_its_range_of_the_next_routed_block_ahead(tmp_path
         reader.close()
 
 
+def test_a_rerun_after_a_crash_with_expert_actors_resumes_the_staged_blocks(tmp_path, checkpoints):
+    """The staged blocks' source digests cover the experts the expert actors read (their digest entries go
+    back with their results), so a rerun keeps them rather than finding every block's source changed."""
+    whole = quantize(tmp_path, checkpoints, "mixtral", "whole", runtime="local")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        quantize(tmp_path, checkpoints, "mixtral", "resumed", expert_actors=2, fail_after_blocks=2)
+    resumed = quantize(tmp_path, checkpoints, "mixtral", "resumed", expert_actors=2)
+    assert shards(resumed.out_dir) == shards(whole.out_dir)
+    assert sum(b.get("resumed", False) for b in resumed.report["blocks"]) >= 2
+
+
 def test_a_crash_and_a_resume_write_the_same_bytes(tmp_path, checkpoints):
     whole = quantize(tmp_path, checkpoints, "mixtral", "whole", runtime="local")
     with pytest.raises(RuntimeError, match="injected crash"):

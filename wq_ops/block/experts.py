@@ -12,7 +12,7 @@ with --moe-calibration all), then down from act(gate) * up with gate and up alre
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
@@ -56,12 +56,14 @@ class RoutedInputs:
 
 @dataclass
 class ExpertsPart:
-    """One range of experts, quantized: their artifact tensors (the format's names) and their records (numbers
-    still where they were computed)."""
+    """One range of experts, quantized: their artifact tensors (the format's names), their records (numbers
+    still where they were computed) and, where the range read its own weights (an expert actor), their
+    digest entries for the block's record (`wq_ops.io.digest`)."""
 
     experts: range
     tensors: dict[str, Tensor]
     report: PendingReport
+    source_entries: dict[str, str] = field(default_factory=dict)   # digest entries of the weights it read itself
 
 
 # emit(expert, outputs): one expert's weighted outputs in the model dtype, one tensor per micro-batch (its routed

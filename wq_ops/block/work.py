@@ -51,12 +51,14 @@ class BlockTask:
 @dataclass(frozen=True)
 class BlockOutcome:
     """tensors: this block's artifact tensors, named as the format names them; report: its layer records,
-    numbers still on the device (`PendingReport.resolve`); clock: its time per phase."""
+    numbers still on the device (`PendingReport.resolve`); clock: its time per phase; source_entries: the
+    digest entries (`tensor_entries`) of source tensors its actor did not read (expert actors' ranges)."""
 
     block: int
     tensors: dict[str, Tensor]
     report: PendingReport
     clock: PhaseClock
+    source_entries: dict[str, str] = field(default_factory=dict)   # of source tensors read elsewhere (experts')
 
     @property
     def layers(self) -> tuple[LayerRecord, ...]:
@@ -83,7 +85,8 @@ class BlockWork:
     scales_dtype: torch.dtype              # the grid is rounded to the dtype the format stores scales in
     results: dict[str, WeightResult] = field(default_factory=dict)
     layers: list[PendingLayer] = field(default_factory=list)
-    parts: list[tuple[dict[str, Tensor], PendingReport]] = field(default_factory=list)   # expert ranges', packed
+    # Expert ranges quantized apart: their packed tensors, records and source tensors' digest entries.
+    parts: list[tuple[dict[str, Tensor], PendingReport, dict[str, str]]] = field(default_factory=list)
 
     @classmethod
     def start(cls, block: DecoderBlock, anatomy: BlockAnatomy, params: Mapping[str, Tensor], task: BlockTask,
@@ -108,9 +111,11 @@ class BlockWork:
                                 scales_dtype=self.scales_dtype, pad_intermediate=task.pad_intermediate, checks=checks,
                                 kept=task.kept)
         report = pending_report(self.layers, checks.values(), checks.messages)
+        entries: dict[str, str] = {}
         if self.parts:               # a routed MLP's experts, quantized and packed a range at a time
-            for part_tensors, _ in self.parts:
+            for part_tensors, _, part_entries in self.parts:
                 tensors.update(part_tensors)
-            report = merged_reports([report] + [r for _, r in self.parts], report.numbers.device)
+                entries.update(part_entries)
+            report = merged_reports([report] + [r for _, r, _ in self.parts], report.numbers.device)
         self.clock.add("pack", mark)
-        return BlockOutcome(task.block_index, tensors, report, self.clock)
+        return BlockOutcome(task.block_index, tensors, report, self.clock, entries)

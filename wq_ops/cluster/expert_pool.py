@@ -22,6 +22,7 @@ from wq_ops.cluster.protocol import ActorSpec, Pending
 from wq_ops.cluster.ray_calls import get_remote
 from wq_ops.device.transport import HostTensor, from_host, to_host
 from wq_ops.io.checkpoint import read_tensors
+from wq_ops.io.digest import tensor_entries
 from wq_ops.model.moe import ByExpert
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class RoutedTransfer:
 class ExpertsResult:
     """What an expert actor hands back for its range of one block: the artifact tensors and the records'
     numbers (as NumPy arrays: float8 and bfloat16 included), the object-store refs of each micro-batch's
-    weighted outputs."""
+    weighted outputs, and the digest entries of the source weights it read."""
 
     experts: range
     tensors: dict[str, HostTensor]
@@ -65,6 +66,7 @@ class ExpertsResult:
     slots: tuple[Any, ...]
     checks: tuple[str, ...]
     outputs: tuple[Any, ...]
+    source_entries: dict[str, str]       # the digest entries of the weights it read (the block's record)
 
     def report(self) -> PendingReport:
         return PendingReport(numbers=from_host(self.numbers, "cpu"), slots=self.slots, checks=self.checks)
@@ -97,7 +99,8 @@ def remote_experts(actors: Sequence[Any], spec: ActorSpec, device: torch.device,
             for m, ref in enumerate(result.outputs):
                 add_routed_(outs[m], inputs.by_expert[m], experts, from_host(ray.get(ref), device))
             work.clock.add("forward", mark)
-            yield ExpertsPart(experts, {k: from_host(v, "cpu") for k, v in result.tensors.items()}, result.report())
+            yield ExpertsPart(experts, {k: from_host(v, "cpu") for k, v in result.tensors.items()}, result.report(),
+                              result.source_entries)
 
     return run
 
@@ -109,11 +112,11 @@ class ExpertReader:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wq-expert-read")
-        self._ahead: dict[tuple[str, int, int, int], Future[dict[str, Tensor]]] = {}
+        self._ahead: dict[tuple[str, int, int, int], Future[tuple[dict[str, Tensor], dict[str, str]]]] = {}
 
-    def read(self, job: "ActorJob", index: int, experts: range) -> dict[str, Tensor]:
-        """`experts`' weights of block `index` (block-local names, on the host), then the next routed block's
-        same range read ahead."""
+    def read(self, job: "ActorJob", index: int, experts: range) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """`experts`' weights of block `index` (block-local names, on the host) and their digest entries (full
+        names, as the block's loader makes them), then the next routed block's same range read ahead."""
         key = self._key(job, index, experts)
         ahead = self._ahead.pop(key, None)
         for stale in list(self._ahead):       # a range no call will ask for (another job, another range)
@@ -135,14 +138,14 @@ class ExpertReader:
         self._ahead.clear()
 
 
-def _read_range(job: "ActorJob", index: int, experts: range) -> dict[str, Tensor]:
+def _read_range(job: "ActorJob", index: int, experts: range) -> tuple[dict[str, Tensor], dict[str, str]]:
     layout = job.spec.layout
     moe = layout.block(index).moe
     assert moe is not None
     prefix = f"{layout.block_prefix}.{index}."
     names = [moe.expert(e, which) + ".weight" for e in experts for which in ("gate", "up", "down")]
     host = read_tensors(job.spec.checkpoint, [prefix + n for n in names])
-    return {n[len(prefix):]: v for n, v in host.items()}
+    return {n[len(prefix):]: v for n, v in host.items()}, tensor_entries(host)
 
 
 def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, experts: range,
@@ -152,7 +155,9 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
     import ray
 
     device, dtype = job.device, job.spec.layout.dtype
-    params = {n: v.to(device=device, dtype=dtype) for n, v in reader.read(job, index, experts).items()}
+    host, entries = reader.read(job, index, experts)
+    params = {n: v.to(device=device, dtype=dtype) for n, v in host.items()}
+    del host
     inputs = routed.on(device)
     task, block, clock = job.task(index), job.block(index), job.clock()
     outputs: list[list[Tensor]] = [[] for _ in inputs.flats]
@@ -167,4 +172,4 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
     tensors = {k: to_host(v) for k, v in part.tensors.items()}
     report = merged_reports([part.report], torch.device("cpu"))
     refs = tuple(ray.put(to_host(torch.cat(ys))) for ys in outputs)
-    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs)
+    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs, entries)

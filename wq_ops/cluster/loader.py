@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,7 +25,7 @@ from wq_ops.errors import ArtifactError
 from wq_ops.formats import dense_tensors
 from wq_ops.formats.block_tensors import PAD_COLUMNS, PAD_ROWS
 from wq_ops.io.checkpoint import read_tensors
-from wq_ops.io.digest import tensors_sha256
+from wq_ops.io.digest import combine_entries, tensor_entries
 
 __all__ = ["Loaded", "BlockLoader", "prefetched"]
 
@@ -37,6 +37,7 @@ class Loaded:
     seconds: float
     finished: ShardRecord | None = None  # staged by an earlier run: params are what it computed with
     source_sha256: str = ""              # of the source tensors read (`tensors_sha256`); "" when none were read
+    source_entries: dict[str, str] = field(default_factory=dict)   # their `tensor_entries`, which make it
 
 
 class BlockLoader:
@@ -76,7 +77,7 @@ class BlockLoader:
                 routed = moe.prefix + ".experts."
                 locals_ = [n for n in locals_ if not n.startswith(routed)]
             host = read_tensors(spec.checkpoint, [prefix + local for local in locals_])
-        source_sha256 = tensors_sha256(host) if hash_source else ""
+        entries = tensor_entries(host) if hash_source else {}
         cut = len(prefix)
         device = self.job.device
         kept = tuple(k + "." for k in layout.block(index).kept)
@@ -100,7 +101,7 @@ class BlockLoader:
         else:
             params = {n[cut:]: here(n[cut:], v) for n, v in host.items()}
         return Loaded(params=params, ready=ready, seconds=time.perf_counter() - t, finished=finished,
-                      source_sha256=source_sha256)
+                      source_sha256=combine_entries(entries) if hash_source else "", source_entries=entries)
 
     def host_resident(self, index: int) -> str | None:
         """The prefix of block `index`'s tensors that stay on the host when it loads to be run, not quantized

@@ -25,6 +25,7 @@ from wq_ops.cluster.protocol import ActivationRef, ShardRecord
 from wq_ops.cluster.staging import HostOutcome, StagedReport, done, in_order, stage_block, to_host_queued
 from wq_ops.config import Propagation
 from wq_ops.device.transport import HostTensor, from_host, to_host
+from wq_ops.io.digest import combine_entries
 
 __all__ = ["Compute", "SpanRunner", "put_activations", "take_activations", "to_object_store", "from_object_store"]
 
@@ -149,8 +150,11 @@ class SpanRunner:
                                                propagation=spec.job.run.propagation, stash_tails=spec.stash_tails,
                                                clock=job.clock(), experts=self.experts)
         del loaded.params
+        # Expert actors read the routed experts: their digest entries complete the block's source digest.
+        source = combine_entries({**loaded.source_entries, **outcome.source_entries}) if outcome.source_entries \
+            else loaded.source_sha256
         return to_host_queued(outcome, load_seconds=loaded.seconds, cuda=job.device.type == "cuda",
-                              source_sha256=loaded.source_sha256)
+                              source_sha256=source)
 
     def calibrate_block(self, index: int, loaded: Loaded) -> tuple[FloatCalibration, Any]:
         """On the compute thread, float propagation: block `index`'s statistics, its float outputs becoming

@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["tensors_sha256", "tensor_entry", "combine_entries"]
+__all__ = ["tensors_sha256", "tensor_entries", "tensor_entry", "combine_entries"]
 
 # hashlib releases the GIL on large buffers: a block's tensors hash side by side.
 _POOL = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2)), thread_name_prefix="wq-digest")
@@ -32,7 +32,13 @@ def combine_entries(entries: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
+def tensor_entries(tensors: Mapping[str, Tensor]) -> dict[str, str]:
+    """Each tensor's `tensor_entry`, hashed side by side: entries of tensors read in different places (a block's
+    actor and its expert actors) combine into the digest of them all."""
+    names = sorted(tensors)
+    return dict(zip(names, _POOL.map(lambda n: tensor_entry(n, tensors[n]), names)))
+
+
 def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
     """sha256 over each tensor's name, dtype, shape and the sha256 of its bytes, in name order."""
-    names = sorted(tensors)
-    return combine_entries(dict(zip(names, _POOL.map(lambda n: tensor_entry(n, tensors[n]), names))))
+    return combine_entries(tensor_entries(tensors))
