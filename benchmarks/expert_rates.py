@@ -85,12 +85,13 @@ def measure(shape: str, n_experts: int, tokens: int, micro: int, device: torch.d
                      linears=kind.linears, moe=moe, kept=kind.kept)
     outs: list[torch.Tensor] = []
     # A warm-up range of one expert (kernel build and load, cuBLAS handles), then the timed one.
-    quantize_experts_(block, params, task, range(0, 1), inputs, emit=lambda m, ys: None,
+    quantize_experts_(block, params, task, range(0, 1), inputs, emit=lambda e, ys: None,
                       clock=CudaEventClock(device))
     torch.cuda.synchronize()
     clock = CudaEventClock(device)
     t = time.perf_counter()
-    quantize_experts_(block, params, task, experts, inputs, emit=lambda m, ys: outs.append(ys.cpu()), clock=clock)
+    quantize_experts_(block, params, task, experts, inputs, emit=lambda e, ys: outs.extend(y.cpu() for y in ys),
+                      clock=clock)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
     phases = clock.seconds()

@@ -83,3 +83,24 @@ def test_the_fixture_names_what_the_release_holds():
     assert len(experts) == (61 - 3 + 1) * 256 * 3 * 2
     assert sum(n.endswith("weight_scale_inv") for n in names) * 2 < len(names) + 2000
     assert "model.layers.61.eh_proj.weight" in names and "model.layers.60.mlp.gate.e_score_correction_bias" in names
+
+
+def test_the_plan_estimates_the_time_from_measured_rates(tmp_path, deepseek_v3):
+    """GPTQ on GPU actors: the estimate's parts add up; the experts' part shrinks with more expert actors, the
+    transfers are the ones spreading them adds; none on CPU actors (no rates for them)."""
+    from wq_ops.cluster.estimate import H100
+
+    one = plan(tmp_path, deepseek_v3, actors=1, actor_memory_gib=141).plan.estimate
+    eight = plan(tmp_path, deepseek_v3, actors=1, expert_actors=7, actor_memory_gib=80).plan.estimate
+    sixteen = plan(tmp_path, deepseek_v3, actors=1, expert_actors=15, actor_memory_gib=80).plan.estimate
+    assert one is not None and eight is not None and sixteen is not None
+    for e in (one, eight, sixteen):
+        assert e["total"] == pytest.approx(sum(v for k, v in e.items() if k != "total"))
+    assert one["transfers"] == 0 and eight["transfers"] == sixteen["transfers"] > 0
+    # 58 routed blocks of 256 experts, each at the measured DeepSeek-V3 expert's seconds.
+    deepseek = next(m for m in H100.experts if m[:2] == (7168, 2048))
+    assert one["experts"] == pytest.approx(58 * 256 * (deepseek[3] * (262144 * 8 / 256) / deepseek[2] + deepseek[4]))
+    assert sixteen["experts"] < eight["experts"] < one["experts"] / 6
+    cpu = JobConfig.from_dict({"model": str(deepseek_v3), "calib": str(deepseek_v3 / "calib-ids.parquet"),
+                               "out": str(tmp_path / "o"), "dry_run": True, "actor_memory_gib": 80})
+    assert run_job(cpu, cache_dir=tmp_path / "cache").plan.estimate is None

@@ -23,36 +23,34 @@ class Rates:
 
     dense_forward: float       # a dense block's passes: per weight and calibration token
     dense_solve: float         # a dense block's GPTQ solves: per in^2 x out of each linear
-    expert_forward: float      # an expert's statistics and passes: per weight and routed row
-    expert_solve: float        # an expert's GPTQ solves: per in^2 x out of its gate/up and its down
-    expert_fixed: float        # an expert's launches and bookkeeping, whatever its size
+    # Experts measured at their shapes: (hidden, intermediate, routed rows, passes' seconds, solve seconds) per
+    # expert; passes scale with the rows. Another shape takes the measured one nearest in size, scaled.
+    experts: tuple[tuple[int, int, float, float, float], ...]
     disk: float                # bytes per second one node's disk reads (its actors share it)
-    host_copy: float           # bytes per second of a copy between a GPU and its host (and the object store)
+    to_host: float             # bytes per second of a GPU's tensors copied to the host (the object store's way in)
+    to_device: float           # bytes per second from the host (the object store) onto a GPU
     startup: float             # Ray, the actors' processes, CUDA contexts and kernels, the preparation
     source: str                # where the numbers come from
 
 
 # Dense rates: the 8B GPTQ runs of benchmarks/RESULTS.md (H100, 128 x 2048 tokens, 32 blocks): forward phase
 # 10.7 s, solve 4.3 s; a block has 218M weights and its linears' in^2 x out sum to 1.49e12.
-# Expert rates: the eleventh session's H100 blocks (RESULTS.md, before experts went one at a time over all
-# their rows, so an upper bound): per routed block, Qwen3-30B-A3B (128 experts of 2048 x 768, 16384 rows each)
-# forward 4.9 s and solve 1.1 s, Mixtral-8x7B (8 of 4096 x 14336, 65536 rows each) forward 1.4 s and solve 0.9 s.
-# Per expert, forward = f x rows x 3hi + c1 and solve = s x (h^2 2i + i^2 h) + c2 through both points:
-# f = 1.2e-14, c1 = 0.037 s, s = 7.9e-14 (the dense solve's 9.0e-14 agrees), c2 = 0.008 s.
-# Disk: 1.34 GB/s measured on that machine (docs/scaling.md). Host copies: 10 GB/s, the object store's
-# in-node rate assumed in docs/scaling.md. Start-up: Ray, actors and preparation, about 30 s in those runs.
+# Expert rates: `python benchmarks/expert_rates.py --shapes deepseek_v3,qwen3_30b,mixtral --experts 8` on an
+# H100 (RESULTS.md, 2026-12-06): per expert at uniform top-k routing of 128 x 2048 tokens, the passes (with the
+# copy of its outputs to the host, as an expert actor makes it: an upper bound where the block's own actor adds
+# them on the GPU) and the solve. Host copies measured there: the routed inputs to the host 1.9 GB/s, onto a
+# GPU 3.0 GB/s. Disk: 1.34 GB/s measured on that
+# machine (docs/scaling.md). Start-up: Ray, actors and preparation, about 30 s in the MoE runs of RESULTS.md.
 H100 = Rates(
     dense_forward=10.7 / 32 / (218_103_808 * 262_144),
     dense_solve=4.3 / 32 / 1.49e12,
-    expert_forward=(1.4 / 8 - 4.9 / 128) / (65536 * 3 * 4096 * 14336 - 16384 * 3 * 2048 * 768),
-    expert_solve=(0.9 / 8 - 1.1 / 128) / (4096 ** 2 * 2 * 14336 + 14336 ** 2 * 4096 - 2048 ** 2 * 2 * 768
-                                           - 768 ** 2 * 2048),
-    expert_fixed=0.037 + 0.008,
+    experts=((7168, 2048, 8234, 0.0688, 0.0250), (2048, 768, 16408, 0.0395, 0.0054),
+             (4096, 14336, 65536, 0.3210, 0.1100)),
     disk=1.34e9,
-    host_copy=10e9,
+    to_host=1.9e9,
+    to_device=3.0e9,
     startup=30.0,
-    source="H100, benchmarks/RESULTS.md: 8B GPTQ (dense) and the Qwen3-30B-A3B and Mixtral-8x7B blocks of the "
-           "eleventh session (experts)",
+    source="H100: benchmarks/RESULTS.md (8B GPTQ for dense blocks), benchmarks/expert_rates.py (experts)",
 )
 
 
@@ -70,12 +68,14 @@ def _dense_weights(block: BlockLayout) -> int:
 
 
 def _expert_seconds(moe: MoeSpec, tokens: int, rates: Rates) -> float:
-    """One expert at the mean routed rows (tokens x top-k / experts), or every token with --moe-calibration all
-    for its statistics (counted as routed rows: the passes dominate)."""
+    """One expert at the mean routed rows (tokens x top-k / experts; with --moe-calibration all its statistics
+    see every token, counted as routed rows: the passes dominate). A shape not measured takes the measured
+    shape nearest in weights, its passes scaled by rows x weights and its solve by in^2 x out."""
     h, i = moe.hidden_size, moe.expert_intermediate
     rows = tokens * moe.top_k / moe.n_experts
-    return (rates.expert_forward * rows * 3 * h * i + rates.expert_solve * (h * h * 2 * i + i * i * h)
-            + rates.expert_fixed)
+    mh, mi, m_rows, passes, solve = min(rates.experts, key=lambda m: abs(m[0] * m[1] - h * i))
+    return (passes * rows * h * i / (m_rows * mh * mi)
+            + solve * (h * h * 2 * i + i * i * h) / (mh * mh * 2 * mi + mi * mi * mh))
 
 
 def estimate_seconds(layout: ModelLayout, job: JobConfig, *, source_bytes_per_weight: float,
@@ -109,12 +109,11 @@ def estimate_seconds(layout: ModelLayout, job: JobConfig, *, source_bytes_per_we
             continue
         dense = max(dense, _dense_weights(block) * source_bytes_per_weight / rates.disk)
         largest = -(-moe.n_experts // k)
-        experts = largest * _expert_seconds(moe, tokens, rates)
-        # Host copies: the block's actor puts the routed inputs in the object store (two copies) and each
-        # expert actor takes them onto its GPU (one, side by side); each puts its outputs there (two of its share,
-        # side by side) and the block's actor takes all of them onto its GPU (two).
         inputs, outputs = tokens * moe.hidden_size * elt, tokens * moe.top_k * moe.hidden_size * elt
-        transfers = (3 * inputs + 2 * outputs * (1 + 1 / k)) / rates.host_copy
+        # The block's actor copies the routed inputs to the host and every range's outputs onto its GPU, and each
+        # expert actor the inputs onto its own (side by side); its own outputs' copies are in its passes.
+        experts = largest * _expert_seconds(moe, tokens, rates)
+        transfers = inputs / rates.to_host + inputs / rates.to_device + outputs / rates.to_device
         # Each expert actor reads its range of the next routed block while this one runs (read ahead); the
         # actors on one node share its disk. The first routed block's read waits.
         read = min(k, gpus_per_node) * largest * 3 * moe.hidden_size * moe.expert_intermediate \
