@@ -193,6 +193,7 @@ def test_the_block_actor_reads_no_routed_expert_when_expert_actors_quantize_them
 
 def test_an_expert_actor_reads_its_range_of_the_next_routed_block_ahead(tmp_path, checkpoints, monkeypatch):
     from wq_ops.cluster import expert_pool
+    from wq_ops.io.digest import tensor_entries
 
     job = _actor_job(tmp_path, checkpoints, "qwen3_moe")
     routed = moe_spec(tiny_config("qwen3_moe")).sparse_blocks
@@ -201,12 +202,15 @@ def test_an_expert_actor_reads_its_range_of_the_next_routed_block_ahead(tmp_path
     monkeypatch.setattr(expert_pool, "_read_range", lambda j, i, e: calls.append((i, e)) or real(j, i, e))
     reader = expert_pool.ExpertReader()
     try:
-        first = reader.read(job, routed[0], range(1, 3))
+        first, entries = reader.read(job, routed[0], range(1, 3))
         names = [f"mlp.experts.{e}.{w}_proj.weight" for e in (1, 2) for w in ("gate", "up", "down")]
         assert sorted(first) == sorted(names)
-        second = reader.read(job, routed[1], range(1, 3))      # read ahead while the first was quantized
+        # The digest entries the block's record combines: the loader's, under the checkpoint's full names.
+        assert entries == tensor_entries({f"model.layers.{routed[0]}.{n}": t for n, t in first.items()})
+        second, _ = reader.read(job, routed[1], range(1, 3))   # read ahead while the first was quantized
         assert calls[:2] == [(routed[0], range(1, 3)), (routed[1], range(1, 3))]
-        assert all(torch.equal(second[k], v) for k, v in expert_pool._read_range(job, routed[1], range(1, 3)).items())
+        again, _ = expert_pool._read_range(job, routed[1], range(1, 3))
+        assert all(torch.equal(second[k], v) for k, v in again.items())
     finally:
         reader.close()
 
