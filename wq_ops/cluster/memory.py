@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from wq_ops.block.processors import processor_for
 from wq_ops.cluster.expert_plan import expert_temporaries, solve_working_set, without_routed_experts
 from wq_ops.config import JobConfig, Method, MoeCalibration, Propagation
-from wq_ops.config.schemes import NumberType
 from wq_ops.model.architecture import BlockLayout, ModelLayout
 from wq_ops.model.moe import MoeSpec
 
@@ -63,8 +63,8 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         key = (s.stage, s.in_features) if s.name not in experts else (s.stage, s.in_features, experts[s.name])
         stacked[key] = stacked.get(key, 0) + s.in_features * s.out_features
     # Quantized propagation a group at a time takes a routed MLP expert by expert (`_routed_stage_`).
-    by_stage = job.quant.method is Method.AWQ and job.quant.weight_type is not NumberType.FLOAT
-    routed_by_group = moe is not None and job.run.propagation is Propagation.QUANTIZED and not by_stage
+    routed_by_group = moe is not None and job.run.propagation is Propagation.QUANTIZED \
+        and not processor_for(job.quant).by_stage
     per_weight, stacks = solve_working_set(job, elt)
     solving = per_weight * (max(stacked.values()) if stacks else max(s.in_features * s.out_features for s in linears))
     # Tensors of this block and the next (prefetch), or of the resident span, plus the solve's.
