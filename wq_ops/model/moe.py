@@ -12,6 +12,7 @@ groups then top experts, a float32 router, a shared expert `mlp.shared_experts`,
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -192,9 +193,6 @@ class ByExpert:
         lo, hi = self.starts[e], self.starts[e + 1]
         return self.tokens[lo:hi], self.slots[lo:hi]
 
-    def count(self, e: int) -> int:
-        return self.starts[e + 1] - self.starts[e]
-
 
 def sort_by_expert(experts: Tensor, n_experts: int) -> ByExpert:
     """experts: (tokens, top_k) from `route`. One stable sort, and the counts in the pass's one host sync (a
@@ -203,10 +201,7 @@ def sort_by_expert(experts: Tensor, n_experts: int) -> ByExpert:
     routed = experts.reshape(-1)
     order = torch.argsort(routed, stable=True)
     counts = torch.bincount(routed, minlength=n_experts).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    return ByExpert(order // top_k, order % top_k, tuple(starts))
+    return ByExpert(order // top_k, order % top_k, tuple(itertools.accumulate(counts, initial=0)))
 
 
 def fused_params(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tensor]:
