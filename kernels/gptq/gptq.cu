@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "../include/wq_grid.cuh"
+#include "../include/wq_gptq_batch.h"
 
 namespace {
 
@@ -35,8 +36,22 @@ gptq_block_solve_kernel(const float* __restrict__ t, int ldt, const float* __res
                         const float* __restrict__ scale, const uint8_t* __restrict__ zero, int ldg,
                         const int* __restrict__ group, int rows, int n_cols, int maxq,
                         uint8_t* __restrict__ codes, int ldc, float* __restrict__ delta,
-                        __nv_bfloat16* __restrict__ parts, int ldp, float* __restrict__ loss, bool add_loss) {
+                        __nv_bfloat16* __restrict__ parts, int ldp, float* __restrict__ loss, bool add_loss,
+                        BatchStrides bs) {
   constexpr int kSlots = B / 32;                // columns per lane
+  // Problem blockIdx.y of a batch (one layer's block of columns each; the same arithmetic as one at a time).
+  const long long b = blockIdx.y;
+  t += b * bs.t;
+  w += b * bs.w;
+  m_unit += b * bs.m_unit;
+  m_diag += b * bs.m_diag;
+  scale += b * bs.grid;
+  zero += b * bs.grid;
+  group += b * bs.group;
+  codes += b * bs.codes;
+  if (delta != nullptr) delta += b * (long long)rows * n_cols;
+  if (parts != nullptr) parts += b * bs.parts;
+  loss += b * bs.loss;
   extern __shared__ float ms[];                 // the B x B block of Mu (upper triangle used), then M's diagonal
   float* md = ms + B * B;
   for (int k = threadIdx.x; k < n_cols * n_cols; k += blockDim.x) {
@@ -123,36 +138,41 @@ template <int B>
 cudaError_t launch(const float* t, int ldt, const float* w, int ldw, const float* m_unit, int ldm,
                    const float* m_diag, const float* scale, const uint8_t* zero, int ldg, const int* group,
                    int rows, int n_cols, int maxq, uint8_t* codes, int ldc, float* delta, __nv_bfloat16* parts,
-                   int ldp, float* loss, bool add_loss, cudaStream_t stream) {
+                   int ldp, float* loss, bool add_loss, int batch, const BatchStrides& bs, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (B * B + B);
   // Above 48 KB of dynamic shared memory a kernel must opt in (B = 128 needs 64.5 KB).
   cudaError_t status = cudaFuncSetAttribute(gptq_block_solve_kernel<B>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (status != cudaSuccess) return status;
-  const int grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const dim3 grid((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, batch);
   gptq_block_solve_kernel<B><<<grid, kWarpsPerBlock * 32, smem, stream>>>(
       t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq, codes, ldc, delta, parts, ldp,
-      loss, add_loss);
+      loss, add_loss, bs);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-// Returns cudaErrorInvalidValue for a block width it was not built for (32, 64 or 128). delta and parts
-// may each be null (not written); with add_loss the row losses are added to loss instead of stored.
+// Returns cudaErrorInvalidValue for a block width it was not built for (32, 64 or 128), or a batch outside
+// 1..65535. delta and parts may each be null (not written); with add_loss the row losses are added to loss
+// instead of stored. `batch` problems of the same sizes, problem b's tensors at b times bs's strides (in
+// elements; delta, when written, (batch, rows, n_cols) contiguous).
 extern "C" cudaError_t wq_gptq_block_solve(const float* t, int ldt, const float* w, int ldw, const float* m_unit,
                                            int ldm, const float* m_diag, const float* scale, const uint8_t* zero,
                                            int ldg, const int* group, int rows, int n_cols, int block_width,
                                            int maxq, uint8_t* codes, int ldc, float* delta, void* parts, int ldp,
-                                           float* loss, bool add_loss, cudaStream_t stream) {
+                                           float* loss, bool add_loss, int batch, const BatchStrides* strides,
+                                           cudaStream_t stream) {
+  if (batch < 1 || batch > 65535) return cudaErrorInvalidValue;
+  const BatchStrides bs = strides != nullptr ? *strides : BatchStrides{};
   __nv_bfloat16* p = static_cast<__nv_bfloat16*>(parts);
   switch (block_width) {
     case 32: return launch<32>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
-                               codes, ldc, delta, p, ldp, loss, add_loss, stream);
+                               codes, ldc, delta, p, ldp, loss, add_loss, batch, bs, stream);
     case 64: return launch<64>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
-                               codes, ldc, delta, p, ldp, loss, add_loss, stream);
+                               codes, ldc, delta, p, ldp, loss, add_loss, batch, bs, stream);
     case 128: return launch<128>(t, ldt, w, ldw, m_unit, ldm, m_diag, scale, zero, ldg, group, rows, n_cols, maxq,
-                                 codes, ldc, delta, p, ldp, loss, add_loss, stream);
+                                 codes, ldc, delta, p, ldp, loss, add_loss, batch, bs, stream);
     default: return cudaErrorInvalidValue;
   }
 }

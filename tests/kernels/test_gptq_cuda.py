@@ -169,3 +169,62 @@ def test_quantize_gptq_on_the_gpu_agrees_with_the_cpu(cuda):
     gpu = quantize_gptq(w.to(cuda), h.to(cuda), solver=CUDA_SOLVER, **kw)
     assert (gpu.codes.cpu() != cpu.codes).float().mean().item() < 1e-3
     assert abs(gpu.loss / cpu.loss - 1) < 1e-3
+
+
+@pytest.mark.parametrize("n_cols,parts", [(128, True), (64, False), (40, True)])
+def test_the_batched_solve_writes_what_each_problem_alone_writes(cuda, n_cols, parts):
+    """One launch for a batch of problems (a routed MLP's experts) against the one-problem kernel on each:
+    codes, losses and update operands bit for bit, the problems cut as the layer loop cuts them (column
+    blocks of (batch, out, in) tensors, Mu's diagonal blocks, per-problem groups)."""
+    from wq_ops.kernels.gptq import cuda as gptq_cuda
+
+    batch, rows, width = 3, 80, 2 * n_cols
+    probs = [_block_inputs(rows, n_cols, 4, b % 2 == 0, cuda, seed=b) for b in range(batch)]
+    t, w = (torch.zeros(batch, rows, width, device=cuda) for _ in range(2))
+    m_unit = torch.zeros(batch, width, width, device=cuda)
+    m_diag, group = torch.zeros(batch, width, device=cuda), torch.zeros(batch, width, dtype=torch.int32, device=cuda)
+    for b, (tb, wb, mb, db, _, _, gb) in enumerate(probs):
+        t[b, :, :n_cols], w[b, :, :n_cols], m_unit[b, :n_cols, :n_cols] = tb, wb, mb
+        m_diag[b, :n_cols], group[b, :n_cols] = db, gb
+    scale = torch.stack([p[4] for p in probs]).contiguous()
+    zero = torch.stack([p[5] for p in probs]).contiguous()
+    codes = torch.zeros(batch, rows, width, dtype=torch.uint8, device=cuda)
+    loss = torch.ones(batch, rows, device=cuda)
+    part = torch.zeros(batch, rows, 3 * n_cols, dtype=torch.bfloat16, device=cuda) if parts else None
+    gptq_cuda.solve_blocks_into_unchecked_(t[:, :, :n_cols], w[:, :, :n_cols], m_unit[:, :n_cols, :n_cols],
+                                           m_diag[:, :n_cols], scale, zero, group[:, :n_cols], bits=4,
+                                           codes=codes[:, :, :n_cols], loss=loss, parts=part)
+    for b, args in enumerate(probs):
+        want_codes = torch.zeros(rows, n_cols, dtype=torch.uint8, device=cuda)
+        want_loss = torch.ones(rows, device=cuda)
+        want_parts = torch.zeros(rows, 3 * n_cols, dtype=torch.bfloat16, device=cuda) if parts else None
+        gptq_cuda.solve_block_into_(*args, bits=4, codes=want_codes, loss=want_loss, parts=want_parts)
+        assert torch.equal(codes[b, :, :n_cols], want_codes)
+        assert torch.equal(codes[b, :, n_cols:], torch.zeros_like(codes[b, :, n_cols:]))
+        assert torch.equal(loss[b], want_loss)
+        if parts:
+            assert torch.equal(part[b], want_parts)
+
+
+def test_a_batch_of_layers_on_the_gpu_gets_each_layer_s_own_result(cuda):
+    """quantize_gptq_many with the CUDA solver against quantize_gptq of each layer alone, on the GPU: bit for
+    bit (the per-layer factorizations and update GEMMs are the same calls; only the block solves share
+    launches), with act-order."""
+    from wq_ops.kernels.gptq.cuda import CUDA_SOLVER
+    from wq_ops.quant.gptq import quantize_gptq, quantize_gptq_many
+
+    g = torch.Generator(device="cpu").manual_seed(5)
+    batch = 5
+    w = (torch.randn(batch, 192, 512, generator=g) * 0.02).to(cuda)
+    hs = []
+    for _ in range(batch):
+        x = torch.randn(2048, 512, generator=g) * torch.rand(512, generator=g).pow(3).mul(4).add(0.05)
+        hs.append(x.T @ x / x.shape[0])
+    h = torch.stack(hs).to(cuda)
+    kw = dict(bits=4, group_size=128, sym=True, damp_frac=0.01, act_order=True, block_size=128,
+              scale_dtype=torch.bfloat16, solver=CUDA_SOLVER)
+    many = quantize_gptq_many(w, h, **kw)
+    for b in range(batch):
+        alone = quantize_gptq(w[b], h[b], **kw)
+        assert torch.equal(many[b].codes, alone.codes) and torch.equal(many[b].scale, alone.scale)
+        assert torch.equal(many[b].row_loss, alone.row_loss)

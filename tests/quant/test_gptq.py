@@ -107,11 +107,11 @@ def test_a_factor_too_small_to_divide_by_is_a_clear_error(gen, monkeypatch):
     from wq_ops.quant import gptq
 
     def underflowing(h, *, damp_frac):
-        m = torch.eye(h.shape[0], dtype=h.dtype)
-        m[0, 1], m[1, 1] = 1.0, 0.0
-        return m, damp_frac
+        m = torch.eye(h.shape[-1], dtype=h.dtype).repeat(h.shape[0], 1, 1)
+        m[:, 0, 1], m[:, 1, 1] = 1.0, 0.0
+        return m, [damp_frac] * h.shape[0]
 
-    monkeypatch.setattr(gptq, "hessian_factor", underflowing)
+    monkeypatch.setattr(gptq, "hessian_factors", underflowing)
     with pytest.raises(QuantizationError, match="pivot too small"):
         quantize_gptq(torch.randn(4, 32, generator=gen), torch.eye(32), bits=4, group_size=32, sym=True,
                       damp_frac=0.01, act_order=False, block_size=32, scale_dtype=torch.bfloat16)
@@ -228,10 +228,56 @@ def test_the_split_update_loop_agrees_with_float32_updates(gen, in_features, blo
     kw = dict(bits=4, group_size=32, sym=False, damp_frac=0.01, act_order=act_order, block_size=block_size,
               scale_dtype=torch.bfloat16)
     plain = quantize_gptq(w, h, **kw)
-    split = quantize_gptq(w, h, solver=SplitUpdateSolver(gptq_reference.solve_block_into_, needs_cuda=False), **kw)
+    split = quantize_gptq(w, h, solver=SplitUpdateSolver(gptq_reference.solve_blocks_into_, needs_cuda=False), **kw)
     # A flipped code feeds its own error forward, so flips cascade along a row: over 151 seeds (544 x 128)
     # at most 0.11% of codes flipped (seed 1803550528) and the loss moved by at most 0.041%.
     assert (split.codes != plain.codes).float().mean().item() < 2e-3
     assert abs(split.loss / plain.loss - 1) < 1e-3
     if in_features <= block_size:                  # no update at all: the same solve, bit for bit
         assert torch.equal(split.codes, plain.codes)
+
+
+def _same_result(a, b) -> bool:
+    return (torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+            and torch.equal(a.row_loss, b.row_loss) and a.damp_frac == b.damp_frac)
+
+
+@pytest.mark.parametrize("solver", ["float32", "split"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_batch_of_layers_gets_each_layer_s_own_result_bit_for_bit(gen, solver, act_order):
+    """quantize_gptq_many (a routed MLP's experts in one batch) against quantize_gptq of each layer alone:
+    the same codes, grid, row losses and damping, for the float32 loop and the split-update loop, with
+    act-order (each layer its own permutation), a dead input channel in one layer and, in another, a
+    Hessian that needs ten times the damping (its retry must not disturb the others)."""
+    from wq_ops.quant.gptq import quantize_gptq_many
+
+    batch, out_features, in_features = 4, 48, 192
+    hs = [correlated_hessian(gen, 1024, in_features).float() for _ in range(batch)]
+    hs[1][5, :] = 0
+    hs[1][:, 5] = 0
+    low = torch.randn(in_features, 3, generator=gen)              # rank 3: singular at the first damping
+    hs[2] = (low @ low.T).float() - 1e-4 * torch.eye(in_features)
+    ws = torch.randn(batch, out_features, in_features, generator=gen) * 0.02
+    kw = dict(bits=4, group_size=32, sym=False, damp_frac=1e-6, act_order=act_order, block_size=64,
+              scale_dtype=torch.bfloat16,
+              solver=gptq_reference.FLOAT32_SOLVER if solver == "float32" else
+              SplitUpdateSolver(gptq_reference.solve_blocks_into_, needs_cuda=False))
+    many = quantize_gptq_many(ws, torch.stack(hs), **kw)
+    alone = [quantize_gptq(ws[b], hs[b], **kw) for b in range(batch)]
+    assert [r.damp_frac for r in many][2] > 1e-6 and many[0].damp_frac == 1e-6
+    for got, want in zip(many, alone):
+        assert _same_result(got, want)
+
+
+def test_a_batch_refuses_mismatched_hessians_with_one_line(gen):
+    from wq_ops.quant.gptq import quantize_gptq_many
+
+    kw = dict(bits=4, group_size=32, sym=True, damp_frac=0.01, act_order=False, block_size=32,
+              scale_dtype=torch.bfloat16)
+    w = torch.randn(2, 8, 64, generator=gen)
+    with pytest.raises(QuantizationError, match="3 Hessians for 2 weights"):
+        quantize_gptq_many(w, torch.eye(64).expand(3, 64, 64), **kw)
+    h = torch.eye(64).repeat(2, 1, 1)
+    h[1, 3, 3] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN or Inf"):
+        quantize_gptq_many(w, h, **kw)

@@ -24,13 +24,14 @@ from wq_ops.block.processors import solve_stage
 from wq_ops.block.records import PendingReport
 from wq_ops.block.work import BlockTask, BlockWork
 from wq_ops.calib.capture import GroupCapture
+from wq_ops.config import Method
 from wq_ops.model.anatomy import expert_groups
 from wq_ops.model.block import BlockAnatomy, DecoderBlock
 from wq_ops.model.moe import ByExpert, MoeSpec, route, sort_by_expert
 from wq_ops.quant.hessian import accumulate_input_stats_, new_input_stats
 
 __all__ = ["RoutedInputs", "ExpertsPart", "ExpertRunner", "Emit", "quantize_experts_", "add_routed_",
-           "local_experts", "expert_ranges"]
+           "local_experts", "expert_ranges", "experts_per_batch", "expert_batch_bytes", "BATCH_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -126,33 +127,44 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
     def weight(e: int, which: str) -> Tensor:
         return work.work[moe.expert(e, which) + ".weight"]
 
-    # An expert at a time, over all its routed tokens at once (one statistics update and one GEMM per linear,
-    # not one per micro-batch): only one expert's Hessians are ever held.
+    # Each expert over all its routed tokens at once (one statistics update and one GEMM per linear, not one
+    # per micro-batch), a batch of experts at a time: their GPTQ solves run as one, and only that batch's
+    # Hessians are ever held.
     every = torch.cat(inputs.flats) if all_tokens else None
-    for k, e in enumerate(experts):
+    rows_of = {e: [by_expert.of(e) for by_expert in inputs.by_expert] for e in experts}
+    per_batch = experts_per_batch(moe, rows=max(sum(t.numel() for t, _ in routed) for routed in rows_of.values()),
+                                  elt=next(iter(own.values())).element_size(), gptq=task.quant.method is Method.GPTQ)
+    for lo in range(0, len(experts), per_batch):
+        batch = experts[lo:lo + per_batch]
         mark = work.clock.mark()
-        routed = [by_expert.of(e) for by_expert in inputs.by_expert]
-        rows = torch.cat([flat[token] for flat, (token, _) in zip(inputs.flats, routed)])     # (n_e, hidden)
-        stats = new_input_stats(moe.hidden_size, device)
-        accumulate_input_stats_(stats, rows if every is None else every)
+        captures = {}
+        for e in batch:
+            stats = new_input_stats(moe.hidden_size, device)
+            accumulate_input_stats_(stats, _gather(inputs, rows_of[e]) if every is None else every)
+            captures[moe.expert(e, "gate")] = GroupCapture(stats, [])
         work.clock.add("forward", mark)
-        solve_stage(work, "mlp", {moe.expert(e, "gate"): GroupCapture(stats, [])}, groups=gate_up[k:k + 1])
-        del stats
+        solve_stage(work, "mlp", captures, groups=gate_up[lo:lo + len(batch)], together=True)
         mark = work.clock.mark()
-        hidden = act(F.linear(rows, weight(e, "gate"))) * F.linear(rows, weight(e, "up"))
-        stats = new_input_stats(moe.expert_intermediate, device)
-        accumulate_input_stats_(stats, hidden if every is None else
-                                act(F.linear(every, weight(e, "gate"))) * F.linear(every, weight(e, "up")))
+        captures, hidden = {}, {}
+        for e in batch:
+            rows = _gather(inputs, rows_of[e])                                           # (n_e, hidden)
+            hidden[e] = act(F.linear(rows, weight(e, "gate"))) * F.linear(rows, weight(e, "up"))
+            stats = new_input_stats(moe.expert_intermediate, device)
+            accumulate_input_stats_(stats, hidden[e] if every is None else
+                                    act(F.linear(every, weight(e, "gate"))) * F.linear(every, weight(e, "up")))
+            captures[moe.expert(e, "down")] = GroupCapture(stats, [])
         work.clock.add("forward", mark)
-        solve_stage(work, "mlp", {moe.expert(e, "down"): GroupCapture(stats, [])}, groups=down[k:k + 1])
-        del stats
+        solve_stage(work, "mlp", captures, groups=down[lo:lo + len(batch)], together=True)
+        del captures
         mark = work.clock.mark()
-        scale = torch.cat([w[token, slot] for w, (token, slot) in zip(inputs.weights, routed)])
-        y = (F.linear(hidden, weight(e, "down")) * scale[:, None]).to(rows.dtype)
-        emit(e, list(y.split([token.numel() for token, _ in routed])))
-        for name in (moe.expert(e, w) for w in ("gate", "up", "down")):
-            if name in work.results:        # its packed result is what the artifact takes: drop the dequantized copy
-                del work.work[name + ".weight"]
+        for e in batch:
+            routed = rows_of[e]
+            scale = torch.cat([w[token, slot] for w, (token, slot) in zip(inputs.weights, routed)])
+            y = (F.linear(hidden.pop(e), weight(e, "down")) * scale[:, None]).to(inputs.flats[0].dtype)
+            emit(e, list(y.split([token.numel() for token, _ in routed])))
+            for name in (moe.expert(e, w) for w in ("gate", "up", "down")):
+                if name in work.results:    # its packed result is what the artifact takes: drop the dequantized copy
+                    del work.work[name + ".weight"]
         work.clock.add("forward", mark)
     # The records expert by expert (gate, up, down), whatever order the stages solved them in.
     order = {n: i for i, n in enumerate(names)}
@@ -160,6 +172,40 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
     work.layers.sort(key=lambda layer: order[layer.name[cut:]])
     outcome = work.outcome()
     return ExpertsPart(experts, outcome.tensors, outcome.report)
+
+
+def _gather(inputs: RoutedInputs, routed: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """One expert's routed rows from every micro-batch, in order: (n_e, hidden)."""
+    return torch.cat([flat[token] for flat, (token, _) in zip(inputs.flats, routed)])
+
+
+def experts_per_batch(moe: MoeSpec, *, rows: int, elt: int, gptq: bool) -> int:
+    """How many experts `quantize_experts_` takes at once: as many as keep what a batch adds (per expert:
+    its Hessians, the GPTQ solve's copies of the larger and its stacked gate/up in float32, and its act(gate)
+    * up rows, `expert_batch_bytes`) within BATCH_BYTES, at least one. One at a time for the other methods,
+    which solve no batch."""
+    if not gptq:
+        return 1
+    return max(1, min(MAX_BATCH, BATCH_BYTES // expert_batch_bytes(moe, rows=rows, elt=elt)))
+
+
+def expert_batch_bytes(moe: MoeSpec, *, rows: int, elt: int) -> int:
+    """Bytes one expert adds to a batch (`experts_per_batch`), with `rows` routed rows: its gate/up and down
+    Hessians (the statistics and H of each) and its GPTQ solve's working set for the stacked gate and up
+    (about seven more copies of the larger Hessian: the batch's stack, the solver's copy and its permuted
+    copies, the factor and its bf16 split; the weights in float32 twice, their codes), and act(gate) * up of
+    its rows, held until its down is solved."""
+    h, i = moe.hidden_size, moe.expert_intermediate
+    widest = max(h, i)
+    hessians = 2 * 4 * (h * h + i * i)
+    solve = 7 * 4 * widest * widest + 2 * i * h * (4 + 4 + 1 + elt)
+    return hessians + solve + rows * i * elt
+
+
+# What a batch of experts may add to an actor's memory, and the most experts in one batch (past a few dozen,
+# a batch saves no more launches worth having).
+BATCH_BYTES = 2 << 30
+MAX_BATCH = 32
 
 
 def add_routed_(out: Tensor, by_expert: ByExpert, experts: range, ys: Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from wq_ops.kernels.backends import kernels_for
 from wq_ops.model.block import LinearGroup
 from wq_ops.quant import nvfp4, smoothquant
 from wq_ops.quant.fp8 import fp8_scale_of, quantize_fp8
-from wq_ops.quant.gptq import quantize_gptq
+from wq_ops.quant.gptq import quantize_gptq, quantize_gptq_many
 from wq_ops.quant.hessian import InputStats, hessian_of, output_error_tensor, quadratic_operand
 from wq_ops.quant.hqq import quantize_hqq
 from wq_ops.quant.result import QuantResult, WeightResult, dequantize
@@ -38,15 +39,35 @@ class Processor(Protocol):
     by_stage: bool      # quantize a whole stage at once (its inputs captured in one pass), not a group at a time
 
     def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
-                 captures: dict[str, GroupCapture]) -> None:
+                 captures: dict[str, GroupCapture], *, together: bool = False) -> None:
         """Quantize `groups` of `stage` from `captures` (by each group's first linear): the results and
-        pending records go into `work`, and each quantized weight's dequantized values replace it there."""
+        pending records go into `work`, and each quantized weight's dequantized values replace it there.
+        together: the groups may be solved in one batch where the method can (the same results)."""
+
+
+@dataclass
+class _Prepared:
+    """One group of a stage, ready to solve: its Hessian and statistics (smoothed where SmoothQuant ran), the
+    linears it quantizes (not ignored) and their weights stacked (rows of layers sharing an input)."""
+
+    group: LinearGroup
+    h: torch.Tensor
+    stats: InputStats
+    starved: bool
+    smoothed_from: torch.Tensor | None
+    names: list[str]
+    weights: list[torch.Tensor]
+
+    @property
+    def stacked(self) -> torch.Tensor:
+        return torch.cat(self.weights) if len(self.weights) > 1 else self.weights[0]
 
 
 class _HessianProcessor:
     """GPTQ or RTN, a group of linears at a time. Rows are independent given H, so the layers that share an
-    input are stacked and solved at once: one factorisation of H, larger matmuls. The Hessian also measures
-    RTN's output error."""
+    input are stacked and solved at once: one factorisation of H, larger matmuls. With `together`, GPTQ
+    solves the groups of one shape (a routed MLP's experts) in one batch, each as it would be alone. The
+    Hessian also measures RTN's output error."""
 
     by_stage = False
 
@@ -54,46 +75,71 @@ class _HessianProcessor:
         self.method = method
 
     def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
-                 captures: dict[str, GroupCapture]) -> None:
-        task, quant = work.task, work.task.quant
-        for group in groups:
-            cap = captures[group.names[0]]
-            h = hessian_of(cap.stats)
-            stats, smoothed_from = cap.stats, None
-            starved = work.is_starved(group.names[0], cap.stats.n_tokens)
-            norm = _norm_producer(work, group)
-            if quant.smoothquant is not None and norm is not None and not starved:
-                h, stats, smoothed_from = _smooth_(work, group, norm, cap.stats, h, alpha=quant.smoothquant)
-            names = [n for n in group.names if not is_ignored(task.full_name(n), quant.ignore)]
-            for name in group.names:
-                if name not in names:
-                    work.layers.append(pending_layer(task.full_name(name), task.block_index, group, stats,
-                                                     error=None, result=None, seconds=0.0,
-                                                     smoothed_from=smoothed_from))
-            if not names:
-                continue
+                 captures: dict[str, GroupCapture], *, together: bool = False) -> None:
+        if not (together and self.method is Method.GPTQ):
+            for group in groups:
+                p = self._prepare(work, group, captures[group.names[0]])
+                if p is not None:
+                    t = time.perf_counter()
+                    result = self._solve(work, p.stacked, p.h, rtn=p.starved)
+                    self._record(work, p, result, (time.perf_counter() - t) / len(p.names))
+            return
+        ready = [p for p in (self._prepare(work, group, captures[group.names[0]]) for group in groups) if p is not None]
+        while ready:
+            # A batch: the first group left and every other one of its shape (none if it is starved: RTN).
+            first = ready[0]
+            batch = [first] if first.starved else [p for p in ready if not p.starved and _shape(p) == _shape(first)]
             t = time.perf_counter()
-            weights = [work.work[n + ".weight"] for n in names]
-            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-            result = self._solve(work, stacked, h, rtn=starved)
-            parts = result.split_rows([w.shape[0] for w in weights])
-            seconds = (time.perf_counter() - t) / len(names)
-            h = quadratic_operand(h)                  # converted once for every layer of the group
-            for name, w, part in zip(names, weights, parts):
-                w_hat = dequantize(part, work.dtype)
-                work.results[name] = part
-                work.work[name + ".weight"] = w_hat
+            if len(batch) > 1:
+                results = quantize_gptq_many(torch.stack([p.stacked for p in batch]), torch.stack([p.h for p in batch]),
+                                             **self._gptq_args(work))
+            else:
+                results = [self._solve(work, first.stacked, first.h, rtn=first.starved)]
+            seconds = (time.perf_counter() - t) / sum(len(p.names) for p in batch)
+            for p, result in zip(batch, results):
+                self._record(work, p, result, seconds)
+            ready = [p for p in ready if all(p is not b for b in batch)]
+
+    def _prepare(self, work: BlockWork, group: LinearGroup, cap: GroupCapture) -> _Prepared | None:
+        task, quant = work.task, work.task.quant
+        h = hessian_of(cap.stats)
+        stats, smoothed_from = cap.stats, None
+        starved = work.is_starved(group.names[0], cap.stats.n_tokens)
+        norm = _norm_producer(work, group)
+        if quant.smoothquant is not None and norm is not None and not starved:
+            h, stats, smoothed_from = _smooth_(work, group, norm, cap.stats, h, alpha=quant.smoothquant)
+        names = [n for n in group.names if not is_ignored(task.full_name(n), quant.ignore)]
+        for name in group.names:
+            if name not in names:
                 work.layers.append(pending_layer(task.full_name(name), task.block_index, group, stats,
-                                                 error=output_error_tensor(w, w_hat, h), result=part,
-                                                 seconds=seconds, starved=starved, smoothed_from=smoothed_from))
+                                                 error=None, result=None, seconds=0.0,
+                                                 smoothed_from=smoothed_from))
+        if not names:
+            return None
+        return _Prepared(group, h, stats, starved, smoothed_from, names, [work.work[n + ".weight"] for n in names])
+
+    def _record(self, work: BlockWork, p: _Prepared, result: QuantResult, seconds: float) -> None:
+        task = work.task
+        parts = result.split_rows([w.shape[0] for w in p.weights])
+        h = quadratic_operand(p.h)                  # converted once for every layer of the group
+        for name, w, part in zip(p.names, p.weights, parts):
+            w_hat = dequantize(part, work.dtype)
+            work.results[name] = part
+            work.work[name + ".weight"] = w_hat
+            work.layers.append(pending_layer(task.full_name(name), task.block_index, p.group, p.stats,
+                                             error=output_error_tensor(w, w_hat, h), result=part,
+                                             seconds=seconds, starved=p.starved, smoothed_from=p.smoothed_from))
+
+    def _gptq_args(self, work: BlockWork) -> dict:
+        quant = work.task.quant
+        return dict(bits=quant.bits, group_size=quant.group_size, sym=quant.sym, damp_frac=quant.gptq.damp_frac,
+                    act_order=quant.act_order, block_size=quant.gptq.block_size, scale_dtype=work.scales_dtype,
+                    solver=kernels_for(quant.backend).gptq)
 
     def _solve(self, work: BlockWork, w: torch.Tensor, h: torch.Tensor, *, rtn: bool) -> QuantResult:
         quant = work.task.quant
         if self.method is Method.GPTQ and not rtn:
-            return quantize_gptq(w, h, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                                 damp_frac=quant.gptq.damp_frac, act_order=quant.act_order,
-                                 block_size=quant.gptq.block_size,
-                                 scale_dtype=work.scales_dtype, solver=kernels_for(quant.backend).gptq)
+            return quantize_gptq(w, h, **self._gptq_args(work))
         if self.method is Method.HQQ and not rtn:
             return quantize_hqq(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                 scale_dtype=work.scales_dtype)
@@ -104,6 +150,10 @@ class _HessianProcessor:
                           scale_dtype=work.scales_dtype, importance=h.diagonal().to(torch.float32).contiguous())
         return quantize_rtn(w, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                             scale_dtype=work.scales_dtype, clip=clip)
+
+
+def _shape(p: _Prepared) -> tuple[int, int]:
+    return sum(w.shape[0] for w in p.weights), p.weights[0].shape[1]
 
 
 def _norm_producer(work: BlockWork, group: LinearGroup) -> str | None:
@@ -135,7 +185,7 @@ class _FloatProcessor:
     by_stage = False
 
     def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
-                 captures: dict[str, GroupCapture]) -> None:
+                 captures: dict[str, GroupCapture], *, together: bool = False) -> None:
         task, quant = work.task, work.task.quant
         fp4 = quant.layout is WeightLayout.TENSOR_GROUP
         static = quant.activations is not None and not quant.activations.dynamic
@@ -182,7 +232,7 @@ class _AwqProcessor:
     by_stage = True
 
     def quantize(self, work: BlockWork, stage: str, groups: Sequence[LinearGroup],
-                 captures: dict[str, GroupCapture]) -> None:
+                 captures: dict[str, GroupCapture], *, together: bool = False) -> None:
         quantize_awq_stage(work, stage, groups, captures)
 
 
@@ -202,14 +252,14 @@ def processor_for(quant: QuantConfig) -> Processor:
 
 
 def solve_stage(work: BlockWork, stage: str, captures: dict[str, GroupCapture],
-                groups: Sequence[LinearGroup] | None = None) -> None:
+                groups: Sequence[LinearGroup] | None = None, *, together: bool = False) -> None:
     """Quantize the stage's groups (or `groups` of it, for a processor that goes a group at a time) with the
-    job's method, timed as the "solve" phase."""
+    job's method, timed as the "solve" phase. together: groups of one shape may be solved in one batch."""
     processor = processor_for(work.task.quant)
     if groups is None:
         groups = work.block_anatomy.stage_groups(stage)
     elif processor.by_stage:
         raise ValueError(f"{work.task.quant.method.value} quantizes a whole stage at once, not a group at a time")
     mark = work.clock.mark()
-    processor.quantize(work, stage, groups, captures)
+    processor.quantize(work, stage, groups, captures, together=together)
     work.clock.add("solve", mark)

@@ -1,5 +1,5 @@
 """The memory of expert actors (--expert-actors K): each quantizes a range of about E/K of every routed block's
-experts, one block at a time, one expert at a time. What the block actors then no longer hold:
+experts, one block at a time, a batch of experts at a time. What the block actors then no longer hold:
 the routed experts' weights and Hessians (`without_routed_experts`). Entry points: `expert_actor_memory`,
 `fewest_expert_actors`."""
 
@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from wq_ops.block.experts import expert_batch_bytes, experts_per_batch
 from wq_ops.config import JobConfig, Method, MoeCalibration
 from wq_ops.model.architecture import BlockLayout, ModelLayout
 from wq_ops.model.moe import MoeSpec
 
 __all__ = ["expert_actor_memory", "fewest_expert_actors", "without_routed_experts", "solve_working_set",
-           "expert_temporaries"]
+           "expert_temporaries", "expert_batch_workspace"]
 
 
 def solve_working_set(job: JobConfig, elt: int) -> tuple[int, bool]:
@@ -47,11 +48,27 @@ def expert_temporaries(moe: MoeSpec, job: JobConfig, elt: int) -> int:
     states once more and act(gate) * up of every token."""
     tokens = job.calib.n_samples * job.calib.seq_len
     h, i = moe.hidden_size, moe.expert_intermediate
-    rows = min(tokens, 4 * tokens * moe.top_k // moe.n_experts)
+    rows = _expert_rows(moe, job)
     held = rows * (h * elt + 2 * i * elt + 4 * h)
     if job.quant.moe.calibration is MoeCalibration.ALL:
         held += tokens * (h * elt + 2 * i * elt)
     return held
+
+
+def expert_batch_workspace(moe: MoeSpec, job: JobConfig, elt: int) -> int:
+    """Bytes a batch of experts solved together adds (`wq_ops.block.experts.experts_per_batch`: GPTQ only,
+    at most its BATCH_BYTES unless one expert alone is larger), an expert's rows counted as in
+    `expert_temporaries`."""
+    rows = _expert_rows(moe, job)
+    k = experts_per_batch(moe, rows=rows, elt=elt, gptq=job.quant.method is Method.GPTQ)
+    return k * expert_batch_bytes(moe, rows=rows, elt=elt) if k > 1 else 0
+
+
+def _expert_rows(moe: MoeSpec, job: JobConfig) -> int:
+    """An expert's routed rows as the plan counts them: four times the mean (routing is uneven), at most
+    every token."""
+    tokens = job.calib.n_samples * job.calib.seq_len
+    return min(tokens, 4 * tokens * moe.top_k // moe.n_experts)
 
 
 def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int) -> tuple[int, int, int, int]:
@@ -63,7 +80,8 @@ def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int)
       copies of the largest one;
     - activations: the block's routed inputs (every calibration token: an expert may be sent any of them) and
       their routing (the range's weighted outputs go to the host as they are made);
-    - workspace: one expert's temporaries (`expert_temporaries`)."""
+    - workspace: one expert's temporaries (`expert_temporaries`) and what a batch of experts solved together
+      adds (`expert_batch_workspace`)."""
     elt = layout.dtype.itemsize
     n, t = job.calib.n_samples, job.calib.seq_len
     gptq = job.quant.method is Method.GPTQ
@@ -77,7 +95,8 @@ def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int)
         widest_in = max(h, i)
         hessians = 4 * h * h + 4 * widest_in * widest_in * (4 if gptq else 1)
         activations = n * t * h * elt + n * t * k * (8 + 8 + 4)
-        estimate = (weights, hessians, activations, expert_temporaries(moe, job, elt))
+        workspace = expert_temporaries(moe, job, elt) + expert_batch_workspace(moe, job, elt)
+        estimate = (weights, hessians, activations, workspace)
         if sum(estimate) > sum(worst):
             worst = estimate
     return worst

@@ -8,7 +8,12 @@ import math
 from dataclasses import dataclass
 
 from wq_ops.block.processors import processor_for
-from wq_ops.cluster.expert_plan import expert_temporaries, solve_working_set, without_routed_experts
+from wq_ops.cluster.expert_plan import (
+    expert_batch_workspace,
+    expert_temporaries,
+    solve_working_set,
+    without_routed_experts,
+)
 from wq_ops.config import JobConfig, Method, MoeCalibration, Propagation
 from wq_ops.model.architecture import BlockLayout, ModelLayout
 from wq_ops.model.moe import MoeSpec
@@ -110,7 +115,7 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     workspace = 2 * mb * t * _widest(block, layout, job, capture=True) * elt
     if routed_by_group and moe is not None and any(s.name in experts for s in linears):   # not on expert actors
-        workspace = max(workspace, expert_temporaries(moe, job, elt))
+        workspace = max(workspace, expert_temporaries(moe, job, elt) + expert_batch_workspace(moe, job, elt))
     kept = min(n, job.quant.kept_search_samples)
     if kept:                                   # AWQ's replayed search samples' inputs, kept by every resident block
         workspace += (resident or (2 if overlapped else 1)) * 3 * kept * t * max_in * elt

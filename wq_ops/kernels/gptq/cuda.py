@@ -19,7 +19,8 @@ from wq_ops.kernels.build import load_extension
 from wq_ops.kernels.gptq.reference import BlockSolve
 from wq_ops.kernels.gptq.split_update import SplitUpdateSolver
 
-__all__ = ["solve_block", "solve_block_into_", "solve_block_into_unchecked_", "CUDA_SOLVER"]
+__all__ = ["solve_block", "solve_block_into_", "solve_block_into_unchecked_", "solve_blocks_into_unchecked_",
+           "CUDA_SOLVER"]
 
 _NAME = "gptq block solve"
 
@@ -71,6 +72,20 @@ def solve_block_into_unchecked_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Te
         raise KernelError(f"{_NAME}: {str(e).splitlines()[0]}") from None
 
 
+def solve_blocks_into_unchecked_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+                                group: Tensor, *, bits: int, codes: Tensor, loss: Tensor,
+                                parts: Tensor | None) -> None:
+    """A batch of `solve_block_into_unchecked_` solves of one size in one launch, problem b from the b-th of
+    each argument: t, w, codes (batch, rows, B) and m_unit (batch, B, B) with contiguous rows; m_diag and
+    group (batch, B); scale, zero (batch, rows, G), each problem's contiguous; loss (batch, rows); parts
+    (batch, rows, 3B) or None. Each problem's codes, losses and parts are what the one-problem kernel
+    writes, bit for bit (the same threads do the same arithmetic; only the launch covers more rows)."""
+    try:
+        load_extension().gptq_solve_blocks_into(t, w, m_unit, m_diag, scale, zero, group, bits, codes, loss, parts)
+    except RuntimeError as e:
+        raise KernelError(f"{_NAME}: {str(e).splitlines()[0]}") from None
+
+
 def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor, group: Tensor,
            bits: int) -> None:
     require_bits(_NAME, bits)
@@ -91,6 +106,6 @@ def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, 
     require_tensor(_NAME, "group", group, dtypes=(torch.int32,), shape=(n,), device=device)
 
 
-# The CUDA backend's GPTQ layer loop: this kernel's in-place solve, updates on the tensor cores. quantize_gptq
-# makes and checks every argument it passes, so the solve skips its Python checks.
-CUDA_SOLVER = SplitUpdateSolver(solve_block_into_unchecked_, needs_cuda=True)
+# The CUDA backend's GPTQ layer loop: this kernel's in-place solve (a batch of layers per launch), updates on
+# the tensor cores. quantize_gptq makes and checks every argument it passes, so the solve skips its Python checks.
+CUDA_SOLVER = SplitUpdateSolver(solve_blocks_into_unchecked_, needs_cuda=True)

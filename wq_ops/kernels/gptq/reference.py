@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSolve", "solve_block", "solve_block_into_", "Float32Solver", "FLOAT32_SOLVER"]
+__all__ = ["BlockSolve", "solve_block", "solve_block_into_", "solve_blocks_into_", "Float32Solver",
+           "FLOAT32_SOLVER"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,20 @@ def solve_block_into_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scal
         parts[:, 2 * n:] = torch.sub(block.delta, hi)
 
 
+def solve_blocks_into_(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, zero: Tensor,
+                       group: Tensor, *, bits: int, codes: Tensor, loss: Tensor, parts: Tensor | None) -> None:
+    """`solve_block_into_` for a batch of problems of one size (the CUDA kernel's batched entry point): problem
+    b from the b-th of each argument (t, w, codes, parts: (batch, out, *); m_unit (batch, B, B); m_diag,
+    group (batch, B); scale, zero (batch, out, G); loss (batch, out))."""
+    for b in range(t.shape[0]):
+        solve_block_into_(t[b], w[b], m_unit[b], m_diag[b], scale[b], zero[b], group[b], bits=bits, codes=codes[b],
+                          loss=loss[b], parts=None if parts is None else parts[b])
+
+
 class Float32Solver:
-    """The reference layer loop (`wq_ops.quant.gptq.GptqSolver`): `solve_block` per block of columns, the
-    trailing targets updated with one float32 (or float64) GEMM of the block's deltas and rows of Mu."""
+    """The reference layer loop (`wq_ops.kernels.gptq.GptqSolver`): `solve_block` per block of columns, the
+    trailing targets updated with one float32 (or float64) GEMM of the block's deltas and rows of Mu, for each
+    layer of the batch in turn."""
 
     def start(self, m_unit: Tensor, *, block_size: int, rows: int) -> "_Float32Sweep":
         return _Float32Sweep(m_unit)
@@ -85,20 +97,23 @@ class Float32Solver:
 
 class _Float32Sweep:
     def __init__(self, m_unit: Tensor) -> None:
-        self.m_unit = m_unit
-        self.delta: Tensor | None = None
+        self.m_unit = m_unit                            # (batch, in, in)
+        self.deltas: list[Tensor] = []
 
     def solve_(self, targets: Tensor, w: Tensor, i1: int, i2: int, *, m_diag: Tensor, scale: Tensor, zero: Tensor,
                group: Tensor, bits: int, codes: Tensor, loss: Tensor) -> None:
-        block = solve_block(targets[:, i1:i2], w[:, i1:i2], self.m_unit[i1:i2, i1:i2], m_diag[i1:i2], scale, zero,
-                            group[i1:i2], bits=bits)
-        codes[:, i1:i2] = block.codes
-        loss += block.loss
-        self.delta = block.delta
+        self.deltas = []
+        for b in range(targets.shape[0]):
+            block = solve_block(targets[b, :, i1:i2], w[b, :, i1:i2], self.m_unit[b, i1:i2, i1:i2], m_diag[b, i1:i2],
+                                scale[b], zero[b], group[b, i1:i2], bits=bits)
+            codes[b, :, i1:i2] = block.codes
+            loss[b] += block.loss
+            self.deltas.append(block.delta)
 
     def update_(self, targets: Tensor, i1: int, i2: int) -> None:
-        assert self.delta is not None, "update_ before solve_"
-        targets[:, i2:].addmm_(self.delta, self.m_unit[i1:i2, i2:])   # the lazy update of the trailing targets
+        assert self.deltas, "update_ before solve_"
+        for b, delta in enumerate(self.deltas):      # the lazy update of each layer's trailing targets
+            targets[b, :, i2:].addmm_(delta, self.m_unit[b, i1:i2, i2:])
 
 
 FLOAT32_SOLVER = Float32Solver()

@@ -36,34 +36,38 @@ class _SplitSweep:
     def __init__(self, solve_into: Callable[..., None], m_unit: Tensor, *, block_size: int, rows: int) -> None:
         self.solve_into, self.m_unit, self.block_size = solve_into, m_unit, block_size
         self.factor_blocks = split_factor_blocks(m_unit, block_size)
-        self.parts = torch.empty(rows, 3 * block_size, dtype=torch.bfloat16, device=m_unit.device)
+        self.parts = torch.empty(m_unit.shape[0], rows, 3 * block_size, dtype=torch.bfloat16, device=m_unit.device)
 
     def solve_(self, targets: Tensor, w: Tensor, i1: int, i2: int, *, m_diag: Tensor, scale: Tensor, zero: Tensor,
                group: Tensor, bits: int, codes: Tensor, loss: Tensor) -> None:
-        # One kernel and one GEMM per block of columns, with no other work queued between them: the solve
-        # writes the codes, the losses and the update's operand in place.
-        trailing = i2 < targets.shape[1]              # only the last block, maybe narrower, has none
-        self.solve_into(targets[:, i1:i2], w[:, i1:i2], self.m_unit[i1:i2, i1:i2], m_diag[i1:i2], scale, zero,
-                        group[i1:i2], bits=bits, codes=codes[:, i1:i2], loss=loss,
+        # One kernel for the batch and one GEMM per layer per block of columns, with no other work queued
+        # between them: the solve writes the codes, the losses and the update's operand in place.
+        trailing = i2 < targets.shape[2]              # only the last block, maybe narrower, has none
+        self.solve_into(targets[:, :, i1:i2], w[:, :, i1:i2], self.m_unit[:, i1:i2, i1:i2], m_diag[:, i1:i2], scale,
+                        zero, group[:, i1:i2], bits=bits, codes=codes[:, :, i1:i2], loss=loss,
                         parts=self.parts if trailing else None)
 
     def update_(self, targets: Tensor, i1: int, i2: int) -> None:
-        add_split_update_(targets[:, i2:], self.parts, self.factor_blocks[i1 // self.block_size, :, i2:])
+        # A GEMM per layer, not one batched GEMM: cuBLAS may pick another algorithm for another batch count,
+        # and a layer's codes must not depend on which layers it was solved with.
+        block = i1 // self.block_size
+        for b in range(targets.shape[0]):
+            add_split_update_(targets[b, :, i2:], self.parts[b], self.factor_blocks[b, block, :, i2:])
 
 
 def split_factor_blocks(m_unit: Tensor, block_size: int) -> Tensor:
     """Mu's rows in blocks of `block_size`, each as bfloat16 parts [hi; lo; hi] with hi = bf16(x) and
     lo = bf16(x - hi) (16 significant bits), the right operand of `add_split_update_`:
-    (n_blocks, 3 * block_size, n), for the blocks that have columns after them (the last block updates no
-    trailing targets; none when n <= block_size). 1.5 times the bytes of Mu."""
-    n = m_unit.shape[0]
+    (..., n_blocks, 3 * block_size, n) for m_unit (..., n, n), for the blocks that have columns after them (the
+    last block updates no trailing targets; none when n <= block_size). 1.5 times the bytes of Mu."""
+    *lead, n, _ = m_unit.shape
     n_blocks = (n - 1) // block_size
-    rows = m_unit[:n_blocks * block_size].reshape(n_blocks, block_size, n)
-    out = torch.empty(n_blocks, 3, block_size, n, dtype=torch.bfloat16, device=m_unit.device)
-    out[:, 0].copy_(rows)
-    torch.sub(rows, out[:, 0], out=out[:, 1])      # in float32, rounded as it is stored: no float32 temporary
-    out[:, 2].copy_(out[:, 0])
-    return out.view(n_blocks, 3 * block_size, n)
+    rows = m_unit[..., :n_blocks * block_size, :].reshape(*lead, n_blocks, block_size, n)
+    out = torch.empty(*lead, n_blocks, 3, block_size, n, dtype=torch.bfloat16, device=m_unit.device)
+    out[..., 0, :, :].copy_(rows)
+    torch.sub(rows, out[..., 0, :, :], out=out[..., 1, :, :])  # in float32, rounded as stored: no float32 temporary
+    out[..., 2, :, :].copy_(out[..., 0, :, :])
+    return out.view(*lead, n_blocks, 3 * block_size, n)
 
 
 def add_split_update_(out: Tensor, parts: Tensor, factor_block: Tensor) -> None:
