@@ -1,6 +1,6 @@
 """A routed MLP's experts, quantized a range at a time (`quantize_experts_`), wherever the range runs: on the
-block's own actor or on another actor that holds only those experts' weights; either way one expert at a time,
-so that only one expert's Hessians are held. The block's owner routes each input micro-batch once
+block's own actor or on another actor that holds only those experts' weights; either way a batch of experts at
+a time (`experts_per_batch`), so that only one batch's Hessians are held. The block's owner routes each input micro-batch once
 (`RoutedInputs`); a range returns its experts' artifact tensors and pending records, and hands on each
 expert's weighted outputs, which the owner adds in expert order (`add_routed_`). These are the
 operations of `wq_ops.model.moe.moe_mlp`, in its order, so neither the artifact nor the block's outputs
@@ -90,7 +90,7 @@ def expert_ranges(n_experts: int, parts: int) -> list[range]:
 
 
 def local_experts() -> ExpertRunner:
-    """The block's own actor quantizes every expert, one at a time, adding each one's outputs as it is done."""
+    """The block's own actor quantizes every expert, a batch at a time, adding each one's outputs as it is done."""
 
     def run(work: BlockWork, inputs: RoutedInputs, expert_params: dict[str, Tensor],
             outs: Sequence[Tensor]) -> Iterator[ExpertsPart]:

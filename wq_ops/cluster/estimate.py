@@ -1,7 +1,7 @@
 """How long a GPU job should take, from measured rates (`H100`), before it runs: the plan prints it, and
 docs/scaling.md tabulates it for clusters not at hand. A model of quantized propagation (the blocks one after
 another): each block's own actor computes its dense part (attention, a dense MLP or a shared expert) while
-its next block loads; a routed block's experts are quantized one at a time by its actor or, with
+its next block loads; a routed block's experts are quantized a batch at a time by its actor or, with
 --expert-actors, range by range on the expert actors at once, each reading its range of the next routed block
 while this one runs, and receiving the routed inputs and returning its outputs through the host. Rates, not
 guarantees: uneven routing, other disks and networks move it. Entry point: `estimate_seconds`."""

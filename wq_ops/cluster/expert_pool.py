@@ -2,7 +2,7 @@
 contiguous ranges (`expert_ranges`), range j always on expert actor j. The block's own actor loads no routed
 expert: it routes each micro-batch, puts the routed inputs in the object store once, and every expert actor
 reads its range's weights from the checkpoint (the next routed block's read ahead: `ExpertReader`), quantizes
-them (`quantize_experts_`, one at a time) and hands back its artifact tensors, its records and, per
+them (`quantize_experts_`, a batch at a time) and hands back its artifact tensors, its records and, per
 micro-batch, its weighted outputs, which the block's actor adds in expert order. The artifact is the one the
 block's actor alone would write."""
 

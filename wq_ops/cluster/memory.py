@@ -90,7 +90,8 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
     elif job.run.propagation is Propagation.FLOAT:   # one pass captures every stage of the block
         stats = (2 if overlapped else 1) * every_stage
     else:
-        # A group at a time, a routed MLP's experts go one at a time (`quantize_experts_`): one expert's held.
+        # A group at a time, a routed MLP's experts go a batch at a time (`quantize_experts_`): one expert's
+        # Hessians here, the rest of the batch's in the workspace (`expert_batch_workspace`).
         share = 1 / moe.n_experts if moe is not None and routed_by_group else 1.0
         per_stage_bytes: dict[str, float] = {}
         for s in hessian_linears:
