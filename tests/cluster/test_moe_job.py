@@ -113,6 +113,15 @@ def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpo
     assert [x["name"] for x in split.report["layers"]] == [x["name"] for x in one.report["layers"]]
     experts = [m for m in split.report["memory"] if m.get("expert_actor")]
     assert [m["rank"] for m in experts] == [1, 2] and all(m["planned_bytes"] > 0 for m in experts)
+    # Each routed block's expert actors' time by phase, and the totals over them; none without expert actors.
+    routed = [b for b in split.report["blocks"] if b["expert_actors"]]
+    assert routed and all([a["rank"] for a in b["expert_actors"]] == [1, 2] for b in routed)
+    assert all(a["read"] >= 0 and a["forward"] > 0 and a["solve"] > 0 and a["send"] > 0
+               for b in routed for a in b["expert_actors"])
+    totals = split.report["totals"]["expert_actor_phase_seconds"]
+    assert totals.keys() >= {"read", "forward", "solve", "pack", "send"}
+    assert totals["solve"] == pytest.approx(sum(a["solve"] for b in routed for a in b["expert_actors"]), abs=1e-3)
+    assert one.report["totals"]["expert_actor_phase_seconds"] == {}
 
 
 @pytest.mark.parametrize("options", [{"method": "rtn"}, {"method": "hqq"}, {"scheme": "FP8_DYNAMIC"},

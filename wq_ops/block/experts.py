@@ -1,7 +1,7 @@
 """A routed MLP's experts, quantized a range at a time (`quantize_experts_`), wherever the range runs: on the
 block's own actor or on another actor that holds only those experts' weights; either way a batch of experts at
-a time (`experts_per_batch`), so that only one batch's Hessians are held. The block's owner routes each input micro-batch once
-(`RoutedInputs`); a range returns its experts' artifact tensors and pending records, and hands on each
+a time (`experts_per_batch`), so that only one batch's Hessians are held. The block's owner routes each input
+micro-batch once (`RoutedInputs`); a range returns its experts' artifact tensors and pending records, and hands on each
 expert's weighted outputs, which the owner adds in expert order (`add_routed_`). These are the
 operations of `wq_ops.model.moe.moe_mlp`, in its order, so neither the artifact nor the block's outputs
 depend on how the experts were split.
@@ -12,7 +12,7 @@ with --moe-calibration all), then down from act(gate) * up with gate and up alre
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
@@ -21,8 +21,7 @@ from torch import Tensor
 
 from wq_ops.block.clock import PhaseClock
 from wq_ops.block.processors import solve_stage
-from wq_ops.block.records import PendingReport
-from wq_ops.block.work import BlockTask, BlockWork
+from wq_ops.block.work import BlockTask, BlockWork, ExpertsPart
 from wq_ops.calib.capture import GroupCapture
 from wq_ops.config import Method
 from wq_ops.model.anatomy import expert_groups
@@ -53,18 +52,6 @@ class RoutedInputs:
             weights.append(w)
             sorts.append(sort_by_expert(experts, spec.n_experts))
         return cls(tuple(flats), tuple(weights), tuple(sorts))
-
-
-@dataclass
-class ExpertsPart:
-    """One range of experts, quantized: their artifact tensors (the format's names), their records (numbers
-    still where they were computed) and, where the range read its own weights (an expert actor), their
-    digest entries for the block's record (`wq_ops.io.digest`)."""
-
-    experts: range
-    tensors: dict[str, Tensor]
-    report: PendingReport
-    source_entries: dict[str, str] = field(default_factory=dict)   # digest entries of the weights it read itself
 
 
 # emit(expert, outputs): one expert's weighted outputs in the model dtype, one tensor per micro-batch (its routed

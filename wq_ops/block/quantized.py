@@ -133,7 +133,7 @@ def _routed_stage_(work: BlockWork, xs: list[Tensor], normed: list[Tensor], expe
     expert_params = {k: params.pop(k) for k in [k for k in params if k.startswith(routed)]}
     clock.add("forward", mark)
     for part in experts(work, inputs, expert_params, outs):
-        work.parts.append((part.tensors, part.report, part.source_entries))
+        work.parts.append(part)
     expert_params.clear()
     for group in shared_expert_groups(moe):
         mark = clock.mark()

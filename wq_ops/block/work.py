@@ -21,7 +21,7 @@ from wq_ops.model.block import BlockAnatomy, DecoderBlock
 from wq_ops.model.moe import MoeSpec
 from wq_ops.quant.result import WeightResult
 
-__all__ = ["BlockTask", "BlockWork", "BlockOutcome"]
+__all__ = ["BlockTask", "BlockWork", "BlockOutcome", "ExpertsPart"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class BlockOutcome:
     report: PendingReport
     clock: PhaseClock
     source_entries: dict[str, str] = field(default_factory=dict)   # of source tensors read elsewhere (experts')
+    expert_actors: tuple[dict[str, float | int], ...] = ()          # each expert actor's timing (`ExpertsPart`)
 
     @property
     def layers(self) -> tuple[LayerRecord, ...]:
@@ -68,6 +69,20 @@ class BlockOutcome:
     @property
     def seconds(self) -> dict[str, float]:
         return self.clock.seconds()
+
+
+@dataclass
+class ExpertsPart:
+    """One range of experts, quantized: their artifact tensors (the format's names), their records (numbers
+    still where they were computed) and, where the range ran on an expert actor, the digest entries of the
+    weights it read for the block's record (`wq_ops.io.digest`) and its timing: {"rank", then seconds per
+    phase: "read" (waiting for its weights), "forward", "solve", "pack", "send" (its results to the host)}."""
+
+    experts: range
+    tensors: dict[str, Tensor]
+    report: PendingReport
+    source_entries: dict[str, str] = field(default_factory=dict)   # digest entries of the weights it read itself
+    timing: dict[str, float | int] = field(default_factory=dict)   # an expert actor's: its rank, seconds per phase
 
 
 @dataclass
@@ -86,7 +101,7 @@ class BlockWork:
     results: dict[str, WeightResult] = field(default_factory=dict)
     layers: list[PendingLayer] = field(default_factory=list)
     # Expert ranges quantized apart: their packed tensors, records and source tensors' digest entries.
-    parts: list[tuple[dict[str, Tensor], PendingReport, dict[str, str]]] = field(default_factory=list)
+    parts: list[ExpertsPart] = field(default_factory=list)
 
     @classmethod
     def start(cls, block: DecoderBlock, anatomy: BlockAnatomy, params: Mapping[str, Tensor], task: BlockTask,
@@ -113,9 +128,10 @@ class BlockWork:
         report = pending_report(self.layers, checks.values(), checks.messages)
         entries: dict[str, str] = {}
         if self.parts:               # a routed MLP's experts, quantized and packed a range at a time
-            for part_tensors, _, part_entries in self.parts:
-                tensors.update(part_tensors)
-                entries.update(part_entries)
-            report = merged_reports([report] + [r for _, r, _ in self.parts], report.numbers.device)
+            for part in self.parts:
+                tensors.update(part.tensors)
+                entries.update(part.source_entries)
+            report = merged_reports([report] + [part.report for part in self.parts], report.numbers.device)
         self.clock.add("pack", mark)
-        return BlockOutcome(task.block_index, tensors, report, self.clock, entries)
+        return BlockOutcome(task.block_index, tensors, report, self.clock, entries,
+                            tuple(part.timing for part in self.parts if part.timing))

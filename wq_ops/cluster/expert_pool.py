@@ -8,6 +8,7 @@ block's actor alone would write."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
@@ -58,7 +59,7 @@ class RoutedTransfer:
 class ExpertsResult:
     """What an expert actor hands back for its range of one block: the artifact tensors and the records'
     numbers (as NumPy arrays: float8 and bfloat16 included), the object-store refs of each micro-batch's
-    weighted outputs, and the digest entries of the source weights it read."""
+    weighted outputs, the digest entries of the source weights it read, and its seconds per phase."""
 
     experts: range
     tensors: dict[str, HostTensor]
@@ -67,6 +68,7 @@ class ExpertsResult:
     checks: tuple[str, ...]
     outputs: tuple[Any, ...]
     source_entries: dict[str, str]       # the digest entries of the weights it read (the block's record)
+    seconds: dict[str, float]            # per phase: read (waiting for it), forward, solve, pack, send
 
     def report(self) -> PendingReport:
         return PendingReport(numbers=from_host(self.numbers, "cpu"), slots=self.slots, checks=self.checks)
@@ -93,14 +95,14 @@ def remote_experts(actors: Sequence[Any], spec: ActorSpec, device: torch.device,
         first_rank = spec.job.run.actors            # expert actors' ranks follow the block actors'
         pending = [submit(actor, spec, first_rank + j, work.task.block_index, experts, routed)
                    for j, (actor, experts) in enumerate(zip(actors, ranges))]
-        for experts, call in zip(ranges, pending):
+        for j, (experts, call) in enumerate(zip(ranges, pending)):
             result = get_remote(call)
             mark = work.clock.mark()
             for m, ref in enumerate(result.outputs):
                 add_routed_(outs[m], inputs.by_expert[m], experts, from_host(ray.get(ref), device))
             work.clock.add("forward", mark)
             yield ExpertsPart(experts, {k: from_host(v, "cpu") for k, v in result.tensors.items()}, result.report(),
-                              result.source_entries)
+                              result.source_entries, {"rank": first_rank + j, **result.seconds})
 
     return run
 
@@ -155,7 +157,9 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
     import ray
 
     device, dtype = job.device, job.spec.layout.dtype
+    t = time.perf_counter()
     host, entries = reader.read(job, index, experts)
+    read = time.perf_counter() - t
     params = {n: v.to(device=device, dtype=dtype) for n, v in host.items()}
     del host
     inputs = routed.on(device)
@@ -169,7 +173,11 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
 
     part = quantize_experts_(block, params, task, experts, inputs, emit=emit, clock=clock)
     params.clear()
+    seconds = {"read": read, **clock.seconds()}
+    t = time.perf_counter()
     tensors = {k: to_host(v) for k, v in part.tensors.items()}
     report = merged_reports([part.report], torch.device("cpu"))
     refs = tuple(ray.put(to_host(torch.cat(ys))) for ys in outputs)
-    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs, entries)
+    seconds["send"] = time.perf_counter() - t
+    return ExpertsResult(experts, tensors, to_host(report.numbers), report.slots, report.checks, refs, entries,
+                         {k: round(v, 4) for k, v in seconds.items()})

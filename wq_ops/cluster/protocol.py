@@ -79,6 +79,8 @@ class ShardRecord:
     finished_at: float = 0.0             # wall clock (time.time()) when it was staged: pipeline timelines
     source_sha256: str = ""              # a block's source tensors as read (`tensors_sha256`): resume checks it
     device_peak_bytes: int | None = None     # the actor's GPU memory peak so far, when staged (progress; None: CPU)
+    # A routed block quantized on expert actors: each one's rank and seconds per phase (`ExpertsPart.timing`).
+    expert_actors: tuple[dict[str, float | int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (the staged record file, the report)."""
@@ -88,7 +90,8 @@ class ShardRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ShardRecord":
         layers = tuple(LayerRecord(**{**layer, "outliers": _outliers(layer["outliers"])}) for layer in data["layers"])
-        return cls(**{**data, "tensor_names": tuple(data["tensor_names"]), "layers": layers})
+        return cls(**{**data, "tensor_names": tuple(data["tensor_names"]), "layers": layers,
+                      "expert_actors": tuple(data.get("expert_actors", ()))})
 
 
 def _outliers(data: dict[str, Any]) -> OutlierSummary:

@@ -41,6 +41,7 @@ class StagedReport:
     load_seconds: float
     copy_seconds: float
     source_sha256: str = ""              # of the block's source tensors as read (`tensors_sha256`)
+    expert_actors: tuple[dict[str, float | int], ...] = ()    # each expert actor's rank and seconds per phase
 
     def seconds(self) -> dict[str, float]:
         phases = self.clock.seconds()
@@ -57,7 +58,8 @@ def to_host_queued(outcome: BlockOutcome, *, load_seconds: float, cuda: bool,
     host = after_queued_copies(({k: queue_to_host(v) for k, v in outcome.tensors.items()},
                                 queue_to_host(outcome.report.numbers)), cuda=cuda)
     return host, StagedReport(outcome.report, outcome.clock, load_seconds=load_seconds,
-                              copy_seconds=time.perf_counter() - t, source_sha256=source_sha256)
+                              copy_seconds=time.perf_counter() - t, source_sha256=source_sha256,
+                              expert_actors=outcome.expert_actors)
 
 
 def stage_block(artifact: ArtifactLayout, index: int, rank: int, queued: HostOutcome,
@@ -81,7 +83,7 @@ def stage_block(artifact: ArtifactLayout, index: int, rank: int, queued: HostOut
     record = ShardRecord(part="block", block=index, staged_path=str(path), tensor_names=tuple(sorted(host)),
                          nbytes=nbytes, sha256=sha, rank=rank, layers=layers,
                          seconds={**seconds, "write": time.perf_counter() - t}, finished_at=time.time(),
-                         source_sha256=report.source_sha256)
+                         source_sha256=report.source_sha256, expert_actors=report.expert_actors)
     write_json_atomic(artifact.staged_block_record(index), record.to_json())
     return record
 

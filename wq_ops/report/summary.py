@@ -79,6 +79,9 @@ def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Map
             "geomean_output_error": _geomean(errors),
             "worst_layer": {"name": worst["name"], "output_error": worst["output_error"]} if worst else None,
             "phase_seconds": _phase_totals(blocks),
+            # Expert actors (--expert-actors): their seconds per phase, summed over blocks and actors.
+            "expert_actor_phase_seconds": _phase_totals([{"seconds": {k: v for k, v in a.items() if k != "rank"}}
+                                                         for b in blocks for a in b.get("expert_actors", ())]),
             "artifact_tensor_bytes": sum(r["nbytes"] for r in records),
             # Mixture-of-experts: expert linears, and those whose statistics had too few tokens (RTN'd).
             "expert_layers": sum(1 for layer in layers if ".experts." in layer["name"]),
@@ -87,6 +90,7 @@ def build_report(*, job: Mapping[str, Any], source: Mapping[str, Any], plan: Map
         "actors": [actors[k] for k in sorted(actors)],
         "blocks": [{"block": b["block"], "rank": b["rank"], "shard": shard_names.get(b["staged_path"]),
                     "nbytes": b["nbytes"], "sha256": b["sha256"], "seconds": b["seconds"],
+                    "expert_actors": list(b.get("expert_actors", ())),
                     "resumed": bool(b.get("resumed")), "finished_at": b.get("finished_at")} for b in blocks],
         "layers": layers,
     }
