@@ -36,7 +36,9 @@ class Rates:
 # Dense rates: the 8B GPTQ runs of benchmarks/RESULTS.md (H100, 128 x 2048 tokens, 32 blocks): forward phase
 # 10.7 s, solve 4.3 s; a block has 218M weights and its linears' in^2 x out sum to 1.49e12.
 # Expert rates: `python benchmarks/expert_rates.py --shapes deepseek_v3,qwen3_30b,mixtral --experts 8` on an
-# H100 (RESULTS.md, 2026-12-06): per expert at uniform top-k routing of 128 x 2048 tokens, the passes (with the
+# H100 (RESULTS.md, 2026-12-06; Qwen3's rerun with its experts solved in batches, 18th session; DeepSeek-V3's
+# and Mixtral's go one at a time, and measured the same there): per expert at uniform top-k routing of
+# 128 x 2048 tokens, the passes (with the
 # copy of its outputs to the host, as an expert actor makes it: an upper bound where the block's own actor adds
 # them on the GPU) and the solve. Host copies measured there: the routed inputs to the host 1.9 GB/s, onto a
 # GPU 3.0 GB/s. Disk: 1.34 GB/s measured on that
@@ -44,7 +46,7 @@ class Rates:
 H100 = Rates(
     dense_forward=10.7 / 32 / (218_103_808 * 262_144),
     dense_solve=4.3 / 32 / 1.49e12,
-    experts=((7168, 2048, 8234, 0.0688, 0.0250), (2048, 768, 16408, 0.0395, 0.0054),
+    experts=((7168, 2048, 8234, 0.0688, 0.0250), (2048, 768, 16408, 0.0416, 0.0033),
              (4096, 14336, 65536, 0.3210, 0.1100)),
     disk=1.34e9,
     to_host=1.9e9,
