@@ -41,7 +41,8 @@ TIMED = [
     ("wq_ops.calib.capture", "accumulate_input_stats_"),
     ("wq_ops.model.block", "moe_mlp"),
     ("wq_ops.block.processors", "quantize_gptq"),
-    ("wq_ops.quant.gptq", "hessian_factor"),
+    ("wq_ops.block.processors", "quantize_gptq_many"),        # a routed MLP's experts, a batch at a time
+    ("wq_ops.quant.gptq", "hessian_factors"),
     ("wq_ops.quant.gptq", "compute_grid"),
     ("wq_ops.block.processors", "quantize_rtn"),
     ("wq_ops.block.awq_stage", "quantize_rtn"),

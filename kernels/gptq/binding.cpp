@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
-#include "../include/wq_gptq_batch.h"
+#include "../include/wq_gptq_batch.cuh"
 
 extern "C" cudaError_t wq_gptq_block_solve(const float* t, int ldt, const float* w, int ldw, const float* m_unit,
                                            int ldm, const float* m_diag, const float* scale, const uint8_t* zero,
@@ -177,6 +177,9 @@ void gptq_solve_blocks_into(torch::Tensor t, torch::Tensor w, torch::Tensor m_un
     ldp = parts->stride(1);
     bs.parts = parts->stride(0);
   }
+  // Problems that wrote into one tensor would race (the losses are added to).
+  TORCH_CHECK(batch == 1 || (bs.codes != 0 && bs.loss != 0 && (parts_ptr == nullptr || bs.parts != 0)),
+              "codes, loss and parts need a tensor per problem (a batch stride of 0 shares one)");
   const int width = n <= 32 ? 32 : n <= 64 ? 64 : 128;
   const c10::cuda::CUDAGuard guard(t.device());
   cudaError_t status = wq_gptq_block_solve(

@@ -22,7 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "../include/wq_grid.cuh"
-#include "../include/wq_gptq_batch.h"
+#include "../include/wq_gptq_batch.cuh"
 
 namespace {
 

@@ -90,7 +90,7 @@ def test_experts_solved_in_batches_give_what_one_at_a_time_gives(routed, monkeyp
     a time (a batch budget of one byte): the same artifact tensors and records, bit for bit."""
     from wq_ops.block import experts
 
-    assert experts.experts_per_batch(routed[1].moe, rows=64, elt=2, gptq=True) > 1
+    assert experts.experts_per_batch(routed[1].moe, tokens=8 * 64, elt=2, gptq=True) > 1
     batched_layers, batched = run(routed, method="gptq", moe_min_tokens=16, **options)
     monkeypatch.setattr(experts, "BATCH_BYTES", 1)
     single_layers, single = run(routed, method="gptq", moe_min_tokens=16, **options)
@@ -102,17 +102,19 @@ def test_experts_solved_in_batches_give_what_one_at_a_time_gives(routed, monkeyp
 
 
 def test_a_batch_of_experts_fits_its_budget():
-    """experts_per_batch: as many experts as their Hessians, solve copies and act(gate)*up rows fit in
-    BATCH_BYTES (at most MAX_BATCH), one where a single expert is larger, one for methods that solve none."""
+    """experts_per_batch: as many experts as their Hessians, solve copies and act(gate)*up rows (at the
+    planned rows: four times the mean) fit in BATCH_BYTES (at most MAX_BATCH), one where a single expert is
+    larger, one for methods that solve none."""
     from wq_ops.block.experts import BATCH_BYTES, MAX_BATCH, expert_batch_bytes, experts_per_batch
 
     def spec(h, i, n):
         return dataclasses.replace(describe_model(tiny_config("qwen3_moe")).block(1).moe, hidden_size=h,
                                    expert_intermediate=i, n_experts=n)
 
-    qwen3 = spec(2048, 768, 128)
-    k = experts_per_batch(qwen3, rows=16384, elt=2, gptq=True)
-    assert 1 < k <= MAX_BATCH and k * expert_batch_bytes(qwen3, rows=16384, elt=2) <= BATCH_BYTES
-    assert (k + 1) * expert_batch_bytes(qwen3, rows=16384, elt=2) > BATCH_BYTES or k == MAX_BATCH
-    assert experts_per_batch(spec(4096, 14336, 8), rows=65536, elt=2, gptq=True) == 1       # Mixtral's
-    assert experts_per_batch(qwen3, rows=16384, elt=2, gptq=False) == 1
+    qwen3, tokens = spec(2048, 768, 128), 128 * 2048
+    rows = 4 * tokens * qwen3.top_k // 128
+    k = experts_per_batch(qwen3, tokens=tokens, elt=2, gptq=True)
+    assert 1 < k <= MAX_BATCH and k * expert_batch_bytes(qwen3, rows=rows, elt=2) <= BATCH_BYTES
+    assert (k + 1) * expert_batch_bytes(qwen3, rows=rows, elt=2) > BATCH_BYTES or k == MAX_BATCH
+    assert experts_per_batch(spec(4096, 14336, 8), tokens=tokens, elt=2, gptq=True) == 1       # Mixtral's
+    assert experts_per_batch(qwen3, tokens=tokens, elt=2, gptq=False) == 1

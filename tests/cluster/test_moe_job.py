@@ -119,7 +119,7 @@ def test_experts_split_over_expert_actors_write_the_same_bytes(tmp_path, checkpo
     assert all(a["read"] >= 0 and a["forward"] > 0 and a["solve"] > 0 and a["send"] > 0
                for b in routed for a in b["expert_actors"])
     totals = split.report["totals"]["expert_actor_phase_seconds"]
-    assert totals.keys() >= {"read", "forward", "solve", "pack", "send"}
+    assert totals.keys() >= {"read", "upload", "forward", "solve", "pack", "send"}
     assert totals["solve"] == pytest.approx(sum(a["solve"] for b in routed for a in b["expert_actors"]), abs=1e-3)
     assert one.report["totals"]["expert_actor_phase_seconds"] == {}
 

@@ -106,7 +106,7 @@ def test_a_factor_too_small_to_divide_by_is_a_clear_error(gen, monkeypatch):
     """A factor whose pivot underflows gives a non-finite Mu; the solve must not return its garbage."""
     from wq_ops.quant import gptq
 
-    def underflowing(h, *, damp_frac):
+    def underflowing(h, *, damp_frac, names=()):
         m = torch.eye(h.shape[-1], dtype=h.dtype).repeat(h.shape[0], 1, 1)
         m[:, 0, 1], m[:, 1, 1] = 1.0, 0.0
         return m, [damp_frac] * h.shape[0]
@@ -244,21 +244,25 @@ def _same_result(a, b) -> bool:
 
 @pytest.mark.parametrize("solver", ["float32", "split"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_a_batch_of_layers_gets_each_layer_s_own_result_bit_for_bit(gen, solver, act_order):
+@pytest.mark.parametrize("out_features,in_features,group_size", [(48, 192, 32), (3, 131, None), (1, 70, None)])
+def test_a_batch_of_layers_gets_each_layer_s_own_result_bit_for_bit(gen, solver, act_order, out_features,
+                                                                    in_features, group_size):
     """quantize_gptq_many (a routed MLP's experts in one batch) against quantize_gptq of each layer alone:
     the same codes, grid, row losses and damping, for the float32 loop and the split-update loop, with
     act-order (each layer its own permutation), a dead input channel in one layer and, in another, a
-    Hessian that needs ten times the damping (its retry must not disturb the others)."""
+    Hessian that needs ten times the damping (its retry must not disturb the others). Odd sizes too: a GEMM
+    whose operands start at another alignment can sum in another order (each layer's part of the batch's
+    tensors is aligned as a fresh tensor would be: `wq_ops.kernels.gptq.batch`)."""
     from wq_ops.quant.gptq import quantize_gptq_many
 
-    batch, out_features, in_features = 4, 48, 192
+    batch = 4
     hs = [correlated_hessian(gen, 1024, in_features).float() for _ in range(batch)]
     hs[1][5, :] = 0
     hs[1][:, 5] = 0
     low = torch.randn(in_features, 3, generator=gen)              # rank 3: singular at the first damping
     hs[2] = (low @ low.T).float() - 1e-4 * torch.eye(in_features)
     ws = torch.randn(batch, out_features, in_features, generator=gen) * 0.02
-    kw = dict(bits=4, group_size=32, sym=False, damp_frac=1e-6, act_order=act_order, block_size=64,
+    kw = dict(bits=4, group_size=group_size, sym=False, damp_frac=1e-6, act_order=act_order, block_size=64,
               scale_dtype=torch.bfloat16,
               solver=gptq_reference.FLOAT32_SOLVER if solver == "float32" else
               SplitUpdateSolver(gptq_reference.solve_blocks_into_, needs_cuda=False))
@@ -277,7 +281,9 @@ def test_a_batch_refuses_mismatched_hessians_with_one_line(gen):
     w = torch.randn(2, 8, 64, generator=gen)
     with pytest.raises(QuantizationError, match="3 Hessians for 2 weights"):
         quantize_gptq_many(w, torch.eye(64).expand(3, 64, 64), **kw)
+    with pytest.raises(QuantizationError, match="a GPTQ batch takes weights"):
+        quantize_gptq_many(w[0], torch.eye(64), **kw)
     h = torch.eye(64).repeat(2, 1, 1)
     h[1, 3, 3] = float("nan")
-    with pytest.raises(QuantizationError, match="NaN or Inf"):
-        quantize_gptq_many(w, h, **kw)
+    with pytest.raises(QuantizationError, match="^experts.1.down_proj: the Hessian holds NaN or Inf"):
+        quantize_gptq_many(w, h, names=["experts.0.down_proj", "experts.1.down_proj"], **kw)

@@ -30,7 +30,8 @@ from wq_ops.model.moe import ByExpert, MoeSpec, route, sort_by_expert
 from wq_ops.quant.hessian import accumulate_input_stats_, new_input_stats
 
 __all__ = ["RoutedInputs", "ExpertsPart", "ExpertRunner", "Emit", "quantize_experts_", "add_routed_",
-           "local_experts", "expert_ranges", "experts_per_batch", "expert_batch_bytes", "BATCH_BYTES"]
+           "local_experts", "expert_ranges", "experts_per_batch", "expert_batch_bytes", "planned_expert_rows",
+           "BATCH_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class RoutedInputs:
 
 
 # emit(expert, outputs): one expert's weighted outputs in the model dtype, one tensor per micro-batch (its routed
-# tokens' rows, in their order), handed on as soon as the expert is quantized, experts in ascending order.
+# tokens' rows, in their order), handed on once its batch of experts is quantized, experts in ascending order.
 Emit = Callable[[int, list[Tensor]], None]
 
 
@@ -97,8 +98,8 @@ def local_experts() -> ExpertRunner:
 def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: BlockTask, experts: range,
                       inputs: RoutedInputs, *, emit: Emit, clock: PhaseClock) -> ExpertsPart:
     """Quantize `experts` of the block's routed MLP with the job's method (params: block-local names, holding
-    at least these experts' weights, which are not modified), handing each expert's outputs to `emit` once it
-    is quantized. clock: times the phases (the block's)."""
+    at least these experts' weights, which are not modified), handing each expert's outputs to `emit` once its
+    batch is quantized. clock: times the phases (the block's)."""
     moe = task.moe
     assert moe is not None and block.moe is not None
     act = block.expert_act
@@ -119,7 +120,8 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
     # Hessians are ever held.
     every = torch.cat(inputs.flats) if all_tokens else None
     rows_of = {e: [by_expert.of(e) for by_expert in inputs.by_expert] for e in experts}
-    per_batch = experts_per_batch(moe, rows=max(sum(t.numel() for t, _ in routed) for routed in rows_of.values()),
+    # The batch as the plan counted it (from the token count, not this block's routing: the same on every actor).
+    per_batch = experts_per_batch(moe, tokens=sum(flat.shape[0] for flat in inputs.flats),
                                   elt=next(iter(own.values())).element_size(), gptq=task.quant.method is Method.GPTQ)
     for lo in range(0, len(experts), per_batch):
         batch = experts[lo:lo + per_batch]
@@ -166,22 +168,28 @@ def _gather(inputs: RoutedInputs, routed: list[tuple[Tensor, Tensor]]) -> Tensor
     return torch.cat([flat[token] for flat, (token, _) in zip(inputs.flats, routed)])
 
 
-def experts_per_batch(moe: MoeSpec, *, rows: int, elt: int, gptq: bool) -> int:
-    """How many experts `quantize_experts_` takes at once: as many as keep what a batch adds (per expert:
-    its Hessians, the GPTQ solve's copies of the larger and its stacked gate/up in float32, and its act(gate)
-    * up rows, `expert_batch_bytes`) within BATCH_BYTES, at least one. One at a time for the other methods,
-    which solve no batch."""
+def planned_expert_rows(moe: MoeSpec, tokens: int) -> int:
+    """An expert's routed rows as the plan counts them, of `tokens` calibration tokens: four times the mean
+    (routing is uneven), at most every token."""
+    return min(tokens, 4 * tokens * moe.top_k // moe.n_experts)
+
+
+def experts_per_batch(moe: MoeSpec, *, tokens: int, elt: int, gptq: bool) -> int:
+    """How many experts `quantize_experts_` takes at once: as many as keep what a batch adds (per expert,
+    `expert_batch_bytes` at the planned rows) within BATCH_BYTES, at least one. One at a time for the other
+    methods, which solve no batch."""
     if not gptq:
         return 1
+    rows = planned_expert_rows(moe, tokens)
     return max(1, min(MAX_BATCH, BATCH_BYTES // expert_batch_bytes(moe, rows=rows, elt=elt)))
 
 
 def expert_batch_bytes(moe: MoeSpec, *, rows: int, elt: int) -> int:
     """Bytes one expert adds to a batch (`experts_per_batch`), with `rows` routed rows: its gate/up and down
-    Hessians (the statistics and H of each) and its GPTQ solve's working set for the stacked gate and up
-    (about seven more copies of the larger Hessian: the batch's stack, the solver's copy and its permuted
-    copies, the factor and its bf16 split; the weights in float32 twice, their codes), and act(gate) * up of
-    its rows, held until its down is solved."""
+    Hessians (the statistics and H of each); its GPTQ solve's working set, bounded by seven copies of the
+    larger Hessian (at most about five live at once: the batch's stack, the solver's copy, its permuted copy
+    being made, the factor, its bf16 split) and the stacked weights in float32 twice with their codes and the
+    dequantized copies the batch keeps; and act(gate) * up of its rows, held until its down is solved."""
     h, i = moe.hidden_size, moe.expert_intermediate
     widest = max(h, i)
     hessians = 2 * 4 * (h * h + i * i)

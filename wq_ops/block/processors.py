@@ -92,6 +92,7 @@ class _HessianProcessor:
             t = time.perf_counter()
             if len(batch) > 1:
                 results = quantize_gptq_many(torch.stack([p.stacked for p in batch]), torch.stack([p.h for p in batch]),
+                                             names=[work.task.full_name(p.names[0]) for p in batch],
                                              **self._gptq_args(work))
             else:
                 results = [self._solve(work, first.stacked, first.h, rtn=first.starved)]

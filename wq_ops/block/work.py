@@ -76,7 +76,8 @@ class ExpertsPart:
     """One range of experts, quantized: their artifact tensors (the format's names), their records (numbers
     still where they were computed) and, where the range ran on an expert actor, the digest entries of the
     weights it read for the block's record (`wq_ops.io.digest`) and its timing: {"rank", then seconds per
-    phase: "read" (waiting for its weights), "forward", "solve", "pack", "send" (its results to the host)}."""
+    phase: "read" (waiting for its weights), "upload" (its weights and the routed inputs onto its device),
+    "forward", "solve", "pack", "send" (its results to the host)}."""
 
     experts: range
     tensors: dict[str, Tensor]

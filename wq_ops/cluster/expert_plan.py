@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from wq_ops.block.experts import expert_batch_bytes, experts_per_batch
+from wq_ops.block.experts import expert_batch_bytes, experts_per_batch, planned_expert_rows
 from wq_ops.config import JobConfig, Method, MoeCalibration
 from wq_ops.model.architecture import BlockLayout, ModelLayout
 from wq_ops.model.moe import MoeSpec
@@ -48,7 +48,7 @@ def expert_temporaries(moe: MoeSpec, job: JobConfig, elt: int) -> int:
     states once more and act(gate) * up of every token."""
     tokens = job.calib.n_samples * job.calib.seq_len
     h, i = moe.hidden_size, moe.expert_intermediate
-    rows = _expert_rows(moe, job)
+    rows = planned_expert_rows(moe, tokens)
     held = rows * (h * elt + 2 * i * elt + 4 * h)
     if job.quant.moe.calibration is MoeCalibration.ALL:
         held += tokens * (h * elt + 2 * i * elt)
@@ -56,19 +56,12 @@ def expert_temporaries(moe: MoeSpec, job: JobConfig, elt: int) -> int:
 
 
 def expert_batch_workspace(moe: MoeSpec, job: JobConfig, elt: int) -> int:
-    """Bytes a batch of experts solved together adds (`wq_ops.block.experts.experts_per_batch`: GPTQ only,
-    at most its BATCH_BYTES unless one expert alone is larger), an expert's rows counted as in
-    `expert_temporaries`."""
-    rows = _expert_rows(moe, job)
-    k = experts_per_batch(moe, rows=rows, elt=elt, gptq=job.quant.method is Method.GPTQ)
-    return k * expert_batch_bytes(moe, rows=rows, elt=elt) if k > 1 else 0
-
-
-def _expert_rows(moe: MoeSpec, job: JobConfig) -> int:
-    """An expert's routed rows as the plan counts them: four times the mean (routing is uneven), at most
-    every token."""
+    """Bytes a batch of experts solved together holds (`wq_ops.block.experts.experts_per_batch`, which sizes
+    the batch from the same token count: GPTQ only, within its BATCH_BYTES; 0 where experts go one at a time),
+    counted on top of one expert's Hessians and temporaries (which it includes again: an overestimate)."""
     tokens = job.calib.n_samples * job.calib.seq_len
-    return min(tokens, 4 * tokens * moe.top_k // moe.n_experts)
+    k = experts_per_batch(moe, tokens=tokens, elt=elt, gptq=job.quant.method is Method.GPTQ)
+    return k * expert_batch_bytes(moe, rows=planned_expert_rows(moe, tokens), elt=elt) if k > 1 else 0
 
 
 def expert_actor_memory(layout: ModelLayout, job: JobConfig, expert_actors: int) -> tuple[int, int, int, int]:

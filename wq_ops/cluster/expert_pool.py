@@ -68,7 +68,7 @@ class ExpertsResult:
     checks: tuple[str, ...]
     outputs: tuple[Any, ...]
     source_entries: dict[str, str]       # the digest entries of the weights it read (the block's record)
-    seconds: dict[str, float]            # per phase: read (waiting for it), forward, solve, pack, send
+    seconds: dict[str, float]            # per phase: read (waiting for it), upload, forward, solve, pack, send
 
     def report(self) -> PendingReport:
         return PendingReport(numbers=from_host(self.numbers, "cpu"), slots=self.slots, checks=self.checks)
@@ -160,9 +160,11 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
     t = time.perf_counter()
     host, entries = reader.read(job, index, experts)
     read = time.perf_counter() - t
+    t = time.perf_counter()
     params = {n: v.to(device=device, dtype=dtype) for n, v in host.items()}
     del host
     inputs = routed.on(device)
+    upload = time.perf_counter() - t
     task, block, clock = job.task(index), job.block(index), job.clock()
     outputs: list[list[Tensor]] = [[] for _ in inputs.flats]
 
@@ -173,7 +175,7 @@ def quantize_expert_range(job: "ActorJob", reader: ExpertReader, index: int, exp
 
     part = quantize_experts_(block, params, task, experts, inputs, emit=emit, clock=clock)
     params.clear()
-    seconds = {"read": read, **clock.seconds()}
+    seconds = {"read": read, "upload": upload, **clock.seconds()}
     t = time.perf_counter()
     tensors = {k: to_host(v) for k, v in part.tensors.items()}
     report = merged_reports([part.report], torch.device("cpu"))

@@ -91,7 +91,8 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         stats = (2 if overlapped else 1) * every_stage
     else:
         # A group at a time, a routed MLP's experts go a batch at a time (`quantize_experts_`): one expert's
-        # Hessians here, the rest of the batch's in the workspace (`expert_batch_workspace`).
+        # Hessians here, and the whole batch's again in the workspace (`expert_batch_workspace`: an overestimate
+        # by one expert's).
         share = 1 / moe.n_experts if moe is not None and routed_by_group else 1.0
         per_stage_bytes: dict[str, float] = {}
         for s in hessian_linears:

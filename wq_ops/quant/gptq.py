@@ -17,11 +17,14 @@ group's grid comes from the weights before any update, so act-order needs no g_i
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 from wq_ops.errors import QuantizationError
 from wq_ops.kernels.gptq import GptqSolver
+from wq_ops.kernels.gptq.batch import aligned_batch
 from wq_ops.kernels.gptq.reference import FLOAT32_SOLVER
 from wq_ops.quant.result import QuantResult
 from wq_ops.quant.rtn import compute_grid, n_groups_of
@@ -38,16 +41,16 @@ def hessian_factor(h: Tensor, *, damp_frac: float) -> tuple[Tensor, float]:
     return factors[0], damps[0]
 
 
-def hessian_factors(h: Tensor, *, damp_frac: float) -> tuple[Tensor, list[float]]:
+def hessian_factors(h: Tensor, *, damp_frac: float, names: Sequence[str] = ()) -> tuple[Tensor, list[float]]:
     """`hessian_factor` of each of a batch h: (batch, in, in), each matrix factorized on its own (the same
     bits as one at a time, whatever the batch). The first try reads the device once for the whole batch
     (whether each h was finite and its factorization succeeded), not once per matrix or per check; only
-    the ones that failed are tried again, with more damping."""
+    the ones that failed are tried again, with more damping. names: each matrix's layer, for the errors."""
     batch, n = h.shape[0], h.shape[-1]
     # Each mean on its own: a batched reduction may sum in another order (another damping, other codes).
     mean_diag = [torch.diagonal(h[b]).mean() for b in range(batch)]    # stays on the device
     finite = torch.isfinite(h).flatten(1).all(1)
-    factors = torch.empty_like(h)
+    factors = aligned_batch(batch, n, n, dtype=h.dtype, device=h.device)   # its Mu feeds each layer's GEMMs
     damps = [damp_frac] * batch
     todo = list(range(batch))
     first = True
@@ -62,20 +65,23 @@ def hessian_factors(h: Tensor, *, damp_frac: float) -> tuple[Tensor, list[float]
             del damped
             factors[b].copy_(torch.flip(lower, (0, 1)))
             infos.append(info)
-        read = torch.stack(([finite[todo].all()] if first else []) + [i != 0 for i in infos]).tolist()
-        if first and not read.pop(0):
-            raise QuantizationError(
-                "the Hessian holds NaN or Inf: the calibration activations reaching this layer overflowed or "
-                "came from weights holding NaN/Inf (this block's or an earlier one's); check the checkpoint's "
-                "weights and dtype, or calibrate in a wider dtype"
-            )
+        read = torch.cat(([~finite] if first else []) + [torch.stack([i != 0 for i in infos])]).tolist()
+        if first:
+            bad = [b for b, nan in enumerate(read[:batch]) if nan]
+            read = read[batch:]
+            if bad:
+                raise QuantizationError(
+                    f"{_which(names, bad[0])}the Hessian holds NaN or Inf: the calibration activations reaching this "
+                    "layer overflowed or came from weights holding NaN/Inf (this block's or an earlier one's); check "
+                    "the checkpoint's weights and dtype, or calibrate in a wider dtype"
+                )
         first = False
         failed = [b for b, bad in zip(todo, read) if bad]
         for b in failed:
             if damps[b] >= 1.0:
                 raise QuantizationError(
-                    f"the Hessian ({n}x{n}) is not positive definite even with damping {damps[b]} x mean(diag(H)); "
-                    "use more or more varied calibration samples"
+                    f"{_which(names, b)}the Hessian ({n}x{n}) is not positive definite even with damping {damps[b]} "
+                    "x mean(diag(H)); use more or more varied calibration samples"
                 )
             damps[b] = min(damps[b] * 10.0, 1.0)
         todo = failed
@@ -98,7 +104,7 @@ def quantize_gptq(
     """GPTQ-quantize w: (out, in), any float dtype, with h: (in, in) float32 from `hessian_of`.
     Math runs in float32 on w's device (float64 when w is float64, for checks, with the float32 solver).
     Inputs are not modified."""
-    if h.dim() != 2 or w.dim() != 2:
+    if h.dim() != 2 or w.dim() != 2:       # one layer; quantize_gptq_many takes a batch
         raise QuantizationError(f"GPTQ takes one weight (out, in) and its Hessian (in, in); got {tuple(w.shape)} "
                                 f"and {tuple(h.shape)}")
     return quantize_gptq_many(w[None], h[None], bits=bits, group_size=group_size, sym=sym, damp_frac=damp_frac,
@@ -117,11 +123,16 @@ def quantize_gptq_many(
     block_size: int,
     scale_dtype: torch.dtype,
     solver: GptqSolver = FLOAT32_SOLVER,
+    names: Sequence[str] = (),
 ) -> list[QuantResult]:
     """`quantize_gptq` of a batch of layers of one shape at once, w: (batch, out, in) and h: (batch, in, in)
     (the experts of a routed MLP): one launch of the block solve per block of columns for the whole batch and
     one read of the device for all their factorizations, where one layer at a time costs a launch chain and
-    two device reads each. Every layer's result is the one `quantize_gptq` gives it alone, bit for bit."""
+    two device reads each. Every layer's result is the one `quantize_gptq` gives it alone, bit for bit.
+    names: each layer's name, for the errors."""
+    if w.dim() != 3 or h.dim() != 3:
+        raise QuantizationError(f"a GPTQ batch takes weights (batch, out, in) and Hessians (batch, in, in); got "
+                                f"{tuple(w.shape)} and {tuple(h.shape)}")
     batch, out_features, in_features = w.shape
     if h.shape != (batch, in_features, in_features):
         raise QuantizationError(f"Hessian shape {tuple(h.shape[-2:])} does not match weight in_features={in_features}"
@@ -147,10 +158,10 @@ def quantize_gptq_many(
         H = H.gather(1, perm[:, :, None].expand_as(H)).gather(2, perm[:, None, :].expand_as(H))
         group_of_col = group_of_col.gather(1, perm)
     group_of_col = group_of_col.contiguous()
-    factor, damps = hessian_factors(H, damp_frac=damp_frac)
+    factor, damps = hessian_factors(H, damp_frac=damp_frac, names=names)
     del H
     m_diag = torch.diagonal(factor, dim1=-2, dim2=-1).clone()
-    m_unit = factor.div_(m_diag[:, None, :]).contiguous()  # Mu[k, i] = M[k, i] / M[i, i], row-major for the solver
+    m_unit = factor.div_(m_diag[:, None, :])            # Mu[k, i] = M[k, i] / M[i, i], rows contiguous for the solver
     del factor
     scale = grid_scale.to(dtype)
 
@@ -158,7 +169,8 @@ def quantize_gptq_many(
     # check here would wait for the device before the solve's first kernel is queued.
     m_finite = torch.isfinite(m_unit).flatten(1).all(1)
     sweep = solver.start(m_unit, block_size=block_size, rows=out_features)
-    targets = W.clone()                                  # t: the weights plus the updates so far
+    targets = aligned_batch(batch, out_features, in_features, dtype=dtype, device=W.device)
+    targets.copy_(W)                                     # t: the weights plus the updates so far
     codes = torch.empty(batch, out_features, in_features, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(batch, out_features, dtype=dtype, device=W.device)
     for i1 in range(0, in_features, block_size):
@@ -169,14 +181,19 @@ def quantize_gptq_many(
             sweep.update_(targets, i1, i2)
     bad = [b for b, ok in enumerate(m_finite.tolist()) if not ok]
     if bad:
-        raise QuantizationError(f"the Hessian's factor has a pivot too small to divide by even with damping "
-                                f"{damps[bad[0]]} x mean(diag(H)); use more or more varied calibration samples, or a "
-                                "larger damp_frac")
+        raise QuantizationError(f"{_which(names, bad[0])}the Hessian's factor has a pivot too small to divide by even "
+                                f"with damping {damps[bad[0]]} x mean(diag(H)); use more or more varied calibration "
+                                "samples, or a larger damp_frac")
     if perm is not None:
         codes = codes.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand_as(codes))
     row_loss = loss.float()
     return [QuantResult(codes=codes[b], scale=grid_scale[b], zero=grid_zero[b], bits=bits, group_size=group_size,
                         row_loss=row_loss[b], damp_frac=damps[b]) for b in range(batch)]
+
+
+def _which(names: Sequence[str], b: int) -> str:
+    """The error's prefix naming layer b of a batch ("" without names)."""
+    return f"{names[b]}: " if names else ""
 
 
 def _pin_dead_columns_(W: Tensor, H: Tensor) -> None:

@@ -107,5 +107,6 @@ def _check(t: Tensor, w: Tensor, m_unit: Tensor, m_diag: Tensor, scale: Tensor, 
 
 
 # The CUDA backend's GPTQ layer loop: this kernel's in-place solve (a batch of layers per launch), updates on
-# the tensor cores. quantize_gptq makes and checks every argument it passes, so the solve skips its Python checks.
+# the tensor cores. quantize_gptq_many makes every argument it passes (shapes, dtypes, strides and devices by
+# construction), so the solve skips the Python checks; the binding still checks them in C++.
 CUDA_SOLVER = SplitUpdateSolver(solve_blocks_into_unchecked_, needs_cuda=True)

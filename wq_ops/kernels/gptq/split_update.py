@@ -6,12 +6,14 @@ uses. Entry point: `SplitUpdateSolver`."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from wq_ops.errors import KernelError
+from wq_ops.kernels.gptq.batch import aligned_batch
 
 __all__ = ["SplitUpdateSolver", "split_factor_blocks", "add_split_update_"]
 
@@ -36,7 +38,7 @@ class _SplitSweep:
     def __init__(self, solve_into: Callable[..., None], m_unit: Tensor, *, block_size: int, rows: int) -> None:
         self.solve_into, self.m_unit, self.block_size = solve_into, m_unit, block_size
         self.factor_blocks = split_factor_blocks(m_unit, block_size)
-        self.parts = torch.empty(m_unit.shape[0], rows, 3 * block_size, dtype=torch.bfloat16, device=m_unit.device)
+        self.parts = aligned_batch(m_unit.shape[0], rows, 3 * block_size, dtype=torch.bfloat16, device=m_unit.device)
 
     def solve_(self, targets: Tensor, w: Tensor, i1: int, i2: int, *, m_diag: Tensor, scale: Tensor, zero: Tensor,
                group: Tensor, bits: int, codes: Tensor, loss: Tensor) -> None:
@@ -63,11 +65,12 @@ def split_factor_blocks(m_unit: Tensor, block_size: int) -> Tensor:
     *lead, n, _ = m_unit.shape
     n_blocks = (n - 1) // block_size
     rows = m_unit[..., :n_blocks * block_size, :].reshape(*lead, n_blocks, block_size, n)
-    out = torch.empty(*lead, n_blocks, 3, block_size, n, dtype=torch.bfloat16, device=m_unit.device)
+    out = aligned_batch(math.prod(lead), n_blocks, 3, block_size, n, dtype=torch.bfloat16,
+                        device=m_unit.device).view(*lead, n_blocks, 3, block_size, n)
     out[..., 0, :, :].copy_(rows)
     torch.sub(rows, out[..., 0, :, :], out=out[..., 1, :, :])  # in float32, rounded as stored: no float32 temporary
     out[..., 2, :, :].copy_(out[..., 0, :, :])
-    return out.view(*lead, n_blocks, 3 * block_size, n)
+    return out.flatten(-3, -2)
 
 
 def add_split_update_(out: Tensor, parts: Tensor, factor_block: Tensor) -> None:
