@@ -48,6 +48,7 @@ from wq_ops.model.architecture import (
     describe_model,
     import_transformers,
     transformers_import_lock,
+    unsupported_architecture,
 )
 from wq_ops.model.native_llama import NATIVE_ARCHITECTURES, NativeLlamaConfig, read_native_config
 
@@ -121,8 +122,7 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         raise CheckpointError(f"{checkpoint.source}: {e}") from None
     architectures = source_config.get("architectures") or [f"<none; model_type={source_config.get('model_type')}>"]
     if architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"unsupported architecture {architectures[0]}: wq quantizes dense "
-                              f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
+        raise unsupported_architecture(architectures[0])
     hf_config = _model_config(job, checkpoint.local_dir, source_config)
     layout = describe_model(hf_config, trust_remote_code=job.trust_remote_code)
     missing = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params

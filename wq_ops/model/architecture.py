@@ -23,7 +23,7 @@ from wq_ops.model.native_llama import NativeLlamaConfig, NativeLlamaForCausalLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "LinearSpec", "attention_window",
            "BlockLayout", "ModelLayout", "describe_model", "import_transformers", "instantiate_on_meta",
-           "storage_dtype_of", "transformers_import_lock"]
+           "storage_dtype_of", "transformers_import_lock", "unsupported_architecture"]
 
 # Architectures whose decoder layers we have checked against the model's own forward (tests/model).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -206,6 +206,14 @@ def _not_needed() -> bool:
     return False
 
 
+def unsupported_architecture(name: str) -> CheckpointError:
+    """The one-line refusal of an architecture wq cannot calibrate, with what a user can do instead."""
+    later = " (gpt-oss with calibration: not yet, docs/gpt_oss.md says why)" if name == "GptOssForCausalLM" else ""
+    return CheckpointError(f"unsupported architecture {name}: wq calibrates {', '.join(SUPPORTED_ARCHITECTURES)} "
+                           f"checkpoints{later}; --model-free quantizes any safetensors checkpoint without "
+                           "calibration")
+
+
 def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
     """The causal-LM class for `config`, built on the meta device: wq's native modules for a
     NativeLlamaConfig, else transformers' class with SDPA attention."""
@@ -218,9 +226,7 @@ def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.M
     architectures = list(getattr(config, "architectures", None) or [])
     name = architectures[0] if architectures else f"<none; model_type={getattr(config, 'model_type', '?')}>"
     if name not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"unsupported architecture {name}: wq quantizes dense {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
-        )
+        raise unsupported_architecture(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                  attn_implementation="sdpa")
