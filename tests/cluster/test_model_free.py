@@ -310,3 +310,27 @@ def test_a_worker_that_cannot_fit_is_refused_with_the_numbers(tmp_path):
                                             r"gives 0\.10 MiB"):
         _run(model, tmp_path / "o", actor_memory_gib=0.0001)
     assert not (tmp_path / "o").exists()
+
+
+def test_fused_experts_kept_dense_are_ignored_under_the_names_vllm_asks_about(tmp_path):
+    """vLLM decides a fused MoE layer's scheme by asking about `<experts>.0.gate_proj` (and up, down): fused
+    experts kept dense must be listed by a pattern those names match, layer by layer, or vLLM gives the layer
+    the quantized MoE method and fails to load them. None where they are quantized, or only half kept."""
+    import re
+
+    model = write_unknown_checkpoint(tmp_path / "nova")
+
+    def experts_entries(out: Path, **options) -> list[str]:
+        _run(model, out, scheme="W4A16", **options)
+        ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+        return [x for x in ignore if x.startswith("re:")]
+
+    kept = experts_entries(tmp_path / "kept", group_size=64, ignore=[r"re:.*mlp\.experts\..*"])
+    assert kept == [r"re:model\.layers\.0\.mlp\.experts\..*", r"re:model\.layers\.1\.mlp\.experts\..*"]
+    for i, entry in enumerate(kept):
+        assert re.match(entry[3:], f"model.layers.{i}.mlp.experts.0.gate_proj")
+        assert not re.match(entry[3:], f"model.layers.{1 - i}.mlp.experts.0.down_proj")
+        assert not re.match(entry[3:], f"model.layers.{i}.self_attn.q_proj")
+    assert experts_entries(tmp_path / "quantized", group_size=64) == []
+    # Groups of 128: gate_up (in 128) quantized, down (in 64) kept: a layer no engine loads half and half.
+    assert experts_entries(tmp_path / "half", group_size=128) == []

@@ -10,6 +10,7 @@ The last dim is taken as the input (the reduction dim of y = x W^T) for both sha
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
@@ -88,7 +89,26 @@ def _group_width(quant: QuantConfig) -> int | None:
 def ignored_linears(roles: dict[str, Role]) -> list[str]:
     """The modules compressed-tensors' `ignore` must list: weight-like tensors kept dense (an engine applies the
     scheme to every linear not listed), not embeddings or norms, which are no linear layers; and `lm_head`
-    always, which the default rules keep: a tied one has no tensor of its own, but is a linear to the loaders."""
-    return sorted({r.module for r in roles.values() if r.role is TensorRole.KEPT and r.module is not None
-                   and not any(is_ignored(r.module.rsplit(".", 1)[-1], (p,)) for p in ("*embed*", "*norm*"))}
-                  | {"lm_head"})
+    always, which the default rules keep: a tied one has no tensor of its own, but is a linear to the loaders.
+    A fused 3-D expert tensor kept dense also gets its experts module as a regular expression over the
+    per-expert names (`re:model\\.layers\\.0\\.mlp\\.experts\\..*`): vLLM decides a fused MoE layer's scheme by
+    asking about `<experts>.0.gate_proj` and its kin, and without a match it gives the layer the quantized MoE
+    method, which then fails to load the dense tensors. (A module with some fused tensors quantized and some
+    kept gets no such entry: no engine loads it half and half.)"""
+    kept = {r.module for r in roles.values() if r.role is TensorRole.KEPT and r.module is not None
+            and not any(is_ignored(r.module.rsplit(".", 1)[-1], (p,)) for p in ("*embed*", "*norm*"))}
+    # Only where every fused tensor of the module is kept: vLLM takes a fused MoE layer whole, quantized or not.
+    quantized = {_experts_module(r.module) for r in roles.values() if r.role is TensorRole.EXPERTS and r.module}
+    fused = {_experts_module(m) for m in kept} - quantized - {None}
+    return sorted(kept | {"lm_head"} | {"re:" + re.escape(str(m)) + r"\..*" for m in fused})
+
+
+def _experts_module(module: str) -> str | None:
+    """`a.experts` for a fused expert tensor's module (`a.experts.gate_up_proj`, or `a.experts` itself); None
+    for anything else (a per-expert linear `a.experts.0.gate_proj` included)."""
+    parts = module.split(".")
+    if parts[-1] == "experts":
+        return module
+    if len(parts) > 1 and parts[-2] == "experts":
+        return ".".join(parts[:-1])
+    return None
