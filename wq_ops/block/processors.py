@@ -90,12 +90,12 @@ class _HessianProcessor:
             first = ready[0]
             batch = [first] if first.starved else [p for p in ready if not p.starved and _shape(p) == _shape(first)]
             t = time.perf_counter()
-            if len(batch) > 1:
+            if first.starved:
+                results = [self._solve(work, first.stacked, first.h, rtn=True)]
+            else:
                 results = quantize_gptq_many(torch.stack([p.stacked for p in batch]), torch.stack([p.h for p in batch]),
                                              names=[work.task.full_name(p.names[0]) for p in batch],
                                              **self._gptq_args(work))
-            else:
-                results = [self._solve(work, first.stacked, first.h, rtn=first.starved)]
             seconds = (time.perf_counter() - t) / sum(len(p.names) for p in batch)
             for p, result in zip(batch, results):
                 self._record(work, p, result, seconds)

@@ -8,6 +8,8 @@ so each layer's part of a batched tensor starts where a fresh allocation would b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,14 +21,7 @@ ALIGN_BYTES = 256
 def aligned_batch(batch: int, *shape: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """An uninitialised (batch, *shape) tensor, each problem's part contiguous and starting a multiple of
     ALIGN_BYTES past the first (which starts where the allocator put it, as a fresh tensor would)."""
-    per = 1
-    for n in shape:
-        per *= n
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    step = -(-per * itemsize // ALIGN_BYTES) * ALIGN_BYTES // itemsize
+    per = math.prod(shape)
+    step = -(-per * dtype.itemsize // ALIGN_BYTES) * ALIGN_BYTES // dtype.itemsize
     storage = torch.empty(max(1, (batch - 1) * step + per), dtype=dtype, device=device)
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return storage.as_strided((batch, *shape), (step, *reversed(strides)))
+    return storage.as_strided((batch, *shape), (step, *storage[:per].view(shape).stride()))
