@@ -13,12 +13,13 @@ from wq_ops.bundled.tiny_model import _byte_level_tokenizer
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
-MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
 
 def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
     from transformers import (
         DeepseekV3Config,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -31,7 +32,8 @@ def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                   tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=257, dtype="bfloat16")
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-           "qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig, "deepseek_v3": DeepseekV3Config}[arch]
+           "qwen3_moe": Qwen3MoeConfig, "mixtral": MixtralConfig, "deepseek_v3": DeepseekV3Config,
+           "gpt_oss": GptOssConfig}[arch]
     if arch in ("mistral", "mixtral"):
         common["sliding_window"] = None
     if arch == "qwen3_moe":     # block 0 dense (mlp_only_layers), the others routed: 4 experts, top 2
@@ -45,10 +47,16 @@ def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
                       routed_scaling_factor=2.5, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
                       qk_nope_head_dim=16, v_head_dim=32, num_key_value_heads=4)
         common.pop("head_dim")
+    if arch == "gpt_oss":       # 4 experts, top 2, with biases; sinks; a window of 16 on blocks 0 and 2; YaRN
+        common.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=16,
+                      rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                           truncate=False, original_max_position_embeddings=16,
+                                           rope_theta=150000.0))
     config = cls(**{**common, **overrides})
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                              "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                             "mixtral": "MixtralForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[arch]]
+                             "mixtral": "MixtralForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                             "gpt_oss": "GptOssForCausalLM"}[arch]]
     return config
 
 
@@ -189,3 +197,69 @@ def fail_index_writes(monkeypatch: Any) -> Callable[[], None]:
 
     monkeypatch.setattr(artifact, "write_json_atomic", disk_full)
     return lambda: monkeypatch.setattr(artifact, "write_json_atomic", real)
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(experts, out, in) -> MXFP4 as gpt-oss's release stores it: blocks (experts, out, in / 32, 16) uint8 (input
+    2 j in byte j's low nibble, 2 j + 1 in its high one), scales (experts, out, in / 32) uint8 (E8M0), and the
+    values they hold in float64 (the reference a reader must match)."""
+    e, rows, cols = weight.shape
+    w = weight.double().reshape(e, rows, cols // 32, 32)
+    amax = w.abs().amax(dim=-1).clamp(min=2.0 ** -100)
+    exponent = torch.ceil(torch.log2(amax / 6.0))                            # every |value| / 2**exponent <= 6
+    scaled = w / torch.pow(2.0, exponent)[..., None]
+    table = torch.tensor(_E2M1, dtype=torch.float64)
+    magnitude = (scaled.abs()[..., None] - table).abs().argmin(dim=-1)      # nearest E2M1 magnitude
+    codes = (magnitude | ((scaled < 0).long() << 3)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    values = table[magnitude] * torch.where(scaled < 0, -1.0, 1.0) * torch.pow(2.0, exponent)[..., None]
+    return blocks, (exponent + 127).to(torch.uint8), values.reshape(e, rows, cols)
+
+
+def write_mxfp4_checkpoint(source: Path, mxfp4_dir: Path, dequantized_dir: Path) -> tuple[Path, Path]:
+    """From a tiny gpt-oss checkpoint (fused bf16 experts, stored (in, out)), write the same model as its release
+    is stored (every block's `gate_up_proj` and `down_proj` as MXFP4 `_blocks`/`_scales`, (out, in); biases,
+    attention, routers and norms in bf16; quantization_config mxfp4) and, beside it, that MXFP4 model
+    dequantized to bfloat16 from float64 (fused, as the source was)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    config = json.loads((source / "config.json").read_text())
+    mxfp4: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, value in sorted(tensors.items()):
+        if not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            mxfp4[name] = dequantized[name] = value
+            continue
+        blocks, scales, values = _mxfp4(value.transpose(1, 2))
+        mxfp4[name + "_blocks"], mxfp4[name + "_scales"] = blocks, scales
+        dequantized[name] = values.transpose(1, 2).to(torch.bfloat16).contiguous()
+    for directory, data, quantized in ((mxfp4_dir, mxfp4, True), (dequantized_dir, dequantized, False)):
+        directory.mkdir(parents=True)
+        names = sorted(data)
+        half = len(names) // 2            # two shards: some blocks sit apart from their scales
+        shards = {"model-00001-of-00002.safetensors": names[:half],
+                  "model-00002-of-00002.safetensors": names[half:]}
+        for file, part in shards.items():
+            save_file({k: data[k].contiguous() for k in part}, str(directory / file), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        out_config = dict(config)
+        if quantized:      # openai/gpt-oss-120b's modules_to_not_convert, verbatim
+            out_config["quantization_config"] = {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+        (directory / "config.json").write_text(json.dumps(out_config))
+        for extra in source.iterdir():
+            if extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copy(extra, directory / extra.name)
+    return mxfp4_dir, dequantized_dir

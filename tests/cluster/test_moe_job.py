@@ -4,18 +4,28 @@ and listed in `ignore`, and transformers reading back exactly the weights wq wro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.factory import MOE_ARCHS, tiny_config, write_checkpoint, write_fp8_checkpoint, write_text
+from tests.factory import (
+    MOE_ARCHS,
+    tiny_config,
+    write_checkpoint,
+    write_fp8_checkpoint,
+    write_mxfp4_checkpoint,
+    write_text,
+)
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
 from wq_ops.errors import ConfigError
+from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
 from wq_ops.formats.compressed_tensors import decode_linear
 from wq_ops.io.checkpoint import open_checkpoint, read_tensors
+from wq_ops.io.fused_experts import FusedExperts
 from wq_ops.model.moe import moe_spec
 from wq_ops.quant.result import dequantize
 
@@ -48,13 +58,24 @@ def artifact_tensors(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def source_experts(model: Path, arch: str) -> dict[str, torch.Tensor]:
+    """Every routed expert's weight as the source holds it, under its per-expert name (gpt-oss's split from its
+    fused tensors, as a job reads them)."""
+    spec = moe_spec(tiny_config(arch))
+    checkpoint = open_checkpoint(str(model))
+    names = [f"model.layers.{b}.{spec.expert(e, which)}.weight" for b in spec.sparse_blocks
+             for e in range(spec.n_experts) for which in ("gate", "up", "down")]
+    fused = FusedExperts.of(spec.architecture, names, checkpoint.weight_map)
+    assert (fused is not None) == (arch == "gpt_oss")
+    return read_tensors(dataclasses.replace(checkpoint, fused_experts=fused), names)
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_rtn_puts_every_expert_weight_within_half_a_step(tmp_path, checkpoints, arch):
     # Min-max RTN (no clipping search): every weight within half a step is then a bound the artifact must meet.
     result = quantize(tmp_path, checkpoints, arch, "rtn", method="rtn", moe_min_tokens=0, rtn_clip_search=False)
     models, _ = checkpoints
-    source = read_tensors(open_checkpoint(str(models[arch])), [n for n in open_checkpoint(str(models[arch])).weight_map
-                                                             if ".experts." in n])
+    source = source_experts(models[arch], arch)
     tensors = artifact_tensors(result.out_dir)
     spec = moe_spec(tiny_config(arch))
     assert len(source) == 3 * spec.n_experts * len(spec.sparse_blocks)
@@ -68,7 +89,7 @@ def test_rtn_puts_every_expert_weight_within_half_a_step(tmp_path, checkpoints, 
         assert bool((error <= step * (0.5 + 2**4 * 2**-8) + w.float().abs() * 4 * torch.finfo(torch.float32).eps)
                     .all()), module
     config = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
-    routers = [n for n in config["ignore"] if n.endswith(".gate")]
+    routers = [n for n in config["ignore"] if n.endswith("." + spec.router)]
     assert len(routers) == len(spec.sparse_blocks)
     assert result.report["source_not_written"] == []
     # Kept in the checkpoint's dtype: DeepSeek-V3's router is float32 (its checkpoint stores it so).
@@ -252,6 +273,8 @@ def test_transformers_reads_back_the_weights_wq_wrote(tmp_path, checkpoints, arc
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     result = quantize(tmp_path, checkpoints, arch, "gptq", method="gptq", runtime="local")
+    if arch == "gpt_oss":       # transformers has no mapping from per-expert gpt-oss tensors: wq's (eval's) own
+        register_gpt_oss_experts()
     loaded = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32,
                                                   quantization_config=CompressedTensorsConfig(run_compressed=False))
     tensors = artifact_tensors(result.out_dir)
@@ -264,10 +287,17 @@ def test_transformers_reads_back_the_weights_wq_wrote(tmp_path, checkpoints, arc
     layer = loaded.model.layers[1]
     base = f"model.layers.1.{prefix}.experts"
     for e in range(spec.n_experts):
-        fused = torch.cat([ours(f"{base}.{e}.{gate}"), ours(f"{base}.{e}.{up}")])
+        if arch == "gpt_oss":   # gate and up interleaved, stored (in, out), with biases
+            fused = torch.stack([ours(f"{base}.{e}.{gate}"), ours(f"{base}.{e}.{up}")], dim=1).flatten(0, 1).T
+            assert torch.equal(layer.mlp.experts.down_proj[e].detach(), ours(f"{base}.{e}.{down}").T)
+            bias = torch.stack([tensors[f"{base}.{e}.{gate}.bias"], tensors[f"{base}.{e}.{up}.bias"]], 1).flatten()
+            assert torch.equal(layer.mlp.experts.gate_up_proj_bias[e].detach(), bias.float())
+        else:
+            fused = torch.cat([ours(f"{base}.{e}.{gate}"), ours(f"{base}.{e}.{up}")])
+            assert torch.equal(layer.mlp.experts.down_proj[e].detach(), ours(f"{base}.{e}.{down}"))
         assert torch.equal(layer.mlp.experts.gate_up_proj[e].detach(), fused)
-        assert torch.equal(layer.mlp.experts.down_proj[e].detach(), ours(f"{base}.{e}.{down}"))
-    assert torch.equal(layer.mlp.gate.weight.detach(), tensors[f"model.layers.1.{prefix}.gate.weight"].float())
+    router = layer.get_submodule(f"mlp.{spec.router_leaf}")
+    assert torch.equal(router.weight.detach(), tensors[f"model.layers.1.{spec.router}.weight"].float())
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = loaded(ids).logits
@@ -363,3 +393,30 @@ def test_gptq_v1_artifact_holds_every_expert_under_its_name(tmp_path, checkpoint
     assert {k: side[k] for k in config} == config and side["damp_percent"] == 0.01
     for r in routers:
         assert torch.equal(tensors[f"{r}.weight"], source[f"{r}.weight"])
+
+
+def test_an_mxfp4_release_quantizes_as_its_dequantized_weights_would(tmp_path, checkpoints):
+    """gpt-oss as released: each block's fused experts in MXFP4 (`_blocks`/`_scales`, the scales of some in the
+    other shard), everything else in bf16, quantization_config mxfp4. The artifact is byte for byte the one from
+    the same weights dequantized to bfloat16 beforehand and stored fused as transformers saves them; every source
+    tensor is read; the report says how the experts were stored."""
+    models, calib = checkpoints
+    mxfp4_dir, reference_dir = write_mxfp4_checkpoint(models["gpt_oss"], tmp_path / "mxfp4", tmp_path / "reference")
+    base = {"out": str(tmp_path / "from_mxfp4"), "calib": str(calib), "samples": 8, "seq_len": 64,
+            "micro_batch_samples": 4, "group_size": 32, "method": "gptq", "runtime": "local"}
+    from_mxfp4 = run_job(JobConfig.from_dict({**base, "model": str(mxfp4_dir)}), cache_dir=tmp_path / "cache")
+    reference = run_job(JobConfig.from_dict({**base, "model": str(reference_dir), "out": str(tmp_path / "ref_out")}),
+                        cache_dir=tmp_path / "cache")
+    assert shards(from_mxfp4.out_dir) == shards(reference.out_dir)
+    for result in (from_mxfp4, reference):
+        assert result.report["source_not_written"] == [] and result.report["source_carried"] == []
+    assert from_mxfp4.report["source"]["experts_stored"] == "fused, gate and up interleaved, MXFP4"
+    assert reference.report["source"]["experts_stored"] == "fused, gate and up interleaved"
+    config = json.loads((from_mxfp4.out_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    # vLLM's gpt-oss loader drops per-expert quantized experts: the report says so, and not where they stay dense.
+    assert any(n.startswith("gpt-oss: vLLM") for n in from_mxfp4.report["compatibility"]["loader"]["notes"])
+    dense = run_job(JobConfig.from_dict({**base, "model": str(reference_dir), "out": str(tmp_path / "dense"),
+                                         "method": "rtn", "ignore": [r"re:.*mlp\.experts\..*"]}),
+                    cache_dir=tmp_path / "cache")
+    assert not any(n.startswith("gpt-oss") for n in dense.report["compatibility"]["loader"]["notes"])

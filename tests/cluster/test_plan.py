@@ -219,3 +219,46 @@ def test_experts_that_do_not_fit_are_refused_with_the_fewest_expert_actors_that_
     check_fits(_moe_plan(expert_actors=fewest, **small))
     with pytest.raises(ResourceError, match=f"each of {fewest - 1} expert actors needs"):
         check_fits(_moe_plan(expert_actors=fewest - 1, **small))
+
+
+def _gpt_oss_plan(micro_batch_samples: int, capacity_gib: float = 80, eager: bool = True):
+    """gpt-oss-120b's shape (4 of its 36 blocks), its experts stored fused in MXFP4 as released."""
+    import dataclasses
+
+    from wq_ops.io.fused_experts import FusedExperts
+
+    config = tiny_config("gpt_oss", hidden_size=2880, intermediate_size=2880, num_local_experts=128,
+                         num_experts_per_tok=4, num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8,
+                         head_dim=64, vocab_size=201088, sliding_window=128, max_position_embeddings=4096)
+    layout = describe_model(config)
+    if not eager:                  # as if its attention ran through SDPA
+        layout = dataclasses.replace(layout, eager_attention_heads=0)
+    names = {n: "model.safetensors" for n in layout.outer_params}
+    for i in range(4):
+        for n in layout.block(i).params:
+            if ".experts." not in n:
+                names[layout.block_tensor_name(i, n)] = "model.safetensors"
+        for stored in ("gate_up_proj", "down_proj"):
+            for suffix in ("_blocks", "_scales", "_bias"):
+                names[f"model.layers.{i}.mlp.experts.{stored}{suffix}"] = "model.safetensors"
+    block_names = [layout.block_tensor_name(i, n) for i in range(4) for n in layout.block(i).params]
+    fused = FusedExperts.of(layout.architecture, block_names, names)
+    assert fused is not None and fused.mxfp4 and all(n in names or fused.source(n, names) for n in block_names)
+    ckpt = dataclasses.replace(Checkpoint(local_dir=None, weight_map=names), fused_experts=fused)  # type: ignore[arg-type]
+    job = JobConfig.from_dict({"out": "o", "samples": 128, "seq_len": 2048, "actors": 1, "method": "gptq",
+                               "group_size": 32, "micro_batch_samples": micro_batch_samples})
+    return layout, make_plan(layout, ckpt, job, capacity_bytes=int(capacity_gib * GIB))
+
+
+def test_gpt_oss_plans_its_eager_attention_scores():
+    """gpt-oss's attention runs eagerly (its sinks have no SDPA path): a micro-batch's (64 heads, 2048, 2049)
+    scores are held five times over, 2.7 GB a sample in bf16, and the plan counts them in the workspace, sample by
+    sample of a micro-batch (21.5 GB for 8), which without them would be under 6 GB; the plan reads the fused
+    MXFP4 experts' shard for every block."""
+    layout, one = _gpt_oss_plan(1)
+    _, eight = _gpt_oss_plan(8)
+    _, plain = _gpt_oss_plan(8, eager=False)
+    scores = 5 * 64 * 2048 * 2049 * 2
+    assert one.actors[0].memory.workspace >= scores and eight.actors[0].memory.workspace >= 8 * scores
+    assert plain.actors[0].memory.workspace < 6e9
+    assert layout.eager_attention_heads == 64 and {b.shard_files for b in one.blocks} == {("model.safetensors",)}

@@ -60,7 +60,7 @@ def test_read_tensors_dequantizes_only_the_fp8_weights(tmp_path):
     source = write_checkpoint(tmp_path / "bf16", "deepseek_v3")
     fp8_dir, reference_dir = write_fp8_checkpoint(source, tmp_path / "fp8", tmp_path / "ref")
     fp8 = open_checkpoint(str(fp8_dir))
-    fp8 = dataclasses.replace(fp8, fp8_block=(32, 32), fp8_dtype="bfloat16")
+    fp8 = dataclasses.replace(fp8, fp8_block=(32, 32), dequantized_dtype="bfloat16")
     reference = open_checkpoint(str(reference_dir))
     names = [n for n in reference.weight_map if n.startswith("model.layers.1.")] + ["model.embed_tokens.weight"]
     got, want = read_tensors(fp8, names), read_tensors(reference, names)

@@ -37,18 +37,6 @@ def test_unsupported_architecture_is_named():
     assert "--model-free quantizes any safetensors checkpoint" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_gpt_oss_with_calibration_is_refused_with_where_to_read_why():
-    from transformers import GptOssConfig
-
-    config = GptOssConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                          vocab_size=128)
-    config.architectures = ["GptOssForCausalLM"]
-    with pytest.raises(CheckpointError, match=r"unsupported architecture GptOssForCausalLM: .*docs/gpt_oss.md.*"
-                                              r"--model-free"):
-        describe_model(config)
-
-
 def test_a_moe_architecture_wq_does_not_know_is_refused():
     from transformers import Qwen2MoeConfig
 

@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from tests.factory import MOE_ARCHS, tiny_config
 from wq_ops.model.anatomy import discover_anatomy
-from wq_ops.model.architecture import describe_model, instantiate_on_meta
+from wq_ops.model.architecture import EAGER_ATTENTION_ARCHITECTURES, describe_model, instantiate_on_meta
 from wq_ops.model.block import DecoderBlock, make_sequence_context
 from wq_ops.model.moe import fused_params, moe_spec
 
@@ -25,7 +25,8 @@ def moe_block(arch: str, dtype=torch.float32, seq_len: int = 32):
     layout = describe_model(config)
     meta = instantiate_on_meta(config)
     rotary = type(meta.model.rotary_emb)(config=config)
-    ctx = make_sequence_context(rotary, seq_len=seq_len, hidden_size=128, window=None, device="cpu", dtype=dtype)
+    ctx = make_sequence_context(rotary, seq_len=seq_len, hidden_size=128, window=None, device="cpu", dtype=dtype,
+                                additive=layout.architecture in EAGER_ATTENTION_ARCHITECTURES)
     return config, layout, meta, DecoderBlock(meta.model.layers[1], ctx, moe=layout.block(1).moe)
 
 
@@ -114,3 +115,74 @@ def test_an_unknown_moe_is_refused_before_work():
     assert moe_spec(config) is None
     with pytest.raises(CheckpointError, match="unsupported architecture OlmoeForCausalLM"):
         describe_model(config)
+
+
+def _split_gpt_oss(state: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
+    """Block `block`'s tensors of a transformers gpt-oss state dict, its fused experts split into per-expert
+    names as wq reads them (`wq_ops.io.fused_experts`)."""
+    from wq_ops.io.fused_experts import FusedExperts
+
+    prefix = f"model.layers.{block}."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    fused = FusedExperts(interleaved=True, transposed=True)
+    out = {k: v for k, v in own.items() if not k.startswith("mlp.experts.")}
+    for e in range(own["mlp.experts.gate_up_proj"].shape[0]):
+        for which, stored in (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj")):
+            part = "all" if which == "down" else which
+            out[f"mlp.experts.{e}.{which}_proj.weight"] = fused.split(own[f"mlp.experts.{stored}"][e], part,
+                                                                      is_weight=True, out_in=False)
+            out[f"mlp.experts.{e}.{which}_proj.bias"] = fused.split(own[f"mlp.experts.{stored}_bias"][e], part,
+                                                                    is_weight=False, out_in=False)
+    return out
+
+
+def test_gpt_oss_blocks_chain_to_the_models_hidden_states(seed):
+    """A real gpt-oss model (float32, eager attention with sinks, a window of 16 on blocks 0 and 2, YaRN rotary,
+    biases everywhere, random weights) against wq's blocks over the per-expert tensors split from its fused
+    ones: relative error under 1e-5 on 2 x 24 tokens (past the window)."""
+    from transformers import AutoModelForCausalLM
+
+    from wq_ops.model.architecture import attention_window
+
+    config = tiny_config("gpt_oss")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.1 * torch.randn_like(p)) if "norm" in name else 0.1 * torch.randn_like(p))
+    layout = describe_model(config)
+    meta = instantiate_on_meta(config)
+    rotary = type(meta.model.rotary_emb)(config=config)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
+    state = model.state_dict()
+    windows = []
+    with torch.no_grad():
+        want = model.model(ids, output_hidden_states=True).hidden_states[-1]
+        x = model.model.embed_tokens(ids)
+        for i in range(layout.n_blocks):
+            window = attention_window(meta.model.layers[i], config, layout.architecture)
+            windows.append(window)
+            ctx = make_sequence_context(rotary, seq_len=24, hidden_size=128, window=window, device="cpu",
+                                        dtype=torch.float32, additive=True)
+            x = DecoderBlock(meta.model.layers[i], ctx, moe=layout.block(i).moe).forward(_split_gpt_oss(state, i), x)
+        ours = model.model.norm(x)
+    assert windows == [16, None, 16]
+    assert float((ours - want).norm() / want.norm()) < 1e-5
+
+
+def test_gpt_oss_layout_and_anatomy(gen):
+    """gpt-oss: the router `mlp.router` (weight and bias) kept; every expert linear has a bias; gate and up share
+    their routed input; down has no producer (up's rows cannot absorb a scale through (clamp(up) + 1))."""
+    config, layout, meta, _ = moe_block("gpt_oss")
+    block = layout.block(1)
+    assert block.kept == ("mlp.router",) and block.params["mlp.router.bias"] == (4,)
+    assert block.params["mlp.experts.3.up_proj.bias"] == (64,) and block.params["self_attn.sinks"] == (4,)
+    assert all(s.has_bias for s in block.linears)
+    rotary = type(meta.model.rotary_emb)(config=config)
+    probe = make_sequence_context(rotary, seq_len=16, hidden_size=128, window=None, device="cpu", dtype=torch.float32,
+                                  additive=True)
+    anatomy = discover_anatomy(DecoderBlock(meta.model.layers[1], probe, moe=block.moe),
+                               random_params(layout, 1, gen), block.linears, hidden_size=128)
+    mlp = anatomy.stage_groups("mlp")
+    assert [g.producer for g in mlp] == [None] * 8
+    assert mlp[0].names == ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj")

@@ -4,7 +4,8 @@ the facts table the nightly scheduler reads back, and how to run the artifact.""
 import yaml
 from huggingface_hub import ModelCard
 
-from wq_ops.io.checkpoint import Checkpoint, SourceLicense
+from wq_ops.io.checkpoint import Checkpoint
+from wq_ops.io.source_license import SourceLicense, source_license
 from wq_ops.report.model_card import render_model_card
 from wq_ops.schedule.hub import CardFacts, parse_model_card
 
@@ -63,12 +64,12 @@ def test_the_source_license_and_its_files_come_from_the_checkpoint(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# A model\n")
     (tmp_path / "LICENSE").write_text("Apache License 2.0 ...")
     checkpoint = Checkpoint(local_dir=tmp_path, weight_map={})
-    assert checkpoint.license() == SourceLicense(license="apache-2.0")
+    assert source_license(checkpoint) == SourceLicense(license="apache-2.0")
     assert "LICENSE" in checkpoint.side_files()
     (tmp_path / "README.md").write_text("# no metadata\n")
-    assert checkpoint.license() == SourceLicense()
+    assert source_license(checkpoint) == SourceLicense()
     (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n")
-    assert checkpoint.license() == SourceLicense()          # unreadable metadata: warned, nothing carried
+    assert source_license(checkpoint) == SourceLicense()          # unreadable metadata: warned, nothing carried
 
 
 def test_an_activation_scheme_card_names_the_scheme_its_activations_and_format():

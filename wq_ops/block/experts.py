@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from wq_ops.block.clock import PhaseClock
@@ -26,7 +25,7 @@ from wq_ops.calib.capture import GroupCapture
 from wq_ops.config import Method
 from wq_ops.model.anatomy import expert_groups
 from wq_ops.model.block import BlockAnatomy, DecoderBlock
-from wq_ops.model.moe import ByExpert, MoeSpec, route, sort_by_expert
+from wq_ops.model.moe import ByExpert, MoeSpec, expert_hidden, expert_linears, route, sort_by_expert
 from wq_ops.quant.hessian import accumulate_input_stats_, new_input_stats
 
 __all__ = ["RoutedInputs", "ExpertsPart", "ExpertRunner", "Emit", "quantize_experts_", "add_routed_",
@@ -105,15 +104,12 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
     act = block.expert_act
     all_tokens = block.experts_see_all_tokens
     names = [moe.expert(e, which) for e in experts for which in ("gate", "up", "down")]
-    own = {n + ".weight": params[n + ".weight"] for n in names}
+    own = {n: params[n] for e in experts for n in moe.expert_tensors(e)}
     gate_up, down = expert_groups(moe, experts)
     listed = set(names)
     part_task = dataclasses.replace(task, linears=tuple(s for s in task.linears if s.name in listed), kept=())
     work = BlockWork.start(block, BlockAnatomy(groups=gate_up + down), own, part_task, clock)
     device = inputs.flats[0].device
-
-    def weight(e: int, which: str) -> Tensor:
-        return work.work[moe.expert(e, which) + ".weight"]
 
     # Each expert over all its routed tokens at once (one statistics update and one GEMM per linear, not one
     # per micro-batch), a batch of experts at a time: their GPTQ solves run as one, and only that batch's
@@ -137,10 +133,11 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
         captures, hidden = {}, {}
         for e in batch:
             rows = _gather(inputs, rows_of[e])                                           # (n_e, hidden)
-            hidden[e] = act(F.linear(rows, weight(e, "gate"))) * F.linear(rows, weight(e, "up"))
+            linear = expert_linears(work.work, moe, e)                   # gate and up now quantized
+            hidden[e] = expert_hidden(moe, act, linear["gate"](rows), linear["up"](rows))
             stats = new_input_stats(moe.expert_intermediate, device)
             accumulate_input_stats_(stats, hidden[e] if every is None else
-                                    act(F.linear(every, weight(e, "gate"))) * F.linear(every, weight(e, "up")))
+                                    expert_hidden(moe, act, linear["gate"](every), linear["up"](every)))
             captures[moe.expert(e, "down")] = GroupCapture(stats, [])
         work.clock.add("forward", mark)
         solve_stage(work, "mlp", captures, groups=down[lo:lo + len(batch)], together=True)
@@ -149,7 +146,7 @@ def quantize_experts_(block: DecoderBlock, params: Mapping[str, Tensor], task: B
         for e in batch:
             routed = rows_of[e]
             scale = torch.cat([w[token, slot] for w, (token, slot) in zip(inputs.weights, routed)])
-            y = (F.linear(hidden.pop(e), weight(e, "down")) * scale[:, None]).to(inputs.flats[0].dtype)
+            y = (expert_linears(work.work, moe, e)["down"](hidden.pop(e)) * scale[:, None]).to(inputs.flats[0].dtype)
             emit(e, list(y.split([token.numel() for token, _ in routed])))
             for name in (moe.expert(e, w) for w in ("gate", "up", "down")):
                 if name in work.results:    # its packed result is what the artifact takes: drop the dequantized copy

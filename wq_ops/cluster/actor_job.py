@@ -17,7 +17,7 @@ from wq_ops.cluster.protocol import ActorSpec, HandoffTimes, ShardRecord
 from wq_ops.config import MoeCalibration
 from wq_ops.device.timing import CudaEventClock
 from wq_ops.model.anatomy import discover_anatomy
-from wq_ops.model.architecture import attention_window, instantiate_on_meta
+from wq_ops.model.architecture import EAGER_ATTENTION_ARCHITECTURES, attention_window, instantiate_on_meta
 from wq_ops.model.block import BlockAnatomy, DecoderBlock, SequenceContext, make_sequence_context
 from wq_ops.model.moe import MoeSpec
 
@@ -115,8 +115,10 @@ class ActorJob:
         return self._make_context(seq_len=16, window=window if window is None else min(window, 8))
 
     def _make_context(self, *, seq_len: int, window: int | None) -> SequenceContext:
-        return make_sequence_context(self.rotary, seq_len=seq_len, hidden_size=self.spec.layout.hidden_size,
-                                     window=window, device=self.device, dtype=self.spec.layout.dtype)
+        layout = self.spec.layout
+        return make_sequence_context(self.rotary, seq_len=seq_len, hidden_size=layout.hidden_size, window=window,
+                                     device=self.device, dtype=layout.dtype,
+                                     additive=layout.architecture in EAGER_ATTENTION_ARCHITECTURES)
 
 
 def _stand_in_experts(moe: MoeSpec, like: Tensor) -> dict[str, Tensor]:
@@ -130,4 +132,6 @@ def _stand_in_experts(moe: MoeSpec, like: Tensor) -> dict[str, Tensor]:
         for which, shape in (("gate", (width, moe.hidden_size)), ("up", (width, moe.hidden_size)),
                              ("down", (moe.hidden_size, width))):
             out[moe.expert(e, which) + ".weight"] = torch.randn(shape, generator=gen).mul_(0.02).to(like)
+            if moe.expert_bias:
+                out[moe.expert(e, which) + ".bias"] = torch.randn(shape[0], generator=gen).mul_(0.02).to(like)
     return out

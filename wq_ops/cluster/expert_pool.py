@@ -145,7 +145,7 @@ def _read_range(job: "ActorJob", index: int, experts: range) -> tuple[dict[str, 
     moe = layout.block(index).moe
     assert moe is not None
     prefix = f"{layout.block_prefix}.{index}."
-    names = [moe.expert(e, which) + ".weight" for e in experts for which in ("gate", "up", "down")]
+    names = [n for e in experts for n in moe.expert_tensors(e)]
     host = read_tensors(job.spec.checkpoint, [prefix + n for n in names])
     return {n[len(prefix):]: v for n, v in host.items()}, tensor_entries(host)
 

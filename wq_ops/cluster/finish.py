@@ -15,8 +15,8 @@ from wq_ops.cluster.prepare import PreparedJob, modeling_name
 from wq_ops.cluster.protocol import ShardRecord
 from wq_ops.formats import quantization_config, quantized_modules, side_files
 from wq_ops.io.artifact import finalize_artifact
-from wq_ops.io.checkpoint import SourceLicense
 from wq_ops.io.redact import redact, redact_values
+from wq_ops.io.source_license import SourceLicense, source_license
 from wq_ops.report.html import render_html
 from wq_ops.report.model_card import render_model_card
 from wq_ops.report.summary import build_report, library_versions
@@ -63,11 +63,13 @@ def write_artifact(prepared: PreparedJob, plan: JobPlan, records: list[ShardReco
               "modeling": modeling_name(prepared.hf_config)}
     # The source's tensors in the model's dtype (an FP8 source: as read), beside the artifact's for the ratio.
     source["tensor_bytes"] = sum(layout.block_nbytes(i) for i in range(layout.n_blocks)) + layout.outer_nbytes()
-    license_ = prepared.checkpoint.license()
+    license_ = source_license(prepared.checkpoint)
     if license_ != SourceLicense():       # the model card carries it on: a quantized model keeps its base's terms
         source["license"] = {k: v for k, v in asdict(license_).items() if v is not None}
     if prepared.checkpoint.fp8_block is not None:     # read dequantized from FP8 with these block scales
         source["fp8_block"] = list(prepared.checkpoint.fp8_block)
+    if prepared.checkpoint.fused_experts is not None:  # read per expert from fused (MXFP4: dequantized) tensors
+        source["experts_stored"] = prepared.checkpoint.fused_experts.describe()
     report = build_report(job=redact_values(job.to_dict()), source=source,
                           plan={"actors": [asdict(a) for a in plan.actors], "device_kind": plan.device_kind},
                           records=[r.to_json() for r in records], shard_names=shard_of, wall_seconds=wall_seconds,

@@ -6,6 +6,7 @@ Each refusal names the layers and the way out. Entry point: `check_options_fit_m
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from wq_ops.config import JobConfig, TpPolicy
@@ -26,7 +27,27 @@ def check_options_fit_model(job: JobConfig, layout: ModelLayout, hf_config: Any)
     _check_quant_fits_layout(job, layout)
     _check_scheme_fits_layout(job, layout)
     _check_expert_actors(job, layout)
-    return _check_tensor_parallel(job, layout, hf_config)
+    return _engine_notes(job, layout, _check_tensor_parallel(job, layout, hf_config))
+
+
+# What vLLM's gpt-oss loader reads, from its code (docs/gpt_oss.md): a note, not a refusal (transformers loads it).
+GPT_OSS_EXPERTS_NOTE = ("gpt-oss: vLLM's gpt-oss loader (read up to Sep 2026) takes quantized experts only as MXFP4 "
+                        "or Quark and leaves these per-expert quantized experts unloaded, without an error "
+                        "(docs/gpt_oss.md); transformers loads them once wq_ops.evaluate.gpt_oss_experts."
+                        "register_gpt_oss_experts() has run (wq's --eval does so); for vLLM, keep the experts dense "
+                        "and fused (by our reading of its loader) with --model-free --ignore 're:.*mlp\\.experts\\..*'")
+
+
+def _engine_notes(job: JobConfig, layout: ModelLayout, report: CompatReport) -> CompatReport:
+    """The report with what an engine is known not to load of this artifact (the loader's notes), also logged."""
+    if layout.architecture != "GptOssForCausalLM":
+        return report
+    experts = [layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks)
+               for s in layout.block(i).linears if ".experts." in s.name]
+    if all(is_ignored(name, job.quant.ignore) for name in experts):
+        return report
+    log.warning("%s", GPT_OSS_EXPERTS_NOTE)
+    return replace(report, loader=replace(report.loader, notes=report.loader.notes + (GPT_OSS_EXPERTS_NOTE,)))
 
 
 def _check_expert_actors(job: JobConfig, layout: ModelLayout) -> None:

@@ -116,6 +116,9 @@ def _block_memory(block: BlockLayout, layout: ModelLayout, job: JobConfig, *, fi
         copies += routed_by_group
         activations = copies * n * activation + (n * t * max_in * elt if stash_tails else 0)
     workspace = 2 * mb * t * _widest(block, layout, job, capture=True) * elt
+    # Eager attention (gpt-oss) holds a micro-batch's scores at once: the scores, with the sinks' column, less
+    # their max, the softmax and the probabilities cast for the values: five (heads, T, T + 1) copies.
+    workspace += 5 * mb * layout.eager_attention_heads * t * (t + 1) * elt
     if routed_by_group and moe is not None and any(s.name in experts for s in linears):   # not on expert actors
         workspace = max(workspace, expert_temporaries(moe, job, elt) + expert_batch_workspace(moe, job, elt))
     kept = min(n, job.quant.kept_search_samples)
@@ -149,6 +152,7 @@ def eval_memory(layout: ModelLayout, job: JobConfig, span: tuple[int, ...], n_wi
     weights = 2 * max(b.nbytes(layout.dtype) for b in kinds)
     table = layout.vocab_size * layout.hidden_size * elt
     workspace = 2 * mb * t * max(_widest(b, layout, job, capture=False) for b in kinds) * elt
+    workspace += 5 * mb * layout.eager_attention_heads * t * (t + 1) * elt      # eager attention's scores
     if first:
         weights += table
     if last:

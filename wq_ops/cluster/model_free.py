@@ -74,7 +74,7 @@ def _open(job: JobConfig, cache_dir: Path) -> tuple[Checkpoint, dict[str, Any], 
         raise CheckpointError(f"{checkpoint.source}: {e}") from None
     if block is not None:                # read dequantized, in the dtype the model computes in
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
-        checkpoint = replace(checkpoint, fp8_block=block, fp8_dtype=dtype)
+        checkpoint = replace(checkpoint, fp8_block=block, dequantized_dtype=dtype)
     return checkpoint, config, False
 
 

@@ -41,7 +41,9 @@ from wq_ops.io.checkpoint import (
     source_identity,
 )
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
+from wq_ops.io.fused_experts import FusedExperts
 from wq_ops.io.lease import OutputLease
+from wq_ops.io.mxfp4_source import mxfp4_modules_to_not_convert
 from wq_ops.model.architecture import (
     SUPPORTED_ARCHITECTURES,
     ModelLayout,
@@ -117,7 +119,9 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     checkpoint.side_files()              # refuse a side file linked from outside before any work
     source_config = read_config(checkpoint.local_dir / "config.json")
     try:
-        fp8_block = fp8_block_size(source_config)
+        # An MXFP4 release (gpt-oss) stores only its experts so, read dequantized wherever fused experts are.
+        mxfp4 = mxfp4_modules_to_not_convert(source_config) is not None
+        fp8_block = None if mxfp4 else fp8_block_size(source_config)
     except CheckpointError as e:
         raise CheckpointError(f"{checkpoint.source}: {e}") from None
     architectures = source_config.get("architectures") or [f"<none; model_type={source_config.get('model_type')}>"]
@@ -125,8 +129,16 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
         raise unsupported_architecture(architectures[0])
     hf_config = _model_config(job, checkpoint.local_dir, source_config)
     layout = describe_model(hf_config, trust_remote_code=job.trust_remote_code)
-    missing = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params
-               if layout.block_tensor_name(i, n) not in checkpoint.weight_map]
+    block_names = [layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params]
+    fused = FusedExperts.of(layout.architecture, block_names, checkpoint.weight_map)
+    if fused is not None:
+        checkpoint = replace(checkpoint, fused_experts=fused, dequantized_dtype=str(layout.dtype).replace("torch.", ""))
+        log.info("source: routed experts stored %s, read per expert", fused.describe())
+    elif mxfp4:
+        raise CheckpointError(f"{checkpoint.source}: quant_method mxfp4, but no fused experts in MXFP4 where "
+                              f"{layout.architecture}'s experts are: wq reads gpt-oss's MXFP4 experts only")
+    missing = [n for n in block_names if n not in checkpoint.weight_map
+               and (fused is None or fused.source(n, checkpoint.weight_map) is None)]
     missing += [n for n in layout.outer_params if n not in checkpoint.weight_map]
     if missing:
         raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
@@ -134,8 +146,9 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
     if fp8_block is None and not on_paper:
         _check_storage_dtype(checkpoint, layout)
     if fp8_block is not None:          # read dequantized, in the dtype the model computes in
-        checkpoint = replace(checkpoint, fp8_block=fp8_block, fp8_dtype=str(layout.dtype).replace("torch.", ""))
-        log.info("source: FP8 with %dx%d block scales, read dequantized to %s", *fp8_block, checkpoint.fp8_dtype)
+        checkpoint = replace(checkpoint, fp8_block=fp8_block, dequantized_dtype=str(layout.dtype).replace("torch.", ""))
+        log.info("source: FP8 with %dx%d block scales, read dequantized to %s", *fp8_block,
+                 checkpoint.dequantized_dtype)
     carried, not_written = _unread_tensors(layout, checkpoint)
     if carried:
         log.info("carried into the artifact unquantized (read dequantized where the source is FP8): %d tensor(s) "
@@ -276,6 +289,9 @@ def _unread_tensors(layout: ModelLayout, checkpoint: Checkpoint) -> tuple[tuple[
     speculative decoding), copied unquantized. Left out: the rest (a stale rotary buffer); the report names
     both."""
     read = {layout.block_tensor_name(i, n) for i in range(layout.n_blocks) for n in layout.block(i).params}
+    if checkpoint.fused_experts is not None:       # the fused tensors the per-expert ones come from
+        found = [checkpoint.fused_experts.source(n, checkpoint.weight_map) for n in read]
+        read |= {stored for f in found if f is not None for stored in f.stored_names()}
     read |= set(layout.outer_params)
     past = re.compile(re.escape(layout.block_prefix) + r"\.(\d+)\.")
     carried: list[str] = []

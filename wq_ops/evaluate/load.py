@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wq_ops.errors import ArtifactError
+from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
 from wq_ops.evaluate.served_inputs import (
     quantize_inputs_,
     quantized_module_names,
@@ -38,7 +39,10 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
 
-    quantization = getattr(AutoConfig.from_pretrained(str(model)), "quantization_config", None)
+    config = AutoConfig.from_pretrained(str(model))
+    if getattr(config, "model_type", None) == "gpt_oss":     # wq's artifacts store its experts one by one
+        register_gpt_oss_experts()
+    quantization = getattr(config, "quantization_config", None)
     quantization = quantization if isinstance(quantization, dict) else {}
     activations = served_activations(quantization)
     kwargs: dict[str, Any] = {}

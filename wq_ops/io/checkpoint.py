@@ -23,9 +23,10 @@ from torch import Tensor
 
 from wq_ops.errors import CheckpointError
 from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
+from wq_ops.io.fused_experts import FusedExperts, read_fused
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "shard_header", "read_config", "network_error",
-           "shard_header_sha256", "source_identity", "TOKENIZER_FILES", "LICENSE_FILES", "SourceLicense"]
+           "shard_header_sha256", "source_identity", "TOKENIZER_FILES", "LICENSE_FILES", "CARD_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 @dataclass(frozen=True)
-class SourceLicense:
-    """A model card's license metadata: an SPDX-like id or `other` with a name and a link (None: not given)."""
-
-    license: str | None = None
-    license_name: str | None = None
-    license_link: str | None = None
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     """A resolved checkpoint. For the Hub, `revision` is the commit sha every actor reads, and
     `local_dir` the snapshot folder that holds what the driver downloaded (config, index, tokenizer)."""
@@ -65,9 +57,11 @@ class Checkpoint:
     cache_dir: str | None = None
     endpoint: str | None = None                  # the Hub the driver resolved against; actors use the same
     shards: tuple[str, ...] = field(default=())
-    # An FP8 block-scaled source (DeepSeek-V3): its block size, and the dtype its weights are read in.
+    # An FP8 block-scaled source (DeepSeek-V3): its block size; the dtype FP8 and MXFP4 weights are read in.
     fp8_block: tuple[int, int] | None = None
-    fp8_dtype: str = "bfloat16"
+    dequantized_dtype: str = "bfloat16"
+    # Routed experts stored fused (gpt-oss), read under their per-expert names.
+    fused_experts: FusedExperts | None = None
 
     @property
     def source(self) -> str:
@@ -96,30 +90,6 @@ class Checkpoint:
             found[name] = path
         return found
 
-    def license(self) -> SourceLicense:
-        """The license its model card's metadata declares (nothing where it has no card or no license)."""
-        card = self.local_dir / CARD_NAME
-        if not card.is_file():
-            return SourceLicense()
-        import yaml
-        from huggingface_hub import metadata_load
-
-        try:
-            meta = metadata_load(card) or {}
-        except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:     # not worth failing a job over
-            log.warning("%s: its model card's metadata is unreadable (%s); no license carried", card, e)
-            return SourceLicense()
-
-        if not isinstance(meta, dict):
-            return SourceLicense()
-
-        def text(key: str) -> str | None:
-            value = meta.get(key)
-            return str(value) if isinstance(value, (str, int, float)) and str(value) else None
-
-        return SourceLicense(license=text("license"), license_name=text("license_name"),
-                             license_link=text("license_link"))
-
     def shard_path(self, filename: str) -> Path:
         """The local path of one shard, downloading it (this shard only) for a Hub checkpoint."""
         if self.repo_id is None:
@@ -141,9 +111,15 @@ class Checkpoint:
         return path
 
     def files_for(self, names: Iterable[str]) -> dict[str, list[str]]:
-        """Group tensor names by the shard file that holds them."""
+        """Group tensor names by the shard file that holds them (a routed expert's stored fused: the shards of
+        its fused tensor)."""
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
+            found = self.fused_experts.source(name, self.weight_map) if self.fused_experts is not None else None
+            if found is not None:
+                for stored in found.stored_names():
+                    by_shard[self.weight_map[stored]].append(name)
+                continue
             if name not in self.weight_map:
                 raise CheckpointError(f"tensor {name} is not in {self.source}'s index")
             by_shard[self.weight_map[name]].append(name)
@@ -365,13 +341,20 @@ def _open_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> C
 def read_tensors(checkpoint: Checkpoint, names: Iterable[str], *,
                  device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Load the named tensors (only those) from their shards onto `device`. From an FP8 block-scaled source, a
-    float8 weight with a `_scale_inv` beside it comes back dequantized (`fp8_source`)."""
+    float8 weight with a `_scale_inv` beside it comes back dequantized (`fp8_source`); a routed expert's tensor
+    that the checkpoint stores fused comes from its fused tensor (`fused_experts`)."""
     names = list(names)
+    if checkpoint.fused_experts is not None and any(n not in checkpoint.weight_map for n in names):
+        fused = [n for n in names if n not in checkpoint.weight_map]
+        out = read_fused(checkpoint.fused_experts, fused, checkpoint.weight_map, shard_path=checkpoint.shard_path,
+                         dtype=getattr(torch, checkpoint.dequantized_dtype), device=device)
+        out.update(read_tensors(checkpoint, [n for n in names if n in checkpoint.weight_map], device=device))
+        return {n: out[n] for n in names}
     if checkpoint.fp8_block is None:
         return _read(checkpoint, names, device)
     scales = [n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in checkpoint.weight_map]
     raw = _read(checkpoint, names + scales, "cpu")
-    dtype = getattr(torch, checkpoint.fp8_dtype)
+    dtype = getattr(torch, checkpoint.dequantized_dtype)
     out = {}
     for name in names:
         value = raw[name]

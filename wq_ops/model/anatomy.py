@@ -70,7 +70,8 @@ def discover_anatomy(block: DecoderBlock, params: Params, linears: tuple[LinearS
 def _expert_groups(moe: MoeSpec) -> tuple[tuple[LinearGroup, ...], tuple[LinearGroup, ...]]:
     """A routed MLP's groups: each expert's gate and up read its routed tokens (no producer can absorb a scale:
     the norm before them feeds the router too, and other experts), and its down reads act(gate) * up, whose
-    channels its own up's rows can absorb exactly. A shared expert's (DeepSeek-V3) likewise, on every token."""
+    channels its own up's rows can absorb exactly (not gpt-oss's clamped SwiGLU: no producer there). A shared
+    expert's (DeepSeek-V3) likewise, on every token."""
     gate_up, down = expert_groups(moe, range(moe.n_experts))
     shared = shared_expert_groups(moe)
     return gate_up + shared[:1], down + shared[1:]
@@ -79,7 +80,9 @@ def _expert_groups(moe: MoeSpec) -> tuple[tuple[LinearGroup, ...], tuple[LinearG
 def expert_groups(moe: MoeSpec, experts: range) -> tuple[tuple[LinearGroup, ...], tuple[LinearGroup, ...]]:
     """The gate/up groups and the down groups of the routed `experts`, in expert order."""
     gate_up = tuple(LinearGroup("mlp", (moe.expert(e, "gate"), moe.expert(e, "up")), None) for e in experts)
-    down = tuple(LinearGroup("mlp", (moe.expert(e, "down"),), moe.expert(e, "up")) for e in experts)
+    # gpt-oss's (clamp(up) + 1) * glu(gate) is not linear in up's rows: nothing can absorb down's scale there.
+    down = tuple(LinearGroup("mlp", (moe.expert(e, "down"),), None if moe.swiglu_limit is not None
+                             else moe.expert(e, "up")) for e in experts)
     return gate_up, down
 
 

@@ -2,8 +2,8 @@
 tensors outside the blocks. The model class (transformers', or wq's native modules: native_llama.py) is
 instantiated on the meta device (no memory, no weights).
 
-Entry point: `describe_model(config)`. Dense Llama, Mistral, Qwen2 and Qwen3 are supported; any other
-architecture is refused before work starts.
+Entry point: `describe_model(config)`. Dense Llama, Mistral, Qwen2 and Qwen3 and the mixtures of experts of
+`wq_ops.model.moe` are supported; any other architecture is refused before work starts.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from wq_ops.errors import CheckpointError
 from wq_ops.model.moe import MOE_ARCHITECTURES, MoeSpec, moe_spec
 from wq_ops.model.native_llama import NativeLlamaConfig, NativeLlamaForCausalLM
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "LinearSpec", "attention_window",
-           "BlockLayout", "ModelLayout", "describe_model", "import_transformers", "instantiate_on_meta",
-           "storage_dtype_of", "transformers_import_lock", "unsupported_architecture"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "CONFIG_WINDOW_ARCHITECTURES", "EAGER_ATTENTION_ARCHITECTURES", "LinearSpec",
+           "attention_window", "BlockLayout", "ModelLayout", "describe_model", "import_transformers",
+           "instantiate_on_meta", "storage_dtype_of", "transformers_import_lock", "unsupported_architecture"]
 
 # Architectures whose decoder layers we have checked against the model's own forward (tests/model).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -32,6 +32,10 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # Architectures whose model masks every layer to config.sliding_window (their attention modules hold no
 # window of their own); Llama's model never applies one, whatever its config.json says.
 CONFIG_WINDOW_ARCHITECTURES = ("MistralForCausalLM",)
+
+# Architectures whose attention transformers runs in its eager form only (gpt-oss: its sinks have no SDPA path);
+# their layers take an additive float mask, the causal part included (`make_sequence_context`).
+EAGER_ATTENTION_ARCHITECTURES = ("GptOssForCausalLM",)
 
 # The pre-norm residual layout the block runner composes: x + attn(norm1(x)), then h + mlp(norm2(h)).
 BLOCK_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -84,6 +88,9 @@ class ModelLayout:
     vocab_size: int
     tied_embeddings: bool
     dtype: torch.dtype
+    # Heads of an eager-only attention (`EAGER_ATTENTION_ARCHITECTURES`), whose (heads, T, T) scores are
+    # materialised; 0 where SDPA runs.
+    eager_attention_heads: int = 0
 
     @property
     def n_blocks(self) -> int:
@@ -208,10 +215,8 @@ def _not_needed() -> bool:
 
 def unsupported_architecture(name: str) -> CheckpointError:
     """The one-line refusal of an architecture wq cannot calibrate, with what a user can do instead."""
-    later = " (gpt-oss with calibration: not yet, docs/gpt_oss.md says why)" if name == "GptOssForCausalLM" else ""
     return CheckpointError(f"unsupported architecture {name}: wq calibrates {', '.join(SUPPORTED_ARCHITECTURES)} "
-                           f"checkpoints{later}; --model-free quantizes any safetensors checkpoint without "
-                           "calibration")
+                           "checkpoints; --model-free quantizes any safetensors checkpoint without calibration")
 
 
 def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
@@ -228,8 +233,9 @@ def instantiate_on_meta(config: Any, *, trust_remote_code: bool = False) -> nn.M
     if name not in SUPPORTED_ARCHITECTURES:
         raise unsupported_architecture(name)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code,
+            attn_implementation="eager" if name in EAGER_ATTENTION_ARCHITECTURES else "sdpa")
     # from_config leaves the model in training mode, where a config's attention_dropout would apply.
     return model.eval()
 
@@ -248,7 +254,7 @@ def _block_layout(block: nn.Module, moe: MoeSpec | None) -> BlockLayout:
     its experts under the checkpoint's per-expert names (the module fuses the experts)."""
     # A routed MLP's router and experts are the spec's (the module fuses the experts); a shared expert is an
     # ordinary dense module of the block.
-    routed = ("mlp.experts", "mlp.gate") if moe else ()
+    routed = ("mlp.experts", "mlp." + moe.router_leaf) if moe else ()
 
     def is_routed(name: str) -> bool:
         return any(name == r or name.startswith(r + ".") for r in routed)
@@ -263,7 +269,7 @@ def _block_layout(block: nn.Module, moe: MoeSpec | None) -> BlockLayout:
     params = {n: tuple(p.shape) for n, p in block.named_parameters() if not is_routed(n)}
     if moe is None:
         return BlockLayout(kind="dense", linears=linears, params=params)
-    experts = tuple(LinearSpec(name=n, in_features=i, out_features=o, has_bias=False)
+    experts = tuple(LinearSpec(name=n, in_features=i, out_features=o, has_bias=moe.expert_bias)
                     for n, i, o in moe.linear_shapes())
     return BlockLayout(kind="moe", linears=linears + experts, params={**params, **moe.params()}, moe=moe,
                        kept=(moe.router,))
@@ -296,9 +302,10 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
     embed: Any = model.get_input_embeddings()  # type: ignore[operator]
     embed_name = next(n + ".weight" for n, m in model.named_modules() if m is embed)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    # The class transformers builds for this config (the native skeleton stands in for it).
+    layout_name = config.architectures[0] if isinstance(config, NativeLlamaConfig) else type(model).__name__
     return ModelLayout(
-        # The class transformers builds for this config (the native skeleton stands in for it).
-        architecture=config.architectures[0] if isinstance(config, NativeLlamaConfig) else type(model).__name__,
+        architecture=layout_name,
         model_type=str(getattr(config, "model_type", "")),
         block_prefix=prefix,
         blocks=tuple(blocks_layout),
@@ -310,4 +317,5 @@ def describe_model(config: Any, *, trust_remote_code: bool = False) -> ModelLayo
         vocab_size=int(config.vocab_size),
         tied_embeddings=tied,
         dtype=storage_dtype_of(config),
+        eager_attention_heads=int(config.num_attention_heads) if layout_name in EAGER_ATTENTION_ARCHITECTURES else 0,
     )

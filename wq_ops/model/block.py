@@ -38,17 +38,23 @@ class SequenceContext:
 
 
 def make_sequence_context(rotary: nn.Module, *, seq_len: int, hidden_size: int, window: int | None,
-                          device: torch.device | str, dtype: torch.dtype) -> SequenceContext:
+                          device: torch.device | str, dtype: torch.dtype, additive: bool = False) -> SequenceContext:
     """rotary: the model's rotary-embedding module, materialised on `device`. window: the layer's sliding
-    attention window, None for full attention."""
+    attention window, None for full attention. additive: the layer's attention adds its mask to the scores (an
+    eager-only architecture: `EAGER_ATTENTION_ARCHITECTURES`), so the mask is always given, causal part
+    included, as transformers makes it for eager attention: 0 where a query may attend, the dtype's minimum
+    elsewhere."""
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0)                  # (1, T)
     probe = torch.zeros(1, seq_len, hidden_size, device=device, dtype=dtype)
     cos, sin = rotary(probe, position_ids)
     mask = None
-    if window is not None and window < seq_len:
+    if additive or (window is not None and window < seq_len):
         i = torch.arange(seq_len, device=device).unsqueeze(1)
         j = torch.arange(seq_len, device=device).unsqueeze(0)
-        mask = ((j <= i) & (i - j < window)).reshape(1, 1, seq_len, seq_len)          # True: may attend
+        allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
+        mask = allowed.reshape(1, 1, seq_len, seq_len)                                 # True: may attend
+        if additive:
+            mask = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     return SequenceContext(position_embeddings=(cos, sin), attention_mask=mask)
 
 

@@ -7,7 +7,9 @@ Architectures: Qwen3-MoE (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`; som
 `mlp_only_layers` / `decoder_sparse_step`), Mixtral (`block_sparse_moe.gate`,
 `block_sparse_moe.experts.{e}.{w1,w3,w2}`) and DeepSeek-V3 (sigmoid scores with `e_score_correction_bias`, top
 groups then top experts, a float32 router, a shared expert `mlp.shared_experts`, the first
-`first_k_dense_replace` blocks dense). Entry points: `moe_spec`, `moe_mlp`.
+`first_k_dense_replace` blocks dense) and gpt-oss (a router `mlp.router` with a bias, softmax over the top-k logits;
+experts with biases and a clamped SwiGLU; released fused, `wq_ops.io.fused_experts` splits them into these
+per-expert names). Entry points: `moe_spec`, `moe_mlp`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from torch import Tensor
 
 from wq_ops.errors import CheckpointError
 
-__all__ = ["MoeSpec", "moe_spec", "moe_mlp", "route", "fused_params", "MOE_ARCHITECTURES", "Tap", "ByExpert",
-           "sort_by_expert"]
+__all__ = ["MoeSpec", "moe_spec", "moe_mlp", "route", "fused_params", "fused_gpt_oss", "MOE_ARCHITECTURES", "Tap",
+           "ByExpert", "sort_by_expert", "expert_linears", "expert_hidden"]
 
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM", "GptOssForCausalLM")
 
 # on_input(linear name, its input (tokens, in)): what capture receives for an expert's linear (block-local name).
 Tap = Callable[[str, Tensor], None]
@@ -53,10 +55,21 @@ class MoeSpec:
     topk_group: int = 1
     routed_scaling: float = 1.0    # the routed experts' weights times this
     shared: str | None = None      # block-local name of the shared experts' dense MLP, added to the routed output
+    router_leaf: str = "gate"      # the router module under the prefix: gpt-oss's is "router"
+    router_bias: bool = False      # gpt-oss: the router's logits have a bias
+    softmax_top_k: bool = False    # gpt-oss: the top-k of the logits, then a softmax over those k (logits' dtype)
+    expert_bias: bool = False      # gpt-oss: every expert linear has a bias
+    swiglu_limit: float | None = None   # gpt-oss's clamped SwiGLU (`expert_hidden`), None for act(gate) * up
+    swiglu_alpha: float = 1.0
 
     @property
     def router(self) -> str:
-        return f"{self.prefix}.gate"
+        return f"{self.prefix}.{self.router_leaf}"
+
+    def expert_tensors(self, e: int) -> list[str]:
+        """Block-local names of expert e's tensors: each linear's weight, and its bias where experts have one."""
+        leaves = (".weight", ".bias") if self.expert_bias else (".weight",)
+        return [self.expert(e, which) + leaf for which in ("gate", "up", "down") for leaf in leaves]
 
     def expert(self, e: int, which: str) -> str:
         """Block-local name of expert e's linear `which` ("gate", "up" or "down")."""
@@ -75,8 +88,12 @@ class MoeSpec:
         shapes: dict[str, tuple[int, ...]] = {self.router + ".weight": (self.n_experts, self.hidden_size)}
         if self.grouped:
             shapes[self.router + ".e_score_correction_bias"] = (self.n_experts,)
+        if self.router_bias:
+            shapes[self.router + ".bias"] = (self.n_experts,)
         for name, fan_in, fan_out in self.linear_shapes():
             shapes[name + ".weight"] = (fan_out, fan_in)
+            if self.expert_bias:
+                shapes[name + ".bias"] = (fan_out,)
         return shapes
 
 
@@ -106,6 +123,12 @@ def moe_spec(config: Any) -> MoeSpec | None:
         return MoeSpec(name, int(config.num_local_experts), int(config.num_experts_per_tok), int(config.hidden_size),
                        int(config.intermediate_size), "block_sparse_moe", "w1", "w3", "w2", norm_topk=True,
                        weights_in_logits_dtype=False, sparse_blocks=tuple(range(n_layers)))
+    if name == "GptOssForCausalLM":
+        return MoeSpec(name, int(config.num_local_experts), int(config.num_experts_per_tok), int(config.hidden_size),
+                       int(config.intermediate_size), "mlp", "gate_proj", "up_proj", "down_proj", norm_topk=False,
+                       weights_in_logits_dtype=True, sparse_blocks=tuple(range(n_layers)), router_leaf="router",
+                       router_bias=True, softmax_top_k=True, expert_bias=True,
+                       swiglu_limit=float(config.swiglu_limit), swiglu_alpha=float(config.swiglu_alpha))
     return None
 
 
@@ -117,7 +140,11 @@ def route(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec) -> tuple[Tenso
     if spec.grouped:
         return _grouped_route(router_weight, params[spec.router + ".e_score_correction_bias"], x, spec)
     # transformers loads these routers in the model's dtype (a float32 one stored so is cast on load).
-    logits = F.linear(x, router_weight.to(x.dtype))                        # (tokens, experts)
+    bias = params[spec.router + ".bias"].to(x.dtype) if spec.router_bias else None
+    logits = F.linear(x, router_weight.to(x.dtype), bias)                  # (tokens, experts)
+    if spec.softmax_top_k:                                                 # gpt-oss
+        top, experts = torch.topk(logits, spec.top_k, dim=-1)
+        return experts, torch.softmax(top, dim=1, dtype=top.dtype)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, experts = torch.topk(probs, spec.top_k, dim=-1)
     if spec.norm_topk:
@@ -164,19 +191,46 @@ def moe_mlp(params: Mapping[str, Tensor], x: Tensor, spec: MoeSpec, *, act: Call
         if not token.numel() and tap is None:                              # capture visits every expert
             continue
         state = flat[token]                                                # (n_e, hidden)
-        gate_name, up_name, down_name = spec.expert(e, "gate"), spec.expert(e, "up"), spec.expert(e, "down")
+        gate_name, down_name = spec.expert(e, "gate"), spec.expert(e, "down")
         # A weight held on the host (a replayed block whose experts were quantized elsewhere) comes over now.
-        gate, up, down = (params[n + ".weight"].to(flat.device) for n in (gate_name, up_name, down_name))
-        hidden = act(F.linear(state, gate)) * F.linear(state, up)
+        linear = expert_linears(params, spec, e, flat.device)
+        hidden = expert_hidden(spec, act, linear["gate"](state), linear["up"](state))
         if tap is not None and tap_all_tokens:
             tap(gate_name, flat)
-            tap(down_name, act(F.linear(flat, gate)) * F.linear(flat, up))
+            tap(down_name, expert_hidden(spec, act, linear["gate"](flat), linear["up"](flat)))
         elif tap is not None:
             tap(gate_name, state)
             tap(down_name, hidden)
-        y = F.linear(hidden, down) * weights[token, slot, None]
+        y = linear["down"](hidden) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out.reshape(x.shape)
+
+
+def expert_linears(params: Mapping[str, Tensor], spec: MoeSpec, e: int,
+                   device: torch.device | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Expert e's gate, up and down linears over `params` (block-local names; its bias where it has one), each
+    weight moved to `device` if given."""
+    def linear(which: str) -> Callable[[Tensor], Tensor]:
+        name = spec.expert(e, which)
+        weight = params[name + ".weight"]
+        bias = params[name + ".bias"] if spec.expert_bias else None
+        if device is not None:
+            weight, bias = weight.to(device), None if bias is None else bias.to(device)
+        return lambda x: F.linear(x, weight, bias)
+
+    return {which: linear(which) for which in ("gate", "up", "down")}
+
+
+def expert_hidden(spec: MoeSpec, act: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor) -> Tensor:
+    """An expert's down-projection input from its gate and up outputs: act(gate) * up, or gpt-oss's clamped
+    SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit), in the order
+    transformers' `GptOssExperts._apply_gate` computes it."""
+    if spec.swiglu_limit is None:
+        return act(gate) * up
+    gate = gate.clamp(min=None, max=spec.swiglu_limit)
+    up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+    glu = gate * torch.sigmoid(gate * spec.swiglu_alpha)
+    return (up + 1) * glu
 
 
 @dataclass(frozen=True)
@@ -207,11 +261,13 @@ def sort_by_expert(experts: Tensor, n_experts: int) -> ByExpert:
 def fused_params(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tensor]:
     """The block's tensors under transformers' module names: the routed MLP's experts fused into 3-D
     parameters (`mlp.experts.gate_up_proj` (experts, 2 x intermediate, hidden), gate rows first;
-    `mlp.experts.down_proj` (experts, hidden, intermediate)) and the router as `mlp.gate.weight`. For running
-    transformers' own layer on wq's tensors (checks)."""
+    `mlp.experts.down_proj` (experts, hidden, intermediate)) and the router as `mlp.gate.weight`; gpt-oss's
+    as its module holds them (`fused_gpt_oss`). For running transformers' own layer on wq's tensors (checks)."""
     routed = (spec.router + ".", spec.prefix + ".experts.")
     out = {k: v for k, v in params.items() if not k.startswith(routed)}
     experts = range(spec.n_experts)
+    if spec.swiglu_limit is not None:
+        return {**out, **fused_gpt_oss(params, spec)}
     out["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([params[spec.expert(e, "gate") + ".weight"],
                                                               params[spec.expert(e, "up") + ".weight"]])
                                                    for e in experts])
@@ -220,3 +276,20 @@ def fused_params(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tenso
     if spec.grouped:
         out["mlp.gate.e_score_correction_bias"] = params[spec.router + ".e_score_correction_bias"]
     return out
+
+
+def fused_gpt_oss(params: Mapping[str, Tensor], spec: MoeSpec) -> dict[str, Tensor]:
+    """gpt-oss's routed MLP as `GptOssMLP` holds it, from the per-expert tensors: `experts.gate_up_proj`
+    (experts, hidden, 2 x intermediate) with gate and up interleaved along the last dim (gate the even
+    columns), `gate_up_proj_bias` likewise, `down_proj` (experts, intermediate, hidden), `down_proj_bias`, and
+    the router `mlp.router.{weight,bias}`."""
+    def stacked(which: str, leaf: str) -> Tensor:
+        return torch.stack([params[spec.expert(e, which) + leaf] for e in range(spec.n_experts)])
+
+    gate, up = stacked("gate", ".weight"), stacked("up", ".weight")                  # (experts, inter, hidden)
+    interleaved = torch.stack([gate, up], dim=2).flatten(1, 2)                       # rows gate0, up0, gate1, ...
+    bias = torch.stack([stacked("gate", ".bias"), stacked("up", ".bias")], dim=2).flatten(1, 2)
+    return {"mlp.experts.gate_up_proj": interleaved.transpose(1, 2), "mlp.experts.gate_up_proj_bias": bias,
+            "mlp.experts.down_proj": stacked("down", ".weight").transpose(1, 2),
+            "mlp.experts.down_proj_bias": stacked("down", ".bias"),
+            "mlp.router.weight": params[spec.router + ".weight"], "mlp.router.bias": params[spec.router + ".bias"]}
