@@ -2,7 +2,8 @@
 
 Makes checkpoints with random bf16 weights (Llama-3-8B and Llama-3.2-1B shapes; mixture-of-experts models cut
 to 4 decoder layers: Qwen3-30B-A3B's and Mixtral-8x7B's shapes, experts under the released checkpoints'
-per-expert names; sharded safetensors, a one-token tokenizer), a parquet of random calibration token ids, then
+per-expert names, and gpt-oss-20b's, experts fused as transformers saves them; sharded safetensors, a one-token
+tokenizer), a parquet of random calibration token ids, then
 runs each tool as its own process, timing the whole job from checkpoint to written artifact, and samples the GPU's used
 memory with nvidia-smi (the same probe for both tools, CUDA context included; the checkpoints are made in a
 child process, so this one holds no GPU memory meanwhile). Prints one table with
@@ -12,6 +13,7 @@ wall time, GPU peak, the ratio llm-compressor / wq, and wq's per-phase times fro
     python benchmarks/gpu_e2e.py --cases 1b:gptq,1b:awq --json /tmp/bench/1b.json
     python benchmarks/gpu_e2e.py --cases qwen3moe:gptq,mixtral:gptq --work /tmp/bench
     python benchmarks/gpu_e2e.py --cases 8b:fp8,8b:w8a8 --work /tmp/bench
+    python benchmarks/gpu_e2e.py --cases gptoss:gptq --tools wq --wq-args '--group-size 64'
 
 Methods: gptq (W4A16 g128), awq (W4A16_ASYM), and the activation presets: fp8 (FP8_DYNAMIC, rounded to nearest:
 llm-compressor's QuantizationModifier) and w8a8 (W8A8: SmoothQuant at 0.5 then GPTQ, in both tools).
@@ -48,10 +50,16 @@ SHAPES = {
     "mixtral": dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
                     num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                     tie_word_embeddings=False),
+    # gpt-oss-20b's (24 layers released): experts fused as transformers saves them (bf16), biases, sinks, a
+    # window of 128 on every other layer; its width 2880 takes groups of 32 or 64 (`--wq-args '--group-size 64'`).
+    "gptoss": dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+                   num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                   sliding_window=128, vocab_size=201088, tie_word_embeddings=False),
 }
 # (transformers config class, architecture) per shape; Llama for the others.
 ARCHITECTURES = {"qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-                 "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+                 "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+                 "gptoss": ("GptOssConfig", "GptOssForCausalLM")}
 # The routed MLPs' routers, kept in bf16 by both tools (llm-compressor's habit: ignore them by name).
 ROUTERS = ["re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"]
 SHARD_BYTES = 5 * 2**30
@@ -72,15 +80,17 @@ def checkpoint_tensors(shape: str):  # type: ignore[no-untyped-def]
     from wq_ops.model.moe import moe_spec
 
     config_class, architecture = ARCHITECTURES.get(shape, ("LlamaConfig", "LlamaForCausalLM"))
+    # gpt-oss keeps its own YaRN rotary (its released settings); the others take Llama 3's theta.
+    rope = {} if shape == "gptoss" else {"rope_theta": 500000.0}
     config = getattr(transformers, config_class)(**SHAPES[shape], max_position_embeddings=8192,
-                                                 rope_theta=500000.0, torch_dtype="bfloat16")
+                                                 torch_dtype="bfloat16", **rope)
     config.architectures = [architecture]
     with torch.device("meta"):
         skeleton = getattr(transformers, architecture)(config)
     names = [(k, tuple(p.shape)) for k, p in skeleton.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     spec = moe_spec(config)
-    if spec is None:
+    if spec is None or spec.swiglu_limit is not None:       # gpt-oss: released fused, so written fused
         return config, names
     routed = re.compile(r"model\.layers\.(\d+)\.mlp\.(experts|gate)\b")
     out, done = [], set()
@@ -285,7 +295,7 @@ def run_llmcompressor(ckpt: Path, calib: Path, out: Path, method: str, args: arg
 
 
 MODELING = ("import transformers.models.llama.modeling_llama, transformers.models.qwen3_moe.modeling_qwen3_moe, "
-            "transformers.models.mixtral.modeling_mixtral")
+            "transformers.models.mixtral.modeling_mixtral, transformers.models.gpt_oss.modeling_gpt_oss")
 # What each tool's job imports (the Llama modeling code and generation included), so that no timed run
 # compiles bytecode for the other.
 WARM_UP = {
