@@ -61,7 +61,9 @@ def tiny_config(arch: str, **overrides: Any):  # type: ignore[no-untyped-def]
 
 
 def write_checkpoint(directory: Path, arch: str = "llama", *, seed: int = 0, max_shard_size: str = "200KB",
-                     **overrides: Any) -> Path:
+                     fused: bool = False, **overrides: Any) -> Path:
+    """fused: save a mixture of experts' experts as its transformers module holds them (3-D tensors,
+    `save_original_format=False`), not under the released per-expert names."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -81,7 +83,7 @@ def write_checkpoint(directory: Path, arch: str = "llama", *, seed: int = 0, max
         for name, module in model.named_modules():
             if name.endswith(".mlp.gate"):
                 module.to(torch.float32)
-    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    model.save_pretrained(directory, max_shard_size=max_shard_size, save_original_format=not fused)
     _byte_level_tokenizer().save_pretrained(directory)
     return directory
 

@@ -21,7 +21,7 @@ from tests.factory import (
 )
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
-from wq_ops.errors import ConfigError
+from wq_ops.errors import CheckpointError, ConfigError
 from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
 from wq_ops.formats.compressed_tensors import decode_linear
 from wq_ops.io.checkpoint import open_checkpoint, read_tensors
@@ -420,3 +420,32 @@ def test_an_mxfp4_release_quantizes_as_its_dequantized_weights_would(tmp_path, c
                                          "method": "rtn", "ignore": [r"re:.*mlp\.experts\..*"]}),
                     cache_dir=tmp_path / "cache")
     assert not any(n.startswith("gpt-oss") for n in dense.report["compatibility"]["loader"]["notes"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_experts_saved_fused_quantize_as_the_released_per_expert_names_do(tmp_path, checkpoints, arch):
+    """transformers 5 can save a mixture of experts' experts fused (`save_original_format=False`: gate_up_proj
+    (experts, 2 x intermediate, hidden), gate the first half): the same weights give the same artifact, byte for
+    byte, as the per-expert checkpoint, and nothing of the source is left unread."""
+    models, calib = checkpoints
+    fused_dir = write_checkpoint(tmp_path / "fused", arch, fused=True)
+    assert not any(".experts.0." in n for n in open_checkpoint(str(fused_dir)).weight_map)
+    fused = run_job(JobConfig.from_dict({"model": str(fused_dir), "out": str(tmp_path / "from_fused"),
+                                         "calib": str(calib), "samples": 8, "seq_len": 64, "micro_batch_samples": 4,
+                                         "group_size": 32, "method": "gptq", "runtime": "local"}),
+                    cache_dir=tmp_path / "cache")
+    released = quantize(tmp_path, checkpoints, arch, "released", method="gptq", runtime="local")
+    assert shards(fused.out_dir) == shards(released.out_dir)
+    assert fused.report["source_not_written"] == [] and fused.report["source"]["experts_stored"] == "fused"
+
+
+def test_mixtral_saved_fused_is_refused_with_how_to_save_it(tmp_path, checkpoints):
+    """Mixtral saved fused renames its router and experts (`mlp.*`, not `block_sparse_moe.*`): refused before
+    work, in one line that says how to save it so wq reads it."""
+    models, calib = checkpoints
+    fused_dir = write_checkpoint(tmp_path / "fused", "mixtral", fused=True)
+    with pytest.raises(CheckpointError, match=r"index lacks .*block_sparse_moe.*stored fused.*"
+                                              r"save_original_format=True") as e:
+        run_job(JobConfig.from_dict({"model": str(fused_dir), "out": str(tmp_path / "out"), "calib": str(calib),
+                                     "method": "rtn", "runtime": "local"}), cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value)

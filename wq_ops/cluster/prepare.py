@@ -41,7 +41,7 @@ from wq_ops.io.checkpoint import (
     source_identity,
 )
 from wq_ops.io.fp8_source import SCALE_SUFFIX, fp8_block_size
-from wq_ops.io.fused_experts import FusedExperts
+from wq_ops.io.fused_experts import FUSED_LAYOUTS, FusedExperts
 from wq_ops.io.lease import OutputLease
 from wq_ops.io.mxfp4_source import mxfp4_modules_to_not_convert
 from wq_ops.model.architecture import (
@@ -141,8 +141,11 @@ def prepare_job(job: JobConfig, *, cache_dir: Path) -> PreparedJob:
                and (fused is None or fused.source(n, checkpoint.weight_map) is None)]
     missing += [n for n in layout.outer_params if n not in checkpoint.weight_map]
     if missing:
+        fused_elsewhere = any(n.endswith(".experts.gate_up_proj") for n in checkpoint.weight_map)
+        hint = (f"; its experts are stored fused, which wq reads for {', '.join(FUSED_LAYOUTS)} only: save it with "
+                "transformers' save_original_format=True (the default)") if fused_elsewhere else ""
         raise CheckpointError(f"{checkpoint.source}: the index lacks {len(missing)} tensor(s) the model needs, "
-                              f"e.g. {missing[0]}")
+                              f"e.g. {missing[0]}{hint}")
     if fp8_block is None and not on_paper:
         _check_storage_dtype(checkpoint, layout)
     if fp8_block is not None:          # read dequantized, in the dtype the model computes in
