@@ -45,6 +45,17 @@ def quantize(tmp_path: Path, checkpoints, arch: str, name: str, **options):
     return run_job(JobConfig.from_dict({**base, **options}), cache_dir=tmp_path / "cache")
 
 
+def gptq_jobs(tmp_path: Path, calib: Path, **options_and_models):  # type: ignore[no-untyped-def]
+    """The same GPTQ job (8 samples of 64 tokens, groups of 32, in-process) on each model given by name (a Path),
+    each into tmp_path / name; other keywords are job options. Returns {name: result}, in the order given."""
+    models = {k: v for k, v in options_and_models.items() if isinstance(v, Path)}
+    options = {k: v for k, v in options_and_models.items() if not isinstance(v, Path)}
+    base = {"calib": str(calib), "samples": 8, "seq_len": 64, "micro_batch_samples": 4, "group_size": 32,
+            "method": "gptq", "runtime": "local", **options}
+    return {name: run_job(JobConfig.from_dict({**base, "model": str(model), "out": str(tmp_path / name)}),
+                          cache_dir=tmp_path / "cache") for name, model in models.items()}
+
+
 def shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
@@ -326,11 +337,7 @@ def test_an_fp8_release_quantizes_as_its_dequantized_weights_would(tmp_path, che
     FP8), its linears in the config's ignore; the report names it and the block size."""
     models, calib = checkpoints
     fp8_dir, reference_dir = write_fp8_checkpoint(models["deepseek_v3"], tmp_path / "fp8", tmp_path / "reference")
-    base = {"out": str(tmp_path / "from_fp8"), "calib": str(calib), "samples": 8, "seq_len": 64,
-            "micro_batch_samples": 4, "group_size": 32, "method": "gptq", "runtime": "local"}
-    from_fp8 = run_job(JobConfig.from_dict({**base, "model": str(fp8_dir)}), cache_dir=tmp_path / "cache")
-    reference = run_job(JobConfig.from_dict({**base, "model": str(reference_dir), "out": str(tmp_path / "ref_out")}),
-                        cache_dir=tmp_path / "cache")
+    from_fp8, reference = gptq_jobs(tmp_path, calib, from_fp8=fp8_dir, ref_out=reference_dir).values()
     assert shards(from_fp8.out_dir) == shards(reference.out_dir)
     n = tiny_config("deepseek_v3").num_hidden_layers
     carried = from_fp8.report["source_carried"]
@@ -402,11 +409,7 @@ def test_an_mxfp4_release_quantizes_as_its_dequantized_weights_would(tmp_path, c
     tensor is read; the report says how the experts were stored."""
     models, calib = checkpoints
     mxfp4_dir, reference_dir = write_mxfp4_checkpoint(models["gpt_oss"], tmp_path / "mxfp4", tmp_path / "reference")
-    base = {"out": str(tmp_path / "from_mxfp4"), "calib": str(calib), "samples": 8, "seq_len": 64,
-            "micro_batch_samples": 4, "group_size": 32, "method": "gptq", "runtime": "local"}
-    from_mxfp4 = run_job(JobConfig.from_dict({**base, "model": str(mxfp4_dir)}), cache_dir=tmp_path / "cache")
-    reference = run_job(JobConfig.from_dict({**base, "model": str(reference_dir), "out": str(tmp_path / "ref_out")}),
-                        cache_dir=tmp_path / "cache")
+    from_mxfp4, reference = gptq_jobs(tmp_path, calib, from_mxfp4=mxfp4_dir, ref_out=reference_dir).values()
     assert shards(from_mxfp4.out_dir) == shards(reference.out_dir)
     for result in (from_mxfp4, reference):
         assert result.report["source_not_written"] == [] and result.report["source_carried"] == []
@@ -416,9 +419,7 @@ def test_an_mxfp4_release_quantizes_as_its_dequantized_weights_would(tmp_path, c
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     # vLLM's gpt-oss loader drops per-expert quantized experts: the report says so, and not where they stay dense.
     assert any(n.startswith("gpt-oss: vLLM") for n in from_mxfp4.report["compatibility"]["loader"]["notes"])
-    dense = run_job(JobConfig.from_dict({**base, "model": str(reference_dir), "out": str(tmp_path / "dense"),
-                                         "method": "rtn", "ignore": [r"re:.*mlp\.experts\..*"]}),
-                    cache_dir=tmp_path / "cache")
+    dense = gptq_jobs(tmp_path, calib, dense=reference_dir, method="rtn", ignore=[r"re:.*mlp\.experts\..*"])["dense"]
     assert not any(n.startswith("gpt-oss") for n in dense.report["compatibility"]["loader"]["notes"])
 
 
@@ -430,11 +431,7 @@ def test_experts_saved_fused_quantize_as_the_released_per_expert_names_do(tmp_pa
     models, calib = checkpoints
     fused_dir = write_checkpoint(tmp_path / "fused", arch, fused=True)
     assert not any(".experts.0." in n for n in open_checkpoint(str(fused_dir)).weight_map)
-    fused = run_job(JobConfig.from_dict({"model": str(fused_dir), "out": str(tmp_path / "from_fused"),
-                                         "calib": str(calib), "samples": 8, "seq_len": 64, "micro_batch_samples": 4,
-                                         "group_size": 32, "method": "gptq", "runtime": "local"}),
-                    cache_dir=tmp_path / "cache")
-    released = quantize(tmp_path, checkpoints, arch, "released", method="gptq", runtime="local")
+    fused, released = gptq_jobs(tmp_path, calib, from_fused=fused_dir, released=models[arch]).values()
     assert shards(fused.out_dir) == shards(released.out_dir)
     assert fused.report["source_not_written"] == [] and fused.report["source"]["experts_stored"] == "fused"
 
