@@ -14,7 +14,7 @@ from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
 from wq_ops.errors import ConfigError, ResourceError
 
-MOE = ("qwen3_moe", "deepseek_v3")
+MOE = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,10 @@ def _eager_experts(model, text) -> float:
     decimals as jobs.eval prints it."""
     from transformers import AutoModelForCausalLM
 
+    from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
     from wq_ops.evaluate.load import load_tokenizer
+
+    register_gpt_oss_experts()      # a gpt-oss artifact's per-expert tensors (wq's --eval loads the same way)
     from wq_ops.evaluate.perplexity import Join, join_text, perplexity
 
     ids = load_tokenizer(model)(join_text(text.read_text(), Join.WIKITEXT), return_tensors="pt")["input_ids"][0]
@@ -57,6 +60,7 @@ def _jobs_eval(model, text, tmp_path, *extra) -> float:
     ("mistral", "rtn", {"tie_word_embeddings": True}),              # lm_head is the embedding table
     ("qwen3_moe", "gptq", {}),                                      # routed experts, a dense block 0
     ("deepseek_v3", "rtn", {}),                                     # latent attention, float32 router
+    ("gpt_oss", "gptq", {}),                                        # sinks, a window, biased experts
 ])
 def test_eval_on_the_actors_gives_jobs_eval_number(tmp_path, texts, arch, method, options):
     tied = options.pop("tie_word_embeddings", False)
