@@ -186,3 +186,12 @@ def test_gpt_oss_layout_and_anatomy(gen):
     mlp = anatomy.stage_groups("mlp")
     assert [g.producer for g in mlp] == [None] * 8
     assert mlp[0].names == ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj")
+
+
+def test_gpt_oss_before_its_config_named_the_swiglu_clamp():
+    """transformers up to about 5.20 (the GPU image's 5.17) fixes alpha 1.702 and limit 7.0 in the experts'
+    module; its config has neither key: the spec takes the same values."""
+    config = tiny_config("gpt_oss")
+    del config.swiglu_limit, config.swiglu_alpha
+    spec = moe_spec(config)
+    assert (spec.swiglu_limit, spec.swiglu_alpha) == (7.0, 1.702)

@@ -128,7 +128,9 @@ def moe_spec(config: Any) -> MoeSpec | None:
                        int(config.intermediate_size), "mlp", "gate_proj", "up_proj", "down_proj", norm_topk=False,
                        weights_in_logits_dtype=True, sparse_blocks=tuple(range(n_layers)), router_leaf="router",
                        router_bias=True, softmax_top_k=True, expert_bias=True,
-                       swiglu_limit=float(config.swiglu_limit), swiglu_alpha=float(config.swiglu_alpha))
+                       # transformers before about 5.20 fixes them in the module, not the config
+                       swiglu_limit=float(getattr(config, "swiglu_limit", 7.0)),
+                       swiglu_alpha=float(getattr(config, "swiglu_alpha", 1.702)))
     return None
 
 
