@@ -149,16 +149,27 @@ def write_fp8_checkpoint(source: Path, fp8_dir: Path, dequantized_dir: Path, *, 
                         if k.startswith(prefix)})
     fp8: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
+    def dequantized_of(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        rows, cols = weight.shape
+        full = scale.double().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+        return (weight.double() * full).to(torch.bfloat16)
+
     for name, value in sorted(tensors.items()):
         is_linear = (name.startswith("model.layers.") and name.endswith("proj.weight") and value.dim() == 2)
-        if not is_linear:
+        # Experts saved fused (`write_checkpoint(fused=True)`), as transformers 5's FP8 experts store them: a
+        # matrix and its scales per expert, stacked.
+        is_experts = name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and value.dim() == 3
+        if is_linear:
+            weight, scale = _fp8_blocks(value, block)
+            dequantized[name] = dequantized_of(weight, scale)
+        elif is_experts:
+            pairs = [_fp8_blocks(v, block) for v in value]
+            weight, scale = torch.stack([w for w, _ in pairs]), torch.stack([s for _, s in pairs])
+            dequantized[name] = torch.stack([dequantized_of(w, s) for w, s in pairs])
+        else:
             fp8[name] = dequantized[name] = value
             continue
-        weight, scale = _fp8_blocks(value, block)
         fp8[name], fp8[name + "_scale_inv"] = weight, scale
-        full = scale.double().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:value.shape[0],
-                                                                                           :value.shape[1]]
-        dequantized[name] = (weight.double() * full).to(torch.bfloat16)
     for directory, data, quantized in ((fp8_dir, fp8, True), (dequantized_dir, dequantized, False)):
         directory.mkdir(parents=True)
         names = sorted(n for n in data if not n.endswith("_scale_inv"))

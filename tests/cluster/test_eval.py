@@ -36,14 +36,13 @@ def _eager_experts(model, text) -> float:
     decimals as jobs.eval prints it."""
     from transformers import AutoModelForCausalLM
 
-    from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
+    from wq_ops.evaluate.gpt_oss_experts import per_expert_gpt_oss
     from wq_ops.evaluate.load import load_tokenizer
-
-    register_gpt_oss_experts()      # a gpt-oss artifact's per-expert tensors (wq's --eval loads the same way)
     from wq_ops.evaluate.perplexity import Join, join_text, perplexity
 
     ids = load_tokenizer(model)(join_text(text.read_text(), Join.WIKITEXT), return_tensors="pt")["input_ids"][0]
-    loaded = AutoModelForCausalLM.from_pretrained(model, use_kernels=False, experts_implementation="eager").eval()
+    with per_expert_gpt_oss():      # a gpt-oss artifact's per-expert tensors (jobs.eval loads them the same way)
+        loaded = AutoModelForCausalLM.from_pretrained(model, use_kernels=False, experts_implementation="eager").eval()
     return round(perplexity(loaded, ids, seq_len=96, max_windows=7).ppl, 4)
 
 

@@ -4,6 +4,7 @@ and listed in `ignore`, and transformers reading back exactly the weights wq wro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.factory import (
 from wq_ops.cluster.driver import run_job
 from wq_ops.config import JobConfig
 from wq_ops.errors import CheckpointError, ConfigError
-from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
+from wq_ops.evaluate.gpt_oss_experts import per_expert_gpt_oss
 from wq_ops.formats.compressed_tensors import decode_linear
 from wq_ops.io.checkpoint import open_checkpoint, read_tensors
 from wq_ops.io.fused_experts import FusedExperts
@@ -284,10 +285,13 @@ def test_transformers_reads_back_the_weights_wq_wrote(tmp_path, checkpoints, arc
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     result = quantize(tmp_path, checkpoints, arch, "gptq", method="gptq", runtime="local")
-    if arch == "gpt_oss":       # transformers has no mapping from per-expert gpt-oss tensors: wq's (eval's) own
-        register_gpt_oss_experts()
-    loaded = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32,
-                                                  quantization_config=CompressedTensorsConfig(run_compressed=False))
+    # transformers has no mapping from per-expert gpt-oss tensors: wq's own (jobs.eval's), while it loads.
+    with per_expert_gpt_oss() if arch == "gpt_oss" else contextlib.nullcontext():
+        loaded = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32,
+                                                      quantization_config=CompressedTensorsConfig(run_compressed=False))
+    if arch == "gpt_oss":       # and after it, a gpt-oss model saves fused again (transformers reverses a mapping)
+        loaded.save_pretrained(tmp_path / "resaved")
+        assert "model.layers.1.mlp.experts.gate_up_proj" in open_checkpoint(str(tmp_path / "resaved")).weight_map
     tensors = artifact_tensors(result.out_dir)
     spec = moe_spec(tiny_config(arch))
     prefix, gate, up, down = spec.prefix, spec.gate_name, spec.up_name, spec.down_name
@@ -417,10 +421,12 @@ def test_an_mxfp4_release_quantizes_as_its_dequantized_weights_would(tmp_path, c
     assert reference.report["source"]["experts_stored"] == "fused, gate and up interleaved"
     config = json.loads((from_mxfp4.out_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    # vLLM's gpt-oss loader drops per-expert quantized experts: the report says so, and not where they stay dense.
+    # vLLM's gpt-oss loader drops per-expert experts, quantized or kept dense: the report says so either way.
     assert any(n.startswith("gpt-oss: vLLM") for n in from_mxfp4.report["compatibility"]["loader"]["notes"])
     dense = gptq_jobs(tmp_path, calib, dense=reference_dir, method="rtn", ignore=[r"re:.*mlp\.experts\..*"])["dense"]
-    assert not any(n.startswith("gpt-oss") for n in dense.report["compatibility"]["loader"]["notes"])
+    assert any(n.startswith("gpt-oss: vLLM") for n in dense.report["compatibility"]["loader"]["notes"])
+    with pytest.raises(ConfigError, match="format=gptq: gpt-oss's experts, written one by one, load in no engine"):
+        gptq_jobs(tmp_path, calib, as_gptq=reference_dir, format="gptq")
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
@@ -446,3 +452,27 @@ def test_mixtral_saved_fused_is_refused_with_how_to_save_it(tmp_path, checkpoint
         run_job(JobConfig.from_dict({"model": str(fused_dir), "out": str(tmp_path / "out"), "calib": str(calib),
                                      "method": "rtn", "runtime": "local"}), cache_dir=tmp_path / "cache")
     assert "\n" not in str(e.value)
+
+
+def test_fused_fp8_experts_read_with_their_block_scales(tmp_path, checkpoints):
+    """DeepSeek-V3 saved fused in FP8 (transformers 5's FP8 experts: `gate_up_proj` (experts, 2 x intermediate,
+    hidden) float8 with `gate_up_proj_scale_inv` per expert), its multi-token-prediction layer fused too: the
+    decoder blocks' shards are byte for byte those of the per-expert FP8 release with the same blocks (32 divides
+    the intermediate size, so gate's and up's blocks are the same), and the MTP layer is carried, fused as stored,
+    dequantized to the per-expert release's values."""
+    models, calib = checkpoints
+    fused = write_checkpoint(tmp_path / "fused", "deepseek_v3", fused=True)
+    fused_fp8, _ = write_fp8_checkpoint(fused, tmp_path / "fused_fp8", tmp_path / "fused_reference")
+    released_fp8, _ = write_fp8_checkpoint(models["deepseek_v3"], tmp_path / "fp8", tmp_path / "reference")
+    from_fused, from_released = gptq_jobs(tmp_path, calib, from_fused=fused_fp8, released=released_fp8).values()
+    n = tiny_config("deepseek_v3").num_hidden_layers
+    ours, theirs = artifact_tensors(from_fused.out_dir), artifact_tensors(from_released.out_dir)
+    mtp = f"model.layers.{n}."
+    assert {k: v for k, v in ours.items() if not k.startswith(mtp)}.keys() == \
+        {k: v for k, v in theirs.items() if not k.startswith(mtp)}.keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if not k.startswith(mtp))
+    carried = ours[f"{mtp}mlp.experts.gate_up_proj"]
+    assert carried.dtype == torch.bfloat16 and from_fused.report["source_not_written"] == []
+    for e in range(len(carried)):
+        gate, up = (theirs[f"{mtp}mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up"))
+        assert torch.equal(carried[e], torch.cat([gate, up]))

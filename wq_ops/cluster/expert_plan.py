@@ -49,9 +49,11 @@ def expert_temporaries(moe: MoeSpec, job: JobConfig, elt: int) -> int:
     tokens = job.calib.n_samples * job.calib.seq_len
     h, i = moe.hidden_size, moe.expert_intermediate
     rows = planned_expert_rows(moe, tokens)
-    held = rows * (h * elt + 2 * i * elt + 4 * h)
+    # act(gate) * up: gate's and up's outputs; gpt-oss's clamped SwiGLU holds two more (the clamped copies).
+    widths = 4 if moe.swiglu_limit is not None else 2
+    held = rows * (h * elt + widths * i * elt + 4 * h)
     if job.quant.moe.calibration is MoeCalibration.ALL:
-        held += tokens * (h * elt + 2 * i * elt)
+        held += tokens * (h * elt + widths * i * elt)
     return held
 
 

@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from wq_ops.config import JobConfig, TpPolicy
+from wq_ops.config import Format, JobConfig, TpPolicy
 from wq_ops.config.schemes import NVFP4_GROUP, WeightLayout
 from wq_ops.errors import ConfigError
 from wq_ops.formats.block_tensors import is_ignored, matches
@@ -31,21 +31,24 @@ def check_options_fit_model(job: JobConfig, layout: ModelLayout, hf_config: Any)
 
 
 # What vLLM's gpt-oss loader reads, from its code (docs/gpt_oss.md): a note, not a refusal (transformers loads it).
-GPT_OSS_EXPERTS_NOTE = ("gpt-oss: vLLM's gpt-oss loader (read up to Sep 2026) takes quantized experts only as MXFP4 "
-                        "or Quark and leaves these per-expert quantized experts unloaded, without an error "
-                        "(docs/gpt_oss.md); transformers loads them once wq_ops.evaluate.gpt_oss_experts."
-                        "register_gpt_oss_experts() has run (wq's --eval does so); for vLLM, keep the experts dense "
-                        "and fused (by our reading of its loader) with --model-free --ignore 're:.*mlp\\.experts\\..*'")
+GPT_OSS_EXPERTS_NOTE = ("gpt-oss: vLLM's gpt-oss loader (read up to Sep 2026) takes experts only fused (bf16) or as "
+                        "MXFP4 or Quark, and leaves these per-expert experts unloaded, without an error "
+                        "(docs/gpt_oss.md); transformers loads them inside wq_ops.evaluate.gpt_oss_experts."
+                        "per_expert_gpt_oss() (jobs.eval does so); for vLLM, keep the experts dense and fused (by our "
+                        "reading of its loader) with --model-free --ignore 're:.*mlp\\.experts\\..*'")
 
 
 def _engine_notes(job: JobConfig, layout: ModelLayout, report: CompatReport) -> CompatReport:
-    """The report with what an engine is known not to load of this artifact (the loader's notes), also logged."""
+    """The report with what an engine is known not to load of this artifact (the loader's notes), also logged.
+    gpt-oss's experts, written one by one (quantized or kept dense), load through transformers' per-expert
+    mapping only, which needs compressed-tensors (dequantized on load to plain weights): other formats are
+    refused."""
     if layout.architecture != "GptOssForCausalLM":
         return report
-    experts = [layout.block_tensor_name(i, s.name) for i in range(layout.n_blocks)
-               for s in layout.block(i).linears if ".experts." in s.name]
-    if all(is_ignored(name, job.quant.ignore) for name in experts):
-        return report
+    if job.format is not Format.COMPRESSED_TENSORS:
+        raise ConfigError(f"format={job.format.value}: gpt-oss's experts, written one by one, load in no engine in "
+                          "that format (transformers rebuilds them from compressed-tensors' weights only; vLLM "
+                          "reads MXFP4 or Quark experts); use --format compressed-tensors, or --model-free")
     log.warning("%s", GPT_OSS_EXPERTS_NOTE)
     return replace(report, loader=replace(report.loader, notes=report.loader.notes + (GPT_OSS_EXPERTS_NOTE,)))
 

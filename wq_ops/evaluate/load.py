@@ -12,11 +12,12 @@ linears' inputs quantized as an engine does (`served_inputs`): its perplexity is
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from wq_ops.errors import ArtifactError
-from wq_ops.evaluate.gpt_oss_experts import register_gpt_oss_experts
+from wq_ops.evaluate.gpt_oss_experts import per_expert_gpt_oss
 from wq_ops.evaluate.served_inputs import (
     quantize_inputs_,
     quantized_module_names,
@@ -40,8 +41,6 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
     from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
 
     config = AutoConfig.from_pretrained(str(model))
-    if getattr(config, "model_type", None) == "gpt_oss":     # wq's artifacts store its experts one by one
-        register_gpt_oss_experts()
     quantization = getattr(config, "quantization_config", None)
     quantization = quantization if isinstance(quantization, dict) else {}
     activations = served_activations(quantization)
@@ -51,7 +50,9 @@ def load_causal_lm(model: str | Path, *, device: str = "cpu", dtype: Any = "auto
         # compressed modules would compute in the checkpoint's); transformers warns that the rest of the config
         # comes from the checkpoint, which is what is meant.
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    with warnings.catch_warnings():
+    # wq's gpt-oss artifacts store its experts one by one (docs/gpt_oss.md)
+    experts = per_expert_gpt_oss() if getattr(config, "model_type", None) == "gpt_oss" else nullcontext()
+    with warnings.catch_warnings(), experts:
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         loaded: Any = AutoModelForCausalLM.from_pretrained(str(model), use_kernels=False,    # .to is typed oddly
                                                            dtype=dtype, **kwargs)

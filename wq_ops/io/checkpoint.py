@@ -347,7 +347,8 @@ def read_tensors(checkpoint: Checkpoint, names: Iterable[str], *,
     if checkpoint.fused_experts is not None and any(n not in checkpoint.weight_map for n in names):
         fused = [n for n in names if n not in checkpoint.weight_map]
         out = read_fused(checkpoint.fused_experts, fused, checkpoint.weight_map, shard_path=checkpoint.shard_path,
-                         dtype=getattr(torch, checkpoint.dequantized_dtype), device=device)
+                         dtype=getattr(torch, checkpoint.dequantized_dtype), device=device,
+                         fp8_block=checkpoint.fp8_block)
         out.update(read_tensors(checkpoint, [n for n in names if n in checkpoint.weight_map], device=device))
         return {n: out[n] for n in names}
     if checkpoint.fp8_block is None:

@@ -37,9 +37,13 @@ def fp8_block_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
 
 def dequantize_fp8_blocks(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], dtype: torch.dtype) -> Tensor:
     """weight: (out, in) float8_e4m3fn; scale_inv: (ceil(out / r), ceil(in / c)) float32, block (r, c). Returns
-    weight * scale (each block's factor), computed in float32 and rounded once to `dtype`."""
+    weight * scale (each block's factor), computed in float32 and rounded once to `dtype`. Fused experts
+    (transformers 5's FP8 experts: (experts, out, in) with (experts, ...) scales) go expert by expert."""
+    if weight.dim() == 3 and scale_inv.dim() == 3 and len(weight) == len(scale_inv):
+        return torch.stack([dequantize_fp8_blocks(w, s, block, dtype) for w, s in zip(weight, scale_inv)])
     if weight.dim() != 2:
-        raise CheckpointError(f"an FP8 weight of shape {tuple(weight.shape)}: expected a matrix")
+        raise CheckpointError(f"an FP8 weight of shape {tuple(weight.shape)}: expected a matrix, or experts' "
+                              f"matrices with a scale each (scales of shape {tuple(scale_inv.shape)})")
     rows, cols = weight.shape
     r, c = block
     want = (-(-rows // r), -(-cols // c))

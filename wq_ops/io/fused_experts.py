@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from wq_ops.errors import CheckpointError
+from wq_ops.io.fp8_source import SCALE_SUFFIX, dequantize_fp8_blocks
 from wq_ops.io.mxfp4_source import MXFP4_SUFFIXES, dequantize_mxfp4
 
 __all__ = ["FusedExperts", "read_fused", "FUSED_LAYOUTS"]
@@ -41,16 +42,20 @@ FUSED_LAYOUTS = {"GptOssForCausalLM": (True, True), "Qwen3MoeForCausalLM": (Fals
 @dataclass(frozen=True)
 class FusedSlice:
     """Where one per-expert tensor lives: the fused tensor `stored` (an MXFP4 pair by its stem), the expert,
-    and which part of its fused rows: "gate", "up" or "all" (down's)."""
+    which part of its fused rows ("gate", "up" or "all": down's), and whether FP8 block scales
+    (`stored_scale_inv`, transformers 5's fused FP8 experts) come with it."""
 
     stored: str
     expert: int
     part: str
     mxfp4: bool
+    fp8_scales: bool = False
 
     def stored_names(self) -> tuple[str, ...]:
-        """The checkpoint's tensors it is read from: the fused tensor, or its MXFP4 pair."""
-        return (self.stored + _BLOCKS, self.stored + _SCALES) if self.mxfp4 else (self.stored,)
+        """The checkpoint's tensors it is read from: the fused tensor (with its FP8 scales), or its MXFP4 pair."""
+        if self.mxfp4:
+            return self.stored + _BLOCKS, self.stored + _SCALES
+        return (self.stored, self.stored + SCALE_SUFFIX) if self.fp8_scales else (self.stored,)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class FusedExperts:
         stored = m["experts"] + (".down_proj" if down else ".gate_up_proj") + ("_bias" if m["leaf"] == "bias" else "")
         part = "all" if down else m["which"].removesuffix("_proj")
         if stored in weight_map:
-            return FusedSlice(stored, int(m["e"]), part, mxfp4=False)
+            return FusedSlice(stored, int(m["e"]), part, mxfp4=False, fp8_scales=stored + SCALE_SUFFIX in weight_map)
         if m["leaf"] == "weight" and stored + _BLOCKS in weight_map and stored + _SCALES in weight_map:
             return FusedSlice(stored, int(m["e"]), part, mxfp4=True)
         return None
@@ -105,10 +110,12 @@ class FusedExperts:
 
 
 def read_fused(fused: FusedExperts, names: list[str], weight_map: Mapping[str, str], *,
-               shard_path: Callable[[str], Path], dtype: torch.dtype, device: torch.device | str) -> dict[str, Tensor]:
+               shard_path: Callable[[str], Path], dtype: torch.dtype, device: torch.device | str,
+               fp8_block: tuple[int, int] | None = None) -> dict[str, Tensor]:
     """The per-expert tensors `names` (each one `fused.source` finds) from their fused tensors, each fused tensor
     read once and only the experts asked for (its rows lo..hi of the experts' dim: an expert actor reads its
-    range, not the block's experts). MXFP4 weights come back dequantized to `dtype`."""
+    range, not the block's experts). MXFP4 weights, and FP8 ones with their block scales (`fp8_block`, from
+    config.json), come back dequantized to `dtype`; a float8 tensor any other way is refused."""
     from safetensors import SafetensorError, safe_open
 
     where = {n: fused.source(n, weight_map) for n in names}
@@ -134,6 +141,12 @@ def read_fused(fused: FusedExperts, names: list[str], weight_map: Mapping[str, s
             values = dequantize_mxfp4(rows(stored + _BLOCKS, lo, hi), rows(stored + _SCALES, lo, hi), dtype)
         else:
             values = rows(stored, lo, hi)
+        if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if fp8_block is None or stored + SCALE_SUFFIX not in weight_map:
+                raise CheckpointError(f"{stored}: stored in {values.dtype} without "
+                                      + ("config.json's FP8 weight_block_size" if fp8_block is None else
+                                         f"its {stored + SCALE_SUFFIX}") + "; wq reads FP8 with block scales only")
+            values = dequantize_fp8_blocks(values, rows(stored + SCALE_SUFFIX, lo, hi), fp8_block, dtype)
         if values.shape[0] != hi - lo:
             raise CheckpointError(f"{stored}: {values.shape[0]} experts stored, expert {hi - 1} asked for")
         for name in group:
