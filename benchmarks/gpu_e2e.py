@@ -50,8 +50,7 @@ SHAPES = {
     "mixtral": dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
                     num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                     tie_word_embeddings=False),
-    # gpt-oss-20b's (24 layers released): experts fused as transformers saves them (bf16), biases, sinks, a
-    # window of 128 on every other layer; its width 2880 takes groups of 32 or 64 (`--wq-args '--group-size 64'`).
+    # gpt-oss-20b's (24 layers released), experts fused as transformers saves them; 2880 takes groups of 32 or 64.
     "gptoss": dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
                    num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
                    sliding_window=128, vocab_size=201088, tie_word_embeddings=False),
@@ -80,8 +79,7 @@ def checkpoint_tensors(shape: str):  # type: ignore[no-untyped-def]
     from wq_ops.model.moe import moe_spec
 
     config_class, architecture = ARCHITECTURES.get(shape, ("LlamaConfig", "LlamaForCausalLM"))
-    # gpt-oss keeps its own YaRN rotary (its released settings); the others take Llama 3's theta.
-    rope = {} if shape == "gptoss" else {"rope_theta": 500000.0}
+    rope = {} if shape == "gptoss" else {"rope_theta": 500000.0}      # gpt-oss keeps its own YaRN rotary
     config = getattr(transformers, config_class)(**SHAPES[shape], max_position_embeddings=8192,
                                                  torch_dtype="bfloat16", **rope)
     config.architectures = [architecture]

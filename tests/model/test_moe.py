@@ -11,7 +11,7 @@ from tests.factory import MOE_ARCHS, tiny_config
 from wq_ops.model.anatomy import discover_anatomy
 from wq_ops.model.architecture import EAGER_ATTENTION_ARCHITECTURES, describe_model, instantiate_on_meta
 from wq_ops.model.block import DecoderBlock, make_sequence_context
-from wq_ops.model.moe import fused_params, moe_spec
+from wq_ops.model.moe import fused_params, moe_mlp, moe_spec
 
 
 def random_params(layout, index: int, gen: torch.Generator, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -195,3 +195,25 @@ def test_gpt_oss_before_its_config_named_the_swiglu_clamp():
     del config.swiglu_limit, config.swiglu_alpha
     spec = moe_spec(config)
     assert (spec.swiglu_limit, spec.swiglu_alpha) == (7.0, 1.702)
+
+
+def test_gpt_oss_routed_mlp_is_transformers_bit_for_bit_in_bfloat16(seed):
+    """In bfloat16, wq's routed MLP gives exactly what transformers' `GptOssMLP` gives with its eager experts
+    loop: the router's bias and top-k softmax, each expert's bias added after its product (x @ W + b rounds
+    twice; a fused addmm would round once and differ by an ulp), the clamped SwiGLU, the weighted sum."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    config = tiny_config("gpt_oss")
+    config._experts_implementation = "eager"
+    layout = describe_model(config)
+    spec = layout.block(1).moe
+    gen = torch.Generator().manual_seed(seed)
+    params = {n: (torch.randn(s, generator=gen) * 0.3).to(torch.bfloat16) for n, s in layout.block(1).params.items()
+              if n.startswith("mlp.")}
+    x = (torch.randn(2, 40, 128, generator=gen) * 2).to(torch.bfloat16)
+    mlp = GptOssMLP(config).to(torch.bfloat16)
+    theirs = functional_call(mlp, {k.removeprefix("mlp."): v for k, v in fused_params(params, spec).items()
+                                   if k.startswith("mlp.")}, (x,))[0]
+    with torch.no_grad():
+        ours = moe_mlp(params, x, spec)
+    assert torch.equal(ours, theirs)
