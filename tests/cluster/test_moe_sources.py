@@ -132,3 +132,16 @@ def test_fused_fp8_experts_read_with_their_block_scales(tmp_path, checkpoints):
         gate, up = (theirs[f"{mtp}mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up"))
         assert torch.equal(carried[e], torch.cat([gate, up]))
 
+
+
+def test_a_crash_and_a_resume_from_an_mxfp4_release_write_the_same_bytes(tmp_path, checkpoints):
+    """The resume check reads the MXFP4 experts again (an expert's gate and up from one dequantization) and finds
+    the staged blocks' source digests unchanged: they are reused, and the artifact is the uninterrupted one's."""
+    models, calib = checkpoints
+    mxfp4_dir, _ = write_mxfp4_checkpoint(models["gpt_oss"], tmp_path / "mxfp4", tmp_path / "reference")
+    whole = gptq_jobs(tmp_path, calib, whole=mxfp4_dir)["whole"]
+    with pytest.raises(RuntimeError, match="injected crash"):
+        gptq_jobs(tmp_path, calib, resumed=mxfp4_dir, fail_after_blocks=2)
+    resumed = gptq_jobs(tmp_path, calib, resumed=mxfp4_dir)["resumed"]
+    assert shards(resumed.out_dir) == shards(whole.out_dir)
+    assert sum(b.get("resumed", False) for b in resumed.report["blocks"]) >= 2

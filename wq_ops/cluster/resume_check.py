@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from wq_ops.cluster.protocol import ShardRecord
@@ -33,13 +34,21 @@ def _recorded_sha256(artifact: ArtifactLayout, block: int) -> str | None:
 
 
 def _source_sha256(checkpoint: Checkpoint, layout: ModelLayout, block: int) -> str:
-    """A block's source digest, as the loader computes it, reading one tensor at a time: the driver holds one
-    tensor, never a block."""
+    """A block's source digest, as the loader computes it, reading one tensor at a time, or one expert's at a
+    time (a fused source's expert is dequantized once for its gate and up): the driver holds one expert, never
+    a block."""
     prefix = f"{layout.block_prefix}.{block}."
-    entries = {}
+    groups: dict[str, list[str]] = {}
     for name in (prefix + n for n in layout.block(block).params):
-        entries[name] = tensor_entry(name, read_tensors(checkpoint, [name])[name])
+        expert = _EXPERT.match(name)
+        groups.setdefault(expert[0] if expert else name, []).append(name)
+    entries = {}
+    for names in groups.values():
+        entries.update({n: tensor_entry(n, t) for n, t in read_tensors(checkpoint, names).items()})
     return combine_entries(entries)
+
+
+_EXPERT = re.compile(r".*\.experts\.\d+\.")
 
 
 def drop_stale_blocks(artifact: ArtifactLayout, layout: ModelLayout, checkpoint: Checkpoint) -> list[int]:
