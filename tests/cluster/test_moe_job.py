@@ -196,6 +196,26 @@ def test_the_block_actor_reads_no_routed_expert_when_expert_actors_quantize_them
     assert read[1] == {n for n in read[0] if ".experts." not in n}
 
 
+def test_a_routed_block_is_probed_with_stand_in_experts(tmp_path, checkpoints, monkeypatch):
+    """Probing a block copies what it takes to float32: a routed block's own experts (DeepSeek-V3's 45 GB) are
+    left out for stand-ins of width 8, also where the block's actor holds them, and the groups are the same."""
+    from wq_ops.cluster import actor_job
+    from wq_ops.cluster.loader import BlockLoader
+
+    routed = moe_spec(tiny_config("gpt_oss")).sparse_blocks[1]
+    job = _actor_job(tmp_path, checkpoints, "gpt_oss", expert_actors=())
+    params = BlockLoader(job, None).load(routed).params
+    assert params["mlp.experts.0.gate_proj.weight"].shape[0] == 64
+    seen = {}
+    real = actor_job.discover_anatomy
+    monkeypatch.setattr(actor_job, "discover_anatomy", lambda block, p, *a, **k: seen.update(p) or real(block, p, *a,
+                                                                                                        **k))
+    anatomy = job.ensure_anatomy(routed, params)
+    assert seen["mlp.experts.0.gate_proj.weight"].shape[0] == 8 and seen["mlp.experts.3.down_proj.bias"].shape == (128,)
+    assert seen["self_attn.q_proj.weight"] is params["self_attn.q_proj.weight"]
+    assert len(anatomy.stage_groups("mlp")) == 8
+
+
 def test_an_expert_actor_reads_its_range_of_the_next_routed_block_ahead(tmp_path, checkpoints, monkeypatch):
     from wq_ops.cluster import expert_pool
     from wq_ops.io.digest import tensor_entries

@@ -75,12 +75,17 @@ class ActorJob:
 
     def ensure_anatomy(self, index: int, params: Mapping[str, Tensor]) -> BlockAnatomy:
         """A block's structure (linear groups by stage), probed once per kind of block, on the first block of
-        that kind the job meets (blocks alike share it)."""
+        that kind the job meets (blocks alike share it). A routed MLP is probed with stand-in experts, whether its
+        own are here or on expert actors: the probe copies every weight it takes to float32, and a block's real
+        experts would add that much again (DeepSeek-V3's: 45 GB) to memory the plan does not count. (A NaN in an
+        expert is still found: the staged block's outputs are checked, and `blame` names the tensor.)"""
         kind = self.spec.layout.block(index)
         if id(kind) not in self.anatomies:
             probe = DecoderBlock(self.blocks[index], self._probe_context(index), moe=kind.moe)
-            if kind.moe is not None and kind.moe.expert(0, "gate") + ".weight" not in params:
-                params = {**params, **_stand_in_experts(kind.moe, next(iter(params.values())))}
+            if kind.moe is not None:
+                routed = kind.moe.prefix + ".experts."
+                params = {**{k: v for k, v in params.items() if not k.startswith(routed)},
+                          **_stand_in_experts(kind.moe, next(iter(params.values())))}
             self.anatomies[id(kind)] = discover_anatomy(probe, params, kind.linears,
                                                         hidden_size=self.spec.layout.hidden_size)
         return self.anatomies[id(kind)]
@@ -122,10 +127,10 @@ class ActorJob:
 
 
 def _stand_in_experts(moe: MoeSpec, like: Tensor) -> dict[str, Tensor]:
-    """Routed experts for probing a block whose experts load on expert actors: random, with an intermediate
-    width of 8 (the least whose rows transformers' grouped GEMM accepts: 16 bytes), not the model's (the probe
-    checks the block's stages against the layer's own forward, experts included, and groups the attention's
-    linears; the experts' groups come from the spec, not from their values)."""
+    """Routed experts for probing a block (`ActorJob.ensure_anatomy`): random, with an intermediate width of 8
+    (the least whose rows transformers' grouped GEMM accepts: 16 bytes), not the model's (the probe checks the
+    block's stages against the layer's own forward, experts included, and groups the attention's linears; the
+    experts' groups come from the spec, not from their values)."""
     gen = torch.Generator().manual_seed(0)
     out, width = {}, 8
     for e in range(moe.n_experts):
