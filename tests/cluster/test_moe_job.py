@@ -364,3 +364,14 @@ def test_gptq_v1_artifact_holds_every_expert_under_its_name(tmp_path, checkpoint
     assert {k: side[k] for k in config} == config and side["damp_percent"] == 0.01
     for r in routers:
         assert torch.equal(tensors[f"{r}.weight"], source[f"{r}.weight"])
+
+
+def test_a_group_size_the_experts_cannot_take_is_refused_naming_them_once(tmp_path, checkpoints):
+    """Groups of 128 over gpt-oss's 64-wide down projections: refused before work in one line that names each
+    expert linear once, with how many experts share it (gpt-oss-120b has 384 such linears a block), and an
+    --ignore pattern covering all of them."""
+    with pytest.raises(ConfigError) as e:
+        quantize(tmp_path, checkpoints, "gpt_oss", "g128", method="rtn", group_size=128, runtime="local")
+    assert str(e.value).startswith("group_size=128 does not divide the input width of 4 linear layer(s) in every "
+                                   "block: mlp.experts.*.down_proj (in=64, 4 experts). Use --group-size 64")
+    assert str(e.value).endswith("--ignore 'model.layers.*.mlp.experts.*.down_proj')") and "\n" not in str(e.value)

@@ -6,6 +6,7 @@ Each refusal names the layers and the way out. Entry point: `check_options_fit_m
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -83,9 +84,14 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
     if bad:
         widths = sorted(set(bad.values()))
         divisors = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths)]
-        listed = ", ".join(f"{n} (in={w})" for n, w in bad.items())
+        # A routed MLP's experts as one entry each (gpt-oss-120b's 2880 wide experts are 384 linears a block).
+        alike: dict[tuple[str, int], int] = {}
+        for name, width in bad.items():
+            key = (re.sub(r"\.experts\.\d+\.", ".experts.*.", name), width)
+            alike[key] = alike.get(key, 0) + 1
+        listed = ", ".join(f"{n} (in={w}" + (f", {k} experts)" if k > 1 else ")") for (n, w), k in alike.items())
         hint = f"--group-size {divisors[0]}" if divisors else "--group-size channel"
-        pattern = f"'{layout.block_prefix}.*.{next(iter(bad))}'"
+        pattern = f"'{layout.block_prefix}.*.{next(iter(alike))[0]}'"
         raise ConfigError(
             f"group_size={gs} does not divide the input width of {len(bad)} linear layer(s) in every block: "
             f"{listed}. Use {hint} (divides every layer), --group-size channel, or keep those layers "
@@ -110,7 +116,12 @@ def _check_scheme_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
     bad = {spec.name: spec.in_features for i in range(layout.n_blocks) for spec in layout.block(i).linears
            if spec.in_features % unit and not is_ignored(layout.block_tensor_name(i, spec.name), quant.ignore)}
     if bad:
-        listed = ", ".join(f"{n} (in={w})" for n, w in bad.items())
+        # A routed MLP's experts as one entry each (gpt-oss-120b's 2880 wide experts are 384 linears a block).
+        alike: dict[tuple[str, int], int] = {}
+        for name, width in bad.items():
+            key = (re.sub(r"\.experts\.\d+\.", ".experts.*.", name), width)
+            alike[key] = alike.get(key, 0) + 1
+        listed = ", ".join(f"{n} (in={w}" + (f", {k} experts)" if k > 1 else ")") for (n, w), k in alike.items())
         other = "FP8_DYNAMIC" if quant.layout is WeightLayout.BLOCK else "a scheme with integer weights"
         raise ConfigError(f"{name} scales groups of {unit} columns, which do not divide the input width of {listed}; "
                           f"keep them unquantized with --ignore (e.g. --ignore "
