@@ -112,8 +112,9 @@ def test_a_scheme_that_groups_activations_refuses_widths_it_cannot_group(tmp_pat
     calib = write_text(tmp_path / "calib.txt")
     job = JobConfig.from_dict({"out": str(tmp_path / "out"), "model": str(model), "calib": str(calib),
                                "samples": 6, "seq_len": 64, "runtime": "local", "scheme": "FP8_BLOCK"})
-    with pytest.raises(ConfigError, match=r"groups of 128 columns, which do not divide the input width of "
-                                          r"mlp.down_proj \(in=160\).*--ignore 'model.layers.\*.mlp.down_proj'"):
+    with pytest.raises(ConfigError, match=r"^scheme=FP8_BLOCK scales groups of 128 columns, which do not divide "
+                                          r"the input width of mlp.down_proj \(in=160\)"
+                                          r".*--ignore 'model.layers.\*.mlp.down_proj'"):
         run_job(job, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "out").exists()
     ignored = JobConfig.from_dict({**job.to_dict(), "ignore": ["model.layers.*.mlp.down_proj"]})

@@ -84,14 +84,9 @@ def _check_quant_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
     if bad:
         widths = sorted(set(bad.values()))
         divisors = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths)]
-        # A routed MLP's experts as one entry each (gpt-oss-120b's 2880 wide experts are 384 linears a block).
-        alike: dict[tuple[str, int], int] = {}
-        for name, width in bad.items():
-            key = (re.sub(r"\.experts\.\d+\.", ".experts.*.", name), width)
-            alike[key] = alike.get(key, 0) + 1
-        listed = ", ".join(f"{n} (in={w}" + (f", {k} experts)" if k > 1 else ")") for (n, w), k in alike.items())
+        listed, first = _listed(bad)
         hint = f"--group-size {divisors[0]}" if divisors else "--group-size channel"
-        pattern = f"'{layout.block_prefix}.*.{next(iter(alike))[0]}'"
+        pattern = f"'{layout.block_prefix}.*.{first}'"
         raise ConfigError(
             f"group_size={gs} does not divide the input width of {len(bad)} linear layer(s) in every block: "
             f"{listed}. Use {hint} (divides every layer), --group-size channel, or keep those layers "
@@ -116,16 +111,22 @@ def _check_scheme_fits_layout(job: JobConfig, layout: ModelLayout) -> None:
     bad = {spec.name: spec.in_features for i in range(layout.n_blocks) for spec in layout.block(i).linears
            if spec.in_features % unit and not is_ignored(layout.block_tensor_name(i, spec.name), quant.ignore)}
     if bad:
-        # A routed MLP's experts as one entry each (gpt-oss-120b's 2880 wide experts are 384 linears a block).
-        alike: dict[tuple[str, int], int] = {}
-        for name, width in bad.items():
-            key = (re.sub(r"\.experts\.\d+\.", ".experts.*.", name), width)
-            alike[key] = alike.get(key, 0) + 1
-        listed = ", ".join(f"{n} (in={w}" + (f", {k} experts)" if k > 1 else ")") for (n, w), k in alike.items())
+        listed, first = _listed(bad)
         other = "FP8_DYNAMIC" if quant.layout is WeightLayout.BLOCK else "a scheme with integer weights"
         raise ConfigError(f"{name} scales groups of {unit} columns, which do not divide the input width of {listed}; "
                           f"keep them unquantized with --ignore (e.g. --ignore "
-                          f"'{layout.block_prefix}.*.{next(iter(bad))}'), or use {other}")
+                          f"'{layout.block_prefix}.*.{first}'), or use {other}")
+
+
+def _listed(bad: dict[str, int]) -> tuple[str, str]:
+    """Layers (block-local name -> input width) for an error, each routed expert linear once with how many
+    experts share it (gpt-oss-120b's 2880-wide experts are 384 linears a block), and the first entry's name."""
+    alike: dict[tuple[str, int], int] = {}
+    for layer, width in bad.items():
+        key = (re.sub(r"\.experts\.\d+\.", ".experts.*.", layer), width)
+        alike[key] = alike.get(key, 0) + 1
+    listed = ", ".join(f"{n} (in={w}" + (f", {k} experts)" if k > 1 else ")") for (n, w), k in alike.items())
+    return listed, next(iter(alike))[0]
 
 
 def _check_ignore_patterns(job: JobConfig, layout: ModelLayout) -> None:
